@@ -1,0 +1,3 @@
+from mpswatch.cli import main
+
+raise SystemExit(main())

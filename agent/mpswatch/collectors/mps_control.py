@@ -1,0 +1,470 @@
+"""MPS control collector: finds the control daemons on the node and asks each what it serves.
+
+Parsers at the top are pure and tested on captures from a real H200 (driver 580); the
+shell below runs `nvidia-cuda-mps-control`, one read-only command per call, with a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import structlog
+
+from mpswatch.procfs import ProcFS
+from mpswatch.runner import Runner, RunResult, run_with_deadline
+from mpswatch.snapshot import (
+    SERVER_STATUSES,
+    DaemonState,
+    MpsClient,
+    MpsControlData,
+    MpsDaemon,
+    MpsServer,
+    frozen_map,
+)
+
+CONTROL_PROGRAM = "nvidia-cuda-mps-control"
+PID_FILE = "nvidia-cuda-mps-control.pid"
+NOT_RUNNING_TEXT = "Cannot find MPS control daemon process"
+
+# Only these verbs may ever reach a daemon. Everything else (quit, set_*, start_server,
+# shutdown_server, terminate_client, ...) changes or stops MPS and is refused in code.
+READ_ONLY_COMMANDS = frozenset(
+    {
+        "get_server_list",
+        "get_server_status",
+        "get_client_list",
+        "get_device_client_list",
+        "ps",
+        "get_default_active_thread_percentage",
+        "get_active_thread_percentage",
+        "get_default_device_pinned_mem_limit",
+        "get_device_pinned_mem_limit",
+        "get_default_client_priority",
+    }
+)
+
+_ERROR_REPLY = re.compile(
+    r"^(Unknown command|Server \d+ not found|Invalid process|Invalid (device|argument)|Error|Failed)",
+    re.IGNORECASE,
+)
+_PINNED_LIMIT = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?$", re.IGNORECASE)
+_UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class ParseError(ValueError):
+    pass
+
+
+class MutatingCommandRefused(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------- pure parsers
+
+
+def read_only_command(verb: str, *args: int | str) -> str:
+    """The one line to send; refuses any verb outside the allowlist and any argument that could
+    smuggle a second command (the control program reads commands line by line)."""
+    if verb not in READ_ONLY_COMMANDS:
+        raise MutatingCommandRefused(f"refusing to send {verb!r}: not a read-only MPS command")
+    words = [str(arg) for arg in args]
+    for word in words:
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]+", word):
+            raise MutatingCommandRefused(f"refusing argument {word!r} to {verb}")
+    return " ".join([verb, *words])
+
+
+def parse_server_list(text: str) -> list[int]:
+    pids = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if not line.isdigit():
+            raise ParseError(f"server list line is not a PID: {line[:80]!r}")
+        pids.append(int(line))
+    return pids
+
+
+def parse_server_status(text: str) -> str:
+    status = text.strip()
+    if status not in SERVER_STATUSES:
+        raise ParseError(f"unknown server status: {status[:80]!r}")
+    return status
+
+
+def parse_percentage(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ParseError(f"not a percentage: {text.strip()[:80]!r}") from None
+    if not 0.0 <= value <= 100.0:
+        raise ParseError(f"percentage out of range: {value}")
+    return value
+
+
+def parse_pinned_memory_limit(text: str) -> int | None:
+    """Bytes, or None when no limit is set (the daemon then prints nothing at all)."""
+    text = text.strip()
+    if not text:
+        return None
+    match = _PINNED_LIMIT.match(text)
+    if not match:
+        raise ParseError(f"not a memory limit: {text[:80]!r}")
+    return int(float(match.group(1)) * _UNIT[match.group(2).upper()])
+
+
+def parse_ps(text: str) -> list[MpsClient]:
+    """`ps` prints fixed columns PID ID SERVER DEVICE NAMESPACE COMMAND; COMMAND may hold spaces."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return []
+    if lines[0].split()[:2] != ["PID", "ID"]:
+        raise ParseError(f"ps output has no header: {lines[0][:80]!r}")
+    clients = []
+    for line in lines[1:]:
+        fields = line.split(None, 5)
+        if len(fields) < 5 or not fields[0].isdigit() or not fields[2].isdigit():
+            raise ParseError(f"ps line not understood: {line[:80]!r}")
+        clients.append(
+            MpsClient(
+                pid=int(fields[0]),
+                client_id=int(fields[1]) if fields[1].isdigit() else None,
+                server_pid=int(fields[2]),
+                device=fields[3],
+                namespace=fields[4],
+                command=fields[5].strip() if len(fields) > 5 else "",
+            )
+        )
+    return clients
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One command's outcome: `text` when the daemon answered, else a failure `reason`."""
+
+    text: str | None
+    reason: str | None
+    detail: str
+    duration_seconds: float
+
+
+def classify(result: RunResult, timeout_seconds: float) -> Reply:
+    """Tells apart: answered, error reply (exit 0 with error text), not running (exit 1),
+    hung (deadline), a program that could not run, and anything else (garbage)."""
+    first_line = result.output.strip().splitlines()[0][:120] if result.output.strip() else ""
+    if result.exec_error:
+        return Reply(None, "exec_failed", result.exec_error, result.duration_seconds)
+    if result.timed_out:
+        return Reply(None, "timeout", f"no answer within {timeout_seconds:g} s", result.duration_seconds)
+    if result.truncated:
+        return Reply(None, "garbage_output", "reply larger than the output cap", result.duration_seconds)
+    if NOT_RUNNING_TEXT in result.output:
+        return Reply(None, "not_running", NOT_RUNNING_TEXT, result.duration_seconds)
+    if result.returncode != 0:
+        return Reply(None, "garbage_output", f"exit status {result.returncode}: {first_line!r}", result.duration_seconds)
+    if _ERROR_REPLY.match(first_line):
+        return Reply(None, "error_reply", first_line, result.duration_seconds)
+    return Reply(result.output, None, "", result.duration_seconds)
+
+
+# ---------------------------------------------------------------- discovery
+
+
+@dataclass(frozen=True)
+class DiscoverySettings:
+    pipe_dirs: tuple[str, ...] = ()  # when set, only these
+    default_pipe_dirs: tuple[str, ...] = ("/tmp/nvidia-mps", "/run/nvidia-mps")
+    device_plugin_root: str = "/run/nvidia/mps"
+
+
+def looks_like_pipe_dir(path: Path) -> bool:
+    return (path / "control").exists() or (path / PID_FILE).exists()
+
+
+def discover_pipe_dirs(settings: DiscoverySettings, procfs: ProcFS) -> tuple[list[tuple[str, str]], list[str]]:
+    """(pipe_dir, found_by) pairs and notes on what could not be read."""
+    if settings.pipe_dirs:
+        return [(d, "configured") for d in settings.pipe_dirs], []
+    found: dict[str, str] = {}
+    notes: list[str] = []
+    for d in settings.default_pipe_dirs:
+        if looks_like_pipe_dir(Path(d)):
+            found.setdefault(d, "default")
+    root = Path(settings.device_plugin_root)
+    # resource names hold a slash (nvidia.com/gpu), so the pipe dir sits one or two levels down
+    for pattern in ("*/pipe", "*/*/pipe", "*/*/*/pipe"):
+        for d in sorted(root.glob(pattern)):
+            if d.is_dir() and looks_like_pipe_dir(d):
+                found.setdefault(str(d), "device_plugin")
+    unreadable = []
+    for pid in procfs.pids_running(CONTROL_PROGRAM):
+        try:
+            env = procfs.environ(pid)
+        except PermissionError:
+            unreadable.append(pid)
+            continue
+        if env is not None:
+            found.setdefault(env.get("CUDA_MPS_PIPE_DIRECTORY", settings.default_pipe_dirs[0]), "process")
+    if unreadable:
+        notes.append(
+            f"cannot read the environment of {CONTROL_PROGRAM} pid {', '.join(map(str, unreadable))} "
+            "(needs the same user or CAP_SYS_PTRACE); configure its pipe dir if it is not found otherwise"
+        )
+    return sorted(found.items()), notes
+
+
+def search_description(settings: DiscoverySettings) -> tuple[str, ...]:
+    if settings.pipe_dirs:
+        return settings.pipe_dirs
+    return (
+        *settings.default_pipe_dirs,
+        f"{settings.device_plugin_root}/*/pipe",
+        f"CUDA_MPS_PIPE_DIRECTORY of running {CONTROL_PROGRAM} processes",
+    )
+
+
+# ---------------------------------------------------------------- I/O shell
+
+
+class ControlChannel:
+    """Talks to one daemon: one command per child, never two in flight."""
+
+    def __init__(self, pipe_dir: str, control_bin: str, runner: Runner, timeout_seconds: float) -> None:
+        self.pipe_dir = pipe_dir
+        self._control_bin = control_bin
+        self._runner = runner
+        self._timeout = timeout_seconds
+        self._lock = threading.Lock()
+        self._env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": pipe_dir}
+
+    def ask(self, verb: str, *args: int | str) -> Reply:
+        line = read_only_command(verb, *args)
+        with self._lock:
+            result = self._runner([self._control_bin], (line + "\n").encode(), self._env, self._timeout)
+        return classify(result, self._timeout)
+
+
+@dataclass
+class _DaemonProbe:
+    """Queries one daemon once; collects durations and failures as it goes."""
+
+    channel: ControlChannel
+    procfs: ProcFS
+    durations: dict[str, float]
+    failures: list[tuple[str, str]]
+
+    def ask(self, verb: str, *args: int | str) -> Reply:
+        reply = self.channel.ask(verb, *args)
+        self.durations[verb] = reply.duration_seconds
+        if reply.reason:
+            self.failures.append((verb, reply.reason))
+        return reply
+
+    def parsed(self, verb: str, parser, *args: int | str):
+        """Parsed answer or None; a timeout raises so the daemon is reported hung."""
+        reply = self.ask(verb, *args)
+        if reply.reason == "timeout":
+            raise _Hung(verb, reply.detail)
+        if reply.text is None:
+            return None
+        try:
+            return parser(reply.text)
+        except ParseError:
+            self.failures.append((verb, "garbage_output"))
+            return None
+
+
+class _Hung(Exception):
+    def __init__(self, verb: str, detail: str) -> None:
+        super().__init__(f"{verb}: {detail}")
+
+
+def read_pid_file(pipe_dir: str) -> int | None:
+    try:
+        text = (Path(pipe_dir) / PID_FILE).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def probe_daemon(
+    pipe_dir: str,
+    found_by: str,
+    channel: ControlChannel,
+    procfs: ProcFS,
+    client_limit: int,
+) -> tuple[MpsDaemon, dict[str, float], list[tuple[str, str]]]:
+    probe = _DaemonProbe(channel, procfs, {}, [])
+    base = MpsDaemon(pipe_dir=pipe_dir, found_by=found_by, state=DaemonState.UP, reason="", client_limit=client_limit)
+    if not Path(pipe_dir).is_dir():
+        return replace(base, state=DaemonState.NO_PIPE_DIR, reason=f"pipe dir {pipe_dir} does not exist"), {}, []
+    pid = read_pid_file(pipe_dir)
+    pid_alive = pid is not None and _is_control_daemon(procfs, pid)
+    base = replace(base, pid=pid if pid_alive else None)
+
+    reply = probe.ask("get_server_list")
+    if reply.reason:
+        state, why = _why_down(reply, pid, pid_alive, procfs)
+        return replace(base, state=state, reason=why), probe.durations, probe.failures
+    try:
+        server_pids = parse_server_list(reply.text or "")
+    except ParseError as err:
+        probe.failures.append(("get_server_list", "garbage_output"))
+        return replace(base, state=DaemonState.GARBAGE, reason=f"get_server_list: {err}"), probe.durations, probe.failures
+
+    try:
+        servers = tuple(
+            MpsServer(
+                pid=spid,
+                uid=procfs.uid(spid),
+                status=probe.parsed("get_server_status", parse_server_status, spid),
+                active_thread_percentage=probe.parsed("get_active_thread_percentage", parse_percentage, spid),
+            )
+            for spid in server_pids
+        )
+        clients = tuple(probe.parsed("ps", parse_ps) or ())
+        default_atp = probe.parsed("get_default_active_thread_percentage", parse_percentage)
+        pinned = probe.parsed("get_default_device_pinned_mem_limit", parse_pinned_memory_limit, 0)
+    except _Hung as hung:
+        state, why = DaemonState.HUNG, f"answered get_server_list, then hung: {hung}{_stopped_note(procfs, pid)}"
+        return replace(base, state=state, reason=why), probe.durations, probe.failures
+
+    daemon = replace(
+        base,
+        reason=f"answering; {len(servers)} server(s), {len(clients)} client(s)",
+        servers=servers,
+        clients=clients,
+        default_active_thread_percentage=default_atp,
+        default_pinned_memory_limit_bytes=pinned,
+    )
+    return daemon, probe.durations, probe.failures
+
+
+def _is_control_daemon(procfs: ProcFS, pid: int) -> bool:
+    argv = procfs.cmdline(pid)
+    return bool(argv) and os.path.basename(argv[0]) == CONTROL_PROGRAM
+
+
+def _stopped_note(procfs: ProcFS, pid: int | None) -> str:
+    if pid is not None and procfs.state(pid) in ("T", "t"):
+        return f" (daemon pid {pid} is stopped, e.g. by SIGSTOP)"
+    return ""
+
+
+def _why_down(reply: Reply, pid: int | None, pid_alive: bool, procfs: ProcFS) -> tuple[DaemonState, str]:
+    if reply.reason == "timeout":
+        return DaemonState.HUNG, f"get_server_list: {reply.detail}{_stopped_note(procfs, pid)}"
+    if reply.reason == "exec_failed":
+        return DaemonState.EXEC_FAILED, f"cannot run the control program: {reply.detail}"
+    if reply.reason == "not_running":
+        if pid is not None and not pid_alive:
+            return DaemonState.STALE_PID_FILE, f"stale pid file: {PID_FILE} names pid {pid}, which is not running"
+        if pid_alive:
+            return DaemonState.NOT_RUNNING, f"daemon pid {pid} runs but the control program cannot reach it"
+        return DaemonState.NOT_RUNNING, "no control daemon is running on this pipe dir"
+    return DaemonState.GARBAGE, f"get_server_list: {reply.reason}: {reply.detail}"
+
+
+# ---------------------------------------------------------------- state changes
+
+
+def state_changes(prev: MpsDaemon | None, cur: MpsDaemon) -> list[tuple[str, str, dict]]:
+    """(level, event, context) for what changed since the last cycle; nothing when nothing did."""
+    changes: list[tuple[str, str, dict]] = []
+    was_up = prev.up if prev else None
+    if cur.up and was_up is not True:
+        changes.append(("info", "mps_daemon_up", {"pid": cur.pid, "found_by": cur.found_by}))
+    if not cur.up and (was_up is not False or prev is None or prev.state is not cur.state):
+        changes.append(("warning", "mps_daemon_down", {"state": cur.state.value, "reason": cur.reason}))
+    if not cur.up:
+        return changes
+    before = {s.pid: s for s in (prev.servers if prev and prev.up else ())}
+    for server in cur.servers:
+        old = before.pop(server.pid, None)
+        if old is None:
+            changes.append(("info", "mps_server_seen", {"server_pid": server.pid, "status": server.status}))
+        if server.status == "FAULT" and (old is None or old.status != "FAULT"):
+            changes.append(("warning", "mps_server_fault", {"server_pid": server.pid}))
+        elif old is not None and old.status == "FAULT" and server.status != "FAULT":
+            changes.append(("info", "mps_server_recovered", {"server_pid": server.pid, "status": server.status}))
+    for gone in before:
+        changes.append(("info", "mps_server_gone", {"server_pid": gone}))
+    old_counts = prev.clients_per_device() if prev and prev.up else {}
+    for (server_pid, device), count in cur.clients_per_device().items():
+        if count >= cur.client_limit > old_counts.get((server_pid, device), 0):
+            changes.append(
+                ("warning", "mps_client_limit_reached", {"server_pid": server_pid, "device": device, "clients": count})
+            )
+    return changes
+
+
+# ---------------------------------------------------------------- collector
+
+
+class MpsControlCollector:
+    name = "mps_control"
+
+    def __init__(
+        self,
+        *,
+        control_bin: str,
+        discovery: DiscoverySettings,
+        interval_seconds: float = 2.0,
+        command_timeout_seconds: float = 2.0,
+        client_limit: int = 48,
+        procfs: ProcFS | None = None,
+        runner: Runner = run_with_deadline,
+        max_parallel_daemons: int = 8,
+    ) -> None:
+        self.interval_seconds = interval_seconds
+        # a cycle sends several commands, but a daemon that times out is not asked again in that cycle
+        self.deadline_seconds = command_timeout_seconds * 2 + 1.0
+        self._control_bin = control_bin
+        self._discovery = discovery
+        self._timeout = command_timeout_seconds
+        self._client_limit = client_limit
+        self._procfs = procfs or ProcFS()
+        self._runner = runner
+        self._channels: dict[str, ControlChannel] = {}
+        self._known: dict[str, str] = {}  # pipe_dir -> found_by; a daemon once seen stays watched
+        self._failures: dict[str, dict[tuple[str, str], int]] = {}
+        self._previous: dict[str, MpsDaemon] = {}
+        self._pool = ThreadPoolExecutor(max_workers=max_parallel_daemons, thread_name_prefix="mps-control")
+        self._log = structlog.get_logger().bind(collector=self.name)
+
+    def collect(self) -> MpsControlData:
+        found, notes = discover_pipe_dirs(self._discovery, self._procfs)
+        if not os.access(self._control_bin, os.X_OK):
+            notes.append(f"control program {self._control_bin} not found or not executable (no NVIDIA driver here?)")
+        for pipe_dir, found_by in found:
+            if pipe_dir not in self._known:
+                self._log.info("mps_daemon_found", pipe_dir=pipe_dir, found_by=found_by)
+            self._known.setdefault(pipe_dir, found_by)
+        targets = sorted(self._known.items())
+        daemons = tuple(self._pool.map(lambda target: self._probe(*target), targets))
+        return MpsControlData(daemons=daemons, searched=search_description(self._discovery), discovery_notes=tuple(notes))
+
+    def _probe(self, pipe_dir: str, found_by: str) -> MpsDaemon:
+        channel = self._channels.get(pipe_dir)
+        if channel is None:
+            channel = self._channels[pipe_dir] = ControlChannel(pipe_dir, self._control_bin, self._runner, self._timeout)
+        daemon, durations, failures = probe_daemon(pipe_dir, found_by, channel, self._procfs, self._client_limit)
+        totals = self._failures.setdefault(pipe_dir, {})
+        for key in failures:
+            totals[key] = totals.get(key, 0) + 1
+        daemon = replace(daemon, command_durations=frozen_map(durations), command_failures=frozen_map(totals))
+        log = self._log.bind(pipe_dir=pipe_dir)
+        for level, event, context in state_changes(self._previous.get(pipe_dir), daemon):
+            getattr(log, level)(event, **context)
+        self._previous[pipe_dir] = daemon
+        return daemon
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+

@@ -1,0 +1,198 @@
+"""Configuration from a TOML file, MPSWATCH_* variables and flags (flag > env > file > default).
+
+Each setting is declared once below; its TOML key, environment variable and validation all
+come from that declaration, so the three sources cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from mpswatch.exporter import parse_listen
+
+DEFAULT_CONFIG_PATH = "/etc/mpswatch/config.toml"
+DEFAULT_PORT = 19863
+ENV_PREFIX = "MPSWATCH_"
+
+
+class ConfigError(Exception):
+    def __init__(self, key: str, source: str, problem: str) -> None:
+        super().__init__(f"invalid config: {key} (from {source}): {problem}")
+
+
+def _positive_number(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number of seconds > 0, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"must be a number of seconds > 0, got {value!r}") from None
+    if not number > 0 or number != number or number == float("inf"):
+        raise ValueError(f"must be a number of seconds > 0, got {value!r}")
+    return number
+
+
+def _client_limit(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"must be a whole number from 1 to 1024, got {value!r}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"must be a whole number from 1 to 1024, got {value!r}") from None
+    if not 1 <= number <= 1024:
+        raise ValueError(f"must be a whole number from 1 to 1024, got {value!r}")
+    return number
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or value.lower() not in options:
+            raise ValueError(f"must be one of {', '.join(options)}, got {value!r}")
+        return value.lower()
+
+    return parse
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _absolute_path(value: Any) -> str:
+    path = _text(value)
+    if not os.path.isabs(path):
+        raise ValueError(f"must be an absolute path, got {value!r}")
+    return os.path.normpath(path)
+
+
+def _path_list(value: Any) -> tuple[str, ...]:
+    """A TOML list, or a comma-separated string (environment variables, repeated flags)."""
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"must be a list of absolute paths, got {value!r}")
+    return tuple(dict.fromkeys(_absolute_path(item) for item in value))
+
+
+def _listen(value: Any) -> str:
+    text = _text(value)
+    parse_listen(text)
+    return text
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.key.upper().replace(".", "_")
+
+
+SETTINGS = [
+    Setting("listen", _listen, f"0.0.0.0:{DEFAULT_PORT}", "HOST:PORT for /metrics and /healthz."),
+    Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "Lowest level logged."),
+    Setting("log_format", _choice("auto", "json", "console"), "auto", "auto: console on a TTY, else JSON lines."),
+    Setting("proc_root", _absolute_path, "/proc", "Where /proc is (e.g. /host/proc in a container)."),
+    Setting(
+        "mps_control.pipe_dirs",
+        _path_list,
+        (),
+        "Watch only these pipe dirs; empty: discover them.",
+    ),
+    Setting(
+        "mps_control.default_pipe_dirs",
+        _path_list,
+        ("/tmp/nvidia-mps", "/run/nvidia-mps"),
+        "Pipe dirs discovery looks at.",
+    ),
+    Setting(
+        "mps_control.device_plugin_root",
+        _absolute_path,
+        "/run/nvidia/mps",
+        "Root of the Kubernetes device plugin's per-resource MPS dirs.",
+    ),
+    Setting("mps_control.control_bin", _text, "nvidia-cuda-mps-control", "Control program (PATH is searched)."),
+    Setting("mps_control.interval_seconds", _positive_number, 2.0, "Seconds between two queries of each daemon."),
+    Setting("mps_control.timeout_seconds", _positive_number, 2.0, "Deadline of one control command."),
+    Setting("mps_control.client_limit", _client_limit, 48, "Clients allowed per device."),
+]
+BY_KEY = {setting.key: setting for setting in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Config:
+    values: Mapping[str, Any]
+    sources: Mapping[str, str]
+    file: str | None
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and not any(s.key == dotted for s in SETTINGS):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            table = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError("--config", "command line", f"file {path} does not exist") from None
+    except OSError as err:
+        raise ConfigError("--config", "command line", f"cannot read {path}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError("--config", path, f"not valid TOML: {err}") from None
+    flat = _flatten(table)
+    for key in flat:
+        if key not in BY_KEY:
+            raise ConfigError(key, path, f"unknown key; known keys: {', '.join(sorted(BY_KEY))}")
+    return flat
+
+
+def load_config(
+    config_path: str | None,
+    env: Mapping[str, str] = os.environ,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """`config_path` None means the default file if it exists; a given path must exist."""
+    file_values: dict[str, Any] = {}
+    file_used = None
+    if config_path is not None or os.path.exists(DEFAULT_CONFIG_PATH):
+        file_used = config_path or DEFAULT_CONFIG_PATH
+        file_values = read_config_file(file_used)
+    known_env = {s.env for s in SETTINGS} | {ENV_PREFIX + "CONFIG"}
+    for name in env:
+        if name.startswith(ENV_PREFIX) and name not in known_env:
+            raise ConfigError(name, "environment", "unknown variable; see docs/configuration.md")
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for setting in SETTINGS:
+        candidates = [
+            ((flags or {}).get(setting.key), "command line"),
+            (env.get(setting.env), f"environment {setting.env}"),
+            (file_values.get(setting.key), file_used or ""),
+        ]
+        raw, source = next(((v, s) for v, s in candidates if v is not None), (setting.default, "default"))
+        try:
+            values[setting.key] = setting.parse(raw)
+        except ValueError as err:
+            raise ConfigError(setting.key, source, str(err)) from None
+        sources[setting.key] = source
+    return Config(values=values, sources=sources, file=file_used)

@@ -1,0 +1,161 @@
+"""Renders the latest snapshot for Prometheus and serves /metrics and /healthz.
+
+A scrape only reads the current immutable snapshot: no I/O, no locks held by collectors.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Callable, Iterable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from mpswatch.metrics import CATALOG
+from mpswatch.snapshot import SERVER_STATUSES, DaemonState, MpsControlData, NodeSnapshot
+
+
+class _Families:
+    """Builds families from the catalog, so nothing undeclared can be exported."""
+
+    def __init__(self) -> None:
+        self._families: dict[str, Metric] = {}
+
+    def add(self, name: str, labels: Iterable[object], value: float) -> None:
+        family = self._families.get(name)
+        if family is None:
+            spec = CATALOG[name]
+            if spec.type == "counter":
+                family = CounterMetricFamily(name, spec.help, labels=spec.labels)
+            else:
+                family = GaugeMetricFamily(name, spec.help, labels=spec.labels)
+            self._families[name] = family
+        family.add_metric([str(label) for label in labels], value)
+
+    def __iter__(self) -> Iterator[Metric]:
+        return iter(self._families.values())
+
+
+def render(snapshot: NodeSnapshot, version: str) -> list[Metric]:
+    out = _Families()
+    out.add("mpswatch_build_info", [version], 1)
+    for name, report in sorted(snapshot.reports.items()):
+        status = report.status
+        out.add("mpswatch_collector_success", [name], 1 if status.success else 0)
+        if status.duration_seconds is not None:
+            out.add("mpswatch_collector_duration_seconds", [name], status.duration_seconds)
+        if status.last_success_time is not None:
+            out.add("mpswatch_collector_last_success_timestamp_seconds", [name], status.last_success_time)
+        for reason, count in sorted(status.errors_total.items()):
+            out.add("mpswatch_collector_errors_total", [name, reason], count)
+    control = snapshot.data("mps_control")
+    if isinstance(control, MpsControlData):
+        _render_mps_control(control, out)
+    return list(out)
+
+
+def _render_mps_control(data: MpsControlData, out: _Families) -> None:
+    for daemon in data.daemons:
+        d = daemon.pipe_dir
+        out.add("mps_control_up", [d], 1 if daemon.up else 0)
+        for state in DaemonState:
+            out.add("mps_control_state", [d, state.value], 1 if daemon.state is state else 0)
+        if daemon.pid is not None:
+            out.add("mps_control_info", [d, daemon.pid], 1)
+        for command, seconds in sorted(daemon.command_durations.items()):
+            out.add("mps_control_command_duration_seconds", [d, command], seconds)
+        for (command, reason), count in sorted(daemon.command_failures.items()):
+            out.add("mps_control_command_failures_total", [d, command, reason], count)
+        out.add("mps_client_limit", [d], daemon.client_limit)
+        if not daemon.up:
+            continue
+        if daemon.default_active_thread_percentage is not None:
+            out.add("mps_default_active_thread_percentage", [d], daemon.default_active_thread_percentage)
+        if daemon.default_pinned_memory_limit_bytes is not None:
+            out.add("mps_default_device_pinned_memory_limit_bytes", [d], daemon.default_pinned_memory_limit_bytes)
+        per_server: dict[int, int] = {}
+        for client in daemon.clients:
+            per_server[client.server_pid] = per_server.get(client.server_pid, 0) + 1
+        for server in daemon.servers:
+            out.add("mps_server_info", [d, server.pid, "" if server.uid is None else server.uid], 1)
+            if server.status is not None:
+                for status in SERVER_STATUSES:
+                    out.add("mps_server_status", [d, server.pid, status], 1 if server.status == status else 0)
+            if server.active_thread_percentage is not None:
+                out.add("mps_server_active_thread_percentage", [d, server.pid], server.active_thread_percentage)
+            out.add("mps_server_clients", [d, server.pid], per_server.get(server.pid, 0))
+        for (server_pid, device), count in sorted(daemon.clients_per_device().items()):
+            out.add("mps_clients", [d, server_pid, device], count)
+        for client in daemon.clients:
+            out.add("mps_client_info", [d, client.server_pid, client.pid, client.device, client.command, ""], 1)
+
+
+class SnapshotCollector:
+    """prometheus_client custom collector over a snapshot source."""
+
+    def __init__(self, current: Callable[[], NodeSnapshot], version: str) -> None:
+        self._current = current
+        self._version = version
+
+    def collect(self) -> Iterable[Metric]:
+        return render(self._current(), self._version)
+
+
+def build_registry(current: Callable[[], NodeSnapshot], version: str) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(current, version))
+    return registry
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """HOST:PORT, [IPv6]:PORT or :PORT (all interfaces)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT with a port from 1 to 65535, got {value!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature of the base class
+        pass
+
+
+class _Server(ThreadingWSGIServer):
+    allow_reuse_address = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+def make_app(registry: CollectorRegistry, healthy: Callable[[], tuple[bool, str]]):
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            return metrics_app(environ, start_response)
+        if path == "/healthz":
+            ok, detail = healthy()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [f"{'ok' if ok else 'unhealthy'}: {detail}\n".encode()]
+        if path == "/":
+            start_response("200 OK", [("Content-Type", "text/html")])
+            return [b"<html><body><h1>mpswatch</h1><p><a href='/metrics'>/metrics</a> <a href='/healthz'>/healthz</a></p></body></html>\n"]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found\n"]
+
+    return app
+
+
+def serve(listen: str, registry: CollectorRegistry, healthy: Callable[[], tuple[bool, str]]):
+    """Starts the HTTP server on a daemon thread; returns the server (call shutdown() to stop)."""
+    host, port = parse_listen(listen)
+    server_class = _Server6 if ":" in host else _Server
+    httpd = make_server(host, port, make_app(registry, healthy), server_class, handler_class=_QuietHandler)
+    threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
+    return httpd

@@ -1,0 +1,89 @@
+"""Every metric the agent exports, declared once; docs/metrics.md lists the same set (tested)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    type: str  # gauge | counter
+    labels: tuple[str, ...]
+    help: str
+
+
+_SPECS = [
+    MetricSpec("mpswatch_build_info", "gauge", ("version",), "Always 1; the agent's version."),
+    MetricSpec("mpswatch_collector_success", "gauge", ("collector",), "1 if the collector's last run succeeded."),
+    MetricSpec("mpswatch_collector_duration_seconds", "gauge", ("collector",), "Duration of the collector's last run."),
+    MetricSpec(
+        "mpswatch_collector_last_success_timestamp_seconds",
+        "gauge",
+        ("collector",),
+        "Unix time of the collector's last successful run.",
+    ),
+    MetricSpec("mpswatch_collector_errors_total", "counter", ("collector", "reason"), "Failed collector runs by reason."),
+    MetricSpec("mps_control_up", "gauge", ("pipe_dir",), "1 if the MPS control daemon answered the last query."),
+    MetricSpec(
+        "mps_control_state",
+        "gauge",
+        ("pipe_dir", "state"),
+        "State set: 1 for the daemon's current state (up, not_running, stale_pid_file, timeout, exec_failed, "
+        "garbage_output, no_pipe_dir), 0 for the others.",
+    ),
+    MetricSpec("mps_control_info", "gauge", ("pipe_dir", "pid"), "Always 1; the control daemon's PID from its pid file."),
+    MetricSpec(
+        "mps_control_command_duration_seconds",
+        "gauge",
+        ("pipe_dir", "command"),
+        "Round trip of the last control command of this kind.",
+    ),
+    MetricSpec(
+        "mps_control_command_failures_total",
+        "counter",
+        ("pipe_dir", "command", "reason"),
+        "Failed control commands by reason (timeout, not_running, error_reply, exec_failed, garbage_output).",
+    ),
+    MetricSpec("mps_server_info", "gauge", ("pipe_dir", "server_pid", "uid"), "Always 1 per MPS server."),
+    MetricSpec(
+        "mps_server_status",
+        "gauge",
+        ("pipe_dir", "server_pid", "status"),
+        "State set: 1 for the server's current status (INITIALIZING, ACTIVE, FAULT), 0 for the others.",
+    ),
+    MetricSpec(
+        "mps_server_active_thread_percentage",
+        "gauge",
+        ("pipe_dir", "server_pid"),
+        "Active thread percentage of the server.",
+    ),
+    MetricSpec("mps_server_clients", "gauge", ("pipe_dir", "server_pid"), "Clients connected to the server, all devices."),
+    MetricSpec(
+        "mps_default_active_thread_percentage",
+        "gauge",
+        ("pipe_dir",),
+        "Default active thread percentage for new servers.",
+    ),
+    MetricSpec(
+        "mps_default_device_pinned_memory_limit_bytes",
+        "gauge",
+        ("pipe_dir",),
+        "Default pinned device memory limit for device 0; absent when unset.",
+    ),
+    MetricSpec(
+        "mps_clients",
+        "gauge",
+        ("pipe_dir", "server_pid", "gpu_uuid"),
+        "Connected clients per server and device (gpu_uuid as `ps` prints it: the first three groups).",
+    ),
+    MetricSpec("mps_client_limit", "gauge", ("pipe_dir",), "Clients allowed per device (48 on Volta and later)."),
+    MetricSpec(
+        "mps_client_info",
+        "gauge",
+        ("pipe_dir", "server_pid", "pid", "gpu_uuid", "command", "engine"),
+        "Always 1 per connected client.",
+    ),
+]
+
+CATALOG: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}

@@ -1,0 +1,91 @@
+"""Reads of /proc under an injectable root, so tests and containers can point it elsewhere.
+
+Every reader returns None when the process is gone or unreadable: processes come and
+go between a listing and a read, and that is never an error for the agent.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ProcFS:
+    root: Path = Path("/proc")
+
+    def pids(self) -> list[int]:
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return []
+        return sorted(int(name) for name in names if name.isdigit())
+
+    def exists(self, pid: int) -> bool:
+        return (self.root / str(pid)).is_dir()
+
+    def cmdline(self, pid: int) -> list[str] | None:
+        raw = self._read_bytes(pid, "cmdline")
+        return None if raw is None else parse_cmdline(raw)
+
+    def environ(self, pid: int) -> dict[str, str] | None:
+        """None when the process is gone; PermissionError propagates so callers can say why."""
+        try:
+            raw = (self.root / str(pid) / "environ").read_bytes()
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        return parse_environ(raw)
+
+    def state(self, pid: int) -> str | None:
+        raw = self._read_bytes(pid, "stat")
+        return None if raw is None else parse_stat_state(raw.decode("utf-8", "replace"))
+
+    def uid(self, pid: int) -> int | None:
+        raw = self._read_bytes(pid, "status")
+        return None if raw is None else parse_status_uid(raw.decode("utf-8", "replace"))
+
+    def pids_running(self, program: str) -> list[int]:
+        """PIDs whose argv[0] basename is `program` (comm is cut at 15 characters, so it cannot tell
+        nvidia-cuda-mps-control from nvidia-cuda-mps-server)."""
+        found = []
+        for pid in self.pids():
+            argv = self.cmdline(pid)
+            if argv and os.path.basename(argv[0]) == program:
+                found.append(pid)
+        return found
+
+    def _read_bytes(self, pid: int, name: str) -> bytes | None:
+        try:
+            return (self.root / str(pid) / name).read_bytes()
+        except OSError:
+            return None
+
+
+def parse_cmdline(raw: bytes) -> list[str]:
+    return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
+
+
+def parse_environ(raw: bytes) -> dict[str, str]:
+    env = {}
+    for entry in raw.split(b"\0"):
+        key, sep, value = entry.partition(b"=")
+        if sep and key:
+            env[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+    return env
+
+
+def parse_stat_state(text: str) -> str | None:
+    """The state letter; comm may hold spaces and parentheses, so split after the last ')'."""
+    _, sep, rest = text.rpartition(")")
+    fields = rest.split()
+    return fields[0] if sep and fields else None
+
+
+def parse_status_uid(text: str) -> int | None:
+    for line in text.splitlines():
+        if line.startswith("Uid:"):
+            fields = line.split()
+            if len(fields) >= 2 and fields[1].isdigit():
+                return int(fields[1])
+    return None

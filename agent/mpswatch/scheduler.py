@@ -1,0 +1,174 @@
+"""Runs each collector on its own loop with a deadline and publishes immutable snapshots.
+
+A collector call that overruns its deadline cannot always be killed (NVML calls are
+in-process), so it is left to finish on its worker thread while the collector is reported
+failed with reason `timeout`; no second call is started until the stuck one returns.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Callable, Iterable
+
+import structlog
+
+from mpswatch.collectors import Collector, CollectorError
+from mpswatch.snapshot import CollectorReport, CollectorStatus, NodeSnapshot, frozen_map
+
+
+class SnapshotStore:
+    """Copy-on-write holder: readers take the current snapshot reference without locking."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._snapshot = NodeSnapshot(reports=frozen_map())
+
+    def current(self) -> NodeSnapshot:
+        return self._snapshot
+
+    def publish(self, report: CollectorReport) -> None:
+        with self._lock:
+            reports = dict(self._snapshot.reports)
+            reports[report.status.name] = report
+            self._snapshot = NodeSnapshot(reports=frozen_map(reports))
+
+
+class CollectorLoop:
+    def __init__(self, collector: Collector, store: SnapshotStore, clock: Callable[[], float] = time.time) -> None:
+        self.collector = collector
+        self._store = store
+        self._clock = clock
+        self._jobs: queue.Queue[int] = queue.Queue(maxsize=1)
+        self._results: queue.Queue[tuple[int, object | BaseException, float]] = queue.Queue()
+        self._generation = 0
+        self._busy_since: float | None = None
+        self._errors: dict[str, int] = {}
+        self._last_success: float | None = None
+        self._last_failure: str | None = None  # logged once per change, not once per cycle
+        self._worker = threading.Thread(target=self._work, name=f"collect-{collector.name}", daemon=True)
+        self._worker.start()
+        self.heartbeat = time.monotonic()
+        self._log = structlog.get_logger().bind(collector=collector.name)
+
+    def _work(self) -> None:
+        while True:
+            generation = self._jobs.get()
+            started = time.monotonic()
+            try:
+                outcome: object | BaseException = self.collector.collect()
+            except BaseException as err:  # reported as a failed run, never kills the worker
+                outcome = err
+            self._results.put((generation, outcome, time.monotonic() - started))
+
+    def cycle(self) -> CollectorReport:
+        """One run with the collector's deadline; publishes and returns its report."""
+        self.heartbeat = time.monotonic()
+        if self._busy_since is not None:
+            stuck_for = time.monotonic() - self._busy_since
+            report = self._failure("timeout", f"previous run still in progress after {stuck_for:.1f} s", None)
+        else:
+            self._generation += 1
+            self._busy_since = time.monotonic()
+            self._jobs.put(self._generation)
+            report = self._await(self._generation)
+        self._store.publish(report)
+        self.heartbeat = time.monotonic()
+        return report
+
+    def _await(self, generation: int) -> CollectorReport:
+        deadline = self._busy_since + self.collector.deadline_seconds  # type: ignore[operator]
+        while True:
+            try:
+                done, outcome, duration = self._results.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return self._failure(
+                    "timeout", f"no result within the {self.collector.deadline_seconds:g} s deadline", None
+                )
+            self._busy_since = None
+            if done != generation:
+                continue  # a late result of a run already reported as timed out
+            if isinstance(outcome, CollectorError):
+                return self._failure(outcome.reason, outcome.detail, duration)
+            if isinstance(outcome, BaseException):
+                self._log.error("collector_crashed", error=repr(outcome), exc_info=outcome)
+                return self._failure("internal_error", repr(outcome), duration)
+            if self._last_failure is not None:
+                self._log.info("collector_recovered")
+            self._last_failure = None
+            self._last_success = self._clock()
+            status = CollectorStatus(
+                name=self.collector.name,
+                success=True,
+                duration_seconds=duration,
+                last_success_time=self._last_success,
+                errors_total=frozen_map(self._errors),
+            )
+            return CollectorReport(status=status, data=outcome)
+
+    def _failure(self, reason: str, detail: str, duration: float | None) -> CollectorReport:
+        if reason != self._last_failure:
+            self._log.warning("collector_failed", reason=reason, detail=detail)
+        self._errors[reason] = self._errors.get(reason, 0) + 1
+        self._last_failure = reason
+        status = CollectorStatus(
+            name=self.collector.name,
+            success=False,
+            duration_seconds=duration,
+            last_success_time=self._last_success,
+            errors_total=frozen_map(self._errors),
+            error_reason=reason,
+            error_detail=detail,
+        )
+        return CollectorReport(status=status, data=None)  # no stale data is ever served as fresh
+
+    def run_forever(self, stop: threading.Event) -> None:
+        next_run = time.monotonic()
+        while not stop.is_set():
+            self.cycle()
+            next_run += self.collector.interval_seconds
+            now = time.monotonic()
+            if next_run < now:  # overran: skip the missed ticks instead of bursting
+                next_run = now
+            stop.wait(next_run - now)
+            self.heartbeat = time.monotonic()
+
+
+class Scheduler:
+    def __init__(self, collectors: Iterable[Collector], store: SnapshotStore) -> None:
+        self.store = store
+        self.loops = [CollectorLoop(c, store) for c in collectors]
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for loop in self.loops:
+            thread = threading.Thread(
+                target=loop.run_forever, args=(self._stop,), name=f"loop-{loop.collector.name}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run_once(self) -> NodeSnapshot:
+        """Every collector once, in parallel, each bounded by its deadline."""
+        threads = [threading.Thread(target=loop.cycle, daemon=True) for loop in self.loops]
+        for thread in threads:
+            thread.start()
+        for thread, loop in zip(threads, self.loops):
+            thread.join(loop.collector.deadline_seconds + 1.0)
+        return self.store.current()
+
+    def alive(self) -> tuple[bool, str]:
+        """The loops themselves, not what they found: a hung GPU must not make the agent look dead."""
+        now = time.monotonic()
+        for thread, loop in zip(self._threads, self.loops):
+            budget = 2 * (loop.collector.interval_seconds + loop.collector.deadline_seconds) + 1.0
+            if not thread.is_alive():
+                return False, f"collection loop {loop.collector.name} has exited"
+            if now - loop.heartbeat > budget:
+                return False, f"collection loop {loop.collector.name} silent for {now - loop.heartbeat:.0f} s"
+        return True, "collection loops alive"

@@ -1,0 +1,108 @@
+"""The immutable data model: what collectors produce and what scrapes and `status` render.
+
+None means "not known" and renders as no series; it is never replaced by a zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+from typing import Mapping
+
+
+def frozen_map(items: Mapping | None = None) -> Mapping:
+    return MappingProxyType(dict(items or {}))
+
+
+class DaemonState(str, Enum):
+    """Why a control daemon is or is not answering; the values double as failure reasons."""
+
+    UP = "up"
+    NOT_RUNNING = "not_running"
+    STALE_PID_FILE = "stale_pid_file"
+    HUNG = "timeout"
+    EXEC_FAILED = "exec_failed"
+    GARBAGE = "garbage_output"
+    NO_PIPE_DIR = "no_pipe_dir"
+
+
+SERVER_STATUSES = ("INITIALIZING", "ACTIVE", "FAULT")
+
+
+@dataclass(frozen=True)
+class MpsClient:
+    pid: int
+    client_id: int | None
+    server_pid: int
+    device: str  # as `ps` prints it: a UUID cut to its first three groups
+    namespace: str
+    command: str
+
+
+@dataclass(frozen=True)
+class MpsServer:
+    pid: int
+    uid: int | None
+    status: str | None
+    active_thread_percentage: float | None
+
+
+@dataclass(frozen=True)
+class MpsDaemon:
+    pipe_dir: str
+    found_by: str
+    state: DaemonState
+    reason: str
+    pid: int | None = None
+    servers: tuple[MpsServer, ...] = ()
+    clients: tuple[MpsClient, ...] = ()
+    default_active_thread_percentage: float | None = None
+    default_pinned_memory_limit_bytes: int | None = None
+    client_limit: int = 48
+    command_durations: Mapping[str, float] = field(default_factory=frozen_map)
+    command_failures: Mapping[tuple[str, str], int] = field(default_factory=frozen_map)
+
+    @property
+    def up(self) -> bool:
+        return self.state is DaemonState.UP
+
+    def clients_per_device(self) -> dict[tuple[int, str], int]:
+        counts: dict[tuple[int, str], int] = {}
+        for client in self.clients:
+            key = (client.server_pid, client.device)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+
+@dataclass(frozen=True)
+class MpsControlData:
+    daemons: tuple[MpsDaemon, ...]
+    searched: tuple[str, ...]
+    discovery_notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CollectorStatus:
+    name: str
+    success: bool
+    duration_seconds: float | None
+    last_success_time: float | None
+    errors_total: Mapping[str, int]
+    error_reason: str | None = None
+    error_detail: str | None = None
+
+
+@dataclass(frozen=True)
+class CollectorReport:
+    status: CollectorStatus
+    data: object | None
+
+
+@dataclass(frozen=True)
+class NodeSnapshot:
+    reports: Mapping[str, CollectorReport]
+
+    def data(self, collector: str) -> object | None:
+        report = self.reports.get(collector)
+        return report.data if report else None
