@@ -1,0 +1,133 @@
+"""Real MPS on a real GPU: each test starts its own control daemon in a temporary directory
+and always stops it, its servers and its clients. GPU settings are never touched."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+def _gpu_present() -> bool:
+    if not shutil.which("nvidia-cuda-mps-control") or not shutil.which("nvidia-smi"):
+        return False
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _gpu_present():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU with nvidia-cuda-mps-control")
+    for item in items:
+        if HERE in Path(str(item.fspath)).parents:
+            item.add_marker(skip)
+
+
+class MpsDaemon:
+    def __init__(self, root: Path) -> None:
+        self.pipe_dir = root / "pipe"
+        self.log_dir = root / "log"
+        self.pipe_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.env = {
+            **os.environ,
+            "CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir),
+            "CUDA_MPS_LOG_DIRECTORY": str(self.log_dir),
+        }
+        self.clients: list[subprocess.Popen] = []
+
+    @property
+    def pid_file(self) -> Path:
+        return self.pipe_dir / "nvidia-cuda-mps-control.pid"
+
+    def start(self) -> int:
+        subprocess.run(["nvidia-cuda-mps-control", "-d"], env=self.env, check=True, timeout=30)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.pid_file.exists() and self.pid_file.read_text().strip().isdigit():
+                return int(self.pid_file.read_text())
+            time.sleep(0.05)
+        raise RuntimeError("MPS control daemon wrote no pid file")
+
+    def control(self, command: str, timeout: float = 10) -> subprocess.CompletedProcess:
+        """The test's own channel to its own daemon (the agent never sends anything but reads)."""
+        return subprocess.run(
+            ["nvidia-cuda-mps-control"], input=command + "\n", env=self.env, capture_output=True, text=True,
+            timeout=timeout,
+        )
+
+    def start_client(self, size: int = 2048) -> subprocess.Popen:
+        stop_file = self.pipe_dir.parent / f"stop-{len(self.clients)}"
+        client = subprocess.Popen(
+            [sys.executable, str(HERE / "cuda_client.py"), str(size), str(stop_file)],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        client.stop_file = stop_file  # type: ignore[attr-defined]
+        line = client.stdout.readline()
+        if not line.startswith("ready"):
+            raise RuntimeError(f"CUDA client failed to start: {line}{client.stdout.read()}")
+        self.clients.append(client)
+        return client
+
+    def stop_clients(self) -> None:
+        for client in self.clients:
+            Path(client.stop_file).touch()
+        for client in self.clients:
+            try:
+                client.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                client.kill()
+                client.wait()
+        self.clients.clear()
+
+    def our_processes(self) -> list[int]:
+        """Daemon and servers started with our pipe dir (found by their environment)."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")[0].decode()
+                environ = (entry / "environ").read_bytes()
+            except OSError:
+                continue
+            if "nvidia-cuda-mps" in cmd and f"CUDA_MPS_PIPE_DIRECTORY={self.pipe_dir}".encode() in environ:
+                pids.append(int(entry.name))
+        return pids
+
+    def cleanup(self) -> None:
+        for pid in self.our_processes():
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        self.stop_clients()
+        try:
+            self.control("quit", timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + 10
+        while self.our_processes() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in self.our_processes():
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def mps(tmp_path):
+    daemon = MpsDaemon(tmp_path / "mps")
+    try:
+        yield daemon
+    finally:
+        daemon.cleanup()
