@@ -113,7 +113,7 @@ def build_registry(current: Callable[[], NodeSnapshot], version: str) -> Collect
 def parse_listen(value: str) -> tuple[str, int]:
     """HOST:PORT, [IPv6]:PORT or :PORT (all interfaces)."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"expected HOST:PORT with a port from 1 to 65535, got {value!r}")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)

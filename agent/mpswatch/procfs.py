@@ -20,7 +20,7 @@ class ProcFS:
             names = os.listdir(self.root)
         except OSError:
             return []
-        return sorted(int(name) for name in names if name.isdigit())
+        return sorted(int(name) for name in names if name.isascii() and name.isdigit())
 
     def exists(self, pid: int) -> bool:
         return (self.root / str(pid)).is_dir()
@@ -86,6 +86,6 @@ def parse_status_uid(text: str) -> int | None:
     for line in text.splitlines():
         if line.startswith("Uid:"):
             fields = line.split()
-            if len(fields) >= 2 and fields[1].isdigit():
+            if len(fields) >= 2 and fields[1].isascii() and fields[1].isdigit():
                 return int(fields[1])
     return None

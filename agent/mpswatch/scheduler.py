@@ -65,6 +65,7 @@ class CollectorLoop:
     def cycle(self) -> CollectorReport:
         """One run with the collector's deadline; publishes and returns its report."""
         self.heartbeat = time.monotonic()
+        self._drain_late_results()
         if self._busy_since is not None:
             stuck_for = time.monotonic() - self._busy_since
             report = self._failure("timeout", f"previous run still in progress after {stuck_for:.1f} s", None)
@@ -76,6 +77,17 @@ class CollectorLoop:
         self._store.publish(report)
         self.heartbeat = time.monotonic()
         return report
+
+    def _drain_late_results(self) -> None:
+        """A run reported as timed out may have returned since; its result is stale, but the
+        worker is free again."""
+        while True:
+            try:
+                generation, _, _ = self._results.get_nowait()
+            except queue.Empty:
+                return
+            if generation == self._generation:
+                self._busy_since = None
 
     def _await(self, generation: int) -> CollectorReport:
         deadline = self._busy_since + self.collector.deadline_seconds  # type: ignore[operator]

@@ -53,6 +53,7 @@ _ERROR_REPLY = re.compile(
     re.IGNORECASE,
 )
 _PINNED_LIMIT = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?$", re.IGNORECASE)
+_DECIMAL = re.compile(r"[0-9]+")  # str.isdigit() accepts superscripts that int() refuses
 _UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -85,7 +86,7 @@ def parse_server_list(text: str) -> list[int]:
         line = line.strip()
         if not line:
             continue
-        if not line.isdigit():
+        if not _DECIMAL.fullmatch(line):
             raise ParseError(f"server list line is not a PID: {line[:80]!r}")
         pids.append(int(line))
     return pids
@@ -129,12 +130,12 @@ def parse_ps(text: str) -> list[MpsClient]:
     clients = []
     for line in lines[1:]:
         fields = line.split(None, 5)
-        if len(fields) < 5 or not fields[0].isdigit() or not fields[2].isdigit():
+        if len(fields) < 5 or not _DECIMAL.fullmatch(fields[0]) or not _DECIMAL.fullmatch(fields[2]):
             raise ParseError(f"ps line not understood: {line[:80]!r}")
         clients.append(
             MpsClient(
                 pid=int(fields[0]),
-                client_id=int(fields[1]) if fields[1].isdigit() else None,
+                client_id=int(fields[1]) if _DECIMAL.fullmatch(fields[1]) else None,
                 server_pid=int(fields[2]),
                 device=fields[3],
                 namespace=fields[4],
@@ -290,7 +291,7 @@ def read_pid_file(pipe_dir: str) -> int | None:
         text = (Path(pipe_dir) / PID_FILE).read_text().strip()
     except (OSError, UnicodeDecodeError):
         return None
-    return int(text) if text.isdigit() else None
+    return int(text) if _DECIMAL.fullmatch(text) else None
 
 
 def probe_daemon(

@@ -1,0 +1,96 @@
+"""Configuration: precedence flag > env > file > default, and one clear message per mistake."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from mpswatch.config import ConfigError, load_config
+from tests.agentproc import agent_env, mpswatch_cmd
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_need_no_config_at_all(monkeypatch):
+    monkeypatch.setattr("mpswatch.config.DEFAULT_CONFIG_PATH", "/nonexistent/config.toml")
+    config = load_config(None, env={})
+    assert config["listen"] == "0.0.0.0:19863"
+    assert config["mps_control.interval_seconds"] == 2.0
+    assert config["mps_control.client_limit"] == 48
+    assert config["mps_control.pipe_dirs"] == ()
+    assert config.file is None
+
+
+def test_flag_beats_env_beats_file_beats_default(tmp_path):
+    path = write(tmp_path, '[mps_control]\ninterval_seconds = 5\ntimeout_seconds = 3\nclient_limit = 16\n')
+    env = {"MPSWATCH_MPS_CONTROL_INTERVAL_SECONDS": "4", "MPSWATCH_MPS_CONTROL_TIMEOUT_SECONDS": "1.5"}
+    config = load_config(path, env=env, flags={"mps_control.interval_seconds": "3"})
+    assert config["mps_control.interval_seconds"] == 3.0
+    assert config["mps_control.timeout_seconds"] == 1.5
+    assert config["mps_control.client_limit"] == 16
+    assert config["listen"] == "0.0.0.0:19863"
+    assert config.sources["mps_control.client_limit"] == path
+
+
+def test_pipe_dirs_come_as_a_toml_list_or_a_comma_separated_variable(tmp_path):
+    path = write(tmp_path, 'mps_control.pipe_dirs = ["/run/a", "/run/b/"]\n')
+    assert load_config(path, env={})["mps_control.pipe_dirs"] == ("/run/a", "/run/b")
+    env = {"MPSWATCH_MPS_CONTROL_PIPE_DIRS": "/x,/y"}
+    assert load_config(path, env=env)["mps_control.pipe_dirs"] == ("/x", "/y")
+
+
+@pytest.mark.parametrize(
+    "text,key,problem",
+    [
+        ('[mps_control]\ninterval_seconds = "fast"\n', "mps_control.interval_seconds", "number of seconds > 0"),
+        ("[mps_control]\ninterval_seconds = 0\n", "mps_control.interval_seconds", "number of seconds > 0"),
+        ("[mps_control]\nclient_limit = 0\n", "mps_control.client_limit", "whole number"),
+        ('[mps_control]\npipe_dirs = ["relative/dir"]\n', "mps_control.pipe_dirs", "absolute path"),
+        ('listen = "nowhere"\n', "listen", "HOST:PORT"),
+        ('log_level = "loud"\n', "log_level", "one of debug"),
+        ("[mps_control]\nintervl_seconds = 2\n", "mps_control.intervl_seconds", "unknown key"),
+        ("interval_seconds = [\n", "--config", "not valid TOML"),
+    ],
+)
+def test_a_bad_value_names_the_key_the_source_and_the_problem(tmp_path, text, key, problem):
+    with pytest.raises(ConfigError) as raised:
+        load_config(write(tmp_path, text), env={})
+    assert key in str(raised.value) and problem in str(raised.value)
+
+
+def test_a_bad_environment_variable_is_named():
+    with pytest.raises(ConfigError, match="MPSWATCH_MPS_CONTROL_CLIENT_LIMIT"):
+        load_config(None, env={"MPSWATCH_MPS_CONTROL_CLIENT_LIMIT": "many"})
+    with pytest.raises(ConfigError, match="MPSWATCH_INTERVAL.*unknown variable"):
+        load_config(None, env={"MPSWATCH_INTERVAL": "2"})
+
+
+def test_a_config_file_that_was_asked_for_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.toml"), env={})
+
+
+@pytest.mark.parametrize(
+    "args,env,needle",
+    [
+        (["status", "--interval", "soon"], {}, "mps_control.interval_seconds (from command line)"),
+        (["status"], {"MPSWATCH_MPS_CONTROL_CLIENT_LIMIT": "0"}, "MPSWATCH_MPS_CONTROL_CLIENT_LIMIT"),
+        (["run", "--listen", "127.0.0.1"], {}, "listen (from command line)"),
+        (["status", "--no-such-flag"], {}, "No such option"),
+    ],
+)
+def test_the_cli_exits_2_with_one_clear_line_on_bad_config(args, env, needle):
+    run = subprocess.run(mpswatch_cmd(*args), env=agent_env(env), capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2
+    assert needle in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_version_is_printed():
+    run = subprocess.run(mpswatch_cmd("--version"), env=agent_env(), capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0 and run.stdout.startswith("mpswatch, version ")

@@ -1,0 +1,220 @@
+"""One daemon probed through an injected runner and a fake /proc tree: what each failure looks like."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mpswatch.collectors.mps_control import (
+    ControlChannel,
+    DiscoverySettings,
+    MutatingCommandRefused,
+    discover_pipe_dirs,
+    probe_daemon,
+    state_changes,
+)
+from mpswatch.procfs import ProcFS
+from mpswatch.runner import RunResult
+from mpswatch.snapshot import DaemonState, MpsClient, MpsDaemon, MpsServer
+
+import pytest
+
+PS = (
+    "PID       ID        SERVER         DEVICE                    NAMESPACE      COMMAND\n"
+    "437       1         476            GPU-2ea0ea17-0206-eb44    4026531836     python3\n"
+)
+HEALTHY = {
+    "get_server_list": "476\n",
+    "get_server_status 476": "ACTIVE\n",
+    "get_active_thread_percentage 476": "100.0\n",
+    "ps": PS,
+    "get_default_active_thread_percentage": "100.0\n",
+    "get_default_device_pinned_mem_limit 0": "",
+}
+
+
+class ScriptedRunner:
+    """Answers each command line from a table; records what was sent."""
+
+    def __init__(self, replies=None, timeout_on=(), not_running=False, exec_error=None):
+        self.replies = replies or {}
+        self.timeout_on = set(timeout_on)
+        self.not_running = not_running
+        self.exec_error = exec_error
+        self.sent: list[str] = []
+
+    def __call__(self, argv, stdin, env, timeout):
+        line = stdin.decode().strip()
+        self.sent.append(line)
+        assert env["CUDA_MPS_PIPE_DIRECTORY"]
+        if self.exec_error:
+            return RunResult(None, "", 0.0, exec_error=self.exec_error)
+        if line.split()[0] in self.timeout_on:
+            return RunResult(None, "", timeout, timed_out=True)
+        if self.not_running:
+            return RunResult(1, "Cannot find MPS control daemon process\n", 0.001)
+        return RunResult(0, self.replies.get(line, f'Unknown command "{line}"\n'), 0.001)
+
+
+def fake_proc(root: Path, pid: int, argv0: str, state: str = "S", uid: int = 0, environ: str = "") -> None:
+    d = root / str(pid)
+    d.mkdir(parents=True)
+    (d / "cmdline").write_bytes(argv0.encode() + b"\0-d\0")
+    (d / "stat").write_text(f"{pid} (nvidia-cuda-mps) {state} 1 2 3")
+    (d / "status").write_text(f"Name:\tx\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+    (d / "environ").write_bytes(environ.encode())
+
+
+def pipe_dir_with_pid(tmp_path: Path, pid: int) -> Path:
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    (pipe / "control").touch()
+    (pipe / "nvidia-cuda-mps-control.pid").write_text(f"{pid}\n")
+    return pipe
+
+
+def probe(tmp_path, runner, pipe, procfs=None):
+    channel = ControlChannel(str(pipe), "nvidia-cuda-mps-control", runner, 2.0)
+    return probe_daemon(str(pipe), "configured", channel, procfs or ProcFS(tmp_path / "proc"), 48)
+
+
+def test_a_healthy_daemon_reports_servers_clients_and_the_server_uid(tmp_path):
+    fake_proc(tmp_path / "proc", 429, "nvidia-cuda-mps-control")
+    fake_proc(tmp_path / "proc", 476, "nvidia-cuda-mps-server", uid=1000)
+    daemon, durations, failures = probe(tmp_path, ScriptedRunner(HEALTHY), pipe_dir_with_pid(tmp_path, 429))
+    assert daemon.state is DaemonState.UP and daemon.pid == 429
+    assert daemon.servers == (MpsServer(476, 1000, "ACTIVE", 100.0),)
+    assert [c.pid for c in daemon.clients] == [437]
+    assert daemon.default_pinned_memory_limit_bytes is None
+    assert failures == [] and set(durations) == {
+        "get_server_list", "get_server_status", "get_active_thread_percentage", "ps",
+        "get_default_active_thread_percentage", "get_default_device_pinned_mem_limit",
+    }
+
+
+def test_a_killed_daemon_is_told_apart_by_its_stale_pid_file(tmp_path):
+    (tmp_path / "proc").mkdir()
+    daemon, _, failures = probe(tmp_path, ScriptedRunner(not_running=True), pipe_dir_with_pid(tmp_path, 4242))
+    assert daemon.state is DaemonState.STALE_PID_FILE
+    assert "4242" in daemon.reason and failures == [("get_server_list", "not_running")]
+
+
+def test_no_pid_file_and_no_daemon_is_plain_not_running(tmp_path):
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    daemon, _, _ = probe(tmp_path, ScriptedRunner(not_running=True), pipe)
+    assert daemon.state is DaemonState.NOT_RUNNING
+
+
+def test_a_stopped_daemon_is_hung_and_the_reason_says_it_is_stopped(tmp_path):
+    fake_proc(tmp_path / "proc", 429, "nvidia-cuda-mps-control", state="T")
+    daemon, durations, failures = probe(
+        tmp_path, ScriptedRunner(HEALTHY, timeout_on={"get_server_list"}), pipe_dir_with_pid(tmp_path, 429)
+    )
+    assert daemon.state is DaemonState.HUNG and "stopped" in daemon.reason
+    assert durations["get_server_list"] == 2.0 and failures == [("get_server_list", "timeout")]
+
+
+def test_a_daemon_that_hangs_mid_cycle_is_hung_and_is_not_asked_again(tmp_path):
+    runner = ScriptedRunner(HEALTHY, timeout_on={"ps"})
+    daemon, _, _ = probe(tmp_path, runner, pipe_dir_with_pid(tmp_path, 429))
+    assert daemon.state is DaemonState.HUNG and daemon.servers == ()
+    assert runner.sent[-1] == "ps"
+
+
+def test_a_server_that_vanished_between_two_commands_keeps_the_daemon_up(tmp_path):
+    replies = {**HEALTHY, "get_server_status 476": "Server 476 not found\n"}
+    daemon, _, failures = probe(tmp_path, ScriptedRunner(replies), pipe_dir_with_pid(tmp_path, 429))
+    assert daemon.up and daemon.servers[0].status is None
+    assert ("get_server_status", "error_reply") in failures
+
+
+def test_a_missing_control_program_is_exec_failed(tmp_path):
+    runner = ScriptedRunner(exec_error="nvidia-cuda-mps-control: No such file or directory")
+    daemon, _, _ = probe(tmp_path, runner, pipe_dir_with_pid(tmp_path, 429))
+    assert daemon.state is DaemonState.EXEC_FAILED and "No such file" in daemon.reason
+
+
+def test_garbage_to_the_first_command_is_garbage_output(tmp_path):
+    daemon, _, failures = probe(tmp_path, ScriptedRunner({"get_server_list": "\x00\x07junk\n"}), pipe_dir_with_pid(tmp_path, 429))
+    assert daemon.state is DaemonState.GARBAGE and failures == [("get_server_list", "garbage_output")]
+
+
+def test_a_configured_pipe_dir_that_does_not_exist_is_reported(tmp_path):
+    daemon, _, _ = probe(tmp_path, ScriptedRunner(HEALTHY), tmp_path / "absent")
+    assert daemon.state is DaemonState.NO_PIPE_DIR
+
+
+def test_a_mutating_command_never_reaches_the_runner(tmp_path):
+    runner = ScriptedRunner(HEALTHY)
+    channel = ControlChannel(str(tmp_path), "nvidia-cuda-mps-control", runner, 2.0)
+    for verb in ("quit", "set_default_active_thread_percentage", "terminate_client"):
+        with pytest.raises(MutatingCommandRefused):
+            channel.ask(verb, 1)
+    assert runner.sent == []
+
+
+def test_discovery_finds_default_device_plugin_and_process_pipe_dirs(tmp_path):
+    default = tmp_path / "tmp-nvidia-mps"
+    default.mkdir()
+    (default / "control").touch()
+    empty_default = tmp_path / "run-nvidia-mps"
+    empty_default.mkdir()  # exists but never held a daemon: not reported
+    plugin = tmp_path / "plugin" / "nvidia.com" / "gpu" / "pipe"
+    plugin.mkdir(parents=True)
+    (plugin / "nvidia-cuda-mps-control.pid").write_text("77")
+    fake_proc(tmp_path / "proc", 501, "/usr/bin/nvidia-cuda-mps-control",
+              environ="HOME=/root\0CUDA_MPS_PIPE_DIRECTORY=/srv/mps/pipe\0")
+    fake_proc(tmp_path / "proc", 502, "/usr/bin/nvidia-cuda-mps-server",
+              environ="CUDA_MPS_PIPE_DIRECTORY=/elsewhere\0")
+    settings = DiscoverySettings(default_pipe_dirs=(str(default), str(empty_default)),
+                                 device_plugin_root=str(tmp_path / "plugin"))
+    found, notes = discover_pipe_dirs(settings, ProcFS(tmp_path / "proc"))
+    assert dict(found) == {str(default): "default", str(plugin): "device_plugin", "/srv/mps/pipe": "process"}
+    assert notes == []
+
+
+def test_discovery_says_when_a_daemon_environment_cannot_be_read(tmp_path):
+    fake_proc(tmp_path / "proc", 501, "nvidia-cuda-mps-control")
+
+    class Unreadable(ProcFS):
+        def environ(self, pid):
+            raise PermissionError(pid)
+
+    found, notes = discover_pipe_dirs(DiscoverySettings(default_pipe_dirs=(str(tmp_path / "x"),),
+                                                        device_plugin_root=str(tmp_path / "y")),
+                                      Unreadable(tmp_path / "proc"))
+    assert found == [] and "501" in notes[0] and "CAP_SYS_PTRACE" in notes[0]
+
+
+def test_configured_pipe_dirs_restrict_discovery(tmp_path):
+    fake_proc(tmp_path / "proc", 501, "nvidia-cuda-mps-control", environ="CUDA_MPS_PIPE_DIRECTORY=/srv/a\0")
+    found, _ = discover_pipe_dirs(DiscoverySettings(pipe_dirs=("/only/this",)), ProcFS(tmp_path / "proc"))
+    assert found == [("/only/this", "configured")]
+
+
+def _daemon(state=DaemonState.UP, servers=(), clients=()):
+    return MpsDaemon("/p", "configured", state, "", pid=1, servers=servers, clients=clients)
+
+
+def _events(prev, cur):
+    return [event for _, event, _ in state_changes(prev, cur)]
+
+
+def test_state_changes_are_reported_once_not_every_cycle():
+    fault = _daemon(servers=(MpsServer(476, 0, "FAULT", 100.0),))
+    assert _events(None, fault) == ["mps_daemon_up", "mps_server_seen", "mps_server_fault"]
+    assert _events(fault, fault) == []
+    active = _daemon(servers=(MpsServer(476, 0, "ACTIVE", 100.0),))
+    assert _events(fault, active) == ["mps_server_recovered"]
+    hung = _daemon(DaemonState.HUNG)
+    assert _events(active, hung) == ["mps_daemon_down"]
+    assert _events(hung, hung) == []
+    assert _events(hung, _daemon(DaemonState.STALE_PID_FILE)) == ["mps_daemon_down"]
+
+
+def test_reaching_the_client_limit_is_reported_when_it_is_reached():
+    clients = tuple(MpsClient(1000 + i, i, 476, "GPU-a", "ns", "python3") for i in range(48))
+    server = (MpsServer(476, 0, "ACTIVE", 100.0),)
+    below, full = _daemon(servers=server, clients=clients[:47]), _daemon(servers=server, clients=clients)
+    assert _events(below, full) == ["mps_client_limit_reached"]
+    assert _events(full, full) == []

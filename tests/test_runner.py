@@ -1,0 +1,47 @@
+"""The child runner: deadline, process-group kill, bounded output."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from mpswatch.runner import run_with_deadline
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_child_past_its_deadline_is_killed_with_its_whole_group(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    started = time.monotonic()
+    result = run_with_deadline(
+        ["sh", "-c", f"sleep 60 & echo $! > {pid_file}; wait"], b"", os.environ, 0.5
+    )
+    assert result.timed_out and result.returncode is None
+    assert time.monotonic() - started < 3.0
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 2
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild)
+
+
+def test_output_past_the_cap_is_cut_and_the_child_killed():
+    result = run_with_deadline(["sh", "-c", "yes"], b"", os.environ, 5.0, max_output_bytes=4096)
+    assert result.truncated and len(result.output) == 4096
+
+
+def test_stdin_reaches_the_child_and_its_exit_code_comes_back():
+    result = run_with_deadline(["sh", "-c", "read line; echo got $line; exit 3"], b"ps\n", os.environ, 5.0)
+    assert (result.returncode, result.output) == (3, "got ps\n")
+
+
+def test_a_program_that_does_not_exist_is_an_exec_error_not_an_exception():
+    result = run_with_deadline(["/nonexistent/nvidia-cuda-mps-control"], b"", os.environ, 1.0)
+    assert result.exec_error and "nvidia-cuda-mps-control" in result.exec_error

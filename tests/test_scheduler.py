@@ -1,0 +1,88 @@
+"""Collector loops: deadlines, one call in flight, stale data dropped, recovery."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from mpswatch.collectors import CollectorError
+from mpswatch.scheduler import CollectorLoop, Scheduler, SnapshotStore
+
+
+class Blocking:
+    name = "gpu"
+    interval_seconds = 0.05
+    deadline_seconds = 0.2
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.calls = 0
+        self.block = True
+
+    def collect(self):
+        self.calls += 1
+        if self.block:
+            self.release.wait()
+        return {"value": self.calls}
+
+
+def test_a_call_past_its_deadline_fails_the_collector_and_drops_its_data():
+    collector = Blocking()
+    store = SnapshotStore()
+    loop = CollectorLoop(collector, store)
+    collector.block = False
+    assert loop.cycle().data == {"value": 1}
+    collector.block = True
+    started = time.monotonic()
+    report = loop.cycle()
+    assert time.monotonic() - started < 1.0
+    assert not report.status.success and report.status.error_reason == "timeout"
+    assert report.data is None and store.current().data("gpu") is None
+    assert report.status.last_success_time is not None
+
+
+def test_no_second_call_starts_while_one_is_stuck_and_it_recovers_when_it_returns():
+    collector = Blocking()
+    loop = CollectorLoop(collector, SnapshotStore())
+    loop.cycle()
+    report = loop.cycle()
+    assert collector.calls == 1 and "still in progress" in report.status.error_detail
+    assert report.status.errors_total == {"timeout": 2}
+    collector.block = False
+    collector.release.set()
+    time.sleep(0.05)
+    report = loop.cycle()
+    assert report.status.success and report.data == {"value": 2}
+
+
+def test_collector_errors_and_crashes_are_counted_by_reason():
+    class Failing:
+        name, interval_seconds, deadline_seconds = "x", 0.1, 1.0
+        crash = False
+
+        def collect(self):
+            if self.crash:
+                raise RuntimeError("bug")
+            raise CollectorError("exec_failed", "no binary")
+
+    collector = Failing()
+    loop = CollectorLoop(collector, SnapshotStore())
+    assert loop.cycle().status.error_reason == "exec_failed"
+    collector.crash = True
+    report = loop.cycle()
+    assert report.status.error_reason == "internal_error"
+    assert report.status.errors_total == {"exec_failed": 1, "internal_error": 1}
+
+
+def test_the_loop_stays_alive_while_its_collector_is_stuck():
+    collector = Blocking()
+    scheduler = Scheduler([collector], SnapshotStore())
+    scheduler.start()
+    try:
+        time.sleep(0.8)
+        alive, detail = scheduler.alive()
+        assert alive, detail
+        assert scheduler.store.current().reports["gpu"].status.error_reason == "timeout"
+    finally:
+        collector.release.set()
+        scheduler.stop()
