@@ -1,0 +1,56 @@
+"""A pipe dir answered by tests/fakebin/nvidia-cuda-mps-control, with a stand-in daemon process
+(argv[0] `nvidia-cuda-mps-control`, CUDA_MPS_PIPE_DIRECTORY in its environment) and pid file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+FAKE_CONTROL = str(HERE / "fakebin" / "nvidia-cuda-mps-control")
+SCENARIOS = HERE / "scenarios"
+
+
+class FakeDaemon:
+    def __init__(self, root: Path, scenario: str, *, process: bool = True) -> None:
+        self.pipe_dir = root / scenario / "pipe"
+        self.pipe_dir.mkdir(parents=True)
+        (self.pipe_dir / "control").touch()
+        self.scenario = json.loads((SCENARIOS / f"{scenario}.json").read_text())
+        self._write()
+        self.process = None
+        if process:
+            env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir)}
+            self.process = subprocess.Popen(["bash", "-c", "exec -a nvidia-cuda-mps-control sleep 600"], env=env)
+            (self.pipe_dir / "nvidia-cuda-mps-control.pid").write_text(f"{self.process.pid}\n")
+
+    def _write(self) -> None:
+        tmp = self.pipe_dir / "scenario.json.tmp"
+        tmp.write_text(json.dumps(self.scenario))
+        tmp.replace(self.pipe_dir / "scenario.json")
+
+    def update(self, **changes) -> None:
+        self.scenario.update(changes)
+        self._write()
+
+    @property
+    def path(self) -> str:
+        return str(self.pipe_dir)
+
+    def commands(self) -> list[str]:
+        log = self.pipe_dir / "commands.log"
+        return log.read_text().splitlines() if log.exists() else []
+
+    def kill(self) -> None:
+        """kill -9: the pid file stays behind, naming a dead PID."""
+        if self.process:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def close(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

@@ -1,0 +1,206 @@
+"""`mpswatch run` as a real process against the fixture control program, scraped over HTTP."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from mpswatch import __version__
+from mpswatch.collectors.mps_control import READ_ONLY_COMMANDS
+from tests.agentproc import Agent
+from tests.fakedaemon import FAKE_CONTROL
+
+FAST = ["--mps-control-bin", FAKE_CONTROL, "--interval", "0.5", "--command-timeout", "1"]
+
+
+def key(name, **labels):
+    return (name, frozenset(labels.items()))
+
+
+def series(samples, name):
+    return {labels: value for (n, labels), value in samples.items() if n == name}
+
+
+def state_of(samples, pipe_dir):
+    return [dict(l)["state"] for l, v in series(samples, "mps_control_state").items()
+            if v == 1 and dict(l)["pipe_dir"] == pipe_dir]
+
+
+def agent_for(*daemons, extra=(), tmp_path=None):
+    args = [*FAST, *extra]
+    for daemon in daemons:
+        args += ["--pipe-dir", daemon if isinstance(daemon, str) else daemon.path]
+    return Agent(args, log_path=tmp_path / "agent.log" if tmp_path else None)
+
+
+def test_healthy_daemon_with_two_clients(fake_daemon):
+    daemon = fake_daemon("healthy_two_clients_driver580")
+    d = daemon.path
+    with agent_for(daemon) as agent:
+        s = agent.wait_for(lambda s: s if s.get(key("mps_control_up", pipe_dir=d)) == 1 else None)
+        assert s[key("mps_control_info", pipe_dir=d, pid=str(daemon.process.pid))] == 1
+        assert s[key("mps_clients", pipe_dir=d, server_pid="476", gpu_uuid="GPU-2ea0ea17-0206-eb44")] == 2
+        assert s[key("mps_server_clients", pipe_dir=d, server_pid="476")] == 2
+        assert s[key("mps_server_status", pipe_dir=d, server_pid="476", status="ACTIVE")] == 1
+        assert s[key("mps_server_status", pipe_dir=d, server_pid="476", status="FAULT")] == 0
+        assert s[key("mps_server_active_thread_percentage", pipe_dir=d, server_pid="476")] == 100
+        assert s[key("mps_default_active_thread_percentage", pipe_dir=d)] == 100
+        assert s[key("mps_client_limit", pipe_dir=d)] == 48
+        assert sorted(dict(l)["pid"] for l in series(s, "mps_client_info")) == ["437", "438"]
+        assert series(s, "mps_default_device_pinned_memory_limit_bytes") == {}  # unset: absent, not 0
+        assert s[key("mpswatch_collector_success", collector="mps_control")] == 1
+        assert s[key("mpswatch_build_info", version=__version__)] == 1
+
+
+def test_48_clients_fill_the_device(fake_daemon):
+    daemon = fake_daemon("clients_48_driver580")
+    d = daemon.path
+    with agent_for(daemon) as agent:
+        s = agent.wait_for(lambda s: s if s.get(key("mps_control_up", pipe_dir=d)) == 1 else None)
+        assert s[key("mps_clients", pipe_dir=d, server_pid="476", gpu_uuid="GPU-2ea0ea17-0206-eb44")] == 48
+        assert len(series(s, "mps_client_info")) == 48
+        assert s[key("mps_default_device_pinned_memory_limit_bytes", pipe_dir=d)] == 3 * 1024**3
+        assert s[key("mps_server_active_thread_percentage", pipe_dir=d, server_pid="476")] == 50
+
+
+def test_server_in_fault(fake_daemon):
+    daemon = fake_daemon("server_fault_driver580")
+    d = daemon.path
+    with agent_for(daemon) as agent:
+        s = agent.wait_for(lambda s: s if s.get(key("mps_control_up", pipe_dir=d)) == 1 else None)
+        assert s[key("mps_server_status", pipe_dir=d, server_pid="632", status="FAULT")] == 1
+        assert s[key("mps_server_status", pipe_dir=d, server_pid="632", status="ACTIVE")] == 0
+        assert s[key("mps_clients", pipe_dir=d, server_pid="632", gpu_uuid="GPU-9ce49c92-f91f-680e")] == 2
+
+
+def test_hung_daemon_goes_down_within_two_cycles_while_metrics_keep_answering(fake_daemon, tmp_path):
+    daemon = fake_daemon("healthy_two_clients_driver580")
+    d = daemon.path
+    interval = 1.0
+    args = ["--mps-control-bin", FAKE_CONTROL, "--interval", str(interval), "--command-timeout", "1", "--pipe-dir", d]
+    with Agent(args, log_path=tmp_path / "agent.log") as agent:
+        up = key("mps_control_up", pipe_dir=d)
+        agent.wait_for(lambda s: s.get(up) == 1)
+        daemon.update(mode="hang")
+        hung_at = time.monotonic()
+        slowest = 0.0
+        while True:
+            t0 = time.monotonic()
+            samples = agent.scrape()
+            slowest = max(slowest, time.monotonic() - t0)
+            if samples.get(up) == 0:
+                break
+            assert time.monotonic() - hung_at < 2 * interval + 1.0, "up stayed 1 past two cycles"
+            time.sleep(0.05)
+        assert time.monotonic() - hung_at <= 2 * interval + 0.5
+        assert slowest < 1.0
+        assert state_of(samples, d) == ["timeout"]
+        assert series(samples, "mps_clients") == {}  # what a hung daemon serves is unknown
+        assert agent.get("/healthz")[0] == 200
+        for _ in range(5):  # stays answering, quickly, for as long as the hang lasts
+            t0 = time.monotonic()
+            assert agent.scrape().get(up) == 0
+            assert time.monotonic() - t0 < 1.0
+            time.sleep(0.2)
+        timeouts = agent.scrape()[key("mps_control_command_failures_total", pipe_dir=d, command="get_server_list", reason="timeout")]
+        assert timeouts >= 1
+        daemon.update(mode="answer")
+        ended_at = time.monotonic()
+        agent.wait_for(lambda s: s.get(up) == 1, timeout=2 * interval + 1.0)
+        assert time.monotonic() - ended_at <= 2 * interval + 0.5
+    log = [json.loads(line) for line in (tmp_path / "agent.log").read_text().splitlines()]
+    downs = [e for e in log if e["event"] == "mps_daemon_down"]
+    assert len(downs) == 1 and downs[0]["state"] == "timeout" and downs[0]["collector"] == "mps_control"
+
+
+def test_garbage_output(fake_daemon):
+    daemon = fake_daemon("garbage_output")
+    d = daemon.path
+    with agent_for(daemon) as agent:
+        s = agent.wait_for(lambda s: s if state_of(s, d) == ["garbage_output"] else None)
+        assert s[key("mps_control_up", pipe_dir=d)] == 0
+        assert s[key("mps_control_command_failures_total", pipe_dir=d, command="get_server_list", reason="garbage_output")] >= 1
+        assert s[key("mpswatch_collector_success", collector="mps_control")] == 1
+
+
+def test_stale_pid_file_after_the_daemon_was_killed(fake_daemon):
+    daemon = fake_daemon("healthy_two_clients_driver580")
+    d = daemon.path
+    with agent_for(daemon) as agent:
+        agent.wait_for(lambda s: s.get(key("mps_control_up", pipe_dir=d)) == 1)
+        daemon.kill()
+        daemon.update(mode="not_running")
+        s = agent.wait_for(lambda s: s if state_of(s, d) == ["stale_pid_file"] else None)
+        assert s[key("mps_control_up", pipe_dir=d)] == 0
+        assert series(s, "mps_control_info") == {}
+
+
+def test_no_daemon(fake_daemon):
+    daemon = fake_daemon("no_daemon_driver580", process=False)
+    d = daemon.path
+    with agent_for(daemon) as agent:
+        s = agent.wait_for(lambda s: s if state_of(s, d) == ["not_running"] else None)
+        assert s[key("mps_control_up", pipe_dir=d)] == 0
+        assert s[key("mps_control_command_failures_total", pipe_dir=d, command="get_server_list", reason="not_running")] >= 1
+
+
+def test_control_binary_missing(fake_daemon):
+    daemon = fake_daemon("healthy_two_clients_driver580")
+    d = daemon.path
+    args = ["--mps-control-bin", "/nonexistent/nvidia-cuda-mps-control", "--interval", "0.5", "--pipe-dir", d]
+    with Agent(args) as agent:
+        s = agent.wait_for(lambda s: s if state_of(s, d) == ["exec_failed"] else None)
+        assert s[key("mps_control_up", pipe_dir=d)] == 0
+        assert s[key("mps_control_command_failures_total", pipe_dir=d, command="get_server_list", reason="exec_failed")] >= 1
+
+
+def test_a_slow_daemon_past_the_collector_deadline_drops_the_series_and_recovers(fake_daemon):
+    daemon = fake_daemon("healthy_two_clients_driver580")
+    d = daemon.path
+    with agent_for(daemon) as agent:
+        agent.wait_for(lambda s: s.get(key("mps_control_up", pipe_dir=d)) == 1)
+        daemon.update(delay_seconds=0.8)  # each command answers, but a cycle of six overruns 3 s
+        s = agent.wait_for(
+            lambda s: s if s.get(key("mpswatch_collector_success", collector="mps_control")) == 0 else None,
+            timeout=15,
+        )
+        assert s[key("mpswatch_collector_errors_total", collector="mps_control", reason="timeout")] >= 1
+        assert not [k for k in s if k[0].startswith("mps_")]  # no stale data served as fresh
+        daemon.update(delay_seconds=0)
+        agent.wait_for(lambda s: s.get(key("mps_control_up", pipe_dir=d)) == 1, timeout=15)
+
+
+def test_one_hung_daemon_does_not_hide_another(fake_daemon):
+    healthy, hung = fake_daemon("healthy_two_clients_driver580"), fake_daemon("hung_daemon")
+    with agent_for(healthy, hung) as agent:
+        s = agent.wait_for(lambda s: s if s.get(key("mps_control_up", pipe_dir=hung.path)) == 0 else None)
+        assert s[key("mps_control_up", pipe_dir=healthy.path)] == 1
+        assert s[key("mps_server_clients", pipe_dir=healthy.path, server_pid="476")] == 2
+
+
+def test_daemons_are_discovered_from_running_processes(fake_daemon, tmp_path):
+    daemon = fake_daemon("healthy_two_clients_driver580")
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[mps_control]\ndefault_pipe_dirs = ["{tmp_path}/none"]\ndevice_plugin_root = "{tmp_path}/none"\n'
+    )
+    with Agent(["--config", str(config), "--mps-control-bin", FAKE_CONTROL, "--interval", "0.5"]) as agent:
+        s = agent.wait_for(lambda s: s if s.get(key("mps_control_up", pipe_dir=daemon.path)) == 1 else None)
+        assert s[key("mps_control_info", pipe_dir=daemon.path, pid=str(daemon.process.pid))] == 1
+
+
+def test_only_read_only_commands_reach_the_daemon(fake_daemon):
+    daemon = fake_daemon("server_fault_driver580")
+    with agent_for(daemon) as agent:
+        agent.wait_for(lambda s: s.get(key("mps_control_up", pipe_dir=daemon.path)) == 1)
+        time.sleep(1.0)
+    sent = daemon.commands()
+    assert sent and {line.split()[0] for line in sent} <= READ_ONLY_COMMANDS
+
+
+@pytest.mark.parametrize("path,code", [("/healthz", 200), ("/", 200), ("/nope", 404)])
+def test_http_endpoints(fake_daemon, path, code):
+    with agent_for(fake_daemon("no_daemon_driver580", process=False)) as agent:
+        assert agent.get(path)[0] == code
