@@ -1,0 +1,86 @@
+"""`mpswatch status`: verdicts, exit codes, and the documented JSON schema."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+from tests.agentproc import agent_env, mpswatch_cmd
+from tests.fakedaemon import FAKE_CONTROL
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "status.md"
+
+
+def status(*args, env=None):
+    run = subprocess.run(
+        mpswatch_cmd("status", "--mps-control-bin", FAKE_CONTROL, *args),
+        env=agent_env(env), capture_output=True, text=True, timeout=60,
+    )
+    return run.returncode, run.stdout, run.stderr
+
+
+def test_all_ok_exits_0_with_one_line_per_daemon_server_and_client(fake_daemon):
+    daemon = fake_daemon("healthy_two_clients_driver580")
+    code, out, _ = status("--pipe-dir", daemon.path)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("OK ") and "1 control daemon(s), 1 answering; 1 server(s); 2 client(s)" in lines[0]
+    assert re.match(rf"OK +daemon {re.escape(daemon.path)} \(pid {daemon.process.pid}\): answering", lines[1])
+    assert re.match(r"OK +server 476( uid \d+)?: ACTIVE; clients 2/48 on GPU-2ea0ea17-0206-eb44", lines[2].strip())
+    assert [l.split()[2] for l in lines[3:]] == ["437", "438"]
+
+
+def test_a_server_in_fault_is_down_and_its_clients_degraded(fake_daemon):
+    daemon = fake_daemon("server_fault_driver580")
+    code, out, _ = status("--pipe-dir", daemon.path)
+    assert code == 1
+    assert out.splitlines()[0].startswith("DOWN ")
+    assert any(l.startswith("DOWN") and "server 632" in l and "FAULT" in l for l in out.splitlines())
+    assert sum(1 for l in out.splitlines() if l.startswith("DEGRADED") and "client" in l) == 2
+
+
+def test_a_full_device_is_degraded(fake_daemon):
+    code, out, _ = status("--pipe-dir", fake_daemon("clients_48_driver580").path)
+    assert code == 1 and "48/48 clients on GPU-2ea0ea17-0206-eb44: the next client will be refused" in out
+
+
+def test_a_hung_daemon_is_down_and_status_still_returns(fake_daemon):
+    daemon = fake_daemon("hung_daemon")
+    code, out, _ = status("--pipe-dir", daemon.path, "--command-timeout", "0.5")
+    assert code == 1 and "DOWN" in out and "no answer within 0.5 s" in out
+
+
+def test_nothing_found_says_where_it_looked_in_one_line(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(f'[mps_control]\ndefault_pipe_dirs = ["{tmp_path}/a"]\ndevice_plugin_root = "{tmp_path}/k8s"\n')
+    code, out, _ = status("--config", str(config))
+    assert code == 1
+    assert out.splitlines()[0].startswith("DOWN") and "no MPS control daemon found; looked in" in out.splitlines()[0]
+
+
+def _keys(value, prefix=""):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield f"{prefix}{k}"
+            yield from _keys(v, f"{prefix}{k}.")
+    elif isinstance(value, list):
+        for item in value:
+            yield from _keys(item, f"{prefix}[].")
+
+
+def test_json_follows_the_documented_schema(fake_daemon):
+    daemon = fake_daemon("server_fault_driver580")
+    code, out, _ = status("--json", "--pipe-dir", daemon.path)
+    report = json.loads(out)
+    assert code == 1 and report["schema"] == "mpswatch.status/v1" and report["verdict"] == "DOWN"
+    [d] = report["daemons"]
+    assert d["state"] == "up" and d["verdict"] == "OK"
+    [server] = d["servers"]
+    assert server["status"] == "FAULT" and server["verdict"] == "DOWN"
+    assert {c["verdict"] for c in server["clients"]} == {"DEGRADED"}
+    documented = set(re.findall(r"^\| `([a-z_.\[\]]+)` \|", DOCS.read_text(), re.MULTILINE))
+    dynamic = re.compile(r"^daemons\.\[\]\.servers\.\[\]\.clients_per_device\.GPU-")
+    produced = {k for k in _keys(report) if not dynamic.match(k)}
+    assert produced == documented - {"daemons.[].servers.[].clients_per_device.<device>"}
