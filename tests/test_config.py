@@ -94,3 +94,13 @@ def test_the_cli_exits_2_with_one_clear_line_on_bad_config(args, env, needle):
 def test_version_is_printed():
     run = subprocess.run(mpswatch_cmd("--version"), env=agent_env(), capture_output=True, text=True, timeout=30)
     assert run.returncode == 0 and run.stdout.startswith("mpswatch, version ")
+
+
+def test_every_setting_is_documented_with_its_variable():
+    from pathlib import Path
+
+    from mpswatch.config import SETTINGS
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    for setting in SETTINGS:
+        assert f"| `{setting.key}` | `{setting.env}` |" in docs
