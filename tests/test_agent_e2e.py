@@ -137,23 +137,20 @@ def test_stale_pid_file_after_the_daemon_was_killed(fake_daemon):
         assert series(s, "mps_control_info") == {}
 
 
-def test_no_daemon(fake_daemon):
-    daemon = fake_daemon("no_daemon_driver580", process=False)
+@pytest.mark.parametrize(
+    "scenario,process,control_bin,state",
+    [
+        ("no_daemon_driver580", False, FAKE_CONTROL, "not_running"),
+        ("healthy_two_clients_driver580", True, "/nonexistent/nvidia-cuda-mps-control", "exec_failed"),
+    ],
+)
+def test_a_daemon_that_cannot_be_asked_is_down_with_its_reason(fake_daemon, scenario, process, control_bin, state):
+    daemon = fake_daemon(scenario, process=process)
     d = daemon.path
-    with agent_for(daemon) as agent:
-        s = agent.wait_for(lambda s: s if state_of(s, d) == ["not_running"] else None)
+    with Agent(["--mps-control-bin", control_bin, "--interval", "0.5", "--pipe-dir", d]) as agent:
+        s = agent.wait_for(lambda s: s if state_of(s, d) == [state] else None)
         assert s[key("mps_control_up", pipe_dir=d)] == 0
-        assert s[key("mps_control_command_failures_total", pipe_dir=d, command="get_server_list", reason="not_running")] >= 1
-
-
-def test_control_binary_missing(fake_daemon):
-    daemon = fake_daemon("healthy_two_clients_driver580")
-    d = daemon.path
-    args = ["--mps-control-bin", "/nonexistent/nvidia-cuda-mps-control", "--interval", "0.5", "--pipe-dir", d]
-    with Agent(args) as agent:
-        s = agent.wait_for(lambda s: s if state_of(s, d) == ["exec_failed"] else None)
-        assert s[key("mps_control_up", pipe_dir=d)] == 0
-        assert s[key("mps_control_command_failures_total", pipe_dir=d, command="get_server_list", reason="exec_failed")] >= 1
+        assert s[key("mps_control_command_failures_total", pipe_dir=d, command="get_server_list", reason=state)] >= 1
 
 
 def test_a_slow_daemon_past_the_collector_deadline_drops_the_series_and_recovers(fake_daemon):

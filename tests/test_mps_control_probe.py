@@ -218,3 +218,28 @@ def test_reaching_the_client_limit_is_reported_when_it_is_reached():
     below, full = _daemon(servers=server, clients=clients[:47]), _daemon(servers=server, clients=clients)
     assert _events(below, full) == ["mps_client_limit_reached"]
     assert _events(full, full) == []
+
+
+def test_never_two_commands_in_flight_to_one_daemon(tmp_path):
+    import threading
+    import time
+
+    in_flight, peak = [0], [0]
+    lock = threading.Lock()
+
+    def slow_runner(argv, stdin, env, timeout):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.02)
+        with lock:
+            in_flight[0] -= 1
+        return RunResult(0, "476\n", 0.02)
+
+    channel = ControlChannel(str(tmp_path), "nvidia-cuda-mps-control", slow_runner, 2.0)
+    threads = [threading.Thread(target=channel.ask, args=("get_server_list",)) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert peak[0] == 1

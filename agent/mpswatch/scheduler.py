@@ -110,30 +110,28 @@ class CollectorLoop:
                 self._log.info("collector_recovered")
             self._last_failure = None
             self._last_success = self._clock()
-            status = CollectorStatus(
-                name=self.collector.name,
-                success=True,
-                duration_seconds=duration,
-                last_success_time=self._last_success,
-                errors_total=frozen_map(self._errors),
-            )
-            return CollectorReport(status=status, data=outcome)
+            return self._report(outcome, duration)
 
     def _failure(self, reason: str, detail: str, duration: float | None) -> CollectorReport:
         if reason != self._last_failure:
             self._log.warning("collector_failed", reason=reason, detail=detail)
         self._errors[reason] = self._errors.get(reason, 0) + 1
         self._last_failure = reason
+        return self._report(None, duration, reason, detail)  # no stale data is ever served as fresh
+
+    def _report(
+        self, data: object | None, duration: float | None, reason: str | None = None, detail: str | None = None
+    ) -> CollectorReport:
         status = CollectorStatus(
             name=self.collector.name,
-            success=False,
+            success=reason is None,
             duration_seconds=duration,
             last_success_time=self._last_success,
             errors_total=frozen_map(self._errors),
             error_reason=reason,
             error_detail=detail,
         )
-        return CollectorReport(status=status, data=None)  # no stale data is ever served as fresh
+        return CollectorReport(status=status, data=data)
 
     def run_forever(self, stop: threading.Event) -> None:
         next_run = time.monotonic()
