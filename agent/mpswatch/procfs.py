@@ -55,6 +55,19 @@ class ProcFS:
                 found.append(pid)
         return found
 
+    def environments_of(self, program: str) -> tuple[list[dict[str, str]], list[int]]:
+        """Environments of the running `program`s, and the PIDs whose environment is unreadable."""
+        environments, unreadable = [], []
+        for pid in self.pids_running(program):
+            try:
+                env = self.environ(pid)
+            except PermissionError:
+                unreadable.append(pid)
+                continue
+            if env is not None:
+                environments.append(env)
+        return environments, unreadable
+
     def _read_bytes(self, pid: int, name: str) -> bytes | None:
         try:
             return (self.root / str(pid) / name).read_bytes()

@@ -83,6 +83,43 @@ class MpsControlData:
 
 
 @dataclass(frozen=True)
+class LogEvent:
+    event: str
+    time: float  # unix time written in the log line
+    source: str  # control | server
+    pid: int  # the process that wrote the line
+    message: str
+    server_pid: int | None = None
+    client_pid: int | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class LogDirState:
+    log_dir: str
+    found_by: str
+    sources_present: tuple[str, ...]
+    event_counts: Mapping[tuple[str, str], int]  # (source, event) -> count, 0 for known events
+    last_event_time: Mapping[str, float]
+    read_problems: Mapping[tuple[str, str], int]  # (source, reason)
+    file_resets: Mapping[tuple[str, str], int]  # (source, rotated | truncated | deleted)
+    lines: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class MpsLogsData:
+    dirs: tuple[LogDirState, ...]
+    recent: tuple[tuple[str, LogEvent], ...]  # (log_dir, event), oldest first, bounded
+    discovery_notes: tuple[str, ...] = ()
+
+    def last_fatal_error(self, server_pid: int) -> tuple[str, LogEvent] | None:
+        for log_dir, event in reversed(self.recent):
+            if event.event == "fatal_gpu_error" and event.server_pid == server_pid:
+                return log_dir, event
+        return None
+
+
+@dataclass(frozen=True)
 class CollectorStatus:
     name: str
     success: bool

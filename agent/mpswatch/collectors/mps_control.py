@@ -203,15 +203,9 @@ def discover_pipe_dirs(settings: DiscoverySettings, procfs: ProcFS) -> tuple[lis
         for d in sorted(root.glob(pattern)):
             if d.is_dir() and looks_like_pipe_dir(d):
                 found.setdefault(str(d), "device_plugin")
-    unreadable = []
-    for pid in procfs.pids_running(CONTROL_PROGRAM):
-        try:
-            env = procfs.environ(pid)
-        except PermissionError:
-            unreadable.append(pid)
-            continue
-        if env is not None:
-            found.setdefault(env.get("CUDA_MPS_PIPE_DIRECTORY", settings.default_pipe_dirs[0]), "process")
+    environments, unreadable = procfs.environments_of(CONTROL_PROGRAM)
+    for env in environments:
+        found.setdefault(env.get("CUDA_MPS_PIPE_DIRECTORY", settings.default_pipe_dirs[0]), "process")
     if unreadable:
         notes.append(
             f"cannot read the environment of {CONTROL_PROGRAM} pid {', '.join(map(str, unreadable))} "

@@ -1,0 +1,322 @@
+"""MPS log collector: events from control.log and server.log that the control commands never tell.
+
+The parser is pure: a line and the file's small context in, an event (or none) and the next
+context out. Patterns come from real H200 logs (driver 580, tests/fixtures) and the older
+wordings NVIDIA documents; error-like lines that match nothing count as `unrecognised_error`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import structlog
+
+from mpswatch.logfollow import LogFollower
+from mpswatch.procfs import ProcFS
+from mpswatch.snapshot import LogDirState, LogEvent, MpsLogsData, frozen_map
+
+SOURCES = {"control": "control.log", "server": "server.log"}
+
+EVENTS = (
+    "server_started",
+    "server_exited",
+    "server_start_failed",
+    "server_fault",
+    "server_fatal_exception",
+    "client_connected",
+    "client_disconnected",
+    "client_rejected_max_clients",
+    "fatal_gpu_error",
+    "client_torn_down",
+    "new_client_refused",
+    "device_reset",
+    "control_started",
+    "control_exited",
+    "unrecognised_error",
+)
+# what `status` lists: what a person on call must know about
+NOTABLE = frozenset(
+    {
+        "server_exited",
+        "server_start_failed",
+        "server_fatal_exception",
+        "client_rejected_max_clients",
+        "fatal_gpu_error",
+        "new_client_refused",
+        "device_reset",
+        "unrecognised_error",
+    }
+)
+
+_LINE = re.compile(
+    r"^\[(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})(?:\.(\d{1,6}))?\s+([A-Za-z][A-Za-z ]*?)\s+(-?\d+)\]\s?(.*)$"
+)
+_CLIENT = r"\{PID: (-?\d+), Context(?: ID)?: (\d+)\}"
+_ERRORISH = re.compile(r"fail|error|fatal|unable|cannot|can't|refus|invalid|exception|abort|denied|timed? ?out", re.I)
+
+
+@dataclass(frozen=True)
+class LineContext:
+    """What a line means can depend on the lines before it, within one file."""
+
+    in_reply: bool = False  # control.log echoes each command's reply between `Cmd:` and `UI closed`
+    listing: str | None = None  # "devices" or "sticky" after their header line
+    last_connected_pid: int | None = None  # the refusal line does not name the refused client
+
+
+@dataclass(frozen=True)
+class _Rule:
+    pattern: re.Pattern[str]
+    event: str | None  # None: known and routine, not an event
+    build: Callable[[re.Match[str], int], dict] = lambda m, pid: {}
+
+
+def _rule(regex: str, event: str | None, build=None) -> _Rule:
+    return _Rule(re.compile(regex), event, build or (lambda m, pid: {}))
+
+
+_RULES = [
+    # control.log
+    _rule(r"^Starting new server (\d+) for user (\d+)", "server_started",
+          lambda m, pid: {"server_pid": int(m[1]), "detail": f"uid {m[2]}"}),
+    _rule(r"^Server (\d+) exited with status (-?\d+)", "server_exited",
+          lambda m, pid: {"server_pid": int(m[1]), "detail": f"status {m[2]}"}),
+    _rule(r"^Server encountered a fatal exception", "server_fatal_exception"),
+    _rule(r"^Starting control daemon", "control_started"),
+    _rule(r"^Exit with status (-?\d+)", "control_exited", lambda m, pid: {"detail": f"status {m[1]}"}),
+    # server.log, driver 580 wording, then the older wordings
+    _rule(rf"^Client {_CLIENT} connected", "client_connected",
+          lambda m, pid: {"server_pid": pid, "client_pid": int(m[1])}),
+    _rule(r"^New client (\d+) connected", "client_connected",
+          lambda m, pid: {"server_pid": pid, "client_pid": int(m[1])}),
+    _rule(r"^Client (?:process )?(\d+) disconnected", "client_disconnected",
+          lambda m, pid: {"server_pid": pid, "client_pid": int(m[1])}),
+    _rule(r"Maximum number of clients \((\d+)\) reached", "client_rejected_max_clients",
+          lambda m, pid: {"server_pid": pid, "detail": f"limit {m[1]}"}),
+    _rule(rf"^(?:Volta MPS: )?Client {_CLIENT} encountered a fatal GPU error", "fatal_gpu_error",
+          lambda m, pid: {"server_pid": pid, "client_pid": int(m[1])}),
+    _rule(r"^(?:Volta MPS: )?Server is handling a fatal GPU error", "server_fault", lambda m, pid: {"server_pid": pid}),
+    _rule(rf"^Client {_CLIENT} on device (\d+) to be torn down", "client_torn_down",
+          lambda m, pid: {"server_pid": pid, "client_pid": int(m[1]), "detail": f"device {m[3]}"}),
+    _rule(r"^(?:Volta MPS: )?status of client \{(\d+), \d+\} is INACTIVE", "client_torn_down",
+          lambda m, pid: {"server_pid": pid, "client_pid": int(m[1])}),
+    _rule(rf"Refusing to accept new client {_CLIENT}", "new_client_refused",
+          lambda m, pid: {"server_pid": pid, "client_pid": int(m[1])}),
+    _rule(r"(?:^|MPS server )[Ff]ailed to start", "server_start_failed", lambda m, pid: {"server_pid": pid}),
+    # routine lines, some of which look like errors but only follow an event above
+    _rule(rf"^Failed to accept client {_CLIENT} with status 807", None),  # after "Refusing to accept"
+    _rule(r"^Server failed to rec\w+ command with status \d+, assuming client", None),  # sic "recevie"
+    _rule(r"^(?:Volta MPS: )?(?:Destroy|Creating) server context", None),
+    _rule(r"error.trigging process", None),
+    _rule(r"^(?:Accepting connection|NEW UI|UI closed|User did not send valid credentials|NEW CLIENT|NEW SERVER"
+          r"|To connect CUDA applications|CUDA MPS Control binary version|Try shutting down server"
+          r"|quit command issued|Startup|Connecting to control daemon|Initializing server process"
+          r"|Created (?:anonymous|named) shared memory region|CUDA MPS Server for Linux|Display Driver version"
+          r"|Active Threads Percentage set to|Server Priority set to|Device pinned memory limit|Server has started"
+          r"|Received new client request|Creating worker thread|Device .* is associated|Status of client"
+          r"|Received device query command|Server has been notified to shutdown|Waiting for current clients"
+          r"|Exiting|Client \{PID: -?\d+, Context(?: ID)?: \d+\} exiting)", None),
+]
+_CONNECTED = re.compile(rf"^Client {_CLIENT} connected")
+_DEVICES_HEADER = re.compile(r"The following devices will be reset")
+_STICKY_HEADER = re.compile(r"The following client(?:s| process(?:es)?) ha(?:ve|s) a sticky error set")
+_NUMBER = re.compile(r"^\s*(\d+)\s*$")
+
+
+def parse_time(stamp: str, fraction: str | None) -> float:
+    """MPS writes local time without a zone; the agent reads it in its own zone."""
+    moment = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S")
+    return time.mktime(moment.timetuple()) + (int(fraction) / 10 ** len(fraction) if fraction else 0.0)
+
+
+def parse_line(line: str, source: str, context: LineContext = LineContext()) -> tuple[LogEvent | None, LineContext]:
+    match = _LINE.match(line)
+    if not match:
+        return None, context  # a continuation of a multi-line reply (device_query prints some)
+    stamp, fraction, _tag, pid_text, message = match.groups()
+    pid = int(pid_text)
+    message = message.strip()
+    if message.startswith("Cmd:"):
+        return None, replace(context, in_reply=True, listing=None)
+    if message == "UI closed":
+        return None, replace(context, in_reply=False)
+    if context.in_reply:
+        return None, context
+    try:
+        when = parse_time(stamp, fraction)
+    except (ValueError, OverflowError):
+        return None, context
+
+    def event(name: str, **fields) -> LogEvent:
+        return LogEvent(event=name, time=when, source=source, pid=pid, message=message[:300], **fields)
+
+    number = _NUMBER.match(message)
+    if number and context.listing == "devices":
+        return event("device_reset", server_pid=pid, detail=f"device {number[1]}"), context
+    if number and context.listing == "sticky":
+        return None, context
+    if _DEVICES_HEADER.search(message):
+        return None, replace(context, listing="devices")
+    if _STICKY_HEADER.search(message):
+        return None, replace(context, listing="sticky")
+    context = replace(context, listing=None)
+    connected = _CONNECTED.match(message)
+    if connected:
+        # each CUDA context of a client connects; the process itself is context 0
+        context = replace(context, last_connected_pid=int(connected[1]))
+        if connected[2] != "0":
+            return None, context
+    for rule in _RULES:
+        found = rule.pattern.search(message)
+        if not found:
+            continue
+        if rule.event is None:
+            return None, context
+        fields = rule.build(found, pid)
+        if rule.event == "client_rejected_max_clients" and context.last_connected_pid is not None:
+            fields["client_pid"] = context.last_connected_pid
+        return event(rule.event, **fields), context
+    if _ERRORISH.search(message):
+        return event("unrecognised_error"), context
+    return None, context
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def discover_log_dirs(
+    configured: tuple[str, ...], default_dir: str, device_plugin_root: str, procfs: ProcFS, program: str
+) -> tuple[list[tuple[str, str]], list[str]]:
+    if configured:
+        return [(d, "configured") for d in configured], []
+    found: dict[str, str] = {}
+    if Path(default_dir).is_dir():
+        found[default_dir] = "default"
+    root = Path(device_plugin_root)
+    for pattern in ("*/log", "*/*/log", "*/*/*/log"):
+        for d in sorted(root.glob(pattern)):
+            if d.is_dir():
+                found.setdefault(str(d), "device_plugin")
+    environments, unreadable = procfs.environments_of(program)
+    for env in environments:
+        found.setdefault(env.get("CUDA_MPS_LOG_DIRECTORY", default_dir), "process")
+    notes = []
+    if unreadable:
+        notes.append(
+            f"cannot read the environment of {program} pid {', '.join(map(str, unreadable))} "
+            "to find its log dir (needs the same user or CAP_SYS_PTRACE); configure it with --log-dir"
+        )
+    return sorted(found.items()), notes
+
+
+# ---------------------------------------------------------------- collector
+
+
+@dataclass
+class _WatchedDir:
+    log_dir: str
+    found_by: str
+    followers: dict[str, LogFollower]
+    contexts: dict[str, LineContext] = field(default_factory=dict)
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)
+    last_time: dict[str, float] = field(default_factory=dict)
+    seen: set[str] = field(default_factory=set)  # sources whose file has been read at least once
+
+
+class MpsLogsCollector:
+    name = "mps_logs"
+
+    def __init__(
+        self,
+        *,
+        log_dirs: tuple[str, ...] = (),
+        default_log_dir: str = "/var/log/nvidia-mps",
+        device_plugin_root: str = "/run/nvidia/mps",
+        backfill_bytes: int = 1 << 20,
+        interval_seconds: float = 2.0,
+        procfs: ProcFS | None = None,
+        program: str = "nvidia-cuda-mps-control",
+        recent_events: int = 50,
+    ) -> None:
+        self.interval_seconds = interval_seconds
+        self.deadline_seconds = max(5.0, interval_seconds * 2)
+        self._configured = log_dirs
+        self._default = default_log_dir
+        self._plugin_root = device_plugin_root
+        self._backfill = backfill_bytes
+        self._procfs = procfs or ProcFS()
+        self._program = program
+        self._dirs: dict[str, _WatchedDir] = {}
+        self._recent: deque[tuple[str, LogEvent]] = deque(maxlen=recent_events)
+        self._log = structlog.get_logger().bind(collector=self.name)
+
+    def collect(self) -> MpsLogsData:
+        found, notes = discover_log_dirs(
+            self._configured, self._default, self._plugin_root, self._procfs, self._program
+        )
+        for log_dir, found_by in found:
+            if log_dir not in self._dirs:
+                self._log.info("mps_log_dir_found", log_dir=log_dir, found_by=found_by)
+                followers = {
+                    source: LogFollower(os.path.join(log_dir, name), self._backfill) for source, name in SOURCES.items()
+                }
+                self._dirs[log_dir] = _WatchedDir(log_dir, found_by, followers)
+        states = tuple(self._read(watched) for _, watched in sorted(self._dirs.items()))
+        return MpsLogsData(dirs=states, recent=tuple(self._recent), discovery_notes=tuple(notes))
+
+    def _read(self, watched: _WatchedDir) -> LogDirState:
+        for source, follower in watched.followers.items():
+            lines = follower.poll()
+            if os.path.exists(follower.path):
+                watched.seen.add(source)
+            context = watched.contexts.get(source, LineContext())
+            for line in lines:
+                event, context = parse_line(line, source, context)
+                if event is None:
+                    continue
+                key = (source, event.event)
+                watched.counts[key] = watched.counts.get(key, 0) + 1
+                watched.last_time[event.event] = max(event.time, watched.last_time.get(event.event, 0.0))
+                if event.event in NOTABLE:
+                    self._recent.append((watched.log_dir, event))
+                    if event.event != "unrecognised_error":
+                        self._log.warning("mps_log_event", log_dir=watched.log_dir, **_event_context(event))
+            watched.contexts[source] = context
+        counts = {
+            (source, event): watched.counts.get((source, event), 0) for source in watched.seen for event in EVENTS
+        }
+        return LogDirState(
+            log_dir=watched.log_dir,
+            found_by=watched.found_by,
+            sources_present=tuple(sorted(watched.seen)),
+            event_counts=frozen_map(counts),
+            last_event_time=frozen_map(watched.last_time),
+            read_problems=frozen_map(
+                {(s, reason): n for s, f in watched.followers.items() for reason, n in f.stats.problems.items()}
+            ),
+            file_resets=frozen_map(
+                {(s, reason): n for s, f in watched.followers.items() for reason, n in f.stats.resets.items()}
+            ),
+            lines=frozen_map({s: f.stats.lines for s, f in watched.followers.items() if s in watched.seen}),
+        )
+
+    def close(self) -> None:
+        for watched in self._dirs.values():
+            for follower in watched.followers.values():
+                follower.close()
+
+
+def _event_context(event: LogEvent) -> dict:
+    context = {"event_name": event.event, "source": event.source, "logged_at": event.time}
+    for name in ("server_pid", "client_pid", "detail"):
+        value = getattr(event, name)
+        if value is not None:
+            context[name] = value
+    return context
