@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -24,7 +25,9 @@ class FakeDaemon:
         self.process = None
         if process:
             env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir)}
-            self.process = subprocess.Popen(["bash", "-c", "exec -a nvidia-cuda-mps-control sleep 600"], env=env)
+            # argv as a real daemon's: `nvidia-cuda-mps-control ... -d`
+            stand_in = f"exec -a nvidia-cuda-mps-control {sys.executable} -c 'import time; time.sleep(600)' -d"
+            self.process = subprocess.Popen(["bash", "-c", stand_in], env=env)
             (self.pipe_dir / "nvidia-cuda-mps-control.pid").write_text(f"{self.process.pid}\n")
 
     def _write(self) -> None:

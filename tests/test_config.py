@@ -47,8 +47,11 @@ def test_pipe_dirs_come_as_a_toml_list_or_a_comma_separated_variable(tmp_path):
 @pytest.mark.parametrize(
     "text,key,problem",
     [
-        ('[mps_control]\ninterval_seconds = "fast"\n', "mps_control.interval_seconds", "number of seconds > 0"),
-        ("[mps_control]\ninterval_seconds = 0\n", "mps_control.interval_seconds", "number of seconds > 0"),
+        ('[mps_control]\ninterval_seconds = "fast"\n', "mps_control.interval_seconds", "number of seconds from"),
+        ("[mps_control]\ninterval_seconds = 0\n", "mps_control.interval_seconds", "from 0.1 to 3600"),
+        ("[mps_control]\ninterval_seconds = 1e12\n", "mps_control.interval_seconds", "from 0.1 to 3600"),
+        ("[mps_control]\ntimeout_seconds = nan\n", "mps_control.timeout_seconds", "from 0.05 to 60"),
+        ("[mps_logs]\nbackfill_bytes = -1\n", "mps_logs.backfill_bytes", "whole number"),
         ("[mps_control]\nclient_limit = 0\n", "mps_control.client_limit", "whole number"),
         ('[mps_control]\npipe_dirs = ["relative/dir"]\n', "mps_control.pipe_dirs", "absolute path"),
         ('listen = "nowhere"\n', "listen", "HOST:PORT"),

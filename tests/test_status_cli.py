@@ -54,7 +54,8 @@ def test_a_hung_daemon_is_down_and_status_still_returns(fake_daemon):
 
 def test_nothing_found_says_where_it_looked_in_one_line(tmp_path):
     config = tmp_path / "c.toml"
-    config.write_text(f'[mps_control]\ndefault_pipe_dirs = ["{tmp_path}/a"]\ndevice_plugin_root = "{tmp_path}/k8s"\n')
+    config.write_text(f'device_plugin_root = "{tmp_path}/k8s"\n[mps_control]\ndefault_pipe_dirs = ["{tmp_path}/a"]\n'
+        f'[mps_logs]\ndefault_log_dir = "{tmp_path}/log"\n')
     code, out, _ = status("--config", str(config))
     assert code == 1
     assert out.splitlines()[0].startswith("DOWN") and "no MPS control daemon found; looked in" in out.splitlines()[0]
@@ -70,17 +71,29 @@ def _keys(value, prefix=""):
             yield from _keys(item, f"{prefix}[].")
 
 
-def test_json_follows_the_documented_schema(fake_daemon):
+def test_json_follows_the_documented_schema(fake_daemon, tmp_path):
     daemon = fake_daemon("server_fault_driver580")
-    code, out, _ = status("--json", "--pipe-dir", daemon.path)
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    (log_dir / "server.log").write_text(
+        "[2026-11-29 18:41:46.635 Server   632] Client {PID: 513, Context: 1} encountered a fatal GPU error.\n"
+    )
+    code, out, _ = status("--json", "--pipe-dir", daemon.path, "--log-dir", str(log_dir))
     report = json.loads(out)
     assert code == 1 and report["schema"] == "mpswatch.status/v1" and report["verdict"] == "DOWN"
     [d] = report["daemons"]
     assert d["state"] == "up" and d["verdict"] == "OK"
     [server] = d["servers"]
     assert server["status"] == "FAULT" and server["verdict"] == "DOWN"
+    assert server["fault_cause"]["event"] == "fatal_gpu_error"
     assert {c["verdict"] for c in server["clients"]} == {"DEGRADED"}
-    documented = set(re.findall(r"^\| `([a-z_.\[\]]+)` \|", DOCS.read_text(), re.MULTILINE))
-    dynamic = re.compile(r"^daemons\.\[\]\.servers\.\[\]\.clients_per_device\.GPU-")
-    produced = {k for k in _keys(report) if not dynamic.match(k)}
-    assert produced == documented - {"daemons.[].servers.[].clients_per_device.<device>"}
+    documented = set(re.findall(r"^\| `([a-z_.\[\]<>]+)` \|", DOCS.read_text(), re.MULTILINE))
+    placeholders = {
+        "daemons.[].servers.[].clients_per_device.": "daemons.[].servers.[].clients_per_device.<device>",
+        "daemons.[].servers.[].fault_cause.": "daemons.[].servers.[].fault_cause.<field>",
+    }
+    produced = set()
+    for k in _keys(report):
+        prefix = next((p for p in placeholders if k.startswith(p)), None)
+        produced.add(placeholders[prefix] if prefix else k)
+    assert produced == documented

@@ -5,38 +5,75 @@ The JSON form is a stable schema (docs/status.md); the text form is for reading 
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 from typing import Any
 
-from mpswatch.snapshot import MpsControlData, MpsDaemon, MpsServer, NodeSnapshot
+from mpswatch.snapshot import LogEvent, MpsControlData, MpsDaemon, MpsLogsData, MpsServer, NodeSnapshot
 
 SCHEMA = "mpswatch.status/v1"
 OK, DEGRADED, DOWN = "OK", "DEGRADED", "DOWN"
 _RANK = {OK: 0, DEGRADED: 1, DOWN: 2}
+RECENT_EVENTS_SHOWN = 10
 
 
 def worst(verdicts) -> str:
     return max(verdicts, key=_RANK.__getitem__, default=OK)
 
 
-def _server_entry(daemon: MpsDaemon, server: MpsServer) -> dict[str, Any]:
-    clients = [c for c in daemon.clients if c.server_pid == server.pid]
-    counts = {device: n for (spid, device), n in daemon.clients_per_device().items() if spid == server.pid}
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _event_entry(log_dir: str, event: LogEvent, now: float) -> dict[str, Any]:
+    return {
+        "log_dir": log_dir,
+        "event": event.event,
+        "source": event.source,
+        "time": datetime.fromtimestamp(event.time, timezone.utc).isoformat(timespec="seconds"),
+        "age_seconds": round(now - event.time, 1),
+        "server_pid": event.server_pid,
+        "client_pid": event.client_pid,
+        "detail": event.detail,
+        "message": event.message,
+    }
+
+
+def _server_verdict(daemon: MpsDaemon, server: MpsServer, listed: bool, counts: dict[str, int]) -> tuple[str, str]:
     full = sorted(device for device, n in counts.items() if n >= daemon.client_limit)
     if server.status == "FAULT":
-        verdict, reason = DOWN, "FAULT: a client hit a fatal GPU error; new clients are refused until every affected client exits"
-    elif server.status is None:
-        verdict, reason = DEGRADED, "status unknown: get_server_status gave no answer"
-    elif server.status == "INITIALIZING":
-        verdict, reason = DEGRADED, "INITIALIZING: not yet serving clients"
-    elif full:
-        verdict = DEGRADED
-        reason = f"{counts[full[0]]}/{daemon.client_limit} clients on {', '.join(full)}: the next client will be refused"
-    else:
-        per_device = ", ".join(f"{n}/{daemon.client_limit} on {device}" for device, n in sorted(counts.items()))
-        verdict, reason = OK, f"{server.status}; clients {per_device or 'none'}"
+        return DOWN, "FAULT: a client hit a fatal GPU error; new clients are refused until every affected client exits"
+    if not listed:
+        return DEGRADED, "has clients in `ps` but is not in get_server_list (starting or exiting)"
+    if server.status is None:
+        return DEGRADED, "status unknown: get_server_status gave no usable answer"
+    if server.status == "INITIALIZING":
+        return DEGRADED, "INITIALIZING: not yet serving clients"
+    if daemon.clients is None:
+        return DEGRADED, f"{server.status}; client list unavailable (`ps` gave no usable answer)"
+    if full:
+        return DEGRADED, f"{counts[full[0]]}/{daemon.client_limit} clients on {', '.join(full)}: the next client will be refused"
+    per_device = ", ".join(f"{n}/{daemon.client_limit} on {device}" for device, n in sorted(counts.items()))
+    return OK, f"{server.status}; clients {per_device or 'none'}"
+
+
+def _server_entry(
+    daemon: MpsDaemon, server: MpsServer, listed: bool, logs: MpsLogsData | None, now: float
+) -> dict[str, Any]:
+    counts = {device: n for (spid, device), n in daemon.clients_per_device().items() if spid == server.pid}
+    verdict, reason = _server_verdict(daemon, server, listed, counts)
+    fault_cause = None
+    if server.status == "FAULT" and logs is not None:
+        cause = logs.last_fatal_error(server.pid)
+        if cause is not None:
+            fault_cause = _event_entry(*cause, now)
+            reason += f"; logged {_age(now - cause[1].time)} ago: client {cause[1].client_pid} encountered a fatal GPU error"
     client_entries = []
-    for client in clients:
+    for client in (c for c in daemon.clients or () if c.server_pid == server.pid):
         if server.status == "FAULT":
             c_verdict, c_reason = DEGRADED, f"server {server.pid} is in FAULT: this client must exit before it recovers"
         else:
@@ -57,17 +94,18 @@ def _server_entry(daemon: MpsDaemon, server: MpsServer) -> dict[str, Any]:
         "status": server.status,
         "active_thread_percentage": server.active_thread_percentage,
         "clients_per_device": counts,
+        "fault_cause": fault_cause,
         "verdict": verdict,
         "reason": reason,
         "clients": client_entries,
     }
 
 
-def _daemon_entry(daemon: MpsDaemon) -> dict[str, Any]:
-    servers = [_server_entry(daemon, s) for s in daemon.servers]
-    known = {s.pid for s in daemon.servers}
-    for server_pid in sorted({c.server_pid for c in daemon.clients} - known):
-        servers.append(_server_entry(daemon, MpsServer(server_pid, None, None, None)))
+def _daemon_entry(daemon: MpsDaemon, logs: MpsLogsData | None, now: float) -> dict[str, Any]:
+    servers = [_server_entry(daemon, s, True, logs, now) for s in daemon.servers]
+    listed = {s.pid for s in daemon.servers}
+    for server_pid in sorted({c.server_pid for c in daemon.clients or ()} - listed):
+        servers.append(_server_entry(daemon, MpsServer(server_pid, None, None, None), False, logs, now))
     return {
         "pipe_dir": daemon.pipe_dir,
         "found_by": daemon.found_by,
@@ -82,7 +120,21 @@ def _daemon_entry(daemon: MpsDaemon) -> dict[str, Any]:
     }
 
 
-def health_report(snapshot: NodeSnapshot, version: str, now: datetime | None = None) -> dict[str, Any]:
+def _summary(control: object, daemons: list[dict[str, Any]], collectors: list[dict[str, Any]]) -> str:
+    if not isinstance(control, MpsControlData):
+        failed = next((c for c in collectors if c["name"] == "mps_control"), None)
+        why = failed["reason"] if failed else "it has not run"
+        return f"MPS control collector gave no data: {why}"
+    if not daemons:
+        return f"no MPS control daemon found; looked in {', '.join(control.searched)}"
+    servers = sum(len(d["servers"]) for d in daemons)
+    clients = sum(len(s["clients"]) for d in daemons for s in d["servers"])
+    up = sum(1 for d in daemons if d["state"] == "up")
+    return f"{len(daemons)} control daemon(s), {up} answering; {servers} server(s); {clients} client(s)"
+
+
+def health_report(snapshot: NodeSnapshot, version: str, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
     collectors = []
     for name, report in sorted(snapshot.reports.items()):
         status = report.status
@@ -95,31 +147,46 @@ def health_report(snapshot: NodeSnapshot, version: str, now: datetime | None = N
             }
         )
     control = snapshot.data("mps_control")
-    daemons = [_daemon_entry(d) for d in control.daemons] if isinstance(control, MpsControlData) else []
-    notes = list(control.discovery_notes) if isinstance(control, MpsControlData) else []
+    logs = snapshot.data("mps_logs")
+    logs = logs if isinstance(logs, MpsLogsData) else None
+    daemons = [_daemon_entry(d, logs, now) for d in control.daemons] if isinstance(control, MpsControlData) else []
     verdicts = [c["verdict"] for c in collectors]
     for d in daemons:
         verdicts.append(d["verdict"])
         for s in d["servers"]:
             verdicts += [s["verdict"], *(c["verdict"] for c in s["clients"])]
-    if isinstance(control, MpsControlData) and not daemons:
+    if not daemons:
         verdicts.append(DOWN)
-        summary = f"no MPS control daemon found; looked in {', '.join(control.searched)}"
-    else:
-        servers = sum(len(d["servers"]) for d in daemons)
-        clients = sum(len(s["clients"]) for d in daemons for s in d["servers"])
-        up = sum(1 for d in daemons if d["state"] == "up")
-        summary = f"{len(daemons)} control daemon(s), {up} answering; {servers} server(s); {clients} client(s)"
+    notes = list(control.discovery_notes) if isinstance(control, MpsControlData) else []
+    if logs is not None:
+        notes += logs.discovery_notes
+    events = [_event_entry(log_dir, e, now) for log_dir, e in reversed(logs.recent)] if logs else []
     return {
         "schema": SCHEMA,
         "version": version,
-        "generated_at": (now or datetime.now(timezone.utc)).isoformat(timespec="seconds"),
+        "generated_at": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
         "verdict": worst(verdicts),
-        "summary": summary,
+        "summary": _summary(control, daemons, collectors),
         "collectors": collectors,
         "daemons": daemons,
+        "log_dirs": [
+            {"log_dir": d.log_dir, "found_by": d.found_by, "files": [f"{s}.log" for s in d.sources_present]}
+            for d in (logs.dirs if logs else ())
+        ],
+        "recent_events": events[:RECENT_EVENTS_SHOWN],
         "notes": notes,
     }
+
+
+def _who(event: dict[str, Any]) -> str:
+    parts = []
+    if event["client_pid"] is not None:
+        parts.append(f"client {event['client_pid']}")
+    if event["server_pid"] is not None:
+        parts.append(f"server {event['server_pid']}")
+    if event["detail"]:
+        parts.append(event["detail"])
+    return ", ".join(parts) or event["message"][:80]
 
 
 def render_text(report: dict[str, Any]) -> str:
@@ -135,6 +202,8 @@ def render_text(report: dict[str, Any]) -> str:
             lines.append(f"{s['verdict']:<9}   server {s['pid']}{uid}: {s['reason']}")
             for c in s["clients"]:
                 lines.append(f"{c['verdict']:<9}     client {c['pid']} {c['command']}: {c['reason']}")
+    for e in report["recent_events"]:
+        lines.append(f"{'EVENT':<9} {_age(e['age_seconds']) + ' ago':>9} {e['event']}: {_who(e)} ({e['log_dir']})")
     for note in report["notes"]:
         lines.append(f"{'NOTE':<9} {note}")
     return "\n".join(lines) + "\n"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import sys
 import threading
@@ -16,10 +15,12 @@ import structlog
 from mpswatch import __version__
 from mpswatch.analysis import OK, health_report, render_text
 from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector
+from mpswatch.collectors.mps_logs import MpsLogsCollector
 from mpswatch.config import DEFAULT_CONFIG_PATH, DEFAULT_PORT, Config, ConfigError, load_config
 from mpswatch.exporter import build_registry, serve
 from mpswatch.logsetup import configure_logging
 from mpswatch.procfs import ProcFS
+from mpswatch.runner import kill_all_children
 from mpswatch.scheduler import Scheduler, SnapshotStore
 
 EXIT_USAGE = 2
@@ -32,6 +33,8 @@ _FLAG_KEYS = {
     "interval": "mps_control.interval_seconds",
     "command_timeout": "mps_control.timeout_seconds",
     "client_limit": "mps_control.client_limit",
+    "log_dir": "mps_logs.log_dirs",
+    "log_backfill": "mps_logs.backfill_bytes",
     "proc_root": "proc_root",
     "log_level": "log_level",
     "log_format": "log_format",
@@ -48,6 +51,10 @@ def _config_options(func):
         click.option("--interval", type=str, metavar="SECONDS", help="Seconds between MPS control queries [2]."),
         click.option("--command-timeout", type=str, metavar="SECONDS", help="Deadline of one control command [2]."),
         click.option("--client-limit", type=str, metavar="N", help="MPS clients allowed per device [48]."),
+        click.option("--log-dir", multiple=True, metavar="DIR",
+                     help="Follow only this MPS log dir (repeatable); default: discover them."),
+        click.option("--log-backfill", type=str, metavar="BYTES",
+                     help="At start, read back at most this much of each MPS log [1048576]."),
         click.option("--proc-root", metavar="PATH", help="Where /proc is mounted [/proc]."),
         click.option("--log-level", metavar="LEVEL", help="debug, info, warning or error [info]."),
         click.option("--log-format", metavar="FORMAT", help="auto, json or console [auto]."),
@@ -70,24 +77,30 @@ def _load(config_path: str | None, flags: dict[str, Any]) -> Config:
         sys.exit(EXIT_USAGE)
 
 
-def build_collectors(config: Config) -> list[MpsControlCollector]:
-    control_bin = config["mps_control.control_bin"]
-    if "/" not in control_bin:
-        control_bin = shutil.which(control_bin) or control_bin
+def build_collectors(config: Config) -> list[MpsControlCollector | MpsLogsCollector]:
+    procfs = ProcFS(root=Path(config["proc_root"]))
     discovery = DiscoverySettings(
         pipe_dirs=config["mps_control.pipe_dirs"],
         default_pipe_dirs=config["mps_control.default_pipe_dirs"],
-        device_plugin_root=config["mps_control.device_plugin_root"],
+        device_plugin_root=config["device_plugin_root"],
     )
     return [
         MpsControlCollector(
-            control_bin=control_bin,
+            control_bin=config["mps_control.control_bin"],
             discovery=discovery,
             interval_seconds=config["mps_control.interval_seconds"],
             command_timeout_seconds=config["mps_control.timeout_seconds"],
             client_limit=config["mps_control.client_limit"],
-            procfs=ProcFS(root=Path(config["proc_root"])),
-        )
+            procfs=procfs,
+        ),
+        MpsLogsCollector(
+            log_dirs=config["mps_logs.log_dirs"],
+            default_log_dir=config["mps_logs.default_log_dir"],
+            device_plugin_root=config["device_plugin_root"],
+            backfill_bytes=config["mps_logs.backfill_bytes"],
+            interval_seconds=config["mps_logs.interval_seconds"],
+            procfs=procfs,
+        ),
     ]
 
 
@@ -127,6 +140,7 @@ def run(config_path: str | None, **flags: Any) -> None:
     stop.wait()
     log.info("agent_stopping")
     scheduler.stop()
+    kill_all_children()
     httpd.shutdown()
 
 

@@ -24,28 +24,36 @@ class ConfigError(Exception):
         super().__init__(f"invalid config: {key} (from {source}): {problem}")
 
 
-def _positive_number(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"must be a number of seconds > 0, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"must be a number of seconds > 0, got {value!r}") from None
-    if not number > 0 or number != number or number == float("inf"):
-        raise ValueError(f"must be a number of seconds > 0, got {value!r}")
-    return number
+def _seconds(low: float, high: float) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        problem = f"must be a number of seconds from {low:g} to {high:g}, got {value!r}"
+        if isinstance(value, bool):
+            raise ValueError(problem)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(problem) from None
+        if not low <= number <= high:  # also refuses nan
+            raise ValueError(problem)
+        return number
+
+    return parse
 
 
-def _client_limit(value: Any) -> int:
-    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-        raise ValueError(f"must be a whole number from 1 to 1024, got {value!r}")
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"must be a whole number from 1 to 1024, got {value!r}") from None
-    if not 1 <= number <= 1024:
-        raise ValueError(f"must be a whole number from 1 to 1024, got {value!r}")
-    return number
+def _whole(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        problem = f"must be a whole number from {low} to {high}, got {value!r}"
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(problem)
+        try:
+            number = int(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(problem) from None
+        if not low <= number <= high:
+            raise ValueError(problem)
+        return number
+
+    return parse
 
 
 def _choice(*options: str) -> Callable[[Any], str]:
@@ -103,27 +111,31 @@ SETTINGS = [
     Setting("log_format", _choice("auto", "json", "console"), "auto", "auto: console on a TTY, else JSON lines."),
     Setting("proc_root", _absolute_path, "/proc", "Where /proc is (e.g. /host/proc in a container)."),
     Setting(
-        "mps_control.pipe_dirs",
-        _path_list,
-        (),
-        "Watch only these pipe dirs; empty: discover them.",
+        "device_plugin_root",
+        _absolute_path,
+        "/run/nvidia/mps",
+        "Root of the Kubernetes device plugin's per-resource MPS dirs.",
     ),
+    Setting("mps_control.pipe_dirs", _path_list, (), "Watch only these pipe dirs; empty: discover them."),
     Setting(
         "mps_control.default_pipe_dirs",
         _path_list,
         ("/tmp/nvidia-mps", "/run/nvidia-mps"),
         "Pipe dirs discovery looks at.",
     ),
-    Setting(
-        "mps_control.device_plugin_root",
-        _absolute_path,
-        "/run/nvidia/mps",
-        "Root of the Kubernetes device plugin's per-resource MPS dirs.",
-    ),
     Setting("mps_control.control_bin", _text, "nvidia-cuda-mps-control", "Control program (PATH is searched)."),
-    Setting("mps_control.interval_seconds", _positive_number, 2.0, "Seconds between two queries of each daemon."),
-    Setting("mps_control.timeout_seconds", _positive_number, 2.0, "Deadline of one control command."),
-    Setting("mps_control.client_limit", _client_limit, 48, "Clients allowed per device."),
+    Setting("mps_control.interval_seconds", _seconds(0.1, 3600), 2.0, "Seconds between two queries of each daemon."),
+    Setting("mps_control.timeout_seconds", _seconds(0.05, 60), 2.0, "Deadline of one control command."),
+    Setting("mps_control.client_limit", _whole(1, 1024), 48, "Clients allowed per device."),
+    Setting("mps_logs.log_dirs", _path_list, (), "Follow only these log dirs; empty: discover them."),
+    Setting("mps_logs.default_log_dir", _absolute_path, "/var/log/nvidia-mps", "Log dir discovery looks at."),
+    Setting("mps_logs.interval_seconds", _seconds(0.1, 3600), 2.0, "Seconds between two reads of the logs."),
+    Setting(
+        "mps_logs.backfill_bytes",
+        _whole(0, 64 << 20),
+        1 << 20,
+        "At start, read back at most this much of each log.",
+    ),
 ]
 BY_KEY = {setting.key: setting for setting in SETTINGS}
 

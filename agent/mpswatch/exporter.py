@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from mpswatch.metrics import CATALOG
-from mpswatch.snapshot import SERVER_STATUSES, DaemonState, MpsControlData, NodeSnapshot
+from mpswatch.snapshot import SERVER_STATUSES, DaemonState, MpsControlData, MpsLogsData, NodeSnapshot
 
 
 class _Families:
@@ -54,7 +54,27 @@ def render(snapshot: NodeSnapshot, version: str) -> list[Metric]:
     control = snapshot.data("mps_control")
     if isinstance(control, MpsControlData):
         _render_mps_control(control, out)
+    logs = snapshot.data("mps_logs")
+    if isinstance(logs, MpsLogsData):
+        _render_mps_logs(logs, out)
     return list(out)
+
+
+def _render_mps_logs(data: MpsLogsData, out: _Families) -> None:
+    for state in data.dirs:
+        d = state.log_dir
+        for (source, event), count in sorted(state.event_counts.items()):
+            out.add("mps_log_events_total", [d, source, event], count)
+        for event, when in sorted(state.last_event_time.items()):
+            out.add("mps_log_last_event_timestamp_seconds", [d, event], when)
+        for source, count in sorted(state.lines.items()):
+            out.add("mps_log_lines_total", [d, source], count)
+        for (source, reason), count in sorted(state.read_problems.items()):
+            if source in state.sources_present:
+                out.add("mps_log_read_errors_total", [d, source, reason], count)
+        for (source, reason), count in sorted(state.file_resets.items()):
+            if source in state.sources_present:
+                out.add("mps_log_file_resets_total", [d, source, reason], count)
 
 
 def _render_mps_control(data: MpsControlData, out: _Families) -> None:
@@ -77,7 +97,7 @@ def _render_mps_control(data: MpsControlData, out: _Families) -> None:
         if daemon.default_pinned_memory_limit_bytes is not None:
             out.add("mps_default_device_pinned_memory_limit_bytes", [d], daemon.default_pinned_memory_limit_bytes)
         per_server: dict[int, int] = {}
-        for client in daemon.clients:
+        for client in daemon.clients or ():
             per_server[client.server_pid] = per_server.get(client.server_pid, 0) + 1
         for server in daemon.servers:
             out.add("mps_server_info", [d, server.pid, "" if server.uid is None else server.uid], 1)
@@ -86,10 +106,11 @@ def _render_mps_control(data: MpsControlData, out: _Families) -> None:
                     out.add("mps_server_status", [d, server.pid, status], 1 if server.status == status else 0)
             if server.active_thread_percentage is not None:
                 out.add("mps_server_active_thread_percentage", [d, server.pid], server.active_thread_percentage)
-            out.add("mps_server_clients", [d, server.pid], per_server.get(server.pid, 0))
+            if daemon.clients is not None:
+                out.add("mps_server_clients", [d, server.pid], per_server.get(server.pid, 0))
         for (server_pid, device), count in sorted(daemon.clients_per_device().items()):
             out.add("mps_clients", [d, server_pid, device], count)
-        for client in daemon.clients:
+        for client in daemon.clients or ():
             out.add("mps_client_info", [d, client.server_pid, client.pid, client.device, client.command, ""], 1)
 
 
@@ -120,6 +141,7 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 10  # an idle or trickling client must not hold a thread for ever
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature of the base class
         pass
 

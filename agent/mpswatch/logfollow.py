@@ -10,15 +10,18 @@ import os
 from dataclasses import dataclass, field
 
 DEFAULT_MAX_LINE_BYTES = 16 * 1024
-DEFAULT_MAX_READ_BYTES = 8 * 1024 * 1024  # per poll, so one huge write cannot stall a cycle
+DEFAULT_MAX_READ_BYTES = 4 * 1024 * 1024  # per poll, so one huge write cannot stall a cycle
 
 
 @dataclass
 class FollowStats:
     """Counts by reason, for metrics; only ever grows."""
 
-    problems: dict[str, int] = field(default_factory=dict)
-    resets: dict[str, int] = field(default_factory=dict)
+    # known reasons start at 0, so that the first problem is an increase Prometheus can see
+    problems: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(("line_too_long", "undecodable", "io_error", "partial_line_lost"), 0)
+    )
+    resets: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("rotated", "truncated", "deleted"), 0))
     lines: int = 0
 
     def problem(self, reason: str) -> None:

@@ -86,4 +86,32 @@ _SPECS = [
     ),
 ]
 
+_SPECS += [
+    MetricSpec(
+        "mps_log_events_total",
+        "counter",
+        ("log_dir", "source", "event"),
+        "Events read from the MPS logs by source (control, server); every known event starts at 0.",
+    ),
+    MetricSpec(
+        "mps_log_last_event_timestamp_seconds",
+        "gauge",
+        ("log_dir", "event"),
+        "Unix time written in the log line of the latest event of this kind.",
+    ),
+    MetricSpec("mps_log_lines_total", "counter", ("log_dir", "source"), "Complete lines read from the log."),
+    MetricSpec(
+        "mps_log_read_errors_total",
+        "counter",
+        ("log_dir", "source", "reason"),
+        "Lines skipped or reads failed: line_too_long, undecodable, io_error, partial_line_lost.",
+    ),
+    MetricSpec(
+        "mps_log_file_resets_total",
+        "counter",
+        ("log_dir", "source", "reason"),
+        "The log file was rotated (renamed), truncated or deleted, and followed.",
+    ),
+]
+
 CATALOG: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -45,20 +46,22 @@ class ProcFS:
         raw = self._read_bytes(pid, "status")
         return None if raw is None else parse_status_uid(raw.decode("utf-8", "replace"))
 
-    def pids_running(self, program: str) -> list[int]:
-        """PIDs whose argv[0] basename is `program` (comm is cut at 15 characters, so it cannot tell
-        nvidia-cuda-mps-control from nvidia-cuda-mps-server)."""
+    def pids_running(self, program: str, accept: Callable[[list[str]], bool] = lambda argv: True) -> list[int]:
+        """PIDs whose argv[0] basename is `program` and whose argv `accept` takes (comm is cut at 15
+        characters, so it cannot tell nvidia-cuda-mps-control from nvidia-cuda-mps-server)."""
         found = []
         for pid in self.pids():
             argv = self.cmdline(pid)
-            if argv and os.path.basename(argv[0]) == program:
+            if argv and os.path.basename(argv[0]) == program and accept(argv):
                 found.append(pid)
         return found
 
-    def environments_of(self, program: str) -> tuple[list[dict[str, str]], list[int]]:
+    def environments_of(
+        self, program: str, accept: Callable[[list[str]], bool] = lambda argv: True
+    ) -> tuple[list[dict[str, str]], list[int]]:
         """Environments of the running `program`s, and the PIDs whose environment is unreadable."""
         environments, unreadable = [], []
-        for pid in self.pids_running(program):
+        for pid in self.pids_running(program, accept):
             try:
                 env = self.environ(pid)
             except PermissionError:

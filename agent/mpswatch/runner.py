@@ -10,11 +10,15 @@ import os
 import selectors
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 MAX_OUTPUT_BYTES = 1 << 20
+
+_live: set[subprocess.Popen[bytes]] = set()
+_live_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class RunResult:
     timed_out: bool = False
     exec_error: str | None = None
     truncated: bool = False
+    errors: str = ""  # what it wrote to stderr
 
 
 Runner = Callable[[Sequence[str], bytes, Mapping[str, str], float], RunResult]
@@ -46,68 +51,96 @@ def run_with_deadline(
             list(argv),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.PIPE,
             env=dict(env),
             start_new_session=True,
             close_fds=True,
         )
-    except OSError as err:
-        return RunResult(None, "", time.monotonic() - started, exec_error=f"{argv[0]}: {err.strerror or err}")
+    except (OSError, ValueError) as err:
+        detail = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        return RunResult(None, "", time.monotonic() - started, exec_error=f"{argv[0]}: {detail}")
+    with _live_lock:
+        _live.add(child)
+    finished = False
+    try:
+        result = _communicate(child, stdin, started + timeout_seconds, max_output_bytes)
+        finished = not (result.timed_out or result.truncated)
+        return RunResult(
+            child.returncode if finished else None,
+            result.output,
+            time.monotonic() - started,
+            timed_out=result.timed_out,
+            truncated=result.truncated,
+            errors=result.errors,
+        )
+    finally:
+        if not finished:
+            _kill_group(child)
+        for stream in (child.stdin, child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()
+        with _live_lock:
+            _live.discard(child)
 
-    assert child.stdin is not None and child.stdout is not None
+
+@dataclass
+class _Collected:
+    output: str
+    errors: str
+    timed_out: bool
+    truncated: bool
+
+
+def _communicate(child: subprocess.Popen[bytes], stdin: bytes, deadline: float, cap: int) -> _Collected:
+    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
     try:
         child.stdin.write(stdin)
         child.stdin.close()
     except BrokenPipeError:
         pass  # the child exited without reading; its output still tells why
-
-    deadline = started + timeout_seconds
-    chunks: list[bytes] = []
-    size = 0
+    buffers = {child.stdout.fileno(): bytearray(), child.stderr.fileno(): bytearray()}
     timed_out = truncated = False
     with selectors.DefaultSelector() as selector:
-        selector.register(child.stdout, selectors.EVENT_READ)
-        while True:
+        for fd in buffers:
+            selector.register(fd, selectors.EVENT_READ)
+        while selector.get_map():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 timed_out = True
                 break
-            if not selector.select(remaining):
-                continue
-            chunk = os.read(child.stdout.fileno(), 65536)
-            if not chunk:
+            for key, _ in selector.select(min(remaining, 3600.0)):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    selector.unregister(key.fd)
+                    continue
+                buffers[key.fd] += chunk
+                if len(buffers[key.fd]) > cap:
+                    truncated = True
+            if truncated:
                 break
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > max_output_bytes:
-                truncated = True
-                break
-
-    if timed_out or truncated:
-        _kill_group(child)
-    else:
+    if not (timed_out or truncated):
         try:
             child.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             timed_out = True  # closed its output but would not exit
-            _kill_group(child)
-    child.stdout.close()
-    output = b"".join(chunks)[:max_output_bytes].decode("utf-8", errors="replace")
-    return RunResult(
-        None if timed_out or truncated else child.returncode,
-        output,
-        time.monotonic() - started,
-        timed_out=timed_out,
-        truncated=truncated,
-    )
+    out, err = (bytes(buffers[s.fileno()][:cap]).decode("utf-8", "replace") for s in (child.stdout, child.stderr))
+    return _Collected(out, err, timed_out, truncated)
 
 
 def _kill_group(child: subprocess.Popen[bytes]) -> None:
     try:
         os.killpg(child.pid, signal.SIGKILL)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         pass
     try:
         child.wait(timeout=1.0)
     except subprocess.TimeoutExpired:
         pass  # stuck in the kernel (D state); the zombie is reaped by the next wait or at exit
+
+
+def kill_all_children() -> None:
+    """On shutdown: children run in their own sessions, so no signal of ours reaches them."""
+    with _live_lock:
+        children = list(_live)
+    for child in children:
+        _kill_group(child)

@@ -44,7 +44,8 @@ class CollectorLoop:
         self._results: queue.Queue[tuple[int, object | BaseException, float]] = queue.Queue()
         self._generation = 0
         self._busy_since: float | None = None
-        self._errors: dict[str, int] = {}
+        # known reasons start at 0, so that the first failure is an increase Prometheus can see
+        self._errors: dict[str, int] = {"timeout": 0, "internal_error": 0}
         self._last_success: float | None = None
         self._last_failure: str | None = None  # logged once per change, not once per cycle
         self._worker = threading.Thread(target=self._work, name=f"collect-{collector.name}", daemon=True)

@@ -56,7 +56,7 @@ class MpsDaemon:
     reason: str
     pid: int | None = None
     servers: tuple[MpsServer, ...] = ()
-    clients: tuple[MpsClient, ...] = ()
+    clients: tuple[MpsClient, ...] | None = ()  # None: `ps` gave no usable answer
     default_active_thread_percentage: float | None = None
     default_pinned_memory_limit_bytes: int | None = None
     client_limit: int = 48
@@ -69,7 +69,7 @@ class MpsDaemon:
 
     def clients_per_device(self) -> dict[tuple[int, str], int]:
         counts: dict[tuple[int, str], int] = {}
-        for client in self.clients:
+        for client in self.clients or ():
             key = (client.server_pid, client.device)
             counts[key] = counts.get(key, 0) + 1
         return counts

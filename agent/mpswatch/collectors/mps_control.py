@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import stat
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
@@ -52,8 +55,12 @@ _ERROR_REPLY = re.compile(
     r"^(Unknown command|Server \d+ not found|Invalid process|Invalid (device|argument)|Error|Failed)",
     re.IGNORECASE,
 )
-_PINNED_LIMIT = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?$", re.IGNORECASE)
-_DECIMAL = re.compile(r"[0-9]+")  # str.isdigit() accepts superscripts that int() refuses
+_PINNED_LIMIT = re.compile(r"^([0-9]{1,15}(?:\.[0-9]{1,6})?)\s*([KMGT]?)i?B?$", re.IGNORECASE)
+# ASCII only (str.isdigit() accepts superscripts that int() refuses) and short (a PID or a
+# count; Python refuses to convert integers of thousands of digits)
+_DECIMAL = re.compile(r"[0-9]{1,10}")
+DEFAULT_PIPE_DIR = "/tmp/nvidia-mps"
+_DAEMON_FLAGS = frozenset({"-d", "--daemon", "-f", "--foreground", "--forground"})
 _UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -158,14 +165,15 @@ class Reply:
 def classify(result: RunResult, timeout_seconds: float) -> Reply:
     """Tells apart: answered, error reply (exit 0 with error text), not running (exit 1),
     hung (deadline), a program that could not run, and anything else (garbage)."""
-    first_line = result.output.strip().splitlines()[0][:120] if result.output.strip() else ""
+    text = (result.output + result.errors).strip()
+    first_line = text.splitlines()[0][:120] if text else ""
     if result.exec_error:
         return Reply(None, "exec_failed", result.exec_error, result.duration_seconds)
     if result.timed_out:
         return Reply(None, "timeout", f"no answer within {timeout_seconds:g} s", result.duration_seconds)
     if result.truncated:
         return Reply(None, "garbage_output", "reply larger than the output cap", result.duration_seconds)
-    if NOT_RUNNING_TEXT in result.output:
+    if NOT_RUNNING_TEXT in result.output or NOT_RUNNING_TEXT in result.errors:
         return Reply(None, "not_running", NOT_RUNNING_TEXT, result.duration_seconds)
     if result.returncode != 0:
         return Reply(None, "garbage_output", f"exit status {result.returncode}: {first_line!r}", result.duration_seconds)
@@ -188,6 +196,11 @@ def looks_like_pipe_dir(path: Path) -> bool:
     return (path / "control").exists() or (path / PID_FILE).exists()
 
 
+def is_daemon(argv: list[str]) -> bool:
+    """A running daemon, not a one-off client run of the same program (an admin's query, ours)."""
+    return any(arg in _DAEMON_FLAGS for arg in argv[1:])
+
+
 def discover_pipe_dirs(settings: DiscoverySettings, procfs: ProcFS) -> tuple[list[tuple[str, str]], list[str]]:
     """(pipe_dir, found_by) pairs and notes on what could not be read."""
     if settings.pipe_dirs:
@@ -203,9 +216,11 @@ def discover_pipe_dirs(settings: DiscoverySettings, procfs: ProcFS) -> tuple[lis
         for d in sorted(root.glob(pattern)):
             if d.is_dir() and looks_like_pipe_dir(d):
                 found.setdefault(str(d), "device_plugin")
-    environments, unreadable = procfs.environments_of(CONTROL_PROGRAM)
+    environments, unreadable = procfs.environments_of(CONTROL_PROGRAM, is_daemon)
     for env in environments:
-        found.setdefault(env.get("CUDA_MPS_PIPE_DIRECTORY", settings.default_pipe_dirs[0]), "process")
+        pipe_dir = env.get("CUDA_MPS_PIPE_DIRECTORY") or DEFAULT_PIPE_DIR
+        if os.path.isabs(pipe_dir):
+            found.setdefault(os.path.normpath(pipe_dir), "process")
     if unreadable:
         notes.append(
             f"cannot read the environment of {CONTROL_PROGRAM} pid {', '.join(map(str, unreadable))} "
@@ -232,30 +247,38 @@ class ControlChannel:
 
     def __init__(self, pipe_dir: str, control_bin: str, runner: Runner, timeout_seconds: float) -> None:
         self.pipe_dir = pipe_dir
-        self._control_bin = control_bin
+        self.control_bin = control_bin
+        self.timeout_seconds = timeout_seconds
         self._runner = runner
-        self._timeout = timeout_seconds
         self._lock = threading.Lock()
         self._env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": pipe_dir}
 
-    def ask(self, verb: str, *args: int | str) -> Reply:
+    def ask(self, verb: str, *args: int | str, timeout_seconds: float | None = None) -> Reply:
         line = read_only_command(verb, *args)
+        timeout = self.timeout_seconds if timeout_seconds is None else timeout_seconds
         with self._lock:
-            result = self._runner([self._control_bin], (line + "\n").encode(), self._env, self._timeout)
-        return classify(result, self._timeout)
+            result = self._runner([self.control_bin], (line + "\n").encode(), self._env, timeout)
+        return classify(result, timeout)
+
+
+class _Hung(Exception):
+    pass
 
 
 @dataclass
 class _DaemonProbe:
-    """Queries one daemon once; collects durations and failures as it goes."""
+    """Queries one daemon once, within its share of the cycle; collects durations and failures."""
 
     channel: ControlChannel
-    procfs: ProcFS
-    durations: dict[str, float]
-    failures: list[tuple[str, str]]
+    deadline: float  # time.monotonic() by which this daemon's cycle must be over
+    durations: dict[str, float] = field(default_factory=dict)
+    failures: list[tuple[str, str]] = field(default_factory=list)
 
     def ask(self, verb: str, *args: int | str) -> Reply:
-        reply = self.channel.ask(verb, *args)
+        left = self.deadline - time.monotonic()
+        if left <= 0.01:
+            raise _Hung(f"{verb}: the daemon used up its {2 * self.channel.timeout_seconds:g} s share of the cycle")
+        reply = self.channel.ask(verb, *args, timeout_seconds=min(self.channel.timeout_seconds, left))
         self.durations[verb] = reply.duration_seconds
         if reply.reason:
             self.failures.append((verb, reply.reason))
@@ -265,7 +288,7 @@ class _DaemonProbe:
         """Parsed answer or None; a timeout raises so the daemon is reported hung."""
         reply = self.ask(verb, *args)
         if reply.reason == "timeout":
-            raise _Hung(verb, reply.detail)
+            raise _Hung(f"{verb}: {reply.detail}")
         if reply.text is None:
             return None
         try:
@@ -275,16 +298,21 @@ class _DaemonProbe:
             return None
 
 
-class _Hung(Exception):
-    def __init__(self, verb: str, detail: str) -> None:
-        super().__init__(f"{verb}: {detail}")
-
-
 def read_pid_file(pipe_dir: str) -> int | None:
+    """At most a few bytes of a regular file: /tmp/nvidia-mps can be made by anyone, and a FIFO or a
+    link to /dev/zero in its place must not block or flood the agent."""
     try:
-        text = (Path(pipe_dir) / PID_FILE).read_text().strip()
-    except (OSError, UnicodeDecodeError):
+        fd = os.open(os.path.join(pipe_dir, PID_FILE), os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        text = os.read(fd, 32).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     return int(text) if _DECIMAL.fullmatch(text) else None
 
 
@@ -295,10 +323,13 @@ def probe_daemon(
     procfs: ProcFS,
     client_limit: int,
 ) -> tuple[MpsDaemon, dict[str, float], list[tuple[str, str]]]:
-    probe = _DaemonProbe(channel, procfs, {}, [])
+    """One daemon's state. Each command waits at most the command timeout, and the daemon as a
+    whole at most twice that, so a slow daemon cannot stall the others."""
+    probe = _DaemonProbe(channel, deadline=time.monotonic() + 2 * channel.timeout_seconds)
     base = MpsDaemon(pipe_dir=pipe_dir, found_by=found_by, state=DaemonState.UP, reason="", client_limit=client_limit)
     if not Path(pipe_dir).is_dir():
-        return replace(base, state=DaemonState.NO_PIPE_DIR, reason=f"pipe dir {pipe_dir} does not exist"), {}, []
+        where = " (found in a daemon's environment: mount the host's dir at the same path)" if found_by == "process" else ""
+        return replace(base, state=DaemonState.NO_PIPE_DIR, reason=f"pipe dir {pipe_dir} does not exist{where}"), {}, []
     pid = read_pid_file(pipe_dir)
     pid_alive = pid is not None and _is_control_daemon(procfs, pid)
     base = replace(base, pid=pid if pid_alive else None)
@@ -323,18 +354,19 @@ def probe_daemon(
             )
             for spid in server_pids
         )
-        clients = tuple(probe.parsed("ps", parse_ps) or ())
+        clients = probe.parsed("ps", parse_ps)
         default_atp = probe.parsed("get_default_active_thread_percentage", parse_percentage)
         pinned = probe.parsed("get_default_device_pinned_mem_limit", parse_pinned_memory_limit, 0)
     except _Hung as hung:
         state, why = DaemonState.HUNG, f"answered get_server_list, then hung: {hung}{_stopped_note(procfs, pid)}"
         return replace(base, state=state, reason=why), probe.durations, probe.failures
 
+    described = "client list unavailable" if clients is None else f"{len(clients)} client(s)"
     daemon = replace(
         base,
-        reason=f"answering; {len(servers)} server(s), {len(clients)} client(s)",
+        reason=f"answering; {len(servers)} server(s), {described}",
         servers=servers,
-        clients=clients,
+        clients=None if clients is None else tuple(clients),
         default_active_thread_percentage=default_atp,
         default_pinned_memory_limit_bytes=pinned,
     )
@@ -370,7 +402,8 @@ def _why_down(reply: Reply, pid: int | None, pid_alive: bool, procfs: ProcFS) ->
 
 
 def state_changes(prev: MpsDaemon | None, cur: MpsDaemon) -> list[tuple[str, str, dict]]:
-    """(level, event, context) for what changed since the last cycle; nothing when nothing did."""
+    """(level, event, context) for what changed since the last cycle; nothing when nothing did.
+    An unknown value (a query that failed once) is not a change."""
     changes: list[tuple[str, str, dict]] = []
     was_up = prev.up if prev else None
     if cur.up and was_up is not True:
@@ -384,13 +417,17 @@ def state_changes(prev: MpsDaemon | None, cur: MpsDaemon) -> list[tuple[str, str
         old = before.pop(server.pid, None)
         if old is None:
             changes.append(("info", "mps_server_seen", {"server_pid": server.pid, "status": server.status}))
+        if server.status is None:
+            continue
         if server.status == "FAULT" and (old is None or old.status != "FAULT"):
             changes.append(("warning", "mps_server_fault", {"server_pid": server.pid}))
         elif old is not None and old.status == "FAULT" and server.status != "FAULT":
             changes.append(("info", "mps_server_recovered", {"server_pid": server.pid, "status": server.status}))
     for gone in before:
         changes.append(("info", "mps_server_gone", {"server_pid": gone}))
-    old_counts = prev.clients_per_device() if prev and prev.up else {}
+    if cur.clients is None:
+        return changes
+    old_counts = prev.clients_per_device() if prev and prev.up and prev.clients is not None else {}
     for (server_pid, device), count in cur.clients_per_device().items():
         if count >= cur.client_limit > old_counts.get((server_pid, device), 0):
             changes.append(
@@ -415,10 +452,9 @@ class MpsControlCollector:
         client_limit: int = 48,
         procfs: ProcFS | None = None,
         runner: Runner = run_with_deadline,
-        max_parallel_daemons: int = 8,
     ) -> None:
         self.interval_seconds = interval_seconds
-        # a cycle sends several commands, but a daemon that times out is not asked again in that cycle
+        # every daemon is probed in parallel and given at most twice the command timeout
         self.deadline_seconds = command_timeout_seconds * 2 + 1.0
         self._control_bin = control_bin
         self._discovery = discovery
@@ -427,29 +463,46 @@ class MpsControlCollector:
         self._procfs = procfs or ProcFS()
         self._runner = runner
         self._channels: dict[str, ControlChannel] = {}
-        self._known: dict[str, str] = {}  # pipe_dir -> found_by; a daemon once seen stays watched
+        self._known: dict[str, str] = {}  # pipe_dir -> found_by
         self._failures: dict[str, dict[tuple[str, str], int]] = {}
         self._previous: dict[str, MpsDaemon] = {}
-        self._pool = ThreadPoolExecutor(max_workers=max_parallel_daemons, thread_name_prefix="mps-control")
+        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="mps-control")
         self._log = structlog.get_logger().bind(collector=self.name)
 
     def collect(self) -> MpsControlData:
         found, notes = discover_pipe_dirs(self._discovery, self._procfs)
-        if not os.access(self._control_bin, os.X_OK):
+        resolved = self._control_bin if "/" in self._control_bin else shutil.which(self._control_bin)
+        if resolved is None or not os.access(resolved, os.X_OK):
             notes.append(f"control program {self._control_bin} not found or not executable (no NVIDIA driver here?)")
-        for pipe_dir, found_by in found:
-            if pipe_dir not in self._known:
-                self._log.info("mps_daemon_found", pipe_dir=pipe_dir, found_by=found_by)
-            self._known.setdefault(pipe_dir, found_by)
+        self._remember(dict(found))
         targets = sorted(self._known.items())
-        daemons = tuple(self._pool.map(lambda target: self._probe(*target), targets))
+        daemons = tuple(self._pool.map(lambda target: self._probe(*target, resolved or self._control_bin), targets))
         return MpsControlData(daemons=daemons, searched=search_description(self._discovery), discovery_notes=tuple(notes))
 
-    def _probe(self, pipe_dir: str, found_by: str) -> MpsDaemon:
+    def _remember(self, found: dict[str, str]) -> None:
+        """A daemon once found stays watched while its pipe dir is there, so that one that dies shows
+        as down rather than vanishing; a pipe dir that was removed is forgotten."""
+        for pipe_dir, found_by in found.items():
+            if pipe_dir not in self._known:
+                self._log.info("mps_daemon_found", pipe_dir=pipe_dir, found_by=found_by)
+                self._known[pipe_dir] = found_by
+        for pipe_dir, found_by in list(self._known.items()):
+            if pipe_dir not in found and found_by != "configured" and not looks_like_pipe_dir(Path(pipe_dir)):
+                self._log.info("mps_daemon_forgotten", pipe_dir=pipe_dir, reason="pipe dir removed")
+                for table in (self._known, self._channels, self._failures, self._previous):
+                    table.pop(pipe_dir, None)
+
+    def _probe(self, pipe_dir: str, found_by: str, control_bin: str) -> MpsDaemon:
         channel = self._channels.get(pipe_dir)
-        if channel is None:
-            channel = self._channels[pipe_dir] = ControlChannel(pipe_dir, self._control_bin, self._runner, self._timeout)
-        daemon, durations, failures = probe_daemon(pipe_dir, found_by, channel, self._procfs, self._client_limit)
+        if channel is None or channel.control_bin != control_bin:
+            channel = self._channels[pipe_dir] = ControlChannel(pipe_dir, control_bin, self._runner, self._timeout)
+        try:
+            daemon, durations, failures = probe_daemon(pipe_dir, found_by, channel, self._procfs, self._client_limit)
+        except Exception as err:  # one daemon's surprise must not cost the others their data
+            self._log.error("mps_daemon_probe_failed", pipe_dir=pipe_dir, error=repr(err), exc_info=err)
+            daemon = MpsDaemon(pipe_dir, found_by, DaemonState.GARBAGE, f"unexpected: {err!r}"[:200],
+                               client_limit=self._client_limit)
+            durations, failures = {}, [("get_server_list", "garbage_output")]
         totals = self._failures.setdefault(pipe_dir, {})
         for key in failures:
             totals[key] = totals.get(key, 0) + 1
@@ -462,4 +515,3 @@ class MpsControlCollector:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-

@@ -18,11 +18,13 @@ from typing import Callable
 
 import structlog
 
+from mpswatch.collectors.mps_control import CONTROL_PROGRAM, is_daemon
 from mpswatch.logfollow import LogFollower
 from mpswatch.procfs import ProcFS
 from mpswatch.snapshot import LogDirState, LogEvent, MpsLogsData, frozen_map
 
 SOURCES = {"control": "control.log", "server": "server.log"}
+DEFAULT_LOG_DIR = "/var/log/nvidia-mps"
 
 EVENTS = (
     "server_started",
@@ -66,7 +68,9 @@ _ERRORISH = re.compile(r"fail|error|fatal|unable|cannot|can't|refus|invalid|exce
 class LineContext:
     """What a line means can depend on the lines before it, within one file."""
 
-    in_reply: bool = False  # control.log echoes each command's reply between `Cmd:` and `UI closed`
+    # control.log echoes each command's reply between `Cmd:` and `UI closed`; other threads' lines
+    # (a server exiting after `quit`, a server starting) can land in between and still count
+    in_reply: bool = False
     listing: str | None = None  # "devices" or "sticky" after their header line
     last_connected_pid: int | None = None  # the refusal line does not name the refused client
 
@@ -147,8 +151,6 @@ def parse_line(line: str, source: str, context: LineContext = LineContext()) -> 
         return None, replace(context, in_reply=True, listing=None)
     if message == "UI closed":
         return None, replace(context, in_reply=False)
-    if context.in_reply:
-        return None, context
     try:
         when = parse_time(stamp, fraction)
     except (ValueError, OverflowError):
@@ -183,7 +185,7 @@ def parse_line(line: str, source: str, context: LineContext = LineContext()) -> 
         if rule.event == "client_rejected_max_clients" and context.last_connected_pid is not None:
             fields["client_pid"] = context.last_connected_pid
         return event(rule.event, **fields), context
-    if _ERRORISH.search(message):
+    if _ERRORISH.search(message) and not context.in_reply:  # replies such as "Server 1 not found" are not errors
         return event("unrecognised_error"), context
     return None, context
 
@@ -192,7 +194,7 @@ def parse_line(line: str, source: str, context: LineContext = LineContext()) -> 
 
 
 def discover_log_dirs(
-    configured: tuple[str, ...], default_dir: str, device_plugin_root: str, procfs: ProcFS, program: str
+    configured: tuple[str, ...], default_dir: str, device_plugin_root: str, procfs: ProcFS
 ) -> tuple[list[tuple[str, str]], list[str]]:
     if configured:
         return [(d, "configured") for d in configured], []
@@ -204,13 +206,15 @@ def discover_log_dirs(
         for d in sorted(root.glob(pattern)):
             if d.is_dir():
                 found.setdefault(str(d), "device_plugin")
-    environments, unreadable = procfs.environments_of(program)
+    environments, unreadable = procfs.environments_of(CONTROL_PROGRAM, is_daemon)
     for env in environments:
-        found.setdefault(env.get("CUDA_MPS_LOG_DIRECTORY", default_dir), "process")
+        log_dir = env.get("CUDA_MPS_LOG_DIRECTORY") or DEFAULT_LOG_DIR
+        if os.path.isabs(log_dir):
+            found.setdefault(os.path.normpath(log_dir), "process")
     notes = []
     if unreadable:
         notes.append(
-            f"cannot read the environment of {program} pid {', '.join(map(str, unreadable))} "
+            f"cannot read the environment of {CONTROL_PROGRAM} pid {', '.join(map(str, unreadable))} "
             "to find its log dir (needs the same user or CAP_SYS_PTRACE); configure it with --log-dir"
         )
     return sorted(found.items()), notes
@@ -237,12 +241,11 @@ class MpsLogsCollector:
         self,
         *,
         log_dirs: tuple[str, ...] = (),
-        default_log_dir: str = "/var/log/nvidia-mps",
+        default_log_dir: str = DEFAULT_LOG_DIR,
         device_plugin_root: str = "/run/nvidia/mps",
         backfill_bytes: int = 1 << 20,
         interval_seconds: float = 2.0,
         procfs: ProcFS | None = None,
-        program: str = "nvidia-cuda-mps-control",
         recent_events: int = 50,
     ) -> None:
         self.interval_seconds = interval_seconds
@@ -252,15 +255,12 @@ class MpsLogsCollector:
         self._plugin_root = device_plugin_root
         self._backfill = backfill_bytes
         self._procfs = procfs or ProcFS()
-        self._program = program
         self._dirs: dict[str, _WatchedDir] = {}
         self._recent: deque[tuple[str, LogEvent]] = deque(maxlen=recent_events)
         self._log = structlog.get_logger().bind(collector=self.name)
 
     def collect(self) -> MpsLogsData:
-        found, notes = discover_log_dirs(
-            self._configured, self._default, self._plugin_root, self._procfs, self._program
-        )
+        found, notes = discover_log_dirs(self._configured, self._default, self._plugin_root, self._procfs)
         for log_dir, found_by in found:
             if log_dir not in self._dirs:
                 self._log.info("mps_log_dir_found", log_dir=log_dir, found_by=found_by)

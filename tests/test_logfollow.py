@@ -1,0 +1,120 @@
+"""Following real files: appends, partial lines, rotation, truncation, deletion, huge files, bad bytes."""
+
+from __future__ import annotations
+
+import os
+import tracemalloc
+
+from mpswatch.logfollow import LogFollower
+
+
+def append(path, data: bytes) -> None:
+    with open(path, "ab") as handle:
+        handle.write(data)
+
+
+def test_appended_lines_come_once_and_a_partial_line_waits_for_its_end(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_bytes(b"one\ntw")
+    follower = LogFollower(str(log), backfill_bytes=1 << 20)
+    assert follower.poll() == ["one"]
+    assert follower.poll() == []
+    append(log, b"o\nthree\n")
+    assert follower.poll() == ["two", "three"]
+    assert follower.stats.lines == 3
+
+
+def test_backfill_reads_only_the_tail_and_drops_the_cut_line(tmp_path):
+    log = tmp_path / "control.log"
+    log.write_bytes(b"".join(b"line %04d\n" % i for i in range(1000)))  # 10 bytes a line
+    follower = LogFollower(str(log), backfill_bytes=35)
+    assert follower.poll() == ["line 0997", "line 0998", "line 0999"]
+
+
+def test_a_file_that_appears_later_is_read_from_its_start(tmp_path):
+    log = tmp_path / "server.log"
+    follower = LogFollower(str(log), backfill_bytes=4)
+    assert follower.poll() == []
+    log.write_bytes(b"first line\nsecond\n")
+    assert follower.poll() == ["first line", "second"]
+
+
+def test_rotation_by_rename_drains_the_old_file_then_follows_the_new(tmp_path):
+    log = tmp_path / "control.log"
+    log.write_bytes(b"a\n")
+    follower = LogFollower(str(log), backfill_bytes=1 << 20)
+    assert follower.poll() == ["a"]
+    append(log, b"b\n")  # written after the last poll, before the rename
+    os.rename(log, tmp_path / "control.log.1")
+    log.write_bytes(b"c\n")
+    assert follower.poll() == ["b", "c"]
+    assert follower.stats.resets["rotated"] == 1
+
+
+def test_copytruncate_starts_over_at_the_beginning(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_bytes(b"old line one\nold line two\n")
+    follower = LogFollower(str(log), backfill_bytes=1 << 20)
+    assert len(follower.poll()) == 2
+    with open(log, "r+b") as handle:
+        handle.truncate(0)
+    append(log, b"new\n")
+    assert follower.poll() == ["new"]
+    assert follower.stats.resets["truncated"] == 1
+
+
+def test_deletion_then_recreation_is_followed(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_bytes(b"x\n")
+    follower = LogFollower(str(log), backfill_bytes=1 << 20)
+    assert follower.poll() == ["x"]
+    append(log, b"y\n")
+    log.unlink()
+    assert follower.poll() == ["y"]
+    assert follower.stats.resets["deleted"] == 1
+    assert follower.poll() == []
+    log.write_bytes(b"z\n")
+    assert follower.poll() == ["z"]
+
+
+def test_undecodable_and_overlong_lines_are_counted_and_skipped(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_bytes(b"good\n\xff\xfe bad\n" + b"x" * 5000 + b"\nafter\n")
+    follower = LogFollower(str(log), backfill_bytes=1 << 20, max_line_bytes=1024)
+    assert follower.poll() == ["good", "after"]
+    assert follower.stats.problems["undecodable"] == 1
+    assert follower.stats.problems["line_too_long"] == 1
+
+
+def test_an_overlong_line_split_across_polls_is_skipped_whole(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_bytes(b"y" * 3000)
+    follower = LogFollower(str(log), backfill_bytes=1 << 20, max_line_bytes=1024)
+    assert follower.poll() == []
+    append(log, b"y" * 3000 + b"\nnext\n")
+    assert follower.poll() == ["next"]
+    assert follower.stats.problems["line_too_long"] == 1
+
+
+def test_a_50_megabyte_log_is_read_in_bounded_memory(tmp_path):
+    log = tmp_path / "control.log"
+    line = b"[2026-11-29 18:36:58.212 Control   429] Cmd:get_server_list\n"
+    block = line * 1000
+    blocks = 50 * 1024 * 1024 // len(block) + 1
+    with open(log, "wb") as handle:
+        for _ in range(blocks):
+            handle.write(block)
+    follower = LogFollower(str(log), backfill_bytes=1 << 20, max_read_bytes=4 << 20)
+    tracemalloc.start()
+    try:
+        assert 0 < len(follower.poll()) <= (1 << 20) // len(line) + 1  # backfill: 1 MiB of 50
+        with open(log, "ab") as handle:  # another 50 MB arrive between two polls
+            for _ in range(blocks):
+                handle.write(block)
+        polls = [len(follower.poll()) for _ in range(20)]
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sum(polls) == blocks * 1000  # every appended line, once
+    assert max(polls) <= (4 << 20) // len(line) + 1  # one poll's budget at a time
+    assert peak_bytes < 40 * 1024 * 1024  # never the whole file

@@ -1,0 +1,94 @@
+"""`mpswatch run` and `status` reading MPS logs that a test writes while they run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from datetime import datetime
+
+from tests.agentproc import Agent, agent_env, mpswatch_cmd
+from tests.fakedaemon import FAKE_CONTROL
+
+INTERVAL = 0.5
+LOGS_ENV = {"MPSWATCH_MPS_LOGS_INTERVAL_SECONDS": str(INTERVAL)}
+
+
+def stamp(offset: float = 0.0) -> str:
+    moment = datetime.fromtimestamp(time.time() + offset)
+    return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
+
+
+def write(path, *messages, tag="Server", pid=486, offset=0.0):
+    with open(path, "a") as handle:
+        for message in messages:
+            handle.write(f"[{stamp(offset)} {tag}   {pid}] {message}\n")
+
+
+def key(name, **labels):
+    return (name, frozenset(labels.items()))
+
+
+def test_counters_and_last_event_times_move_within_two_cycles(tmp_path):
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    server, control = log_dir / "server.log", log_dir / "control.log"
+    write(control, "Starting control daemon using socket /tmp/x/control", tag="Control", pid=452, offset=-60)
+    d = str(log_dir)
+    args = ["--log-dir", d, "--pipe-dir", str(tmp_path / "no-pipe"), "--mps-control-bin", FAKE_CONTROL]
+    with Agent(args, env=LOGS_ENV) as agent:
+        s = agent.wait_for(lambda s: s if key("mps_log_events_total", log_dir=d, source="control",
+                                               event="control_started") in s else None)
+        assert s[key("mps_log_events_total", log_dir=d, source="control", event="control_started")] == 1
+        assert s[key("mps_log_events_total", log_dir=d, source="control", event="server_exited")] == 0
+        assert key("mps_log_events_total", log_dir=d, source="server", event="fatal_gpu_error") not in s  # no file yet
+
+        write(server, "Client {PID: 729, Context ID: 0} connected", "Client {PID: 729, Context ID: 1} connected",
+              "Client {PID: 729, Context: 1} encountered a fatal GPU error.", "Server is handling a fatal GPU error.",
+              "Client {PID: 729, Context ID: 1} on device 0 to be torn down")
+        written_at = time.monotonic()
+        fatal = key("mps_log_events_total", log_dir=d, source="server", event="fatal_gpu_error")
+        s = agent.wait_for(lambda s: s if s.get(fatal) == 1 else None, timeout=4 * INTERVAL + 2)
+        assert time.monotonic() - written_at <= 2 * INTERVAL + 1.0
+        assert s[key("mps_log_events_total", log_dir=d, source="server", event="client_connected")] == 1
+        assert s[key("mps_log_events_total", log_dir=d, source="server", event="client_torn_down")] == 1
+        assert abs(s[key("mps_log_last_event_timestamp_seconds", log_dir=d, event="fatal_gpu_error")] - time.time()) < 5
+
+        os.rename(server, log_dir / "server.log.1")  # logrotate: rename, then a new file
+        write(server, "Server teardown in progress. Refusing to accept new client {PID: 752, Context ID: 0}")
+        refused = key("mps_log_events_total", log_dir=d, source="server", event="new_client_refused")
+        s = agent.wait_for(lambda s: s if s.get(refused) == 1 else None, timeout=4 * INTERVAL + 2)
+        assert s[key("mps_log_file_resets_total", log_dir=d, source="server", reason="rotated")] == 1
+        assert s[fatal] == 1  # nothing read twice
+
+        with open(server, "ab") as handle:
+            handle.write(b"\xff\xfe not utf-8\n")
+        undecodable = key("mps_log_read_errors_total", log_dir=d, source="server", reason="undecodable")
+        agent.wait_for(lambda s: s.get(undecodable) == 1, timeout=4 * INTERVAL + 2)
+        assert agent.get("/healthz")[0] == 200
+
+
+def test_status_explains_a_fault_with_the_logged_fatal_error_and_lists_recent_events(fake_daemon, tmp_path):
+    daemon = fake_daemon("server_fault_driver580")  # server 632 in FAULT
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    write(log_dir / "server.log",
+          "Client {PID: 513, Context: 1} encountered a fatal GPU error.",
+          "Server is handling a fatal GPU error.",
+          pid=632, offset=-30)
+    run = subprocess.run(
+        mpswatch_cmd("status", "--json", "--pipe-dir", daemon.path, "--log-dir", str(log_dir),
+                     "--mps-control-bin", FAKE_CONTROL),
+        env=agent_env(), capture_output=True, text=True, timeout=60,
+    )
+    report = json.loads(run.stdout)
+    [server] = report["daemons"][0]["servers"]
+    assert server["fault_cause"]["client_pid"] == 513 and 25 < server["fault_cause"]["age_seconds"] < 60
+    assert "client 513 encountered a fatal GPU error" in server["reason"]
+    assert report["recent_events"][0]["event"] == "fatal_gpu_error"
+    text = subprocess.run(
+        mpswatch_cmd("status", "--pipe-dir", daemon.path, "--log-dir", str(log_dir), "--mps-control-bin", FAKE_CONTROL),
+        env=agent_env(), capture_output=True, text=True, timeout=60,
+    ).stdout
+    assert any(line.startswith("EVENT") and "fatal_gpu_error: client 513, server 632" in line for line in text.splitlines())

@@ -1,0 +1,178 @@
+"""The MPS log parser on every line shape of real H200 logs (driver 580) and older wordings."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from hypothesis import given, strategies as st
+
+from mpswatch.collectors.mps_logs import LineContext, parse_line
+
+FIXTURES = Path(__file__).parent / "fixtures" / "h200-driver580"
+
+
+def parse_file(name: str, source: str):
+    context, events = LineContext(), []
+    for line in (FIXTURES / name).read_text().splitlines():
+        event, context = parse_line(line, source, context)
+        if event:
+            events.append(event)
+    return events
+
+
+def one(line: str, source: str = "server", context: LineContext = LineContext()):
+    return parse_line(line, source, context)[0]
+
+
+S = "[2026-11-29 19:23:50.747 Server   486] "
+C = "[2026-11-29 18:42:22.059 Control   422] "
+
+
+@pytest.mark.parametrize(
+    "message,event,client_pid,server_pid,detail",
+    [
+        ("Client {PID: 437, Context ID: 0} connected", "client_connected", 437, 486, None),
+        ("Client process 437 disconnected", "client_disconnected", 437, 486, None),
+        ("Client {PID: 729, Context: 1} encountered a fatal GPU error.", "fatal_gpu_error", 729, 486, None),
+        ("Server is handling a fatal GPU error.", "server_fault", None, 486, None),
+        ("Client {PID: 735, Context ID: 1} on device 0 to be torn down", "client_torn_down", 735, 486, "device 0"),
+        ("Server teardown in progress. Refusing to accept new client {PID: 752, Context ID: 0}",
+         "new_client_refused", 752, 486, None),
+        # older drivers (NVIDIA's documentation)
+        ("New client 14781 connected", "client_connected", 14781, 486, None),
+        ("Client 14777 disconnected", "client_disconnected", 14777, 486, None),
+        ("Volta MPS: Server is handling a fatal GPU error.", "server_fault", None, 486, None),
+        ("Volta MPS: status of client {11641, 1} is INACTIVE", "client_torn_down", 11641, 486, None),
+        ("MPS server failed to start", "server_start_failed", None, 486, None),
+    ],
+)
+def test_server_log_lines_become_events(message, event, client_pid, server_pid, detail):
+    parsed = one(S + message)
+    assert (parsed.event, parsed.client_pid, parsed.server_pid, parsed.detail) == (event, client_pid, server_pid, detail)
+    assert parsed.source == "server"
+
+
+@pytest.mark.parametrize(
+    "message,event,server_pid,detail",
+    [
+        ("Starting control daemon using socket /tmp/mp/control", "control_started", None, None),
+        ("Starting new server 440 for user 0", "server_started", 440, "uid 0"),
+        ("Server 440 exited with status 0", "server_exited", 440, "status 0"),
+        ("Server 95 exited with status 1", "server_exited", 95, "status 1"),
+        ("Server encountered a fatal exception. Shutting down", "server_fatal_exception", None, None),
+        ("Exit with status 0", "control_exited", None, "status 0"),
+    ],
+)
+def test_control_log_lines_become_events(message, event, server_pid, detail):
+    parsed = one(C + message, "control")
+    assert (parsed.event, parsed.server_pid, parsed.detail) == (event, server_pid, detail)
+
+
+def test_a_client_refused_at_the_limit_is_the_one_that_connected_just_before():
+    context = LineContext()
+    _, context = parse_line(S + "Client {PID: 530, Context ID: 1} connected", "server", context)
+    event, _ = parse_line(S + "Failed to accept new client. Maximum number of clients (48) reached.", "server", context)
+    assert (event.event, event.client_pid, event.detail) == ("client_rejected_max_clients", 530, "limit 48")
+
+
+def test_each_device_listed_for_reset_is_an_event_and_sticky_pids_are_not():
+    context = LineContext()
+    events = []
+    for message in ["The following devices will be reset:", "0", "1",
+                    "The following client process have a sticky error set:", "729", "735",
+                    "Server failed to recevie command with status 806, assuming client {PID: 729, Context ID: 1} exit"]:
+        event, context = parse_line(S + message, "server", context)
+        events.append(event and (event.event, event.detail))
+    assert events == [None, ("device_reset", "device 0"), ("device_reset", "device 1"), None, None, None, None]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Accepting connection...", "NEW UI", "UI closed", "User did not send valid credentials",
+        "NEW CLIENT 437 from user 0: Server is not ready, push client to pending list",
+        "NEW SERVER 476: Ready", "Client {PID: 437, Context ID: 1} connected",
+        "Failed to accept client {PID: 530, Context ID: 0} with status 807",
+        "Server failed to recevie command with status 806, assuming client {PID: 437, Context ID: 1} exit",
+        "Client {PID: 437, Context ID: 1} exiting. Number of active client contexts is 1.",
+        "All clients belonging to error trigging process 729 will be torn down",
+        "Client {PID: 729, Context ID: 1} on the error-trigging process 729 to be torn down",
+        "Destroy server context on device 0 (NVIDIA H200)", "Creating server context on device 0 (NVIDIA H200)",
+        "Received device query command. There are 1 devices", "Server has started",
+    ],
+)
+def test_routine_lines_are_not_events(message):
+    assert one(S + message) is None
+
+
+def test_command_echoes_are_not_events_even_when_they_look_like_errors():
+    context = LineContext()
+    lines = ["Accepting connection...", "NEW UI", "Cmd:get_server_status 1", "Server 1 not found", "UI closed",
+             "Cmd:help", 'Unknown command "help"', "Invalid command format.", "UI closed"]
+    events = []
+    for message in lines:
+        event, context = parse_line(C + message, "control", context)
+        events.append(event)
+    assert events == [None] * len(lines)
+
+
+def test_an_error_like_line_that_matches_nothing_is_unrecognised():
+    parsed = one(S + "Failed to map shared memory segment: out of cheese")
+    assert parsed.event == "unrecognised_error" and "out of cheese" in parsed.message
+
+
+def test_a_line_without_the_prefix_is_a_continuation_not_an_event():
+    assert one("Server 440") is None and one("") is None
+
+
+def test_time_comes_from_the_line_in_local_time():
+    parsed = one("[2026-11-29 19:23:50.747 Server   486] Server is handling a fatal GPU error.")
+    expected = time.mktime(datetime(2026, 11, 29, 19, 23, 50).timetuple()) + 0.747
+    assert parsed.time == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "name,source,expected",
+    [
+        ("session1-server.log", "server", {"client_connected": 2, "client_disconnected": 2}),
+        ("session1-control.log", "control", {"control_started": 1, "server_started": 1, "server_exited": 1,
+                                             "control_exited": 1}),
+        ("session2-fault-server.log", "server", {"client_connected": 3, "client_disconnected": 3, "fatal_gpu_error": 1,
+                                                 "server_fault": 1, "client_torn_down": 2, "device_reset": 1,
+                                                 "new_client_refused": 1}),
+        ("session2-fault-control.log", "control", {"control_started": 1, "server_started": 1, "server_exited": 1,
+                                                   "control_exited": 1}),
+        ("session3-50-clients-then-fault-server.log", "server", {
+            "client_connected": 53, "client_disconnected": 55, "client_rejected_max_clients": 2,
+            "fatal_gpu_error": 1, "server_fault": 1, "client_torn_down": 2, "device_reset": 1,
+            "new_client_refused": 1}),
+    ],
+)
+def test_whole_real_logs_give_exactly_the_expected_events(name, source, expected):
+    assert Counter(e.event for e in parse_file(name, source)) == expected
+
+
+def test_the_real_fault_names_its_pids():
+    events = {e.event: e for e in parse_file("session2-fault-server.log", "server")}
+    assert events["fatal_gpu_error"].client_pid == 513 and events["fatal_gpu_error"].server_pid == 440
+    assert events["new_client_refused"].client_pid == 530
+    refused = [e.client_pid for e in parse_file("session3-50-clients-then-fault-server.log", "server")
+               if e.event == "client_rejected_max_clients"]
+    assert refused == [530, 531]
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_raise(raw):
+    line = raw.decode("utf-8", "replace")
+    for source in ("control", "server"):
+        parse_line(line, source, LineContext())
+        parse_line("[2026-11-29 19:23:50.747 Server   486] " + line, source, LineContext(listing="devices"))
+
+
+@given(st.from_regex(r"\[\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{3} [A-Za-z ]{1,12} -?\d{1,25}\] .{0,80}", fullmatch=True))
+def test_prefixed_lines_with_any_numbers_never_raise(line):
+    parse_line(line, "server", LineContext())
