@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 from mpswatch.collectors.mps_control import (
     ControlChannel,
     DiscoverySettings,
+    MpsControlCollector,
     MutatingCommandRefused,
     discover_pipe_dirs,
     probe_daemon,
+    read_pid_file,
     state_changes,
 )
 from mpswatch.procfs import ProcFS
@@ -163,7 +167,7 @@ def test_discovery_finds_default_device_plugin_and_process_pipe_dirs(tmp_path):
     plugin.mkdir(parents=True)
     (plugin / "nvidia-cuda-mps-control.pid").write_text("77")
     fake_proc(tmp_path / "proc", 501, "/usr/bin/nvidia-cuda-mps-control",
-              environ="HOME=/root\0CUDA_MPS_PIPE_DIRECTORY=/srv/mps/pipe\0")
+              environ="HOME=/root\0CUDA_MPS_PIPE_DIRECTORY=/srv/mps/pipe/\0")
     fake_proc(tmp_path / "proc", 502, "/usr/bin/nvidia-cuda-mps-server",
               environ="CUDA_MPS_PIPE_DIRECTORY=/elsewhere\0")
     settings = DiscoverySettings(default_pipe_dirs=(str(default), str(empty_default)),
@@ -243,3 +247,81 @@ def test_never_two_commands_in_flight_to_one_daemon(tmp_path):
     for thread in threads:
         thread.join()
     assert peak[0] == 1
+
+
+def test_a_reply_with_a_huge_number_is_garbage_not_a_crash(tmp_path):
+    daemon, _, failures = probe(tmp_path, ScriptedRunner({**HEALTHY, "get_server_list": "9" * 5000 + "\n"}),
+                                pipe_dir_with_pid(tmp_path, 429))
+    assert daemon.state is DaemonState.GARBAGE and failures == [("get_server_list", "garbage_output")]
+
+
+def test_a_fifo_in_place_of_the_pid_file_does_not_block(tmp_path):
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    os.mkfifo(pipe / "nvidia-cuda-mps-control.pid")
+    started = time.monotonic()
+    assert read_pid_file(str(pipe)) is None
+    assert time.monotonic() - started < 1.0
+
+
+def test_an_unreadable_client_list_is_unknown_not_empty(tmp_path):
+    daemon, _, failures = probe(tmp_path, ScriptedRunner({**HEALTHY, "ps": "Segmentation fault\n"}),
+                                pipe_dir_with_pid(tmp_path, 429))
+    assert daemon.up and daemon.clients is None and ("ps", "garbage_output") in failures
+
+
+def test_one_daemon_s_surprise_costs_only_that_daemon(tmp_path):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for d in (good, bad):
+        d.mkdir()
+
+    def runner(argv, stdin, env, timeout):
+        if env["CUDA_MPS_PIPE_DIRECTORY"] == str(bad):
+            raise RuntimeError("surprise")
+        return ScriptedRunner(HEALTHY)(argv, stdin, env, timeout)
+
+    (tmp_path / "proc").mkdir()
+    collector = MpsControlCollector(
+        control_bin="nvidia-cuda-mps-control", discovery=DiscoverySettings(pipe_dirs=(str(good), str(bad))),
+        procfs=ProcFS(tmp_path / "proc"), runner=runner,
+    )
+    states = {d.pipe_dir: d.state for d in collector.collect().daemons}
+    assert states == {str(good): DaemonState.UP, str(bad): DaemonState.GARBAGE}
+
+
+def test_a_daemon_without_pipe_directory_variable_uses_the_mps_default(tmp_path):
+    fake_proc(tmp_path / "proc", 501, "nvidia-cuda-mps-control", environ="HOME=/root\0")
+    found, _ = discover_pipe_dirs(DiscoverySettings(default_pipe_dirs=(), device_plugin_root=str(tmp_path / "k")),
+                                  ProcFS(tmp_path / "proc"))
+    assert found == [("/tmp/nvidia-mps", "process")]
+
+
+def test_one_off_client_runs_of_the_control_program_are_not_daemons(tmp_path):
+    d = tmp_path / "proc" / "601"
+    d.mkdir(parents=True)
+    (d / "cmdline").write_bytes(b"nvidia-cuda-mps-control\0")  # `echo ps | nvidia-cuda-mps-control`
+    (d / "environ").write_bytes(b"CUDA_MPS_PIPE_DIRECTORY=/srv/job-42\0")
+    found, _ = discover_pipe_dirs(DiscoverySettings(default_pipe_dirs=(), device_plugin_root=str(tmp_path / "k")),
+                                  ProcFS(tmp_path / "proc"))
+    assert found == []
+
+
+def test_a_removed_pipe_dir_is_forgotten_but_a_dead_daemon_s_is_not(tmp_path):
+    (tmp_path / "proc").mkdir()
+    dead, removed = tmp_path / "dead", tmp_path / "removed"
+    for d in (dead, removed):
+        d.mkdir()
+        (d / "control").touch()
+    settings = DiscoverySettings(default_pipe_dirs=(str(dead), str(removed)), device_plugin_root=str(tmp_path / "k"))
+    collector = MpsControlCollector(control_bin="nvidia-cuda-mps-control", discovery=settings,
+                                    procfs=ProcFS(tmp_path / "proc"), runner=ScriptedRunner(not_running=True))
+    assert len(collector.collect().daemons) == 2
+    (removed / "control").unlink()
+    removed.rmdir()
+    assert [d.pipe_dir for d in collector.collect().daemons] == [str(dead)]
+
+
+def test_a_status_that_could_not_be_read_once_is_not_a_recovery():
+    fault = _daemon(servers=(MpsServer(476, 0, "FAULT", 100.0),))
+    unknown = _daemon(servers=(MpsServer(476, 0, None, 100.0),))
+    assert _events(fault, unknown) == []

@@ -45,3 +45,13 @@ def test_stdin_reaches_the_child_and_its_exit_code_comes_back():
 def test_a_program_that_does_not_exist_is_an_exec_error_not_an_exception():
     result = run_with_deadline(["/nonexistent/nvidia-cuda-mps-control"], b"", os.environ, 1.0)
     assert result.exec_error and "nvidia-cuda-mps-control" in result.exec_error
+
+
+def test_a_very_long_deadline_is_accepted():
+    result = run_with_deadline(["sh", "-c", "echo ok"], b"", os.environ, 1e9)
+    assert (result.returncode, result.output) == (0, "ok\n")
+
+
+def test_stderr_is_kept_apart_from_the_answer():
+    result = run_with_deadline(["sh", "-c", "echo warning >&2; echo 476"], b"", os.environ, 5.0)
+    assert (result.output, result.errors) == ("476\n", "warning\n")
