@@ -325,3 +325,19 @@ def test_a_status_that_could_not_be_read_once_is_not_a_recovery():
     fault = _daemon(servers=(MpsServer(476, 0, "FAULT", 100.0),))
     unknown = _daemon(servers=(MpsServer(476, 0, None, 100.0),))
     assert _events(fault, unknown) == []
+
+
+def test_settings_are_read_once_per_settings_interval_to_spare_the_control_log(tmp_path):
+    fake_proc(tmp_path / "proc", 476, "nvidia-cuda-mps-server")
+    runner = ScriptedRunner(HEALTHY)
+    collector = MpsControlCollector(
+        control_bin="nvidia-cuda-mps-control", discovery=DiscoverySettings(pipe_dirs=(str(pipe_dir_with_pid(tmp_path, 429)),)),
+        procfs=ProcFS(tmp_path / "proc"), runner=runner, settings_refresh_seconds=60,
+    )
+    first = collector.collect().daemons[0]
+    sent_first = len(runner.sent)
+    second = collector.collect().daemons[0]
+    assert sent_first == 6
+    assert runner.sent[sent_first:] == ["get_server_list", "get_server_status 476", "ps"]
+    assert second.default_active_thread_percentage == first.default_active_thread_percentage == 100.0
+    assert second.servers[0].active_thread_percentage == 100.0

@@ -92,6 +92,7 @@ def build_collectors(config: Config) -> list[MpsControlCollector | MpsLogsCollec
             command_timeout_seconds=config["mps_control.timeout_seconds"],
             client_limit=config["mps_control.client_limit"],
             procfs=procfs,
+            settings_refresh_seconds=config["mps_control.settings_interval_seconds"],
         ),
         MpsLogsCollector(
             log_dirs=config["mps_logs.log_dirs"],

@@ -127,6 +127,12 @@ SETTINGS = [
     Setting("mps_control.interval_seconds", _seconds(0.1, 3600), 2.0, "Seconds between two queries of each daemon."),
     Setting("mps_control.timeout_seconds", _seconds(0.05, 60), 2.0, "Deadline of one control command."),
     Setting("mps_control.client_limit", _whole(1, 1024), 48, "Clients allowed per device."),
+    Setting(
+        "mps_control.settings_interval_seconds",
+        _seconds(0, 86400),
+        30.0,
+        "Seconds between two reads of the thread-percentage and pinned-memory settings.",
+    ),
     Setting("mps_logs.log_dirs", _path_list, (), "Follow only these log dirs; empty: discover them."),
     Setting("mps_logs.default_log_dir", _absolute_path, "/var/log/nvidia-mps", "Log dir discovery looks at."),
     Setting("mps_logs.interval_seconds", _seconds(0.1, 3600), 2.0, "Seconds between two reads of the logs."),

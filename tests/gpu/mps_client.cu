@@ -1,5 +1,6 @@
 // A minimal real CUDA client for the GPU tests: cheap to start fifty of.
 //   mps_client hold SECONDS   keep a kernel running until SECONDS pass (exit 4 on a CUDA error)
+//   mps_client idle SECONDS   hold a context without running anything, then exit 0
 //   mps_client fault SECONDS  write to an illegal address (Xid 31 under MPS), then linger SECONDS
 // Prints "ready <pid>" once its context exists, or "init_failed <code> <text>" and exits 2.
 #include <cuda_runtime.h>
@@ -33,6 +34,10 @@ int main(int argc, char **argv) {
     }
     printf("ready %d\n", (int)getpid());
     fflush(stdout);
+    if (strcmp(mode, "idle") == 0) {
+        usleep((useconds_t)(seconds * 1e6));
+        return 0;
+    }
     if (strcmp(mode, "fault") == 0) {
         int *p;
         cudaMalloc(&p, sizeof(int));

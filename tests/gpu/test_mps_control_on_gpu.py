@@ -71,7 +71,8 @@ def test_real_daemon_clients_hang_and_recovery(mps, tmp_path):
     assert server["status"] == "ACTIVE" and server["uid"] == os.getuid()
     assert sorted(c["pid"] for c in server["clients"]) == client_pids
 
-    with Agent(["--pipe-dir", pipe], log_path=tmp_path / "agent.log") as agent:
+    settings_now = {"MPSWATCH_MPS_CONTROL_SETTINGS_INTERVAL_SECONDS": "0"}  # the limit is changed below
+    with Agent(["--pipe-dir", pipe], env=settings_now, log_path=tmp_path / "agent.log") as agent:
         up = ("mps_control_up", frozenset({("pipe_dir", pipe)}))
         agent.wait_for(lambda s: s.get(up) == 1)
         samples = agent.scrape()

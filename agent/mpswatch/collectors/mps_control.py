@@ -322,9 +322,14 @@ def probe_daemon(
     channel: ControlChannel,
     procfs: ProcFS,
     client_limit: int,
+    settings_from: MpsDaemon | None = None,
 ) -> tuple[MpsDaemon, dict[str, float], list[tuple[str, str]]]:
     """One daemon's state. Each command waits at most the command timeout, and the daemon as a
-    whole at most twice that, so a slow daemon cannot stall the others."""
+    whole at most twice that, so a slow daemon cannot stall the others.
+
+    Every command the agent sends adds about five lines to the daemon's control.log, so the
+    settings (active thread percentages, pinned memory limit), which change rarely and apply only
+    to new servers and clients, are taken from `settings_from` when given; a new server's are asked."""
     probe = _DaemonProbe(channel, deadline=time.monotonic() + 2 * channel.timeout_seconds)
     base = MpsDaemon(pipe_dir=pipe_dir, found_by=found_by, state=DaemonState.UP, reason="", client_limit=client_limit)
     if not Path(pipe_dir).is_dir():
@@ -345,18 +350,25 @@ def probe_daemon(
         return replace(base, state=DaemonState.GARBAGE, reason=f"get_server_list: {err}"), probe.durations, probe.failures
 
     try:
+        known_atp = {s.pid: s.active_thread_percentage for s in settings_from.servers} if settings_from else {}
         servers = tuple(
             MpsServer(
                 pid=spid,
                 uid=procfs.uid(spid),
                 status=probe.parsed("get_server_status", parse_server_status, spid),
-                active_thread_percentage=probe.parsed("get_active_thread_percentage", parse_percentage, spid),
+                active_thread_percentage=known_atp[spid]
+                if known_atp.get(spid) is not None
+                else probe.parsed("get_active_thread_percentage", parse_percentage, spid),
             )
             for spid in server_pids
         )
         clients = probe.parsed("ps", parse_ps)
-        default_atp = probe.parsed("get_default_active_thread_percentage", parse_percentage)
-        pinned = probe.parsed("get_default_device_pinned_mem_limit", parse_pinned_memory_limit, 0)
+        if settings_from is not None:
+            default_atp = settings_from.default_active_thread_percentage
+            pinned = settings_from.default_pinned_memory_limit_bytes
+        else:
+            default_atp = probe.parsed("get_default_active_thread_percentage", parse_percentage)
+            pinned = probe.parsed("get_default_device_pinned_mem_limit", parse_pinned_memory_limit, 0)
     except _Hung as hung:
         state, why = DaemonState.HUNG, f"answered get_server_list, then hung: {hung}{_stopped_note(procfs, pid)}"
         return replace(base, state=state, reason=why), probe.durations, probe.failures
@@ -452,8 +464,10 @@ class MpsControlCollector:
         client_limit: int = 48,
         procfs: ProcFS | None = None,
         runner: Runner = run_with_deadline,
+        settings_refresh_seconds: float = 30.0,
     ) -> None:
         self.interval_seconds = interval_seconds
+        self._settings_refresh = settings_refresh_seconds
         # every daemon is probed in parallel and given at most twice the command timeout
         self.deadline_seconds = command_timeout_seconds * 2 + 1.0
         self._control_bin = control_bin
@@ -466,6 +480,7 @@ class MpsControlCollector:
         self._known: dict[str, str] = {}  # pipe_dir -> found_by
         self._failures: dict[str, dict[tuple[str, str], int]] = {}
         self._previous: dict[str, MpsDaemon] = {}
+        self._settings_read_at: dict[str, float] = {}
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="mps-control")
         self._log = structlog.get_logger().bind(collector=self.name)
 
@@ -489,20 +504,27 @@ class MpsControlCollector:
         for pipe_dir, found_by in list(self._known.items()):
             if pipe_dir not in found and found_by != "configured" and not looks_like_pipe_dir(Path(pipe_dir)):
                 self._log.info("mps_daemon_forgotten", pipe_dir=pipe_dir, reason="pipe dir removed")
-                for table in (self._known, self._channels, self._failures, self._previous):
+                for table in (self._known, self._channels, self._failures, self._previous, self._settings_read_at):
                     table.pop(pipe_dir, None)
 
     def _probe(self, pipe_dir: str, found_by: str, control_bin: str) -> MpsDaemon:
         channel = self._channels.get(pipe_dir)
         if channel is None or channel.control_bin != control_bin:
             channel = self._channels[pipe_dir] = ControlChannel(pipe_dir, control_bin, self._runner, self._timeout)
+        previous = self._previous.get(pipe_dir)
+        fresh = time.monotonic() - self._settings_read_at.get(pipe_dir, float("-inf")) < self._settings_refresh
+        settings_from = previous if fresh and previous is not None and previous.up else None
         try:
-            daemon, durations, failures = probe_daemon(pipe_dir, found_by, channel, self._procfs, self._client_limit)
+            daemon, durations, failures = probe_daemon(
+                pipe_dir, found_by, channel, self._procfs, self._client_limit, settings_from
+            )
         except Exception as err:  # one daemon's surprise must not cost the others their data
             self._log.error("mps_daemon_probe_failed", pipe_dir=pipe_dir, error=repr(err), exc_info=err)
             daemon = MpsDaemon(pipe_dir, found_by, DaemonState.GARBAGE, f"unexpected: {err!r}"[:200],
                                client_limit=self._client_limit)
             durations, failures = {}, [("get_server_list", "garbage_output")]
+        if daemon.up and settings_from is None:
+            self._settings_read_at[pipe_dir] = time.monotonic()
         totals = self._failures.setdefault(pipe_dir, {})
         for key in failures:
             totals[key] = totals.get(key, 0) + 1

@@ -1,0 +1,141 @@
+"""The MPS log collector against a real daemon: 50 clients at once, then a client's fatal GPU error.
+
+Writes its figures as JSON to $MPSWATCH_GPU_LOG_RESULTS when set (docs/validation.md quotes them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.agentproc import Agent, agent_env, mpswatch_cmd
+
+HERE = Path(__file__).resolve().parent
+RESULTS: dict = {}
+
+
+@pytest.fixture(scope="module")
+def mps_client(tmp_path_factory):
+    binary = tmp_path_factory.mktemp("bin") / "mps_client"
+    subprocess.run(["nvcc", "-O2", "-o", str(binary), str(HERE / "mps_client.cu")], check=True, timeout=300)
+    return str(binary)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _save_results():
+    yield
+    path = os.environ.get("MPSWATCH_GPU_LOG_RESULTS")
+    if path:
+        with open(path, "w") as handle:
+            json.dump(RESULTS, handle, indent=2, sort_keys=True, default=str)
+
+
+def start(binary, mps, *args) -> subprocess.Popen:
+    return subprocess.Popen([binary, *args], env=mps.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def first_line(client: subprocess.Popen) -> str:
+    return client.stdout.readline().strip()
+
+
+def key(name, **labels):
+    return (name, frozenset(labels.items()))
+
+
+def count(samples, log_dir, event, source="server"):
+    return samples.get(key("mps_log_events_total", log_dir=log_dir, source=source, event=event), 0)
+
+
+def test_refusals_fatal_error_and_teardown_are_counted(mps, mps_client, tmp_path):
+    mps.start()
+    pipe, logs = str(mps.pipe_dir), str(mps.log_dir)
+    env = {"MPSWATCH_MPS_LOGS_INTERVAL_SECONDS": "0.5"}
+    with Agent(["--pipe-dir", pipe, "--log-dir", logs], env=env, log_path=tmp_path / "agent.log") as agent:
+        # control.log growth caused by the agent alone, no client: bytes per control cycle
+        control_log = mps.log_dir / "control.log"
+        size0, t0 = control_log.stat().st_size, time.monotonic()
+        time.sleep(10)
+        RESULTS["idle_control_log_bytes_per_second"] = round((control_log.stat().st_size - size0) / (time.monotonic() - t0), 1)
+
+        clients = [start(mps_client, mps, "hold", "8") for _ in range(50)]
+        outcomes = [first_line(c) for c in clients]
+        refused_pids = sorted(c.pid for c, line in zip(clients, outcomes) if line.startswith("init_failed"))
+        RESULTS["fifty_clients_outcomes"] = sorted(set(re.sub(r"\d{3,}", "N", line) for line in outcomes))
+        assert len(refused_pids) == 2, outcomes
+        seen_48 = agent.wait_for(
+            lambda s: [v for k, v in s.items() if k[0] == "mps_clients" and v == 48], timeout=10
+        )
+        assert seen_48
+        s = agent.wait_for(lambda s: s if count(s, logs, "client_rejected_max_clients") == 2 else None, timeout=5)
+        code, report = _status(pipe, logs)
+        rejected = [e for e in report["recent_events"] if e["event"] == "client_rejected_max_clients"]
+        RESULTS["refused_pids"] = refused_pids
+        RESULTS["refused_pids_logged"] = sorted(e["client_pid"] for e in rejected)
+        assert sorted(e["client_pid"] for e in rejected) == refused_pids
+        for client in clients:
+            client.wait(timeout=60)
+
+        for variant, innocent_mode in (("innocent_idle", ("idle", "6")), ("innocent_running", ("hold", "30"))):
+            before = agent.scrape()
+            torn_lines_before = _torn_down_lines(mps.log_dir)
+            innocent = start(mps_client, mps, *innocent_mode)
+            assert first_line(innocent).startswith("ready")
+            culprit = start(mps_client, mps, "fault", "3")
+            assert first_line(culprit).startswith("ready")
+            fatal_before = count(before, logs, "fatal_gpu_error")
+            s = agent.wait_for(lambda s: s if count(s, logs, "fatal_gpu_error") == fatal_before + 1 else None, timeout=10)
+            fault = agent.wait_for(
+                lambda s: [dict(k[1])["server_pid"] for k, v in s.items()
+                           if k[0] == "mps_server_status" and dict(k[1])["status"] == "FAULT" and v == 1],
+                timeout=10,
+            )
+            code, report = _status(pipe, logs)
+            [server] = [sv for d in report["daemons"] for sv in d["servers"] if str(sv["pid"]) == fault[0]]
+            logged = [line for line in (mps.log_dir / "server.log").read_text().splitlines()
+                      if "encountered a fatal GPU error" in line][-1]
+            logged_pid = int(re.search(r"PID: (\d+)", logged)[1])
+            RESULTS[variant] = {
+                "culprit_pid": culprit.pid,
+                "innocent_pid": innocent.pid,
+                "pid_named_by_mps": logged_pid,
+                "status_fault_reason": server["reason"],
+                "torn_down": count(s, logs, "client_torn_down") - count(before, logs, "client_torn_down"),
+                "device_reset": count(s, logs, "device_reset") - count(before, logs, "device_reset"),
+            }
+            assert code == 1 and server["status"] == "FAULT" and server["verdict"] == "DOWN"
+            assert server["fault_cause"]["client_pid"] == logged_pid
+            assert logged_pid in (culprit.pid, innocent.pid)
+            assert RESULTS[variant]["torn_down"] == _torn_down_lines(mps.log_dir) - torn_lines_before >= 1
+            assert RESULTS[variant]["device_reset"] == 1
+            for client in (innocent, culprit):  # they exit on their own: killing an MPS client can hang the server
+                RESULTS[variant][f"exit_{'culprit' if client is culprit else 'innocent'}"] = client.stdout.read().strip()
+                client.wait(timeout=60)
+            recovered_after = time.monotonic()
+            agent.wait_for(
+                lambda s: s.get(key("mps_server_status", pipe_dir=pipe, server_pid=fault[0], status="ACTIVE")) == 1,
+                timeout=30,
+            )
+            RESULTS[variant]["active_again_after_clients_exited_seconds"] = round(time.monotonic() - recovered_after, 2)
+        RESULTS["final_event_counts"] = {
+            dict(k[1])["event"]: v for k, v in agent.scrape().items()
+            if k[0] == "mps_log_events_total" and v and dict(k[1])["source"] == "server"
+        }
+    RESULTS["agent_warnings"] = [line for line in (tmp_path / "agent.log").read_text().splitlines()
+                                 if '"warning"' in line][-20:]
+
+
+def _torn_down_lines(log_dir: Path) -> int:
+    return len(re.findall(r"on device \d+ to be torn down", (log_dir / "server.log").read_text()))
+
+
+def _status(pipe: str, logs: str) -> tuple[int, dict]:
+    run = subprocess.run(mpswatch_cmd("status", "--json", "--pipe-dir", pipe, "--log-dir", logs),
+                         env=agent_env(), capture_output=True, text=True, timeout=60)
+    assert run.returncode in (0, 1), run.stderr
+    return run.returncode, json.loads(run.stdout)
