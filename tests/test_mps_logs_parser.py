@@ -176,3 +176,23 @@ def test_arbitrary_bytes_never_raise(raw):
 @given(st.from_regex(r"\[\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{3} [A-Za-z ]{1,12} -?\d{1,25}\] .{0,80}", fullmatch=True))
 def test_prefixed_lines_with_any_numbers_never_raise(line):
     parse_line(line, "server", LineContext())
+
+
+def test_log_dirs_are_discovered_from_defaults_the_device_plugin_and_daemons(tmp_path):
+    from mpswatch.collectors.mps_logs import discover_log_dirs
+    from mpswatch.procfs import ProcFS
+
+    default = tmp_path / "var-log-nvidia-mps"
+    default.mkdir()
+    plugin = tmp_path / "mps" / "nvidia.com" / "gpu" / "log"
+    plugin.mkdir(parents=True)
+    proc = tmp_path / "proc" / "501"
+    proc.mkdir(parents=True)
+    (proc / "cmdline").write_bytes(b"nvidia-cuda-mps-control\0-d\0")
+    (proc / "environ").write_bytes(b"CUDA_MPS_LOG_DIRECTORY=/srv/mps/log\0")
+    found, notes = discover_log_dirs((), str(default), str(tmp_path / "mps"), ProcFS(tmp_path / "proc"))
+    assert dict(found) == {str(default): "default", str(plugin): "device_plugin", "/srv/mps/log": "process"}
+    assert notes == []
+    assert discover_log_dirs(("/only",), str(default), str(tmp_path / "mps"), ProcFS(tmp_path / "proc"))[0] == [
+        ("/only", "configured")
+    ]
