@@ -118,3 +118,61 @@ def test_a_50_megabyte_log_is_read_in_bounded_memory(tmp_path):
     assert sum(polls) == blocks * 1000  # every appended line, once
     assert max(polls) <= (4 << 20) // len(line) + 1  # one poll's budget at a time
     assert peak_bytes < 40 * 1024 * 1024  # never the whole file
+
+
+def test_a_writer_that_keeps_its_renamed_file_is_still_read(tmp_path):
+    # MPS never reopens its log: after logrotate's rename it writes on into the old file
+    log = tmp_path / "control.log"
+    log.write_bytes(b"a\n")
+    follower = LogFollower(str(log), backfill_bytes=1 << 20)
+    writer = open(log, "ab", buffering=0)
+    assert follower.poll() == ["a"]
+    os.rename(log, tmp_path / "control.log.1")
+    log.write_bytes(b"new file\n")
+    assert follower.poll() == ["new file"]
+    writer.write(b"late line in the renamed file\n")
+    assert follower.poll() == ["late line in the renamed file"]
+    writer.close()
+    for _ in range(6):
+        follower.poll()
+    assert follower.stats.problems["unread_after_rotation"] == 0
+
+
+def test_copytruncate_is_seen_even_when_the_file_grew_back_past_the_old_offset(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_bytes(b"[1] old line\n")
+    follower = LogFollower(str(log), backfill_bytes=1 << 20)
+    assert follower.poll() == ["[1] old line"]
+    with open(log, "r+b") as handle:
+        handle.truncate(0)
+    append(log, b"[2] NEW1 longer than before\n[2] NEW2\n")
+    assert follower.poll() == ["[2] NEW1 longer than before", "[2] NEW2"]
+    assert follower.stats.resets["truncated"] == 1
+
+
+def test_backfill_starting_exactly_on_a_line_boundary_keeps_that_line(tmp_path):
+    log = tmp_path / "control.log"
+    log.write_bytes(b"".join(b"line %04d\n" % i for i in range(1000)))  # 10 bytes a line
+    follower = LogFollower(str(log), backfill_bytes=30)
+    assert follower.poll() == ["line 0997", "line 0998", "line 0999"]
+    assert follower.backfilling
+
+
+def test_identity_is_taken_from_the_file_that_was_opened(tmp_path, monkeypatch):
+    # a rotation between stat() and open() must not make the new file look new again next poll
+    log = tmp_path / "server.log"
+    log.write_bytes(b"A1\n")
+    follower = LogFollower(str(log), backfill_bytes=1 << 20)
+    real_open = os.open
+
+    def rotating_open(path, flags, *args):
+        if str(path) == str(log):
+            os.rename(log, tmp_path / "server.log.1")
+            log.write_bytes(b"B1\nB2\n")
+            monkeypatch.setattr(os, "open", real_open)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", rotating_open)
+    first = follower.poll()
+    second = follower.poll()
+    assert first + second == ["B1", "B2"]

@@ -38,11 +38,14 @@ def test_counters_and_last_event_times_move_within_two_cycles(tmp_path):
     d = str(log_dir)
     args = ["--log-dir", d, "--pipe-dir", str(tmp_path / "no-pipe"), "--mps-control-bin", FAKE_CONTROL]
     with Agent(args, env=LOGS_ENV) as agent:
-        s = agent.wait_for(lambda s: s if key("mps_log_events_total", log_dir=d, source="control",
-                                               event="control_started") in s else None)
-        assert s[key("mps_log_events_total", log_dir=d, source="control", event="control_started")] == 1
+        started = key("mps_log_last_event_timestamp_seconds", log_dir=d, event="control_started")
+        s = agent.wait_for(lambda s: s if started in s else None)
+        # read back at start: known (its time), but not counted again after an agent restart
+        assert abs(s[started] - (time.time() - 60)) < 5
+        assert s[key("mps_log_events_total", log_dir=d, source="control", event="control_started")] == 0
         assert s[key("mps_log_events_total", log_dir=d, source="control", event="server_exited")] == 0
-        assert key("mps_log_events_total", log_dir=d, source="server", event="fatal_gpu_error") not in s  # no file yet
+        # no server.log yet: its counters are there at 0, so the first event is an increase
+        assert s[key("mps_log_events_total", log_dir=d, source="server", event="fatal_gpu_error")] == 0
 
         write(server, "Client {PID: 729, Context ID: 0} connected", "Client {PID: 729, Context ID: 1} connected",
               "Client {PID: 729, Context: 1} encountered a fatal GPU error.", "Server is handling a fatal GPU error.",
@@ -92,3 +95,33 @@ def test_status_explains_a_fault_with_the_logged_fatal_error_and_lists_recent_ev
         env=agent_env(), capture_output=True, text=True, timeout=60,
     ).stdout
     assert any(line.startswith("EVENT") and "fatal_gpu_error: client 513, server 632" in line for line in text.splitlines())
+
+
+def test_the_fault_cause_survives_a_flood_of_refusals(tmp_path):
+    from mpswatch.collectors.mps_logs import MpsLogsCollector
+    from mpswatch.procfs import ProcFS
+
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    collector = MpsLogsCollector(log_dirs=(str(log_dir),), procfs=ProcFS(tmp_path / "proc"))
+    collector.collect()
+    write(log_dir / "server.log", "Client {PID: 729, Context: 1} encountered a fatal GPU error.")
+    write(log_dir / "server.log", *["Server teardown in progress. Refusing to accept new client {PID: 9, Context ID: 0}"] * 80)
+    data = collector.collect()
+    assert data.last_fatal_error(486)[1].client_pid == 729
+    assert len(data.recent) == 50
+
+
+def test_a_line_dated_far_ahead_does_not_pin_the_last_event_time(tmp_path):
+    from mpswatch.collectors.mps_logs import MpsLogsCollector
+    from mpswatch.procfs import ProcFS
+
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    collector = MpsLogsCollector(log_dirs=(str(log_dir),), procfs=ProcFS(tmp_path / "proc"))
+    collector.collect()
+    write(log_dir / "server.log", "Client process 5 disconnected", offset=10 * 365 * 86400)
+    write(log_dir / "server.log", "Client process 6 disconnected")
+    [state] = collector.collect().dirs
+    assert abs(state.last_event_time["client_disconnected"] - time.time()) < 5
+    assert state.event_counts[("server", "client_disconnected")] == 2

@@ -196,3 +196,31 @@ def test_log_dirs_are_discovered_from_defaults_the_device_plugin_and_daemons(tmp
     assert discover_log_dirs(("/only",), str(default), str(tmp_path / "mps"), ProcFS(tmp_path / "proc"))[0] == [
         ("/only", "configured")
     ]
+
+
+@given(st.text(alphabet="0123456789", min_size=11, max_size=6000))
+def test_huge_numbers_in_a_line_never_raise(number):
+    for message in (f"Client process {number} disconnected", f"Server {number} exited with status {number}",
+                    f"Client {{PID: {number}, Context ID: 0}} connected"):
+        parse_line(f"[2026-11-29 19:23:50.747 Server   {number}] {message}", "server", LineContext())
+
+
+def test_after_quit_and_a_restart_the_control_log_is_read_as_new():
+    context = LineContext()
+    for message in ("Accepting connection...", "NEW UI", "Cmd:quit", "Try shutting down server 440, backoff is disabled",
+                    "Server 440 exited with status 0", "Exit with status 0",
+                    "Starting control daemon using socket /tmp/mp/control"):
+        _, context = parse_line(C + message, "control", context)
+    event, _ = parse_line(C + "Unable to read new connection type information", "control", context)
+    assert event is not None and event.event == "unrecognised_error"
+
+
+def test_a_zone_can_be_given_for_daemons_that_log_in_another_one():
+    from datetime import timezone
+
+    event = one("[2026-11-29 19:23:50.000 Server   486] Server is handling a fatal GPU error.",
+                context=LineContext())
+    utc = parse_line("[2026-11-29 19:23:50.000 Server   486] Server is handling a fatal GPU error.", "server",
+                     LineContext(), timezone.utc)[0]
+    assert utc.time == datetime(2026, 11, 29, 19, 23, 50, tzinfo=timezone.utc).timestamp()
+    assert event.time == time.mktime(datetime(2026, 11, 29, 19, 23, 50).timetuple())

@@ -8,6 +8,7 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import click
 import structlog
@@ -101,6 +102,7 @@ def build_collectors(config: Config) -> list[MpsControlCollector | MpsLogsCollec
             backfill_bytes=config["mps_logs.backfill_bytes"],
             interval_seconds=config["mps_logs.interval_seconds"],
             procfs=procfs,
+            zone=None if config["mps_logs.timezone"] == "local" else ZoneInfo(config["mps_logs.timezone"]),
         ),
     ]
 

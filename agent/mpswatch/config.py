@@ -11,6 +11,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from mpswatch.exporter import parse_listen
 
@@ -87,6 +88,16 @@ def _path_list(value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(_absolute_path(item) for item in value))
 
 
+def _zone(value: Any) -> str:
+    text = _text(value)
+    if text != "local":
+        try:
+            ZoneInfo(text)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"must be 'local' or a time zone name such as 'UTC' or 'Europe/Berlin', got {value!r}") from None
+    return text
+
+
 def _listen(value: Any) -> str:
     text = _text(value)
     parse_listen(text)
@@ -141,6 +152,12 @@ SETTINGS = [
         _whole(0, 64 << 20),
         1 << 20,
         "At start, read back at most this much of each log.",
+    ),
+    Setting(
+        "mps_logs.timezone",
+        _zone,
+        "local",
+        "Time zone the daemons write their log times in ('local': the agent's).",
     ),
 ]
 BY_KEY = {setting.key: setting for setting in SETTINGS}

@@ -70,11 +70,9 @@ def _render_mps_logs(data: MpsLogsData, out: _Families) -> None:
         for source, count in sorted(state.lines.items()):
             out.add("mps_log_lines_total", [d, source], count)
         for (source, reason), count in sorted(state.read_problems.items()):
-            if source in state.sources_present:
-                out.add("mps_log_read_errors_total", [d, source, reason], count)
+            out.add("mps_log_read_errors_total", [d, source, reason], count)
         for (source, reason), count in sorted(state.file_resets.items()):
-            if source in state.sources_present:
-                out.add("mps_log_file_resets_total", [d, source, reason], count)
+            out.add("mps_log_file_resets_total", [d, source, reason], count)
 
 
 def _render_mps_control(data: MpsControlData, out: _Families) -> None:

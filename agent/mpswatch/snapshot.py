@@ -110,13 +110,11 @@ class LogDirState:
 class MpsLogsData:
     dirs: tuple[LogDirState, ...]
     recent: tuple[tuple[str, LogEvent], ...]  # (log_dir, event), oldest first, bounded
+    fatal_errors: Mapping[int, tuple[str, LogEvent]] = field(default_factory=frozen_map)  # server PID -> latest
     discovery_notes: tuple[str, ...] = ()
 
     def last_fatal_error(self, server_pid: int) -> tuple[str, LogEvent] | None:
-        for log_dir, event in reversed(self.recent):
-            if event.event == "fatal_gpu_error" and event.server_pid == server_pid:
-                return log_dir, event
-        return None
+        return self.fatal_errors.get(server_pid)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Callable
 
@@ -57,10 +57,11 @@ NOTABLE = frozenset(
     }
 )
 
+# numbers are bounded (PIDs, statuses, devices): Python refuses to convert thousands of digits
 _LINE = re.compile(
-    r"^\[(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})(?:\.(\d{1,6}))?\s+([A-Za-z][A-Za-z ]*?)\s+(-?\d+)\]\s?(.*)$"
+    r"^\[(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})(?:\.(\d{1,6}))?\s+([A-Za-z][A-Za-z ]*?)\s+(-?\d{1,10})\]\s?(.*)$"
 )
-_CLIENT = r"\{PID: (-?\d+), Context(?: ID)?: (\d+)\}"
+_CLIENT = r"\{PID: (-?\d{1,10}), Context(?: ID)?: (\d{1,10})\}"
 _ERRORISH = re.compile(r"fail|error|fatal|unable|cannot|can't|refus|invalid|exception|abort|denied|timed? ?out", re.I)
 
 
@@ -88,28 +89,28 @@ def _rule(regex: str, event: str | None, build=None) -> _Rule:
 
 _RULES = [
     # control.log
-    _rule(r"^Starting new server (\d+) for user (\d+)", "server_started",
+    _rule(r"^Starting new server (\d{1,10}) for user (\d{1,10})", "server_started",
           lambda m, pid: {"server_pid": int(m[1]), "detail": f"uid {m[2]}"}),
-    _rule(r"^Server (\d+) exited with status (-?\d+)", "server_exited",
+    _rule(r"^Server (\d{1,10}) exited with status (-?\d{1,10})", "server_exited",
           lambda m, pid: {"server_pid": int(m[1]), "detail": f"status {m[2]}"}),
     _rule(r"^Server encountered a fatal exception", "server_fatal_exception"),
     _rule(r"^Starting control daemon", "control_started"),
-    _rule(r"^Exit with status (-?\d+)", "control_exited", lambda m, pid: {"detail": f"status {m[1]}"}),
+    _rule(r"^Exit with status (-?\d{1,10})", "control_exited", lambda m, pid: {"detail": f"status {m[1]}"}),
     # server.log, driver 580 wording, then the older wordings
     _rule(rf"^Client {_CLIENT} connected", "client_connected",
           lambda m, pid: {"server_pid": pid, "client_pid": int(m[1])}),
-    _rule(r"^New client (\d+) connected", "client_connected",
+    _rule(r"^New client (\d{1,10}) connected", "client_connected",
           lambda m, pid: {"server_pid": pid, "client_pid": int(m[1])}),
-    _rule(r"^Client (?:process )?(\d+) disconnected", "client_disconnected",
+    _rule(r"^Client (?:process )?(\d{1,10}) disconnected", "client_disconnected",
           lambda m, pid: {"server_pid": pid, "client_pid": int(m[1])}),
-    _rule(r"Maximum number of clients \((\d+)\) reached", "client_rejected_max_clients",
+    _rule(r"Maximum number of clients \((\d{1,10})\) reached", "client_rejected_max_clients",
           lambda m, pid: {"server_pid": pid, "detail": f"limit {m[1]}"}),
     _rule(rf"^(?:Volta MPS: )?Client {_CLIENT} encountered a fatal GPU error", "fatal_gpu_error",
           lambda m, pid: {"server_pid": pid, "client_pid": int(m[1])}),
     _rule(r"^(?:Volta MPS: )?Server is handling a fatal GPU error", "server_fault", lambda m, pid: {"server_pid": pid}),
-    _rule(rf"^Client {_CLIENT} on device (\d+) to be torn down", "client_torn_down",
+    _rule(rf"^Client {_CLIENT} on device (\d{{1,10}}) to be torn down", "client_torn_down",
           lambda m, pid: {"server_pid": pid, "client_pid": int(m[1]), "detail": f"device {m[3]}"}),
-    _rule(r"^(?:Volta MPS: )?status of client \{(\d+), \d+\} is INACTIVE", "client_torn_down",
+    _rule(r"^(?:Volta MPS: )?status of client \{(\d{1,10}), \d+\} is INACTIVE", "client_torn_down",
           lambda m, pid: {"server_pid": pid, "client_pid": int(m[1])}),
     _rule(rf"Refusing to accept new client {_CLIENT}", "new_client_refused",
           lambda m, pid: {"server_pid": pid, "client_pid": int(m[1])}),
@@ -129,18 +130,22 @@ _RULES = [
           r"|Exiting|Client \{PID: -?\d+, Context(?: ID)?: \d+\} exiting)", None),
 ]
 _CONNECTED = re.compile(rf"^Client {_CLIENT} connected")
+_REPLY_OVER = re.compile(r"^(?:UI closed|Accepting connection|NEW UI|Starting control daemon|Exit with status)")
 _DEVICES_HEADER = re.compile(r"The following devices will be reset")
 _STICKY_HEADER = re.compile(r"The following client(?:s| process(?:es)?) ha(?:ve|s) a sticky error set")
-_NUMBER = re.compile(r"^\s*(\d+)\s*$")
+_NUMBER = re.compile(r"^\s*(\d{1,10})\s*$")
 
 
-def parse_time(stamp: str, fraction: str | None) -> float:
-    """MPS writes local time without a zone; the agent reads it in its own zone."""
+def parse_time(stamp: str, fraction: str | None, zone: tzinfo | None = None) -> float:
+    """MPS writes its local time without a zone: `zone` is the daemon's (None: the agent's own)."""
     moment = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S")
-    return time.mktime(moment.timetuple()) + (int(fraction) / 10 ** len(fraction) if fraction else 0.0)
+    seconds = moment.replace(tzinfo=zone).timestamp() if zone else time.mktime(moment.timetuple())
+    return seconds + (int(fraction) / 10 ** len(fraction) if fraction else 0.0)
 
 
-def parse_line(line: str, source: str, context: LineContext = LineContext()) -> tuple[LogEvent | None, LineContext]:
+def parse_line(
+    line: str, source: str, context: LineContext = LineContext(), zone: tzinfo | None = None
+) -> tuple[LogEvent | None, LineContext]:
     match = _LINE.match(line)
     if not match:
         return None, context  # a continuation of a multi-line reply (device_query prints some)
@@ -149,10 +154,10 @@ def parse_line(line: str, source: str, context: LineContext = LineContext()) -> 
     message = message.strip()
     if message.startswith("Cmd:"):
         return None, replace(context, in_reply=True, listing=None)
-    if message == "UI closed":
-        return None, replace(context, in_reply=False)
+    if _REPLY_OVER.match(message):  # `quit` has no `UI closed`; a restart starts afresh
+        context = replace(context, in_reply=False)
     try:
-        when = parse_time(stamp, fraction)
+        when = parse_time(stamp, fraction, zone)
     except (ValueError, OverflowError):
         return None, context
 
@@ -184,6 +189,7 @@ def parse_line(line: str, source: str, context: LineContext = LineContext()) -> 
         fields = rule.build(found, pid)
         if rule.event == "client_rejected_max_clients" and context.last_connected_pid is not None:
             fields["client_pid"] = context.last_connected_pid
+            context = replace(context, last_connected_pid=None)
         return event(rule.event, **fields), context
     if _ERRORISH.search(message) and not context.in_reply:  # replies such as "Server 1 not found" are not errors
         return event("unrecognised_error"), context
@@ -222,16 +228,18 @@ def discover_log_dirs(
 
 # ---------------------------------------------------------------- collector
 
+MAX_FATAL_ERRORS_KEPT = 256
+FUTURE_SLACK_SECONDS = 86400.0  # a line dated further ahead than this does not move the last-event time
+
 
 @dataclass
 class _WatchedDir:
     log_dir: str
     found_by: str
     followers: dict[str, LogFollower]
-    contexts: dict[str, LineContext] = field(default_factory=dict)
+    contexts: dict[str, tuple[int, LineContext]] = field(default_factory=dict)  # source -> (generation, context)
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
     last_time: dict[str, float] = field(default_factory=dict)
-    seen: set[str] = field(default_factory=set)  # sources whose file has been read at least once
 
 
 class MpsLogsCollector:
@@ -246,7 +254,9 @@ class MpsLogsCollector:
         backfill_bytes: int = 1 << 20,
         interval_seconds: float = 2.0,
         procfs: ProcFS | None = None,
+        zone: tzinfo | None = None,
         recent_events: int = 50,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.interval_seconds = interval_seconds
         self.deadline_seconds = max(5.0, interval_seconds * 2)
@@ -255,57 +265,89 @@ class MpsLogsCollector:
         self._plugin_root = device_plugin_root
         self._backfill = backfill_bytes
         self._procfs = procfs or ProcFS()
+        self._zone = zone
+        self._clock = clock
         self._dirs: dict[str, _WatchedDir] = {}
         self._recent: deque[tuple[str, LogEvent]] = deque(maxlen=recent_events)
+        self._fatal: dict[int, tuple[str, LogEvent]] = {}
         self._log = structlog.get_logger().bind(collector=self.name)
 
     def collect(self) -> MpsLogsData:
         found, notes = discover_log_dirs(self._configured, self._default, self._plugin_root, self._procfs)
-        for log_dir, found_by in found:
+        self._remember(dict(found))
+        states = tuple(self._read(watched) for _, watched in sorted(self._dirs.items()))
+        return MpsLogsData(
+            dirs=states, recent=tuple(self._recent), fatal_errors=frozen_map(self._fatal),
+            discovery_notes=tuple(notes),
+        )
+
+    def _remember(self, found: dict[str, str]) -> None:
+        """Dirs found once stay followed while they exist; a removed one is forgotten."""
+        for log_dir, found_by in found.items():
             if log_dir not in self._dirs:
                 self._log.info("mps_log_dir_found", log_dir=log_dir, found_by=found_by)
                 followers = {
                     source: LogFollower(os.path.join(log_dir, name), self._backfill) for source, name in SOURCES.items()
                 }
                 self._dirs[log_dir] = _WatchedDir(log_dir, found_by, followers)
-        states = tuple(self._read(watched) for _, watched in sorted(self._dirs.items()))
-        return MpsLogsData(dirs=states, recent=tuple(self._recent), discovery_notes=tuple(notes))
+        for log_dir, watched in list(self._dirs.items()):
+            if log_dir not in found and watched.found_by != "configured" and not os.path.isdir(log_dir):
+                self._log.info("mps_log_dir_forgotten", log_dir=log_dir, reason="directory removed")
+                for follower in watched.followers.values():
+                    follower.close()
+                del self._dirs[log_dir]
 
     def _read(self, watched: _WatchedDir) -> LogDirState:
         for source, follower in watched.followers.items():
             lines = follower.poll()
-            if os.path.exists(follower.path):
-                watched.seen.add(source)
-            context = watched.contexts.get(source, LineContext())
+            generation, context = watched.contexts.get(source, (follower.generation, LineContext()))
+            if generation != follower.generation:
+                context = LineContext()  # a new or truncated file: no command reply or list is open
+            backfilled = 0
             for line in lines:
-                event, context = parse_line(line, source, context)
+                try:
+                    event, context = parse_line(line, source, context, self._zone)
+                except Exception as err:  # a parser bug must cost one line, not the cycle
+                    follower.stats.problem("parse_error")
+                    self._log.error("mps_log_parse_failed", line=line[:200], error=repr(err))
+                    continue
                 if event is None:
                     continue
-                key = (source, event.event)
-                watched.counts[key] = watched.counts.get(key, 0) + 1
-                watched.last_time[event.event] = max(event.time, watched.last_time.get(event.event, 0.0))
-                if event.event in NOTABLE:
-                    self._recent.append((watched.log_dir, event))
-                    if event.event != "unrecognised_error":
-                        self._log.warning("mps_log_event", log_dir=watched.log_dir, **_event_context(event))
-            watched.contexts[source] = context
-        counts = {
-            (source, event): watched.counts.get((source, event), 0) for source in watched.seen for event in EVENTS
-        }
+                if follower.backfilling:
+                    backfilled += 1  # written before the agent started: known, but not counted again
+                else:
+                    key = (source, event.event)
+                    watched.counts[key] = watched.counts.get(key, 0) + 1
+                self._remember_event(watched, event, announce=not follower.backfilling)
+            watched.contexts[source] = (follower.generation, context)
+            if backfilled:
+                self._log.info("mps_log_backfilled", log_dir=watched.log_dir, source=source, events=backfilled)
+        followers = watched.followers
         return LogDirState(
             log_dir=watched.log_dir,
             found_by=watched.found_by,
-            sources_present=tuple(sorted(watched.seen)),
-            event_counts=frozen_map(counts),
+            sources_present=tuple(sorted(s for s, f in followers.items() if f.is_open)),
+            event_counts=frozen_map(
+                {(source, event): watched.counts.get((source, event), 0) for source in SOURCES for event in EVENTS}
+            ),
             last_event_time=frozen_map(watched.last_time),
-            read_problems=frozen_map(
-                {(s, reason): n for s, f in watched.followers.items() for reason, n in f.stats.problems.items()}
-            ),
-            file_resets=frozen_map(
-                {(s, reason): n for s, f in watched.followers.items() for reason, n in f.stats.resets.items()}
-            ),
-            lines=frozen_map({s: f.stats.lines for s, f in watched.followers.items() if s in watched.seen}),
+            read_problems=frozen_map({(s, r): n for s, f in followers.items() for r, n in f.stats.problems.items()}),
+            file_resets=frozen_map({(s, r): n for s, f in followers.items() for r, n in f.stats.resets.items()}),
+            lines=frozen_map({s: f.stats.lines for s, f in followers.items()}),
         )
+
+    def _remember_event(self, watched: _WatchedDir, event: LogEvent, announce: bool) -> None:
+        if event.time <= self._clock() + FUTURE_SLACK_SECONDS:
+            watched.last_time[event.event] = max(event.time, watched.last_time.get(event.event, 0.0))
+        if event.event == "fatal_gpu_error" and event.server_pid is not None:
+            self._fatal.pop(event.server_pid, None)
+            self._fatal[event.server_pid] = (watched.log_dir, event)
+            while len(self._fatal) > MAX_FATAL_ERRORS_KEPT:
+                self._fatal.pop(next(iter(self._fatal)))
+        if event.event in NOTABLE:
+            self._recent.append((watched.log_dir, event))
+            if announce and event.event != "unrecognised_error":
+                self._log.warning("mps_log_event", log_dir=watched.log_dir, **_event_context(event))
 
     def close(self) -> None:
         for watched in self._dirs.values():
