@@ -25,7 +25,7 @@ def free_port() -> int:
 
 def agent_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MPSWATCH_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "agent"), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "agent"), str(REPO), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env

@@ -200,3 +200,16 @@ def test_only_read_only_commands_reach_the_daemon(fake_daemon):
 def test_http_endpoints(fake_daemon, path, code):
     with agent_for(fake_daemon("no_daemon_driver580", process=False)) as agent:
         assert agent.get(path)[0] == code
+
+
+def test_without_a_driver_the_agent_runs_on_and_reports_the_gpu_collector_state(fake_daemon):
+    with agent_for(fake_daemon("healthy_two_clients_driver580"), extra=["--log-level", "info"]) as agent:
+        s = agent.wait_for(lambda s: s if key("mpswatch_collector_success", collector="gpu") in s
+                           and key("mpswatch_collector_success", collector="mps_control") in s else None)
+        assert s[key("mpswatch_collector_success", collector="gpu")] == 0
+        assert s[key("mpswatch_collector_errors_total", collector="gpu", reason="nvml_unavailable")] >= 1
+        assert not [k for k in s if k[0].startswith("mps_gpu_")]
+        assert s[key("mpswatch_collector_success", collector="mps_control")] == 1
+        assert agent.get("/healthz")[0] == 200
+        time.sleep(1.0)
+        assert agent.proc.poll() is None

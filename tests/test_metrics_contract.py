@@ -50,8 +50,10 @@ def test_a_running_agent_exports_exactly_the_declared_set(fake_daemon, tmp_path)
     args = ["--mps-control-bin", FAKE_CONTROL, "--interval", "0.5", "--command-timeout", "1", "--log-dir", str(log_dir)]
     for daemon in (full, garbage, fault):
         args += ["--pipe-dir", daemon.path]
-    with Agent(args) as agent:
+    env = {"MPSWATCH_GPU_NVML_MODULE": "tests.fakenvml:h200", "MPSWATCH_GPU_INTERVAL_SECONDS": "0.5"}
+    with Agent(args, env=env) as agent:
         agent.wait_for(lambda s: s.get(("mps_control_up", frozenset({("pipe_dir", full.path)}))) == 1)
+        agent.wait_for(lambda s: any(name == "mps_gpu_sm_active_ratio" for name, _ in s))  # GPM: second cycle on
         texts.append(agent.get("/metrics")[1])
         seen |= {family_name(name) for name, _ in agent.scrape()}
     assert seen == set(CATALOG)

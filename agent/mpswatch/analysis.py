@@ -9,7 +9,17 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from mpswatch.snapshot import LogEvent, MpsControlData, MpsDaemon, MpsLogsData, MpsServer, NodeSnapshot
+from mpswatch.collectors.gpu import XID_MEANINGS
+from mpswatch.snapshot import (
+    GpuData,
+    GpuState,
+    LogEvent,
+    MpsControlData,
+    MpsDaemon,
+    MpsLogsData,
+    MpsServer,
+    NodeSnapshot,
+)
 
 SCHEMA = "mpswatch.status/v1"
 OK, DEGRADED, DOWN = "OK", "DEGRADED", "DOWN"
@@ -120,6 +130,51 @@ def _daemon_entry(daemon: MpsDaemon, logs: MpsLogsData | None, now: float) -> di
     }
 
 
+def _percent(value: float | None) -> str:
+    return "?" if value is None else f"{value * 100:.0f}%"
+
+
+def _gpu_entry(gpu: GpuState, now: float, recent_xids) -> dict[str, Any]:
+    processes = [{"pid": p.pid, "kind": p.kind, "memory_bytes": p.memory_bytes} for p in gpu.processes or ()]
+    servers = [p["pid"] for p in processes if p["kind"] == "mps_server"]
+    alone = [p["pid"] for p in processes if p["kind"] == "exclusive"]
+    kinds = {kind: sum(1 for p in processes if p["kind"] == kind) for kind in ("mps_client", "mps_server", "exclusive")}
+    activity = (f"SM active {_percent(gpu.sm_active_ratio)}, DRAM bandwidth {_percent(gpu.dram_bandwidth_ratio)}"
+                if gpu.gpm_supported else "no GPM on this GPU: coarse utilisation only")
+    used = f"{(gpu.memory_used_bytes or 0) / 2**30:.1f}/{(gpu.memory_total_bytes or 0) / 2**30:.0f} GiB"
+    summary = (f"utilisation {_percent(gpu.utilization_ratio)}, {activity}, memory {used}; "
+               f"{kinds['mps_client']} MPS client(s), {kinds['mps_server']} server(s), {kinds['exclusive']} without MPS")
+    if not gpu.up:
+        verdict, reason = DOWN, f"NVML calls fail: {gpu.error}"
+    elif servers and alone:
+        verdict = DEGRADED
+        reason = (f"process(es) {', '.join(map(str, alone))} run on this GPU without MPS while MPS server "
+                  f"{servers[0]} serves it; {summary}")
+    else:
+        verdict, reason = OK, summary
+    xids = [
+        {"xid": e.xid, "meaning": XID_MEANINGS.get(e.xid, "see NVIDIA's XID catalog"),
+         "time": datetime.fromtimestamp(e.time, timezone.utc).isoformat(timespec="seconds"),
+         "age_seconds": round(now - e.time, 1)}
+        for e in reversed(recent_xids) if e.uuid == gpu.uuid
+    ][:RECENT_EVENTS_SHOWN]
+    return {
+        "index": gpu.index,
+        "uuid": gpu.uuid,
+        "name": gpu.name,
+        "gpm_supported": gpu.gpm_supported,
+        "utilization_ratio": gpu.utilization_ratio,
+        "sm_active_ratio": gpu.sm_active_ratio,
+        "dram_bandwidth_ratio": gpu.dram_bandwidth_ratio,
+        "memory_used_bytes": gpu.memory_used_bytes,
+        "memory_total_bytes": gpu.memory_total_bytes,
+        "verdict": verdict,
+        "reason": reason,
+        "processes": processes,
+        "recent_xids": xids,
+    }
+
+
 def _summary(control: object, daemons: list[dict[str, Any]], collectors: list[dict[str, Any]]) -> str:
     if not isinstance(control, MpsControlData):
         failed = next((c for c in collectors if c["name"] == "mps_control"), None)
@@ -161,6 +216,18 @@ def health_report(snapshot: NodeSnapshot, version: str, now: float | None = None
     if logs is not None:
         notes += logs.discovery_notes
     events = [_event_entry(log_dir, e, now) for log_dir, e in reversed(logs.recent)] if logs else []
+    gpu_data = snapshot.data("gpu")
+    gpus = (
+        [_gpu_entry(g, now, gpu_data.recent_xids) for g in gpu_data.gpus] if isinstance(gpu_data, GpuData) else []
+    )
+    verdicts += [g["verdict"] for g in gpus]
+    if isinstance(gpu_data, GpuData):
+        notes += gpu_data.notes
+    memory_by_pid = {p["pid"]: p["memory_bytes"] for g in gpus for p in g["processes"]}
+    for d in daemons:
+        for s in d["servers"]:
+            for c in s["clients"]:
+                c["gpu_memory_bytes"] = memory_by_pid.get(c["pid"])
     return {
         "schema": SCHEMA,
         "version": version,
@@ -169,6 +236,7 @@ def health_report(snapshot: NodeSnapshot, version: str, now: float | None = None
         "summary": _summary(control, daemons, collectors),
         "collectors": collectors,
         "daemons": daemons,
+        "gpus": gpus,
         "log_dirs": [
             {"log_dir": d.log_dir, "found_by": d.found_by, "files": [f"{s}.log" for s in d.sources_present]}
             for d in (logs.dirs if logs else ())
@@ -202,6 +270,10 @@ def render_text(report: dict[str, Any]) -> str:
             lines.append(f"{s['verdict']:<9}   server {s['pid']}{uid}: {s['reason']}")
             for c in s["clients"]:
                 lines.append(f"{c['verdict']:<9}     client {c['pid']} {c['command']}: {c['reason']}")
+    for g in report["gpus"]:
+        lines.append(f"{g['verdict']:<9} gpu {g['index']} {g['name'] or ''} ({g['uuid']}): {g['reason']}")
+        for x in g["recent_xids"]:
+            lines.append(f"{'XID':<9} {_age(x['age_seconds']) + ' ago':>9} gpu {g['index']}: XID {x['xid']}, {x['meaning']}")
     for e in report["recent_events"]:
         lines.append(f"{'EVENT':<9} {_age(e['age_seconds']) + ' ago':>9} {e['event']}: {_who(e)} ({e['log_dir']})")
     for note in report["notes"]:

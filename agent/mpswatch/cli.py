@@ -15,6 +15,7 @@ import structlog
 
 from mpswatch import __version__
 from mpswatch.analysis import OK, health_report, render_text
+from mpswatch.collectors.gpu import GpuCollector, nvml_loader
 from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector
 from mpswatch.collectors.mps_logs import MpsLogsCollector
 from mpswatch.config import DEFAULT_CONFIG_PATH, DEFAULT_PORT, Config, ConfigError, load_config
@@ -78,7 +79,7 @@ def _load(config_path: str | None, flags: dict[str, Any]) -> Config:
         sys.exit(EXIT_USAGE)
 
 
-def build_collectors(config: Config) -> list[MpsControlCollector | MpsLogsCollector]:
+def build_collectors(config: Config) -> list[MpsControlCollector | MpsLogsCollector | GpuCollector]:
     procfs = ProcFS(root=Path(config["proc_root"]))
     discovery = DiscoverySettings(
         pipe_dirs=config["mps_control.pipe_dirs"],
@@ -103,6 +104,12 @@ def build_collectors(config: Config) -> list[MpsControlCollector | MpsLogsCollec
             interval_seconds=config["mps_logs.interval_seconds"],
             procfs=procfs,
             zone=None if config["mps_logs.timezone"] == "local" else ZoneInfo(config["mps_logs.timezone"]),
+        ),
+        GpuCollector(
+            nvml_loader=nvml_loader(config["gpu.nvml_module"]),
+            interval_seconds=config["gpu.interval_seconds"],
+            deadline_seconds=config["gpu.deadline_seconds"],
+            procfs=procfs,
         ),
     ]
 

@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from mpswatch.metrics import CATALOG
-from mpswatch.snapshot import SERVER_STATUSES, DaemonState, MpsControlData, MpsLogsData, NodeSnapshot
+from mpswatch.snapshot import SERVER_STATUSES, DaemonState, GpuData, MpsControlData, MpsLogsData, NodeSnapshot
 
 
 class _Families:
@@ -57,7 +57,45 @@ def render(snapshot: NodeSnapshot, version: str) -> list[Metric]:
     logs = snapshot.data("mps_logs")
     if isinstance(logs, MpsLogsData):
         _render_mps_logs(logs, out)
+    gpus = snapshot.data("gpu")
+    if isinstance(gpus, GpuData):
+        _render_gpus(gpus, out)
     return list(out)
+
+
+_GPU_VALUES = {
+    "mps_gpu_sm_active_ratio": "sm_active_ratio",
+    "mps_gpu_sm_occupancy_ratio": "sm_occupancy_ratio",
+    "mps_gpu_dram_bandwidth_ratio": "dram_bandwidth_ratio",
+    "mps_gpu_tensor_active_ratio": "tensor_active_ratio",
+    "mps_gpu_utilization_ratio": "utilization_ratio",
+    "mps_gpu_memory_used_bytes": "memory_used_bytes",
+    "mps_gpu_memory_total_bytes": "memory_total_bytes",
+    "mps_gpu_power_watts": "power_watts",
+    "mps_gpu_temperature_celsius": "temperature_celsius",
+}
+
+
+def _render_gpus(data: GpuData, out: _Families) -> None:
+    for gpu in data.gpus:
+        ids = [gpu.index, gpu.uuid or ""]
+        out.add("mps_gpu_up", ids, 1 if gpu.up else 0)
+        if gpu.uuid is not None:
+            info = [*ids, gpu.name or "", data.driver_version or "", gpu.compute_mode or ""]
+            out.add("mps_gpu_info", info, 1)
+        for xid, count in sorted(gpu.xid_counts.items()):
+            out.add("mps_gpu_xid_errors_total", [*ids, xid], count)
+        if not gpu.up:
+            continue
+        if gpu.gpm_supported is not None:
+            out.add("mps_gpu_gpm_supported", ids, 1 if gpu.gpm_supported else 0)
+        for metric, attribute in _GPU_VALUES.items():
+            value = getattr(gpu, attribute)
+            if value is not None:
+                out.add(metric, ids, value)
+        for process in gpu.processes or ():
+            if process.memory_bytes is not None:
+                out.add("mps_gpu_process_memory_bytes", [*ids, process.pid, process.kind, ""], process.memory_bytes)
 
 
 def _render_mps_logs(data: MpsLogsData, out: _Families) -> None:

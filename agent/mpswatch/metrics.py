@@ -114,4 +114,27 @@ _SPECS += [
     ),
 ]
 
+_GPU = ("gpu", "uuid")
+_SPECS += [
+    MetricSpec("mps_gpu_info", "gauge", ("gpu", "uuid", "name", "driver_version", "compute_mode"), "Always 1 per GPU."),
+    MetricSpec("mps_gpu_up", "gauge", _GPU, "1 if NVML answered for this GPU this cycle, 0 if its calls failed (e.g. GPU lost)."),
+    MetricSpec("mps_gpu_gpm_supported", "gauge", _GPU, "1 if the GPU has GPM (Hopper and later), else 0."),
+    MetricSpec("mps_gpu_sm_active_ratio", "gauge", _GPU, "GPM SM activity over the last interval."),
+    MetricSpec("mps_gpu_sm_occupancy_ratio", "gauge", _GPU, "GPM SM occupancy over the last interval."),
+    MetricSpec("mps_gpu_dram_bandwidth_ratio", "gauge", _GPU, "GPM DRAM bandwidth utilisation over the last interval."),
+    MetricSpec("mps_gpu_tensor_active_ratio", "gauge", _GPU, "GPM any-tensor activity over the last interval."),
+    MetricSpec("mps_gpu_utilization_ratio", "gauge", _GPU, "NVML coarse utilisation: time a kernel ran."),
+    MetricSpec("mps_gpu_memory_used_bytes", "gauge", _GPU, "GPU memory in use."),
+    MetricSpec("mps_gpu_memory_total_bytes", "gauge", _GPU, "GPU memory in all."),
+    MetricSpec("mps_gpu_power_watts", "gauge", _GPU, "Power draw."),
+    MetricSpec("mps_gpu_temperature_celsius", "gauge", _GPU, "GPU temperature."),
+    MetricSpec(
+        "mps_gpu_process_memory_bytes",
+        "gauge",
+        ("gpu", "uuid", "pid", "kind", "engine"),
+        "GPU memory of one process; kind: mps_client, mps_server or exclusive (a compute process not under MPS).",
+    ),
+    MetricSpec("mps_gpu_xid_errors_total", "counter", ("gpu", "uuid", "xid"), "XID errors reported by NVML events."),
+]
+
 CATALOG: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}

@@ -118,6 +118,50 @@ class MpsLogsData:
 
 
 @dataclass(frozen=True)
+class GpuProcess:
+    pid: int
+    kind: str  # mps_client | mps_server | exclusive
+    memory_bytes: int | None
+
+
+@dataclass(frozen=True)
+class GpuState:
+    index: int
+    uuid: str | None
+    name: str | None
+    up: bool  # False: NVML calls for this GPU fail (e.g. GPU lost); only identity is known
+    error: str | None = None
+    compute_mode: str | None = None
+    utilization_ratio: float | None = None
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    power_watts: float | None = None
+    temperature_celsius: float | None = None
+    gpm_supported: bool | None = None
+    sm_active_ratio: float | None = None
+    sm_occupancy_ratio: float | None = None
+    dram_bandwidth_ratio: float | None = None
+    tensor_active_ratio: float | None = None
+    processes: tuple[GpuProcess, ...] | None = None
+    xid_counts: Mapping[int, int] = field(default_factory=frozen_map)
+
+
+@dataclass(frozen=True)
+class XidEvent:
+    time: float
+    uuid: str
+    xid: int
+
+
+@dataclass(frozen=True)
+class GpuData:
+    driver_version: str | None
+    gpus: tuple[GpuState, ...]
+    recent_xids: tuple[XidEvent, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class CollectorStatus:
     name: str
     success: bool

@@ -1,0 +1,373 @@
+"""GPU collector: NVML utilisation, GPM activity, per-process memory by MPS role, XID errors.
+
+NVML calls run in-process and cannot be killed; the scheduler gives this collector a deadline
+and reports it stale when a call hangs. XID events are waited for on their own thread with a
+short timeout, so a stuck wait never holds up a cycle. The NVML module is injected (tests use a
+fake replaying a real H200 recording).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import structlog
+
+from mpswatch.collectors import CollectorError
+from mpswatch.procfs import ProcFS
+from mpswatch.snapshot import GpuData, GpuProcess, GpuState, XidEvent, frozen_map
+
+MPS_SERVER_PROGRAM = "nvidia-cuda-mps-server"
+COMPUTE_MODES = {0: "Default", 1: "Exclusive_Thread", 2: "Prohibited", 3: "Exclusive_Process"}
+XID_MEANINGS = {
+    13: "graphics engine exception (an application error)",
+    31: "GPU memory page fault (an application's illegal address)",
+    43: "GPU stopped processing (an application error)",
+    45: "preemptive cleanup after an earlier error (expected on co-located MPS clients)",
+    48: "double-bit ECC error (GPU reset needed)",
+    63: "ECC page retirement or row remap recorded",
+    64: "ECC page retirement or row remap failed",
+    74: "NVLink error",
+    79: "GPU has fallen off the bus",
+    94: "contained ECC error (restart the affected application)",
+    95: "uncontained ECC error (GPU reset needed)",
+    109: "context switch timeout",
+    119: "GSP RPC timeout (reset or power cycle)",
+    120: "GSP error (reset or power cycle)",
+}
+# NVML errors that mean "this value is not available here", not "this GPU is broken"
+_ABSENT = ("NVML_ERROR_NOT_SUPPORTED", "NVML_ERROR_NO_PERMISSION", "NVML_ERROR_NOT_FOUND", "NVML_ERROR_NO_DATA")
+_REINIT = ("NVML_ERROR_UNINITIALIZED", "NVML_ERROR_DRIVER_NOT_LOADED", "NVML_ERROR_LIB_RM_VERSION_MISMATCH")
+
+
+def nvml_loader(spec: str = "pynvml") -> Callable[[], Any]:
+    """`module` or `module:factory`: the NVML binding to use (a fake one in tests)."""
+
+    def load() -> Any:
+        module_name, _, factory = spec.partition(":")
+        module = importlib.import_module(module_name)
+        return getattr(module, factory)() if factory else module
+
+    return load
+
+
+def gpm_ratio(percent: float) -> float:
+    return min(1.0, max(0.0, percent / 100.0))
+
+
+class _GpuFailed(Exception):
+    pass
+
+
+@dataclass
+class _DeviceMemory:
+    """What stays known about a GPU between cycles: identity, GPM support and the last sample."""
+
+    handle: Any
+    uuid: str | None = None
+    name: str | None = None
+    gpm_supported: bool | None = None
+    gpm_sample: Any = None
+
+
+class _XidWatcher(threading.Thread):
+    """Waits for XID events; counts them per GPU and code, keeps the latest ones."""
+
+    def __init__(self, nvml: Any, handles: list[Any], uuid_of: Callable[[Any], str | None], wait_ms: int, log) -> None:
+        super().__init__(name="xid-events", daemon=True)
+        self._nvml = nvml
+        self._handles = handles
+        self._uuid_of = uuid_of
+        self._wait_ms = wait_ms
+        self._log = log
+        self._stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self.counts: dict[str, dict[int, int]] = {}
+        self.recent: deque[XidEvent] = deque(maxlen=50)
+        self.note: str | None = None
+
+    def run(self) -> None:
+        nvml = self._nvml
+        try:
+            event_set = nvml.nvmlEventSetCreate()
+        except nvml.NVMLError as err:
+            self.note = f"XID events unavailable: {err}"
+            return
+        registered = 0
+        for handle in self._handles:
+            try:
+                nvml.nvmlDeviceRegisterEvents(handle, nvml.nvmlEventTypeXidCriticalError, event_set)
+                registered += 1
+            except nvml.NVMLError as err:
+                self.note = f"XID events not supported on a GPU: {err}"
+        if not registered:
+            return
+        failures = 0
+        while not self._stop_event.is_set():
+            try:
+                data = nvml.nvmlEventSetWait_v2(event_set, self._wait_ms)
+            except nvml.NVMLError as err:
+                if getattr(err, "value", None) == nvml.NVML_ERROR_TIMEOUT:
+                    continue
+                failures += 1
+                if failures == 1:
+                    self._log.warning("xid_wait_failed", error=str(err))
+                self._stop_event.wait(min(30.0, failures))  # back off; never spin on a broken event set
+                continue
+            failures = 0
+            self._record(data)
+        try:
+            nvml.nvmlEventSetFree(event_set)
+        except nvml.NVMLError:
+            pass
+
+    def _record(self, data: Any) -> None:
+        uuid = self._uuid_of(data.device) or "unknown"
+        xid = int(data.eventData)
+        event = XidEvent(time=time.time(), uuid=uuid, xid=xid)
+        with self._lock:
+            per_gpu = self.counts.setdefault(uuid, dict.fromkeys(XID_MEANINGS, 0))
+            per_gpu[xid] = per_gpu.get(xid, 0) + 1
+            self.recent.append(event)
+        self._log.warning("gpu_xid", uuid=uuid, xid=xid, meaning=XID_MEANINGS.get(xid, "see NVIDIA's XID catalog"))
+
+    def snapshot(self) -> tuple[dict[str, dict[int, int]], tuple[XidEvent, ...]]:
+        with self._lock:
+            return {uuid: dict(counts) for uuid, counts in self.counts.items()}, tuple(self.recent)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+class GpuCollector:
+    name = "gpu"
+
+    def __init__(
+        self,
+        *,
+        nvml_loader: Callable[[], Any] = nvml_loader(),
+        interval_seconds: float = 2.0,
+        deadline_seconds: float = 5.0,
+        procfs: ProcFS | None = None,
+        xid_wait_ms: int = 500,
+    ) -> None:
+        self.interval_seconds = interval_seconds
+        self.deadline_seconds = deadline_seconds
+        self._load_nvml = nvml_loader
+        self._procfs = procfs or ProcFS()
+        self._xid_wait_ms = xid_wait_ms
+        self._nvml: Any = None
+        self._devices: dict[int, _DeviceMemory] = {}
+        self._xids: _XidWatcher | None = None
+        self._driver: str | None = None
+        self._failing: dict[int, str] = {}
+        self._log = structlog.get_logger().bind(collector=self.name)
+
+    def collect(self) -> GpuData:
+        nvml = self._initialised()
+        try:
+            count = nvml.nvmlDeviceGetCount()
+        except nvml.NVMLError as err:
+            self._forget_if_needed(err)
+            raise CollectorError("nvml_error", f"nvmlDeviceGetCount: {err}") from None
+        gpus = tuple(self._device(nvml, index) for index in range(count))
+        counts, recent = self._xids.snapshot() if self._xids else ({}, ())
+        gpus = tuple(g if g.uuid is None else _with_xids(g, counts.get(g.uuid)) for g in gpus)
+        notes = (self._xids.note,) if self._xids and self._xids.note else ()
+        return GpuData(driver_version=self._driver, gpus=gpus, recent_xids=recent, notes=notes)
+
+    def _initialised(self) -> Any:
+        if self._nvml is not None:
+            return self._nvml
+        try:
+            nvml = self._load_nvml()
+        except (ImportError, AttributeError) as err:
+            raise CollectorError("nvml_unavailable", f"cannot load the NVML binding: {err}") from None
+        try:
+            nvml.nvmlInit()
+            driver = nvml.nvmlSystemGetDriverVersion()
+        except nvml.NVMLError as err:
+            raise CollectorError("nvml_unavailable", f"NVML did not initialise: {err} (no NVIDIA driver here?)") from None
+        self._driver = driver.decode() if isinstance(driver, bytes) else driver
+        self._nvml = nvml
+        handles = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handles.append(nvml.nvmlDeviceGetHandleByIndex(index))
+            self._devices[index] = _DeviceMemory(handle=handles[-1])
+        self._log.info("nvml_initialised", driver_version=self._driver, gpus=len(handles))
+        self._xids = _XidWatcher(nvml, handles, self._uuid_of_handle, self._xid_wait_ms, self._log)
+        self._xids.start()
+        return nvml
+
+    def _uuid_of_handle(self, handle: Any) -> str | None:
+        for memory in self._devices.values():
+            if memory.handle is handle or memory.handle == handle:
+                return memory.uuid
+        try:
+            return _text(self._nvml.nvmlDeviceGetUUID(handle))
+        except Exception:  # an event for a GPU that has just gone: counted as unknown
+            return None
+
+    def _forget_if_needed(self, err: Any) -> None:
+        if _error_name(self._nvml, err) in _REINIT:
+            self.close()
+
+    def _device(self, nvml: Any, index: int) -> GpuState:
+        memory = self._devices.get(index)
+        try:
+            if memory is None:
+                memory = self._devices[index] = _DeviceMemory(handle=self._call(nvml.nvmlDeviceGetHandleByIndex, index))
+            state = self._read_device(nvml, index, memory)
+        except _GpuFailed as failed:
+            reason = str(failed)
+            if self._failing.get(index) != reason:
+                self._log.warning("gpu_failed", gpu=index, uuid=memory.uuid if memory else None, error=reason)
+            self._failing[index] = reason
+            return GpuState(index=index, uuid=memory.uuid if memory else None, name=memory.name if memory else None,
+                            up=False, error=reason)
+        if self._failing.pop(index, None) is not None:
+            self._log.info("gpu_recovered", gpu=index, uuid=memory.uuid)
+        return state
+
+    def _call(self, fn: Callable, *args: Any) -> Any:
+        """The value, None when NVML says it is not available here; anything else fails the GPU."""
+        try:
+            return fn(*args)
+        except self._nvml.NVMLError as err:
+            if _error_name(self._nvml, err) in _ABSENT:
+                return None
+            raise _GpuFailed(f"{getattr(fn, '__name__', 'nvml')}: {err}") from None
+
+    def _read_device(self, nvml: Any, index: int, memory: _DeviceMemory) -> GpuState:
+        handle = memory.handle
+        if memory.uuid is None:
+            memory.uuid = _text(self._call(nvml.nvmlDeviceGetUUID, handle))
+            memory.name = _text(self._call(nvml.nvmlDeviceGetName, handle))
+        mode = self._call(nvml.nvmlDeviceGetComputeMode, handle)
+        util = self._call(nvml.nvmlDeviceGetUtilizationRates, handle)
+        mem = self._call(nvml.nvmlDeviceGetMemoryInfo, handle)
+        power_mw = self._call(nvml.nvmlDeviceGetPowerUsage, handle)
+        temperature = self._call(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)
+        gpm = self._gpm(nvml, memory)
+        return GpuState(
+            index=index,
+            uuid=memory.uuid,
+            name=memory.name,
+            up=True,
+            compute_mode=COMPUTE_MODES.get(mode, str(mode)) if mode is not None else None,
+            utilization_ratio=util.gpu / 100.0 if util is not None else None,
+            memory_used_bytes=mem.used if mem is not None else None,
+            memory_total_bytes=mem.total if mem is not None else None,
+            power_watts=power_mw / 1000.0 if power_mw is not None else None,
+            temperature_celsius=float(temperature) if temperature is not None else None,
+            gpm_supported=memory.gpm_supported,
+            processes=self._processes(nvml, handle),
+            **gpm,
+        )
+
+    def _gpm(self, nvml: Any, memory: _DeviceMemory) -> dict[str, float | None]:
+        """GPM between the previous cycle's sample and this one's; nothing on the first cycle."""
+        values: dict[str, float | None] = dict.fromkeys(
+            ("sm_active_ratio", "sm_occupancy_ratio", "dram_bandwidth_ratio", "tensor_active_ratio")
+        )
+        if memory.gpm_supported is None:
+            support = self._call(nvml.nvmlGpmQueryDeviceSupport, memory.handle)
+            memory.gpm_supported = bool(support is not None and support.isSupportedDevice)
+        if not memory.gpm_supported:
+            return values
+        metric_ids = {
+            "sm_active_ratio": nvml.NVML_GPM_METRIC_SM_UTIL,
+            "sm_occupancy_ratio": nvml.NVML_GPM_METRIC_SM_OCCUPANCY,
+            "dram_bandwidth_ratio": nvml.NVML_GPM_METRIC_DRAM_BW_UTIL,
+            "tensor_active_ratio": nvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL,
+        }
+        sample = nvml.nvmlGpmSampleAlloc()
+        try:
+            self._call(nvml.nvmlGpmSampleGet, memory.handle, sample)
+        except _GpuFailed:
+            nvml.nvmlGpmSampleFree(sample)
+            raise
+        previous, memory.gpm_sample = memory.gpm_sample, sample
+        if previous is None:
+            return values
+        try:
+            query = nvml.c_nvmlGpmMetricsGet_t()
+            query.version = nvml.NVML_GPM_METRICS_GET_VERSION
+            query.numMetrics = len(metric_ids)
+            query.sample1, query.sample2 = previous, sample
+            for i, metric_id in enumerate(metric_ids.values()):
+                query.metrics[i].metricId = metric_id
+            if self._call(nvml.nvmlGpmMetricsGet, query) is not None:
+                for i, key in enumerate(metric_ids):
+                    if query.metrics[i].nvmlReturn == 0:
+                        values[key] = gpm_ratio(query.metrics[i].value)
+        finally:
+            nvml.nvmlGpmSampleFree(previous)
+        return values
+
+    def _processes(self, nvml: Any, handle: Any) -> tuple[GpuProcess, ...] | None:
+        compute = self._call(nvml.nvmlDeviceGetComputeRunningProcesses, handle)
+        if compute is None:
+            return None
+        mps = self._call(nvml.nvmlDeviceGetMPSComputeRunningProcesses, handle) or []
+        mps_memory = {p.pid: p.usedGpuMemory for p in mps}
+        processes = []
+        for proc in compute:
+            if proc.pid in mps_memory:
+                kind, used = "mps_client", mps_memory.pop(proc.pid)
+            elif self._is_mps_server(nvml, proc.pid):
+                kind, used = "mps_server", proc.usedGpuMemory
+            else:
+                kind, used = "exclusive", proc.usedGpuMemory
+            processes.append(GpuProcess(pid=proc.pid, kind=kind, memory_bytes=used))
+        processes += [GpuProcess(pid=pid, kind="mps_client", memory_bytes=used) for pid, used in mps_memory.items()]
+        return tuple(sorted(processes, key=lambda p: p.pid))
+
+    def _is_mps_server(self, nvml: Any, pid: int) -> bool:
+        argv = self._procfs.cmdline(pid)
+        if argv:
+            return os.path.basename(argv[0]) == MPS_SERVER_PROGRAM
+        try:  # another PID namespace: ask NVML
+            return os.path.basename(_text(nvml.nvmlSystemGetProcessName(pid)) or "") == MPS_SERVER_PROGRAM
+        except nvml.NVMLError:
+            return False
+
+    def close(self) -> None:
+        if self._xids is not None:
+            self._xids.stop()
+        nvml, self._nvml = self._nvml, None
+        if nvml is None:
+            return
+        for memory in self._devices.values():
+            if memory.gpm_sample is not None:
+                try:
+                    nvml.nvmlGpmSampleFree(memory.gpm_sample)
+                except nvml.NVMLError:
+                    pass
+        self._devices.clear()
+        try:
+            nvml.nvmlShutdown()
+        except nvml.NVMLError:
+            pass
+
+
+def _text(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _error_name(nvml: Any, err: Any) -> str:
+    code = getattr(err, "value", None)
+    for name in (*_ABSENT, *_REINIT):
+        if getattr(nvml, name, object()) == code:
+            return name
+    return str(code)
+
+
+def _with_xids(gpu: GpuState, counts: dict[int, int] | None) -> GpuState:
+    """The common XIDs start at 0, so that the first one is an increase Prometheus can see."""
+    return replace(gpu, xid_counts=frozen_map(counts or dict.fromkeys(XID_MEANINGS, 0)))

@@ -1,0 +1,210 @@
+"""A fake of the nvidia-ml-py surface the GPU collector uses, replaying a real H200 recording
+(tests/fixtures/nvml/nvml-h200-driver580.json, made by tests/gpu/record_nvml.py).
+
+Knobs reproduce what a real node does: GPM unsupported, a second GPU, one GPU lost, a call that
+hangs, NVML failing to initialise, XID events arriving.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+RECORDING = Path(__file__).parent / "fixtures" / "nvml" / "nvml-h200-driver580.json"
+
+NVML_SUCCESS = 0
+NVML_ERROR_UNINITIALIZED = 1
+NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_NO_PERMISSION = 4
+NVML_ERROR_NOT_FOUND = 6
+NVML_ERROR_DRIVER_NOT_LOADED = 9
+NVML_ERROR_TIMEOUT = 10
+NVML_ERROR_LIBRARY_NOT_FOUND = 12
+NVML_ERROR_GPU_IS_LOST = 15
+NVML_ERROR_LIB_RM_VERSION_MISMATCH = 18
+NVML_ERROR_NO_DATA = 26
+NVML_TEMPERATURE_GPU = 0
+NVML_GPM_METRIC_SM_UTIL = 2
+NVML_GPM_METRIC_SM_OCCUPANCY = 3
+NVML_GPM_METRIC_ANY_TENSOR_UTIL = 5
+NVML_GPM_METRIC_DRAM_BW_UTIL = 10
+NVML_GPM_METRICS_GET_VERSION = 1
+nvmlEventTypeXidCriticalError = 0x8
+
+_MESSAGES = {
+    NVML_ERROR_NOT_SUPPORTED: "Not Supported",
+    NVML_ERROR_TIMEOUT: "Timeout",
+    NVML_ERROR_LIBRARY_NOT_FOUND: "NVML Shared Library Not Found",
+    NVML_ERROR_GPU_IS_LOST: "GPU is lost",
+    NVML_ERROR_DRIVER_NOT_LOADED: "Driver Not Loaded",
+}
+
+
+class NVMLError(Exception):
+    def __init__(self, value: int) -> None:
+        super().__init__(value)
+        self.value = value
+
+    def __str__(self) -> str:
+        return _MESSAGES.get(self.value, f"Unknown Error {self.value}")
+
+
+class c_nvmlGpmMetricsGet_t:
+    def __init__(self) -> None:
+        self.version = 0
+        self.numMetrics = 0
+        self.sample1 = self.sample2 = None
+        self.metrics = [SimpleNamespace(metricId=0, nvmlReturn=0, value=0.0) for _ in range(98)]
+
+
+class FakeNvml:
+    """Instances stand in for the `pynvml` module."""
+
+    NVMLError = NVMLError
+    c_nvmlGpmMetricsGet_t = c_nvmlGpmMetricsGet_t
+
+    def __init__(self, gpus: int = 1, gpm_supported: bool | None = None, init_error: int | None = None) -> None:
+        for name, value in globals().items():
+            if name.startswith(("NVML_", "nvmlEventType")):
+                setattr(self, name, value)
+        self.recording = json.loads(RECORDING.read_text())
+        device = self.recording["devices"][0]
+        self.devices = []
+        for index in range(gpus):
+            copy = json.loads(json.dumps(device))
+            if index:
+                copy["uuid"] = device["uuid"][:-2] + f"{index:02d}"
+            if gpm_supported is not None:
+                copy["gpm_supported"] = gpm_supported
+            self.devices.append(copy)
+        self.init_error = init_error
+        self.failing: dict[int, int] = {}  # GPU index -> NVML error raised by all its calls
+        self.hang_in: str | None = None  # name of a call that blocks until `release` is set
+        self.release = threading.Event()
+        self.xids: queue.Queue[tuple[int, int]] = queue.Queue()
+        self.metric_pairs: list[tuple[object, object]] = []  # the samples each nvmlGpmMetricsGet compared
+        self.freed: set[int] = set()
+        self.allocated = 0
+        self.initialised = False
+
+    # -- helpers
+    def _device(self, handle, call: str) -> dict:
+        if self.hang_in == call:
+            self.release.wait()
+        if handle.index in self.failing:
+            raise NVMLError(self.failing[handle.index])
+        return self.devices[handle.index]
+
+    # -- the nvidia-ml-py surface
+    def nvmlInit(self) -> None:
+        if self.init_error is not None:
+            raise NVMLError(self.init_error)
+        self.initialised = True
+
+    def nvmlShutdown(self) -> None:
+        self.initialised = False
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        return self.recording["driver_version"]
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.devices)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int):
+        return SimpleNamespace(index=index)
+
+    def nvmlDeviceGetUUID(self, handle) -> str:
+        return self._device(handle, "nvmlDeviceGetUUID")["uuid"]
+
+    def nvmlDeviceGetName(self, handle) -> str:
+        return self._device(handle, "nvmlDeviceGetName")["name"]
+
+    def nvmlDeviceGetComputeMode(self, handle) -> int:
+        return self._device(handle, "nvmlDeviceGetComputeMode")["compute_mode"]
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return SimpleNamespace(**self._device(handle, "nvmlDeviceGetUtilizationRates")["utilization"])
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        memory = self._device(handle, "nvmlDeviceGetMemoryInfo")["memory"]
+        return SimpleNamespace(used=memory["used"], total=memory["total"], free=memory["total"] - memory["used"])
+
+    def nvmlDeviceGetPowerUsage(self, handle) -> int:
+        return self._device(handle, "nvmlDeviceGetPowerUsage")["power_mw"]
+
+    def nvmlDeviceGetTemperature(self, handle, sensor: int) -> int:
+        assert sensor == NVML_TEMPERATURE_GPU
+        return self._device(handle, "nvmlDeviceGetTemperature")["temperature_c"]
+
+    def nvmlGpmQueryDeviceSupport(self, handle):
+        return SimpleNamespace(version=1, isSupportedDevice=int(self._device(handle, "nvmlGpmQueryDeviceSupport")["gpm_supported"]))
+
+    def nvmlGpmSampleAlloc(self):
+        self.allocated += 1
+        return SimpleNamespace(id=self.allocated, taken=False)
+
+    def nvmlGpmSampleFree(self, sample) -> None:
+        assert sample.id not in self.freed, "double free"
+        self.freed.add(sample.id)
+
+    def nvmlGpmSampleGet(self, handle, sample):
+        device = self._device(handle, "nvmlGpmSampleGet")
+        if not device["gpm_supported"]:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        sample.taken = True
+        return sample
+
+    def nvmlGpmMetricsGet(self, query):
+        assert query.sample1.taken and query.sample2.taken and query.sample1 is not query.sample2
+        self.metric_pairs.append((query.sample1.id, query.sample2.id))
+        recorded = self.devices[0]["gpm_metrics"]
+        for i in range(query.numMetrics):
+            query.metrics[i].value = recorded[str(query.metrics[i].metricId)]
+            query.metrics[i].nvmlReturn = NVML_SUCCESS
+        return query
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        device = self._device(handle, "nvmlDeviceGetComputeRunningProcesses")
+        return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in device["compute_processes"]]
+
+    def nvmlDeviceGetMPSComputeRunningProcesses(self, handle):
+        device = self._device(handle, "nvmlDeviceGetMPSComputeRunningProcesses")
+        return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in device["mps_processes"]]
+
+    def nvmlSystemGetProcessName(self, pid: int) -> str:
+        for device in self.devices:
+            if str(pid) in device["process_names"]:
+                return device["process_names"][str(pid)]
+        raise NVMLError(NVML_ERROR_NOT_FOUND)
+
+    def nvmlEventSetCreate(self):
+        return object()
+
+    def nvmlDeviceRegisterEvents(self, handle, types: int, event_set) -> None:
+        assert types == nvmlEventTypeXidCriticalError
+
+    def nvmlEventSetWait_v2(self, event_set, timeout_ms: int):
+        try:
+            index, xid = self.xids.get(timeout=timeout_ms / 1000)
+        except queue.Empty:
+            raise NVMLError(NVML_ERROR_TIMEOUT) from None
+        return SimpleNamespace(device=SimpleNamespace(index=index), eventType=nvmlEventTypeXidCriticalError, eventData=xid)
+
+    def nvmlEventSetFree(self, event_set) -> None:
+        pass
+
+
+def h200() -> FakeNvml:
+    """For `gpu.nvml_module = "tests.fakenvml:h200"`: the recorded H200, one GPU."""
+    return FakeNvml()
+
+
+def h200_all_mps() -> FakeNvml:
+    """The recorded H200 without its process that ran outside MPS: a healthy MPS GPU."""
+    fake = FakeNvml()
+    for device in fake.devices:
+        device["compute_processes"] = [p for p in device["compute_processes"] if p[0] != 431]
+    return fake
