@@ -341,3 +341,18 @@ def test_settings_are_read_once_per_settings_interval_to_spare_the_control_log(t
     assert runner.sent[sent_first:] == ["get_server_list", "get_server_status 476", "ps"]
     assert second.default_active_thread_percentage == first.default_active_thread_percentage == 100.0
     assert second.servers[0].active_thread_percentage == 100.0
+
+
+def test_clients_are_named_by_the_full_gpu_uuid_the_driver_lists(tmp_path):
+    fake_proc(tmp_path / "proc", 476, "nvidia-cuda-mps-server")
+    info = tmp_path / "proc" / "driver" / "nvidia" / "gpus" / "0000:00:06.0"
+    info.mkdir(parents=True)
+    # as read on an H200, driver 580.159.04
+    (info / "information").write_text("Model: \t\t NVIDIA H200\nIRQ:   \t\t 41\n"
+                                      "GPU UUID: \t GPU-2ea0ea17-0206-eb44-7b5a-07c4ed6659bf\nVideo BIOS: \t 96.00.a5.00.1a\n")
+    collector = MpsControlCollector(
+        control_bin="nvidia-cuda-mps-control", discovery=DiscoverySettings(pipe_dirs=(str(pipe_dir_with_pid(tmp_path, 429)),)),
+        procfs=ProcFS(tmp_path / "proc"), runner=ScriptedRunner(HEALTHY),
+    )
+    [client] = collector.collect().daemons[0].clients
+    assert client.device == "GPU-2ea0ea17-0206-eb44-7b5a-07c4ed6659bf"

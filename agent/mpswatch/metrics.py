@@ -75,7 +75,7 @@ _SPECS = [
         "mps_clients",
         "gauge",
         ("pipe_dir", "server_pid", "gpu_uuid"),
-        "Connected clients per server and device (gpu_uuid as `ps` prints it: the first three groups).",
+        "Connected clients per server and device (full GPU UUID where the driver's /proc files name it).",
     ),
     MetricSpec("mps_client_limit", "gauge", ("pipe_dir",), "Clients allowed per device (48 on Volta and later)."),
     MetricSpec(

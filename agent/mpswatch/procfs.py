@@ -71,6 +71,18 @@ class ProcFS:
                 environments.append(env)
         return environments, unreadable
 
+    def gpu_uuids(self) -> list[str]:
+        """Full UUIDs of the node's GPUs from the driver's /proc files: no NVML call, so the MPS
+        control collector can name devices by their full UUID even when NVML is unwell."""
+        uuids = []
+        for info in sorted((self.root / "driver" / "nvidia" / "gpus").glob("*/information")):
+            try:
+                text = info.read_text(errors="replace")
+            except OSError:
+                continue
+            uuids += parse_gpu_uuid(text)
+        return uuids
+
     def _read_bytes(self, pid: int, name: str) -> bytes | None:
         try:
             return (self.root / str(pid) / name).read_bytes()
@@ -105,3 +117,7 @@ def parse_status_uid(text: str) -> int | None:
             if len(fields) >= 2 and fields[1].isascii() and fields[1].isdigit():
                 return int(fields[1])
     return None
+
+
+def parse_gpu_uuid(text: str) -> list[str]:
+    return [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("GPU UUID:")]

@@ -182,6 +182,12 @@ def classify(result: RunResult, timeout_seconds: float) -> Reply:
     return Reply(result.output, None, "", result.duration_seconds)
 
 
+def full_uuid(device: str, uuids: list[str]) -> str:
+    """`ps` cuts the UUID after its third group; the full one, when exactly one GPU matches."""
+    matches = [uuid for uuid in uuids if uuid.startswith(device)]
+    return matches[0] if len(matches) == 1 else device
+
+
 # ---------------------------------------------------------------- discovery
 
 
@@ -481,6 +487,7 @@ class MpsControlCollector:
         self._failures: dict[str, dict[tuple[str, str], int]] = {}
         self._previous: dict[str, MpsDaemon] = {}
         self._settings_read_at: dict[str, float] = {}
+        self._uuids: list[str] = []
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="mps-control")
         self._log = structlog.get_logger().bind(collector=self.name)
 
@@ -490,6 +497,7 @@ class MpsControlCollector:
         if resolved is None or not os.access(resolved, os.X_OK):
             notes.append(f"control program {self._control_bin} not found or not executable (no NVIDIA driver here?)")
         self._remember(dict(found))
+        self._uuids = self._procfs.gpu_uuids()
         targets = sorted(self._known.items())
         daemons = tuple(self._pool.map(lambda target: self._probe(*target, resolved or self._control_bin), targets))
         return MpsControlData(daemons=daemons, searched=search_description(self._discovery), discovery_notes=tuple(notes))
@@ -523,6 +531,8 @@ class MpsControlCollector:
             daemon = MpsDaemon(pipe_dir, found_by, DaemonState.GARBAGE, f"unexpected: {err!r}"[:200],
                                client_limit=self._client_limit)
             durations, failures = {}, [("get_server_list", "garbage_output")]
+        if daemon.clients:
+            daemon = replace(daemon, clients=tuple(replace(c, device=full_uuid(c.device, self._uuids)) for c in daemon.clients))
         if daemon.up and settings_from is None:
             self._settings_read_at[pipe_dir] = time.monotonic()
         totals = self._failures.setdefault(pipe_dir, {})
