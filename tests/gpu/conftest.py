@@ -67,11 +67,14 @@ class MpsDaemon:
             timeout=timeout,
         )
 
-    def start_client(self, size: int = 2048) -> subprocess.Popen:
+    def start_client(self, size: int = 2048, kind: str = "matmul", dtype: str = "float32",
+                     without_mps: bool = False) -> subprocess.Popen:
+        """A PyTorch client; `without_mps` starts it without the pipe dir, so it runs alone."""
         stop_file = self.pipe_dir.parent / f"stop-{len(self.clients)}"
+        env = {k: v for k, v in self.env.items() if not (without_mps and k == "CUDA_MPS_PIPE_DIRECTORY")}
         client = subprocess.Popen(
-            [sys.executable, str(HERE / "cuda_client.py"), str(size), str(stop_file)],
-            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [sys.executable, str(HERE / "cuda_client.py"), str(size), str(stop_file), kind, dtype],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         client.stop_file = stop_file  # type: ignore[attr-defined]
         line = client.stdout.readline()
@@ -131,3 +134,11 @@ def mps(tmp_path):
         yield daemon
     finally:
         daemon.cleanup()
+
+
+@pytest.fixture(scope="session")
+def mps_client(tmp_path_factory):
+    """tests/gpu/mps_client.cu, built with nvcc: a light client to start by the dozen, or to fault."""
+    binary = tmp_path_factory.mktemp("bin") / "mps_client"
+    subprocess.run(["nvcc", "-O2", "-o", str(binary), str(HERE / "mps_client.cu")], check=True, timeout=300)
+    return str(binary)

@@ -16,15 +16,7 @@ import pytest
 
 from tests.agentproc import Agent, agent_env, mpswatch_cmd
 
-HERE = Path(__file__).resolve().parent
 RESULTS: dict = {}
-
-
-@pytest.fixture(scope="module")
-def mps_client(tmp_path_factory):
-    binary = tmp_path_factory.mktemp("bin") / "mps_client"
-    subprocess.run(["nvcc", "-O2", "-o", str(binary), str(HERE / "mps_client.cu")], check=True, timeout=300)
-    return str(binary)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,0 +1,93 @@
+"""The GPU collector with real NVML: load moves GPM, memory per MPS client, a process without
+MPS, and an XID from a real illegal memory access.
+
+Writes its figures as JSON to $MPSWATCH_GPU_NVML_RESULTS when set (docs/validation.md quotes them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from tests.agentproc import Agent
+
+RESULTS: dict = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _save_results():
+    yield
+    path = os.environ.get("MPSWATCH_GPU_NVML_RESULTS")
+    if path:
+        with open(path, "w") as handle:
+            json.dump(RESULTS, handle, indent=2, sort_keys=True, default=str)
+
+
+def gpu_values(samples, name):
+    return [v for (n, labels), v in samples.items() if n == name and dict(labels)["gpu"] == "0"]
+
+
+def settle(agent, cycles=3, interval=2.0):
+    """Median of the next few cycles' GPM values."""
+    seen = {"sm": [], "dram": [], "util": []}
+    for _ in range(cycles):
+        time.sleep(interval)
+        s = agent.scrape()
+        seen["sm"] += gpu_values(s, "mps_gpu_sm_active_ratio")
+        seen["dram"] += gpu_values(s, "mps_gpu_dram_bandwidth_ratio")
+        seen["util"] += gpu_values(s, "mps_gpu_utilization_ratio")
+    return {k: sorted(v)[len(v) // 2] if v else None for k, v in seen.items()}
+
+
+def smi_memory() -> dict[int, int]:
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True).stdout
+    return {int(pid): int(mib) for pid, mib in (line.split(", ") for line in out.strip().splitlines())}
+
+
+def test_load_memory_roles_and_xid_on_a_real_gpu(mps, mps_client, tmp_path):
+    mps.start()
+    with Agent(["--pipe-dir", str(mps.pipe_dir)], log_path=tmp_path / "agent.log") as agent:
+        agent.wait_for(lambda s: gpu_values(s, "mps_gpu_sm_active_ratio"), timeout=15)
+        RESULTS["idle"] = settle(agent)
+
+        matmul = mps.start_client(8192, "matmul", "bfloat16")
+        copier = mps.start_client(8192, "copy", "bfloat16")
+        alone = mps.start_client(2048, "matmul", "bfloat16", without_mps=True)
+        RESULTS["loaded"] = loaded = settle(agent)
+        assert loaded["sm"] > RESULTS["idle"]["sm"] + 0.3
+        assert loaded["dram"] > RESULTS["idle"]["dram"] + 0.1
+
+        s = agent.scrape()
+        kinds = {int(dict(l)["pid"]): (dict(l)["kind"], v) for (n, l), v in s.items() if n == "mps_gpu_process_memory_bytes"}
+        smi = smi_memory()
+        RESULTS["processes"] = {pid: {"kind": kind, "agent_MiB": v / 2**20, "nvidia_smi_MiB": smi.get(pid)}
+                                for pid, (kind, v) in kinds.items()}
+        assert kinds[matmul.pid][0] == kinds[copier.pid][0] == "mps_client"
+        assert kinds[alone.pid][0] == "exclusive"
+        assert [k for k, _ in kinds.values()].count("mps_server") == 1
+        for pid in (matmul.pid, copier.pid, alone.pid):
+            assert abs(kinds[pid][1] / 2**20 - smi[pid]) <= 1
+        mps.stop_clients()
+
+        xid = ("mps_gpu_xid_errors_total", "31")
+        before = sum(v for (n, l), v in agent.scrape().items() if n == xid[0] and dict(l)["xid"] == xid[1])
+        env = {k: v for k, v in mps.env.items() if k != "CUDA_MPS_PIPE_DIRECTORY"}  # fault outside MPS
+        faulted = subprocess.run([mps_client, "fault", "1"], env=env, capture_output=True, text=True, timeout=60)
+        RESULTS["fault_client"] = faulted.stdout.strip()
+        started = time.monotonic()
+        after = agent.wait_for(
+            lambda s: sum(v for (n, l), v in s.items() if n == xid[0] and dict(l)["xid"] == xid[1]) or None
+            if sum(v for (n, l), v in s.items() if n == xid[0] and dict(l)["xid"] == xid[1]) > before else None,
+            timeout=15,
+        )
+        RESULTS["xid_31_counted_after_seconds"] = round(time.monotonic() - started, 2)
+        RESULTS["xid_31_count"] = after
+        s = agent.scrape()
+        RESULTS["collector_duration_seconds"] = [v for (n, l), v in s.items()
+                                                 if n == "mpswatch_collector_duration_seconds" and dict(l)["collector"] == "gpu"]
+    RESULTS["agent_log_tail"] = (tmp_path / "agent.log").read_text().splitlines()[-10:]
