@@ -74,17 +74,15 @@ def test_load_memory_roles_and_xid_on_a_real_gpu(mps, mps_client, tmp_path):
             assert abs(kinds[pid][1] / 2**20 - smi[pid]) <= 1
         mps.stop_clients()
 
-        xid = ("mps_gpu_xid_errors_total", "31")
-        before = sum(v for (n, l), v in agent.scrape().items() if n == xid[0] and dict(l)["xid"] == xid[1])
+        def xid_31(samples) -> float:
+            return sum(v for (n, l), v in samples.items() if n == "mps_gpu_xid_errors_total" and dict(l)["xid"] == "31")
+
+        before = xid_31(agent.scrape())
         env = {k: v for k, v in mps.env.items() if k != "CUDA_MPS_PIPE_DIRECTORY"}  # fault outside MPS
         faulted = subprocess.run([mps_client, "fault", "1"], env=env, capture_output=True, text=True, timeout=60)
         RESULTS["fault_client"] = faulted.stdout.strip()
         started = time.monotonic()
-        after = agent.wait_for(
-            lambda s: sum(v for (n, l), v in s.items() if n == xid[0] and dict(l)["xid"] == xid[1]) or None
-            if sum(v for (n, l), v in s.items() if n == xid[0] and dict(l)["xid"] == xid[1]) > before else None,
-            timeout=15,
-        )
+        after = agent.wait_for(lambda s: xid_31(s) if xid_31(s) > before else None, timeout=15)
         RESULTS["xid_31_counted_after_seconds"] = round(time.monotonic() - started, 2)
         RESULTS["xid_31_count"] = after
         s = agent.scrape()
