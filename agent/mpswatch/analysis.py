@@ -11,6 +11,8 @@ from typing import Any
 
 from mpswatch.collectors.gpu import XID_MEANINGS
 from mpswatch.snapshot import (
+    EngineState,
+    EnginesData,
     GpuData,
     GpuState,
     LogEvent,
@@ -175,6 +177,69 @@ def _gpu_entry(gpu: GpuState, now: float, recent_xids) -> dict[str, Any]:
     }
 
 
+def _engine_entry(e: EngineState) -> dict[str, Any]:
+    if not e.up:
+        verdict, reason = DOWN, f"metrics endpoint: {e.error}"
+    else:
+        problems = []
+        if e.mps_attached is False:
+            problems.append("runs on the GPU without MPS")
+        if e.pipe_dir_served is False:
+            problems.append(f"its CUDA_MPS_PIPE_DIRECTORY {e.mps_pipe_dir} is served by no running control daemon")
+        if e.cpu_bound:
+            problems.append(f"CPU-bound: busiest thread at {_percent(e.busiest_thread_cpu_ratio)} of a core")
+        attached = {True: "MPS attached", False: "not under MPS", None: "MPS attachment unknown"}[e.mps_attached]
+        tps = "?" if e.tokens_per_second is None else f"{e.tokens_per_second:.0f}"
+        figures = (f"share {_percent(e.load_share_ratio)}, {tps} tok/s, running {_count(e.requests_running)}, "
+                   f"waiting {_count(e.requests_waiting)}, {attached}, busiest thread {_percent(e.busiest_thread_cpu_ratio)}")
+        verdict = DEGRADED if problems else OK
+        reason = "; ".join([*problems, figures])
+    return {
+        "name": e.name,
+        "url": e.url,
+        "found_by": e.found_by,
+        "model": e.model,
+        "gpu_uuid": e.gpu_uuid,
+        "pids": list(e.pids),
+        "up": e.up,
+        "mps_attached": e.mps_attached,
+        "load_share_ratio": e.load_share_ratio,
+        "tokens_per_second": e.tokens_per_second,
+        "requests_running": e.requests_running,
+        "requests_waiting": e.requests_waiting,
+        "busiest_thread_cpu_ratio": e.busiest_thread_cpu_ratio,
+        "cpu_bound": e.cpu_bound,
+        "mps_pipe_dir": e.mps_pipe_dir,
+        "pipe_dir_served": e.pipe_dir_served,
+        "gpu_memory_utilization": e.gpu_memory_utilization,
+        "verdict": verdict,
+        "reason": reason,
+    }
+
+
+def _count(value: float | None) -> str:
+    return "?" if value is None else f"{value:.0f}"
+
+
+def _engine_gpus(data: EnginesData, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[str | None, list[dict[str, Any]]] = {}
+    for entry in entries:
+        groups.setdefault(entry["gpu_uuid"], []).append(entry)
+    out = []
+    for gpu_uuid, engines in sorted(groups.items(), key=lambda kv: kv[0] or ""):
+        shares = [e["gpu_memory_utilization"] for e in engines if e["gpu_memory_utilization"] is not None]
+        memory_sum = sum(shares) if shares else None
+        imbalance = data.imbalance.get(gpu_uuid) if gpu_uuid else None
+        if memory_sum is not None and memory_sum > 1.0:
+            verdict, reason = DEGRADED, f"the engines' gpu_memory_utilization add up to {memory_sum:.2f} > 1"
+        else:
+            verdict = OK
+            reason = f"{len(engines)} engine(s), imbalance {'?' if imbalance is None else f'{imbalance:.2f}'}"
+        out.append({"gpu_uuid": gpu_uuid, "imbalance_ratio": imbalance, "memory_utilization_sum": memory_sum,
+                    "verdict": verdict, "reason": reason, "engines": [e["name"] for e in engines]})
+    return out
+
+
 def _summary(control: object, daemons: list[dict[str, Any]], collectors: list[dict[str, Any]]) -> str:
     if not isinstance(control, MpsControlData):
         failed = next((c for c in collectors if c["name"] == "mps_control"), None)
@@ -223,6 +288,10 @@ def health_report(snapshot: NodeSnapshot, version: str, now: float | None = None
     verdicts += [g["verdict"] for g in gpus]
     if isinstance(gpu_data, GpuData):
         notes += gpu_data.notes
+    engines_data = snapshot.data("engines")
+    engines = [_engine_entry(e) for e in engines_data.engines] if isinstance(engines_data, EnginesData) else []
+    engine_gpus = _engine_gpus(engines_data, engines) if isinstance(engines_data, EnginesData) else []
+    verdicts += [e["verdict"] for e in engines] + [g["verdict"] for g in engine_gpus]
     memory_by_pid = {p["pid"]: p["memory_bytes"] for g in gpus for p in g["processes"]}
     for d in daemons:
         for s in d["servers"]:
@@ -237,6 +306,8 @@ def health_report(snapshot: NodeSnapshot, version: str, now: float | None = None
         "collectors": collectors,
         "daemons": daemons,
         "gpus": gpus,
+        "engines": engines,
+        "engine_gpus": engine_gpus,
         "log_dirs": [
             {"log_dir": d.log_dir, "found_by": d.found_by, "files": [f"{s}.log" for s in d.sources_present]}
             for d in (logs.dirs if logs else ())
@@ -274,6 +345,12 @@ def render_text(report: dict[str, Any]) -> str:
         lines.append(f"{g['verdict']:<9} gpu {g['index']} {g['name'] or ''} ({g['uuid']}): {g['reason']}")
         for x in g["recent_xids"]:
             lines.append(f"{'XID':<9} {_age(x['age_seconds']) + ' ago':>9} gpu {g['index']}: XID {x['xid']}, {x['meaning']}")
+    by_name = {e["name"]: e for e in report["engines"]}
+    for group in report["engine_gpus"]:
+        lines.append(f"{group['verdict']:<9} engines on {group['gpu_uuid'] or 'an unknown GPU'}: {group['reason']}")
+        for name in group["engines"]:
+            e = by_name[name]
+            lines.append(f"{e['verdict']:<9}   engine {name}: {e['reason']}")
     for e in report["recent_events"]:
         lines.append(f"{'EVENT':<9} {_age(e['age_seconds']) + ' ago':>9} {e['event']}: {_who(e)} ({e['log_dir']})")
     for note in report["notes"]:

@@ -15,6 +15,7 @@ import structlog
 
 from mpswatch import __version__
 from mpswatch.analysis import OK, health_report, render_text
+from mpswatch.collectors.engines import EnginesCollector
 from mpswatch.collectors.gpu import GpuCollector, nvml_loader
 from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector
 from mpswatch.collectors.mps_logs import MpsLogsCollector
@@ -37,6 +38,7 @@ _FLAG_KEYS = {
     "client_limit": "mps_control.client_limit",
     "log_dir": "mps_logs.log_dirs",
     "log_backfill": "mps_logs.backfill_bytes",
+    "engine": "engines",
     "proc_root": "proc_root",
     "log_level": "log_level",
     "log_format": "log_format",
@@ -57,6 +59,8 @@ def _config_options(func):
                      help="Follow only this MPS log dir (repeatable); default: discover them."),
         click.option("--log-backfill", type=str, metavar="BYTES",
                      help="At start, read back at most this much of each MPS log [1048576]."),
+        click.option("--engine", multiple=True, metavar="NAME=URL",
+                     help="A vLLM engine's /metrics URL (repeatable); others are discovered."),
         click.option("--proc-root", metavar="PATH", help="Where /proc is mounted [/proc]."),
         click.option("--log-level", metavar="LEVEL", help="debug, info, warning or error [info]."),
         click.option("--log-format", metavar="FORMAT", help="auto, json or console [auto]."),
@@ -79,7 +83,7 @@ def _load(config_path: str | None, flags: dict[str, Any]) -> Config:
         sys.exit(EXIT_USAGE)
 
 
-def build_collectors(config: Config) -> list[MpsControlCollector | MpsLogsCollector | GpuCollector]:
+def build_collectors(config: Config, store: SnapshotStore) -> list:
     procfs = ProcFS(root=Path(config["proc_root"]))
     discovery = DiscoverySettings(
         pipe_dirs=config["mps_control.pipe_dirs"],
@@ -111,6 +115,15 @@ def build_collectors(config: Config) -> list[MpsControlCollector | MpsLogsCollec
             deadline_seconds=config["gpu.deadline_seconds"],
             procfs=procfs,
         ),
+        EnginesCollector(
+            configured=config["engines"],
+            discover=config["engine_scrape.discover"],
+            interval_seconds=config["engine_scrape.interval_seconds"],
+            timeout_seconds=config["engine_scrape.timeout_seconds"],
+            max_body_bytes=config["engine_scrape.max_body_bytes"],
+            peers=store.current,
+            procfs=procfs,
+        ),
     ]
 
 
@@ -129,7 +142,7 @@ def run(config_path: str | None, **flags: Any) -> None:
     configure_logging(config["log_level"], config["log_format"])
     log = structlog.get_logger()
     store = SnapshotStore()
-    scheduler = Scheduler(build_collectors(config), store)
+    scheduler = Scheduler(build_collectors(config, store), store)
     registry = build_registry(store.current, __version__)
     try:
         httpd = serve(config["listen"], registry, scheduler.alive)
@@ -166,7 +179,8 @@ def status(config_path: str | None, as_json: bool, **flags: Any) -> None:
         flags["log_level"] = "error"  # the report is the output; state-change logs would only repeat it
     config = _load(config_path, flags)
     configure_logging(config["log_level"], config["log_format"])
-    scheduler = Scheduler(build_collectors(config), SnapshotStore())
+    store = SnapshotStore()
+    scheduler = Scheduler(build_collectors(config, store), store)
     report = health_report(scheduler.run_once(), __version__)
     click.echo(json.dumps(report, indent=2) if as_json else render_text(report), nl=as_json)
     sys.exit(0 if report["verdict"] == OK else 1)

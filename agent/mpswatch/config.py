@@ -11,6 +11,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from mpswatch.exporter import parse_listen
@@ -98,6 +99,47 @@ def _zone(value: Any) -> str:
     return text
 
 
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ValueError(f"must be true or false, got {value!r}")
+
+
+def _url(value: Any) -> str:
+    text = _text(value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http(s) URL such as http://127.0.0.1:8000/metrics, got {value!r}")
+    return text
+
+
+def _engines(value: Any) -> tuple[dict[str, str], ...]:
+    """[[engines]] tables in TOML; NAME=URL pairs, comma-separated, in the variable and flags."""
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"must be a list of engines, got {value!r}")
+    engines, names = [], set()
+    for item in value:
+        if isinstance(item, str):
+            name, sep, url = item.partition("=")
+            if not sep:
+                raise ValueError(f"an engine is NAME=URL, got {item!r}")
+            item = {"name": name.strip(), "url": url.strip()}
+        if not isinstance(item, dict) or set(item) - {"name", "url", "gpu_uuid"} or "name" not in item or "url" not in item:
+            raise ValueError(f"an engine has a name, a url and optionally a gpu_uuid, got {item!r}")
+        engine = {"name": _text(item["name"]), "url": _url(item["url"])}
+        if "gpu_uuid" in item:
+            engine["gpu_uuid"] = _text(item["gpu_uuid"])
+        if engine["name"] in names:
+            raise ValueError(f"engine name {engine['name']!r} is used twice")
+        names.add(engine["name"])
+        engines.append(engine)
+    return tuple(engines)
+
+
 def _listen(value: Any) -> str:
     text = _text(value)
     parse_listen(text)
@@ -156,6 +198,16 @@ SETTINGS = [
         _text,
         "pynvml",
         "NVML binding: a module, or module:factory (tests inject a fake this way).",
+    ),
+    Setting("engines", _engines, (), "vLLM engines to scrape: [[engines]] name, url, optional gpu_uuid."),
+    Setting("engine_scrape.discover", _boolean, True, "Find vLLM engines from the processes on the node."),
+    Setting("engine_scrape.interval_seconds", _seconds(0.2, 3600), 2.0, "Seconds between two scrapes of each engine."),
+    Setting("engine_scrape.timeout_seconds", _seconds(0.05, 60), 2.0, "Deadline of one engine's /metrics request."),
+    Setting(
+        "engine_scrape.max_body_bytes",
+        _whole(1024, 1 << 30),
+        16 << 20,
+        "A /metrics body larger than this marks the engine down.",
     ),
     Setting("mps_logs.log_dirs", _path_list, (), "Follow only these log dirs; empty: discover them."),
     Setting("mps_logs.default_log_dir", _absolute_path, "/var/log/nvidia-mps", "Log dir discovery looks at."),

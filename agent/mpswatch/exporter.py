@@ -15,7 +15,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from mpswatch.metrics import CATALOG
-from mpswatch.snapshot import SERVER_STATUSES, DaemonState, GpuData, MpsControlData, MpsLogsData, NodeSnapshot
+from mpswatch.snapshot import (
+    SERVER_STATUSES,
+    DaemonState,
+    EnginesData,
+    GpuData,
+    MpsControlData,
+    MpsLogsData,
+    NodeSnapshot,
+)
 
 
 class _Families:
@@ -41,6 +49,9 @@ class _Families:
 
 def render(snapshot: NodeSnapshot, version: str) -> list[Metric]:
     out = _Families()
+    engines = snapshot.data("engines")
+    engines = engines if isinstance(engines, EnginesData) else None
+    engine_of = {pid: e.name for e in engines.engines for pid in e.pids} if engines else {}
     out.add("mpswatch_build_info", [version], 1)
     for name, report in sorted(snapshot.reports.items()):
         status = report.status
@@ -53,14 +64,52 @@ def render(snapshot: NodeSnapshot, version: str) -> list[Metric]:
             out.add("mpswatch_collector_errors_total", [name, reason], count)
     control = snapshot.data("mps_control")
     if isinstance(control, MpsControlData):
-        _render_mps_control(control, out)
+        _render_mps_control(control, out, engine_of)
     logs = snapshot.data("mps_logs")
     if isinstance(logs, MpsLogsData):
         _render_mps_logs(logs, out)
     gpus = snapshot.data("gpu")
     if isinstance(gpus, GpuData):
-        _render_gpus(gpus, out)
+        _render_gpus(gpus, out, engine_of)
+    if engines is not None:
+        _render_engines(engines, out)
     return list(out)
+
+
+def _render_engines(data: EnginesData, out: _Families) -> None:
+    values = {
+        "mps_engine_requests_running": "requests_running",
+        "mps_engine_requests_waiting": "requests_waiting",
+        "mps_engine_prompt_tokens_total": "prompt_tokens_total",
+        "mps_engine_generation_tokens_total": "generation_tokens_total",
+        "mps_engine_tokens_per_second": "tokens_per_second",
+        "mps_engine_kv_cache_usage_ratio": "kv_cache_usage_ratio",
+        "mps_engine_cpu_seconds_total": "cpu_seconds_total",
+        "mps_engine_busiest_thread_cpu_ratio": "busiest_thread_cpu_ratio",
+        "mps_engine_runqueue_wait_seconds_total": "runqueue_wait_seconds_total",
+    }
+    for e in data.engines:
+        out.add("mps_engine_info", [e.name, e.model or "", e.url, e.gpu_uuid or ""], 1)
+        out.add("mps_engine_up", [e.name], 1 if e.up else 0)
+        for metric, attribute in values.items():
+            value = getattr(e, attribute)
+            if value is not None:
+                out.add(metric, [e.name], value)
+        for metric, flag in (("mps_engine_mps_attached", e.mps_attached), ("mps_engine_cpu_bound", e.cpu_bound),
+                             ("mps_engine_pipe_dir_served", e.pipe_dir_served)):
+            if flag is not None:
+                out.add(metric, [e.name], 1 if flag else 0)
+        if e.load_share_ratio is not None:
+            out.add("mps_engine_load_share_ratio", [e.name, e.gpu_uuid or ""], e.load_share_ratio)
+        if e.gpu_memory_utilization is not None:
+            out.add("mps_engine_gpu_memory_utilization_ratio", [e.name, e.gpu_uuid or ""], e.gpu_memory_utilization)
+        if e.mps_pipe_dir is not None:
+            settings = [e.name, e.mps_pipe_dir, e.mps_active_thread_percentage or "", e.mps_pinned_device_mem_limit or ""]
+            out.add("mps_engine_mps_settings_info", settings, 1)
+    for gpu_uuid, ratio in sorted(data.imbalance.items()):
+        out.add("mps_gpu_engine_imbalance_ratio", [gpu_uuid], ratio)
+    for window, ratio in sorted(data.cpu_pressure.items()):
+        out.add("mps_host_cpu_pressure_ratio", [window], ratio)
 
 
 _GPU_VALUES = {
@@ -76,7 +125,7 @@ _GPU_VALUES = {
 }
 
 
-def _render_gpus(data: GpuData, out: _Families) -> None:
+def _render_gpus(data: GpuData, out: _Families, engine_of: dict[int, str]) -> None:
     for gpu in data.gpus:
         ids = [gpu.index, gpu.uuid or ""]
         out.add("mps_gpu_up", ids, 1 if gpu.up else 0)
@@ -95,7 +144,8 @@ def _render_gpus(data: GpuData, out: _Families) -> None:
                 out.add(metric, ids, value)
         for process in gpu.processes or ():
             if process.memory_bytes is not None:
-                out.add("mps_gpu_process_memory_bytes", [*ids, process.pid, process.kind, ""], process.memory_bytes)
+                engine = engine_of.get(process.pid, "")
+                out.add("mps_gpu_process_memory_bytes", [*ids, process.pid, process.kind, engine], process.memory_bytes)
 
 
 def _render_mps_logs(data: MpsLogsData, out: _Families) -> None:
@@ -113,7 +163,7 @@ def _render_mps_logs(data: MpsLogsData, out: _Families) -> None:
             out.add("mps_log_file_resets_total", [d, source, reason], count)
 
 
-def _render_mps_control(data: MpsControlData, out: _Families) -> None:
+def _render_mps_control(data: MpsControlData, out: _Families, engine_of: dict[int, str]) -> None:
     for daemon in data.daemons:
         d = daemon.pipe_dir
         out.add("mps_control_up", [d], 1 if daemon.up else 0)
@@ -147,7 +197,8 @@ def _render_mps_control(data: MpsControlData, out: _Families) -> None:
         for (server_pid, device), count in sorted(daemon.clients_per_device().items()):
             out.add("mps_clients", [d, server_pid, device], count)
         for client in daemon.clients or ():
-            out.add("mps_client_info", [d, client.server_pid, client.pid, client.device, client.command, ""], 1)
+            engine = engine_of.get(client.pid, "")
+            out.add("mps_client_info", [d, client.server_pid, client.pid, client.device, client.command, engine], 1)
 
 
 class SnapshotCollector:

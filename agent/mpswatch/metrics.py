@@ -137,4 +137,72 @@ _SPECS += [
     MetricSpec("mps_gpu_xid_errors_total", "counter", ("gpu", "uuid", "xid"), "XID errors reported by NVML events."),
 ]
 
+_ENGINE = ("engine",)
+_SPECS += [
+    MetricSpec("mps_engine_info", "gauge", ("engine", "model", "url", "gpu_uuid"), "Always 1 per engine."),
+    MetricSpec("mps_engine_up", "gauge", _ENGINE, "1 if the engine's metrics endpoint answered with vLLM metrics."),
+    MetricSpec(
+        "mps_engine_mps_attached",
+        "gauge",
+        _ENGINE,
+        "1 if the engine's GPU process is an MPS client, 0 if it runs on the GPU without MPS; absent when unknown.",
+    ),
+    MetricSpec("mps_engine_requests_running", "gauge", _ENGINE, "Requests in the engine's batches (vLLM)."),
+    MetricSpec("mps_engine_requests_waiting", "gauge", _ENGINE, "Requests waiting for the engine (vLLM)."),
+    MetricSpec("mps_engine_prompt_tokens_total", "counter", _ENGINE, "Prompt tokens processed (vLLM's counter)."),
+    MetricSpec("mps_engine_generation_tokens_total", "counter", _ENGINE, "Tokens generated (vLLM's counter)."),
+    MetricSpec("mps_engine_tokens_per_second", "gauge", _ENGINE, "Prompt + generation tokens per second, last interval."),
+    MetricSpec("mps_engine_kv_cache_usage_ratio", "gauge", _ENGINE, "KV-cache usage (vLLM)."),
+    MetricSpec(
+        "mps_engine_load_share_ratio",
+        "gauge",
+        ("engine", "gpu_uuid"),
+        "The engine's share of its GPU's token throughput over the last interval.",
+    ),
+    MetricSpec(
+        "mps_gpu_engine_imbalance_ratio",
+        "gauge",
+        ("gpu_uuid",),
+        "Busiest engine's share over the fair share on this GPU (1 = balanced; the engine count = all load on one).",
+    ),
+    MetricSpec("mps_engine_cpu_seconds_total", "counter", _ENGINE, "CPU time of all the engine's processes."),
+    MetricSpec(
+        "mps_engine_busiest_thread_cpu_ratio",
+        "gauge",
+        _ENGINE,
+        "Share of one core used by the engine's busiest thread over the last interval (a saturated Python loop: ~1).",
+    ),
+    MetricSpec(
+        "mps_engine_runqueue_wait_seconds_total",
+        "counter",
+        _ENGINE,
+        "Time the engine's threads waited for a CPU (schedstat).",
+    ),
+    MetricSpec(
+        "mps_engine_cpu_bound",
+        "gauge",
+        _ENGINE,
+        "1 when the busiest thread uses 0.9 of a core or more while requests run or wait; else 0.",
+    ),
+    MetricSpec(
+        "mps_engine_gpu_memory_utilization_ratio",
+        "gauge",
+        ("engine", "gpu_uuid"),
+        "vLLM's gpu_memory_utilization setting (share of the GPU's memory it takes).",
+    ),
+    MetricSpec(
+        "mps_engine_mps_settings_info",
+        "gauge",
+        ("engine", "pipe_dir", "active_thread_percentage", "pinned_device_mem_limit"),
+        "Always 1; the MPS client settings in the engine's environment (empty: unset).",
+    ),
+    MetricSpec(
+        "mps_engine_pipe_dir_served",
+        "gauge",
+        _ENGINE,
+        "1 if a running control daemon serves the engine's CUDA_MPS_PIPE_DIRECTORY, else 0.",
+    ),
+    MetricSpec("mps_host_cpu_pressure_ratio", "gauge", ("window",), "PSI cpu 'some' average over avg10 / avg60."),
+]
+
 CATALOG: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}

@@ -71,6 +71,20 @@ class ProcFS:
                 environments.append(env)
         return environments, unreadable
 
+    def read_text(self, relative: str, limit: int = 1 << 20) -> str | None:
+        """A small /proc file (relative to the root), or None when it is gone or unreadable."""
+        try:
+            with open(self.root / relative, "rb") as handle:
+                return handle.read(limit).decode("utf-8", "replace")
+        except OSError:
+            return None
+
+    def tasks(self, pid: int) -> list[int]:
+        try:
+            return sorted(int(name) for name in os.listdir(self.root / str(pid) / "task") if name.isdigit())
+        except OSError:
+            return []
+
     def gpu_uuids(self) -> list[str]:
         """Full UUIDs of the node's GPUs from the driver's /proc files: no NVML call, so the MPS
         control collector can name devices by their full UUID even when NVML is unwell."""

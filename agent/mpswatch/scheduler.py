@@ -165,12 +165,15 @@ class Scheduler:
         self._stop.set()
 
     def run_once(self) -> NodeSnapshot:
-        """Every collector once, in parallel, each bounded by its deadline."""
-        threads = [threading.Thread(target=loop.cycle, daemon=True) for loop in self.loops]
-        for thread in threads:
-            thread.start()
-        for thread, loop in zip(threads, self.loops):
-            thread.join(loop.collector.deadline_seconds + 1.0)
+        """Every collector once, each bounded by its deadline: in parallel, and those that read
+        the others' data (`after_others`) once those are done."""
+        first = [loop for loop in self.loops if not getattr(loop.collector, "after_others", False)]
+        for wave in (first, [loop for loop in self.loops if loop not in first]):
+            threads = [threading.Thread(target=loop.cycle, daemon=True) for loop in wave]
+            for thread in threads:
+                thread.start()
+            for thread, loop in zip(threads, wave):
+                thread.join(loop.collector.deadline_seconds + 1.0)
         return self.store.current()
 
     def alive(self) -> tuple[bool, str]:

@@ -162,6 +162,44 @@ class GpuData:
 
 
 @dataclass(frozen=True)
+class EngineState:
+    name: str
+    url: str
+    found_by: str  # configured | discovered
+    up: bool
+    error: str | None = None
+    model: str | None = None
+    gpu_uuid: str | None = None
+    pids: tuple[int, ...] = ()  # the engine's processes: API server and its descendants
+    gpu_pids: tuple[int, ...] = ()  # those that hold a GPU context
+    mps_attached: bool | None = None
+    requests_running: float | None = None
+    requests_waiting: float | None = None
+    prompt_tokens_total: float | None = None
+    generation_tokens_total: float | None = None
+    tokens_per_second: float | None = None
+    kv_cache_usage_ratio: float | None = None
+    gpu_memory_utilization: float | None = None
+    load_share_ratio: float | None = None
+    cpu_seconds_total: float | None = None
+    busiest_thread_cpu_ratio: float | None = None
+    runqueue_wait_seconds_total: float | None = None
+    cpu_bound: bool | None = None
+    mps_pipe_dir: str | None = None
+    pipe_dir_served: bool | None = None
+    mps_active_thread_percentage: str | None = None
+    mps_pinned_device_mem_limit: str | None = None
+
+
+@dataclass(frozen=True)
+class EnginesData:
+    engines: tuple[EngineState, ...]
+    imbalance: Mapping[str, float]  # gpu_uuid -> busiest engine's share over the fair share
+    cpu_pressure: Mapping[str, float]  # avg10 / avg60 -> ratio
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class CollectorStatus:
     name: str
     success: bool
