@@ -8,6 +8,7 @@ hangs, NVML failing to initialise, XID events arriving.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 from pathlib import Path
@@ -198,8 +199,16 @@ class FakeNvml:
 
 
 def h200() -> FakeNvml:
-    """For `gpu.nvml_module = "tests.fakenvml:h200"`: the recorded H200, one GPU."""
-    return FakeNvml()
+    """For `gpu.nvml_module = "tests.fakenvml:h200"`: the recorded H200, one GPU. With
+    FAKENVML_MPS_CLIENT_PIDS set (comma-separated), those PIDs are its MPS clients instead of the
+    recorded ones, so that processes a test starts are seen on the GPU."""
+    fake = FakeNvml()
+    pids = [int(p) for p in os.environ.get("FAKENVML_MPS_CLIENT_PIDS", "").split(",") if p]
+    if pids:
+        device = fake.devices[0]
+        device["mps_processes"] = [[pid, 700 << 20] for pid in pids]
+        device["compute_processes"] = device["mps_processes"] + [[481, 66 << 20]]
+    return fake
 
 
 def h200_all_mps() -> FakeNvml:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
@@ -450,8 +451,15 @@ class EnginesCollector:
 
 def fetch_metrics(url: str, timeout: float, max_bytes: int) -> bytes:
     request = urllib.request.Request(url, headers={"Accept": "text/plain"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        body = response.read(max_bytes + 1)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read(max_bytes + 1)
+    except TimeoutError:
+        raise TimeoutError(f"no answer within {timeout:g} s") from None
+    except urllib.error.URLError as err:
+        if isinstance(err.reason, TimeoutError):
+            raise TimeoutError(f"no answer within {timeout:g} s") from None
+        raise
     if len(body) > max_bytes:
         raise BadMetrics(f"body larger than {max_bytes} bytes")
     return body

@@ -1,0 +1,294 @@
+"""Engines: vLLM bodies served on loopback, discovery from a procfs the test builds and from real
+child processes, load balance, MPS attachment, and a real CPU-bound thread."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mpswatch.collectors.engines import (
+    BadMetrics,
+    EnginesCollector,
+    load_balance,
+    parse_pressure,
+    parse_vllm_command,
+    parse_vllm_metrics,
+    schedstat_wait_ns,
+    stat_cpu_ticks,
+    tokens_per_second,
+)
+from mpswatch.procfs import ProcFS
+from mpswatch.snapshot import (
+    CollectorReport,
+    CollectorStatus,
+    DaemonState,
+    GpuData,
+    GpuProcess,
+    GpuState,
+    MpsControlData,
+    MpsDaemon,
+    NodeSnapshot,
+    frozen_map,
+)
+from tests.fakevllm import FIXTURES, FakeVllm
+
+HERE = Path(__file__).resolve().parent
+UUID = "GPU-b0364874-2b6d-037a-0496-f04da35f2f2d"
+
+
+def body(name: str, tokens: float = 400.0) -> str:
+    return (FIXTURES / name).read_text().replace("{running}", "3.0").replace("{waiting}", "1.0") \
+        .replace("{kv}", "0.42").replace("{prompt}", str(tokens * 0.75)).replace("{generation}", str(tokens * 0.25))
+
+
+def test_current_vllm_names_are_read():
+    sample = parse_vllm_metrics(body("metrics-v0.10-names.txt"))
+    assert sample.model == "Qwen/Qwen2.5-1.5B-Instruct"
+    assert (sample.requests_running, sample.requests_waiting, sample.kv_cache_usage_ratio) == (3.0, 1.0, 0.42)
+    assert (sample.prompt_tokens_total, sample.generation_tokens_total) == (300.0, 100.0)
+    assert sample.gpu_memory_utilization == 0.45
+
+
+def test_older_vllm_names_are_read():
+    sample = parse_vllm_metrics(body("metrics-v0.6-names.txt"))
+    assert sample.kv_cache_usage_ratio == 0.42 and sample.model == "facebook/opt-125m"
+    assert sample.gpu_memory_utilization == 0.9
+
+
+@pytest.mark.parametrize("text", ["<html>502</html>", "# TYPE x counter\nx{ 1\n", "up 1\n", ""])
+def test_text_that_is_not_vllm_metrics_is_refused(text):
+    with pytest.raises(BadMetrics):
+        parse_vllm_metrics(text)
+
+
+def test_tokens_per_second_handles_a_counter_reset():
+    assert tokens_per_second((10.0, 1000.0), (12.0, 1400.0)) == 200.0
+    assert tokens_per_second((10.0, 1000.0), (12.0, 300.0)) == 150.0  # engine restarted
+    assert tokens_per_second(None, (12.0, 300.0)) is None
+
+
+def test_load_balance_shares_and_imbalance():
+    shares, ratio = load_balance({"a": 300.0, "b": 100.0})
+    assert shares == {"a": 0.75, "b": 0.25} and ratio == 1.5
+    assert load_balance({"a": 0.0, "b": 0.0}) == ({}, None)
+    assert load_balance({"a": 50.0})[1] == 1.0
+
+
+@pytest.mark.parametrize(
+    "argv,name,url",
+    [
+        (["/usr/bin/python3", "/usr/local/bin/vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct", "--port", "8001",
+          "--served-model-name", "qwen-a"], "qwen-a:8001", "http://127.0.0.1:8001/metrics"),
+        (["python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "facebook/opt-125m", "--host", "10.0.0.5"],
+         "opt-125m:8000", "http://10.0.0.5:8000/metrics"),
+        (["vllm", "serve", "/models/llama/", "--port=9000"], "llama:9000", "http://127.0.0.1:9000/metrics"),
+    ],
+)
+def test_vllm_command_lines_give_name_and_metrics_url(argv, name, url):
+    command = parse_vllm_command(argv)
+    assert (command.name, command.metrics_url) == (name, url)
+
+
+@pytest.mark.parametrize("argv", [["python3", "-c", "from multiprocessing.spawn import spawn_main"],
+                                  ["vllm", "bench", "serve"], ["vllm", "serve", "m", "--port", "x"], []])
+def test_other_command_lines_are_not_engines(argv):
+    assert parse_vllm_command(argv) is None
+
+
+def test_proc_parsers():
+    stat = "4242 (python3 -m (vllm)) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 12 0 100"
+    assert stat_cpu_ticks(stat) == 300
+    assert schedstat_wait_ns("1500000 2500000 40\n") == 2500000
+    assert parse_pressure("some avg10=12.50 avg60=3.00 avg300=1.00 total=1\nfull avg10=0 avg60=0\n") == {
+        "avg10": 0.125, "avg60": 0.03}
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def servers():
+    made = []
+
+    def make(**kw) -> FakeVllm:
+        server = FakeVllm(**kw)
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.close()
+
+
+def collector_for(engines: dict[str, str], tmp_path, **kw) -> EnginesCollector:
+    (tmp_path / "proc").mkdir(exist_ok=True)
+    configured = [{"name": name, "url": url} for name, url in engines.items()]
+    return EnginesCollector(configured=configured, discover=False, procfs=ProcFS(tmp_path / "proc"), **kw)
+
+
+def test_each_bad_endpoint_marks_only_its_own_engine_down(servers, tmp_path):
+    good, old = servers(), servers(body="metrics-v0.6-names.txt")
+    slow, garbage, huge = servers(mode="slow"), servers(mode="garbage"), servers(mode="huge")
+    engines = {"good": good.url, "old": old.url, "slow": slow.url, "garbage": garbage.url, "huge": huge.url,
+               "down": f"http://127.0.0.1:{closed_port()}/metrics"}
+    collector = collector_for(engines, tmp_path, timeout_seconds=0.5, max_body_bytes=16 << 20)
+    try:
+        started = time.monotonic()
+        first = {e.name: e for e in collector.collect().engines}
+        took = time.monotonic() - started
+        time.sleep(0.2)
+        second = {e.name: e for e in collector.collect().engines}
+    finally:
+        collector.close()
+    assert took < 1.5  # bounded by the deadline, not by the slow engine's 5 s
+    assert first["good"].up and first["old"].up and first["old"].kv_cache_usage_ratio == 0.42
+    assert not first["slow"].up and "no answer within 0.5 s" in first["slow"].error
+    assert not first["garbage"].up and "not Prometheus text" in first["garbage"].error
+    assert not first["huge"].up and "larger than" in first["huge"].error
+    assert not first["down"].up and first["down"].error
+    assert first["good"].tokens_per_second is None  # one scrape: no rate yet
+    assert second["good"].tokens_per_second > 0 and second["good"].prompt_tokens_total == 150.0
+    assert slow.requests == 0 or not second["slow"].up
+
+
+def write_proc(root: Path, pid: int, ppid: int, argv: list[str], environ: str = "", threads=None) -> None:
+    d = root / str(pid)
+    (d / "task").mkdir(parents=True)
+    (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    (d / "stat").write_text(f"{pid} (x) S {ppid} {pid} {pid} 0 -1 0 0 0 0 0 100 20 0 0 20 0 1 0 100")
+    (d / "environ").write_bytes(environ.encode())
+    for tid, ticks, wait_ns in threads or [(pid, 120, 5000)]:
+        t = d / "task" / str(tid)
+        t.mkdir()
+        (t / "stat").write_text(f"{tid} (x) R {ppid} {pid} {pid} 0 -1 0 0 0 0 0 {ticks} 0 0 0 20 0 1 0 100")
+        (t / "schedstat").write_text(f"1000 {wait_ns} 3\n")
+
+
+def peers(gpu_processes, daemons=()) -> NodeSnapshot:
+    gpu = GpuData("580.159.04", (GpuState(0, UUID, "NVIDIA H200", True, processes=tuple(gpu_processes)),))
+    control = MpsControlData(tuple(daemons), ())
+    ok = CollectorStatus("x", True, 0.0, 0.0, frozen_map())
+    return NodeSnapshot(frozen_map({"gpu": CollectorReport(ok, gpu), "mps_control": CollectorReport(ok, control)}))
+
+
+def test_discovery_walks_from_the_api_server_to_its_gpu_process(tmp_path):
+    proc = tmp_path / "proc"
+    env_a = "CUDA_MPS_PIPE_DIRECTORY=/run/nvidia-mps\0CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50\0"
+    write_proc(proc, 100, 1, ["/usr/bin/python3", "/usr/local/bin/vllm", "serve", "Qwen/Qwen2.5-1.5B", "--port", "8001",
+                              "--served-model-name", "qwen-a"], env_a)
+    write_proc(proc, 101, 100, ["VLLM::EngineCore"], env_a, threads=[(101, 500, 9000), (102, 20, 100)])
+    write_proc(proc, 200, 1, ["vllm", "serve", "Qwen/Qwen2.5-0.5B", "--port", "8002"], "")
+    write_proc(proc, 201, 200, ["VLLM::EngineCore"])
+    write_proc(proc, 300, 1, ["python3", "unrelated.py"])
+    bodies = {"http://127.0.0.1:8001/metrics": body("metrics-v0.10-names.txt"),
+              "http://127.0.0.1:8002/metrics": body("metrics-v0.10-names.txt")}
+    snapshot = peers(
+        [GpuProcess(101, "mps_client", 900 << 20), GpuProcess(201, "exclusive", 700 << 20)],
+        [MpsDaemon("/run/nvidia-mps", "default", DaemonState.UP, "answering")],
+    )
+    collector = EnginesCollector(procfs=ProcFS(proc), peers=lambda: snapshot,
+                                 fetch=lambda url, timeout, cap: bodies[url].encode())
+    try:
+        data = collector.collect()
+    finally:
+        collector.close()
+    engines = {e.name: e for e in data.engines}
+    assert set(engines) == {"qwen-a:8001", "Qwen2.5-0.5B:8002"}
+    a, b = engines["qwen-a:8001"], engines["Qwen2.5-0.5B:8002"]
+    assert a.pids == (100, 101) and a.gpu_pids == (101,) and a.gpu_uuid == UUID
+    assert a.mps_attached is True and b.mps_attached is False
+    assert a.mps_pipe_dir == "/run/nvidia-mps" and a.pipe_dir_served is True
+    assert a.mps_active_thread_percentage == "50"
+    assert b.mps_pipe_dir == "/tmp/nvidia-mps" and b.pipe_dir_served is False  # MPS's default, no daemon there
+    assert a.cpu_seconds_total == pytest.approx(240 / os.sysconf("SC_CLK_TCK"))
+    assert a.runqueue_wait_seconds_total == pytest.approx((5000 + 9000 + 100) * 1e-9)  # all threads of both processes
+
+
+def test_shares_and_imbalance_of_two_engines_on_one_gpu(tmp_path):
+    proc = tmp_path / "proc"
+    write_proc(proc, 100, 1, ["vllm", "serve", "m", "--port", "8001", "--served-model-name", "a"])
+    write_proc(proc, 101, 100, ["VLLM::EngineCore"])
+    write_proc(proc, 200, 1, ["vllm", "serve", "m", "--port", "8002", "--served-model-name", "b"])
+    write_proc(proc, 201, 200, ["VLLM::EngineCore"])
+    tokens = {"http://127.0.0.1:8001/metrics": 0.0, "http://127.0.0.1:8002/metrics": 0.0}
+    rate = {"http://127.0.0.1:8001/metrics": 2000.0, "http://127.0.0.1:8002/metrics": 1000.0}
+
+    def fetch(url, timeout, cap):
+        tokens[url] += rate[url]
+        return body("metrics-v0.10-names.txt", tokens[url]).encode()
+
+    snapshot = peers([GpuProcess(101, "mps_client", 1), GpuProcess(201, "mps_client", 1)])
+    collector = EnginesCollector(procfs=ProcFS(proc), peers=lambda: snapshot, fetch=fetch)
+    try:
+        collector.collect()
+        time.sleep(0.05)
+        data = collector.collect()
+    finally:
+        collector.close()
+    shares = {e.name: e.load_share_ratio for e in data.engines}
+    assert shares["a:8001"] == pytest.approx(2 / 3, rel=0.05) and shares["b:8002"] == pytest.approx(1 / 3, rel=0.1)
+    assert data.imbalance[UUID] == pytest.approx(4 / 3, rel=0.05)
+
+
+@pytest.fixture
+def engine_process(tmp_path):
+    started = []
+
+    def start(name: str, spin_file: Path | None = None) -> tuple[subprocess.Popen, int]:
+        port = closed_port()
+        argv = [sys.executable, str(HERE / "fakevllm.py"), "vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct",
+                "--port", str(port), "--served-model-name", name]
+        if spin_file:
+            argv += ["--spin-file", str(spin_file)]
+        child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "ready"
+        started.append(child)
+        return child, port
+
+    yield start
+    for child in started:
+        child.kill()
+        child.wait()
+
+
+def test_real_processes_with_vllm_command_lines_are_discovered_and_scraped(engine_process):
+    child, port = engine_process("qwen-a")
+    collector = EnginesCollector(procfs=ProcFS())
+    try:
+        engines = {e.name: e for e in collector.collect().engines}
+    finally:
+        collector.close()
+    engine = engines[f"qwen-a:{port}"]
+    assert engine.found_by == "discovered" and engine.url == f"http://127.0.0.1:{port}/metrics"
+    assert engine.up and engine.model == "Qwen/Qwen2.5-1.5B-Instruct" and child.pid in engine.pids
+
+
+def test_a_spinning_thread_makes_the_engine_cpu_bound_and_the_verdict_flips_back(engine_process, tmp_path):
+    spin = tmp_path / "spin"
+    spin.touch()
+    child, port = engine_process("busy", spin_file=spin)
+    collector = EnginesCollector(procfs=ProcFS())
+    name = f"busy:{port}"
+    try:
+        collector.collect()
+        time.sleep(1.0)
+        busy = {e.name: e for e in collector.collect().engines}[name]
+        spin.unlink()
+        time.sleep(0.5)
+        collector.collect()
+        time.sleep(1.0)
+        calm = {e.name: e for e in collector.collect().engines}[name]
+    finally:
+        collector.close()
+    assert busy.busiest_thread_cpu_ratio > 0.8 and busy.cpu_bound is True  # the fake has 3 requests running
+    assert calm.busiest_thread_cpu_ratio < 0.3 and calm.cpu_bound is False
+    assert calm.cpu_seconds_total >= busy.cpu_seconds_total > 0.5
