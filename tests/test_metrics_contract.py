@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from mpswatch.collectors.mps_logs import EVENTS
 from mpswatch.metrics import CATALOG
-from tests.agentproc import Agent
+from tests.agentproc import Agent, free_port
 from tests.fakedaemon import FAKE_CONTROL
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "h200-driver580"
+HERE = Path(__file__).resolve().parent
+FIXTURES = HERE / "fixtures" / "h200-driver580"
 
 
 def documented() -> dict[str, tuple[str, tuple[str, ...]]]:
@@ -40,22 +43,43 @@ def test_a_running_agent_exports_exactly_the_declared_set(fake_daemon, tmp_path)
     full = fake_daemon("clients_48_driver580")  # pid file, pinned limit
     garbage = fake_daemon("garbage_output")  # command failures
     fault = fake_daemon("server_fault_driver580")
-    seen: set[str] = set()
-    texts: list[str] = []
     log_dir = tmp_path / "log"
     log_dir.mkdir()
     (log_dir / "server.log").write_text(
         (FIXTURES / "session2-fault-server.log").read_text() + "\xff broken\n", errors="surrogateescape"
     )
+    engine = subprocess.Popen(
+        [sys.executable, str(HERE / "fakevllm.py"), "vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct", "--port",
+         str(free_port()), "--served-model-name", "qwen-a"],
+        env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": full.path, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"},
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert engine.stdout.readline().strip() == "ready"
     args = ["--mps-control-bin", FAKE_CONTROL, "--interval", "0.5", "--command-timeout", "1", "--log-dir", str(log_dir)]
     for daemon in (full, garbage, fault):
         args += ["--pipe-dir", daemon.path]
-    env = {"MPSWATCH_GPU_NVML_MODULE": "tests.fakenvml:h200", "MPSWATCH_GPU_INTERVAL_SECONDS": "0.5"}
-    with Agent(args, env=env) as agent:
-        agent.wait_for(lambda s: s.get(("mps_control_up", frozenset({("pipe_dir", full.path)}))) == 1)
-        agent.wait_for(lambda s: any(name == "mps_gpu_sm_active_ratio" for name, _ in s))  # GPM: second cycle on
-        texts.append(agent.get("/metrics")[1])
-        seen |= {family_name(name) for name, _ in agent.scrape()}
+    env = {
+        "MPSWATCH_GPU_NVML_MODULE": "tests.fakenvml:h200",
+        "FAKENVML_MPS_CLIENT_PIDS": str(engine.pid),  # the engine's process is an MPS client on the fake GPU
+        "MPSWATCH_GPU_INTERVAL_SECONDS": "0.5",
+        "MPSWATCH_ENGINE_SCRAPE_INTERVAL_SECONDS": "0.5",
+    }
+    seen: set[str] = set()
+    texts: list[str] = []
+    try:
+        with Agent(args, env=env) as agent:
+            def all_there(samples):
+                seen.update(family_name(name) for name, _ in samples)
+                return seen >= set(CATALOG)
+
+            try:
+                agent.wait_for(all_there, timeout=20)
+            except AssertionError:
+                pass  # the assertion below names what is missing
+            texts.append(agent.get("/metrics")[1])
+    finally:
+        engine.kill()
+        engine.wait()
     assert seen == set(CATALOG)
     promtool = shutil.which("promtool")
     if promtool is None:
