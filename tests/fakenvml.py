@@ -7,6 +7,7 @@ hangs, NVML failing to initialise, XID events arriving.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import queue
@@ -61,6 +62,19 @@ class c_nvmlGpmMetricsGet_t:
         self.metrics = [SimpleNamespace(metricId=0, nvmlReturn=0, value=0.0) for _ in range(98)]
 
 
+class _Device(ctypes.Structure):
+    _fields_ = [("index", ctypes.c_int)]
+
+
+_DEVICES: dict[int, _Device] = {}
+
+
+def _Handle(index: int):
+    """Like pynvml's handles: a new ctypes pointer each time, whose == is identity; the device is
+    in the address it points to."""
+    return ctypes.pointer(_DEVICES.setdefault(index, _Device(index)))
+
+
 class FakeNvml:
     """Instances stand in for the `pynvml` module."""
 
@@ -88,6 +102,8 @@ class FakeNvml:
         self.xids: queue.Queue[tuple[int, int]] = queue.Queue()
         self.metric_pairs: list[tuple[object, object]] = []  # the samples each nvmlGpmMetricsGet compared
         self.freed: set[int] = set()
+        self.gpm_sample_refused = False  # GPM "supported", but samples refused (as under MIG)
+        self.mps_list_error: int | None = None  # nvmlDeviceGetMPSComputeRunningProcesses fails
         self.allocated = 0
         self.initialised = False
 
@@ -95,9 +111,10 @@ class FakeNvml:
     def _device(self, handle, call: str) -> dict:
         if self.hang_in == call:
             self.release.wait()
-        if handle.index in self.failing:
-            raise NVMLError(self.failing[handle.index])
-        return self.devices[handle.index]
+        index = handle.contents.index
+        if index in self.failing:
+            raise NVMLError(self.failing[index])
+        return self.devices[index]
 
     # -- the nvidia-ml-py surface
     def nvmlInit(self) -> None:
@@ -115,7 +132,9 @@ class FakeNvml:
         return len(self.devices)
 
     def nvmlDeviceGetHandleByIndex(self, index: int):
-        return SimpleNamespace(index=index)
+        if index in self.failing:
+            raise NVMLError(self.failing[index])
+        return _Handle(index)
 
     def nvmlDeviceGetUUID(self, handle) -> str:
         return self._device(handle, "nvmlDeviceGetUUID")["uuid"]
@@ -153,7 +172,7 @@ class FakeNvml:
 
     def nvmlGpmSampleGet(self, handle, sample):
         device = self._device(handle, "nvmlGpmSampleGet")
-        if not device["gpm_supported"]:
+        if not device["gpm_supported"] or self.gpm_sample_refused:
             raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
         sample.taken = True
         return sample
@@ -173,12 +192,14 @@ class FakeNvml:
 
     def nvmlDeviceGetMPSComputeRunningProcesses(self, handle):
         device = self._device(handle, "nvmlDeviceGetMPSComputeRunningProcesses")
+        if self.mps_list_error is not None:
+            raise NVMLError(self.mps_list_error)
         return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in device["mps_processes"]]
 
-    def nvmlSystemGetProcessName(self, pid: int) -> str:
+    def nvmlSystemGetProcessName(self, pid: int) -> bytes:
         for device in self.devices:
             if str(pid) in device["process_names"]:
-                return device["process_names"][str(pid)]
+                return device["process_names"][str(pid)].encode()
         raise NVMLError(NVML_ERROR_NOT_FOUND)
 
     def nvmlEventSetCreate(self):
@@ -192,7 +213,8 @@ class FakeNvml:
             index, xid = self.xids.get(timeout=timeout_ms / 1000)
         except queue.Empty:
             raise NVMLError(NVML_ERROR_TIMEOUT) from None
-        return SimpleNamespace(device=SimpleNamespace(index=index), eventType=nvmlEventTypeXidCriticalError, eventData=xid)
+        # a new handle object for the same device, as ctypes gives: equal only by address
+        return SimpleNamespace(device=_Handle(index), eventType=nvmlEventTypeXidCriticalError, eventData=xid)
 
     def nvmlEventSetFree(self, event_set) -> None:
         pass

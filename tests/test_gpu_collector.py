@@ -175,3 +175,82 @@ def test_an_xid_event_is_counted_per_gpu_and_code_and_explained(tmp_path):
     exported = render(store.current(), "test")
     assert samples(exported, "mps_gpu_xid_errors_total")[(("gpu", "0"), ("uuid", UUID), ("xid", "31"))] == 1
     assert samples(exported, "mps_gpu_xid_errors_total")[(("gpu", "0"), ("uuid", UUID), ("xid", "79"))] == 0
+
+
+def wait_for_xid(gpus, index, xid):
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        data = gpus.collect()
+        if data.gpus[index].xid_counts.get(xid):
+            return data
+        time.sleep(0.02)
+    raise AssertionError("XID not counted")
+
+
+def test_an_xid_from_a_gpu_that_fell_off_the_bus_is_counted_on_that_gpu(tmp_path):
+    fake = FakeNvml(gpus=2)
+    gpus = collector(fake, tmp_path)
+    try:
+        gpus.collect()
+        fake.failing[1] = NVML_ERROR_GPU_IS_LOST  # its handle can no longer be asked for its UUID
+        fake.xids.put((1, 79))
+        data = wait_for_xid(gpus, 1, 79)
+    finally:
+        gpus.close()
+    assert not data.gpus[1].up and data.gpus[1].xid_counts[79] == 1 and data.gpus[0].xid_counts[79] == 0
+
+
+def test_a_gpu_whose_handle_fails_at_start_is_down_alone_and_xids_are_still_watched(tmp_path):
+    fake = FakeNvml(gpus=2)
+    fake.failing[1] = 4  # NVML_ERROR_NO_PERMISSION: a GPU hidden from this container
+    gpus = collector(fake, tmp_path)
+    try:
+        data = gpus.collect()
+        assert data.gpus[0].up and not data.gpus[1].up
+        fake.xids.put((0, 31))
+        assert wait_for_xid(gpus, 0, 31).gpus[0].xid_counts[31] == 1
+    finally:
+        gpus.close()
+
+
+def test_gpm_samples_refused_in_practice_turn_gpm_off_without_failing(tmp_path):
+    fake = FakeNvml()
+    fake.gpm_sample_refused = True
+    gpus = collector(fake, tmp_path)
+    try:
+        gpus.collect()
+        gpu = gpus.collect().gpus[0]
+    finally:
+        gpus.close()
+    assert gpu.up and gpu.gpm_supported is False and gpu.sm_active_ratio is None and gpu.utilization_ratio == 0.99
+    assert fake.freed == set(range(1, fake.allocated + 1))
+
+
+def test_a_driver_level_error_starts_nvml_over(tmp_path):
+    fake = FakeNvml()
+    gpus = collector(fake, tmp_path)
+    try:
+        gpus.collect()
+        fake.failing[0] = 1  # NVML_ERROR_UNINITIALIZED
+        with pytest.raises(CollectorError) as raised:
+            gpus.collect()
+        assert raised.value.reason == "nvml_error" and not fake.initialised
+        del fake.failing[0]
+        assert gpus.collect().gpus[0].up and fake.initialised
+    finally:
+        gpus.close()
+
+
+def test_without_the_mps_process_list_clients_are_unknown_not_accused(tmp_path):
+    fake = FakeNvml()
+    fake.mps_list_error = 3  # NVML_ERROR_NOT_SUPPORTED
+    gpus = collector(fake, tmp_path)
+    try:
+        data = gpus.collect()
+    finally:
+        gpus.close()
+    assert {p.pid: p.kind for p in data.gpus[0].processes} == {
+        429: "unknown", 430: "unknown", 431: "unknown", 481: "mps_server"}
+    store = SnapshotStore()
+    store.publish(_report(data))
+    assert health_report(store.current(), "test")["gpus"][0]["verdict"] == "OK"

@@ -141,8 +141,12 @@ def _gpu_entry(gpu: GpuState, now: float, recent_xids) -> dict[str, Any]:
     servers = [p["pid"] for p in processes if p["kind"] == "mps_server"]
     alone = [p["pid"] for p in processes if p["kind"] == "exclusive"]
     kinds = {kind: sum(1 for p in processes if p["kind"] == kind) for kind in ("mps_client", "mps_server", "exclusive")}
-    activity = (f"SM active {_percent(gpu.sm_active_ratio)}, DRAM bandwidth {_percent(gpu.dram_bandwidth_ratio)}"
-                if gpu.gpm_supported else "no GPM on this GPU: coarse utilisation only")
+    if not gpu.gpm_supported:
+        activity = "no GPM on this GPU: coarse utilisation only"
+    elif gpu.sm_active_ratio is None:
+        activity = "GPM from the second cycle on"
+    else:
+        activity = f"SM active {_percent(gpu.sm_active_ratio)}, DRAM bandwidth {_percent(gpu.dram_bandwidth_ratio)}"
     used = f"{(gpu.memory_used_bytes or 0) / 2**30:.1f}/{(gpu.memory_total_bytes or 0) / 2**30:.0f} GiB"
     summary = (f"utilisation {_percent(gpu.utilization_ratio)}, {activity}, memory {used}; "
                f"{kinds['mps_client']} MPS client(s), {kinds['mps_server']} server(s), {kinds['exclusive']} without MPS")

@@ -8,6 +8,7 @@ fake replaying a real H200 recording).
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
 import threading
@@ -64,6 +65,15 @@ class _GpuFailed(Exception):
     pass
 
 
+def handle_key(handle: Any) -> int:
+    """NVML device handles are ctypes pointers, which compare equal only to themselves: the
+    address tells two pointers to the same device apart from two devices."""
+    try:
+        return ctypes.cast(handle, ctypes.c_void_p).value or id(handle)
+    except (TypeError, ctypes.ArgumentError):
+        return id(handle)
+
+
 @dataclass
 class _DeviceMemory:
     """What stays known about a GPU between cycles: identity, GPM support and the last sample."""
@@ -73,23 +83,35 @@ class _DeviceMemory:
     name: str | None = None
     gpm_supported: bool | None = None
     gpm_sample: Any = None
+    gpm_sampled_at: float = 0.0
 
 
 class _XidWatcher(threading.Thread):
     """Waits for XID events; counts them per GPU and code, keeps the latest ones."""
 
-    def __init__(self, nvml: Any, handles: list[Any], uuid_of: Callable[[Any], str | None], wait_ms: int, log) -> None:
+    def __init__(self, nvml: Any, handles: list[tuple[Any, str | None]], wait_ms: int, log,
+                 counts: dict[str, dict[int, int]] | None = None) -> None:
         super().__init__(name="xid-events", daemon=True)
         self._nvml = nvml
-        self._handles = handles
-        self._uuid_of = uuid_of
+        self._handles = [handle for handle, _ in handles]
+        self._uuids = {handle_key(handle): uuid for handle, uuid in handles}  # read when NVML was set up
         self._wait_ms = wait_ms
         self._log = log
         self._stop_event = threading.Event()
         self._lock = threading.Lock()
-        self.counts: dict[str, dict[int, int]] = {}
+        self.counts: dict[str, dict[int, int]] = counts or {}  # carried over a re-initialisation
         self.recent: deque[XidEvent] = deque(maxlen=50)
         self.note: str | None = None
+
+    def register(self, event_set: Any, handles: list[Any]) -> int:
+        registered = 0
+        for handle in handles:
+            try:
+                self._nvml.nvmlDeviceRegisterEvents(handle, self._nvml.nvmlEventTypeXidCriticalError, event_set)
+                registered += 1
+            except self._nvml.NVMLError as err:
+                self.note = f"XID events not available on a GPU: {err}"
+        return registered
 
     def run(self) -> None:
         nvml = self._nvml
@@ -98,36 +120,38 @@ class _XidWatcher(threading.Thread):
         except nvml.NVMLError as err:
             self.note = f"XID events unavailable: {err}"
             return
-        registered = 0
-        for handle in self._handles:
+        try:
+            if self.register(event_set, self._handles):
+                self._wait_loop(event_set)
+        finally:
             try:
-                nvml.nvmlDeviceRegisterEvents(handle, nvml.nvmlEventTypeXidCriticalError, event_set)
-                registered += 1
-            except nvml.NVMLError as err:
-                self.note = f"XID events not supported on a GPU: {err}"
-        if not registered:
-            return
+                nvml.nvmlEventSetFree(event_set)
+            except Exception:
+                pass
+
+    def _wait_loop(self, event_set: Any) -> None:
+        nvml = self._nvml
         failures = 0
         while not self._stop_event.is_set():
             try:
                 data = nvml.nvmlEventSetWait_v2(event_set, self._wait_ms)
+                self._record(data)
+                failures = 0
             except nvml.NVMLError as err:
                 if getattr(err, "value", None) == nvml.NVML_ERROR_TIMEOUT:
                     continue
                 failures += 1
                 if failures == 1:
                     self._log.warning("xid_wait_failed", error=str(err))
+                if failures == 3:
+                    self.note = f"XID events are failing: {err}"
                 self._stop_event.wait(min(30.0, failures))  # back off; never spin on a broken event set
-                continue
-            failures = 0
-            self._record(data)
-        try:
-            nvml.nvmlEventSetFree(event_set)
-        except nvml.NVMLError:
-            pass
+            except Exception as err:  # a surprise must not end the only XID watcher quietly
+                self._log.error("xid_watcher_error", error=repr(err))
+                self._stop_event.wait(1.0)
 
     def _record(self, data: Any) -> None:
-        uuid = self._uuid_of(data.device) or "unknown"
+        uuid = self._uuids.get(handle_key(data.device)) or "unknown"
         xid = int(data.eventData)
         event = XidEvent(time=time.time(), uuid=uuid, xid=xid)
         with self._lock:
@@ -140,8 +164,9 @@ class _XidWatcher(threading.Thread):
         with self._lock:
             return {uuid: dict(counts) for uuid, counts in self.counts.items()}, tuple(self.recent)
 
-    def stop(self) -> None:
+    def stop(self, wait_seconds: float) -> None:
         self._stop_event.set()
+        self.join(wait_seconds)
 
 
 class GpuCollector:
@@ -164,6 +189,7 @@ class GpuCollector:
         self._nvml: Any = None
         self._devices: dict[int, _DeviceMemory] = {}
         self._xids: _XidWatcher | None = None
+        self._xid_counts: dict[str, dict[int, int]] = {}
         self._driver: str | None = None
         self._failing: dict[int, str] = {}
         self._log = structlog.get_logger().bind(collector=self.name)
@@ -173,13 +199,16 @@ class GpuCollector:
         try:
             count = nvml.nvmlDeviceGetCount()
         except nvml.NVMLError as err:
-            self._forget_if_needed(err)
+            self._reinit_if_needed(err)
             raise CollectorError("nvml_error", f"nvmlDeviceGetCount: {err}") from None
         gpus = tuple(self._device(nvml, index) for index in range(count))
         counts, recent = self._xids.snapshot() if self._xids else ({}, ())
         gpus = tuple(g if g.uuid is None else _with_xids(g, counts.get(g.uuid)) for g in gpus)
-        notes = (self._xids.note,) if self._xids and self._xids.note else ()
-        return GpuData(driver_version=self._driver, gpus=gpus, recent_xids=recent, notes=notes)
+        notes = [self._xids.note] if self._xids and self._xids.note else []
+        unnamed = sum(counts.get("unknown", {}).values())
+        if unnamed:
+            notes.append(f"{unnamed} XID event(s) from a GPU NVML could not name")
+        return GpuData(driver_version=self._driver, gpus=gpus, recent_xids=recent, notes=tuple(notes))
 
     def _initialised(self) -> Any:
         if self._nvml is not None:
@@ -190,60 +219,102 @@ class GpuCollector:
             raise CollectorError("nvml_unavailable", f"cannot load the NVML binding: {err}") from None
         try:
             nvml.nvmlInit()
-            driver = nvml.nvmlSystemGetDriverVersion()
         except nvml.NVMLError as err:
             raise CollectorError("nvml_unavailable", f"NVML did not initialise: {err} (no NVIDIA driver here?)") from None
-        self._driver = driver.decode() if isinstance(driver, bytes) else driver
+        try:
+            driver = nvml.nvmlSystemGetDriverVersion()
+            handles: list[tuple[Any, str | None]] = []
+            for index in range(nvml.nvmlDeviceGetCount()):
+                try:
+                    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                except nvml.NVMLError as err:  # that GPU fails on its own, each cycle, until it answers
+                    self._log.warning("gpu_handle_failed", gpu=index, error=str(err))
+                    continue
+                memory = self._devices[index] = _DeviceMemory(handle=handle)
+                try:
+                    memory.uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+                    memory.name = _text(nvml.nvmlDeviceGetName(handle))
+                except nvml.NVMLError:
+                    pass
+                handles.append((handle, memory.uuid))
+        except nvml.NVMLError as err:
+            self._devices.clear()
+            try:
+                nvml.nvmlShutdown()  # NVML counts inits: never leave one behind
+            except nvml.NVMLError:
+                pass
+            raise CollectorError("nvml_error", f"NVML setup failed: {err}") from None
+        self._driver = _text(driver)
         self._nvml = nvml
-        handles = []
-        for index in range(nvml.nvmlDeviceGetCount()):
-            handles.append(nvml.nvmlDeviceGetHandleByIndex(index))
-            self._devices[index] = _DeviceMemory(handle=handles[-1])
         self._log.info("nvml_initialised", driver_version=self._driver, gpus=len(handles))
-        self._xids = _XidWatcher(nvml, handles, self._uuid_of_handle, self._xid_wait_ms, self._log)
+        self._xids = _XidWatcher(nvml, handles, self._xid_wait_ms, self._log, self._xid_counts)
         self._xids.start()
         return nvml
 
-    def _uuid_of_handle(self, handle: Any) -> str | None:
-        for memory in self._devices.values():
-            if memory.handle is handle or memory.handle == handle:
-                return memory.uuid
-        try:
-            return _text(self._nvml.nvmlDeviceGetUUID(handle))
-        except Exception:  # an event for a GPU that has just gone: counted as unknown
-            return None
-
-    def _forget_if_needed(self, err: Any) -> None:
+    def _reinit_if_needed(self, err: Any) -> None:
         if _error_name(self._nvml, err) in _REINIT:
+            self._log.warning("nvml_reinitialising", error=str(err))
             self.close()
 
     def _device(self, nvml: Any, index: int) -> GpuState:
         memory = self._devices.get(index)
         try:
             if memory is None:
-                memory = self._devices[index] = _DeviceMemory(handle=self._call(nvml.nvmlDeviceGetHandleByIndex, index))
+                handle = self._call(nvml.nvmlDeviceGetHandleByIndex, index)
+                if handle is None:
+                    raise _GpuFailed("nvmlDeviceGetHandleByIndex: not available")
+                memory = self._devices[index] = _DeviceMemory(handle=handle)
             state = self._read_device(nvml, index, memory)
         except _GpuFailed as failed:
             reason = str(failed)
             if self._failing.get(index) != reason:
                 self._log.warning("gpu_failed", gpu=index, uuid=memory.uuid if memory else None, error=reason)
             self._failing[index] = reason
+            if memory is not None and "GPU is lost" in reason:
+                self._forget_device(index)  # after a reset the GPU needs a new handle
             return GpuState(index=index, uuid=memory.uuid if memory else None, name=memory.name if memory else None,
                             up=False, error=reason)
         if self._failing.pop(index, None) is not None:
             self._log.info("gpu_recovered", gpu=index, uuid=memory.uuid)
         return state
 
+    def _forget_device(self, index: int) -> None:
+        memory = self._devices.get(index)
+        if memory is not None and memory.uuid is not None:
+            self._devices[index] = _DeviceMemory(handle=None, uuid=memory.uuid, name=memory.name)
+        self._free_sample(self._nvml, memory)
+        if memory is not None and memory.uuid is None:
+            self._devices.pop(index, None)
+
+    @staticmethod
+    def _free_sample(nvml: Any, memory: _DeviceMemory | None) -> None:
+        if memory is not None and memory.gpm_sample is not None:
+            try:
+                nvml.nvmlGpmSampleFree(memory.gpm_sample)
+            except Exception:
+                pass
+            memory.gpm_sample = None
+
     def _call(self, fn: Callable, *args: Any) -> Any:
-        """The value, None when NVML says it is not available here; anything else fails the GPU."""
+        """The value, None when NVML says it is not available here; a driver-level error starts
+        NVML over; anything else fails this GPU only."""
         try:
             return fn(*args)
         except self._nvml.NVMLError as err:
-            if _error_name(self._nvml, err) in _ABSENT:
+            name = _error_name(self._nvml, err)
+            if name in _ABSENT:
                 return None
+            if name in _REINIT:
+                self._reinit_if_needed(err)
+                raise CollectorError("nvml_error", f"{getattr(fn, '__name__', 'nvml')}: {err}") from None
             raise _GpuFailed(f"{getattr(fn, '__name__', 'nvml')}: {err}") from None
 
     def _read_device(self, nvml: Any, index: int, memory: _DeviceMemory) -> GpuState:
+        if memory.handle is None:
+            handle = self._call(nvml.nvmlDeviceGetHandleByIndex, index)
+            if handle is None:
+                raise _GpuFailed("nvmlDeviceGetHandleByIndex: not available")
+            memory.handle = handle
         handle = memory.handle
         if memory.uuid is None:
             memory.uuid = _text(self._call(nvml.nvmlDeviceGetUUID, handle))
@@ -271,7 +342,8 @@ class GpuCollector:
         )
 
     def _gpm(self, nvml: Any, memory: _DeviceMemory) -> dict[str, float | None]:
-        """GPM between the previous cycle's sample and this one's; nothing on the first cycle."""
+        """GPM between the previous cycle's sample and this one's: nothing on the first cycle,
+        nor when the previous sample is older than three intervals (after an outage)."""
         values: dict[str, float | None] = dict.fromkeys(
             ("sm_active_ratio", "sm_occupancy_ratio", "dram_bandwidth_ratio", "tensor_active_ratio")
         )
@@ -286,16 +358,27 @@ class GpuCollector:
             "dram_bandwidth_ratio": nvml.NVML_GPM_METRIC_DRAM_BW_UTIL,
             "tensor_active_ratio": nvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL,
         }
-        sample = nvml.nvmlGpmSampleAlloc()
+        sample = self._call(nvml.nvmlGpmSampleAlloc)
+        if sample is None:
+            return values
         try:
-            self._call(nvml.nvmlGpmSampleGet, memory.handle, sample)
-        except _GpuFailed:
+            taken = self._call(nvml.nvmlGpmSampleGet, memory.handle, sample)
+        except (_GpuFailed, CollectorError):
             nvml.nvmlGpmSampleFree(sample)
             raise
-        previous, memory.gpm_sample = memory.gpm_sample, sample
+        if taken is None:  # supported on paper, refused in practice (MIG, permissions)
+            nvml.nvmlGpmSampleFree(sample)
+            memory.gpm_supported = False
+            self._free_sample(nvml, memory)
+            return values
+        now = time.monotonic()
+        previous, previous_at = memory.gpm_sample, memory.gpm_sampled_at
+        memory.gpm_sample, memory.gpm_sampled_at = sample, now
         if previous is None:
             return values
         try:
+            if now - previous_at > 3 * self.interval_seconds:
+                return values  # spans an outage: not "the last interval"
             query = nvml.c_nvmlGpmMetricsGet_t()
             query.version = nvml.NVML_GPM_METRICS_GET_VERSION
             query.numMetrics = len(metric_ids)
@@ -307,23 +390,26 @@ class GpuCollector:
                     if query.metrics[i].nvmlReturn == 0:
                         values[key] = gpm_ratio(query.metrics[i].value)
         finally:
-            nvml.nvmlGpmSampleFree(previous)
+            try:
+                nvml.nvmlGpmSampleFree(previous)
+            except nvml.NVMLError:
+                pass
         return values
 
     def _processes(self, nvml: Any, handle: Any) -> tuple[GpuProcess, ...] | None:
         compute = self._call(nvml.nvmlDeviceGetComputeRunningProcesses, handle)
         if compute is None:
             return None
-        mps = self._call(nvml.nvmlDeviceGetMPSComputeRunningProcesses, handle) or []
-        mps_memory = {p.pid: p.usedGpuMemory for p in mps}
+        mps = self._call(nvml.nvmlDeviceGetMPSComputeRunningProcesses, handle)
+        mps_memory = {p.pid: p.usedGpuMemory for p in mps or []}
         processes = []
         for proc in compute:
             if proc.pid in mps_memory:
                 kind, used = "mps_client", mps_memory.pop(proc.pid)
             elif self._is_mps_server(nvml, proc.pid):
                 kind, used = "mps_server", proc.usedGpuMemory
-            else:
-                kind, used = "exclusive", proc.usedGpuMemory
+            else:  # without the MPS list, a client cannot be told from a process running alone
+                kind, used = ("exclusive" if mps is not None else "unknown"), proc.usedGpuMemory
             processes.append(GpuProcess(pid=proc.pid, kind=kind, memory_bytes=used))
         processes += [GpuProcess(pid=pid, kind="mps_client", memory_bytes=used) for pid, used in mps_memory.items()]
         return tuple(sorted(processes, key=lambda p: p.pid))
@@ -339,16 +425,14 @@ class GpuCollector:
 
     def close(self) -> None:
         if self._xids is not None:
-            self._xids.stop()
+            self._xids.stop(wait_seconds=2 * self._xid_wait_ms / 1000 + 0.5)
+            self._xid_counts = self._xids.snapshot()[0]
+            self._xids = None
         nvml, self._nvml = self._nvml, None
         if nvml is None:
             return
         for memory in self._devices.values():
-            if memory.gpm_sample is not None:
-                try:
-                    nvml.nvmlGpmSampleFree(memory.gpm_sample)
-                except nvml.NVMLError:
-                    pass
+            self._free_sample(nvml, memory)
         self._devices.clear()
         try:
             nvml.nvmlShutdown()
