@@ -54,3 +54,34 @@ def test_a_failed_collector_is_named_in_the_summary():
 def test_everything_ok_is_ok():
     r = report(daemon())
     assert r["verdict"] == "OK" and r["daemons"][0]["servers"][0]["reason"] == "ACTIVE; clients 1/48 on GPU-a"
+
+
+def engines_snapshot(*engines):
+    from mpswatch.snapshot import EnginesData
+
+    ok = CollectorStatus("engines", True, 0.01, 1.0, frozen_map())
+    data = EnginesData(tuple(engines), frozen_map({"GPU-a": 1.5}), frozen_map())
+    control = snapshot(MpsControlData((daemon(),), ("/run/nvidia-mps",))).reports["mps_control"]
+    return NodeSnapshot(frozen_map({"engines": CollectorReport(ok, data), "mps_control": control}))
+
+
+def test_engines_of_a_gpu_are_shown_side_by_side_with_their_problems():
+    from mpswatch.snapshot import EngineState
+
+    a = EngineState("a:8001", "http://127.0.0.1:8001/metrics", "discovered", True, gpu_uuid="GPU-a",
+                    mps_attached=True, load_share_ratio=0.75, tokens_per_second=1500.0, requests_running=4,
+                    requests_waiting=0, busiest_thread_cpu_ratio=0.95, cpu_bound=True, gpu_memory_utilization=0.6)
+    b = EngineState("b:8002", "http://127.0.0.1:8002/metrics", "discovered", True, gpu_uuid="GPU-a",
+                    mps_attached=False, load_share_ratio=0.25, tokens_per_second=500.0, gpu_memory_utilization=0.6)
+    c = EngineState("c:8003", "http://127.0.0.1:8003/metrics", "configured", False, error="connection refused")
+    r = health_report(engines_snapshot(a, b, c), "test", now=100.0)
+    verdicts = {e["name"]: (e["verdict"], e["reason"]) for e in r["engines"]}
+    assert verdicts["a:8001"][0] == "DEGRADED" and verdicts["a:8001"][1].startswith("CPU-bound: busiest thread at 95%")
+    assert "share 75%, 1500 tok/s, running 4, waiting 0, MPS attached" in verdicts["a:8001"][1]
+    assert verdicts["b:8002"][0] == "DEGRADED" and "runs on the GPU without MPS" in verdicts["b:8002"][1]
+    assert verdicts["c:8003"] == ("DOWN", "metrics endpoint: connection refused")
+    [group, unknown] = r["engine_gpus"]
+    assert group["gpu_uuid"] == "GPU-a" and group["verdict"] == "DEGRADED" and "add up to 1.20 > 1" in group["reason"]
+    assert unknown["gpu_uuid"] is None and unknown["engines"] == ["c:8003"]
+    text = render_text(r)
+    assert "DEGRADED  engines on GPU-a: the engines' gpu_memory_utilization add up to 1.20 > 1" in text

@@ -230,7 +230,7 @@ def _engine_gpus(data: EnginesData, entries: list[dict[str, Any]]) -> list[dict[
     for entry in entries:
         groups.setdefault(entry["gpu_uuid"], []).append(entry)
     out = []
-    for gpu_uuid, engines in sorted(groups.items(), key=lambda kv: kv[0] or ""):
+    for gpu_uuid, engines in sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or "")):  # unknown last
         shares = [e["gpu_memory_utilization"] for e in engines if e["gpu_memory_utilization"] is not None]
         memory_sum = sum(shares) if shares else None
         imbalance = data.imbalance.get(gpu_uuid) if gpu_uuid else None
