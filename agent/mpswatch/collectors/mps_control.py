@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from typing import Callable, Iterable
+
 import structlog
 
 from mpswatch.procfs import ProcFS
@@ -207,32 +209,57 @@ def is_daemon(argv: list[str]) -> bool:
     return any(arg in _DAEMON_FLAGS for arg in argv[1:])
 
 
+def discover_mps_dirs(
+    *,
+    defaults: Iterable[str],
+    device_plugin_root: str,
+    leaf: str,
+    env_var: str,
+    env_default: str,
+    accept: Callable[[Path], bool],
+    procfs: ProcFS,
+    hint: str,
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """(dir, found_by) for one kind of MPS directory (pipe or log): the defaults, the device
+    plugin's per-resource dirs, and what running daemons were started with."""
+    found: dict[str, str] = {}
+    for d in defaults:
+        if accept(Path(d)):
+            found.setdefault(d, "default")
+    root = Path(device_plugin_root)
+    # resource names hold a slash (nvidia.com/gpu), so the dir sits one to three levels down
+    for pattern in (f"*/{leaf}", f"*/*/{leaf}", f"*/*/*/{leaf}"):
+        for d in sorted(root.glob(pattern)):
+            if d.is_dir() and accept(d):
+                found.setdefault(str(d), "device_plugin")
+    environments, unreadable = procfs.environments_of(CONTROL_PROGRAM, is_daemon)
+    for env in environments:
+        directory = env.get(env_var) or env_default
+        if os.path.isabs(directory):
+            found.setdefault(os.path.normpath(directory), "process")
+    notes = []
+    if unreadable:
+        notes.append(
+            f"cannot read the environment of {CONTROL_PROGRAM} pid {', '.join(map(str, unreadable))} "
+            f"to find its {env_var} (needs the same user or CAP_SYS_PTRACE); {hint}"
+        )
+    return sorted(found.items()), notes
+
+
 def discover_pipe_dirs(settings: DiscoverySettings, procfs: ProcFS) -> tuple[list[tuple[str, str]], list[str]]:
     """(pipe_dir, found_by) pairs and notes on what could not be read."""
     if settings.pipe_dirs:
         return [(d, "configured") for d in settings.pipe_dirs], []
-    found: dict[str, str] = {}
-    notes: list[str] = []
-    for d in settings.default_pipe_dirs:
-        if looks_like_pipe_dir(Path(d)):
-            found.setdefault(d, "default")
-    root = Path(settings.device_plugin_root)
-    # resource names hold a slash (nvidia.com/gpu), so the pipe dir sits one or two levels down
-    for pattern in ("*/pipe", "*/*/pipe", "*/*/*/pipe"):
-        for d in sorted(root.glob(pattern)):
-            if d.is_dir() and looks_like_pipe_dir(d):
-                found.setdefault(str(d), "device_plugin")
-    environments, unreadable = procfs.environments_of(CONTROL_PROGRAM, is_daemon)
-    for env in environments:
-        pipe_dir = env.get("CUDA_MPS_PIPE_DIRECTORY") or DEFAULT_PIPE_DIR
-        if os.path.isabs(pipe_dir):
-            found.setdefault(os.path.normpath(pipe_dir), "process")
-    if unreadable:
-        notes.append(
-            f"cannot read the environment of {CONTROL_PROGRAM} pid {', '.join(map(str, unreadable))} "
-            "(needs the same user or CAP_SYS_PTRACE); configure its pipe dir if it is not found otherwise"
-        )
-    return sorted(found.items()), notes
+    return discover_mps_dirs(
+        defaults=settings.default_pipe_dirs,
+        device_plugin_root=settings.device_plugin_root,
+        leaf="pipe",
+        env_var="CUDA_MPS_PIPE_DIRECTORY",
+        env_default=DEFAULT_PIPE_DIR,
+        accept=looks_like_pipe_dir,
+        procfs=procfs,
+        hint="name its pipe dir with --pipe-dir",
+    )
 
 
 def search_description(settings: DiscoverySettings) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ from typing import Callable
 
 import structlog
 
-from mpswatch.collectors.mps_control import CONTROL_PROGRAM, is_daemon
+from mpswatch.collectors.mps_control import discover_mps_dirs
 from mpswatch.logfollow import LogFollower
 from mpswatch.procfs import ProcFS
 from mpswatch.snapshot import LogDirState, LogEvent, MpsLogsData, frozen_map
@@ -204,26 +204,16 @@ def discover_log_dirs(
 ) -> tuple[list[tuple[str, str]], list[str]]:
     if configured:
         return [(d, "configured") for d in configured], []
-    found: dict[str, str] = {}
-    if Path(default_dir).is_dir():
-        found[default_dir] = "default"
-    root = Path(device_plugin_root)
-    for pattern in ("*/log", "*/*/log", "*/*/*/log"):
-        for d in sorted(root.glob(pattern)):
-            if d.is_dir():
-                found.setdefault(str(d), "device_plugin")
-    environments, unreadable = procfs.environments_of(CONTROL_PROGRAM, is_daemon)
-    for env in environments:
-        log_dir = env.get("CUDA_MPS_LOG_DIRECTORY") or DEFAULT_LOG_DIR
-        if os.path.isabs(log_dir):
-            found.setdefault(os.path.normpath(log_dir), "process")
-    notes = []
-    if unreadable:
-        notes.append(
-            f"cannot read the environment of {CONTROL_PROGRAM} pid {', '.join(map(str, unreadable))} "
-            "to find its log dir (needs the same user or CAP_SYS_PTRACE); configure it with --log-dir"
-        )
-    return sorted(found.items()), notes
+    return discover_mps_dirs(
+        defaults=(default_dir,),
+        device_plugin_root=device_plugin_root,
+        leaf="log",
+        env_var="CUDA_MPS_LOG_DIRECTORY",
+        env_default=DEFAULT_LOG_DIR,
+        accept=Path.is_dir,
+        procfs=procfs,
+        hint="name its log dir with --log-dir",
+    )
 
 
 # ---------------------------------------------------------------- collector
