@@ -32,13 +32,13 @@ def measure(threads: int, rounds: int) -> list[float]:
     collector = EnginesCollector(discover=False, procfs=ProcFS())
     engine = _Engine("bench", "http://127.0.0.1:1/metrics", "configured")
     times = []
+    processes = {child.pid: (None, [], None)}
     try:
         for _ in range(rounds):
             started = time.perf_counter()
-            collector._cpu(engine, [child.pid], time.time())
+            collector._cpu(engine, [child.pid], processes)
             times.append(time.perf_counter() - started)
     finally:
-        collector.close()
         child.kill()
         child.wait()
     return times

@@ -22,7 +22,7 @@ class FakeVllm:
                  port: int = 0, mode: str = "ok") -> None:
         self.template = (FIXTURES / body).read_text()
         self.tokens_per_request = tokens_per_request
-        self.mode = mode  # ok | slow | garbage | huge
+        self.mode = mode  # ok | slow | trickle | garbage | huge
         self.requests = 0
         self.running, self.waiting = 3, 1
         self._lock = threading.Lock()
@@ -32,6 +32,17 @@ class FakeVllm:
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 if fake.mode == "slow":
                     time.sleep(5)
+                if fake.mode == "trickle":  # headers at once, then a byte every 0.1 s for 10 s
+                    self.send_response(200)
+                    self.end_headers()
+                    try:
+                        for _ in range(100):
+                            self.wfile.write(b"#")
+                            self.wfile.flush()
+                            time.sleep(0.1)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    return
                 if fake.mode == "huge":
                     self.send_response(200)
                     self.send_header("Content-Type", "text/plain")
@@ -53,7 +64,11 @@ class FakeVllm:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address) -> None:
+                pass  # the agent hanging up on a huge or slow answer is the point
+
+        self.server = Server(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/metrics"

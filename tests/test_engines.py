@@ -67,10 +67,30 @@ def test_text_that_is_not_vllm_metrics_is_refused(text):
         parse_vllm_metrics(text)
 
 
-def test_tokens_per_second_handles_a_counter_reset():
-    assert tokens_per_second((10.0, 1000.0), (12.0, 1400.0)) == 200.0
-    assert tokens_per_second((10.0, 1000.0), (12.0, 300.0)) == 150.0  # engine restarted
-    assert tokens_per_second(None, (12.0, 300.0)) is None
+def test_tokens_per_second_handles_a_counter_reset_per_series():
+    before = {("p", "0"): 1000.0, ("p", "1"): 500.0}
+    assert tokens_per_second((10.0, before), (12.0, {("p", "0"): 1400.0, ("p", "1"): 600.0})) == 250.0
+    # engine 1 restarted (its series went back) while engine 0 went on
+    assert tokens_per_second((10.0, before), (12.0, {("p", "0"): 1400.0, ("p", "1"): 100.0})) == 250.0
+    # a series that vanished adds nothing, one that appeared adds nothing yet
+    assert tokens_per_second((10.0, before), (12.0, {("p", "0"): 1400.0, ("p", "2"): 9e9})) == 200.0
+    assert tokens_per_second(None, (12.0, before)) is None
+
+
+def test_data_parallel_engines_sum_counters_and_average_kv_usage():
+    text = (
+        "# TYPE vllm:kv_cache_usage_perc gauge\n"
+        'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.6\n'
+        'vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.7\n'
+        "# TYPE vllm:prompt_tokens counter\n"
+        'vllm:prompt_tokens_total{engine="0",model_name="m"} 100.0\n'
+        'vllm:prompt_tokens_created{engine="0",model_name="m"} 1.7e9\n'
+        'vllm:prompt_tokens_total{engine="1",model_name="m"} 50.0\n'
+        'vllm:prompt_tokens_created{engine="1",model_name="m"} 1.7e9\n'
+    )
+    sample = parse_vllm_metrics(text)
+    assert sample.kv_cache_usage_ratio == pytest.approx(0.65) and sample.prompt_tokens_total == 150.0
+    assert len(sample.token_series) == 2
 
 
 def test_load_balance_shares_and_imbalance():
@@ -88,6 +108,7 @@ def test_load_balance_shares_and_imbalance():
         (["python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "facebook/opt-125m", "--host", "10.0.0.5"],
          "opt-125m:8000", "http://10.0.0.5:8000/metrics"),
         (["vllm", "serve", "/models/llama/", "--port=9000"], "llama:9000", "http://127.0.0.1:9000/metrics"),
+        (["vllm", "serve", "--port", "8001", "/models/x", "--port", "8002"], "x:8002", "http://127.0.0.1:8002/metrics"),
     ],
 )
 def test_vllm_command_lines_give_name_and_metrics_url(argv, name, url):
@@ -96,7 +117,8 @@ def test_vllm_command_lines_give_name_and_metrics_url(argv, name, url):
 
 
 @pytest.mark.parametrize("argv", [["python3", "-c", "from multiprocessing.spawn import spawn_main"],
-                                  ["vllm", "bench", "serve"], ["vllm", "serve", "m", "--port", "x"], []])
+                                  ["vllm", "bench", "serve"], ["vllm", "serve", "m", "--port", "x"],
+                                  ["vllm", "serve", "m", "--port="], []])
 def test_other_command_lines_are_not_engines(argv):
     assert parse_vllm_command(argv) is None
 
@@ -138,26 +160,25 @@ def collector_for(engines: dict[str, str], tmp_path, **kw) -> EnginesCollector:
 def test_each_bad_endpoint_marks_only_its_own_engine_down(servers, tmp_path):
     good, old = servers(), servers(body="metrics-v0.6-names.txt")
     slow, garbage, huge = servers(mode="slow"), servers(mode="garbage"), servers(mode="huge")
+    trickle = servers(mode="trickle")
     engines = {"good": good.url, "old": old.url, "slow": slow.url, "garbage": garbage.url, "huge": huge.url,
-               "down": f"http://127.0.0.1:{closed_port()}/metrics"}
+               "trickle": trickle.url, "down": f"http://127.0.0.1:{closed_port()}/metrics"}
     collector = collector_for(engines, tmp_path, timeout_seconds=0.5, max_body_bytes=16 << 20)
-    try:
-        started = time.monotonic()
-        first = {e.name: e for e in collector.collect().engines}
-        took = time.monotonic() - started
-        time.sleep(0.2)
-        second = {e.name: e for e in collector.collect().engines}
-    finally:
-        collector.close()
+    started = time.monotonic()
+    first = {e.name: e for e in collector.collect().engines}
+    took = time.monotonic() - started
+    time.sleep(0.2)
+    second = {e.name: e for e in collector.collect().engines}
     assert took < 1.5  # bounded by the deadline, not by the slow engine's 5 s
     assert first["good"].up and first["old"].up and first["old"].kv_cache_usage_ratio == 0.42
     assert not first["slow"].up and "no answer within 0.5 s" in first["slow"].error
+    assert not first["trickle"].up and "no answer within 0.5 s" in first["trickle"].error
     assert not first["garbage"].up and "not Prometheus text" in first["garbage"].error
     assert not first["huge"].up and "larger than" in first["huge"].error
     assert not first["down"].up and first["down"].error
     assert first["good"].tokens_per_second is None  # one scrape: no rate yet
     assert second["good"].tokens_per_second > 0 and second["good"].prompt_tokens_total == 150.0
-    assert slow.requests == 0 or not second["slow"].up
+    assert not second["trickle"].up  # a byte every 0.1 s never makes an answer
 
 
 def write_proc(root: Path, pid: int, ppid: int, argv: list[str], environ: str = "", threads=None) -> None:
@@ -197,10 +218,7 @@ def test_discovery_walks_from_the_api_server_to_its_gpu_process(tmp_path):
     )
     collector = EnginesCollector(procfs=ProcFS(proc), peers=lambda: snapshot,
                                  fetch=lambda url, timeout, cap: bodies[url].encode())
-    try:
-        data = collector.collect()
-    finally:
-        collector.close()
+    data = collector.collect()
     engines = {e.name: e for e in data.engines}
     assert set(engines) == {"qwen-a:8001", "Qwen2.5-0.5B:8002"}
     a, b = engines["qwen-a:8001"], engines["Qwen2.5-0.5B:8002"]
@@ -228,12 +246,9 @@ def test_shares_and_imbalance_of_two_engines_on_one_gpu(tmp_path):
 
     snapshot = peers([GpuProcess(101, "mps_client", 1), GpuProcess(201, "mps_client", 1)])
     collector = EnginesCollector(procfs=ProcFS(proc), peers=lambda: snapshot, fetch=fetch)
-    try:
-        collector.collect()
-        time.sleep(0.05)
-        data = collector.collect()
-    finally:
-        collector.close()
+    collector.collect()
+    time.sleep(0.05)
+    data = collector.collect()
     shares = {e.name: e.load_share_ratio for e in data.engines}
     assert shares["a:8001"] == pytest.approx(2 / 3, rel=0.05) and shares["b:8002"] == pytest.approx(1 / 3, rel=0.1)
     assert data.imbalance[UUID] == pytest.approx(4 / 3, rel=0.05)
@@ -263,10 +278,7 @@ def engine_process(tmp_path):
 def test_real_processes_with_vllm_command_lines_are_discovered_and_scraped(engine_process):
     child, port = engine_process("qwen-a")
     collector = EnginesCollector(procfs=ProcFS())
-    try:
-        engines = {e.name: e for e in collector.collect().engines}
-    finally:
-        collector.close()
+    engines = {e.name: e for e in collector.collect().engines}
     engine = engines[f"qwen-a:{port}"]
     assert engine.found_by == "discovered" and engine.url == f"http://127.0.0.1:{port}/metrics"
     assert engine.up and engine.model == "Qwen/Qwen2.5-1.5B-Instruct" and child.pid in engine.pids
@@ -278,17 +290,48 @@ def test_a_spinning_thread_makes_the_engine_cpu_bound_and_the_verdict_flips_back
     child, port = engine_process("busy", spin_file=spin)
     collector = EnginesCollector(procfs=ProcFS())
     name = f"busy:{port}"
-    try:
-        collector.collect()
-        time.sleep(1.0)
-        busy = {e.name: e for e in collector.collect().engines}[name]
-        spin.unlink()
-        time.sleep(0.5)
-        collector.collect()
-        time.sleep(1.0)
-        calm = {e.name: e for e in collector.collect().engines}[name]
-    finally:
-        collector.close()
+    collector.collect()
+    time.sleep(1.0)
+    busy = {e.name: e for e in collector.collect().engines}[name]
+    spin.unlink()
+    time.sleep(0.5)
+    collector.collect()
+    time.sleep(1.0)
+    calm = {e.name: e for e in collector.collect().engines}[name]
     assert busy.busiest_thread_cpu_ratio > 0.8 and busy.cpu_bound is True  # the fake has 3 requests running
     assert calm.busiest_thread_cpu_ratio < 0.3 and calm.cpu_bound is False
     assert calm.cpu_seconds_total >= busy.cpu_seconds_total > 0.5
+
+
+def test_a_configured_local_engine_claims_its_process_instead_of_appearing_twice(tmp_path):
+    proc = tmp_path / "proc"
+    write_proc(proc, 100, 1, ["vllm", "serve", "m", "--port", "8001", "--served-model-name", "a"])
+    collector = EnginesCollector(configured=[{"name": "engine-a", "url": "http://localhost:8001/metrics"}],
+                                 procfs=ProcFS(proc), fetch=lambda url, t, cap: body("metrics-v0.10-names.txt").encode())
+    engines = {e.name: e for e in collector.collect().engines}
+    assert set(engines) == {"engine-a"} and engines["engine-a"].pids == (100,)
+
+
+def test_an_engine_whose_pid_now_runs_something_else_is_gone(tmp_path):
+    proc = tmp_path / "proc"
+    write_proc(proc, 200, 1, ["vllm", "serve", "m", "--port", "8002", "--served-model-name", "b"])
+    collector = EnginesCollector(procfs=ProcFS(proc), fetch=lambda url, t, cap: body("metrics-v0.10-names.txt").encode())
+    assert [e.name for e in collector.collect().engines] == ["b:8002"]
+    (proc / "200" / "cmdline").write_bytes(b"postgres\0")  # the PID was reused
+    assert collector.collect().engines == ()
+
+
+def test_cpu_seconds_never_count_a_thread_twice_when_the_budget_skips_it(tmp_path, monkeypatch):
+    import mpswatch.collectors.engines as engines_module
+
+    proc = tmp_path / "proc"
+    write_proc(proc, 100, 1, ["vllm", "serve", "m", "--port", "8001"], threads=[(100, 50, 1000), (101, 70, 2000)])
+    write_proc(proc, 102, 100, ["VLLM::EngineCore"], threads=[(102, 500, 4000)])
+    collector = EnginesCollector(procfs=ProcFS(proc), fetch=lambda url, t, cap: body("metrics-v0.10-names.txt").encode())
+    first = collector.collect().engines[0]
+    monkeypatch.setattr(engines_module, "MAX_THREADS_PER_ENGINE", 1)  # the budget now skips threads
+    second = collector.collect().engines[0]
+    monkeypatch.setattr(engines_module, "MAX_THREADS_PER_ENGINE", 1024)
+    third = collector.collect().engines[0]
+    assert first.cpu_seconds_total == second.cpu_seconds_total == third.cpu_seconds_total  # no CPU was used
+    assert first.runqueue_wait_seconds_total == second.runqueue_wait_seconds_total == third.runqueue_wait_seconds_total

@@ -232,7 +232,7 @@ def _engine_gpus(data: EnginesData, entries: list[dict[str, Any]]) -> list[dict[
     out = []
     for gpu_uuid, engines in sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or "")):  # unknown last
         shares = [e["gpu_memory_utilization"] for e in engines if e["gpu_memory_utilization"] is not None]
-        memory_sum = sum(shares) if shares else None
+        memory_sum = sum(shares) if shares and gpu_uuid is not None else None  # unknown GPUs: nothing to add up
         imbalance = data.imbalance.get(gpu_uuid) if gpu_uuid else None
         if memory_sum is not None and memory_sum > 1.0:
             verdict, reason = DEGRADED, f"the engines' gpu_memory_utilization add up to {memory_sum:.2f} > 1"

@@ -206,7 +206,7 @@ SETTINGS = [
     Setting(
         "engine_scrape.max_body_bytes",
         _whole(1024, 1 << 30),
-        16 << 20,
+        4 << 20,
         "A /metrics body larger than this marks the engine down.",
     ),
     Setting("mps_logs.log_dirs", _path_list, (), "Follow only these log dirs; empty: discover them."),

@@ -8,11 +8,11 @@ collectors' latest snapshot, injected as `peers`.
 
 from __future__ import annotations
 
+import http.client
 import os
+import socket
+import threading
 import time
-import urllib.error
-import urllib.request
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import urlsplit
@@ -46,12 +46,15 @@ class VllmSample:
     generation_tokens_total: float | None
     kv_cache_usage_ratio: float | None
     gpu_memory_utilization: float | None
+    token_series: Mapping[tuple, float] = field(default_factory=dict)  # each token counter series on its own
 
 
 def parse_vllm_metrics(text: str) -> VllmSample:
     """Sums over vLLM's label sets (several engines or models behind one server). Knows the
     current names and the older `vllm:gpu_cache_usage_perc`; refuses text with no vLLM metric."""
     sums: dict[str, float] = {}
+    kv_values: list[float] = []
+    series: dict[tuple, float] = {}
     model = gpu_memory_utilization = None
     found = False
     try:
@@ -69,11 +72,15 @@ def parse_vllm_metrics(text: str) -> VllmSample:
                 if sample.name.endswith("_created"):
                     continue
                 sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+                if sample.name in _TOKEN_COUNTERS:
+                    series[(sample.name, *sorted(sample.labels.items()))] = sample.value
+                if sample.name in _KV_USAGE:
+                    kv_values.append(sample.value)
     except Exception as err:  # the parser raises several kinds on malformed text
         raise BadMetrics(f"not Prometheus text: {err}"[:200]) from None
     if not found:
         raise BadMetrics("no vllm: metric in the body")
-    kv = sums.get("vllm:kv_cache_usage_perc", sums.get("vllm:gpu_cache_usage_perc"))
+    kv = sum(kv_values) / len(kv_values) if kv_values else None  # a ratio: averaged over engines, not summed
     return VllmSample(
         model=model,
         requests_running=sums.get("vllm:num_requests_running"),
@@ -82,17 +89,26 @@ def parse_vllm_metrics(text: str) -> VllmSample:
         generation_tokens_total=sums.get("vllm:generation_tokens_total"),
         kv_cache_usage_ratio=kv,
         gpu_memory_utilization=gpu_memory_utilization,
+        token_series=series,
     )
 
 
-def tokens_per_second(previous: tuple[float, float] | None, current: tuple[float, float] | None) -> float | None:
-    """(time, prompt+generation tokens) pairs; a counter that went back (engine restart) counts
-    from zero."""
-    if previous is None or current is None or current[0] <= previous[0]:
+_TOKEN_COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
+_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+
+
+def tokens_per_second(
+    previous: tuple[float, Mapping[tuple, float]] | None, current: tuple[float, Mapping[tuple, float]] | None
+) -> float | None:
+    """(monotonic time, token counter per series) pairs. Each series on its own: one that went
+    back (a restart) counts from zero, one that appeared or vanished adds nothing."""
+    if previous is None or current is None or current[0] <= previous[0] or not current[1]:
         return None
-    delta = current[1] - previous[1]
-    if delta < 0:
-        delta = current[1]
+    delta = 0.0
+    for key, value in current[1].items():
+        before = previous[1].get(key)
+        if before is not None:
+            delta += value - before if value >= before else value
     return delta / (current[0] - previous[0])
 
 
@@ -129,11 +145,27 @@ class VllmCommand:
 
 
 def _option(argv: list[str], name: str) -> str | None:
+    """The last value given, as argparse takes it."""
+    value = None
     for i, arg in enumerate(argv):
         if arg == name and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
+            value = argv[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _positional(args: list[str]) -> str | None:
+    """The first argument that is not an option or an option's value (`--opt value`)."""
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("-"):
+            skip = "=" not in arg
+            continue
+        return arg
     return None
 
 
@@ -146,14 +178,13 @@ def parse_vllm_command(argv: list[str]) -> VllmCommand | None:
     else:
         for i, arg in enumerate(argv[:-1]):
             if os.path.basename(arg) == "vllm" and argv[i + 1] == "serve":
-                rest = argv[i + 2 :]
-                model = rest[0] if rest and not rest[0].startswith("-") else _option(argv, "--model")
+                model = _positional(argv[i + 2 :]) or _option(argv, "--model")
                 break
         else:
             return None
     port_text = _option(argv, "--port")
     try:
-        port = int(port_text) if port_text else VLLM_DEFAULT_PORT
+        port = int(port_text) if port_text is not None else VLLM_DEFAULT_PORT
     except ValueError:
         return None
     if not 0 < port < 65536:
@@ -173,6 +204,15 @@ def stat_fields(text: str) -> list[str]:
 def stat_ppid(text: str) -> int | None:
     fields = stat_fields(text)
     return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
+
+
+def stat_start_time(text: str) -> int | None:
+    """Field 22 of stat: when the process started; tells a reused PID from the process before."""
+    fields = stat_fields(text)
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
 
 
 def stat_cpu_ticks(text: str) -> int | None:
@@ -212,15 +252,29 @@ class _Accumulator:
     last: dict[Any, int] = field(default_factory=dict)
     total: int = 0
 
-    def update(self, values: Mapping[Any, int]) -> int:
+    def update(self, values: Mapping[Any, int], alive: Callable[[Any], bool]) -> int:
+        """`alive(key)`: whether a key not read this time still exists (and will be read again)."""
         for key, value in values.items():
             before = self.last.get(key)
             self.total += value if before is None else max(0, value - before)
-        self.last = dict(values)
+        self.last = {key: value for key, value in self.last.items() if key in values or alive(key)}
+        self.last.update(values)
         return self.total
 
 
 # ---------------------------------------------------------------- collector
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::")
+
+
+@dataclass
+class _Scrape:
+    """One request in flight, on a daemon thread (a stuck request must never hold up exit)."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    sample: VllmSample | None = None
+    error: str | None = None
+    fetched_at: float = 0.0  # time.monotonic() when the body had arrived
 
 
 @dataclass
@@ -230,11 +284,19 @@ class _Engine:
     found_by: str
     gpu_uuid: str | None = None
     root_pid: int | None = None
-    scrape: Future | None = None
-    previous_tokens: tuple[float, float] | None = None
+    model: str | None = None  # kept while the engine is down, so its info labels do not churn
+    previous_tokens: tuple[float, Mapping[tuple, float]] | None = None
     cpu: _Accumulator = field(default_factory=_Accumulator)
     wait: _Accumulator = field(default_factory=_Accumulator)
     thread_ticks: dict[tuple[int, int], tuple[float, int]] = field(default_factory=dict)
+
+    @property
+    def local_port(self) -> int | None:
+        """The port of a configured URL on this host: the vLLM process it names is ours to find."""
+        parts = urlsplit(self.url)
+        if (parts.hostname or "") not in LOCAL_HOSTS:
+            return None
+        return parts.port or (443 if parts.scheme == "https" else 80)
 
 
 class EnginesCollector:
@@ -247,7 +309,7 @@ class EnginesCollector:
         discover: bool = True,
         interval_seconds: float = 2.0,
         timeout_seconds: float = 2.0,
-        max_body_bytes: int = 16 << 20,
+        max_body_bytes: int = 4 << 20,
         peers: Callable[[], NodeSnapshot] | None = None,
         procfs: ProcFS | None = None,
         fetch: Callable[[str, float, int], bytes] | None = None,
@@ -264,94 +326,114 @@ class EnginesCollector:
         self._engines: dict[str, _Engine] = {
             e["name"]: _Engine(e["name"], e["url"], "configured", e.get("gpu_uuid")) for e in configured
         }
-        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="engine-scrape")
-        self._log = structlog.get_logger().bind(collector=self.name)
+        self._scrapes: dict[str, _Scrape] = {}  # by URL: one request in flight per endpoint
         self._down: dict[str, str] = {}
+        self._log = structlog.get_logger().bind(collector=self.name)
 
     # -- the cycle
 
     def collect(self) -> EnginesData:
         processes = self._process_table()
         self._find_engines(processes)
-        self._start_scrapes()
-        started = time.monotonic()
-        pending = [e.scrape for e in self._engines.values() if e.scrape is not None]
-        wait(pending, timeout=self._timeout + 0.2)
+        scrapes = {name: self._scrape(engine.url) for name, engine in self._engines.items()}
+        deadline = time.monotonic() + self._timeout + 0.2
+        for scrape in scrapes.values():
+            scrape.done.wait(max(0.0, deadline - time.monotonic()))
         peers = self._peers()
         gpu_kinds = _gpu_processes(peers)
         mps_clients = _mps_client_pids(peers)
         served_pipe_dirs = _served_pipe_dirs(peers)
-        now = time.time()
         states = []
         for engine in sorted(self._engines.values(), key=lambda e: e.name):
-            state = self._scraped(engine, now, time.monotonic() - started)
-            state = self._with_processes(engine, state, processes, gpu_kinds, mps_clients, served_pipe_dirs, now)
+            state = self._scraped(engine, scrapes[engine.name])
+            state = self._with_processes(engine, state, processes, gpu_kinds, mps_clients, served_pipe_dirs)
+            engine.gpu_uuid = state.gpu_uuid or engine.gpu_uuid
             states.append(state)
         states, imbalance = _balanced(states)
         pressure = parse_pressure(self._procfs.read_text("pressure/cpu") or "")
         return EnginesData(engines=tuple(states), imbalance=frozen_map(imbalance), cpu_pressure=frozen_map(pressure))
 
-    def _process_table(self) -> dict[int, tuple[int | None, list[str]]]:
+    def _process_table(self) -> dict[int, tuple[int | None, list[str], int | None]]:
+        """pid -> (parent, argv, start time), from one pass over /proc."""
         table = {}
         for pid in self._procfs.pids():
             stat = self._procfs.read_text(f"{pid}/stat")
             argv = self._procfs.cmdline(pid)
             if stat is not None and argv is not None:
-                table[pid] = (stat_ppid(stat), argv)
+                table[pid] = (stat_ppid(stat), argv, stat_start_time(stat))
         return table
 
-    def _find_engines(self, processes: Mapping[int, tuple[int | None, list[str]]]) -> None:
+    def _find_engines(self, processes: Mapping[int, tuple]) -> None:
         by_port: dict[int, tuple[int, VllmCommand]] = {}
-        for pid, (_, argv) in processes.items():
+        for pid, (_, argv, _) in sorted(processes.items()):
             command = parse_vllm_command(argv)
             if command is not None:
                 by_port.setdefault(command.port, (pid, command))
+        claimed = set()
         for engine in self._engines.values():
             if engine.found_by == "configured":
-                port = urlsplit(engine.url).port or VLLM_DEFAULT_PORT
+                port = engine.local_port
                 engine.root_pid = by_port[port][0] if port in by_port else None
+                claimed.add(port)
         if not self._discover:
             return
-        known_urls = {e.url for e in self._engines.values()}
-        for pid, command in by_port.values():
-            if command.metrics_url in known_urls:
-                continue
+        seen = set()
+        for port, (pid, command) in by_port.items():
+            if port in claimed:
+                continue  # a configured engine already names this process
             name = command.name
-            if name not in self._engines:
+            engine = self._engines.get(name)
+            if engine is not None and engine.found_by == "configured":
+                self._log.warning("engine_name_taken", engine=name, url=command.metrics_url)
+                continue
+            if engine is None or engine.url != command.metrics_url:
                 self._log.info("engine_discovered", engine=name, url=command.metrics_url, pid=pid)
-                self._engines[name] = _Engine(name, command.metrics_url, "discovered")
-            self._engines[name].root_pid = pid
+                engine = self._engines[name] = _Engine(name, command.metrics_url, "discovered")
+            engine.root_pid = pid
+            seen.add(name)
         for name, engine in list(self._engines.items()):
-            if engine.found_by == "discovered" and (engine.root_pid not in processes):
-                self._log.info("engine_gone", engine=name)
+            if engine.found_by == "discovered" and name not in seen:
+                self._log.info("engine_gone", engine=name)  # exited, or its PID now runs something else
                 del self._engines[name]
+                self._down.pop(name, None)
 
-    def _start_scrapes(self) -> None:
-        for engine in self._engines.values():
-            if engine.scrape is None or engine.scrape.done():
-                engine.scrape = self._pool.submit(self._fetch, engine.url, self._timeout, self._max_body)
+    def _scrape(self, url: str) -> _Scrape:
+        scrape = self._scrapes.get(url)
+        if scrape is not None and not scrape.done.is_set():
+            return scrape  # still in flight: not asked again
+        scrape = self._scrapes[url] = _Scrape()
+        threading.Thread(target=self._run_scrape, args=(url, scrape), name="engine-scrape", daemon=True).start()
+        return scrape
 
-    def _scraped(self, engine: _Engine, now: float, waited: float) -> EngineState:
-        base = EngineState(name=engine.name, url=engine.url, found_by=engine.found_by, up=False,
-                           gpu_uuid=engine.gpu_uuid)
-        scrape = engine.scrape
-        if scrape is None or not scrape.done():
-            return self._down_state(base, f"no answer within {self._timeout:g} s")
+    def _run_scrape(self, url: str, scrape: _Scrape) -> None:
         try:
-            sample = parse_vllm_metrics(scrape.result().decode("utf-8", "replace"))
-        except Exception as err:  # down, refused, HTTP error, too big, garbage: this engine only
-            return self._down_state(base, str(err)[:200] or type(err).__name__)
+            body = self._fetch(url, self._timeout, self._max_body)
+            scrape.fetched_at = time.monotonic()
+            scrape.sample = parse_vllm_metrics(body.decode("utf-8", "replace"))
+        except Exception as err:  # down, refused, HTTP error, too big, too slow, garbage
+            scrape.error = str(err)[:200] or type(err).__name__
+        finally:
+            scrape.done.set()
+
+    def _scraped(self, engine: _Engine, scrape: _Scrape) -> EngineState:
+        base = EngineState(name=engine.name, url=engine.url, found_by=engine.found_by, up=False,
+                           gpu_uuid=engine.gpu_uuid, model=engine.model)
+        if not scrape.done.is_set():
+            return self._down_state(base, f"no answer within {self._timeout:g} s")
+        sample = scrape.sample
+        if sample is None:
+            return self._down_state(base, scrape.error or "no answer")
         if self._down.pop(engine.name, None) is not None:
             self._log.info("engine_up", engine=engine.name)
-        tokens = None
-        if sample.prompt_tokens_total is not None or sample.generation_tokens_total is not None:
-            tokens = (now, (sample.prompt_tokens_total or 0.0) + (sample.generation_tokens_total or 0.0))
+        tokens = (scrape.fetched_at, sample.token_series) if sample.token_series else None
         tps = tokens_per_second(engine.previous_tokens, tokens)
-        engine.previous_tokens = tokens
+        if tokens is not None and (engine.previous_tokens is None or tokens[0] > engine.previous_tokens[0]):
+            engine.previous_tokens = tokens
+        engine.model = sample.model or engine.model
         return replace(
             base,
             up=True,
-            model=sample.model,
+            model=engine.model,
             requests_running=sample.requests_running,
             requests_waiting=sample.requests_waiting,
             prompt_tokens_total=sample.prompt_tokens_total,
@@ -367,7 +449,7 @@ class EnginesCollector:
         self._down[base.name] = reason
         return replace(base, error=reason)
 
-    def _with_processes(self, engine, state, processes, gpu_kinds, mps_clients, served_pipe_dirs, now):
+    def _with_processes(self, engine, state, processes, gpu_kinds, mps_clients, served_pipe_dirs):
         if engine.root_pid is None:
             return state
         pids = _descendants(engine.root_pid, processes)
@@ -379,14 +461,15 @@ class EnginesCollector:
             attached = True
         else:
             attached = None  # no GPU context seen yet (or no GPU data)
+        # several GPUs (tensor parallel): the engine is placed on its first one
         gpu_uuid = state.gpu_uuid or next((gpu_kinds[pid][0] for pid in on_gpu), None)
         if gpu_uuid is None:
             gpu_uuid = next((mps_clients[pid] for pid in pids if pid in mps_clients), None)
-        cpu = self._cpu(engine, pids, now)
+        cpu = self._cpu(engine, pids, processes)
         busy = cpu.get("busiest")
         load = (state.requests_running or 0) + (state.requests_waiting or 0) if state.up else None
         env = self._environ(engine.root_pid)
-        pipe_dir = (env.get("CUDA_MPS_PIPE_DIRECTORY") or DEFAULT_PIPE_DIR) if env is not None else None
+        pipe_dir = os.path.normpath(env.get("CUDA_MPS_PIPE_DIRECTORY") or DEFAULT_PIPE_DIR) if env is not None else None
         return replace(
             state,
             gpu_uuid=gpu_uuid,
@@ -409,20 +492,23 @@ class EnginesCollector:
         except PermissionError:
             return None
 
-    def _cpu(self, engine: _Engine, pids: list[int], now: float) -> dict[str, float]:
-        """CPU seconds and run-queue wait over all threads, and the busiest thread's share of a
-        core since the last cycle. At most MAX_THREADS_PER_ENGINE threads are read."""
-        process_ticks: dict[int, int] = {}
-        wait_ns: dict[tuple[int, int], int] = {}
+    def _cpu(self, engine: _Engine, pids: list[int], processes: Mapping[int, tuple]) -> dict[str, float]:
+        """CPU seconds of every process; run-queue wait and the busiest thread's share of a core
+        over at most MAX_THREADS_PER_ENGINE threads, each process's main thread first."""
+        now = time.monotonic()
+        process_ticks: dict[tuple[int, int | None], int] = {}
+        wait_ns: dict[tuple[int, int | None, int], int] = {}
         thread_ticks: dict[tuple[int, int], tuple[float, int]] = {}
         busiest = None
         budget = MAX_THREADS_PER_ENGINE
         for pid in pids:
+            started = processes[pid][2]
             ticks = stat_cpu_ticks(self._procfs.read_text(f"{pid}/stat") or "")
             if ticks is not None:
-                process_ticks[pid] = ticks
-            for tid in self._procfs.tasks(pid)[:budget]:
-                budget -= 1
+                process_ticks[(pid, started)] = ticks
+            tids = sorted(self._procfs.tasks(pid), key=lambda tid: tid != pid)[: max(budget, 1)]
+            budget -= len(tids)
+            for tid in tids:
                 tick = stat_cpu_ticks(self._procfs.read_text(f"{pid}/task/{tid}/stat") or "")
                 if tick is not None:
                     thread_ticks[(pid, tid)] = (now, tick)
@@ -432,42 +518,57 @@ class EnginesCollector:
                         busiest = ratio if busiest is None else max(busiest, ratio)
                 waited = schedstat_wait_ns(self._procfs.read_text(f"{pid}/task/{tid}/schedstat") or "")
                 if waited is not None:
-                    wait_ns[(pid, tid)] = waited
-            if budget <= 0:
-                break
+                    wait_ns[(pid, started, tid)] = waited
         engine.thread_ticks = thread_ticks
+
+        def alive(key: tuple) -> bool:  # its process still runs (a thread skipped by the budget comes back)
+            return key[0] in processes and processes[key[0]][2] == key[1]
+
         out: dict[str, float] = {}
         if process_ticks:
-            out["cpu_seconds"] = engine.cpu.update(process_ticks) / CLOCK_TICKS
+            out["cpu_seconds"] = engine.cpu.update(process_ticks, alive) / CLOCK_TICKS
         if wait_ns:
-            out["wait_seconds"] = engine.wait.update(wait_ns) / 1e9
+            out["wait_seconds"] = engine.wait.update(wait_ns, alive) / 1e9
         if busiest is not None:
             out["busiest"] = max(0.0, busiest)
         return out
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
 
 def fetch_metrics(url: str, timeout: float, max_bytes: int) -> bytes:
-    request = urllib.request.Request(url, headers={"Accept": "text/plain"})
+    """GET with a deadline on the whole answer, not on each read: a server that trickles a byte
+    at a time must not hold the request open for ever."""
+    deadline = time.monotonic() + timeout
+    parts = urlsplit(url)
+    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = connection_class(parts.hostname, parts.port, timeout=timeout)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body = response.read(max_bytes + 1)
-    except TimeoutError:
+        path = parts.path or "/"
+        connection.request("GET", path + (f"?{parts.query}" if parts.query else ""), headers={"Accept": "text/plain"})
+        sock = connection.sock  # getresponse() lets go of it when the server closes after the body
+        response = connection.getresponse()
+        if response.status != 200:
+            raise BadMetrics(f"HTTP {response.status} {response.reason}")
+        body = bytearray()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no answer within {timeout:g} s")
+            sock.settimeout(left)
+            chunk = response.read1(65536)
+            if not chunk:
+                return bytes(body)
+            body += chunk
+            if len(body) > max_bytes:
+                raise BadMetrics(f"body larger than {max_bytes} bytes")
+    except (TimeoutError, socket.timeout):
         raise TimeoutError(f"no answer within {timeout:g} s") from None
-    except urllib.error.URLError as err:
-        if isinstance(err.reason, TimeoutError):
-            raise TimeoutError(f"no answer within {timeout:g} s") from None
-        raise
-    if len(body) > max_bytes:
-        raise BadMetrics(f"body larger than {max_bytes} bytes")
-    return body
+    finally:
+        connection.close()
 
 
-def _descendants(root: int, processes: Mapping[int, tuple[int | None, list[str]]]) -> list[int]:
+def _descendants(root: int, processes: Mapping[int, tuple]) -> list[int]:
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in processes.items():
+    for pid, (ppid, *_) in processes.items():
         if ppid is not None:
             children.setdefault(ppid, []).append(pid)
     found: set[int] = set()
@@ -514,4 +615,3 @@ def _balanced(states: list[EngineState]) -> tuple[list[EngineState], dict[str, f
         if ratio is not None:
             imbalance[gpu_uuid] = ratio
     return [replace(s, load_share_ratio=shares.get(s.name)) for s in states], imbalance
-
