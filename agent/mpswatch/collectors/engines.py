@@ -549,17 +549,21 @@ def fetch_metrics(url: str, timeout: float, max_bytes: int) -> bytes:
         if response.status != 200:
             raise BadMetrics(f"HTTP {response.status} {response.reason}")
         body = bytearray()
-        while True:
+        while not response.isclosed():  # closed once a body of known length is all read
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no answer within {timeout:g} s")
-            sock.settimeout(left)
+            try:
+                sock.settimeout(left)
+            except OSError:
+                pass  # the socket went with the finished answer; read1 says what is left
             chunk = response.read1(65536)
             if not chunk:
-                return bytes(body)
+                break
             body += chunk
             if len(body) > max_bytes:
                 raise BadMetrics(f"body larger than {max_bytes} bytes")
+        return bytes(body)
     except (TimeoutError, socket.timeout):
         raise TimeoutError(f"no answer within {timeout:g} s") from None
     finally:
