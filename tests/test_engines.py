@@ -335,3 +335,25 @@ def test_cpu_seconds_never_count_a_thread_twice_when_the_budget_skips_it(tmp_pat
     third = collector.collect().engines[0]
     assert first.cpu_seconds_total == second.cpu_seconds_total == third.cpu_seconds_total  # no CPU was used
     assert first.runqueue_wait_seconds_total == second.runqueue_wait_seconds_total == third.runqueue_wait_seconds_total
+
+
+def test_an_engine_served_by_prometheus_client_s_own_http_server_is_read(tmp_path):
+    # vLLM serves its /metrics through prometheus_client, as the synthetic engine of the GPU tests does
+    from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+    registry = CollectorRegistry()
+    Gauge("vllm:num_requests_running", "running", ["engine", "model_name"], registry=registry).labels("0", "m").set(2)
+    tokens = Counter("vllm:prompt_tokens", "prompt", ["engine", "model_name"], registry=registry)
+    tokens.labels("0", "m").inc(500)
+    port = closed_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    try:
+        collector = collector_for({"e": f"http://127.0.0.1:{port}/metrics"}, tmp_path)
+        collector.collect()
+        tokens.labels("0", "m").inc(500)
+        time.sleep(0.1)
+        [engine] = collector.collect().engines
+    finally:
+        server.shutdown()
+    assert engine.up and engine.requests_running == 2 and engine.prompt_tokens_total == 1000
+    assert engine.tokens_per_second > 0
