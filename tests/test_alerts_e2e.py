@@ -4,8 +4,10 @@ shipped rules, real Alertmanager routing to a webhook receiver in this test. Loo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -19,7 +21,9 @@ import yaml
 from tests.agentproc import Agent, free_port
 from tests.fakedaemon import FAKE_CONTROL
 
-ALERTS = Path(__file__).resolve().parent.parent / "alerts"
+HERE = Path(__file__).resolve().parent
+ALERTS = HERE.parent / "alerts"
+FIXTURES = HERE / "fixtures" / "h200-driver580"
 PROMETHEUS = shutil.which("prometheus")
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 
@@ -75,9 +79,21 @@ def stack(tmp_path, fake_daemon):
     """Agent, Alertmanager and Prometheus on loopback; yields what the test needs."""
     daemon = fake_daemon("healthy_two_clients_driver580")
     receiver = Receiver()
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    (log_dir / "server.log").write_text((FIXTURES / "session1-server.log").read_text())
+    engine = subprocess.Popen(  # a vLLM-like engine, attached to the fake GPU as an MPS client
+        [sys.executable, str(HERE / "fakevllm.py"), "vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct", "--port",
+         str(free_port()), "--served-model-name", "qwen-a"],
+        env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": daemon.path}, stdout=subprocess.PIPE, text=True,
+    )
+    processes = [engine]
+    assert engine.stdout.readline().strip() == "ready"
     agent = Agent(["--mps-control-bin", FAKE_CONTROL, "--interval", "0.5", "--pipe-dir", daemon.path,
-                   "--log-dir", str(tmp_path / "no-logs")], log_path=tmp_path / "agent.log")
-    processes = []
+                   "--log-dir", str(log_dir)],
+                  env={"MPSWATCH_GPU_NVML_MODULE": "tests.fakenvml:h200", "FAKENVML_MPS_CLIENT_PIDS": str(engine.pid),
+                       "MPSWATCH_GPU_INTERVAL_SECONDS": "0.5", "MPSWATCH_ENGINE_SCRAPE_INTERVAL_SECONDS": "0.5"},
+                  log_path=tmp_path / "agent.log")
     try:
         am_config = yaml.safe_load((ALERTS / "alertmanager.example.yml").read_text())
         for entry in am_config["receivers"]:
@@ -140,3 +156,15 @@ def test_a_dead_control_daemon_pages_and_the_page_resolves_after_recovery(stack)
     wait_until(lambda: receiver.alerts("/pager", "MPSControlDaemonDown", "resolved"), 90,
                "MPSControlDaemonDown resolved at the pager")
     assert not receiver.alerts("/tickets", "MPSControlDaemonDown", "firing")
+
+
+def test_every_dashboard_query_returns_series_on_a_healthy_node(stack):
+    from tests.test_dashboards import queries
+
+    _, _, prometheus = stack
+    pending = {(name, title, expr) for name, title, expr in queries()}
+    deadline = time.monotonic() + 90
+    while pending and time.monotonic() < deadline:
+        pending = {(n, t, e) for n, t, e in pending if not _query(prometheus, e)}
+        time.sleep(1)
+    assert not pending, sorted(pending)
