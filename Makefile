@@ -1,0 +1,13 @@
+PYTHON ?= .venv/bin/python
+
+.PHONY: demo test dashboards
+
+# A replay of real H200 captures with Prometheus and Alertmanager on loopback (no GPU needed).
+demo:
+	$(PYTHON) demo/replay.py
+
+test:
+	bash .ci/run
+
+dashboards:
+	$(PYTHON) dashboards/generate.py
