@@ -3,6 +3,7 @@ and always stops it, its servers and its clients. GPU settings are never touched
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -142,3 +143,18 @@ def mps_client(tmp_path_factory):
     binary = tmp_path_factory.mktemp("bin") / "mps_client"
     subprocess.run(["nvcc", "-O2", "-o", str(binary), str(HERE / "mps_client.cu")], check=True, timeout=300)
     return str(binary)
+
+
+def results_saver(variable: str, results: dict):
+    """A module fixture writing `results` as JSON to $variable at the end, even after a failed
+    assertion, to see how far the run got (docs/validation.md quotes these files)."""
+
+    @pytest.fixture(autouse=True, scope="module")
+    def _save_results():
+        yield
+        path = os.environ.get(variable)
+        if path:
+            with open(path, "w") as handle:
+                json.dump(results, handle, indent=2, sort_keys=True, default=str)
+
+    return _save_results

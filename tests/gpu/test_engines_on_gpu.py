@@ -7,7 +7,6 @@ Writes its figures as JSON to $MPSWATCH_GPU_ENGINE_RESULTS when set (docs/valida
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,19 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.gpu.conftest import results_saver
 from tests.agentproc import Agent, free_port
 
 HERE = Path(__file__).resolve().parent
 RESULTS: dict = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _save_results():
-    yield
-    path = os.environ.get("MPSWATCH_GPU_ENGINE_RESULTS")
-    if path:
-        with open(path, "w") as handle:
-            json.dump(RESULTS, handle, indent=2, sort_keys=True, default=str)
+_save_results = results_saver("MPSWATCH_GPU_ENGINE_RESULTS", RESULTS)
 
 
 def start_engine(mps, name: str, port: int, rate: float) -> subprocess.Popen:

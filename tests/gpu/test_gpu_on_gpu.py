@@ -6,25 +6,17 @@ Writes its figures as JSON to $MPSWATCH_GPU_NVML_RESULTS when set (docs/validati
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import time
 
-import pytest
 
+from tests.gpu.conftest import results_saver
 from tests.agentproc import Agent
 
 RESULTS: dict = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _save_results():
-    yield
-    path = os.environ.get("MPSWATCH_GPU_NVML_RESULTS")
-    if path:
-        with open(path, "w") as handle:
-            json.dump(RESULTS, handle, indent=2, sort_keys=True, default=str)
+_save_results = results_saver("MPSWATCH_GPU_NVML_RESULTS", RESULTS)
 
 
 def gpu_values(samples, name):

@@ -11,8 +11,8 @@ import signal
 import subprocess
 import time
 
-import pytest
 
+from tests.gpu.conftest import results_saver
 from tests.agentproc import Agent, agent_env, mpswatch_cmd
 
 INTERVAL = 2.0  # the default; "within two cycles" is measured against it
@@ -28,14 +28,7 @@ def _status(pipe_dir) -> tuple[int, dict]:
     return run.returncode, json.loads(run.stdout)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _save_results():
-    """Figures are kept even when an assertion fails, to see how far the run got."""
-    yield
-    path = os.environ.get("MPSWATCH_GPU_RESULTS")
-    if path:
-        with open(path, "w") as handle:
-            json.dump(RESULTS, handle, indent=2, sort_keys=True, default=str)
+_save_results = results_saver("MPSWATCH_GPU_RESULTS", RESULTS)
 
 
 def _time_until(agent: Agent, predicate, timeout: float) -> tuple[float, float]:

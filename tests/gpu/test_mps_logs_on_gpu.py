@@ -6,26 +6,19 @@ Writes its figures as JSON to $MPSWATCH_GPU_LOG_RESULTS when set (docs/validatio
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
 from pathlib import Path
 
-import pytest
 
+from tests.gpu.conftest import results_saver
 from tests.agentproc import Agent, agent_env, mpswatch_cmd
 
 RESULTS: dict = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _save_results():
-    yield
-    path = os.environ.get("MPSWATCH_GPU_LOG_RESULTS")
-    if path:
-        with open(path, "w") as handle:
-            json.dump(RESULTS, handle, indent=2, sort_keys=True, default=str)
+_save_results = results_saver("MPSWATCH_GPU_LOG_RESULTS", RESULTS)
 
 
 def start(binary, mps, *args) -> subprocess.Popen:

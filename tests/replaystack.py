@@ -1,0 +1,103 @@
+"""A whole node replayed on loopback: the fixture MPS daemon (real H200 replies), a vLLM-like engine
+attached to the fake NVML's GPU as an MPS client, the MPS logs, the agent, and Debian's Prometheus
+(with the shipped rules) and Alertmanager (the shipped example, its webhooks pointed at `hook_url`).
+Used by the end-to-end alert tests and by `make demo`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import urllib.parse
+from pathlib import Path
+
+import yaml
+
+from tests.agentproc import Agent, free_port
+from tests.fakedaemon import FAKE_CONTROL, FakeDaemon
+
+HERE = Path(__file__).resolve().parent
+ALERTS = HERE.parent / "alerts"
+PROMETHEUS = shutil.which("prometheus")
+ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+
+
+class ReplayStack:
+    def __init__(self, work: Path, hook_url: str, interval: str = "1s", agent_interval: str = "0.5",
+                 alert_grouping: tuple[str, str] = ("1s", "1s")) -> None:
+        self.work = work
+        self.daemon = FakeDaemon(work / "mps", "healthy_two_clients_driver580")
+        self._processes: list[subprocess.Popen] = []
+        self.agent: Agent | None = None
+        try:
+            self._start(hook_url, interval, agent_interval, alert_grouping)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, hook_url: str, interval: str, agent_interval: str, grouping: tuple[str, str]) -> None:
+        work = self.work
+        log_dir = work / "log"
+        log_dir.mkdir()
+        (log_dir / "server.log").write_text((HERE / "fixtures/h200-driver580/session1-server.log").read_text())
+        engine = self._spawn(
+            [sys.executable, str(HERE / "fakevllm.py"), "vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct", "--port",
+             str(free_port()), "--served-model-name", "qwen-a"],
+            env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": self.daemon.path}, stdout=subprocess.PIPE, text=True,
+        )
+        assert engine.stdout.readline().strip() == "ready"
+        self.agent = Agent(
+            ["--mps-control-bin", FAKE_CONTROL, "--interval", agent_interval, "--pipe-dir", self.daemon.path,
+             "--log-dir", str(log_dir)],
+            env={"MPSWATCH_GPU_NVML_MODULE": "tests.fakenvml:h200", "FAKENVML_MPS_CLIENT_PIDS": str(engine.pid),
+                 "MPSWATCH_GPU_INTERVAL_SECONDS": agent_interval,
+                 "MPSWATCH_ENGINE_SCRAPE_INTERVAL_SECONDS": agent_interval},
+            log_path=work / "agent.log",
+        )
+        am_config = yaml.safe_load((ALERTS / "alertmanager.example.yml").read_text())
+        for receiver in am_config["receivers"]:
+            for hook in receiver["webhook_configs"]:
+                hook["url"] = hook_url + urllib.parse.urlsplit(hook["url"]).path
+        am_config["route"].update(group_wait=grouping[0], group_interval=grouping[1])
+        (work / "alertmanager.yml").write_text(yaml.safe_dump(am_config))
+        self.alertmanager_port, self.prometheus_port = free_port(), free_port()
+        self._spawn([ALERTMANAGER, f"--config.file={work / 'alertmanager.yml'}", f"--storage.path={work / 'am'}",
+                     f"--web.listen-address=127.0.0.1:{self.alertmanager_port}", "--cluster.listen-address="],
+                    stdout=subprocess.DEVNULL, stderr=open(work / "alertmanager.log", "wb"))
+        (work / "prometheus.yml").write_text(yaml.safe_dump({
+            "global": {"scrape_interval": interval, "evaluation_interval": interval},
+            "rule_files": [str(ALERTS / "mpswatch.rules.yml")],
+            "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{self.alertmanager_port}"]}]}]},
+            "scrape_configs": [{"job_name": "mpswatch", "static_configs": [{"targets": [f"127.0.0.1:{self.agent.port}"]}]}],
+        }))
+        self._spawn([PROMETHEUS, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'tsdb'}",
+                     f"--web.listen-address=127.0.0.1:{self.prometheus_port}"],
+                    stdout=subprocess.DEVNULL, stderr=open(work / "prometheus.log", "wb"))
+        self.prometheus = f"http://127.0.0.1:{self.prometheus_port}"
+        self.alertmanager = f"http://127.0.0.1:{self.alertmanager_port}"
+
+    def _spawn(self, argv: list[str], **kw) -> subprocess.Popen:
+        process = subprocess.Popen(argv, **kw)
+        self._processes.append(process)
+        return process
+
+    def kill_daemon(self) -> None:
+        """As `kill -9`: the control program then says no daemon runs, and the pid file stays."""
+        self.daemon.kill()
+        self.daemon.update(mode="not_running")
+
+    def restore_daemon(self) -> None:
+        self.daemon.update(mode="answer")
+
+    def close(self) -> None:
+        for process in self._processes:
+            process.terminate()
+        for process in self._processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if self.agent is not None:
+            self.agent.stop()
+        self.daemon.close()
