@@ -15,7 +15,7 @@ LABEL org.opencontainers.image.title="mpswatch" \
 RUN useradd --system --uid 10101 --user-group --no-create-home --shell /usr/sbin/nologin mpswatch
 COPY --from=build /opt/mpswatch /opt/mpswatch
 ENV PATH=/opt/mpswatch/bin:$PATH \
-    NVIDIA_DRIVER_CAPABILITIES=utility \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     PYTHONUNBUFFERED=1
 USER 10101:10101
 EXPOSE 19863

@@ -137,10 +137,12 @@ def gpus():
         .with_panel(timeseries.Panel().title("XID errors").span(12).height(8).unit(units.Short).min(0)
                     .description("XID errors per code over 10 minutes; 48, 74, 79, 94, 95, 119 and 120 page (GPUCriticalXid).")
                     .with_target(q(f'sum by (gpu, xid) (increase(mps_gpu_xid_errors_total{{{NODE},uuid=~"$gpu"}}[10m]))', "gpu {{gpu}} XID {{xid}}")))
-        .with_panel(timeseries.Panel().title("Power and temperature").span(24).height(6).unit(units.Watt)
-                    .description("Power draw (W); temperature in the legend's second series (°C).")
-                    .with_target(q(f'mps_gpu_power_watts{{{NODE},uuid=~"$gpu"}}', "power {{gpu}}", "A"))
-                    .with_target(q(f'mps_gpu_temperature_celsius{{{NODE},uuid=~"$gpu"}}', "°C {{gpu}}", "B")))
+        .with_panel(timeseries.Panel().title("Power").span(12).height(6).unit(units.Watt).min(0)
+                    .description("Power draw of the GPU.")
+                    .with_target(q(f'mps_gpu_power_watts{{{NODE},uuid=~"$gpu"}}', "{{gpu}}")))
+        .with_panel(timeseries.Panel().title("Temperature").span(12).height(6).unit(units.Celsius)
+                    .description("GPU temperature.")
+                    .with_target(q(f'mps_gpu_temperature_celsius{{{NODE},uuid=~"$gpu"}}', "{{gpu}}")))
     )
 
 
