@@ -111,7 +111,7 @@ def test_hung_daemon_goes_down_within_two_cycles_while_metrics_keep_answering(fa
         agent.wait_for(lambda s: s.get(up) == 1, timeout=2 * interval + 1.0)
         assert time.monotonic() - ended_at <= 2 * interval + 0.5
     log = [json.loads(line) for line in (tmp_path / "agent.log").read_text().splitlines()]
-    downs = [e for e in log if e["event"] == "mps_daemon_down"]
+    downs = [e for e in log if e["event"] == "daemon_down"]
     assert len(downs) == 1 and downs[0]["state"] == "timeout" and downs[0]["collector"] == "mps_control"
 
 

@@ -206,21 +206,21 @@ def _events(prev, cur):
 
 def test_state_changes_are_reported_once_not_every_cycle():
     fault = _daemon(servers=(MpsServer(476, 0, "FAULT", 100.0),))
-    assert _events(None, fault) == ["mps_daemon_up", "mps_server_seen", "mps_server_fault"]
+    assert _events(None, fault) == ["daemon_up", "server_seen", "server_fault"]
     assert _events(fault, fault) == []
     active = _daemon(servers=(MpsServer(476, 0, "ACTIVE", 100.0),))
-    assert _events(fault, active) == ["mps_server_recovered"]
+    assert _events(fault, active) == ["server_recovered"]
     hung = _daemon(DaemonState.HUNG)
-    assert _events(active, hung) == ["mps_daemon_down"]
+    assert _events(active, hung) == ["daemon_down"]
     assert _events(hung, hung) == []
-    assert _events(hung, _daemon(DaemonState.STALE_PID_FILE)) == ["mps_daemon_down"]
+    assert _events(hung, _daemon(DaemonState.STALE_PID_FILE)) == ["daemon_down"]
 
 
 def test_reaching_the_client_limit_is_reported_when_it_is_reached():
     clients = tuple(MpsClient(1000 + i, i, 476, "GPU-a", "ns", "python3") for i in range(48))
     server = (MpsServer(476, 0, "ACTIVE", 100.0),)
     below, full = _daemon(servers=server, clients=clients[:47]), _daemon(servers=server, clients=clients)
-    assert _events(below, full) == ["mps_client_limit_reached"]
+    assert _events(below, full) == ["client_limit_reached"]
     assert _events(full, full) == []
 
 

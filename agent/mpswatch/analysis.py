@@ -213,7 +213,7 @@ def _engine_entry(e: EngineState) -> dict[str, Any]:
         "requests_waiting": e.requests_waiting,
         "busiest_thread_cpu_ratio": e.busiest_thread_cpu_ratio,
         "cpu_bound": e.cpu_bound,
-        "mps_pipe_dir": e.mps_pipe_dir,
+        "pipe_dir": e.mps_pipe_dir,
         "pipe_dir_served": e.pipe_dir_served,
         "gpu_memory_utilization": e.gpu_memory_utilization,
         "verdict": verdict,

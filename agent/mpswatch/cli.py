@@ -32,7 +32,7 @@ EXIT_USAGE = 2
 _FLAG_KEYS = {
     "listen": "listen",
     "pipe_dir": "mps_control.pipe_dirs",
-    "mps_control_bin": "mps_control.control_bin",
+    "control_bin": "mps_control.control_bin",
     "interval": "mps_control.interval_seconds",
     "command_timeout": "mps_control.timeout_seconds",
     "client_limit": "mps_control.client_limit",
@@ -51,7 +51,7 @@ def _config_options(func):
                      help=f"TOML config file [default: {DEFAULT_CONFIG_PATH} when present]."),
         click.option("--pipe-dir", multiple=True, metavar="DIR",
                      help="Watch only this MPS pipe dir (repeatable); default: discover them."),
-        click.option("--mps-control-bin", metavar="PATH", help="The nvidia-cuda-mps-control program."),
+        click.option("--mps-control-bin", "control_bin", metavar="PATH", help="The nvidia-cuda-mps-control program."),
         click.option("--interval", type=str, metavar="SECONDS", help="Seconds between MPS control queries [2]."),
         click.option("--command-timeout", type=str, metavar="SECONDS", help="Deadline of one control command [2]."),
         click.option("--client-limit", type=str, metavar="N", help="MPS clients allowed per device [48]."),

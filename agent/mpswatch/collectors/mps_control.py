@@ -452,31 +452,31 @@ def state_changes(prev: MpsDaemon | None, cur: MpsDaemon) -> list[tuple[str, str
     changes: list[tuple[str, str, dict]] = []
     was_up = prev.up if prev else None
     if cur.up and was_up is not True:
-        changes.append(("info", "mps_daemon_up", {"pid": cur.pid, "found_by": cur.found_by}))
+        changes.append(("info", "daemon_up", {"pid": cur.pid, "found_by": cur.found_by}))
     if not cur.up and (was_up is not False or prev is None or prev.state is not cur.state):
-        changes.append(("warning", "mps_daemon_down", {"state": cur.state.value, "reason": cur.reason}))
+        changes.append(("warning", "daemon_down", {"state": cur.state.value, "reason": cur.reason}))
     if not cur.up:
         return changes
     before = {s.pid: s for s in (prev.servers if prev and prev.up else ())}
     for server in cur.servers:
         old = before.pop(server.pid, None)
         if old is None:
-            changes.append(("info", "mps_server_seen", {"server_pid": server.pid, "status": server.status}))
+            changes.append(("info", "server_seen", {"server_pid": server.pid, "status": server.status}))
         if server.status is None:
             continue
         if server.status == "FAULT" and (old is None or old.status != "FAULT"):
-            changes.append(("warning", "mps_server_fault", {"server_pid": server.pid}))
+            changes.append(("warning", "server_fault", {"server_pid": server.pid}))
         elif old is not None and old.status == "FAULT" and server.status != "FAULT":
-            changes.append(("info", "mps_server_recovered", {"server_pid": server.pid, "status": server.status}))
+            changes.append(("info", "server_recovered", {"server_pid": server.pid, "status": server.status}))
     for gone in before:
-        changes.append(("info", "mps_server_gone", {"server_pid": gone}))
+        changes.append(("info", "server_gone", {"server_pid": gone}))
     if cur.clients is None:
         return changes
     old_counts = prev.clients_per_device() if prev and prev.up and prev.clients is not None else {}
     for (server_pid, device), count in cur.clients_per_device().items():
         if count >= cur.client_limit > old_counts.get((server_pid, device), 0):
             changes.append(
-                ("warning", "mps_client_limit_reached", {"server_pid": server_pid, "device": device, "clients": count})
+                ("warning", "client_limit_reached", {"server_pid": server_pid, "device": device, "clients": count})
             )
     return changes
 
@@ -534,11 +534,11 @@ class MpsControlCollector:
         as down rather than vanishing; a pipe dir that was removed is forgotten."""
         for pipe_dir, found_by in found.items():
             if pipe_dir not in self._known:
-                self._log.info("mps_daemon_found", pipe_dir=pipe_dir, found_by=found_by)
+                self._log.info("daemon_found", pipe_dir=pipe_dir, found_by=found_by)
                 self._known[pipe_dir] = found_by
         for pipe_dir, found_by in list(self._known.items()):
             if pipe_dir not in found and found_by != "configured" and not looks_like_pipe_dir(Path(pipe_dir)):
-                self._log.info("mps_daemon_forgotten", pipe_dir=pipe_dir, reason="pipe dir removed")
+                self._log.info("daemon_forgotten", pipe_dir=pipe_dir, reason="pipe dir removed")
                 for table in (self._known, self._channels, self._failures, self._previous, self._settings_read_at):
                     table.pop(pipe_dir, None)
 
@@ -554,7 +554,7 @@ class MpsControlCollector:
                 pipe_dir, found_by, channel, self._procfs, self._client_limit, settings_from
             )
         except Exception as err:  # one daemon's surprise must not cost the others their data
-            self._log.error("mps_daemon_probe_failed", pipe_dir=pipe_dir, error=repr(err), exc_info=err)
+            self._log.error("daemon_probe_failed", pipe_dir=pipe_dir, error=repr(err), exc_info=err)
             daemon = MpsDaemon(pipe_dir, found_by, DaemonState.GARBAGE, f"unexpected: {err!r}"[:200],
                                client_limit=self._client_limit)
             durations, failures = {}, [("get_server_list", "garbage_output")]

@@ -275,14 +275,14 @@ class MpsLogsCollector:
         """Dirs found once stay followed while they exist; a removed one is forgotten."""
         for log_dir, found_by in found.items():
             if log_dir not in self._dirs:
-                self._log.info("mps_log_dir_found", log_dir=log_dir, found_by=found_by)
+                self._log.info("log_dir_found", log_dir=log_dir, found_by=found_by)
                 followers = {
                     source: LogFollower(os.path.join(log_dir, name), self._backfill) for source, name in SOURCES.items()
                 }
                 self._dirs[log_dir] = _WatchedDir(log_dir, found_by, followers)
         for log_dir, watched in list(self._dirs.items()):
             if log_dir not in found and watched.found_by != "configured" and not os.path.isdir(log_dir):
-                self._log.info("mps_log_dir_forgotten", log_dir=log_dir, reason="directory removed")
+                self._log.info("log_dir_forgotten", log_dir=log_dir, reason="directory removed")
                 for follower in watched.followers.values():
                     follower.close()
                 del self._dirs[log_dir]
@@ -299,7 +299,7 @@ class MpsLogsCollector:
                     event, context = parse_line(line, source, context, self._zone)
                 except Exception as err:  # a parser bug must cost one line, not the cycle
                     follower.stats.problem("parse_error")
-                    self._log.error("mps_log_parse_failed", line=line[:200], error=repr(err))
+                    self._log.error("log_parse_failed", line=line[:200], error=repr(err))
                     continue
                 if event is None:
                     continue
@@ -311,7 +311,7 @@ class MpsLogsCollector:
                 self._remember_event(watched, event, announce=not follower.backfilling)
             watched.contexts[source] = (follower.generation, context)
             if backfilled:
-                self._log.info("mps_log_backfilled", log_dir=watched.log_dir, source=source, events=backfilled)
+                self._log.info("log_backfilled", log_dir=watched.log_dir, source=source, events=backfilled)
         followers = watched.followers
         return LogDirState(
             log_dir=watched.log_dir,
@@ -337,7 +337,7 @@ class MpsLogsCollector:
         if event.event in NOTABLE:
             self._recent.append((watched.log_dir, event))
             if announce and event.event != "unrecognised_error":
-                self._log.warning("mps_log_event", log_dir=watched.log_dir, **_event_context(event))
+                self._log.warning("log_event", log_dir=watched.log_dir, **_event_context(event))
 
     def close(self) -> None:
         for watched in self._dirs.values():
