@@ -239,3 +239,15 @@ def h200_all_mps() -> FakeNvml:
     for device in fake.devices:
         device["compute_processes"] = [p for p in device["compute_processes"] if p[0] != 431]
     return fake
+
+
+def from_layout() -> FakeNvml:
+    """For benchmarks: FAKENVML_LAYOUT is JSON {"gpus": N, "clients": [[pid, ...] per GPU]}; each GPU
+    gets those PIDs as MPS clients and a server, and a UUID whose first groups differ, as real ones do."""
+    layout = json.loads(os.environ["FAKENVML_LAYOUT"])
+    fake = FakeNvml(gpus=layout["gpus"])
+    for index, (device, pids) in enumerate(zip(fake.devices, layout["clients"])):
+        device["uuid"] = f"GPU-{index:08x}-2b6d-037a-0496-f04da35f2f2d"
+        device["mps_processes"] = [[pid, 700 << 20] for pid in pids]
+        device["compute_processes"] = device["mps_processes"] + [[481, 66 << 20]]
+    return fake

@@ -20,7 +20,7 @@ from mpswatch.collectors.gpu import GpuCollector, nvml_loader
 from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector
 from mpswatch.collectors.mps_logs import MpsLogsCollector
 from mpswatch.config import DEFAULT_CONFIG_PATH, DEFAULT_PORT, Config, ConfigError, load_config
-from mpswatch.exporter import build_registry, serve
+from mpswatch.exporter import CachedExposition, serve
 from mpswatch.logsetup import configure_logging
 from mpswatch.procfs import ProcFS
 from mpswatch.runner import kill_all_children
@@ -143,9 +143,9 @@ def run(config_path: str | None, **flags: Any) -> None:
     log = structlog.get_logger()
     store = SnapshotStore()
     scheduler = Scheduler(build_collectors(config, store), store)
-    registry = build_registry(store.current, __version__)
+    exposition = CachedExposition(store.current, __version__)
     try:
-        httpd = serve(config["listen"], registry, scheduler.alive)
+        httpd = serve(config["listen"], exposition, scheduler.alive)
     except OSError as err:
         log.error("listen_failed", listen=config["listen"], error=err.strerror or str(err))
         sys.exit(1)

@@ -10,7 +10,7 @@ import threading
 from typing import Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 
@@ -201,21 +201,35 @@ def _render_mps_control(data: MpsControlData, out: _Families, engine_of: dict[in
             out.add("mps_client_info", [d, client.server_pid, client.pid, client.device, client.command, engine], 1)
 
 
-class SnapshotCollector:
-    """prometheus_client custom collector over a snapshot source."""
+class _Rendered:
+    """A registry-shaped holder of already rendered families, for generate_latest()."""
+
+    def __init__(self, metrics: list[Metric]) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> list[Metric]:
+        return self._metrics
+
+
+class CachedExposition:
+    """The text exposition of the current snapshot, rendered once per snapshot: snapshots are
+    immutable, so every scrape between two collector runs gets the same bytes for free, and
+    concurrent scrapes wait for one rendering instead of each doing it."""
 
     def __init__(self, current: Callable[[], NodeSnapshot], version: str) -> None:
         self._current = current
         self._version = version
+        self._lock = threading.Lock()
+        self._snapshot: NodeSnapshot | None = None
+        self._body = b""
 
-    def collect(self) -> Iterable[Metric]:
-        return render(self._current(), self._version)
-
-
-def build_registry(current: Callable[[], NodeSnapshot], version: str) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(current, version))
-    return registry
+    def body(self) -> bytes:
+        snapshot = self._current()
+        with self._lock:
+            if snapshot is not self._snapshot:
+                self._body = generate_latest(_Rendered(render(snapshot, self._version)))
+                self._snapshot = snapshot
+            return self._body
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -241,13 +255,13 @@ class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
-def make_app(registry: CollectorRegistry, healthy: Callable[[], tuple[bool, str]]):
-    metrics_app = make_wsgi_app(registry)
-
+def make_app(exposition: CachedExposition, healthy: Callable[[], tuple[bool, str]]):
     def app(environ, start_response):
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
-            return metrics_app(environ, start_response)
+            body = exposition.body()
+            start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))])
+            return [body]
         if path == "/healthz":
             ok, detail = healthy()
             start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
@@ -261,10 +275,10 @@ def make_app(registry: CollectorRegistry, healthy: Callable[[], tuple[bool, str]
     return app
 
 
-def serve(listen: str, registry: CollectorRegistry, healthy: Callable[[], tuple[bool, str]]):
+def serve(listen: str, exposition: CachedExposition, healthy: Callable[[], tuple[bool, str]]):
     """Starts the HTTP server on a daemon thread; returns the server (call shutdown() to stop)."""
     host, port = parse_listen(listen)
     server_class = _Server6 if ":" in host else _Server
-    httpd = make_server(host, port, make_app(registry, healthy), server_class, handler_class=_QuietHandler)
+    httpd = make_server(host, port, make_app(exposition, healthy), server_class, handler_class=_QuietHandler)
     threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
     return httpd

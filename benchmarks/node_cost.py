@@ -1,0 +1,175 @@
+"""What the agent costs on a node, measured on the agent as a real process:
+
+  - CPU as a share of one core at the default 2 s interval (from /proc/<pid>/stat over the run),
+  - each collector's cycle (median of mpswatch_collector_duration_seconds over the run),
+  - /metrics latency p50/p99 with 10 concurrent scrapers, and the series count,
+  - RSS after start and at the end.
+
+Two nodes, both on a CPU machine (no GPU): MPS replies come from benchmarks/fastbin (cat of
+recorded replies, a few ms a call like the real program), NVML from the fake replaying a real H200
+recording, engines are tests/fakevllm.py processes with vLLM-like command lines.
+  reference: 1 GPU, 1 control daemon, 2 engines
+  large:     8 GPUs, 48 MPS clients per GPU, 16 engines
+
+    python benchmarks/node_cost.py [--quick]      # --quick: 20 s a node instead of 120 s
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "agent")]
+
+from tests.agentproc import Agent, free_port, parse_exposition  # noqa: E402
+
+FASTBIN = str(ROOT / "benchmarks/fastbin/nvidia-cuda-mps-control")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PS_HEADER = "PID       ID        SERVER         DEVICE                    NAMESPACE      COMMAND        \n"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_daemon(root: Path, gpus: int, clients: list[list[int]]) -> Path:
+    pipe = root / "pipe"
+    (pipe / "replies").mkdir(parents=True)
+    (pipe / "control").touch()
+    replies = {
+        "get_server_list": "476\n",
+        "get_server_status_476": "ACTIVE\n",
+        "get_active_thread_percentage_476": "100.0\n",
+        "get_default_active_thread_percentage": "100.0\n",
+        "get_default_device_pinned_mem_limit_0": "",
+        "ps": PS_HEADER + "".join(
+            f"{pid:<10}{i + 1:<10}{476:<15}{f'GPU-{gpu:08x}-2b6d-037a':<26}{4026531836:<15}{'python3':<15}\n"
+            for gpu in range(gpus) for i, pid in enumerate(clients[gpu])),
+    }
+    for name, text in replies.items():
+        (pipe / "replies" / name).write_text(text)
+    return pipe
+
+
+def start_engines(count: int) -> list[subprocess.Popen]:
+    engines = []
+    for i in range(count):
+        engine = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests/fakevllm.py"), "vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct",
+             "--port", str(free_port()), "--served-model-name", f"engine-{i}"],
+            stdout=subprocess.PIPE, text=True)
+        engines.append(engine)
+    for engine in engines:
+        engine.stdout.readline()
+    return engines
+
+
+def scrapers(url: str, seconds: float, workers: int = 10) -> list[float]:
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def loop() -> None:
+        while time.monotonic() < stop:
+            started = time.perf_counter()
+            with urllib.request.urlopen(url, timeout=10) as response:
+                response.read()
+            with lock:
+                latencies.append(time.perf_counter() - started)
+
+    threads = [threading.Thread(target=loop) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies
+
+
+def measure(name: str, gpus: int, clients_per_gpu: int, engine_count: int, seconds: float) -> dict:
+    work = Path(tempfile.mkdtemp(prefix=f"mpswatch-bench-{name}-"))
+    engines = start_engines(engine_count)
+    try:
+        engine_pids = [e.pid for e in engines]
+        clients = []
+        for gpu in range(gpus):
+            mine = engine_pids[gpu * engine_count // gpus:(gpu + 1) * engine_count // gpus]
+            clients.append(mine + [100000 + gpu * 1000 + i for i in range(clients_per_gpu - len(mine))])
+        pipe = make_daemon(work, gpus, clients)
+        log_dir = work / "log"
+        log_dir.mkdir()
+        (log_dir / "server.log").write_text((ROOT / "tests/fixtures/h200-driver580/session3-50-clients-then-fault-server.log").read_text())
+        env = {"MPSWATCH_GPU_NVML_MODULE": "tests.fakenvml:from_layout",
+               "FAKENVML_LAYOUT": json.dumps({"gpus": gpus, "clients": clients})}
+        with Agent(["--mps-control-bin", FASTBIN, "--pipe-dir", str(pipe), "--log-dir", str(log_dir)], env=env,
+                   log_path=work / "agent.log") as agent:
+            time.sleep(5)  # first cycles, GPM's second sample, backfill
+            rss_start = rss_mib(agent.proc.pid)
+            cpu_start, wall_start = cpu_seconds(agent.proc.pid), time.monotonic()
+            durations: dict[str, list[float]] = {}
+            deadline = wall_start + seconds
+            while time.monotonic() < deadline:
+                samples = agent.scrape()
+                for (metric, labels), value in samples.items():
+                    if metric == "mpswatch_collector_duration_seconds":
+                        durations.setdefault(dict(labels)["collector"], []).append(value)
+                time.sleep(2)
+            cpu_share = (cpu_seconds(agent.proc.pid) - cpu_start) / (time.monotonic() - wall_start)
+            samples = agent.scrape()
+            series = len(samples)
+            assert samples[("mps_control_up", frozenset({("pipe_dir", str(pipe))}))] == 1
+            engines_up = sum(v for (m, _), v in samples.items() if m == "mps_engine_up")
+            latencies = sorted(scrapers(agent.url + "/metrics", min(30.0, seconds)))
+            rss_end = rss_mib(agent.proc.pid)
+    finally:
+        for engine in engines:
+            engine.kill()
+            engine.wait()
+    return {
+        "node": name,
+        "cpu_share_of_one_core": cpu_share,
+        "cycle_median_ms": {k: statistics.median(v) * 1e3 for k, v in sorted(durations.items())},
+        "cycle_p90_ms": {k: sorted(v)[int(len(v) * 0.9)] * 1e3 for k, v in sorted(durations.items())},
+        "scrape_p50_ms": latencies[len(latencies) // 2] * 1e3,
+        "scrape_p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3,
+        "scrapes": len(latencies),
+        "series": series,
+        "engines_up": engines_up,
+        "rss_start_mib": rss_start,
+        "rss_end_mib": rss_end,
+        "seconds": seconds,
+    }
+
+
+def main() -> None:
+    seconds = 20.0 if "--quick" in sys.argv else 120.0
+    results = [measure("reference", 1, 2, 2, seconds), measure("large", 8, 48, 16, seconds)]
+    print(json.dumps(results, indent=2))
+    print("\n| node | CPU (share of one core) | cycle median / p90 (ms): mps_control, mps_logs, gpu, engines | scrape p50 / p99 (10 scrapers) | series | RSS start → end |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        cycles = ", ".join(f"{r['cycle_median_ms'][c]:.1f}/{r['cycle_p90_ms'][c]:.1f}"
+                           for c in ("mps_control", "mps_logs", "gpu", "engines"))
+        print(f"| {r['node']} | {r['cpu_share_of_one_core'] * 100:.2f} % | {cycles} | "
+              f"{r['scrape_p50_ms']:.1f} / {r['scrape_p99_ms']:.1f} ms ({r['scrapes']}) | {r['series']} | "
+              f"{r['rss_start_mib']:.0f} → {r['rss_end_mib']:.0f} MiB |")
+
+
+if __name__ == "__main__":
+    main()
