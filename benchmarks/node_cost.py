@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "agent")]
 
-from tests.agentproc import Agent, free_port, parse_exposition  # noqa: E402
+from tests.agentproc import Agent, free_port  # noqa: E402
 
 FASTBIN = str(ROOT / "benchmarks/fastbin/nvidia-cuda-mps-control")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
