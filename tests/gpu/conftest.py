@@ -71,7 +71,7 @@ class MpsDaemon:
     def start_client(self, size: int = 2048, kind: str = "matmul", dtype: str = "float32",
                      without_mps: bool = False) -> subprocess.Popen:
         """A PyTorch client; `without_mps` starts it without the pipe dir, so it runs alone."""
-        stop_file = self.pipe_dir.parent / f"stop-{len(self.clients)}"
+        stop_file = self.pipe_dir.parent / f"stop-{time.monotonic_ns()}"  # never one already touched
         env = {k: v for k, v in self.env.items() if not (without_mps and k == "CUDA_MPS_PIPE_DIRECTORY")}
         client = subprocess.Popen(
             [sys.executable, str(HERE / "cuda_client.py"), str(size), str(stop_file), kind, dtype],
