@@ -32,7 +32,7 @@ def measure(threads: int, rounds: int) -> list[float]:
     collector = EnginesCollector(discover=False, procfs=ProcFS())
     engine = _Engine("bench", "http://127.0.0.1:1/metrics", "configured")
     times = []
-    processes = {child.pid: (None, [], None)}
+    processes = {child.pid: (None, [], None, 0)}
     try:
         for _ in range(rounds):
             started = time.perf_counter()

@@ -23,9 +23,6 @@ class ProcFS:
             return []
         return sorted(int(name) for name in names if name.isascii() and name.isdigit())
 
-    def exists(self, pid: int) -> bool:
-        return (self.root / str(pid)).is_dir()
-
     def cmdline(self, pid: int) -> list[str] | None:
         raw = self._read_bytes(pid, "cmdline")
         return None if raw is None else parse_cmdline(raw)

@@ -353,19 +353,19 @@ class EnginesCollector:
         pressure = parse_pressure(self._procfs.read_text("pressure/cpu") or "")
         return EnginesData(engines=tuple(states), imbalance=frozen_map(imbalance), cpu_pressure=frozen_map(pressure))
 
-    def _process_table(self) -> dict[int, tuple[int | None, list[str], int | None]]:
-        """pid -> (parent, argv, start time), from one pass over /proc."""
+    def _process_table(self) -> dict[int, tuple[int | None, list[str], int | None, int | None]]:
+        """pid -> (parent, argv, start time, CPU ticks), from one pass over /proc."""
         table = {}
         for pid in self._procfs.pids():
             stat = self._procfs.read_text(f"{pid}/stat")
             argv = self._procfs.cmdline(pid)
             if stat is not None and argv is not None:
-                table[pid] = (stat_ppid(stat), argv, stat_start_time(stat))
+                table[pid] = (stat_ppid(stat), argv, stat_start_time(stat), stat_cpu_ticks(stat))
         return table
 
     def _find_engines(self, processes: Mapping[int, tuple]) -> None:
         by_port: dict[int, tuple[int, VllmCommand]] = {}
-        for pid, (_, argv, _) in sorted(processes.items()):
+        for pid, (_, argv, *_) in sorted(processes.items()):
             command = parse_vllm_command(argv)
             if command is not None:
                 by_port.setdefault(command.port, (pid, command))
@@ -502,8 +502,7 @@ class EnginesCollector:
         busiest = None
         budget = MAX_THREADS_PER_ENGINE
         for pid in pids:
-            started = processes[pid][2]
-            ticks = stat_cpu_ticks(self._procfs.read_text(f"{pid}/stat") or "")
+            _, _, started, ticks = processes[pid]  # read in this cycle's pass over /proc
             if ticks is not None:
                 process_ticks[(pid, started)] = ticks
             tids = sorted(self._procfs.tasks(pid), key=lambda tid: tid != pid)[: max(budget, 1)]

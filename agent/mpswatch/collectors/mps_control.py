@@ -571,6 +571,3 @@ class MpsControlCollector:
             getattr(log, level)(event, **context)
         self._previous[pipe_dir] = daemon
         return daemon
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -339,11 +339,6 @@ class MpsLogsCollector:
             if announce and event.event != "unrecognised_error":
                 self._log.warning("log_event", log_dir=watched.log_dir, **_event_context(event))
 
-    def close(self) -> None:
-        for watched in self._dirs.values():
-            for follower in watched.followers.values():
-                follower.close()
-
 
 def _event_context(event: LogEvent) -> dict:
     context = {"event_name": event.event, "source": event.source, "logged_at": event.time}
