@@ -29,6 +29,7 @@ DEFAULT_LOG_DIR = "/var/log/nvidia-mps"
 EVENTS = (
     "server_started",
     "server_exited",
+    "server_died",
     "server_start_failed",
     "server_fault",
     "server_fatal_exception",
@@ -47,6 +48,7 @@ EVENTS = (
 NOTABLE = frozenset(
     {
         "server_exited",
+        "server_died",
         "server_start_failed",
         "server_fatal_exception",
         "client_rejected_max_clients",
@@ -91,7 +93,10 @@ _RULES = [
     # control.log
     _rule(r"^Starting new server (\d{1,10}) for user (\d{1,10})", "server_started",
           lambda m, pid: {"server_pid": int(m[1]), "detail": f"uid {m[2]}"}),
-    _rule(r"^Server (\d{1,10}) exited with status (-?\d{1,10})", "server_exited",
+    # status 0 is a server let go (quit, or idle); anything else killed its clients with it
+    _rule(r"^Server (\d{1,10}) exited with status (0)\b", "server_exited",
+          lambda m, pid: {"server_pid": int(m[1]), "detail": f"status {m[2]}"}),
+    _rule(r"^Server (\d{1,10}) exited with status (-?\d{1,10})", "server_died",
           lambda m, pid: {"server_pid": int(m[1]), "detail": f"status {m[2]}"}),
     _rule(r"^Server encountered a fatal exception", "server_fatal_exception"),
     _rule(r"^Starting control daemon", "control_started"),
