@@ -23,12 +23,21 @@ class FakeDaemon:
         self.scenario = json.loads((SCENARIOS / f"{scenario}.json").read_text())
         self._write()
         self.process = None
+        self.server = None
         if process:
             env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir)}
             # argv as a real daemon's: `nvidia-cuda-mps-control ... -d`
             stand_in = f"exec -a nvidia-cuda-mps-control {sys.executable} -c 'import time; time.sleep(600)' -d"
             self.process = subprocess.Popen(["bash", "-c", stand_in], env=env)
             (self.pipe_dir / "nvidia-cuda-mps-control.pid").write_text(f"{self.process.pid}\n")
+
+    def start_server_stand_in(self) -> int:
+        """A process that looks like this daemon's MPS server (argv[0], environment): left running
+        after kill(), it is the orphaned server a killed daemon leaves behind."""
+        env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir)}
+        stand_in = f"exec -a nvidia-cuda-mps-server {sys.executable} -c 'import time; time.sleep(600)'"
+        self.server = subprocess.Popen(["bash", "-c", stand_in], env=env)
+        return self.server.pid
 
     def _write(self) -> None:
         tmp = self.pipe_dir / "scenario.json.tmp"
@@ -54,6 +63,7 @@ class FakeDaemon:
             self.process.wait()
 
     def close(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        for process in (self.process, self.server):
+            if process and process.poll() is None:
+                process.kill()
+                process.wait()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import pytest
 
 from mpswatch import __version__
 from mpswatch.collectors.mps_control import READ_ONLY_COMMANDS
-from tests.agentproc import Agent
+from tests.agentproc import Agent, agent_env, mpswatch_cmd
 from tests.fakedaemon import FAKE_CONTROL
 
 FAST = ["--mps-control-bin", FAKE_CONTROL, "--interval", "0.5", "--command-timeout", "1"]
@@ -125,16 +126,26 @@ def test_garbage_output(fake_daemon):
         assert s[key("mpswatch_collector_success", collector="mps_control")] == 1
 
 
-def test_stale_pid_file_after_the_daemon_was_killed(fake_daemon):
+def test_stale_pid_file_and_the_orphaned_server_after_the_daemon_was_killed(fake_daemon):
     daemon = fake_daemon("healthy_two_clients_driver580")
     d = daemon.path
     with agent_for(daemon) as agent:
         agent.wait_for(lambda s: s.get(key("mps_control_up", pipe_dir=d)) == 1)
+        assert series(agent.scrape(), "mps_orphaned_servers") == {}  # only counted while the daemon is gone
+        server_pid = daemon.start_server_stand_in()
         daemon.kill()
         daemon.update(mode="not_running")
         s = agent.wait_for(lambda s: s if state_of(s, d) == ["stale_pid_file"] else None)
         assert s[key("mps_control_up", pipe_dir=d)] == 0
         assert series(s, "mps_control_info") == {}
+        assert s[key("mps_orphaned_servers", pipe_dir=d)] == 1
+        status = subprocess.run(mpswatch_cmd("status", "--json", "--mps-control-bin", FAKE_CONTROL, "--pipe-dir", d),
+                                env=agent_env(), capture_output=True, text=True, timeout=60)
+        [reported] = json.loads(status.stdout)["daemons"]
+        assert reported["orphaned_server_pids"] == [server_pid] and "orphaned" in reported["reason"]
+        daemon.server.kill()
+        daemon.server.wait()
+        agent.wait_for(lambda s: s.get(key("mps_orphaned_servers", pipe_dir=d)) == 0)
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,10 @@ def test_a_running_agent_exports_exactly_the_declared_set(fake_daemon, tmp_path)
     full = fake_daemon("clients_48_driver580")  # pid file, pinned limit
     garbage = fake_daemon("garbage_output")  # command failures
     fault = fake_daemon("server_fault_driver580")
+    killed = fake_daemon("healthy_two_clients_driver580")  # killed, its server left running
+    killed.start_server_stand_in()
+    killed.kill()
+    killed.update(mode="not_running")
     log_dir = tmp_path / "log"
     log_dir.mkdir()
     (log_dir / "server.log").write_text(
@@ -56,7 +60,7 @@ def test_a_running_agent_exports_exactly_the_declared_set(fake_daemon, tmp_path)
     )
     assert engine.stdout.readline().strip() == "ready"
     args = ["--mps-control-bin", FAKE_CONTROL, "--interval", "0.5", "--command-timeout", "1", "--log-dir", str(log_dir)]
-    for daemon in (full, garbage, fault):
+    for daemon in (full, garbage, fault, killed):
         args += ["--pipe-dir", daemon.path]
     env = {
         "MPSWATCH_GPU_NVML_MODULE": "tests.fakenvml:h200",

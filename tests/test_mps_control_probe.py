@@ -102,6 +102,32 @@ def test_a_killed_daemon_is_told_apart_by_its_stale_pid_file(tmp_path):
     assert "4242" in daemon.reason and failures == [("get_server_list", "not_running")]
 
 
+def test_a_killed_daemon_names_the_server_it_left_running_for_its_pipe_dir_only(tmp_path):
+    pipe = pipe_dir_with_pid(tmp_path, 4242)
+    fake_proc(tmp_path / "proc", 476, "/usr/bin/nvidia-cuda-mps-server", environ=f"CUDA_MPS_PIPE_DIRECTORY={pipe}/\0")
+    fake_proc(tmp_path / "proc", 502, "nvidia-cuda-mps-server", environ="CUDA_MPS_PIPE_DIRECTORY=/elsewhere\0")
+    daemon, _, _ = probe(tmp_path, ScriptedRunner(not_running=True), pipe)
+    assert daemon.state is DaemonState.STALE_PID_FILE and daemon.orphaned_server_pids == (476,)
+    assert "MPS server 476 runs on without it" in daemon.reason
+
+
+def test_orphans_are_unknown_when_a_server_environment_is_hidden(tmp_path):
+    class HidingProcFS(ProcFS):
+        def environ(self, pid):
+            raise PermissionError(pid)
+
+    pipe = pipe_dir_with_pid(tmp_path, 4242)
+    fake_proc(tmp_path / "proc", 476, "nvidia-cuda-mps-server")
+    daemon, _, _ = probe(tmp_path, ScriptedRunner(not_running=True), pipe, HidingProcFS(tmp_path / "proc"))
+    assert daemon.orphaned_server_pids is None and "orphaned" not in daemon.reason
+
+
+def test_an_answering_daemon_has_no_orphan_count(tmp_path):
+    fake_proc(tmp_path / "proc", 429, "nvidia-cuda-mps-control")
+    daemon, _, _ = probe(tmp_path, ScriptedRunner(HEALTHY), pipe_dir_with_pid(tmp_path, 429))
+    assert daemon.orphaned_server_pids is None
+
+
 def test_no_pid_file_and_no_daemon_is_plain_not_running(tmp_path):
     pipe = tmp_path / "pipe"
     pipe.mkdir()

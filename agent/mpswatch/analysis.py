@@ -124,6 +124,7 @@ def _daemon_entry(daemon: MpsDaemon, logs: MpsLogsData | None, now: float) -> di
         "pid": daemon.pid,
         "state": daemon.state.value,
         "client_limit": daemon.client_limit,
+        "orphaned_server_pids": None if daemon.orphaned_server_pids is None else list(daemon.orphaned_server_pids),
         "default_active_thread_percentage": daemon.default_active_thread_percentage,
         "default_pinned_memory_limit_bytes": daemon.default_pinned_memory_limit_bytes,
         "verdict": OK if daemon.up else DOWN,

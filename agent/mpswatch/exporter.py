@@ -176,6 +176,8 @@ def _render_mps_control(data: MpsControlData, out: _Families, engine_of: dict[in
         for (command, reason), count in sorted(daemon.command_failures.items()):
             out.add("mps_control_command_failures_total", [d, command, reason], count)
         out.add("mps_client_limit", [d], daemon.client_limit)
+        if daemon.orphaned_server_pids is not None:
+            out.add("mps_orphaned_servers", [d], len(daemon.orphaned_server_pids))
         if not daemon.up:
             continue
         if daemon.default_active_thread_percentage is not None:

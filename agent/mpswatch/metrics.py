@@ -45,6 +45,12 @@ _SPECS = [
         ("pipe_dir", "command", "reason"),
         "Failed control commands by reason (timeout, not_running, error_reply, exec_failed, garbage_output).",
     ),
+    MetricSpec(
+        "mps_orphaned_servers",
+        "gauge",
+        ("pipe_dir",),
+        "MPS servers still running for this pipe dir while its control daemon is not (killed daemon).",
+    ),
     MetricSpec("mps_server_info", "gauge", ("pipe_dir", "server_pid", "uid"), "Always 1 per MPS server."),
     MetricSpec(
         "mps_server_status",

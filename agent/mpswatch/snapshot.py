@@ -60,6 +60,9 @@ class MpsDaemon:
     default_active_thread_percentage: float | None = None
     default_pinned_memory_limit_bytes: int | None = None
     client_limit: int = 48
+    # servers still running on this pipe dir while the daemon is down; None: unknown (not looked, or
+    # /proc hides their environment)
+    orphaned_server_pids: tuple[int, ...] | None = None
     command_durations: Mapping[str, float] = field(default_factory=frozen_map)
     command_failures: Mapping[tuple[str, str], int] = field(default_factory=frozen_map)
 

@@ -33,6 +33,7 @@ from mpswatch.snapshot import (
 )
 
 CONTROL_PROGRAM = "nvidia-cuda-mps-control"
+SERVER_PROGRAM = "nvidia-cuda-mps-server"
 PID_FILE = "nvidia-cuda-mps-control.pid"
 NOT_RUNNING_TEXT = "Cannot find MPS control daemon process"
 
@@ -375,7 +376,13 @@ def probe_daemon(
     reply = probe.ask("get_server_list")
     if reply.reason:
         state, why = _why_down(reply, pid, pid_alive, procfs)
-        return replace(base, state=state, reason=why), probe.durations, probe.failures
+        orphans = None
+        if state in (DaemonState.NOT_RUNNING, DaemonState.STALE_PID_FILE):
+            orphans = orphaned_servers(pipe_dir, procfs)
+            if orphans:
+                why += (f"; MPS server {', '.join(map(str, orphans))} runs on without it (orphaned): its clients"
+                        " keep running, new clients start without MPS")
+        return replace(base, state=state, reason=why, orphaned_server_pids=orphans), probe.durations, probe.failures
     try:
         server_pids = parse_server_list(reply.text or "")
     except ParseError as err:
@@ -416,6 +423,20 @@ def probe_daemon(
         default_pinned_memory_limit_bytes=pinned,
     )
     return daemon, probe.durations, probe.failures
+
+
+def orphaned_servers(pipe_dir: str, procfs: ProcFS) -> tuple[int, ...] | None:
+    """MPS servers started for `pipe_dir` (by their environment) that outlived their daemon: they keep
+    serving their clients and hold GPU memory. None when a server's environment cannot be read."""
+    found = []
+    for spid in procfs.pids_running(SERVER_PROGRAM):
+        try:
+            env = procfs.environ(spid)
+        except PermissionError:
+            return None
+        if env is not None and os.path.normpath(env.get("CUDA_MPS_PIPE_DIRECTORY") or DEFAULT_PIPE_DIR) == pipe_dir:
+            found.append(spid)
+    return tuple(sorted(found))
 
 
 def _is_control_daemon(procfs: ProcFS, pid: int) -> bool:
