@@ -14,7 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.matrix import Matrix
+
 HERE = Path(__file__).resolve().parent
+# the fault matrix: every GPU test adds its rows; written to $MPSWATCH_GPU_MATRIX_RESULTS at the end
+MATRIX = Matrix()
 
 
 def _gpu_present() -> bool:
@@ -143,6 +147,16 @@ def mps_client(tmp_path_factory):
     binary = tmp_path_factory.mktemp("bin") / "mps_client"
     subprocess.run(["nvcc", "-O2", "-o", str(binary), str(HERE / "mps_client.cu")], check=True, timeout=300)
     return str(binary)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _save_matrix():
+    yield
+    path = os.environ.get("MPSWATCH_GPU_MATRIX_RESULTS")
+    if path and MATRIX.cases:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout.strip()
+        MATRIX.save(path, {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "command": "python3 -m pytest -v tests/gpu"})
 
 
 def results_saver(variable: str, results: dict):

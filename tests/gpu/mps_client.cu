@@ -2,6 +2,8 @@
 //   mps_client hold SECONDS   keep a kernel running until SECONDS pass (exit 4 on a CUDA error)
 //   mps_client idle SECONDS   hold a context without running anything, then exit 0
 //   mps_client fault SECONDS  write to an illegal address (Xid 31 under MPS), then linger SECONDS
+//   mps_client hog SECONDS    cudaMalloc until the GPU has no memory left, print "hogged BYTES", hold
+//                             it SECONDS, then free it and exit 0 (plain allocations, never managed memory)
 // Prints "ready <pid>" once its context exists, or "init_failed <code> <text>" and exits 2.
 #include <cuda_runtime.h>
 #include <stdio.h>
@@ -37,6 +39,18 @@ int main(int argc, char **argv) {
     if (strcmp(mode, "idle") == 0) {
         usleep((useconds_t)(seconds * 1e6));
         return 0;
+    }
+    if (strcmp(mode, "hog") == 0) {
+        size_t held = 0;
+        void *p;
+        for (size_t chunk = 1ull << 30; chunk >= (16ull << 20); chunk /= 2) {
+            while (cudaMalloc(&p, chunk) == cudaSuccess) held += chunk;
+            cudaGetLastError();  // clear the out-of-memory error; the context stays usable
+        }
+        printf("hogged %zu\n", held);
+        fflush(stdout);
+        usleep((useconds_t)(seconds * 1e6));
+        return 0;  // the driver frees it all at exit
     }
     if (strcmp(mode, "fault") == 0) {
         int *p;

@@ -7,6 +7,7 @@ Writes its figures as JSON to $MPSWATCH_GPU_ENGINE_RESULTS when set (docs/valida
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.gpu.conftest import results_saver
-from tests.agentproc import Agent, free_port
+from tests.gpu.conftest import MATRIX, results_saver
+from tests.agentproc import Agent, agent_env, free_port, mpswatch_cmd
 
 HERE = Path(__file__).resolve().parent
 RESULTS: dict = {}
@@ -67,13 +68,20 @@ def test_shares_attachment_and_an_engine_restarted_without_mps(mps, tmp_path):
             assert imbalance[0] == pytest.approx(4 / 3, abs=0.15)
             assert by_engine(s, "mps_engine_pipe_dir_served") == {a: 1.0, b: 1.0}
 
+            case = MATRIX.case("an engine started while no control daemon runs",
+                               "the control daemon is killed; engine-b is killed and started again with the same pipe dir")
+            case.record(agent)
+            case.expect_quiet("MPSEngineWithoutMPS")
             os.kill(daemon_pid, signal.SIGKILL)  # the control daemon dies; its server and clients stay
             engines["b"].kill()
             engines["b"].wait()
             engines["b"] = start_engine(mps, "engine-b", port_b, 1000)  # the engine restarts...
+            restarted_at = time.monotonic()
             s = agent.wait_for(
                 lambda s: s if by_engine(s, "mps_engine_mps_attached").get(b) == 0 else None, timeout=30,
             )  # ...and now runs alone, without MPS
+            case.detect_seconds["mps_engine_mps_attached 0 (from the engine's ready line)"] = round(time.monotonic() - restarted_at, 3)
+            case.expect_alert("MPSEngineWithoutMPS")
             RESULTS["after_restart"] = {
                 "mps_engine_mps_attached": by_engine(s, "mps_engine_mps_attached"),
                 "mps_engine_pipe_dir_served": by_engine(s, "mps_engine_pipe_dir_served"),
@@ -84,6 +92,13 @@ def test_shares_attachment_and_an_engine_restarted_without_mps(mps, tmp_path):
                 ["nvidia-smi", "--query-compute-apps=pid,process_name", "--format=csv,noheader"],
                 capture_output=True, text=True).stdout
             assert by_engine(s, "mps_engine_pipe_dir_served").get(b) == 0
+            case.expect_alert("MPSEnginePipeDirNotServed")
+            case.reported.update(RESULTS["after_restart"])
+            code_status = subprocess.run(mpswatch_cmd("status", "--json", "--pipe-dir", str(mps.pipe_dir)), env=agent_env(),
+                                         capture_output=True, text=True, timeout=60)
+            case.status_verdict = json.loads(code_status.stdout)["verdict"]
+            case.passed = True
+            case.finish_recording()
     finally:
         for engine in engines.values():
             engine.kill()

@@ -12,7 +12,7 @@ import subprocess
 import time
 
 
-from tests.gpu.conftest import results_saver
+from tests.gpu.conftest import MATRIX, results_saver
 from tests.agentproc import Agent, agent_env, mpswatch_cmd
 
 INTERVAL = 2.0  # the default; "within two cycles" is measured against it
@@ -65,9 +65,13 @@ def test_real_daemon_clients_hang_and_recovery(mps, tmp_path):
     assert sorted(c["pid"] for c in server["clients"]) == client_pids
 
     settings_now = {"MPSWATCH_MPS_CONTROL_SETTINGS_INTERVAL_SECONDS": "0"}  # the limit is changed below
+    case = MATRIX.case("control daemon hung (SIGSTOP) and resumed (SIGCONT)",
+                       "SIGSTOP to the control daemon with two clients connected; SIGCONT after the agent saw it")
     with Agent(["--pipe-dir", pipe], env=settings_now, log_path=tmp_path / "agent.log") as agent:
+        case.record(agent)
         up = ("mps_control_up", frozenset({("pipe_dir", pipe)}))
         agent.wait_for(lambda s: s.get(up) == 1)
+        case.expect_quiet("MPSControlDaemonUnresponsive")
         samples = agent.scrape()
         clients_series = {k: v for k, v in samples.items() if k[0] == "mps_clients"}
         assert list(clients_series.values()) == [2.0]
@@ -82,18 +86,26 @@ def test_real_daemon_clients_hang_and_recovery(mps, tmp_path):
         down_after, slowest = _time_until(agent, lambda s: s.get(up) == 0, timeout=3 * INTERVAL + 2)
         RESULTS["sigstop_to_up_0_seconds"] = round(down_after, 3)
         RESULTS["slowest_scrape_during_hang_seconds"] = round(slowest, 4)
+        case.detect_seconds["mps_control_up 0 (state timeout)"] = round(down_after, 3)
+        case.reported["slowest scrape during the hang (s)"] = round(slowest, 4)
         assert down_after <= 2 * INTERVAL + 0.5
         assert slowest < 1.0
+        case.expect_alert("MPSControlDaemonUnresponsive")
         code, hung = _status(mps.pipe_dir)
         RESULTS["status_hung"] = hung
         assert code == 1 and hung["daemons"][0]["state"] == "timeout"
         assert "stopped" in hung["daemons"][0]["reason"]
+        case.status_verdict = hung["verdict"]
+        case.reported["status reason"] = hung["daemons"][0]["reason"]
         assert agent.get("/healthz")[0] == 200
 
         os.kill(daemon_pid, signal.SIGCONT)
         up_after, _ = _time_until(agent, lambda s: s.get(up) == 1, timeout=3 * INTERVAL + 2)
         RESULTS["sigcont_to_up_1_seconds"] = round(up_after, 3)
         assert up_after <= 2 * INTERVAL + 0.5
+        case.detect_seconds["SIGCONT: mps_control_up 1"] = round(up_after, 3)
+        case.passed = True
+        case.finish_recording()
 
         # the test's own daemon, set by the test: proves the limit's format is read right
         assert mps.control("set_default_device_pinned_mem_limit 0 2G").returncode == 0

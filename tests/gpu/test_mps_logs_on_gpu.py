@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 
-from tests.gpu.conftest import results_saver
+from tests.gpu.conftest import MATRIX, results_saver
 from tests.agentproc import Agent, agent_env, mpswatch_cmd
 
 RESULTS: dict = {}
@@ -48,6 +48,10 @@ def test_refusals_fatal_error_and_teardown_are_counted(mps, mps_client, tmp_path
         time.sleep(10)
         RESULTS["idle_control_log_bytes_per_second"] = round((control_log.stat().st_size - size0) / (time.monotonic() - t0), 1)
 
+        fifty = MATRIX.case("50 clients on one device", "50 clients start at once against the limit of 48")
+        fifty.record(agent)
+        fifty.expect_quiet("MPSClientsRefused")
+        started_at = time.monotonic()
         clients = [start(mps_client, mps, "hold", "8") for _ in range(50)]
         outcomes = [first_line(c) for c in clients]
         refused_pids = sorted(c.pid for c, line in zip(clients, outcomes) if line.startswith("init_failed"))
@@ -63,23 +67,43 @@ def test_refusals_fatal_error_and_teardown_are_counted(mps, mps_client, tmp_path
         RESULTS["refused_pids"] = refused_pids
         RESULTS["refused_pids_logged"] = sorted(e["client_pid"] for e in rejected)
         assert sorted(e["client_pid"] for e in rejected) == refused_pids
+        fifty.detect_seconds["both refusals counted (from the first start)"] = round(time.monotonic() - started_at, 3)
+        fifty.reported["refused pids (clients / status)"] = [refused_pids, sorted(e["client_pid"] for e in rejected)]
+        fifty.status_verdict = report["verdict"]
+        fifty.expect_alert("MPSClientsRefused")
+        fifty.expect_alert("MPSClientsNearLimit")
+        fifty.passed = True
+        fifty.finish_recording()
         for client in clients:
             client.wait(timeout=60)
 
         for variant, innocent_mode in (("innocent_idle", ("idle", "6")), ("innocent_running", ("hold", "30"))):
+            case = MATRIX.case(f"a client's fatal GPU error ({variant.replace('_', ' ')})",
+                               f"a client writes to an illegal address while an innocent client is {innocent_mode[0]}")
+            case.record(agent)
+            case.expect_quiet("MPSServerFault")
             before = agent.scrape()
+            xids_before = _xid31(before)
             torn_lines_before = _torn_down_lines(mps.log_dir)
             innocent = start(mps_client, mps, *innocent_mode)
             assert first_line(innocent).startswith("ready")
             culprit = start(mps_client, mps, "fault", "3")
             assert first_line(culprit).startswith("ready")
+            faulted_at = time.monotonic()
             fatal_before = count(before, logs, "fatal_gpu_error")
             s = agent.wait_for(lambda s: s if count(s, logs, "fatal_gpu_error") == fatal_before + 1 else None, timeout=10)
+            case.detect_seconds["fatal_gpu_error counted"] = round(time.monotonic() - faulted_at, 3)
             fault = agent.wait_for(
                 lambda s: [dict(k[1])["server_pid"] for k, v in s.items()
                            if k[0] == "mps_server_status" and dict(k[1])["status"] == "FAULT" and v == 1],
                 timeout=10,
             )
+            case.detect_seconds["mps_server_status FAULT"] = round(time.monotonic() - faulted_at, 3)
+            agent.wait_for(lambda s: _xid31(s) >= xids_before + 1, timeout=10)
+            case.detect_seconds["XID 31 counted"] = round(time.monotonic() - faulted_at, 3)
+            case.reported["XID 31 count"] = _xid31(agent.scrape()) - xids_before
+            case.expect_alert("MPSServerFault")
+            case.expect_alert("MPSFatalGPUError")
             code, report = _status(pipe, logs)
             [server] = [sv for d in report["daemons"] for sv in d["servers"] if str(sv["pid"]) == fault[0]]
             logged = [line for line in (mps.log_dir / "server.log").read_text().splitlines()
@@ -107,12 +131,23 @@ def test_refusals_fatal_error_and_teardown_are_counted(mps, mps_client, tmp_path
                 timeout=30,
             )
             RESULTS[variant]["active_again_after_clients_exited_seconds"] = round(time.monotonic() - recovered_after, 2)
+            case.detect_seconds["ACTIVE again after the clients exited"] = RESULTS[variant]["active_again_after_clients_exited_seconds"]
+            case.status_verdict = "DOWN (server FAULT)" if server["verdict"] == "DOWN" else server["verdict"]
+            case.reported.update({k: v for k, v in RESULTS[variant].items() if not k.startswith("exit_")})
+            case.passed = True
+            case.finish_recording()
         RESULTS["final_event_counts"] = {
             dict(k[1])["event"]: v for k, v in agent.scrape().items()
             if k[0] == "mps_log_events_total" and v and dict(k[1])["source"] == "server"
         }
     RESULTS["agent_warnings"] = [line for line in (tmp_path / "agent.log").read_text().splitlines()
                                  if '"warning"' in line][-20:]
+
+
+def _xid31(samples) -> float:
+    """On the GPU the tests run on (NVML index 0: the command sets CUDA_DEVICE_ORDER=PCI_BUS_ID)."""
+    return sum(v for (n, l), v in samples.items()
+               if n == "mps_gpu_xid_errors_total" and dict(l)["xid"] == "31" and dict(l)["gpu"] == "0")
 
 
 def _torn_down_lines(log_dir: Path) -> int:

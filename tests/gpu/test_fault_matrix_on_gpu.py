@@ -1,0 +1,337 @@
+"""The rest of the fault matrix on a real GPU: a killed daemon and its orphaned server, a killed
+server, a client exhausting GPU memory, logs rotated and truncated under the agent, the agent
+restarted mid-run, and the agent as an unprivileged user. The hang, the 50 clients, the fatal
+error and the engine without MPS are rows of the other GPU test modules.
+
+Each case is a row of tests.gpu.conftest.MATRIX (with a recording of the agent's series, which
+tests/test_matrix_alerts.py hands to promtool with the shipped rules)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.agentproc import REPO, Agent, agent_env, free_port, mpswatch_cmd, parse_exposition
+from tests.gpu.conftest import MATRIX, MpsDaemon
+
+NOBODY = 65534
+FAST_LOGS = {"MPSWATCH_MPS_LOGS_INTERVAL_SECONDS": "0.5"}
+
+
+def start(binary, mps, *args) -> subprocess.Popen:
+    return subprocess.Popen([binary, *args], env=mps.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def ready(client: subprocess.Popen) -> subprocess.Popen:
+    line = client.stdout.readline().strip()
+    assert line.startswith("ready"), line
+    return client
+
+
+def key(name, **labels):
+    return (name, frozenset(labels.items()))
+
+
+def of(samples, name) -> dict[frozenset, float]:
+    return {labels: v for (n, labels), v in samples.items() if n == name}
+
+
+def events(samples, log_dir: str, event: str) -> float:
+    return sum(v for (n, l), v in samples.items()
+               if n == "mps_log_events_total" and dict(l).get("log_dir") == log_dir and dict(l)["event"] == event)
+
+
+def status(pipe: str, logs: str, user: int | None = None, env=None) -> tuple[int, dict]:
+    run = subprocess.run(mpswatch_cmd("status", "--json", "--pipe-dir", pipe, "--log-dir", logs),
+                         env=env or agent_env(), capture_output=True, text=True, timeout=60,
+                         **({"user": user, "group": user, "extra_groups": []} if user is not None else {}))
+    assert run.returncode in (0, 1), run.stderr
+    return run.returncode, json.loads(run.stdout)
+
+
+def timed(agent: Agent, predicate, timeout: float, since: float):
+    """(value, seconds since `since`) once predicate(samples) is truthy."""
+    value = agent.wait_for(predicate, timeout=timeout, interval=0.05)
+    return value, round(time.monotonic() - since, 3)
+
+
+def test_killed_daemon_leaves_an_orphaned_server_then_restarts(mps, mps_client, tmp_path):
+    case = MATRIX.case("control daemon killed, then restarted",
+                       "SIGKILL to the control daemon while two clients run kernels; later `nvidia-cuda-mps-control -d` again")
+    daemon_pid = mps.start()
+    clients = [ready(start(mps_client, mps, "hold", "30")) for _ in range(2)]
+    pipe, logs = str(mps.pipe_dir), str(mps.log_dir)
+    with Agent(["--pipe-dir", pipe, "--log-dir", logs], env=FAST_LOGS, log_path=tmp_path / "agent.log") as agent:
+        case.record(agent)
+        s = agent.wait_for(lambda s: s if sum(of(s, "mps_clients").values()) == 2 else None, timeout=15)
+        [server_pid] = [int(dict(l)["server_pid"]) for l in of(s, "mps_server_info")]
+        case.expect_quiet("MPSControlDaemonDown")
+
+        killed_at = time.monotonic()
+        os.kill(daemon_pid, signal.SIGKILL)
+        stale = key("mps_control_state", pipe_dir=pipe, state="stale_pid_file")
+        _, case.detect_seconds["mps_control_state stale_pid_file"] = timed(agent, lambda s: s.get(stale) == 1, 10, killed_at)
+        _, case.detect_seconds["mps_orphaned_servers 1"] = timed(
+            agent, lambda s: s.get(key("mps_orphaned_servers", pipe_dir=pipe)) == 1, 10, killed_at)
+        case.expect_alert("MPSControlDaemonDown")
+        code, report = status(pipe, logs)
+        [daemon] = report["daemons"]
+        case.status_verdict = report["verdict"]
+        case.reported["status daemon reason"] = daemon["reason"]
+        assert code == 1 and daemon["state"] == "stale_pid_file" and daemon["orphaned_server_pids"] == [server_pid]
+        assert all(c.poll() is None for c in clients), "the orphaned server's clients kept running"
+        kinds = {dict(l)["pid"]: dict(l)["kind"] for l in of(agent.scrape(), "mps_gpu_process_memory_bytes")}
+        case.reported["gpu processes while orphaned"] = kinds
+        assert kinds.get(str(server_pid)) == "mps_server"
+
+        restarted_at = time.monotonic()
+        mps.start()
+        up = key("mps_control_up", pipe_dir=pipe)
+        s, case.detect_seconds["restart: mps_control_up 1"] = timed(agent, lambda s: s if s.get(up) == 1 else None, 10, restarted_at)
+        assert key("mps_orphaned_servers", pipe_dir=pipe) not in s  # counted only while the daemon is gone
+        case.reported["servers listed by the new daemon"] = sorted(dict(l)["server_pid"] for l in of(s, "mps_server_info"))
+        newcomer = start(mps_client, mps, "hold", "4")
+        case.reported["new client after restart"] = newcomer.stdout.readline().strip()
+        s = agent.wait_for(lambda s: s if of(s, "mps_server_info") else None, timeout=15)
+        case.reported["servers after the new client"] = sorted(dict(l)["server_pid"] for l in of(s, "mps_server_info"))
+        case.reported["new client's process kind"] = {
+            dict(l)["pid"]: dict(l)["kind"] for l in of(agent.scrape(), "mps_gpu_process_memory_bytes")
+        }.get(str(newcomer.pid))
+        for client in [*clients, newcomer]:  # they exit on their own: killing a client can take the server down
+            case.reported.setdefault("client exits", []).append(client.stdout.read().strip())
+            client.wait(timeout=60)
+        time.sleep(2)
+        case.reported["orphaned server still running after its clients left"] = Path(f"/proc/{server_pid}").exists()
+        code, report = status(pipe, logs)
+        case.reported["status after restart"] = report["daemons"][0]["reason"]
+        assert report["daemons"][0]["state"] == "up"
+    case.passed = True
+
+
+def test_server_killed_while_clients_run(mps, mps_client, tmp_path):
+    case = MATRIX.case("MPS server killed while clients run", "SIGKILL to the MPS server while two clients run kernels; then a new client")
+    mps.start()
+    clients = [ready(start(mps_client, mps, "hold", "20")) for _ in range(2)]
+    pipe, logs = str(mps.pipe_dir), str(mps.log_dir)
+    try:
+        with Agent(["--pipe-dir", pipe, "--log-dir", logs], env=FAST_LOGS, log_path=tmp_path / "agent.log") as agent:
+            case.record(agent)
+            s = agent.wait_for(lambda s: s if sum(of(s, "mps_clients").values()) == 2 else None, timeout=15)
+            [server_pid] = [dict(l)["server_pid"] for l in of(s, "mps_server_info")]
+            case.expect_quiet("MPSServerDied")
+            killed_at = time.monotonic()
+            os.kill(int(server_pid), signal.SIGKILL)
+            _, case.detect_seconds["server gone from mps_server_info"] = timed(
+                agent, lambda s: all(dict(l)["server_pid"] != server_pid for l in of(s, "mps_server_info")), 10, killed_at)
+            _, case.detect_seconds["mps_log_events_total{event=server_died} +1"] = timed(
+                agent, lambda s: events(s, logs, "server_died") == 1, 10, killed_at)
+            case.expect_alert("MPSServerDied")
+            case.reported["client outcomes"] = [c.stdout.read().strip() for c in clients]
+            for client in clients:
+                client.wait(timeout=30)
+            code, report = status(pipe, logs)
+            case.status_verdict = report["verdict"]
+            case.reported["status recent events"] = [
+                f"{e['event']} {e.get('detail') or ''}".strip() for e in report["recent_events"]][:5]
+            assert any(e["event"] == "server_died" for e in report["recent_events"])
+
+            again_at = time.monotonic()
+            newcomer = start(mps_client, mps, "hold", "3")
+            case.reported["new client"] = newcomer.stdout.readline().strip()
+            active = lambda s: [dict(l)["server_pid"] for l, v in of(s, "mps_server_status").items()  # noqa: E731
+                                if v == 1 and dict(l)["status"] == "ACTIVE" and dict(l)["server_pid"] != server_pid]
+            _, case.detect_seconds["new server ACTIVE"] = timed(agent, active, 15, again_at)
+            newcomer.wait(timeout=30)
+    finally:
+        case.notes.append((mps.log_dir / "control.log").read_text()[-1500:])
+    case.passed = True
+
+
+def test_a_client_exhausting_gpu_memory_beside_another(mps, mps_client, tmp_path):
+    case = MATRIX.case("a client exhausting GPU memory beside another client",
+                       "one client runs kernels; another cudaMallocs until the GPU is full and holds it 12 s")
+    mps.start()
+    innocent = ready(start(mps_client, mps, "hold", "25"))
+    pipe, logs = str(mps.pipe_dir), str(mps.log_dir)
+    with Agent(["--pipe-dir", pipe, "--log-dir", logs], log_path=tmp_path / "agent.log") as agent:
+        case.record(agent)
+        agent.wait_for(lambda s: of(s, "mps_gpu_memory_used_bytes") and sum(of(s, "mps_clients").values()) == 1, timeout=15)
+        case.expect_quiet("GPUMemoryNearlyFull")
+        hog_at = time.monotonic()
+        hog = ready(start(mps_client, mps, "hog", "12"))
+        hogged = int(hog.stdout.readline().split()[1])
+        case.reported["hogged bytes"] = hogged
+
+        def full(s):
+            used, total = of(s, "mps_gpu_memory_used_bytes"), of(s, "mps_gpu_memory_total_bytes")
+            return [used[l] / total[l] for l in used if l in total and used[l] / total[l] > 0.95]
+
+        ratio, case.detect_seconds["memory used > 95%"] = timed(agent, full, 15, hog_at)
+        case.reported["memory used ratio"] = round(ratio[0], 4)
+        case.expect_alert("GPUMemoryNearlyFull")
+        s = agent.scrape()
+        per_process = {dict(l)["pid"]: (dict(l)["kind"], v) for l, v in of(s, "mps_gpu_process_memory_bytes").items()}
+        case.reported["hog process memory"] = per_process.get(str(hog.pid))
+        assert per_process[str(hog.pid)][0] == "mps_client" and per_process[str(hog.pid)][1] >= 0.9 * hogged
+        assert all(dict(l)["status"] != "FAULT" or v == 0 for l, v in of(s, "mps_server_status").items())
+        code, report = status(pipe, logs)
+        case.status_verdict = report["verdict"]
+        case.reported["status gpu line"] = [g["reason"] for g in report.get("gpus", [])]
+        assert hog.wait(timeout=60) == 0
+        case.reported["innocent client"] = innocent.stdout.read().strip()
+        assert innocent.wait(timeout=60) == 0 and case.reported["innocent client"] == "done"
+    case.passed = True
+
+
+def _connect(mps, mps_client, n: int) -> None:
+    clients = [start(mps_client, mps, "idle", "0.2") for _ in range(n)]
+    for client in clients:
+        assert client.stdout.readline().startswith("ready")
+        assert client.wait(timeout=30) == 0
+
+
+def test_logs_rotated_and_truncated_while_the_agent_runs(mps, mps_client, tmp_path):
+    case = MATRIX.case("MPS logs rotated and truncated while the agent runs",
+                       "3 clients; copytruncate of both logs; 3 clients; rename rotation of both logs; 3 clients")
+    mps.start()
+    pipe, logs = str(mps.pipe_dir), str(mps.log_dir)
+    server_log, control_log = mps.log_dir / "server.log", mps.log_dir / "control.log"
+    connected = lambda n: lambda s: events(s, logs, "client_connected") == n  # noqa: E731
+    with Agent(["--pipe-dir", pipe, "--log-dir", logs], env=FAST_LOGS, log_path=tmp_path / "agent.log") as agent:
+        case.record(agent)
+        _connect(mps, mps_client, 3)
+        agent.wait_for(connected(3), timeout=10)
+        for log in (server_log, control_log):  # logrotate's copytruncate
+            shutil.copyfile(log, f"{log}.1")
+            os.truncate(log, 0)
+        t0 = time.monotonic()
+        _connect(mps, mps_client, 3)
+        _, case.detect_seconds["3 connects after copytruncate counted"] = timed(agent, connected(6), 10, t0)
+        for log in (server_log, control_log):  # logrotate's default: rename, MPS goes on writing
+            os.rename(log, f"{log}.2")
+        t0 = time.monotonic()
+        _connect(mps, mps_client, 3)
+        _, case.detect_seconds["3 connects after rename counted"] = timed(agent, connected(9), 10, t0)
+        time.sleep(2)
+        s = agent.scrape()
+        case.reported["client_connected counted"] = events(s, logs, "client_connected")
+        case.reported["file resets"] = {f"{dict(l)['source']}/{dict(l)['reason']}": v for l, v in of(s, "mps_log_file_resets_total").items() if v}
+        case.reported["read errors"] = {f"{dict(l)['source']}/{dict(l)['reason']}": v for l, v in of(s, "mps_log_read_errors_total").items() if v}
+        case.reported["files"] = sorted(p.name for p in mps.log_dir.iterdir())
+        lines = sum(len(re.findall(r"Client \{PID: \d+, Context(?: ID)?: \d+\} connected", p.read_text(errors="replace")))
+                    for p in mps.log_dir.glob("server.log*"))
+        case.reported["connect lines in all server.log files"] = lines
+        assert events(s, logs, "client_connected") == 9
+        case.expect_quiet("MPSClientsRefused")
+        case.expect_quiet("MPSFatalGPUError")
+    case.passed = True
+
+
+def test_agent_restarted_mid_run(mps, mps_client, tmp_path):
+    case = MATRIX.case("the agent restarted mid-run",
+                       "agent stopped (SIGTERM) while two clients run; two more connect while it is down; agent started again")
+    mps.start()
+    pipe, logs = str(mps.pipe_dir), str(mps.log_dir)
+    clients = [ready(start(mps_client, mps, "hold", "30")) for _ in range(2)]
+    args = ["--pipe-dir", pipe, "--log-dir", logs]
+    with Agent(args, env=FAST_LOGS, log_path=tmp_path / "agent1.log") as first:
+        first.wait_for(lambda s: events(s, logs, "client_connected") == 2, timeout=10)
+    clients += [ready(start(mps_client, mps, "hold", "20")) for _ in range(2)]  # while no agent runs
+    started = time.monotonic()
+    with Agent(args, env=FAST_LOGS, log_path=tmp_path / "agent2.log") as second:
+        case.detect_seconds["restart: /healthz"] = round(time.monotonic() - started, 3)
+        case.record(second)
+        s, case.detect_seconds["restart: 4 clients on /metrics"] = timed(
+            second, lambda s: s if sum(of(s, "mps_clients").values()) == 4 else None, 15, started)
+        case.reported["client_connected counted after restart (backfill is not counted)"] = events(s, logs, "client_connected")
+        last = of(s, "mps_log_last_event_timestamp_seconds")
+        case.reported["last client_connected time known"] = any(dict(l)["event"] == "client_connected" for l in last)
+        assert events(s, logs, "client_connected") == 0 and case.reported["last client_connected time known"]
+        _connect(mps, mps_client, 1)
+        second.wait_for(lambda s: events(s, logs, "client_connected") == 1, timeout=10)
+        code, report = status(pipe, logs)
+        case.status_verdict = report["verdict"]
+        case.expect_quiet("MPSClientsRefused")
+        case.expect_quiet("MPSFatalGPUError")
+        case.expect_quiet("MPSControlDaemonDown")
+    for client in clients:
+        client.wait(timeout=60)
+    case.passed = True
+
+
+def test_the_agent_as_an_unprivileged_user(mps_client, tmp_path):
+    """Root's daemon, the agent as `nobody`: records what works and what needs which permission."""
+    case = MATRIX.case("the agent as an unprivileged user (nobody)",
+                       "root's MPS daemon and a client; `mpswatch status` and `mpswatch run` as uid 65534")
+    root = Path(tempfile.mkdtemp(prefix="mpswatch-unpriv-", dir="/tmp"))
+    root.chmod(0o755)
+    code_dir = root / "code"
+    shutil.copytree(REPO / "agent" / "mpswatch", code_dir / "mpswatch", ignore=shutil.ignore_patterns("__pycache__"))
+    for d in (root, *code_dir.rglob("*")):
+        d.chmod(0o755 if d.is_dir() else 0o644)
+    code_dir.chmod(0o755)
+    mps = MpsDaemon(root / "mps")
+    agent = None
+    try:
+        mps.start()
+        for d in (root / "mps",):
+            d.chmod(0o755)
+        client = ready(start(mps_client, mps, "hold", "20"))
+        pipe, logs = str(mps.pipe_dir), str(mps.log_dir)
+        case.reported["pipe dir"] = subprocess.run(["ls", "-la", pipe], capture_output=True, text=True).stdout
+        case.reported["log dir"] = subprocess.run(["ls", "-la", logs], capture_output=True, text=True).stdout
+        env = {k: v for k, v in agent_env().items() if k != "PYTHONPATH"}
+        env.update(HOME="/tmp", PYTHONPATH=os.pathsep.join([str(code_dir), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and "/agent" not in p]]))
+        as_nobody = {"user": NOBODY, "group": NOBODY, "extra_groups": []}
+        query = subprocess.run(["nvidia-cuda-mps-control"], input="get_server_list\n", capture_output=True, text=True,
+                               env={**env, "CUDA_MPS_PIPE_DIRECTORY": pipe}, timeout=10, **as_nobody)
+        case.reported["nvidia-cuda-mps-control as nobody"] = f"exit {query.returncode}: {(query.stdout + query.stderr).strip()[:200]}"
+        code, report = status(pipe, logs, user=NOBODY, env=env)
+        case.status_verdict = report["verdict"]
+        case.reported["status as nobody"] = {
+            "exit": code,
+            "daemons": [(d["state"], d["reason"]) for d in report["daemons"]],
+            "gpus": [g["reason"] for g in report.get("gpus", [])],
+            "notes": report.get("notes"),
+            "collectors": [(c["name"], c["verdict"], c["reason"]) for c in report["collectors"]],
+        }
+        port = free_port()
+        agent = subprocess.Popen(mpswatch_cmd("run", "--listen", f"127.0.0.1:{port}", "--pipe-dir", pipe, "--log-dir", logs),
+                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **as_nobody)
+        samples = {}
+        for _ in range(60):
+            time.sleep(0.25)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    samples = parse_exposition(r.read().decode())
+                if samples.get(key("mpswatch_collector_success", collector="gpu")) is not None and len(samples) > 40:
+                    time.sleep(4)
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                        samples = parse_exposition(r.read().decode())
+                    break
+            except OSError:
+                continue
+        assert agent.poll() is None, agent.stderr.read()
+        families = sorted({n for n, _ in samples})
+        case.reported["families exported as nobody"] = families
+        case.reported["collector success as nobody"] = {dict(l)["collector"]: v for l, v in of(samples, "mpswatch_collector_success").items()}
+        case.reported["mps_control_state as nobody"] = [dict(l)["state"] for l, v in of(samples, "mps_control_state").items() if v == 1]
+        case.reported["log events readable as nobody"] = events(samples, logs, "client_connected")
+        # what must hold without privileges: the agent runs, serves, and says what it cannot see
+        assert samples and case.reported["collector success as nobody"]
+        client.wait(timeout=60)
+    finally:
+        if agent is not None:
+            agent.terminate()
+            agent.wait(timeout=10)
+        mps.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+    case.passed = True
