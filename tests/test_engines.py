@@ -18,6 +18,7 @@ from mpswatch.collectors.engines import (
     load_balance,
     parse_pressure,
     parse_vllm_command,
+    parameters_from_model_name,
     parse_vllm_metrics,
     schedstat_wait_ns,
     stat_cpu_ticks,
@@ -53,12 +54,31 @@ def test_current_vllm_names_are_read():
     assert (sample.requests_running, sample.requests_waiting, sample.kv_cache_usage_ratio) == (3.0, 1.0, 0.42)
     assert (sample.prompt_tokens_total, sample.generation_tokens_total) == (300.0, 100.0)
     assert sample.gpu_memory_utilization == 0.45
+    assert (sample.prompt_tokens_per_request, sample.generation_tokens_per_request) == (180.0, 60.0)
 
 
 def test_older_vllm_names_are_read():
     sample = parse_vllm_metrics(body("metrics-v0.6-names.txt"))
     assert sample.kv_cache_usage_ratio == 0.42 and sample.model == "facebook/opt-125m"
     assert sample.gpu_memory_utilization == 0.9
+    assert sample.prompt_tokens_per_request is None  # no request histograms in that body: unknown, not 0
+
+
+@pytest.mark.parametrize("model, parameters", [
+    ("Qwen/Qwen2.5-1.5B-Instruct", 1.5e9),
+    ("Qwen/Qwen2.5-0.5B", 0.5e9),
+    ("meta-llama/Llama-3.1-8B-Instruct", 8e9),
+    ("HuggingFaceTB/SmolLM2-360M-Instruct", 3.6e8),
+    ("facebook/opt-125m", 1.25e8),
+    ("Qwen/Qwen2.5-7B-Instruct-AWQ", 7e9),
+    ("mistralai/Mixtral-8x7B-Instruct-v0.1", None),
+    ("Qwen/Qwen3-30B-A3B", None),
+    ("my-org/chat-model", None),
+    ("meta-llama/Llama-3.2-1B-Instruct-3B-distill", None),  # two counts: which one is unknown
+    (None, None),
+])
+def test_the_parameter_count_is_read_from_the_model_name_or_left_unknown(model, parameters):
+    assert parameters_from_model_name(model) == parameters
 
 
 @pytest.mark.parametrize("text", ["<html>502</html>", "# TYPE x counter\nx{ 1\n", "up 1\n", ""])

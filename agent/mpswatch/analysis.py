@@ -9,6 +9,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from mpswatch.advisor import advise_node
 from mpswatch.collectors.gpu import XID_MEANINGS
 from mpswatch.snapshot import (
     EngineState,
@@ -361,3 +362,36 @@ def render_text(report: dict[str, Any]) -> str:
     for note in report["notes"]:
         lines.append(f"{'NOTE':<9} {note}")
     return "\n".join(lines) + "\n"
+
+
+def advice_report(snapshot: NodeSnapshot) -> dict[str, Any]:
+    """`mpswatch advise --json`: one entry per GPU with engines."""
+    gpus, engines = snapshot.data("gpu"), snapshot.data("engines")
+    notes = []
+    if not isinstance(gpus, GpuData):
+        notes.append("no GPU data (NVML unavailable?): the advice needs each engine's GPU")
+    if not isinstance(engines, EnginesData) or not engines.engines:
+        notes.append("no engines found: nothing to advise on")
+    advice = (advise_node(gpus.gpus, engines.engines, dict(engines.imbalance))
+              if isinstance(gpus, GpuData) and isinstance(engines, EnginesData) else [])
+    if isinstance(engines, EnginesData) and any(e.gpu_uuid is None for e in engines.engines):
+        notes.append("engines on an unknown GPU are left out (their GPU process is not seen)")
+    return {
+        "schema": "mpswatch.advise/v1",
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "gpus": [{"gpu_uuid": a.gpu_uuid, "verdict": a.verdict,
+                  "gain_estimate": None if a.gain_estimate is None else round(a.gain_estimate, 4),
+                  "reasons": list(a.reasons), "recommendations": list(a.recommendations)} for a in advice],
+        "notes": notes,
+    }
+
+
+def render_advice(report: dict[str, Any]) -> str:
+    lines = []
+    for g in report["gpus"]:
+        estimate = "" if g["gain_estimate"] is None else f" {g['gain_estimate']:+.0%} estimated for two engines under MPS"
+        lines.append(f"{g['verdict'] or 'unknown':<14}{g['gpu_uuid']}:{estimate}")
+        lines += [f"{'':<14}  because {r}" for r in g["reasons"]]
+        lines += [f"{'':<14}  -> {r}" for r in g["recommendations"]]
+    lines += [f"{'NOTE':<14}{n}" for n in report["notes"]]
+    return "\n".join(lines or ["no GPU with engines"]) + "\n"

@@ -14,7 +14,8 @@ import click
 import structlog
 
 from mpswatch import __version__
-from mpswatch.analysis import OK, health_report, render_text
+from mpswatch.advisor import LIKELY_SLOWER
+from mpswatch.analysis import OK, advice_report, health_report, render_advice, render_text
 from mpswatch.collectors.engines import EnginesCollector
 from mpswatch.collectors.gpu import GpuCollector, nvml_loader
 from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector
@@ -184,6 +185,29 @@ def status(config_path: str | None, as_json: bool, **flags: Any) -> None:
     report = health_report(scheduler.run_once(), __version__)
     click.echo(json.dumps(report, indent=2) if as_json else render_text(report), nl=as_json)
     sys.exit(0 if report["verdict"] == OK else 1)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (docs/mps-gain.md describes it).")
+@click.option("--window", type=click.FloatRange(0.5, 300), default=5.0, show_default=True,
+              help="Seconds between the two collection runs: GPM activity and token rates need two.")
+@_config_options
+def advise(config_path: str | None, as_json: bool, window: float, **flags: Any) -> None:
+    """Say per GPU whether MPS pays off for the engines on it, with an estimate and what to do.
+
+    Exit status: 0, 1 when a GPU is likely slower with MPS, 2 usage or config error.
+    """
+    if flags["log_level"] is None:
+        flags["log_level"] = "error"
+    config = _load(config_path, flags)
+    configure_logging(config["log_level"], config["log_format"])
+    store = SnapshotStore()
+    scheduler = Scheduler(build_collectors(config, store), store)
+    scheduler.run_once()
+    threading.Event().wait(window)
+    report = advice_report(scheduler.run_once())
+    click.echo(json.dumps(report, indent=2) if as_json else render_advice(report), nl=as_json)
+    sys.exit(1 if any(g["verdict"] == LIKELY_SLOWER for g in report["gpus"]) else 0)
 
 
 def main() -> int:

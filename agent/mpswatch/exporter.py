@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from mpswatch.advisor import VERDICTS, Advice, advise_node
 from mpswatch.metrics import CATALOG
 from mpswatch.snapshot import (
     SERVER_STATUSES,
@@ -73,7 +74,18 @@ def render(snapshot: NodeSnapshot, version: str) -> list[Metric]:
         _render_gpus(gpus, out, engine_of)
     if engines is not None:
         _render_engines(engines, out)
+    if engines is not None and isinstance(gpus, GpuData):
+        _render_advice(advise_node(gpus.gpus, engines.engines, dict(engines.imbalance)), out)
     return list(out)
+
+
+def _render_advice(advice: list[Advice], out: _Families) -> None:
+    for a in advice:
+        if a.gain_estimate is None:
+            continue
+        out.add("mps_gpu_mps_gain_estimate_ratio", [a.gpu_uuid], a.gain_estimate)
+        for verdict in VERDICTS:
+            out.add("mps_gpu_mps_verdict", [a.gpu_uuid, verdict], 1 if a.verdict == verdict else 0)
 
 
 def _render_engines(data: EnginesData, out: _Families) -> None:
@@ -87,6 +99,9 @@ def _render_engines(data: EnginesData, out: _Families) -> None:
         "mps_engine_cpu_seconds_total": "cpu_seconds_total",
         "mps_engine_busiest_thread_cpu_ratio": "busiest_thread_cpu_ratio",
         "mps_engine_runqueue_wait_seconds_total": "runqueue_wait_seconds_total",
+        "mps_engine_prompt_tokens_per_request": "prompt_tokens_per_request",
+        "mps_engine_generation_tokens_per_request": "generation_tokens_per_request",
+        "mps_engine_model_parameters": "model_parameters",
     }
     for e in data.engines:
         out.add("mps_engine_info", [e.name, e.model or "", e.url, e.gpu_uuid or ""], 1)

@@ -183,6 +183,9 @@ class EngineState:
     tokens_per_second: float | None = None
     kv_cache_usage_ratio: float | None = None
     gpu_memory_utilization: float | None = None
+    prompt_tokens_per_request: float | None = None
+    generation_tokens_per_request: float | None = None
+    model_parameters: float | None = None
     load_share_ratio: float | None = None
     cpu_seconds_total: float | None = None
     busiest_thread_cpu_ratio: float | None = None

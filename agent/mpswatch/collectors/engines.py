@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import socket
 import threading
 import time
@@ -47,6 +48,8 @@ class VllmSample:
     kv_cache_usage_ratio: float | None
     gpu_memory_utilization: float | None
     token_series: Mapping[tuple, float] = field(default_factory=dict)  # each token counter series on its own
+    prompt_tokens_per_request: float | None = None
+    generation_tokens_per_request: float | None = None
 
 
 def parse_vllm_metrics(text: str) -> VllmSample:
@@ -90,7 +93,32 @@ def parse_vllm_metrics(text: str) -> VllmSample:
         kv_cache_usage_ratio=kv,
         gpu_memory_utilization=gpu_memory_utilization,
         token_series=series,
+        prompt_tokens_per_request=_mean(sums, "vllm:request_prompt_tokens"),
+        generation_tokens_per_request=_mean(sums, "vllm:request_generation_tokens"),
     )
+
+
+def _mean(sums: dict[str, float], histogram: str) -> float | None:
+    """Mean of a vLLM histogram since the engine started; None before its first observation."""
+    count = sums.get(histogram + "_count")
+    total = sums.get(histogram + "_sum")
+    return total / count if count and total is not None and count > 0 else None
+
+
+_PARAMETERS_IN_NAME = re.compile(r"(?<![\d.])(\d{1,4}(?:\.\d{1,3})?)\s?([BbMm])(?![a-zA-Z0-9])")
+
+
+def parameters_from_model_name(model: str | None) -> float | None:
+    """Parameter count as model names state it (`Qwen/Qwen2.5-1.5B-Instruct`, `Llama-3.1-8B`,
+    `SmolLM2-360M`); None when the name states none. Mixture-of-experts names (`8x7B`, `A3B`) state
+    total or active counts that do not size the GPU work alike: refused."""
+    if not model or re.search(r"\d+x\d|-A\d", model):
+        return None
+    found = _PARAMETERS_IN_NAME.findall(model.rsplit("/", 1)[-1])
+    if len(found) != 1:
+        return None
+    number, unit = found[0]
+    return float(number) * (1e9 if unit in "Bb" else 1e6)
 
 
 _TOKEN_COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
@@ -441,6 +469,9 @@ class EnginesCollector:
             tokens_per_second=tps,
             kv_cache_usage_ratio=sample.kv_cache_usage_ratio,
             gpu_memory_utilization=sample.gpu_memory_utilization,
+            prompt_tokens_per_request=sample.prompt_tokens_per_request,
+            generation_tokens_per_request=sample.generation_tokens_per_request,
+            model_parameters=parameters_from_model_name(engine.model),
         )
 
     def _down_state(self, base: EngineState, reason: str) -> EngineState:

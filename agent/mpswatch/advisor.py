@@ -1,0 +1,138 @@
+"""Does MPS pay off on this GPU? A verdict from what the agent already sees.
+
+The estimate is the throughput of two engines sharing the GPU under MPS over one engine alone,
+minus 1, for the workload the GPU's engines run: model size (from the model's name), prompt length
+and prefill share (from vLLM's counters), and whether the engines are CPU-bound. Its coefficients
+are fitted by benchmarks/mps_gain/fit.py on measurements from an H200 (docs/mps-gain.md), and
+checked there on configurations the fit did not see.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from mpswatch.snapshot import EngineState, GpuState
+
+PAYS_OFF, MARGINAL, LIKELY_SLOWER = "pays_off", "marginal", "likely_slower"
+VERDICTS = (PAYS_OFF, MARGINAL, LIKELY_SLOWER)
+PAYS_OFF_FROM = 0.20  # at least +20 % throughput: worth a second engine's memory and operations
+SLOWER_BELOW = 0.0
+
+
+@dataclass(frozen=True)
+class GainModel:
+    """gain = intercept + per_log2_params·log2(B params) + per_log2_context·log2(prompt/128)
+    + prefill·share + cpu_bound·[CPU-bound], clamped to [floor, ceiling]."""
+
+    intercept: float
+    per_log2_params: float
+    per_log2_context: float
+    prefill: float
+    cpu_bound: float
+    floor: float = -0.5
+    ceiling: float = 1.5
+
+    def estimate(self, params_billion: float, prompt_tokens: float, prefill_share: float, cpu_bound: bool) -> float:
+        gain = (self.intercept + self.per_log2_params * math.log2(params_billion)
+                + self.per_log2_context * math.log2(max(prompt_tokens, 1.0) / 128)
+                + self.prefill * prefill_share + (self.cpu_bound if cpu_bound else 0.0))
+        return min(max(gain, self.floor), self.ceiling)
+
+
+# fitted by `python3 -m benchmarks.mps_gain.fit` on the training configurations of the H200 run
+# (tests/test_advisor.py checks that these are what the fit gives on the committed results)
+MODEL = GainModel(intercept=0.0, per_log2_params=0.0, per_log2_context=0.0, prefill=0.0, cpu_bound=0.0)
+
+
+@dataclass(frozen=True)
+class Advice:
+    gpu_uuid: str
+    verdict: str | None  # None: not enough known to judge
+    gain_estimate: float | None
+    reasons: tuple[str, ...]
+    recommendations: tuple[str, ...]
+
+
+def verdict_of(gain: float) -> str:
+    if gain >= PAYS_OFF_FROM:
+        return PAYS_OFF
+    return MARGINAL if gain >= SLOWER_BELOW else LIKELY_SLOWER
+
+
+def workload(engines: list[EngineState]) -> tuple[float | None, float | None, float | None, bool]:
+    """(params in billions, prompt tokens per request, prefill share, any CPU-bound) over the
+    engines, weighted by their token counts; None where no engine tells."""
+    sized = [e.model_parameters for e in engines if e.model_parameters]
+    params = max(sized) / 1e9 if sized else None  # the largest decides how full the GPU already is
+    prompts = [(e.prompt_tokens_per_request, (e.prompt_tokens_total or 0) + (e.generation_tokens_total or 0))
+               for e in engines if e.prompt_tokens_per_request]
+    prompt = _weighted(prompts)
+    shares = [((e.prompt_tokens_total or 0) / (e.prompt_tokens_total + e.generation_tokens_total),
+               e.prompt_tokens_total + e.generation_tokens_total)
+              for e in engines if e.prompt_tokens_total is not None and e.generation_tokens_total is not None
+              and e.prompt_tokens_total + e.generation_tokens_total > 0]
+    share = _weighted(shares)
+    return params, prompt, share, any(e.cpu_bound for e in engines)
+
+
+def _weighted(pairs: list[tuple[float, float]]) -> float | None:
+    total = sum(w for _, w in pairs)
+    if not pairs:
+        return None
+    if total <= 0:
+        return sum(v for v, _ in pairs) / len(pairs)
+    return sum(v * w for v, w in pairs) / total
+
+
+def advise(gpu: GpuState, engines: list[EngineState], imbalance: float | None = None,
+           model: GainModel = MODEL) -> Advice:
+    uuid = gpu.uuid or str(gpu.index)
+    up = [e for e in engines if e.up]
+    if not up:
+        return Advice(uuid, None, None, ("no engine answers on this GPU",), ())
+    params, prompt, share, cpu_bound = workload(up)
+    missing = [what for what, value in (("model size (the model's name states none)", params),
+                                        ("prompt length (no finished request yet)", prompt),
+                                        ("prefill share (no token counters)", share)) if value is None]
+    if missing:
+        return Advice(uuid, None, None, tuple(f"unknown: {m}" for m in missing), ())
+    gain = model.estimate(params, prompt, share, cpu_bound)
+    verdict = verdict_of(gain)
+    reasons = [f"{params:g}B parameters, {prompt:.0f}-token prompts, {share:.0%} of tokens in prefill"
+               + ("; CPU-bound" if cpu_bound else "")
+               + f": two engines under MPS estimated at {gain:+.0%} over one alone"]
+    if gpu.sm_active_ratio is not None:
+        reasons.append(f"SM active {gpu.sm_active_ratio:.0%}, DRAM bandwidth {_pct(gpu.dram_bandwidth_ratio)} now")
+    attached = [e for e in up if e.mps_attached]
+    alone = [e for e in up if e.mps_attached is False]
+    recommendations = []
+    if cpu_bound:
+        recommendations.append("the engine is CPU-bound: enable vLLM's async scheduling (--async-scheduling), "
+                               "which recovers about what MPS would")
+    if len(up) == 1 and verdict == PAYS_OFF:
+        recommendations.append("add a second engine on this GPU under MPS")
+    if len(up) >= 2 and verdict == LIKELY_SLOWER:
+        recommendations.append("drop to one engine on this GPU: sharing it costs throughput for this workload")
+    if len(up) >= 2 and alone and verdict != LIKELY_SLOWER:
+        recommendations.append(f"{len(alone)} engine(s) run without MPS: start them with the control daemon's "
+                               "CUDA_MPS_PIPE_DIRECTORY so they overlap instead of time-slicing")
+    if len(attached) >= 2 and imbalance is not None and imbalance > 1.3:
+        recommendations.append("set CUDA_MPS_ACTIVE_THREAD_PERCENTAGE per engine (e.g. 100/number of engines) "
+                               "so the busiest engine cannot take the SMs from the others")
+    return Advice(uuid, verdict, gain, tuple(reasons), tuple(recommendations))
+
+
+def _pct(value: float | None) -> str:
+    return "?" if value is None else f"{value:.0%}"
+
+
+def advise_node(gpus: tuple[GpuState, ...], engines: tuple[EngineState, ...],
+                imbalance: dict[str, float]) -> list[Advice]:
+    """One advice per GPU that has engines."""
+    out = []
+    for gpu in gpus:
+        on_gpu = [e for e in engines if gpu.uuid and e.gpu_uuid == gpu.uuid]
+        if on_gpu:
+            out.append(advise(gpu, on_gpu, imbalance.get(gpu.uuid or "")))
+    return out

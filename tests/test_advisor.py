@@ -1,0 +1,107 @@
+"""The MPS fit advisor: verdicts, reasons and recommendations from what the agent sees, its
+metrics, and `mpswatch advise` against a fake GPU and a loopback vLLM engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from mpswatch.advisor import LIKELY_SLOWER, MARGINAL, PAYS_OFF, GainModel, advise, verdict_of
+from mpswatch.snapshot import EngineState, GpuState
+from tests.agentproc import agent_env, free_port, mpswatch_cmd
+from tests.fakedaemon import FAKE_CONTROL
+from tests.test_engines import HERE
+
+GPU = GpuState(index=0, uuid="GPU-a", name="NVIDIA H200", up=True, sm_active_ratio=0.4, dram_bandwidth_ratio=0.2)
+# gain = 1.0 - 0.2·log2(params) - 0.1·log2(prompt/128) - 0.3·prefill share + 0.35 if CPU-bound
+TOY = GainModel(intercept=1.0, per_log2_params=-0.2, per_log2_context=-0.1, prefill=-0.3, cpu_bound=0.35)
+
+
+def engine(name="a", params=1.5e9, prompt=512.0, prompt_total=1000.0, generation_total=3000.0, **kw) -> EngineState:
+    return EngineState(name=name, url=f"http://127.0.0.1/{name}", found_by="discovered", up=True, gpu_uuid="GPU-a",
+                       model_parameters=params, prompt_tokens_per_request=prompt, prompt_tokens_total=prompt_total,
+                       generation_tokens_total=generation_total, mps_attached=True, cpu_bound=False, **kw)
+
+
+@pytest.mark.parametrize("gain, verdict", [(0.2, PAYS_OFF), (0.9, PAYS_OFF), (0.19, MARGINAL), (0.0, MARGINAL),
+                                           (-0.01, LIKELY_SLOWER)])
+def test_verdict_thresholds(gain, verdict):
+    assert verdict_of(gain) == verdict
+
+
+def test_the_estimate_follows_the_model_and_the_reasons_say_what_it_used():
+    advice = advise(GPU, [engine()], model=TOY)
+    expected = 1.0 - 0.2 * 0.5849625 - 0.1 * 2 - 0.3 * 0.25
+    assert advice.gain_estimate == pytest.approx(expected, abs=1e-6) and advice.verdict == PAYS_OFF
+    assert "1.5B parameters, 512-token prompts, 25% of tokens in prefill" in advice.reasons[0]
+    assert "SM active 40%" in advice.reasons[1]
+    assert advice.recommendations == ("add a second engine on this GPU under MPS",)
+
+
+def test_a_large_model_with_long_prompts_on_two_engines_is_told_to_drop_one():
+    engines = [engine("a", params=7e9, prompt=8192), engine("b", params=7e9, prompt=8192)]
+    advice = advise(GPU, engines, model=TOY)
+    assert advice.verdict == LIKELY_SLOWER and advice.gain_estimate < 0
+    assert any(r.startswith("drop to one engine") for r in advice.recommendations)
+
+
+def test_cpu_bound_engines_are_told_about_async_scheduling_and_gain_more():
+    plain = advise(GPU, [engine()], model=TOY).gain_estimate
+    bound = advise(GPU, [replace(engine(), cpu_bound=True)], model=TOY)
+    assert bound.gain_estimate == pytest.approx(plain + 0.35)
+    assert any("async scheduling" in r for r in bound.recommendations)
+
+
+def test_engines_running_without_mps_are_told_to_attach_and_imbalance_to_set_thread_percentages():
+    detached = replace(engine("b"), mps_attached=False)
+    advice = advise(GPU, [engine("a"), detached], model=TOY)
+    assert any("run without MPS" in r for r in advice.recommendations)
+    balanced = advise(GPU, [engine("a"), engine("b")], imbalance=1.6, model=TOY)
+    assert any("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" in r for r in balanced.recommendations)
+
+
+@pytest.mark.parametrize("missing, says", [({"params": None}, "model size"), ({"prompt": None}, "prompt length"),
+                                           ({"prompt_total": None}, "prefill share")])
+def test_no_verdict_and_no_estimate_when_an_input_is_unknown(missing, says):
+    advice = advise(GPU, [engine(**missing)], model=TOY)
+    assert advice.verdict is None and advice.gain_estimate is None
+    assert any(says in r for r in advice.reasons)
+
+
+def test_an_engine_that_is_down_gives_no_advice():
+    down = replace(engine(), up=False)
+    assert advise(GPU, [down], model=TOY).verdict is None
+
+
+def test_estimates_are_clamped():
+    assert advise(GPU, [engine(params=0.01e9, prompt=1)], model=TOY).gain_estimate == TOY.ceiling
+
+
+def test_mpswatch_advise_reports_the_engine_s_gpu_and_exports_the_same_estimate(tmp_path):
+    port = free_port()
+    fake = subprocess.Popen(
+        [sys.executable, str(HERE / "fakevllm.py"), "vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct", "--port", str(port),
+         "--served-model-name", "qwen-a"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout.readline().strip() == "ready"
+        env = agent_env({"MPSWATCH_GPU_NVML_MODULE": "tests.fakenvml:h200", "FAKENVML_MPS_CLIENT_PIDS": str(fake.pid)})
+        run = subprocess.run(mpswatch_cmd("advise", "--json", "--window", "1", "--mps-control-bin", FAKE_CONTROL,
+                                          "--pipe-dir", str(tmp_path / "none")),
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert run.returncode in (0, 1), run.stderr
+        report = json.loads(run.stdout)
+        [gpu] = report["gpus"]
+        assert gpu["gpu_uuid"].startswith("GPU-") and gpu["verdict"] in (PAYS_OFF, MARGINAL, LIKELY_SLOWER)
+        assert "1.5B parameters, 180-token prompts" in gpu["reasons"][0]
+        assert run.returncode == (1 if gpu["verdict"] == LIKELY_SLOWER else 0)
+        text = subprocess.run(mpswatch_cmd("advise", "--window", "1", "--mps-control-bin", FAKE_CONTROL,
+                                           "--pipe-dir", str(tmp_path / "none")),
+                              env=env, capture_output=True, text=True, timeout=60).stdout
+        assert gpu["gpu_uuid"] in text and "because 1.5B parameters" in text
+    finally:
+        fake.kill()
+        fake.wait()
