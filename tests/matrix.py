@@ -84,7 +84,12 @@ class Case:
         self.alerts.append([alert, self.at() if at is None else at])
 
     def expect_quiet(self, alert: str, at: float | None = None) -> None:
-        self.quiet.append([alert, self.at() if at is None else at])
+        """Checked at a whole second the recording already covers (not before its first scrapes)."""
+        if at is None:
+            while self.at() < 2.5:
+                time.sleep(0.1)
+            at = self.at() - 0.6
+        self.quiet.append([alert, at])
 
     def finish_recording(self) -> None:
         if self._recorder is not None:
@@ -138,7 +143,8 @@ def promtool_test(case: dict, rules_path: str, alert_exprs: dict[str, str]) -> d
     steps = int(last) + 2
     tests = []
     for alert, at in case["alerts"]:
-        tests.append({"expr": f"count({alert_exprs[alert]}) > bool 0", "eval_time": f"{int(at) + 1}s",
+        # +2: the change may reach the recording up to a scrape (0.5 s and its duration) after `at`
+        tests.append({"expr": f"count({alert_exprs[alert]}) > bool 0", "eval_time": f"{int(at) + 2}s",
                       "exp_samples": [{"labels": "{}", "value": 1}]})
     for alert, at in case["quiet"]:
         tests.append({"expr": f"count({alert_exprs[alert]}) > bool 0", "eval_time": f"{int(at)}s", "exp_samples": []})
@@ -152,3 +158,36 @@ def promtool_test(case: dict, rules_path: str, alert_exprs: dict[str, str]) -> d
             "promql_expr_test": tests,
         }],
     }
+
+
+def markdown_table(run: dict) -> str:
+    """docs/validation.md's table: one row per case."""
+    rows = ["| case | what was done | what the agent reported | time to detect | alert (promtool on the recording) | result |",
+            "|---|---|---|---|---|---|"]
+    for case in run["cases"]:
+        reported = "; ".join(f"{k}: {_short(v)}" for k, v in case["reported"].items())
+        if case.get("status_verdict"):
+            reported = f"`status` {case['status_verdict']}; {reported}"
+        detect = "; ".join(f"{k}: {v} s" for k, v in case["detect_seconds"].items()) or "–"
+        alerts = ", ".join(a for a, _ in case["alerts"]) or "none expected"
+        quiet = ", ".join(sorted({a for a, _ in case["quiet"]}))
+        if quiet:
+            alerts += f" (quiet before/otherwise: {quiet})"
+        rows.append(f"| {case['name']} | {case['done']} | {_cell(reported)} | {_cell(detect)} | {alerts} | "
+                    f"{'pass' if case['passed'] else '**fail**'} |")
+    return "\n".join(rows) + "\n"
+
+
+def _short(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= 160 else text[:157] + "…"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(markdown_table(json.loads(Path(sys.argv[1]).read_text())))

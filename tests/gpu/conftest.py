@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -57,11 +58,14 @@ class MpsDaemon:
         return self.pipe_dir / "nvidia-cuda-mps-control.pid"
 
     def start(self) -> int:
+        """Starts the daemon and returns its pid, once its pid file names a running process (a
+        killed daemon's stale file names a dead one)."""
         subprocess.run(["nvidia-cuda-mps-control", "-d"], env=self.env, check=True, timeout=30)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            if self.pid_file.exists() and self.pid_file.read_text().strip().isdigit():
-                return int(self.pid_file.read_text())
+            text = self.pid_file.read_text().strip() if self.pid_file.exists() else ""
+            if text.isdigit() and Path(f"/proc/{text}").exists():
+                return int(text)
             time.sleep(0.05)
         raise RuntimeError("MPS control daemon wrote no pid file")
 
@@ -149,12 +153,30 @@ def mps_client(tmp_path_factory):
     return str(binary)
 
 
-@pytest.fixture(scope="session", autouse=True)
+def read_line(process: subprocess.Popen, timeout: float = 30.0) -> str:
+    """A client's next line, or "" after `timeout` (a client stuck in CUDA must not hang the run)."""
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    return process.stdout.readline().strip() if ready else ""
+
+
+def rest_of_output(process: subprocess.Popen, timeout: float = 60.0) -> str:
+    """What a client prints until it exits; killed after `timeout`."""
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, _ = process.communicate()
+        out = (out or "") + " (killed: still running after the timeout)"
+    return (out or "").strip()
+
+
+@pytest.fixture(autouse=True)
 def _save_matrix():
+    """After every test, so that a run killed from outside keeps the rows so far."""
     yield
     path = os.environ.get("MPSWATCH_GPU_MATRIX_RESULTS")
     if path and MATRIX.cases:
-        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+        gpu = subprocess.run(["nvidia-smi", "-i", "0", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True).stdout.strip()
         MATRIX.save(path, {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "command": "python3 -m pytest -v tests/gpu"})
 

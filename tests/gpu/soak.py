@@ -23,7 +23,8 @@ from tests.gpu.conftest import HERE, MpsDaemon
 
 # driver 580's wording, as in tests/fixtures/h200-driver580
 LINES = {
-    "client_connected": ("server.log", r"Client \{PID: \d+, Context(?: ID)?: \d+\} connected"),
+    # every client logs contexts 0 and 1; one connection is context 0
+    "client_connected": ("server.log", r"Client \{PID: \d+, Context(?: ID)?: 0\} connected"),
     "fatal_gpu_error": ("server.log", r"encountered a fatal GPU error"),
     "client_torn_down": ("server.log", r"on device \d+ to be torn down"),
     "new_client_refused": ("server.log", r"Refusing to accept new client"),
@@ -47,11 +48,13 @@ def count_lines(log_dir: Path, offsets: dict[str, int]) -> dict[str, int]:
     return counts
 
 
-def soak(seconds: float, churn_every: float, fault_every: float) -> dict:
+def soak(seconds: float, churn_every: float, fault_every: float, out: Path) -> dict:
     root = Path(tempfile.mkdtemp(prefix="mpswatch-soak-"))
     binary = str(root / "mps_client")
     subprocess.run(["nvcc", "-O2", "-o", binary, str(HERE / "mps_client.cu")], check=True, timeout=300)
     mps = MpsDaemon(root / "mps")
+    # the daemon takes CUDA_VISIBLE_DEVICES (the GPU to soak on); its clients see that GPU as device 0
+    client_env = {k: v for k, v in mps.env.items() if k != "CUDA_VISIBLE_DEVICES"}
     result: dict = {"seconds": seconds, "churn_every_seconds": churn_every, "fault_every_seconds": fault_every}
     scrapes = {"ok": 0, "failed": 0, "latencies": []}
     stop = threading.Event()
@@ -84,17 +87,20 @@ def soak(seconds: float, churn_every: float, fault_every: float) -> dict:
             while time.monotonic() - started < seconds:
                 now = time.monotonic()
                 if now >= next_churn:
-                    running.append(subprocess.Popen([binary, "hold", str(churn_every * 0.6)], env=mps.env,
+                    running.append(subprocess.Popen([binary, "hold", str(churn_every * 0.6)], env=client_env,
                                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
                     next_churn += churn_every
                 if now >= next_fault:
-                    running.append(subprocess.Popen([binary, "fault", "1"], env=mps.env,
+                    running.append(subprocess.Popen([binary, "fault", "1"], env=client_env,
                                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
                     faults += 1
                     next_fault += fault_every
                 if now >= next_sample:
                     samples.append({"t": round(now - started, 1), **agent_resources(agent.proc.pid)})
                     next_sample += 10
+                    out.write_text(json.dumps({**result, "partial": True, "faults_injected": faults,
+                                               "client_outcomes": outcomes, "resources": samples,
+                                               "scrapes_ok": scrapes["ok"], "scrapes_failed": scrapes["failed"]}))
                 for client in [c for c in running if c.poll() is not None]:
                     first = (client.stdout.read().strip().splitlines() or ["(nothing)"])[0]
                     outcome = re.sub(r"\d{3,}", "N", first.split(" ")[0] if first.startswith("ready") else first)
@@ -102,8 +108,12 @@ def soak(seconds: float, churn_every: float, fault_every: float) -> dict:
                     running.remove(client)
                 time.sleep(0.1)
             for client in running:
-                client.wait(timeout=60)
-                outcomes["finished after the end"] = outcomes.get("finished after the end", 0) + 1
+                try:
+                    client.wait(timeout=30)
+                    outcomes["finished after the end"] = outcomes.get("finished after the end", 0) + 1
+                except subprocess.TimeoutExpired:
+                    client.kill()
+                    outcomes["killed after the end (stuck)"] = outcomes.get("killed after the end (stuck)", 0) + 1
             time.sleep(4)  # two log cycles and a control cycle to read the last lines
             samples.append({"t": round(time.monotonic() - started, 1), **agent_resources(agent.proc.pid)})
             stop.set()
@@ -143,7 +153,7 @@ def main() -> None:
     parser.add_argument("--fault-every", type=float, default=60.0, help="a faulting client every N seconds")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    result = soak(args.seconds, args.churn_every, args.fault_every)
+    result = soak(args.seconds, args.churn_every, args.fault_every, Path(args.out))
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "resources"}, indent=1))
 

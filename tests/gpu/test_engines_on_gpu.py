@@ -48,7 +48,7 @@ def test_shares_attachment_and_an_engine_restarted_without_mps(mps, tmp_path):
     engines = {"a": start_engine(mps, "engine-a", port_a, 2000), "b": start_engine(mps, "engine-b", port_b, 1000)}
     a, b = f"engine-a:{port_a}", f"engine-b:{port_b}"
     try:
-        with Agent(["--pipe-dir", str(mps.pipe_dir)], log_path=tmp_path / "agent.log") as agent:
+        with Agent(["--pipe-dir", str(mps.pipe_dir), "--log-dir", str(mps.log_dir)], log_path=tmp_path / "agent.log") as agent:
             s = agent.wait_for(
                 lambda s: s if len(by_engine(s, "mps_engine_load_share_ratio")) == 2
                 and by_engine(s, "mps_engine_mps_attached") == {a: 1.0, b: 1.0} else None,
@@ -94,7 +94,7 @@ def test_shares_attachment_and_an_engine_restarted_without_mps(mps, tmp_path):
             assert by_engine(s, "mps_engine_pipe_dir_served").get(b) == 0
             case.expect_alert("MPSEnginePipeDirNotServed")
             case.reported.update(RESULTS["after_restart"])
-            code_status = subprocess.run(mpswatch_cmd("status", "--json", "--pipe-dir", str(mps.pipe_dir)), env=agent_env(),
+            code_status = subprocess.run(mpswatch_cmd("status", "--json", "--pipe-dir", str(mps.pipe_dir), "--log-dir", str(mps.log_dir)), env=agent_env(),
                                          capture_output=True, text=True, timeout=60)
             case.status_verdict = json.loads(code_status.stdout)["verdict"]
             case.passed = True

@@ -19,8 +19,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+import structlog
+
 from tests.agentproc import REPO, Agent, agent_env, free_port, mpswatch_cmd, parse_exposition
-from tests.gpu.conftest import MATRIX, MpsDaemon
+from tests.gpu.conftest import MATRIX, MpsDaemon, read_line, rest_of_output
 
 NOBODY = 65534
 FAST_LOGS = {"MPSWATCH_MPS_LOGS_INTERVAL_SECONDS": "0.5"}
@@ -31,8 +34,8 @@ def start(binary, mps, *args) -> subprocess.Popen:
 
 
 def ready(client: subprocess.Popen) -> subprocess.Popen:
-    line = client.stdout.readline().strip()
-    assert line.startswith("ready"), line
+    line = read_line(client)
+    assert line.startswith("ready"), line or "no line within 30 s"
     return client
 
 
@@ -99,20 +102,21 @@ def test_killed_daemon_leaves_an_orphaned_server_then_restarts(mps, mps_client, 
         assert key("mps_orphaned_servers", pipe_dir=pipe) not in s  # counted only while the daemon is gone
         case.reported["servers listed by the new daemon"] = sorted(dict(l)["server_pid"] for l in of(s, "mps_server_info"))
         newcomer = start(mps_client, mps, "hold", "4")
-        case.reported["new client after restart"] = newcomer.stdout.readline().strip()
-        s = agent.wait_for(lambda s: s if of(s, "mps_server_info") else None, timeout=15)
-        case.reported["servers after the new client"] = sorted(dict(l)["server_pid"] for l in of(s, "mps_server_info"))
-        case.reported["new client's process kind"] = {
-            dict(l)["pid"]: dict(l)["kind"] for l in of(agent.scrape(), "mps_gpu_process_memory_bytes")
-        }.get(str(newcomer.pid))
+        case.reported["new client after restart"] = read_line(newcomer)
+        if case.reported["new client after restart"].startswith("ready"):
+            time.sleep(3)  # a control cycle and a GPU cycle
+            s = agent.scrape()
+            case.reported["servers after the new client"] = sorted(dict(l)["server_pid"] for l in of(s, "mps_server_info"))
+            case.reported["new client's process kind"] = {
+                dict(l)["pid"]: dict(l)["kind"] for l in of(s, "mps_gpu_process_memory_bytes")}.get(str(newcomer.pid))
         for client in [*clients, newcomer]:  # they exit on their own: killing a client can take the server down
-            case.reported.setdefault("client exits", []).append(client.stdout.read().strip())
-            client.wait(timeout=60)
+            case.reported.setdefault("client exits", []).append(rest_of_output(client))
         time.sleep(2)
         case.reported["orphaned server still running after its clients left"] = Path(f"/proc/{server_pid}").exists()
         code, report = status(pipe, logs)
         case.reported["status after restart"] = report["daemons"][0]["reason"]
         assert report["daemons"][0]["state"] == "up"
+        case.finish_recording()
     case.passed = True
 
 
@@ -134,9 +138,7 @@ def test_server_killed_while_clients_run(mps, mps_client, tmp_path):
             _, case.detect_seconds["mps_log_events_total{event=server_died} +1"] = timed(
                 agent, lambda s: events(s, logs, "server_died") == 1, 10, killed_at)
             case.expect_alert("MPSServerDied")
-            case.reported["client outcomes"] = [c.stdout.read().strip() for c in clients]
-            for client in clients:
-                client.wait(timeout=30)
+            case.reported["client outcomes"] = [rest_of_output(c, 30) for c in clients]
             code, report = status(pipe, logs)
             case.status_verdict = report["verdict"]
             case.reported["status recent events"] = [
@@ -145,11 +147,12 @@ def test_server_killed_while_clients_run(mps, mps_client, tmp_path):
 
             again_at = time.monotonic()
             newcomer = start(mps_client, mps, "hold", "3")
-            case.reported["new client"] = newcomer.stdout.readline().strip()
+            case.reported["new client"] = read_line(newcomer)
             active = lambda s: [dict(l)["server_pid"] for l, v in of(s, "mps_server_status").items()  # noqa: E731
                                 if v == 1 and dict(l)["status"] == "ACTIVE" and dict(l)["server_pid"] != server_pid]
             _, case.detect_seconds["new server ACTIVE"] = timed(agent, active, 15, again_at)
-            newcomer.wait(timeout=30)
+            rest_of_output(newcomer, 30)
+            case.finish_recording()
     finally:
         case.notes.append((mps.log_dir / "control.log").read_text()[-1500:])
     case.passed = True
@@ -167,7 +170,7 @@ def test_a_client_exhausting_gpu_memory_beside_another(mps, mps_client, tmp_path
         case.expect_quiet("GPUMemoryNearlyFull")
         hog_at = time.monotonic()
         hog = ready(start(mps_client, mps, "hog", "12"))
-        hogged = int(hog.stdout.readline().split()[1])
+        hogged = int(read_line(hog, 120).split()[1])
         case.reported["hogged bytes"] = hogged
 
         def full(s):
@@ -185,17 +188,19 @@ def test_a_client_exhausting_gpu_memory_beside_another(mps, mps_client, tmp_path
         code, report = status(pipe, logs)
         case.status_verdict = report["verdict"]
         case.reported["status gpu line"] = [g["reason"] for g in report.get("gpus", [])]
-        assert hog.wait(timeout=60) == 0
-        case.reported["innocent client"] = innocent.stdout.read().strip()
-        assert innocent.wait(timeout=60) == 0 and case.reported["innocent client"] == "done"
+        case.reported["hog exit"] = rest_of_output(hog)
+        case.reported["innocent client"] = rest_of_output(innocent)
+        assert innocent.returncode == 0 and case.reported["innocent client"] == "done"
+        case.finish_recording()
     case.passed = True
 
 
 def _connect(mps, mps_client, n: int) -> None:
     clients = [start(mps_client, mps, "idle", "0.2") for _ in range(n)]
     for client in clients:
-        assert client.stdout.readline().startswith("ready")
-        assert client.wait(timeout=30) == 0
+        assert read_line(client).startswith("ready")
+        rest_of_output(client, 30)
+        assert client.returncode == 0
 
 
 def test_logs_rotated_and_truncated_while_the_agent_runs(mps, mps_client, tmp_path):
@@ -226,12 +231,13 @@ def test_logs_rotated_and_truncated_while_the_agent_runs(mps, mps_client, tmp_pa
         case.reported["file resets"] = {f"{dict(l)['source']}/{dict(l)['reason']}": v for l, v in of(s, "mps_log_file_resets_total").items() if v}
         case.reported["read errors"] = {f"{dict(l)['source']}/{dict(l)['reason']}": v for l, v in of(s, "mps_log_read_errors_total").items() if v}
         case.reported["files"] = sorted(p.name for p in mps.log_dir.iterdir())
-        lines = sum(len(re.findall(r"Client \{PID: \d+, Context(?: ID)?: \d+\} connected", p.read_text(errors="replace")))
+        lines = sum(len(re.findall(r"Client \{PID: \d+, Context(?: ID)?: 0\} connected", p.read_text(errors="replace")))
                     for p in mps.log_dir.glob("server.log*"))
         case.reported["connect lines in all server.log files"] = lines
         assert events(s, logs, "client_connected") == 9
         case.expect_quiet("MPSClientsRefused")
         case.expect_quiet("MPSFatalGPUError")
+        case.finish_recording()
     case.passed = True
 
 
@@ -243,7 +249,7 @@ def test_agent_restarted_mid_run(mps, mps_client, tmp_path):
     clients = [ready(start(mps_client, mps, "hold", "30")) for _ in range(2)]
     args = ["--pipe-dir", pipe, "--log-dir", logs]
     with Agent(args, env=FAST_LOGS, log_path=tmp_path / "agent1.log") as first:
-        first.wait_for(lambda s: events(s, logs, "client_connected") == 2, timeout=10)
+        first.wait_for(lambda s: sum(of(s, "mps_clients").values()) == 2, timeout=10)
     clients += [ready(start(mps_client, mps, "hold", "20")) for _ in range(2)]  # while no agent runs
     started = time.monotonic()
     with Agent(args, env=FAST_LOGS, log_path=tmp_path / "agent2.log") as second:
@@ -262,76 +268,87 @@ def test_agent_restarted_mid_run(mps, mps_client, tmp_path):
         case.expect_quiet("MPSClientsRefused")
         case.expect_quiet("MPSFatalGPUError")
         case.expect_quiet("MPSControlDaemonDown")
+        case.finish_recording()
     for client in clients:
-        client.wait(timeout=60)
+        rest_of_output(client)
     case.passed = True
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="starts the agent as another user: needs root")
 def test_the_agent_as_an_unprivileged_user(mps_client, tmp_path):
     """Root's daemon, the agent as `nobody`: records what works and what needs which permission."""
     case = MATRIX.case("the agent as an unprivileged user (nobody)",
                        "root's MPS daemon and a client; `mpswatch status` and `mpswatch run` as uid 65534")
     root = Path(tempfile.mkdtemp(prefix="mpswatch-unpriv-", dir="/tmp"))
-    root.chmod(0o755)
-    code_dir = root / "code"
+    code_dir = root / "code"  # the agent and structlog where uid 65534 can read them
     shutil.copytree(REPO / "agent" / "mpswatch", code_dir / "mpswatch", ignore=shutil.ignore_patterns("__pycache__"))
-    for d in (root, *code_dir.rglob("*")):
-        d.chmod(0o755 if d.is_dir() else 0o644)
-    code_dir.chmod(0o755)
+    shutil.copytree(Path(structlog.__file__).parent, code_dir / "structlog", ignore=shutil.ignore_patterns("__pycache__"))
     mps = MpsDaemon(root / "mps")
+    for d in (root, *root.rglob("*")):
+        d.chmod(0o755 if d.is_dir() else 0o644)
     agent = None
+    agent_log = open(tmp_path / "agent-as-nobody.log", "wb")
+    as_nobody = {"user": NOBODY, "group": NOBODY, "extra_groups": []}
     try:
         mps.start()
-        for d in (root / "mps",):
-            d.chmod(0o755)
         client = ready(start(mps_client, mps, "hold", "20"))
         pipe, logs = str(mps.pipe_dir), str(mps.log_dir)
         case.reported["pipe dir"] = subprocess.run(["ls", "-la", pipe], capture_output=True, text=True).stdout
         case.reported["log dir"] = subprocess.run(["ls", "-la", logs], capture_output=True, text=True).stdout
         env = {k: v for k, v in agent_env().items() if k != "PYTHONPATH"}
-        env.update(HOME="/tmp", PYTHONPATH=os.pathsep.join([str(code_dir), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and "/agent" not in p]]))
-        as_nobody = {"user": NOBODY, "group": NOBODY, "extra_groups": []}
-        query = subprocess.run(["nvidia-cuda-mps-control"], input="get_server_list\n", capture_output=True, text=True,
-                               env={**env, "CUDA_MPS_PIPE_DIRECTORY": pipe}, timeout=10, **as_nobody)
-        case.reported["nvidia-cuda-mps-control as nobody"] = f"exit {query.returncode}: {(query.stdout + query.stderr).strip()[:200]}"
-        code, report = status(pipe, logs, user=NOBODY, env=env)
+        env.update(HOME="/tmp", PYTHONPATH=str(code_dir))
+        try:
+            query = subprocess.run(["nvidia-cuda-mps-control"], input="get_server_list\n", capture_output=True,
+                                   text=True, env={**env, "CUDA_MPS_PIPE_DIRECTORY": pipe}, timeout=10, **as_nobody)
+            case.reported["nvidia-cuda-mps-control as nobody"] = f"exit {query.returncode}: {(query.stdout + query.stderr).strip()[:200]}"
+        except subprocess.TimeoutExpired:
+            case.reported["nvidia-cuda-mps-control as nobody"] = "no answer within 10 s"
+        run = subprocess.run(mpswatch_cmd("status", "--json", "--pipe-dir", pipe, "--log-dir", logs), env=env,
+                             capture_output=True, text=True, timeout=60, **as_nobody)
+        assert run.stdout.strip(), f"exit {run.returncode}: {run.stderr[-2000:]}"
+        report = json.loads(run.stdout)
         case.status_verdict = report["verdict"]
         case.reported["status as nobody"] = {
-            "exit": code,
+            "exit": run.returncode,
             "daemons": [(d["state"], d["reason"]) for d in report["daemons"]],
             "gpus": [g["reason"] for g in report.get("gpus", [])],
+            "log_dirs": report.get("log_dirs"),
             "notes": report.get("notes"),
             "collectors": [(c["name"], c["verdict"], c["reason"]) for c in report["collectors"]],
         }
         port = free_port()
         agent = subprocess.Popen(mpswatch_cmd("run", "--listen", f"127.0.0.1:{port}", "--pipe-dir", pipe, "--log-dir", logs),
-                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **as_nobody)
+                                 env=env, stdout=agent_log, stderr=subprocess.STDOUT, **as_nobody)
         samples = {}
-        for _ in range(60):
-            time.sleep(0.25)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and agent.poll() is None:
+            time.sleep(0.5)
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
                     samples = parse_exposition(r.read().decode())
-                if samples.get(key("mpswatch_collector_success", collector="gpu")) is not None and len(samples) > 40:
-                    time.sleep(4)
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-                        samples = parse_exposition(r.read().decode())
-                    break
             except OSError:
                 continue
-        assert agent.poll() is None, agent.stderr.read()
-        families = sorted({n for n, _ in samples})
-        case.reported["families exported as nobody"] = families
+            if len(of(samples, "mpswatch_collector_success")) >= 4 and time.monotonic() > deadline - 12:
+                break  # every collector has run at least twice
+        assert agent.poll() is None, (tmp_path / "agent-as-nobody.log").read_text()[-2000:]
+        case.reported["families exported as nobody"] = sorted({n for n, _ in samples})
         case.reported["collector success as nobody"] = {dict(l)["collector"]: v for l, v in of(samples, "mpswatch_collector_success").items()}
         case.reported["mps_control_state as nobody"] = [dict(l)["state"] for l, v in of(samples, "mps_control_state").items() if v == 1]
-        case.reported["log events readable as nobody"] = events(samples, logs, "client_connected")
+        case.reported["mps_clients as nobody"] = sum(of(samples, "mps_clients").values())
+        case.reported["gpu process kinds as nobody"] = sorted({dict(l)["kind"] for l in of(samples, "mps_gpu_process_memory_bytes")})
         # what must hold without privileges: the agent runs, serves, and says what it cannot see
         assert samples and case.reported["collector success as nobody"]
-        client.wait(timeout=60)
+        rest_of_output(client)
     finally:
         if agent is not None:
-            agent.terminate()
-            agent.wait(timeout=10)
-        mps.cleanup()
-        shutil.rmtree(root, ignore_errors=True)
+            agent.kill()
+            agent.wait()
+        agent_log.close()
+        try:
+            mps.cleanup()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    case.reported["agent log as nobody (warnings)"] = [
+        line[:300] for line in (tmp_path / "agent-as-nobody.log").read_text(errors="replace").splitlines()
+        if "warning" in line or "error" in line][:8]
     case.passed = True

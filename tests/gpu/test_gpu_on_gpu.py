@@ -36,14 +36,14 @@ def settle(agent, cycles=3, interval=2.0):
 
 
 def smi_memory() -> dict[int, int]:
-    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+    out = subprocess.run(["nvidia-smi", "-i", "0", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
                          capture_output=True, text=True, check=True).stdout
     return {int(pid): int(mib) for pid, mib in (line.split(", ") for line in out.strip().splitlines())}
 
 
 def test_load_memory_roles_and_xid_on_a_real_gpu(mps, mps_client, tmp_path):
     mps.start()
-    with Agent(["--pipe-dir", str(mps.pipe_dir)], log_path=tmp_path / "agent.log") as agent:
+    with Agent(["--pipe-dir", str(mps.pipe_dir), "--log-dir", str(mps.log_dir)], log_path=tmp_path / "agent.log") as agent:
         agent.wait_for(lambda s: gpu_values(s, "mps_gpu_sm_active_ratio"), timeout=15)
         RESULTS["idle"] = settle(agent)
 
@@ -55,7 +55,8 @@ def test_load_memory_roles_and_xid_on_a_real_gpu(mps, mps_client, tmp_path):
         assert loaded["dram"] > RESULTS["idle"]["dram"] + 0.1
 
         s = agent.scrape()
-        kinds = {int(dict(l)["pid"]): (dict(l)["kind"], v) for (n, l), v in s.items() if n == "mps_gpu_process_memory_bytes"}
+        kinds = {int(dict(l)["pid"]): (dict(l)["kind"], v) for (n, l), v in s.items()
+                 if n == "mps_gpu_process_memory_bytes" and dict(l)["gpu"] == "0"}
         smi = smi_memory()
         RESULTS["processes"] = {pid: {"kind": kind, "agent_MiB": v / 2**20, "nvidia_smi_MiB": smi.get(pid)}
                                 for pid, (kind, v) in kinds.items()}
@@ -67,7 +68,8 @@ def test_load_memory_roles_and_xid_on_a_real_gpu(mps, mps_client, tmp_path):
         mps.stop_clients()
 
         def xid_31(samples) -> float:
-            return sum(v for (n, l), v in samples.items() if n == "mps_gpu_xid_errors_total" and dict(l)["xid"] == "31")
+            return sum(v for (n, l), v in samples.items()
+                       if n == "mps_gpu_xid_errors_total" and dict(l)["xid"] == "31" and dict(l)["gpu"] == "0")
 
         before = xid_31(agent.scrape())
         env = {k: v for k, v in mps.env.items() if k != "CUDA_MPS_PIPE_DIRECTORY"}  # fault outside MPS

@@ -20,8 +20,9 @@ RESULTS: dict = {}
 
 
 def _status(pipe_dir) -> tuple[int, dict]:
+    """Its own log dir only: another daemon's recent faults on the machine must not colour the verdict."""
     run = subprocess.run(
-        mpswatch_cmd("status", "--json", "--pipe-dir", str(pipe_dir)),
+        mpswatch_cmd("status", "--json", "--pipe-dir", str(pipe_dir), "--log-dir", str(pipe_dir.parent / "log")),
         env=agent_env(), capture_output=True, text=True, timeout=60,
     )
     assert run.returncode in (0, 1), run.stderr
@@ -57,8 +58,8 @@ def test_real_daemon_clients_hang_and_recovery(mps, tmp_path):
 
     code, report = _status(mps.pipe_dir)
     RESULTS["status_healthy"] = report
-    assert code == 0 and report["verdict"] == "OK"
     [daemon] = report["daemons"]
+    assert daemon["verdict"] == "OK"  # the node's verdict also covers the other GPUs of the machine
     assert daemon["pid"] == daemon_pid and daemon["client_limit"] == 48
     [server] = daemon["servers"]
     assert server["status"] == "ACTIVE" and server["uid"] == os.getuid()
@@ -67,7 +68,7 @@ def test_real_daemon_clients_hang_and_recovery(mps, tmp_path):
     settings_now = {"MPSWATCH_MPS_CONTROL_SETTINGS_INTERVAL_SECONDS": "0"}  # the limit is changed below
     case = MATRIX.case("control daemon hung (SIGSTOP) and resumed (SIGCONT)",
                        "SIGSTOP to the control daemon with two clients connected; SIGCONT after the agent saw it")
-    with Agent(["--pipe-dir", pipe], env=settings_now, log_path=tmp_path / "agent.log") as agent:
+    with Agent(["--pipe-dir", pipe, "--log-dir", str(mps.log_dir)], env=settings_now, log_path=tmp_path / "agent.log") as agent:
         case.record(agent)
         up = ("mps_control_up", frozenset({("pipe_dir", pipe)}))
         agent.wait_for(lambda s: s.get(up) == 1)

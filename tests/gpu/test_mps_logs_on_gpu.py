@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 
-from tests.gpu.conftest import MATRIX, results_saver
+from tests.gpu.conftest import MATRIX, read_line, rest_of_output, results_saver
 from tests.agentproc import Agent, agent_env, mpswatch_cmd
 
 RESULTS: dict = {}
@@ -26,7 +26,7 @@ def start(binary, mps, *args) -> subprocess.Popen:
 
 
 def first_line(client: subprocess.Popen) -> str:
-    return client.stdout.readline().strip()
+    return read_line(client)
 
 
 def key(name, **labels):
@@ -99,9 +99,6 @@ def test_refusals_fatal_error_and_teardown_are_counted(mps, mps_client, tmp_path
                 timeout=10,
             )
             case.detect_seconds["mps_server_status FAULT"] = round(time.monotonic() - faulted_at, 3)
-            agent.wait_for(lambda s: _xid31(s) >= xids_before + 1, timeout=10)
-            case.detect_seconds["XID 31 counted"] = round(time.monotonic() - faulted_at, 3)
-            case.reported["XID 31 count"] = _xid31(agent.scrape()) - xids_before
             case.expect_alert("MPSServerFault")
             case.expect_alert("MPSFatalGPUError")
             code, report = _status(pipe, logs)
@@ -122,9 +119,11 @@ def test_refusals_fatal_error_and_teardown_are_counted(mps, mps_client, tmp_path
             assert logged_pid in (culprit.pid, innocent.pid)
             assert RESULTS[variant]["torn_down"] == _torn_down_lines(mps.log_dir) - torn_lines_before >= 1
             assert RESULTS[variant]["device_reset"] == 1
+            agent.wait_for(lambda s: _xid31(s) >= xids_before + 1, timeout=10)
+            case.detect_seconds["XID 31 counted"] = round(time.monotonic() - faulted_at, 3)
+            case.reported["XID 31 count"] = _xid31(agent.scrape()) - xids_before
             for client in (innocent, culprit):  # they exit on their own: killing an MPS client can hang the server
-                RESULTS[variant][f"exit_{'culprit' if client is culprit else 'innocent'}"] = client.stdout.read().strip()
-                client.wait(timeout=60)
+                RESULTS[variant][f"exit_{'culprit' if client is culprit else 'innocent'}"] = rest_of_output(client)
             recovered_after = time.monotonic()
             agent.wait_for(
                 lambda s: s.get(key("mps_server_status", pipe_dir=pipe, server_pid=fault[0], status="ACTIVE")) == 1,
