@@ -148,6 +148,23 @@ def test_stale_pid_file_and_the_orphaned_server_after_the_daemon_was_killed(fake
         agent.wait_for(lambda s: s.get(key("mps_orphaned_servers", pipe_dir=d)) == 0)
 
 
+def test_a_server_that_vanishes_while_serving_clients_is_counted_lost_once(fake_daemon):
+    daemon = fake_daemon("healthy_two_clients_driver580")
+    d = daemon.path
+    with agent_for(daemon) as agent:
+        agent.wait_for(lambda s: s.get(key("mps_clients", pipe_dir=d, server_pid="476", gpu_uuid="GPU-2ea0ea17-0206-eb44")) == 2)
+        assert agent.value("mps_servers_lost_total", pipe_dir=d) == 0
+        # what an H200 daemon answered after its server was killed: no server, and `ps` cannot find it
+        replies = {**daemon.scenario["replies"], "get_server_list": "", "ps": "Server not found\n"}
+        daemon.update(replies=replies)
+        s = agent.wait_for(lambda s: s if s.get(key("mps_servers_lost_total", pipe_dir=d)) == 1 else None)
+        assert series(s, "mps_server_info") == {}
+        assert s.get(key("mps_control_command_failures_total", pipe_dir=d, command="ps", reason="error_reply"), 0) >= 1
+        assert key("mps_control_command_failures_total", pipe_dir=d, command="ps", reason="garbage_output") not in s
+        time.sleep(2)
+        assert agent.value("mps_servers_lost_total", pipe_dir=d) == 1  # counted once, not every cycle
+
+
 @pytest.mark.parametrize(
     "scenario,process,control_bin,state",
     [

@@ -126,6 +126,7 @@ def _result(output="", code=0, **kw):
         (_result("Cannot find MPS control daemon process\n", 1), "not_running"),
         (_result('Unknown command "help"\n'), "error_reply"),
         (_result("Server 1 not found\n"), "error_reply"),
+        (_result("Server not found\n"), "error_reply"),  # `ps` right after its server was killed (H200)
         (_result("Invalid process 99999!\n1\n"), "error_reply"),
         (_result(code=None, timed_out=True), "timeout"),
         (_result(code=None, exec_error="nvidia-cuda-mps-control: No such file or directory"), "exec_failed"),

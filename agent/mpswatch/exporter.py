@@ -191,6 +191,7 @@ def _render_mps_control(data: MpsControlData, out: _Families, engine_of: dict[in
         for (command, reason), count in sorted(daemon.command_failures.items()):
             out.add("mps_control_command_failures_total", [d, command, reason], count)
         out.add("mps_client_limit", [d], daemon.client_limit)
+        out.add("mps_servers_lost_total", [d], daemon.servers_lost_total)
         if daemon.orphaned_server_pids is not None:
             out.add("mps_orphaned_servers", [d], len(daemon.orphaned_server_pids))
         if not daemon.up:

@@ -46,6 +46,12 @@ _SPECS = [
         "Failed control commands by reason (timeout, not_running, error_reply, exec_failed, garbage_output).",
     ),
     MetricSpec(
+        "mps_servers_lost_total",
+        "counter",
+        ("pipe_dir",),
+        "MPS servers that vanished from the daemon's list while clients were connected to them (killed or crashed).",
+    ),
+    MetricSpec(
         "mps_orphaned_servers",
         "gauge",
         ("pipe_dir",),

@@ -63,6 +63,7 @@ class MpsDaemon:
     # servers still running on this pipe dir while the daemon is down; None: unknown (not looked, or
     # /proc hides their environment)
     orphaned_server_pids: tuple[int, ...] | None = None
+    servers_lost_total: int = 0  # servers that vanished while serving clients, since the agent started
     command_durations: Mapping[str, float] = field(default_factory=frozen_map)
     command_failures: Mapping[tuple[str, str], int] = field(default_factory=frozen_map)
 

@@ -66,7 +66,9 @@ def timed(agent: Agent, predicate, timeout: float, since: float):
     return value, round(time.monotonic() - since, 3)
 
 
-def test_killed_daemon_leaves_an_orphaned_server_then_restarts(mps, mps_client, tmp_path):
+def test_killed_daemon_then_restarted(mps, mps_client, tmp_path):
+    """Whether the server outlives its killed daemon depends on the driver (on an H200 with driver 580
+    it did not): the agent must report what is there, checked against /proc."""
     case = MATRIX.case("control daemon killed, then restarted",
                        "SIGKILL to the control daemon while two clients run kernels; later `nvidia-cuda-mps-control -d` again")
     daemon_pid = mps.start()
@@ -76,48 +78,59 @@ def test_killed_daemon_leaves_an_orphaned_server_then_restarts(mps, mps_client, 
         case.record(agent)
         s = agent.wait_for(lambda s: s if sum(of(s, "mps_clients").values()) == 2 else None, timeout=15)
         [server_pid] = [int(dict(l)["server_pid"]) for l in of(s, "mps_server_info")]
+        case.reported["GPU processes before"] = gpu0_processes(s)
         case.expect_quiet("MPSControlDaemonDown")
 
         killed_at = time.monotonic()
         os.kill(daemon_pid, signal.SIGKILL)
         stale = key("mps_control_state", pipe_dir=pipe, state="stale_pid_file")
         _, case.detect_seconds["mps_control_state stale_pid_file"] = timed(agent, lambda s: s.get(stale) == 1, 10, killed_at)
-        _, case.detect_seconds["mps_orphaned_servers 1"] = timed(
-            agent, lambda s: s.get(key("mps_orphaned_servers", pipe_dir=pipe)) == 1, 10, killed_at)
         case.expect_alert("MPSControlDaemonDown")
+        time.sleep(3)  # let whatever follows the daemon's death happen
+        servers_alive = [server_pid] if _running(server_pid) else []
+        orphans = key("mps_orphaned_servers", pipe_dir=pipe)
+        s, _ = timed(agent, lambda s: s if s.get(orphans) == len(servers_alive) else None, 6, killed_at)
+        case.reported["server alive after the daemon's death (/proc)"] = bool(servers_alive)
+        case.reported["mps_orphaned_servers"] = s.get(orphans)
+        case.reported["clients alive after the daemon's death"] = [c.poll() is None for c in clients]
+        case.reported["GPU processes after"] = gpu0_processes(s)
         code, report = status(pipe, logs)
         [daemon] = report["daemons"]
         case.status_verdict = report["verdict"]
         case.reported["status daemon reason"] = daemon["reason"]
-        assert code == 1 and daemon["state"] == "stale_pid_file" and daemon["orphaned_server_pids"] == [server_pid]
-        assert all(c.poll() is None for c in clients), "the orphaned server's clients kept running"
-        kinds = {dict(l)["pid"]: dict(l)["kind"] for l in of(agent.scrape(), "mps_gpu_process_memory_bytes")}
-        case.reported["gpu processes while orphaned"] = kinds
-        assert kinds.get(str(server_pid)) == "mps_server"
+        assert code == 1 and daemon["state"] == "stale_pid_file"
+        assert daemon["orphaned_server_pids"] == servers_alive
 
         restarted_at = time.monotonic()
         mps.start()
         up = key("mps_control_up", pipe_dir=pipe)
         s, case.detect_seconds["restart: mps_control_up 1"] = timed(agent, lambda s: s if s.get(up) == 1 else None, 10, restarted_at)
-        assert key("mps_orphaned_servers", pipe_dir=pipe) not in s  # counted only while the daemon is gone
-        case.reported["servers listed by the new daemon"] = sorted(dict(l)["server_pid"] for l in of(s, "mps_server_info"))
+        assert orphans not in s  # counted only while the daemon is gone
         newcomer = start(mps_client, mps, "hold", "4")
         case.reported["new client after restart"] = read_line(newcomer)
         if case.reported["new client after restart"].startswith("ready"):
-            time.sleep(3)  # a control cycle and a GPU cycle
-            s = agent.scrape()
-            case.reported["servers after the new client"] = sorted(dict(l)["server_pid"] for l in of(s, "mps_server_info"))
-            case.reported["new client's process kind"] = {
-                dict(l)["pid"]: dict(l)["kind"] for l in of(s, "mps_gpu_process_memory_bytes")}.get(str(newcomer.pid))
+            s, case.detect_seconds["restart: new client listed"] = timed(
+                agent, lambda s: s if sum(of(s, "mps_clients").values()) >= 1 else None, 10, restarted_at)
+            case.reported["GPU processes with the new client"] = gpu0_processes(s)
         for client in [*clients, newcomer]:  # they exit on their own: killing a client can take the server down
-            case.reported.setdefault("client exits", []).append(rest_of_output(client))
-        time.sleep(2)
-        case.reported["orphaned server still running after its clients left"] = Path(f"/proc/{server_pid}").exists()
+            case.reported.setdefault("client exits", []).append(rest_of_output(client)[-200:])
         code, report = status(pipe, logs)
         case.reported["status after restart"] = report["daemons"][0]["reason"]
         assert report["daemons"][0]["state"] == "up"
         case.finish_recording()
+    case.notes.append((mps.log_dir / "control.log").read_text()[-3000:])
     case.passed = True
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def gpu0_processes(samples) -> dict[str, str]:
+    return {dict(l)["pid"]: dict(l)["kind"] for l in of(samples, "mps_gpu_process_memory_bytes") if dict(l)["gpu"] == "0"}
 
 
 def test_server_killed_while_clients_run(mps, mps_client, tmp_path):
@@ -135,15 +148,15 @@ def test_server_killed_while_clients_run(mps, mps_client, tmp_path):
             os.kill(int(server_pid), signal.SIGKILL)
             _, case.detect_seconds["server gone from mps_server_info"] = timed(
                 agent, lambda s: all(dict(l)["server_pid"] != server_pid for l in of(s, "mps_server_info")), 10, killed_at)
-            _, case.detect_seconds["mps_log_events_total{event=server_died} +1"] = timed(
-                agent, lambda s: events(s, logs, "server_died") == 1, 10, killed_at)
+            _, case.detect_seconds["mps_servers_lost_total +1"] = timed(
+                agent, lambda s: s.get(key("mps_servers_lost_total", pipe_dir=pipe)) == 1, 10, killed_at)
             case.expect_alert("MPSServerDied")
             case.reported["client outcomes"] = [rest_of_output(c, 30) for c in clients]
             code, report = status(pipe, logs)
             case.status_verdict = report["verdict"]
             case.reported["status recent events"] = [
                 f"{e['event']} {e.get('detail') or ''}".strip() for e in report["recent_events"]][:5]
-            assert any(e["event"] == "server_died" for e in report["recent_events"])
+            case.reported["server_died events in the log"] = events(agent.scrape(), logs, "server_died")
 
             again_at = time.monotonic()
             newcomer = start(mps_client, mps, "hold", "3")
@@ -154,7 +167,8 @@ def test_server_killed_while_clients_run(mps, mps_client, tmp_path):
             rest_of_output(newcomer, 30)
             case.finish_recording()
     finally:
-        case.notes.append((mps.log_dir / "control.log").read_text()[-1500:])
+        case.notes.append((mps.log_dir / "control.log").read_text()[-3000:])
+        case.notes.append(((mps.log_dir / "server.log").read_text() if (mps.log_dir / "server.log").exists() else "")[-2000:])
     case.passed = True
 
 

@@ -55,7 +55,7 @@ READ_ONLY_COMMANDS = frozenset(
 )
 
 _ERROR_REPLY = re.compile(
-    r"^(Unknown command|Server \d+ not found|Invalid process|Invalid (device|argument)|Error|Failed)",
+    r"^(Unknown command|Server (?:\d+ )?not found|Invalid process|Invalid (device|argument)|Error|Failed)",
     re.IGNORECASE,
 )
 _PINNED_LIMIT = re.compile(r"^([0-9]{1,15}(?:\.[0-9]{1,6})?)\s*([KMGT]?)i?B?$", re.IGNORECASE)
@@ -502,6 +502,17 @@ def state_changes(prev: MpsDaemon | None, cur: MpsDaemon) -> list[tuple[str, str
     return changes
 
 
+def servers_lost(prev: MpsDaemon | None, cur: MpsDaemon) -> list[int]:
+    """Servers that had clients last cycle and are no longer listed while the daemon stays up: killed
+    or crashed, taking their clients with them. The daemon logs nothing when that happens (seen on an
+    H200, driver 580); a server let go on `quit` goes with its daemon and is not counted."""
+    if prev is None or not (prev.up and cur.up) or not prev.clients:
+        return []
+    listed = {s.pid for s in cur.servers}
+    with_clients = {c.server_pid for c in prev.clients}
+    return sorted(s.pid for s in prev.servers if s.pid in with_clients and s.pid not in listed)
+
+
 # ---------------------------------------------------------------- collector
 
 
@@ -533,6 +544,7 @@ class MpsControlCollector:
         self._channels: dict[str, ControlChannel] = {}
         self._known: dict[str, str] = {}  # pipe_dir -> found_by
         self._failures: dict[str, dict[tuple[str, str], int]] = {}
+        self._lost: dict[str, int] = {}
         self._previous: dict[str, MpsDaemon] = {}
         self._settings_read_at: dict[str, float] = {}
         self._uuids: list[str] = []
@@ -560,7 +572,8 @@ class MpsControlCollector:
         for pipe_dir, found_by in list(self._known.items()):
             if pipe_dir not in found and found_by != "configured" and not looks_like_pipe_dir(Path(pipe_dir)):
                 self._log.info("daemon_forgotten", pipe_dir=pipe_dir, reason="pipe dir removed")
-                for table in (self._known, self._channels, self._failures, self._previous, self._settings_read_at):
+                for table in (self._known, self._channels, self._failures, self._previous, self._settings_read_at,
+                              self._lost):
                     table.pop(pipe_dir, None)
 
     def _probe(self, pipe_dir: str, found_by: str, control_bin: str) -> MpsDaemon:
@@ -586,8 +599,13 @@ class MpsControlCollector:
         totals = self._failures.setdefault(pipe_dir, {})
         for key in failures:
             totals[key] = totals.get(key, 0) + 1
-        daemon = replace(daemon, command_durations=frozen_map(durations), command_failures=frozen_map(totals))
+        lost = servers_lost(previous, daemon)
+        self._lost[pipe_dir] = self._lost.get(pipe_dir, 0) + len(lost)
+        daemon = replace(daemon, command_durations=frozen_map(durations), command_failures=frozen_map(totals),
+                         servers_lost_total=self._lost[pipe_dir])
         log = self._log.bind(pipe_dir=pipe_dir)
+        for server_pid in lost:
+            log.warning("server_lost", server_pid=server_pid, reason="no longer listed while its clients were connected")
         for level, event, context in state_changes(self._previous.get(pipe_dir), daemon):
             getattr(log, level)(event, **context)
         self._previous[pipe_dir] = daemon
