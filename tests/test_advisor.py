@@ -10,21 +10,23 @@ from dataclasses import replace
 
 import pytest
 
-from mpswatch.advisor import LIKELY_SLOWER, MARGINAL, PAYS_OFF, GainModel, advise, verdict_of
+from mpswatch.advisor import LIKELY_SLOWER, MARGINAL, MODEL, PAYS_OFF, GainModel, advise, verdict_of
 from mpswatch.snapshot import EngineState, GpuState
 from tests.agentproc import agent_env, free_port, mpswatch_cmd
 from tests.fakedaemon import FAKE_CONTROL
 from tests.test_engines import HERE
 
 GPU = GpuState(index=0, uuid="GPU-a", name="NVIDIA H200", up=True, sm_active_ratio=0.4, dram_bandwidth_ratio=0.2)
-# gain = 1.0 - 0.2·log2(params) - 0.1·log2(prompt/128) - 0.3·prefill share + 0.35 if CPU-bound
-TOY = GainModel(intercept=1.0, per_log2_params=-0.2, per_log2_context=-0.1, prefill=-0.3, cpu_bound=0.35)
+# GPU overlap 1.0 - 0.2·log2(params) - 0.1·log2(prompt/128) - 0.3·prefill share; CPU overlap 0.9 at most
+TOY = GainModel(intercept=1.0, per_log2_params=-0.2, per_log2_context=-0.1, prefill=-0.3, cpu_overlap=0.9,
+                cpu_baseline=0.25)
 
 
 def engine(name="a", params=1.5e9, prompt=512.0, prompt_total=1000.0, generation_total=3000.0, **kw) -> EngineState:
     return EngineState(name=name, url=f"http://127.0.0.1/{name}", found_by="discovered", up=True, gpu_uuid="GPU-a",
                        model_parameters=params, prompt_tokens_per_request=prompt, prompt_tokens_total=prompt_total,
-                       generation_tokens_total=generation_total, mps_attached=True, cpu_bound=False, **kw)
+                       generation_tokens_total=generation_total, mps_attached=True, cpu_bound=False,
+                       busiest_thread_cpu_ratio=0.1, **kw)
 
 
 @pytest.mark.parametrize("gain, verdict", [(0.2, PAYS_OFF), (0.9, PAYS_OFF), (0.19, MARGINAL), (0.0, MARGINAL),
@@ -37,7 +39,8 @@ def test_the_estimate_follows_the_model_and_the_reasons_say_what_it_used():
     advice = advise(GPU, [engine()], model=TOY)
     expected = 1.0 - 0.2 * 0.5849625 - 0.1 * 2 - 0.3 * 0.25
     assert advice.gain_estimate == pytest.approx(expected, abs=1e-6) and advice.verdict == PAYS_OFF
-    assert "1.5B parameters, 512-token prompts, 25% of tokens in prefill" in advice.reasons[0]
+    assert "1.5B parameters, 512-token prompts, 25% of tokens in prefill, busiest engine thread at 10% of a core" \
+        in advice.reasons[0]
     assert "SM active 40%" in advice.reasons[1]
     assert advice.recommendations == ("add a second engine on this GPU under MPS",)
 
@@ -49,10 +52,15 @@ def test_a_large_model_with_long_prompts_on_two_engines_is_told_to_drop_one():
     assert any(r.startswith("drop to one engine") for r in advice.recommendations)
 
 
-def test_cpu_bound_engines_are_told_about_async_scheduling_and_gain_more():
-    plain = advise(GPU, [engine()], model=TOY).gain_estimate
-    bound = advise(GPU, [replace(engine(), cpu_bound=True)], model=TOY)
-    assert bound.gain_estimate == pytest.approx(plain + 0.35)
+def test_cpu_overlap_takes_over_when_the_busiest_thread_is_past_what_gpu_bound_engines_show():
+    large = dict(params=7e9, prompt=8192)  # GPU overlap: 1.0 - 0.2·2.807 - 0.1·6 - 0.3·0.25 = -0.2365
+    assert advise(GPU, [engine(**large)], model=TOY).gain_estimate == pytest.approx(-0.2365, abs=1e-3)
+    launching = replace(engine(**large), busiest_thread_cpu_ratio=0.25)  # launches only: no CPU overlap
+    assert advise(GPU, [launching], model=TOY).gain_estimate == pytest.approx(-0.2365, abs=1e-3)
+    half = replace(engine(**large), busiest_thread_cpu_ratio=0.5)  # 0.9 · (0.5 - 0.25) / 0.5
+    assert advise(GPU, [half], model=TOY).gain_estimate == pytest.approx(0.45)
+    bound = advise(GPU, [replace(engine(**large), busiest_thread_cpu_ratio=0.97, cpu_bound=True)], model=TOY)
+    assert bound.gain_estimate == pytest.approx(0.9) and bound.verdict == PAYS_OFF
     assert any("async scheduling" in r for r in bound.recommendations)
 
 
@@ -70,6 +78,17 @@ def test_no_verdict_and_no_estimate_when_an_input_is_unknown(missing, says):
     advice = advise(GPU, [engine(**missing)], model=TOY)
     assert advice.verdict is None and advice.gain_estimate is None
     assert any(says in r for r in advice.reasons)
+
+
+def test_the_shipped_model_is_the_fit_of_the_committed_h200_results_and_meets_its_goal_on_held_out_ones():
+    from benchmarks.mps_gain.fit import RESULTS, configurations, fit, held_out, proof
+
+    configs = configurations(json.loads(RESULTS.read_text()))
+    assert fit(configs) == MODEL
+    held = [r for r in proof(configs, MODEL) if r["set"] == "held out"]
+    assert len(held) == sum(held_out(c) for c in configs) == 15
+    errors = [abs(r["estimate_alone"] - r["measured"]) for r in held]
+    assert sorted(errors)[len(errors) // 2] < 0.05 and max(errors) < 0.11  # as docs/mps-gain.md reports
 
 
 def test_an_engine_that_is_down_gives_no_advice():

@@ -22,27 +22,38 @@ SLOWER_BELOW = 0.0
 
 @dataclass(frozen=True)
 class GainModel:
-    """gain = intercept + per_log2_params·log2(B params) + per_log2_context·log2(prompt/128)
-    + prefill·share + cpu_bound·[CPU-bound], clamped to [floor, ceiling]."""
+    """Two engines gain from sharing a GPU in two ways, and the larger one counts:
+    GPU overlap, one engine's kernels filling SMs the other leaves idle, which shrinks with model
+    size and context and differs for prefill:
+        intercept + per_log2_params·log2(B params) + per_log2_context·log2(prompt/128) + prefill·share;
+    CPU overlap, one engine's GPU work running while the other does its CPU work (scheduling),
+    from the busiest engine thread's share b of a core beyond what GPU-bound engines show anyway
+    (launching kernels, which overlaps their own GPU work): cpu_overlap·min(1, (b − cpu_baseline)/(1 − b)).
+    The estimate is clamped to [floor, ceiling]."""
 
     intercept: float
     per_log2_params: float
     per_log2_context: float
     prefill: float
-    cpu_bound: float
+    cpu_overlap: float
+    cpu_baseline: float
     floor: float = -0.5
     ceiling: float = 1.5
 
-    def estimate(self, params_billion: float, prompt_tokens: float, prefill_share: float, cpu_bound: bool) -> float:
-        gain = (self.intercept + self.per_log2_params * math.log2(params_billion)
-                + self.per_log2_context * math.log2(max(prompt_tokens, 1.0) / 128)
-                + self.prefill * prefill_share + (self.cpu_bound if cpu_bound else 0.0))
+    def estimate(self, params_billion: float, prompt_tokens: float, prefill_share: float,
+                 busiest_thread: float) -> float:
+        gpu = (self.intercept + self.per_log2_params * math.log2(params_billion)
+               + self.per_log2_context * math.log2(max(prompt_tokens, 1.0) / 128) + self.prefill * prefill_share)
+        busy = min(max(busiest_thread, 0.0), 0.99)
+        cpu = self.cpu_overlap * min(1.0, max(0.0, busy - self.cpu_baseline) / (1 - busy))
+        gain = max(gpu, cpu) if cpu > 0 else gpu  # no CPU to overlap: the GPU overlap alone, loss included
         return min(max(gain, self.floor), self.ceiling)
 
 
 # fitted by `python3 -m benchmarks.mps_gain.fit` on the training configurations of the H200 run
-# (tests/test_advisor.py checks that these are what the fit gives on the committed results)
-MODEL = GainModel(intercept=0.0, per_log2_params=0.0, per_log2_context=0.0, prefill=0.0, cpu_bound=0.0)
+# (docs/mps-gain.md; tests/test_advisor.py checks that these are what the fit gives)
+MODEL = GainModel(intercept=0.187, per_log2_params=-0.0131, per_log2_context=-0.0097, prefill=-0.023,
+                  cpu_overlap=0.9721, cpu_baseline=0.2509)
 
 
 @dataclass(frozen=True)
@@ -60,9 +71,9 @@ def verdict_of(gain: float) -> str:
     return MARGINAL if gain >= SLOWER_BELOW else LIKELY_SLOWER
 
 
-def workload(engines: list[EngineState]) -> tuple[float | None, float | None, float | None, bool]:
-    """(params in billions, prompt tokens per request, prefill share, any CPU-bound) over the
-    engines, weighted by their token counts; None where no engine tells."""
+def workload(engines: list[EngineState]) -> tuple[float | None, float | None, float | None, float | None]:
+    """(params in billions, prompt tokens per request, prefill share, busiest thread's share of a
+    core) over the engines, weighted by their token counts; None where no engine tells."""
     sized = [e.model_parameters for e in engines if e.model_parameters]
     params = max(sized) / 1e9 if sized else None  # the largest decides how full the GPU already is
     prompts = [(e.prompt_tokens_per_request, (e.prompt_tokens_total or 0) + (e.generation_tokens_total or 0))
@@ -73,7 +84,8 @@ def workload(engines: list[EngineState]) -> tuple[float | None, float | None, fl
               for e in engines if e.prompt_tokens_total is not None and e.generation_tokens_total is not None
               and e.prompt_tokens_total + e.generation_tokens_total > 0]
     share = _weighted(shares)
-    return params, prompt, share, any(e.cpu_bound for e in engines)
+    threads = [e.busiest_thread_cpu_ratio for e in engines if e.busiest_thread_cpu_ratio is not None]
+    return params, prompt, share, max(threads) if threads else None
 
 
 def _weighted(pairs: list[tuple[float, float]]) -> float | None:
@@ -91,15 +103,17 @@ def advise(gpu: GpuState, engines: list[EngineState], imbalance: float | None = 
     up = [e for e in engines if e.up]
     if not up:
         return Advice(uuid, None, None, ("no engine answers on this GPU",), ())
-    params, prompt, share, cpu_bound = workload(up)
+    params, prompt, share, busiest = workload(up)
+    cpu_bound = any(e.cpu_bound for e in up)
     missing = [what for what, value in (("model size (the model's name states none)", params),
                                         ("prompt length (no finished request yet)", prompt),
                                         ("prefill share (no token counters)", share)) if value is None]
     if missing:
         return Advice(uuid, None, None, tuple(f"unknown: {m}" for m in missing), ())
-    gain = model.estimate(params, prompt, share, cpu_bound)
+    gain = model.estimate(params, prompt, share, busiest or 0.0)
     verdict = verdict_of(gain)
-    reasons = [f"{params:g}B parameters, {prompt:.0f}-token prompts, {share:.0%} of tokens in prefill"
+    cpu = "busiest engine thread unknown" if busiest is None else f"busiest engine thread at {busiest:.0%} of a core"
+    reasons = [f"{params:g}B parameters, {prompt:.0f}-token prompts, {share:.0%} of tokens in prefill, {cpu}"
                + ("; CPU-bound" if cpu_bound else "")
                + f": two engines under MPS estimated at {gain:+.0%} over one alone"]
     if gpu.sm_active_ratio is not None:
