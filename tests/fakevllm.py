@@ -19,8 +19,10 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "vllm"
 
 class FakeVllm:
     def __init__(self, body: str = "metrics-v0.10-names.txt", tokens_per_request: float = 100.0,
-                 port: int = 0, mode: str = "ok") -> None:
+                 port: int = 0, mode: str = "ok", model_label: str | None = None) -> None:
         self.template = (FIXTURES / body).read_text()
+        if model_label:  # vLLM labels its metrics with the served model name, when one is given
+            self.template = self.template.replace('model_name="Qwen/Qwen2.5-1.5B-Instruct"', f'model_name="{model_label}"')
         self.tokens_per_request = tokens_per_request
         self.mode = mode  # ok | slow | trickle | garbage | huge
         self.requests = 0
@@ -100,7 +102,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--tokens", type=float, default=100.0)
     parser.add_argument("--spin-file", help="keep one thread busy on a core while this file exists")
     args = parser.parse_args(argv)
-    FakeVllm(port=args.port, tokens_per_request=args.tokens)
+    FakeVllm(port=args.port, tokens_per_request=args.tokens, model_label=args.served_model_name or args.model)
     print("ready", flush=True)
     while True:
         if args.spin_file and Path(args.spin_file).exists():

@@ -73,6 +73,12 @@ def test_older_vllm_names_are_read():
     ("Qwen/Qwen2.5-7B-Instruct-AWQ", 7e9),
     ("mistralai/Mixtral-8x7B-Instruct-v0.1", None),
     ("Qwen/Qwen3-30B-A3B", None),
+    ("mistralai/MIXTRAL-8X7B", None),
+    ("meta-llama/Llama-4-Scout-17B-16E-Instruct", None),
+    ("Qwen/Qwen2.5-7B-Instruct-1M", 7e9),
+    ("/models/llama-3.1-8b-instruct/", 8e9),
+    ("org/chat-A100-tuned-1.5B", 1.5e9),
+    ("org/model-0B", None),
     ("my-org/chat-model", None),
     ("meta-llama/Llama-3.2-1B-Instruct-3B-distill", None),  # two counts: which one is unknown
     (None, None),
@@ -301,7 +307,8 @@ def test_real_processes_with_vllm_command_lines_are_discovered_and_scraped(engin
     engines = {e.name: e for e in collector.collect().engines}
     engine = engines[f"qwen-a:{port}"]
     assert engine.found_by == "discovered" and engine.url == f"http://127.0.0.1:{port}/metrics"
-    assert engine.up and engine.model == "Qwen/Qwen2.5-1.5B-Instruct" and child.pid in engine.pids
+    assert engine.up and engine.model == "qwen-a" and child.pid in engine.pids  # vLLM labels the served name
+    assert engine.model_parameters == 1.5e9  # the size comes from the model its command line serves
 
 
 def test_a_spinning_thread_makes_the_engine_cpu_bound_and_the_verdict_flips_back(engine_process, tmp_path):

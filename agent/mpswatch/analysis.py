@@ -379,7 +379,7 @@ def advice_report(snapshot: NodeSnapshot) -> dict[str, Any]:
     return {
         "schema": "mpswatch.advise/v1",
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "gpus": [{"gpu_uuid": a.gpu_uuid, "verdict": a.verdict,
+        "gpus": [{"gpu_uuid": a.gpu_uuid, "engines": a.engines, "verdict": a.verdict,
                   "gain_estimate": None if a.gain_estimate is None else round(a.gain_estimate, 4),
                   "reasons": list(a.reasons), "recommendations": list(a.recommendations)} for a in advice],
         "notes": notes,

@@ -190,12 +190,12 @@ def status(config_path: str | None, as_json: bool, **flags: Any) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (docs/mps-gain.md describes it).")
 @click.option("--window", type=click.FloatRange(0.5, 300), default=5.0, show_default=True,
-              help="Seconds between the two collection runs: GPM activity and token rates need two.")
+              help="Seconds between the two collection runs: GPM activity and the engines' CPU figures need two.")
 @_config_options
 def advise(config_path: str | None, as_json: bool, window: float, **flags: Any) -> None:
     """Say per GPU whether MPS pays off for the engines on it, with an estimate and what to do.
 
-    Exit status: 0, 1 when a GPU is likely slower with MPS, 2 usage or config error.
+    Exit status: 0, 1 when engines share a GPU on which MPS is likely slower, 2 usage or config error.
     """
     if flags["log_level"] is None:
         flags["log_level"] = "error"
@@ -207,7 +207,7 @@ def advise(config_path: str | None, as_json: bool, window: float, **flags: Any) 
     threading.Event().wait(window)
     report = advice_report(scheduler.run_once())
     click.echo(json.dumps(report, indent=2) if as_json else render_advice(report), nl=as_json)
-    sys.exit(1 if any(g["verdict"] == LIKELY_SLOWER for g in report["gpus"]) else 0)
+    sys.exit(1 if any(g["verdict"] == LIKELY_SLOWER and g["engines"] >= 2 for g in report["gpus"]) else 0)
 
 
 def main() -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "agent"))
 
-from mpswatch.advisor import MODEL, GainModel, advise, verdict_of  # noqa: E402
+from mpswatch.advisor import MODEL, GainModel, advise, busy_alone, verdict_of  # noqa: E402
 from mpswatch.collectors.engines import parameters_from_model_name  # noqa: E402
 from mpswatch.snapshot import EngineState, GpuState  # noqa: E402
 
@@ -75,12 +75,14 @@ def engines_seen(config: dict, signals: dict | None) -> tuple[GpuState, list[Eng
             prompt_tokens_per_request=float(config["context"]),
             prompt_tokens_total=share * 1e6, generation_tokens_total=(1 - share) * 1e6,
             busiest_thread_cpu_ratio=seen.get("mps_engine_busiest_thread_cpu_ratio"),
+            gpu_memory_utilization=None,
             cpu_bound=bool(seen.get("mps_engine_cpu_bound")), mps_attached=bool(seen.get("mps_engine_mps_attached")),
         ))
     uuid = engines[0].gpu_uuid
     gpu_seen = next((g for g in signals["gpus"] if g["uuid"] == uuid), {})
     gpu = GpuState(index=int(gpu_seen.get("gpu", 0)), uuid=uuid, name=None, up=True,
                    sm_active_ratio=gpu_seen.get("mps_gpu_sm_active_ratio"),
+                   utilization_ratio=gpu_seen.get("mps_gpu_utilization_ratio"),
                    dram_bandwidth_ratio=gpu_seen.get("mps_gpu_dram_bandwidth_ratio"))
     return gpu, engines
 
@@ -91,8 +93,10 @@ def features(config: dict) -> tuple[float, float, float, float]:
     return 1.0, math.log2(params), math.log2(config["context"] / 128), prefill_share(config)
 
 
-def busiest(config: dict) -> float:
-    return max(e.busiest_thread_cpu_ratio or 0.0 for e in engines_seen(config, config["alone"])[1])
+def busy(config: dict) -> float:
+    """Share of time the GPU was busy with the engine alone (NVML's coarse utilisation)."""
+    gpu, engines = engines_seen(config, config["alone"])
+    return busy_alone(gpu.utilization_ratio, len(engines))
 
 
 def least_squares(rows: list[tuple[float, ...]], targets: list[float]) -> list[float]:
@@ -114,12 +118,11 @@ def fit(configs: list[dict]) -> GainModel:
     train = [c for c in configs if not held_out(c) and c["alone"]]
     gpu_bound = [c for c in train if c["cpu_work_ms"] == 0]
     coefficients = least_squares([features(c) for c in gpu_bound], [c["measured"] for c in gpu_bound])
-    # what GPU-bound engines' busiest thread shows anyway (launches that overlap their own GPU work)
-    baseline = round(max(busiest(c) for c in gpu_bound), 4)
     cpu_bound = [c for c in train if c["cpu_work_ms"] > 0]
-    overlap = [c["measured"] / min(1.0, (busiest(c) - baseline) / (1 - min(busiest(c), 0.99))) for c in cpu_bound]
-    return GainModel(*(round(x, 4) for x in coefficients), cpu_overlap=round(sum(overlap) / len(overlap), 4),
-                     cpu_baseline=baseline)
+    if not cpu_bound:
+        raise SystemExit("no CPU-bound configuration to fit the idle-time overlap on")
+    overlap = [c["measured"] / min(1.0, (1 - busy(c)) / busy(c)) for c in cpu_bound]
+    return GainModel(*(round(x, 4) for x in coefficients), idle_overlap=round(sum(overlap) / len(overlap), 4))
 
 
 def proof(configs: list[dict], model: GainModel) -> list[dict]:
@@ -137,6 +140,8 @@ def proof(configs: list[dict], model: GainModel) -> list[dict]:
 
 
 def table(rows: list[dict], model: GainModel) -> str:
+    """The proof: every configuration's estimate against its measured gain, and the held-out summary
+    beside what a constant (the training rows' mean gain) would have scored."""
     def pct(x):
         return "–" if x is None else f"{x * 100:+.0f}%"
 
@@ -154,9 +159,14 @@ def table(rows: list[dict], model: GainModel) -> str:
     errors = sorted(abs(r["estimate_alone"] - r["measured"]) * 100 for r in held)
     within = sum(e <= 10 for e in errors)
     agree = sum(r["verdict_alone"] == verdict_of(r["measured"]) for r in held)
+    trained = [r["measured"] for r in rows if r["set"] == "training"]
+    constant = sum(trained) / len(trained)
+    constant_errors = sorted(abs(constant - r["measured"]) * 100 for r in held)
     lines += ["", f"Held out: {len(held)} configurations; absolute error (agent's view with one engine alone) median "
               f"{errors[len(errors) // 2]:.1f} pp, largest {errors[-1]:.2f} pp; {within} of {len(held)} within 10 pp; "
-              f"the verdict is the one the measured gain gives in {agree} of {len(held)}."]
+              f"the verdict is the one the measured gain gives in {agree} of {len(held)}. "
+              f"A constant estimate (the training mean, {constant:+.1%}) would score median "
+              f"{constant_errors[len(constant_errors) // 2]:.1f} pp, largest {constant_errors[-1]:.1f} pp."]
     return "\n".join(lines) + "\n"
 
 

@@ -107,19 +107,28 @@ def _mean(sums: dict[str, float], histogram: str) -> float | None:
 
 
 _PARAMETERS_IN_NAME = re.compile(r"(?<![\d.])(\d{1,4}(?:\.\d{1,3})?)\s?([BbMm])(?![a-zA-Z0-9])")
+# mixture of experts: `8x7B`, active counts `-A3B`, expert counts `-16E`
+_MIXTURE = re.compile(r"\d+x\d|-A\d+(?:\.\d+)?B(?![a-z0-9])|-\d+E(?![a-z0-9])", re.IGNORECASE)
 
 
 def parameters_from_model_name(model: str | None) -> float | None:
-    """Parameter count as model names state it (`Qwen/Qwen2.5-1.5B-Instruct`, `Llama-3.1-8B`,
-    `SmolLM2-360M`); None when the name states none. Mixture-of-experts names (`8x7B`, `A3B`) state
-    total or active counts that do not size the GPU work alike: refused."""
-    if not model or re.search(r"\d+x\d|-A\d", model):
+    """Parameter count as a model's name or path states it (`Qwen/Qwen2.5-1.5B-Instruct`,
+    `/models/llama-3.1-8b`, `SmolLM2-360M`); None when it states none, or two (`-7B-...-3B`).
+    Billions win over millions (`Qwen2.5-7B-Instruct-1M` is a 7B model with a 1M context).
+    Mixture-of-experts names state total or active counts that do not size the GPU work alike:
+    refused (some, like gpt-oss-20b, do not say they are one)."""
+    if not model or _MIXTURE.search(model):
         return None
-    found = _PARAMETERS_IN_NAME.findall(model.rsplit("/", 1)[-1])
-    if len(found) != 1:
+    found = _PARAMETERS_IN_NAME.findall(model.rstrip("/").rsplit("/", 1)[-1])
+    billions = [float(n) for n, unit in found if unit in "Bb"]
+    millions = [float(n) for n, unit in found if unit in "Mm"]
+    if len(billions) == 1:
+        value = billions[0] * 1e9
+    elif not billions and len(millions) == 1:
+        value = millions[0] * 1e6
+    else:
         return None
-    number, unit = found[0]
-    return float(number) * (1e9 if unit in "Bb" else 1e6)
+    return value if value > 0 else None
 
 
 # What parse_vllm_metrics reads, by sample name, and counters' family names (TYPE lines, samples
@@ -353,6 +362,7 @@ class _Engine:
     gpu_uuid: str | None = None
     root_pid: int | None = None
     model: str | None = None  # kept while the engine is down, so its info labels do not churn
+    command_model: str | None = None  # the model its command line serves (the label is often a served name)
     previous_tokens: tuple[float, Mapping[tuple, float]] | None = None
     cpu: _Accumulator = field(default_factory=_Accumulator)
     wait: _Accumulator = field(default_factory=_Accumulator)
@@ -441,7 +451,8 @@ class EnginesCollector:
         for engine in self._engines.values():
             if engine.found_by == "configured":
                 port = engine.local_port
-                engine.root_pid = by_port[port][0] if port in by_port else None
+                engine.root_pid, engine.command_model = (by_port[port][0], by_port[port][1].model) \
+                    if port in by_port else (None, None)
                 claimed.add(port)
         if not self._discover:
             return
@@ -457,7 +468,7 @@ class EnginesCollector:
             if engine is None or engine.url != command.metrics_url:
                 self._log.info("engine_discovered", engine=name, url=command.metrics_url, pid=pid)
                 engine = self._engines[name] = _Engine(name, command.metrics_url, "discovered")
-            engine.root_pid = pid
+            engine.root_pid, engine.command_model = pid, command.model
             seen.add(name)
         for name, engine in list(self._engines.items()):
             if engine.found_by == "discovered" and name not in seen:
@@ -511,7 +522,7 @@ class EnginesCollector:
             gpu_memory_utilization=sample.gpu_memory_utilization,
             prompt_tokens_per_request=sample.prompt_tokens_per_request,
             generation_tokens_per_request=sample.generation_tokens_per_request,
-            model_parameters=parameters_from_model_name(engine.model),
+            model_parameters=parameters_from_model_name(engine.command_model) or parameters_from_model_name(engine.model),
         )
 
     def _down_state(self, base: EngineState, reason: str) -> EngineState:

@@ -504,8 +504,9 @@ def state_changes(prev: MpsDaemon | None, cur: MpsDaemon) -> list[tuple[str, str
 
 def servers_lost(prev: MpsDaemon | None, cur: MpsDaemon) -> list[int]:
     """Servers that had clients last cycle and are no longer listed while the daemon stays up: killed
-    or crashed, taking their clients with them. The daemon logs nothing when that happens (seen on an
-    H200, driver 580); a server let go on `quit` goes with its daemon and is not counted."""
+    or crashed, taking their clients with them. The daemon logs that as `exited with status 0`, as it
+    does a normal shutdown (seen on an H200, driver 580); a server let go on `quit` goes with its
+    daemon and is not counted."""
     if prev is None or not (prev.up and cur.up) or not prev.clients:
         return []
     listed = {s.pid for s in cur.servers}
