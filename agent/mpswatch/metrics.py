@@ -170,7 +170,7 @@ _SPECS += [
     MetricSpec("mps_engine_generation_tokens_per_request", "gauge", _ENGINE,
                "Mean generated length of the engine's finished requests (vLLM's request_generation_tokens)."),
     MetricSpec("mps_engine_model_parameters", "gauge", _ENGINE,
-               "Parameter count stated by the model's name (e.g. Qwen2.5-1.5B: 1.5e9); absent when it states none."),
+               "Parameter count stated by the served model's name or path (e.g. Qwen2.5-1.5B: 1.5e9); absent when none."),
     MetricSpec(
         "mps_gpu_mps_gain_estimate_ratio",
         "gauge",
