@@ -2,7 +2,8 @@
 
   - CPU as a share of one core at the default 2 s interval (from /proc/<pid>/stat over the run),
   - each collector's cycle (median of mpswatch_collector_duration_seconds over the run),
-  - /metrics latency p50/p99 with 10 concurrent scrapers, and the series count,
+  - /metrics latency p50/p99 with one scraper (as Prometheus scrapes) and with 10 concurrent ones,
+    and the series count,
   - RSS after start and at the end.
 
 Two nodes, both on a CPU machine (no GPU): MPS replies come from benchmarks/fastbin (cat of
@@ -11,7 +12,9 @@ recording, engines are tests/fakevllm.py processes with vLLM-like command lines.
   reference: 1 GPU, 1 control daemon, 2 engines
   large:     8 GPUs, 48 MPS clients per GPU, 16 engines
 
-    python benchmarks/node_cost.py [--quick]      # --quick: 20 s a node instead of 120 s
+    python benchmarks/node_cost.py [--quick] [--full-bodies] [--node reference|large]
+        # --quick: 20 s a node instead of 120 s; --full-bodies: the engines serve a full-size vLLM
+        # body (benchmarks/vllm_parse.py, 407 samples) instead of the tests' abridged one (26)
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import tempfile
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "agent")]
@@ -68,11 +73,12 @@ def make_daemon(root: Path, gpus: int, clients: list[list[int]]) -> Path:
     return pipe
 
 
-def start_engines(count: int) -> list[subprocess.Popen]:
+def start_engines(count: int, full_bodies: bool = False) -> list[subprocess.Popen]:
+    script = ROOT / ("benchmarks/fullbody_vllm.py" if full_bodies else "tests/fakevllm.py")
     engines = []
     for i in range(count):
         engine = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests/fakevllm.py"), "vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct",
+            [sys.executable, str(script), "vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct",
              "--port", str(free_port()), "--served-model-name", f"engine-{i}"],
             stdout=subprocess.PIPE, text=True)
         engines.append(engine)
@@ -102,9 +108,15 @@ def scrapers(url: str, seconds: float, workers: int = 10) -> list[float]:
     return latencies
 
 
-def measure(name: str, gpus: int, clients_per_gpu: int, engine_count: int, seconds: float) -> dict:
+NODES = {"reference": (1, 2, 2), "large": (8, 48, 16)}  # GPUs, MPS clients per GPU, engines
+
+
+@contextmanager
+def node(name: str, gpus: int, clients_per_gpu: int, engine_count: int, full_bodies: bool = False) -> Iterator[dict]:
+    """A node's stand-ins, shared with benchmarks/floor.py: the engine processes (the first MPS
+    clients of each GPU), the control program's replies, a real server.log, the fake NVML's layout."""
     work = Path(tempfile.mkdtemp(prefix=f"mpswatch-bench-{name}-"))
-    engines = start_engines(engine_count)
+    engines = start_engines(engine_count, full_bodies)
     try:
         engine_pids = [e.pid for e in engines]
         clients = []
@@ -117,6 +129,17 @@ def measure(name: str, gpus: int, clients_per_gpu: int, engine_count: int, secon
         (log_dir / "server.log").write_text((ROOT / "tests/fixtures/h200-driver580/session3-50-clients-then-fault-server.log").read_text())
         env = {"MPSWATCH_GPU_NVML_MODULE": "tests.fakenvml:from_layout",
                "FAKENVML_LAYOUT": json.dumps({"gpus": gpus, "clients": clients})}
+        yield {"work": work, "pipe": pipe, "log_dir": log_dir, "env": env, "engines": engines}
+    finally:
+        for engine in engines:
+            engine.kill()
+            engine.wait()
+
+
+def measure(name: str, gpus: int, clients_per_gpu: int, engine_count: int, seconds: float,
+            full_bodies: bool = False) -> dict:
+    with node(name, gpus, clients_per_gpu, engine_count, full_bodies) as setup:
+        work, pipe, log_dir, env = setup["work"], setup["pipe"], setup["log_dir"], setup["env"]
         with Agent(["--mps-control-bin", FASTBIN, "--pipe-dir", str(pipe), "--log-dir", str(log_dir)], env=env,
                    log_path=work / "agent.log") as agent:
             time.sleep(5)  # first cycles, GPM's second sample, backfill
@@ -135,38 +158,46 @@ def measure(name: str, gpus: int, clients_per_gpu: int, engine_count: int, secon
             series = len(samples)
             assert samples[("mps_control_up", frozenset({("pipe_dir", str(pipe))}))] == 1
             engines_up = sum(v for (m, _), v in samples.items() if m == "mps_engine_up")
+            alone = sorted(scrapers(agent.url + "/metrics", min(30.0, seconds), workers=1))
             latencies = sorted(scrapers(agent.url + "/metrics", min(30.0, seconds)))
             rss_end = rss_mib(agent.proc.pid)
-    finally:
-        for engine in engines:
-            engine.kill()
-            engine.wait()
     return {
         "node": name,
         "cpu_share_of_one_core": cpu_share,
         "cycle_median_ms": {k: statistics.median(v) * 1e3 for k, v in sorted(durations.items())},
         "cycle_p90_ms": {k: sorted(v)[int(len(v) * 0.9)] * 1e3 for k, v in sorted(durations.items())},
+        "scrape_one_p50_ms": alone[len(alone) // 2] * 1e3,
+        "scrape_one_p99_ms": alone[int(len(alone) * 0.99)] * 1e3,
+        "scrapes_one": len(alone),
         "scrape_p50_ms": latencies[len(latencies) // 2] * 1e3,
         "scrape_p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3,
         "scrapes": len(latencies),
         "series": series,
         "engines_up": engines_up,
+        "engines_expected": engine_count,  # more: the agent also found another session's vLLM-like processes
         "rss_start_mib": rss_start,
         "rss_end_mib": rss_end,
         "seconds": seconds,
+        "full_bodies": full_bodies,
     }
 
 
 def main() -> None:
     seconds = 20.0 if "--quick" in sys.argv else 120.0
-    results = [measure("reference", 1, 2, 2, seconds), measure("large", 8, 48, 16, seconds)]
+    names = [sys.argv[sys.argv.index("--node") + 1]] if "--node" in sys.argv else list(NODES)
+    results = [measure(name, *NODES[name], seconds, "--full-bodies" in sys.argv) for name in names]
     print(json.dumps(results, indent=2))
-    print("\n| node | CPU (share of one core) | cycle median / p90 (ms): mps_control, mps_logs, gpu, engines | scrape p50 / p99 (10 scrapers) | series | RSS start → end |")
-    print("|---|---|---|---|---|---|")
+    print("\n| node | CPU (share of one core) | cycle median / p90 (ms): mps_control, mps_logs, gpu, engines | "
+          "scrape p50 / p99, one scraper (scrapes) | scrape p50 / p99, 10 scrapers (scrapes) | series | RSS start → end |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
+        if r["engines_up"] != r["engines_expected"]:
+            print(f"WARNING {r['node']}: the agent saw {r['engines_up']:.0f} engines up, not "
+                  f"{r['engines_expected']} (another session's vLLM-like processes?)", file=sys.stderr)
         cycles = ", ".join(f"{r['cycle_median_ms'][c]:.1f}/{r['cycle_p90_ms'][c]:.1f}"
                            for c in ("mps_control", "mps_logs", "gpu", "engines"))
         print(f"| {r['node']} | {r['cpu_share_of_one_core'] * 100:.2f} % | {cycles} | "
+              f"{r['scrape_one_p50_ms']:.1f} / {r['scrape_one_p99_ms']:.1f} ms ({r['scrapes_one']}) | "
               f"{r['scrape_p50_ms']:.1f} / {r['scrape_p99_ms']:.1f} ms ({r['scrapes']}) | {r['series']} | "
               f"{r['rss_start_mib']:.0f} → {r['rss_end_mib']:.0f} MiB |")
 
