@@ -24,6 +24,8 @@ from mpswatch.collectors.engines import (
     stat_cpu_ticks,
     tokens_per_second,
 )
+import mpswatch.collectors.engines as engines_module
+from benchmarks.vllm_parse import full_size_body
 from mpswatch.procfs import ProcFS
 from mpswatch.snapshot import (
     CollectorReport,
@@ -384,3 +386,16 @@ def test_an_engine_served_by_prometheus_client_s_own_http_server_is_read(tmp_pat
         server.shutdown()
     assert engine.up and engine.requests_running == 2 and engine.prompt_tokens_total == 1000
     assert engine.tokens_per_second > 0
+
+
+@pytest.mark.parametrize("text", [
+    pytest.param(lambda: body("metrics-v0.10-names.txt"), id="v0.10 names"),
+    pytest.param(lambda: body("metrics-v0.6-names.txt"), id="v0.6 names"),
+    pytest.param(lambda: full_size_body(), id="full-size vLLM body"),
+])
+def test_reading_only_the_lines_used_gives_what_parsing_the_whole_body_gives(text, monkeypatch):
+    text = text()
+    filtered = parse_vllm_metrics(text)
+    monkeypatch.setattr(engines_module, "_lines_read", lambda body: body)
+    assert parse_vllm_metrics(text) == filtered
+    assert filtered.prompt_tokens_total is not None and filtered.requests_running is not None
