@@ -168,6 +168,17 @@ def run(config_path: str | None, **flags: Any) -> None:
     httpd.shutdown()
 
 
+def _one_shot_scheduler(config_path: str | None, flags: dict[str, Any]) -> Scheduler:
+    """Collectors for a command that prints a report: logs at error level unless asked, since the
+    report is the output and state-change logs would only repeat it."""
+    if flags["log_level"] is None:
+        flags["log_level"] = "error"
+    config = _load(config_path, flags)
+    configure_logging(config["log_level"], config["log_format"])
+    store = SnapshotStore()
+    return Scheduler(build_collectors(config, store), store)
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the stable JSON schema (docs/status.md).")
 @_config_options
@@ -176,13 +187,7 @@ def status(config_path: str | None, as_json: bool, **flags: Any) -> None:
 
     Exit status: 0 all OK, 1 something degraded or down, 2 usage or config error.
     """
-    if flags["log_level"] is None:
-        flags["log_level"] = "error"  # the report is the output; state-change logs would only repeat it
-    config = _load(config_path, flags)
-    configure_logging(config["log_level"], config["log_format"])
-    store = SnapshotStore()
-    scheduler = Scheduler(build_collectors(config, store), store)
-    report = health_report(scheduler.run_once(), __version__)
+    report = health_report(_one_shot_scheduler(config_path, flags).run_once(), __version__)
     click.echo(json.dumps(report, indent=2) if as_json else render_text(report), nl=as_json)
     sys.exit(0 if report["verdict"] == OK else 1)
 
@@ -197,12 +202,7 @@ def advise(config_path: str | None, as_json: bool, window: float, **flags: Any) 
 
     Exit status: 0, 1 when engines share a GPU on which MPS is likely slower, 2 usage or config error.
     """
-    if flags["log_level"] is None:
-        flags["log_level"] = "error"
-    config = _load(config_path, flags)
-    configure_logging(config["log_level"], config["log_format"])
-    store = SnapshotStore()
-    scheduler = Scheduler(build_collectors(config, store), store)
+    scheduler = _one_shot_scheduler(config_path, flags)
     scheduler.run_once()
     threading.Event().wait(window)
     report = advice_report(scheduler.run_once())
