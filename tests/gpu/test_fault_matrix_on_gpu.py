@@ -52,10 +52,9 @@ def events(samples, log_dir: str, event: str) -> float:
                if n == "mps_log_events_total" and dict(l).get("log_dir") == log_dir and dict(l)["event"] == event)
 
 
-def status(pipe: str, logs: str, user: int | None = None, env=None) -> tuple[int, dict]:
+def status(pipe: str, logs: str) -> tuple[int, dict]:
     run = subprocess.run(mpswatch_cmd("status", "--json", "--pipe-dir", pipe, "--log-dir", logs),
-                         env=env or agent_env(), capture_output=True, text=True, timeout=60,
-                         **({"user": user, "group": user, "extra_groups": []} if user is not None else {}))
+                         env=agent_env(), capture_output=True, text=True, timeout=60)
     assert run.returncode in (0, 1), run.stderr
     return run.returncode, json.loads(run.stdout)
 
