@@ -241,3 +241,16 @@ def test_without_a_driver_the_agent_runs_on_and_reports_the_gpu_collector_state(
         assert agent.get("/healthz")[0] == 200
         time.sleep(1.0)
         assert agent.proc.poll() is None
+
+
+def test_a_command_killed_by_the_agent_stopping_is_not_blamed_on_the_daemon(fake_daemon, tmp_path):
+    daemon = fake_daemon("healthy_two_clients_driver580")
+    d = daemon.path
+    args = ["--mps-control-bin", FAKE_CONTROL, "--interval", "0.5", "--command-timeout", "10", "--pipe-dir", d]
+    with Agent(args, log_path=tmp_path / "agent.log") as agent:
+        agent.wait_for(lambda s: s.get(key("mps_control_up", pipe_dir=d)) == 1)
+        daemon.update(mode="hang")
+        time.sleep(1.5)  # a query is now waiting on the hung daemon, well within its 10 s
+    log = [json.loads(line) for line in (tmp_path / "agent.log").read_text().splitlines()]
+    assert [e["event"] for e in log if e.get("collector") == "mps_control"].count("daemon_down") == 0
+    assert any(e["event"] == "agent_stopping" for e in log)

@@ -19,6 +19,7 @@ MAX_OUTPUT_BYTES = 1 << 20
 
 _live: set[subprocess.Popen[bytes]] = set()
 _live_lock = threading.Lock()
+_stopping = threading.Event()
 
 
 @dataclass(frozen=True)
@@ -138,8 +139,15 @@ def _kill_group(child: subprocess.Popen[bytes]) -> None:
         pass  # stuck in the kernel (D state); the zombie is reaped by the next wait or at exit
 
 
+def stopping() -> bool:
+    """True once the agent is killing its children on the way out: a command that ends now ended
+    by our hand, and says nothing about the daemon it asked."""
+    return _stopping.is_set()
+
+
 def kill_all_children() -> None:
     """On shutdown: children run in their own sessions, so no signal of ours reaches them."""
+    _stopping.set()
     with _live_lock:
         children = list(_live)
     for child in children:

@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 import structlog
 
 from mpswatch.procfs import ProcFS
-from mpswatch.runner import Runner, RunResult, run_with_deadline
+from mpswatch.runner import Runner, RunResult, run_with_deadline, stopping
 from mpswatch.snapshot import (
     SERVER_STATUSES,
     DaemonState,
@@ -593,6 +593,8 @@ class MpsControlCollector:
             daemon = MpsDaemon(pipe_dir, found_by, DaemonState.GARBAGE, f"unexpected: {err!r}"[:200],
                                client_limit=self._client_limit)
             durations, failures = {}, [("get_server_list", "garbage_output")]
+        if stopping() and previous is not None:
+            return previous  # its command was killed by the agent shutting down: neither logged nor counted
         if daemon.clients:
             daemon = replace(daemon, clients=tuple(replace(c, device=full_uuid(c.device, self._uuids)) for c in daemon.clients))
         if daemon.up and settings_from is None:
