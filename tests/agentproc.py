@@ -35,6 +35,11 @@ def mpswatch_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "mpswatch", *args]
 
 
+def key(name: str, **labels: str) -> tuple[str, frozenset]:
+    """A series' key in parse_exposition's result."""
+    return (name, frozenset(labels.items()))
+
+
 def parse_exposition(text: str) -> dict[tuple[str, frozenset], float]:
     samples = {}
     for family in text_string_to_metric_families(text):

@@ -10,14 +10,10 @@ import pytest
 
 from mpswatch import __version__
 from mpswatch.collectors.mps_control import READ_ONLY_COMMANDS
-from tests.agentproc import Agent, agent_env, mpswatch_cmd
+from tests.agentproc import Agent, agent_env, key, mpswatch_cmd
 from tests.fakedaemon import FAKE_CONTROL
 
 FAST = ["--mps-control-bin", FAKE_CONTROL, "--interval", "0.5", "--command-timeout", "1"]
-
-
-def key(name, **labels):
-    return (name, frozenset(labels.items()))
 
 
 def series(samples, name):

@@ -8,7 +8,7 @@ import subprocess
 import time
 from datetime import datetime
 
-from tests.agentproc import Agent, agent_env, mpswatch_cmd
+from tests.agentproc import Agent, agent_env, key, mpswatch_cmd
 from tests.fakedaemon import FAKE_CONTROL
 
 INTERVAL = 0.5
@@ -24,10 +24,6 @@ def write(path, *messages, tag="Server", pid=486, offset=0.0):
     with open(path, "a") as handle:
         for message in messages:
             handle.write(f"[{stamp(offset)} {tag}   {pid}] {message}\n")
-
-
-def key(name, **labels):
-    return (name, frozenset(labels.items()))
 
 
 def test_counters_and_last_event_times_move_within_two_cycles(tmp_path):

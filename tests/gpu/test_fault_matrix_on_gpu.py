@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from tests.agentproc import REPO, Agent, agent_env, free_port, mpswatch_cmd, parse_exposition
+from tests.agentproc import Agent, REPO, agent_env, free_port, key, mpswatch_cmd, parse_exposition
 from tests.gpu.conftest import MATRIX, MpsDaemon, read_line, rest_of_output
 
 NOBODY = 65534
@@ -37,10 +37,6 @@ def ready(client: subprocess.Popen) -> subprocess.Popen:
     line = read_line(client)
     assert line.startswith("ready"), line or "no line within 30 s"
     return client
-
-
-def key(name, **labels):
-    return (name, frozenset(labels.items()))
 
 
 def of(samples, name) -> dict[frozenset, float]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 from tests.gpu.conftest import MATRIX, read_line, rest_of_output, results_saver
-from tests.agentproc import Agent, agent_env, mpswatch_cmd
+from tests.agentproc import Agent, agent_env, key, mpswatch_cmd
 
 RESULTS: dict = {}
 
@@ -23,14 +23,6 @@ _save_results = results_saver("MPSWATCH_GPU_LOG_RESULTS", RESULTS)
 
 def start(binary, mps, *args) -> subprocess.Popen:
     return subprocess.Popen([binary, *args], env=mps.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def first_line(client: subprocess.Popen) -> str:
-    return read_line(client)
-
-
-def key(name, **labels):
-    return (name, frozenset(labels.items()))
 
 
 def count(samples, log_dir, event, source="server"):
@@ -53,7 +45,7 @@ def test_refusals_fatal_error_and_teardown_are_counted(mps, mps_client, tmp_path
         fifty.expect_quiet("MPSClientsRefused")
         started_at = time.monotonic()
         clients = [start(mps_client, mps, "hold", "8") for _ in range(50)]
-        outcomes = [first_line(c) for c in clients]
+        outcomes = [read_line(c) for c in clients]
         refused_pids = sorted(c.pid for c, line in zip(clients, outcomes) if line.startswith("init_failed"))
         RESULTS["fifty_clients_outcomes"] = sorted(set(re.sub(r"\d{3,}", "N", line) for line in outcomes))
         assert len(refused_pids) == 2, outcomes
@@ -86,9 +78,9 @@ def test_refusals_fatal_error_and_teardown_are_counted(mps, mps_client, tmp_path
             xids_before = _xid31(before)
             torn_lines_before = _torn_down_lines(mps.log_dir)
             innocent = start(mps_client, mps, *innocent_mode)
-            assert first_line(innocent).startswith("ready")
+            assert read_line(innocent).startswith("ready")
             culprit = start(mps_client, mps, "fault", "3")
-            assert first_line(culprit).startswith("ready")
+            assert read_line(culprit).startswith("ready")
             faulted_at = time.monotonic()
             fatal_before = count(before, logs, "fatal_gpu_error")
             s = agent.wait_for(lambda s: s if count(s, logs, "fatal_gpu_error") == fatal_before + 1 else None, timeout=10)

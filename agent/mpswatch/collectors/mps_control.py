@@ -609,7 +609,7 @@ class MpsControlCollector:
         log = self._log.bind(pipe_dir=pipe_dir)
         for server_pid in lost:
             log.warning("server_lost", server_pid=server_pid, reason="no longer listed while its clients were connected")
-        for level, event, context in state_changes(self._previous.get(pipe_dir), daemon):
+        for level, event, context in state_changes(previous, daemon):
             getattr(log, level)(event, **context)
         self._previous[pipe_dir] = daemon
         return daemon
