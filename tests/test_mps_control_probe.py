@@ -14,6 +14,7 @@ from mpswatch.collectors.mps_control import (
     discover_pipe_dirs,
     probe_daemon,
     read_pid_file,
+    servers_lost,
     state_changes,
 )
 from mpswatch.procfs import ProcFS
@@ -382,3 +383,31 @@ def test_clients_are_named_by_the_full_gpu_uuid_the_driver_lists(tmp_path):
     )
     [client] = collector.collect().daemons[0].clients
     assert client.device == "GPU-2ea0ea17-0206-eb44-7b5a-07c4ed6659bf"
+
+
+def _serving(servers=(), clients=(), state=DaemonState.UP):
+    """A daemon listing `servers` (PIDs) with `clients` as (pid, server) pairs; None: `ps` failed."""
+    return _daemon(state, tuple(MpsServer(pid, 0, "ACTIVE", 100.0) for pid in servers),
+                   None if clients is None else tuple(MpsClient(pid, 1, server, "GPU-a", "4026531836", "python3")
+                                                      for pid, server in clients))
+
+
+def test_a_server_gone_while_serving_clients_is_lost_once():
+    lost, serving = servers_lost(frozenset(), _serving(servers=[476], clients=[(437, 476)]))
+    assert (lost, serving) == ([], {476})
+    lost, serving = servers_lost(serving, _serving(servers=[], clients=[]))
+    assert (lost, serving) == ([476], frozenset())
+    assert servers_lost(serving, _serving(servers=[], clients=[])) == ([], frozenset())
+
+
+def test_a_server_lost_across_a_cycle_whose_ps_failed_is_still_counted():
+    _, serving = servers_lost(frozenset(), _serving(servers=[476], clients=[(437, 476)]))
+    _, serving = servers_lost(serving, _serving(servers=[476], clients=None))  # `ps`: Server not found
+    assert servers_lost(serving, _serving(servers=[], clients=None))[0] == [476]
+
+
+def test_servers_without_clients_and_servers_gone_with_their_daemon_are_not_lost():
+    assert servers_lost(frozenset(), _serving(servers=[], clients=[]))[0] == []  # an idle server shut down
+    _, serving = servers_lost(frozenset(), _serving(servers=[476], clients=[(437, 476)]))
+    _, serving = servers_lost(serving, _serving(state=DaemonState.NOT_RUNNING))  # quit
+    assert servers_lost(serving, _serving(servers=[900], clients=[(901, 900)]))[0] == []

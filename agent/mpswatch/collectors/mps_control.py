@@ -502,16 +502,17 @@ def state_changes(prev: MpsDaemon | None, cur: MpsDaemon) -> list[tuple[str, str
     return changes
 
 
-def servers_lost(prev: MpsDaemon | None, cur: MpsDaemon) -> list[int]:
-    """Servers that had clients last cycle and are no longer listed while the daemon stays up: killed
-    or crashed, taking their clients with them. The daemon logs that as `exited with status 0`, as it
-    does a normal shutdown (seen on an H200, driver 580); a server let go on `quit` goes with its
-    daemon and is not counted."""
-    if prev is None or not (prev.up and cur.up) or not prev.clients:
-        return []
+def servers_lost(serving: frozenset[int], cur: MpsDaemon) -> tuple[list[int], frozenset[int]]:
+    """(servers lost, servers serving clients now). Lost: last seen serving clients, and no longer
+    listed while the daemon is up: killed or crashed, taking their clients with them. The daemon logs
+    that as `exited with status 0`, as it does a normal shutdown (seen on an H200, driver 580). A
+    cycle whose `ps` failed (as it does right after such a death) keeps what was serving before; a
+    daemon that goes down takes its servers along, which is not counted."""
+    if not cur.up:
+        return [], frozenset()
     listed = {s.pid for s in cur.servers}
-    with_clients = {c.server_pid for c in prev.clients}
-    return sorted(s.pid for s in prev.servers if s.pid in with_clients and s.pid not in listed)
+    now = frozenset(c.server_pid for c in cur.clients) if cur.clients is not None else serving & listed
+    return sorted(serving - listed), now
 
 
 # ---------------------------------------------------------------- collector
@@ -546,6 +547,7 @@ class MpsControlCollector:
         self._known: dict[str, str] = {}  # pipe_dir -> found_by
         self._failures: dict[str, dict[tuple[str, str], int]] = {}
         self._lost: dict[str, int] = {}
+        self._serving: dict[str, frozenset[int]] = {}
         self._previous: dict[str, MpsDaemon] = {}
         self._settings_read_at: dict[str, float] = {}
         self._uuids: list[str] = []
@@ -574,7 +576,7 @@ class MpsControlCollector:
             if pipe_dir not in found and found_by != "configured" and not looks_like_pipe_dir(Path(pipe_dir)):
                 self._log.info("daemon_forgotten", pipe_dir=pipe_dir, reason="pipe dir removed")
                 for table in (self._known, self._channels, self._failures, self._previous, self._settings_read_at,
-                              self._lost):
+                              self._lost, self._serving):
                     table.pop(pipe_dir, None)
 
     def _probe(self, pipe_dir: str, found_by: str, control_bin: str) -> MpsDaemon:
@@ -602,7 +604,7 @@ class MpsControlCollector:
         totals = self._failures.setdefault(pipe_dir, {})
         for key in failures:
             totals[key] = totals.get(key, 0) + 1
-        lost = servers_lost(previous, daemon)
+        lost, self._serving[pipe_dir] = servers_lost(self._serving.get(pipe_dir, frozenset()), daemon)
         self._lost[pipe_dir] = self._lost.get(pipe_dir, 0) + len(lost)
         daemon = replace(daemon, command_durations=frozen_map(durations), command_failures=frozen_map(totals),
                          servers_lost_total=self._lost[pipe_dir])
