@@ -1,6 +1,7 @@
 """On a GPU machine, in one run: what one poll of the GPU and MPS facts costs the agent, against what
 nvidia-smi based exporters do on every scrape and against nvitop's polling of the same facts; then
-the agent's effect on real GPU work (two MPS clients with the agent polling every second, or not).
+the agent's effect on real GPU work (two MPS clients, the agent polling every second in alternating
+blocks: benchmarks/h200_effect.py).
 
     python benchmarks/h200_side_by_side.py [--quick] OUT.json
 
@@ -11,7 +12,6 @@ Needs: an NVIDIA GPU, nvidia-cuda-mps-control, PyTorch (tests/gpu/cuda_client.py
 from __future__ import annotations
 
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "agent")]
+sys.path[:0] = [str(ROOT), str(ROOT / "agent"), str(ROOT / "benchmarks")]
 
 from mpswatch.collectors.gpu import GpuCollector  # noqa: E402
 from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector  # noqa: E402
-from tests.agentproc import free_port  # noqa: E402
+from h200_effect import run_blocks  # noqa: E402
 from tests.gpu.conftest import MpsDaemon  # noqa: E402
 
 SMI = ["nvidia-smi", "--query-gpu=index,uuid,utilization.gpu,memory.used,memory.total,power.draw,temperature.gpu",
@@ -81,52 +81,12 @@ def main() -> None:
             gpu.close()
             del clients
             mps.stop_clients()
-            result["effect_on_gpu_work"] = effect(mps, 10.0 if quick else 30.0)
+            result["effect_on_gpu_work"] = (run_blocks(mps, block_seconds=10, blocks=5, settle_seconds=3) if quick
+                                            else run_blocks(mps, block_seconds=20, blocks=21, settle_seconds=4))
         finally:
             mps.cleanup()
     print(json.dumps(result, indent=2))
     Path(sys.argv[-1]).write_text(json.dumps(result, indent=2))
-
-
-def effect(mps: MpsDaemon, seconds: float) -> dict:
-    """Two MPS clients' matmul rate, alternately without and with the agent polling every second."""
-    rates: dict[str, list[float]] = {"without_agent": [], "with_agent": []}
-    for with_agent in (False, True, False, True):
-        agent = None
-        if with_agent:
-            agent = subprocess.Popen([sys.executable, "-m", "mpswatch", "run", "--listen", f"127.0.0.1:{free_port()}",
-                                      "--pipe-dir", str(mps.pipe_dir), "--interval", "1"],
-                                     env={**os.environ, "MPSWATCH_GPU_INTERVAL_SECONDS": "1",
-                                          "MPSWATCH_ENGINE_SCRAPE_INTERVAL_SECONDS": "1",
-                                          "PYTHONPATH": f"{ROOT / 'agent'}:{os.environ.get('PYTHONPATH', '')}"},
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(2)
-        try:
-            rates["with_agent" if with_agent else "without_agent"].append(_rate(mps, seconds))
-        finally:
-            if agent is not None:
-                agent.terminate()
-                agent.wait(timeout=20)
-    without, with_ = statistics.mean(rates["without_agent"]), statistics.mean(rates["with_agent"])
-    return {"rates_per_second": rates, "difference_ratio": (with_ - without) / without,
-            "noise_ratio": abs(rates["without_agent"][0] - rates["without_agent"][1]) / without}
-
-
-def _rate(mps: MpsDaemon, seconds: float) -> float:
-    """Steps (20 bf16 matrix products each) per second of two MPS clients over `seconds`."""
-    clients = [mps.start_client(size, "matmul", "bfloat16") for size in (4096, 8192)]
-    started = time.monotonic()
-    time.sleep(seconds)
-    for client in clients:
-        Path(client.stop_file).touch()
-    steps = 0
-    for client in clients:
-        line = client.stdout.readline()
-        client.wait(timeout=60)
-        steps += int(line.split("steps=")[1])
-    elapsed = time.monotonic() - started
-    mps.clients.clear()
-    return steps / elapsed
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def _config_options(func):
                      help="Watch only this MPS pipe dir (repeatable); default: discover them."),
         click.option("--mps-control-bin", "control_bin", metavar="PATH", help="The nvidia-cuda-mps-control program."),
         click.option("--interval", type=str, metavar="SECONDS", help="Seconds between MPS control queries [2]."),
-        click.option("--command-timeout", type=str, metavar="SECONDS", help="Deadline of one control command [2]."),
+        click.option("--command-timeout", type=str, metavar="SECONDS", help="Deadline of one control command [1]."),
         click.option("--client-limit", type=str, metavar="N", help="MPS clients allowed per device [48]."),
         click.option("--log-dir", multiple=True, metavar="DIR",
                      help="Follow only this MPS log dir (repeatable); default: discover them."),

@@ -177,7 +177,7 @@ SETTINGS = [
     ),
     Setting("mps_control.control_bin", _text, "nvidia-cuda-mps-control", "Control program (PATH is searched)."),
     Setting("mps_control.interval_seconds", _seconds(0.1, 3600), 2.0, "Seconds between two queries of each daemon."),
-    Setting("mps_control.timeout_seconds", _seconds(0.05, 60), 2.0, "Deadline of one control command."),
+    Setting("mps_control.timeout_seconds", _seconds(0.05, 60), 1.0, "Deadline of one control command."),
     Setting("mps_control.client_limit", _whole(1, 1024), 48, "Clients allowed per device."),
     Setting(
         "mps_control.settings_interval_seconds",

@@ -89,7 +89,7 @@ def test_real_daemon_clients_hang_and_recovery(mps, tmp_path):
         RESULTS["slowest_scrape_during_hang_seconds"] = round(slowest, 4)
         case.detect_seconds["mps_control_up 0 (state timeout)"] = round(down_after, 3)
         case.reported["slowest scrape during the hang (s)"] = round(slowest, 4)
-        assert down_after <= 2 * INTERVAL + 0.5
+        assert down_after <= 2 * INTERVAL  # the budget: one interval plus the 1 s command timeout at most
         assert slowest < 1.0
         case.expect_alert("MPSControlDaemonUnresponsive")
         code, hung = _status(mps.pipe_dir)

@@ -527,7 +527,7 @@ class MpsControlCollector:
         control_bin: str,
         discovery: DiscoverySettings,
         interval_seconds: float = 2.0,
-        command_timeout_seconds: float = 2.0,
+        command_timeout_seconds: float = 1.0,
         client_limit: int = 48,
         procfs: ProcFS | None = None,
         runner: Runner = run_with_deadline,

@@ -1,0 +1,202 @@
+"""Does the agent slow GPU work down? Two MPS clients run bf16 matrix products for the whole run
+(benchmarks/gpu_work.py, reporting their progress continuously) while the agent, polling every
+second, is started and stopped in alternating blocks: off, on, off, ..., off.
+
+    python benchmarks/h200_effect.py [--block-seconds 20] [--blocks 21] [--settle-seconds 4] OUT.json
+
+Each block's rate is the clients' steps per second between its start plus the settling time and
+its end (the agent's start-up and exit are left out of both kinds of block). Each "on" block is
+compared with the mean of the two "off" blocks around it, so the slow drift of these machines'
+rates (clocks, other tenants: about ±10 % over minutes) cancels; the noise is the same comparison
+made for an "off" block against the "off" blocks two places away (a placebo). The effect is
+within noise when the bootstrap 95 % interval of the mean difference contains zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from bisect import bisect_left
+from pathlib import Path
+from typing import Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "agent")]
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from tests.agentproc import free_port  # noqa: E402
+
+CLIENT_SIZES = (4096, 8192)
+
+
+def steps_at(progress: Sequence[tuple[float, int]], when: float) -> float:
+    """Steps done by `when`, interpolated between the client's reports."""
+    times = [t for t, _ in progress]
+    i = bisect_left(times, when)
+    if i == 0 or i == len(progress):
+        raise ValueError(f"no progress reported around {when:.3f}")
+    (t0, s0), (t1, s1) = progress[i - 1], progress[i]
+    return s0 + (s1 - s0) * (when - t0) / (t1 - t0)
+
+
+def rate(progresses: Sequence[Sequence[tuple[float, int]]], start: float, end: float) -> float:
+    """All clients' steps per second between two monotonic times."""
+    return sum(steps_at(p, end) - steps_at(p, start) for p in progresses) / (end - start)
+
+
+def relative_to_neighbours(rates: Sequence[float], index: int, distance: int) -> float:
+    baseline = (rates[index - distance] + rates[index + distance]) / 2
+    return rates[index] / baseline - 1
+
+
+def bootstrap_mean_interval(values: Sequence[float], resamples: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of the mean (fixed seed: the report is reproducible)."""
+    pick = random.Random(seed)
+    means = sorted(statistics.fmean(pick.choices(values, k=len(values))) for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
+def summarise(kinds: Sequence[str], rates: Sequence[float]) -> dict:
+    """Paired effects of the "on" blocks and the placebo of the "off" ones; kinds alternate
+    off, on, ..., off."""
+    effects = [relative_to_neighbours(rates, i, 1) for i, kind in enumerate(kinds) if kind == "on"]
+    placebo = [relative_to_neighbours(rates, i, 2) for i, kind in enumerate(kinds)
+               if kind == "off" and 2 <= i < len(kinds) - 2]
+    low, high = bootstrap_mean_interval(effects)
+    return {
+        "on_blocks": len(effects),
+        "effect_mean_ratio": statistics.fmean(effects),
+        "effect_median_ratio": statistics.median(effects),
+        "effect_ci95_ratio": [low, high],
+        "effect_stdev_ratio": statistics.stdev(effects),
+        "placebo_blocks": len(placebo),
+        "placebo_mean_ratio": statistics.fmean(placebo),
+        "placebo_stdev_ratio": statistics.stdev(placebo),
+        "within_noise": low <= 0 <= high,
+    }
+
+
+class WorkClient:
+    """One gpu_work.py process and the progress it has reported so far."""
+
+    def __init__(self, size: int, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "benchmarks/gpu_work.py"), str(size)], env=env,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = self.process.stdout.readline()
+        if not ready.startswith("ready"):
+            raise RuntimeError(f"GPU work client failed to start: {ready!r}")
+        self.progress: list[tuple[float, int]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            when, steps = line.split()
+            self.progress.append((float(when), int(steps)))
+
+    def stop(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+        self._reader.join(10)
+
+
+def _agent_cpu_seconds(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # the agent died: the block's row says so instead of ending the run
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _agent_view(url: str) -> dict[str, float]:
+    """The agent's own account that it was watching: control daemon and GPU up."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    view = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ("mps_control_up", "mps_gpu_up"):
+                view[sample.name] = sample.value
+    return view
+
+
+def run_blocks(mps, block_seconds: float, blocks: int, settle_seconds: float, log=print) -> dict:
+    """Alternating blocks on one MPS daemon (tests.gpu.conftest.MpsDaemon); returns the raw blocks
+    and their summary."""
+    if blocks < 5 or blocks % 2 == 0:
+        raise ValueError("blocks must be odd and at least 5: off, on, off, on, off")
+    clients = [WorkClient(size, mps.env) for size in CLIENT_SIZES]
+    rows = []
+    try:
+        time.sleep(settle_seconds)  # both clients in their steady state
+        for index in range(blocks):
+            kind = "on" if index % 2 else "off"
+            started = time.monotonic()
+            agent = None
+            port = free_port()
+            if kind == "on":
+                env = {**os.environ, "MPSWATCH_GPU_INTERVAL_SECONDS": "1", "MPSWATCH_ENGINE_SCRAPE_INTERVAL_SECONDS": "1",
+                       "MPSWATCH_MPS_LOGS_INTERVAL_SECONDS": "1",
+                       "PYTHONPATH": os.pathsep.join([str(ROOT / "agent"), os.environ.get("PYTHONPATH", "")])}
+                agent = subprocess.Popen([sys.executable, "-m", "mpswatch", "run", "--listen", f"127.0.0.1:{port}",
+                                          "--pipe-dir", str(mps.pipe_dir), "--log-dir", str(mps.log_dir),
+                                          "--interval", "1"],
+                                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(settle_seconds)
+            window_start = time.monotonic()
+            cpu_start = _agent_cpu_seconds(agent.pid) if agent else None
+            time.sleep(max(0.0, started + block_seconds - time.monotonic()))
+            window_end = time.monotonic()
+            row = {"kind": kind, "window_seconds": window_end - window_start}
+            if agent is not None:
+                cpu_end = _agent_cpu_seconds(agent.pid)
+                if cpu_start is not None and cpu_end is not None:
+                    row["agent_cpu_share_of_core"] = (cpu_end - cpu_start) / (window_end - window_start)
+                try:
+                    row["agent_view"] = _agent_view(f"http://127.0.0.1:{port}/metrics")
+                except OSError as err:
+                    row["agent_view"] = {"error": repr(err)}
+                agent.terminate()
+                agent.wait(timeout=20)
+            time.sleep(0.5)  # the clients report the window's end
+            row["steps_per_second"] = rate([c.progress for c in clients], window_start, window_end)
+            rows.append(row)
+            log(index, kind, round(row["steps_per_second"], 2), row.get("agent_view", ""))
+    finally:
+        for client in clients:
+            client.stop()
+    return {"block_seconds": block_seconds, "settle_seconds": settle_seconds, "client_sizes": CLIENT_SIZES,
+            "blocks": rows, "summary": summarise([r["kind"] for r in rows], [r["steps_per_second"] for r in rows])}
+
+
+def main() -> None:
+    from tests.gpu.conftest import MpsDaemon
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--block-seconds", type=float, default=20.0)
+    parser.add_argument("--blocks", type=int, default=21)
+    parser.add_argument("--settle-seconds", type=float, default=4.0)
+    parser.add_argument("out")
+    args = parser.parse_args()
+    mps = MpsDaemon(Path(tempfile.mkdtemp(prefix="mpswatch-effect-")) / "mps")
+    try:
+        mps.start()
+        result = run_blocks(mps, args.block_seconds, args.blocks, args.settle_seconds)
+    finally:
+        mps.cleanup()
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["summary"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
