@@ -133,8 +133,8 @@ def _agent_view(url: str) -> dict[str, float]:
 def run_blocks(mps, block_seconds: float, blocks: int, settle_seconds: float, log=print) -> dict:
     """Alternating blocks on one MPS daemon (tests.gpu.conftest.MpsDaemon); returns the raw blocks
     and their summary."""
-    if blocks < 5 or blocks % 2 == 0:
-        raise ValueError("blocks must be odd and at least 5: off, on, off, on, off")
+    if blocks < 7 or blocks % 2 == 0:
+        raise ValueError("blocks must be odd and at least 7 (off, on, ..., off): three on, two placebo blocks")
     clients = [WorkClient(size, mps.env) for size in CLIENT_SIZES]
     rows = []
     try:

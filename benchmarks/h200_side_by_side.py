@@ -81,7 +81,7 @@ def main() -> None:
             gpu.close()
             del clients
             mps.stop_clients()
-            result["effect_on_gpu_work"] = (run_blocks(mps, block_seconds=10, blocks=5, settle_seconds=3) if quick
+            result["effect_on_gpu_work"] = (run_blocks(mps, block_seconds=10, blocks=7, settle_seconds=3) if quick
                                             else run_blocks(mps, block_seconds=20, blocks=21, settle_seconds=4))
         finally:
             mps.cleanup()

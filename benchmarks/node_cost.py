@@ -25,9 +25,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -87,25 +86,29 @@ def start_engines(count: int, full_bodies: bool = False) -> list[subprocess.Pope
     return engines
 
 
+_SCRAPER = """
+import http.client, sys, time
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+stop, out = time.monotonic() + seconds, []
+while time.monotonic() < stop:
+    started = time.perf_counter()
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    connection.request("GET", "/metrics")
+    connection.getresponse().read()
+    connection.close()
+    out.append(time.perf_counter() - started)
+print(" ".join(f"{x:.6f}" for x in out))
+"""
+
+
 def scrapers(url: str, seconds: float, workers: int = 10) -> list[float]:
-    latencies: list[float] = []
-    lock = threading.Lock()
-    stop = time.monotonic() + seconds
-
-    def loop() -> None:
-        while time.monotonic() < stop:
-            started = time.perf_counter()
-            with urllib.request.urlopen(url, timeout=10) as response:
-                response.read()
-            with lock:
-                latencies.append(time.perf_counter() - started)
-
-    threads = [threading.Thread(target=loop) for _ in range(workers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return latencies
+    """Latencies of `workers` scrapers, each its own process (as separate Prometheus servers are:
+    threads of one Python process would also time each other's turns at the GIL), each scraping
+    back to back with a new connection every time."""
+    address = urllib.parse.urlsplit(url)
+    processes = [subprocess.Popen([sys.executable, "-c", _SCRAPER, address.hostname, str(address.port), str(seconds)],
+                                  stdout=subprocess.PIPE, text=True) for _ in range(workers)]
+    return [float(x) for p in processes for x in p.communicate()[0].split()]
 
 
 NODES = {"reference": (1, 2, 2), "large": (8, 48, 16)}  # GPUs, MPS clients per GPU, engines

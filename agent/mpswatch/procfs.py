@@ -7,14 +7,35 @@ go between a listing and a read, and that is never an error for the agent.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+
+def read_file(path: str, limit: int = 1 << 20) -> bytes:
+    """Up to `limit` bytes with bare os calls: the agent reads hundreds of /proc files a cycle,
+    and pathlib and buffered file objects cost more than the reads themselves."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks, size = [], 0
+        while size < limit:
+            chunk = os.read(fd, min(1 << 16, limit - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
 class ProcFS:
     root: Path = Path("/proc")
+    _prefix: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_prefix", str(self.root))
 
     def pids(self) -> list[int]:
         try:
@@ -30,7 +51,7 @@ class ProcFS:
     def environ(self, pid: int) -> dict[str, str] | None:
         """None when the process is gone; PermissionError propagates so callers can say why."""
         try:
-            raw = (self.root / str(pid) / "environ").read_bytes()
+            raw = read_file(f"{self._prefix}/{pid}/environ")
         except (FileNotFoundError, ProcessLookupError):
             return None
         return parse_environ(raw)
@@ -71,14 +92,13 @@ class ProcFS:
     def read_text(self, relative: str, limit: int = 1 << 20) -> str | None:
         """A small /proc file (relative to the root), or None when it is gone or unreadable."""
         try:
-            with open(self.root / relative, "rb") as handle:
-                return handle.read(limit).decode("utf-8", "replace")
+            return read_file(f"{self._prefix}/{relative}", limit).decode("utf-8", "replace")
         except OSError:
             return None
 
     def tasks(self, pid: int) -> list[int]:
         try:
-            return sorted(int(name) for name in os.listdir(self.root / str(pid) / "task") if name.isdigit())
+            return sorted(int(name) for name in os.listdir(f"{self._prefix}/{pid}/task") if name.isdigit())
         except OSError:
             return []
 
@@ -96,7 +116,7 @@ class ProcFS:
 
     def _read_bytes(self, pid: int, name: str) -> bytes | None:
         try:
-            return (self.root / str(pid) / name).read_bytes()
+            return read_file(f"{self._prefix}/{pid}/{name}")
         except OSError:
             return None
 

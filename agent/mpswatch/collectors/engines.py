@@ -278,23 +278,24 @@ def stat_fields(text: str) -> list[str]:
     return rest.split() if sep else []
 
 
-def stat_ppid(text: str) -> int | None:
-    fields = stat_fields(text)
+def stat_cpu_ticks(text: str) -> int | None:
+    """utime + stime (fields 14 and 15 of stat)."""
+    return cpu_ticks_of(stat_fields(text))
+
+
+def ppid_of(fields: list[str]) -> int | None:
     return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
 
 
-def stat_start_time(text: str) -> int | None:
+def start_time_of(fields: list[str]) -> int | None:
     """Field 22 of stat: when the process started; tells a reused PID from the process before."""
-    fields = stat_fields(text)
     try:
         return int(fields[19])
     except (IndexError, ValueError):
         return None
 
 
-def stat_cpu_ticks(text: str) -> int | None:
-    """utime + stime (fields 14 and 15 of stat)."""
-    fields = stat_fields(text)
+def cpu_ticks_of(fields: list[str]) -> int | None:
     try:
         return int(fields[11]) + int(fields[12])
     except (IndexError, ValueError):
@@ -438,7 +439,8 @@ class EnginesCollector:
             stat = self._procfs.read_text(f"{pid}/stat")
             argv = self._procfs.cmdline(pid)
             if stat is not None and argv is not None:
-                table[pid] = (stat_ppid(stat), argv, stat_start_time(stat), stat_cpu_ticks(stat))
+                fields = stat_fields(stat)  # split once, read three times
+                table[pid] = (ppid_of(fields), argv, start_time_of(fields), cpu_ticks_of(fields))
         return table
 
     def _find_engines(self, processes: Mapping[int, tuple]) -> None:
