@@ -7,9 +7,9 @@ second, is started and stopped in alternating blocks: off, on, off, ..., off.
 Each block's rate is the clients' steps per second between its start plus the settling time and
 its end (the agent's start-up and exit are left out of both kinds of block). Each "on" block is
 compared with the mean of the two "off" blocks around it, so the slow drift of these machines'
-rates (clocks, other tenants: about ±10 % over minutes) cancels; the noise is the same comparison
-made for an "off" block against the "off" blocks two places away (a placebo). The effect is
-within noise when the bootstrap 95 % interval of the mean difference contains zero.
+rates (clocks, other tenants) cancels. The effect is within noise when the 95 % t-interval of the
+mean paired difference contains zero; its lower end bounds the slowdown. The same comparison made
+for an "off" block against the "off" blocks two places away (a placebo) checks the noise model.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -59,20 +58,37 @@ def relative_to_neighbours(rates: Sequence[float], index: int, distance: int) ->
     return rates[index] / baseline - 1
 
 
-def bootstrap_mean_interval(values: Sequence[float], resamples: int = 10000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile interval of the mean (fixed seed: the report is reproducible)."""
-    pick = random.Random(seed)
-    means = sorted(statistics.fmean(pick.choices(values, k=len(values))) for _ in range(resamples))
-    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+# Student's t, 97.5th percentile, for 1 to 30 degrees of freedom
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(degrees: int) -> float:
+    if degrees <= len(_T975):
+        return _T975[degrees - 1]
+    z = 1.959964  # Cornish-Fisher expansion beyond the table: exact to 3 decimals there
+    return z + (z**3 + z) / (4 * degrees) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * degrees**2)
+
+
+def mean_interval(effects: Sequence[float]) -> tuple[float, float]:
+    """95 % t-interval of the mean effect. Two neighbouring "on" blocks share the "off" block
+    between them, so their effects are correlated (1/6 for independent block noise); the variance
+    of the mean grows by 1 + (n - 1) / 3n accordingly."""
+    n = len(effects)
+    mean = statistics.fmean(effects)
+    half = t975(n - 1) * statistics.stdev(effects) * ((1 + (n - 1) / (3 * n)) / n) ** 0.5
+    return mean - half, mean + half
 
 
 def summarise(kinds: Sequence[str], rates: Sequence[float]) -> dict:
-    """Paired effects of the "on" blocks and the placebo of the "off" ones; kinds alternate
-    off, on, ..., off."""
+    """Paired effects of the "on" blocks, their interval, and the placebo of the "off" blocks (the
+    same comparison where nothing changed: a check that the blocks' noise is what the interval assumes)."""
+    if len(kinds) < 7 or list(kinds) != ["off", "on"] * (len(kinds) // 2) + ["off"]:
+        raise ValueError("blocks must alternate off, on, ..., off, at least 7 of them")
     effects = [relative_to_neighbours(rates, i, 1) for i, kind in enumerate(kinds) if kind == "on"]
     placebo = [relative_to_neighbours(rates, i, 2) for i, kind in enumerate(kinds)
                if kind == "off" and 2 <= i < len(kinds) - 2]
-    low, high = bootstrap_mean_interval(effects)
+    low, high = mean_interval(effects)
     return {
         "on_blocks": len(effects),
         "effect_mean_ratio": statistics.fmean(effects),
@@ -104,10 +120,24 @@ class WorkClient:
             when, steps = line.split()
             self.progress.append((float(when), int(steps)))
 
+    def reported_past(self, when: float) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"GPU work client {self.process.pid} exited with {self.process.returncode}")
+        return bool(self.progress) and self.progress[-1][0] >= when
+
     def stop(self) -> None:
         self.process.stdin.close()
         self.process.wait(timeout=60)
         self._reader.join(10)
+
+
+def _wait_for_reports(clients: Sequence[WorkClient], when: float, timeout: float = 30.0) -> None:
+    """Until every client has reported a step after `when` (a step takes well under a second)."""
+    deadline = time.monotonic() + timeout
+    while not all(client.reported_past(when) for client in clients):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"GPU work clients stopped reporting for {timeout:g} s")
+        time.sleep(0.05)
 
 
 def _agent_cpu_seconds(pid: int) -> float | None:
@@ -166,17 +196,24 @@ def run_blocks(mps, block_seconds: float, blocks: int, settle_seconds: float, lo
                     row["agent_view"] = _agent_view(f"http://127.0.0.1:{port}/metrics")
                 except OSError as err:
                     row["agent_view"] = {"error": repr(err)}
+                row["agent_watching"] = row["agent_view"] == {"mps_control_up": 1.0, "mps_gpu_up": 1.0}
                 agent.terminate()
-                agent.wait(timeout=20)
-            time.sleep(0.5)  # the clients report the window's end
+                try:
+                    agent.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    agent.kill()
+                    agent.wait()
+            _wait_for_reports(clients, window_end)
             row["steps_per_second"] = rate([c.progress for c in clients], window_start, window_end)
             rows.append(row)
             log(index, kind, round(row["steps_per_second"], 2), row.get("agent_view", ""))
     finally:
         for client in clients:
             client.stop()
+    summary = summarise([r["kind"] for r in rows], [r["steps_per_second"] for r in rows])
+    summary["on_blocks_agent_watching"] = sum(1 for r in rows if r.get("agent_watching"))
     return {"block_seconds": block_seconds, "settle_seconds": settle_seconds, "client_sizes": CLIENT_SIZES,
-            "blocks": rows, "summary": summarise([r["kind"] for r in rows], [r["steps_per_second"] for r in rows])}
+            "blocks": rows, "summary": summary}
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ blocks: benchmarks/h200_effect.py).
 
     python benchmarks/h200_side_by_side.py [--quick] OUT.json
 
-Needs: an NVIDIA GPU, nvidia-cuda-mps-control, PyTorch (tests/gpu/cuda_client.py), and nvitop
+Needs: an NVIDIA GPU, nvidia-cuda-mps-control, PyTorch (tests/gpu/cuda_client.py, benchmarks/gpu_work.py), and nvitop
 (a wheel is fine). Starts and stops its own MPS daemon in a temporary directory.
 """
 

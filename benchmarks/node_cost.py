@@ -88,8 +88,9 @@ def start_engines(count: int, full_bodies: bool = False) -> list[subprocess.Pope
 
 _SCRAPER = """
 import http.client, sys, time
-host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-stop, out = time.monotonic() + seconds, []
+host, port, start, stop = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+time.sleep(max(0.0, start - time.monotonic()))
+out = []
 while time.monotonic() < stop:
     started = time.perf_counter()
     connection = http.client.HTTPConnection(host, port, timeout=10)
@@ -106,9 +107,16 @@ def scrapers(url: str, seconds: float, workers: int = 10) -> list[float]:
     threads of one Python process would also time each other's turns at the GIL), each scraping
     back to back with a new connection every time."""
     address = urllib.parse.urlsplit(url)
-    processes = [subprocess.Popen([sys.executable, "-c", _SCRAPER, address.hostname, str(address.port), str(seconds)],
-                                  stdout=subprocess.PIPE, text=True) for _ in range(workers)]
-    return [float(x) for p in processes for x in p.communicate()[0].split()]
+    start = time.monotonic() + 2.0  # all start together, after the interpreters have (CLOCK_MONOTONIC is host-wide)
+    processes = [subprocess.Popen([sys.executable, "-c", _SCRAPER, address.hostname, str(address.port), str(start),
+                                   str(start + seconds)], stdout=subprocess.PIPE, text=True) for _ in range(workers)]
+    latencies = []
+    for process in processes:
+        out = process.communicate()[0]
+        if process.returncode != 0:
+            raise RuntimeError(f"a scraper failed with {process.returncode}")
+        latencies += [float(x) for x in out.split()]
+    return latencies
 
 
 NODES = {"reference": (1, 2, 2), "large": (8, 48, 16)}  # GPUs, MPS clients per GPU, engines

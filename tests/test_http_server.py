@@ -76,3 +76,26 @@ def test_a_response_leaves_in_one_write(server):
             chunks.append(chunk)
     assert len(chunks) == 1
     assert chunks[0].startswith(b"HTTP/1.0 200 OK\r\n") and chunks[0].endswith(b"\r\n\r\nok: detail here\n")
+
+
+def test_a_failure_to_render_answers_500_and_the_server_keeps_serving():
+    def broken_snapshot():
+        raise RuntimeError("render bug")
+
+    port = free_port()
+    httpd = serve(f"127.0.0.1:{port}", CachedExposition(broken_snapshot, "9.9.9"), lambda: (True, "fine"))
+    try:
+        response, body = request(port, "GET", "/metrics")
+        assert (response.status, body) == (500, b"internal error\n")
+        assert request(port, "GET", "/healthz")[0].status == 200
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_path_that_is_not_a_url_is_just_not_found(server):
+    port, _ = server
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET http://[/x HTTP/1.0\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.0 404 Not Found\r\n")
+    assert request(port, "GET", "/healthz")[0].status == 200

@@ -6,11 +6,12 @@ A scrape only reads the current immutable snapshot: no I/O, no locks held by col
 from __future__ import annotations
 
 import socket
+import sys
 import threading
-from typing import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from typing import Any, Callable, Iterable, Iterator
 
+import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -278,9 +279,12 @@ class _Handler(BaseHTTPRequestHandler):
     """One request per connection, answered with a single write: status line, headers and body go
     out in one send (wsgiref makes five, each a loopback wake-up: a third of a scrape's CPU)."""
 
-    timeout = 10  # an idle or trickling client must not hold a thread for ever
+    timeout = 10  # each read of the request waits at most this long
+    server_version = "mpswatch"
+    sys_version = ""
     exposition: CachedExposition
     healthy: Callable[[], tuple[bool, str]]
+    log: Any
 
     def do_GET(self) -> None:
         self._answer(with_body=True)
@@ -289,11 +293,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(with_body=False)
 
     def _answer(self, with_body: bool) -> None:
-        status, content_type, body = respond(urlsplit(self.path).path, self.exposition, self.healthy)
-        head = (f"HTTP/1.0 {status}\r\nServer: mpswatch\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("latin-1")
-        self.wfile.write(head + body if with_body else head)
         self.close_connection = True
+        try:
+            status, content_type, body = respond(self.path.partition("?")[0], self.exposition, self.healthy)
+        except Exception as err:  # a rendering bug costs this answer, never the server
+            self.log.error("http_answer_failed", path=self.path[:200], error=repr(err))
+            status, content_type, body = "500 Internal Server Error", "text/plain", b"internal error\n"
+        head = (f"HTTP/1.0 {status}\r\nServer: {self.server_version}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("latin-1")
+        try:
+            self.wfile.write(head + body if with_body else head)
+        except (ConnectionError, TimeoutError):
+            pass  # the scraper gave up (its own timeout, a reset): no one is left to answer
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature of the base class
         pass
@@ -301,6 +312,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
+    log: Any
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection's failure is logged as one line, not printed as a traceback on stderr."""
+        self.log.warning("http_connection_failed", client=str(client_address[0]), error=repr(sys.exc_info()[1]))
 
 
 class _Server6(_Server):
@@ -310,8 +326,9 @@ class _Server6(_Server):
 def serve(listen: str, exposition: CachedExposition, healthy: Callable[[], tuple[bool, str]]):
     """Starts the HTTP server on a daemon thread; returns the server (call shutdown() to stop)."""
     host, port = parse_listen(listen)
-    server_class = _Server6 if ":" in host else _Server
-    handler = type("Handler", (_Handler,), {"exposition": exposition, "healthy": staticmethod(healthy)})
-    httpd = server_class((host, port), handler)
+    log = structlog.get_logger().bind(component="http")
+    handler = type("Handler", (_Handler,), {"exposition": exposition, "healthy": staticmethod(healthy), "log": log})
+    httpd = (_Server6 if ":" in host else _Server)((host, port), handler)
+    httpd.log = log
     threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
     return httpd

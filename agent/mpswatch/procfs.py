@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Callable
 
 
-def read_file(path: str, limit: int = 1 << 20) -> bytes:
-    """Up to `limit` bytes with bare os calls: the agent reads hundreds of /proc files a cycle,
-    and pathlib and buffered file objects cost more than the reads themselves."""
+def read_file(path: str, limit: int | None = None) -> bytes:
+    """The file (up to `limit` bytes) with bare os calls: the agent reads hundreds of /proc files a
+    cycle, and pathlib and buffered file objects cost more than the reads themselves."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         chunks, size = [], 0
-        while size < limit:
-            chunk = os.read(fd, min(1 << 16, limit - size))
+        while limit is None or size < limit:
+            chunk = os.read(fd, 1 << 16 if limit is None else min(1 << 16, limit - size))
             if not chunk:
                 break
             chunks.append(chunk)

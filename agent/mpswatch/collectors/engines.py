@@ -279,11 +279,11 @@ def stat_fields(text: str) -> list[str]:
 
 
 def stat_cpu_ticks(text: str) -> int | None:
-    """utime + stime (fields 14 and 15 of stat)."""
     return cpu_ticks_of(stat_fields(text))
 
 
 def ppid_of(fields: list[str]) -> int | None:
+    """Field 4 of stat: the parent, for an engine's process tree."""
     return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
 
 
@@ -296,6 +296,7 @@ def start_time_of(fields: list[str]) -> int | None:
 
 
 def cpu_ticks_of(fields: list[str]) -> int | None:
+    """utime + stime (fields 14 and 15 of stat)."""
     try:
         return int(fields[11]) + int(fields[12])
     except (IndexError, ValueError):
