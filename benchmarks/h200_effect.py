@@ -2,7 +2,8 @@
 (benchmarks/gpu_work.py, reporting their progress continuously) while the agent, polling every
 second, is started and stopped in alternating blocks: off, on, off, ..., off.
 
-    python benchmarks/h200_effect.py [--block-seconds 20] [--blocks 21] [--settle-seconds 4] OUT.json
+    python benchmarks/h200_effect.py [--quick] [--block-seconds 20] [--blocks 21] [--settle-seconds 4] OUT.json
+        # --quick: 7 blocks of 10 s, 3 s settling (about 1.5 minutes; three pairs, indicative only)
 
 Each block's rate is the clients' steps per second between its start plus the settling time and
 its end (the agent's start-up and exit are left out of both kinds of block). Each "on" block is
@@ -223,8 +224,11 @@ def main() -> None:
     parser.add_argument("--block-seconds", type=float, default=20.0)
     parser.add_argument("--blocks", type=int, default=21)
     parser.add_argument("--settle-seconds", type=float, default=4.0)
+    parser.add_argument("--quick", action="store_true")
     parser.add_argument("out")
     args = parser.parse_args()
+    if args.quick:
+        args.blocks, args.block_seconds, args.settle_seconds = 7, 10.0, 3.0
     mps = MpsDaemon(Path(tempfile.mkdtemp(prefix="mpswatch-effect-")) / "mps")
     try:
         mps.start()

@@ -1,7 +1,7 @@
-"""Which NVML call grows a process's resident memory? Makes the GPU collector's NVML calls one
-kind at a time in a fresh Python process and prints VmRSS, RssAnon and RssFile after each step,
-with the shared libraries each step mapped. `--thread` makes the calls on a worker thread, as
-the agent does (glibc gives a thread its own malloc arena).
+"""Which NVML call grows a process's resident memory? Makes the GPU collector's kinds of NVML call
+one kind at a time in a fresh Python process and prints VmRSS, RssAnon and RssFile after each step,
+with the shared libraries each step mapped. `--thread` makes the calls on one worker thread (the
+agent uses two, the collector's and the XID watcher's; glibc gives a thread its own malloc arena).
 
     python benchmarks/nvml_rss.py [--thread] [--module pynvml]
 """
@@ -13,6 +13,7 @@ import importlib
 import json
 import re
 import threading
+import time
 from pathlib import Path
 
 
@@ -26,7 +27,7 @@ def libraries() -> set[str]:
 
 
 def steps(nvml) -> list[tuple[str, object]]:
-    """The GPU collector's calls in the order it first makes them (collectors/gpu.py)."""
+    """The GPU collector's kinds of call (collectors/gpu.py), the ones made once first."""
     state: dict[str, object] = {}
 
     def handle():
@@ -37,7 +38,6 @@ def steps(nvml) -> list[tuple[str, object]]:
         nvml.nvmlGpmSampleGet(state["h"], state["s1"])
 
     def gpm_metrics():
-        import time
         time.sleep(0.2)
         s2 = nvml.nvmlGpmSampleAlloc()
         nvml.nvmlGpmSampleGet(state["h"], s2)
