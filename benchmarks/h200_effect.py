@@ -34,6 +34,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "agent")]
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from benchmarks.mps_gain.run import stop_process  # noqa: E402
 from tests.agentproc import free_port  # noqa: E402
 
 CLIENT_SIZES = (4096, 8192)
@@ -198,12 +199,7 @@ def run_blocks(mps, block_seconds: float, blocks: int, settle_seconds: float, lo
                 except OSError as err:
                     row["agent_view"] = {"error": repr(err)}
                 row["agent_watching"] = row["agent_view"] == {"mps_control_up": 1.0, "mps_gpu_up": 1.0}
-                agent.terminate()
-                try:
-                    agent.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    agent.kill()
-                    agent.wait()
+                stop_process(agent)
             _wait_for_reports(clients, window_end)
             row["steps_per_second"] = rate([c.progress for c in clients], window_start, window_end)
             rows.append(row)
