@@ -13,7 +13,8 @@ loopback serving a real vLLM body. The collectors are the agent's own, built fro
 (mpswatch.cli.build_collectors) and called in this process. Each round, one every 2 s:
 
   1. the whole cycle as the agent runs it (Scheduler.run_once: the GPU, MPS control and MPS log
-     collectors in parallel, then the engines collector), its wall time, and each collector's own
+     collectors in parallel, then the engines collector), its wall time, its CPU time (this
+     process's threads, and with the control program runs it waited for), and each collector's own
      duration in it (what the agent exports as mpswatch_collector_duration_seconds);
   2. each collector alone (`collect()`), then its floor done bare, or the floor first in odd rounds:
        mps_control: the same commands the collector sent this cycle (recorded by wrapping its
@@ -35,6 +36,7 @@ import http.client
 import io
 import json
 import os
+import resource
 import pstats
 import statistics
 import subprocess
@@ -249,6 +251,19 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - started
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed_with_cpu(fn) -> tuple[float, float, float]:
+    """Wall time, CPU time of this process (all its threads: the collectors'), and CPU time of the
+    children it waited for meanwhile (the control program runs)."""
+    wall, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, _children_cpu() - children
+
+
 # ---------------------------------------------------------------- one node
 
 
@@ -298,7 +313,7 @@ def measure(name: str, rounds: int, profile: bool, full_bodies: bool = False) ->
         while len(rows) < rounds:
             index += 1
             started = time.monotonic()
-            row: dict = {"whole_wall": timed(scheduler.run_once)}
+            row: dict = dict(zip(("whole_wall", "whole_cpu", "whole_children_cpu"), timed_with_cpu(scheduler.run_once)))
             if not only_ours(scheduler, urls):  # another session's engine came and went: not this node
                 disturbed += 1
                 if disturbed > rounds:
@@ -387,6 +402,8 @@ def summarise(result: dict) -> dict:
         [r["engines_cycle"] / (r["engines_floor"] + r["engines_proc"]) for r in rows])
     out["whole"] = {
         "cycle_ms": spread([v * 1e3 for v in col("whole_wall")]),
+        "cpu_ms": spread([v * 1e3 for v in col("whole_cpu")]),
+        "cpu_with_children_ms": spread([(r["whole_cpu"] + r["whole_children_cpu"]) * 1e3 for r in rows]),
         "floor_ms": spread([v * 1e3 for v in col("whole_floor")]),
         "ratio": spread([r["whole_wall"] / r["whole_floor"] for r in rows]),
         "sequential_cycle_ms": spread([sum(r[f"{c}_cycle"] for c in COLLECTORS) * 1e3 for r in rows]),
@@ -425,6 +442,8 @@ def table(results: list[dict]) -> str:
                      f"{fmt(w['floor_ms'])} | the four floors, summed | **{fmt(w['ratio'])}** |")
         lines.append(f"| {result['node']} | the four cycles one after the other | {fmt(w['sequential_cycle_ms'])} | | "
                      f"{fmt(w['floor_ms'])} | | {fmt(w['sequential_ratio'])} |")
+        lines.append(f"| {result['node']} | whole cycle, CPU time: the agent's threads; with the control program runs | | "
+                     f"{fmt(w['cpu_ms'])}; {fmt(w['cpu_with_children_ms'])} | | | |")
     return "\n".join(lines)
 
 
