@@ -36,7 +36,6 @@ import http.client
 import io
 import json
 import os
-import resource
 import pstats
 import statistics
 import subprocess
@@ -49,7 +48,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "agent")]
 
-from benchmarks.node_cost import FASTBIN, NODES, node  # noqa: E402
+from benchmarks.node_cost import FASTBIN, NODES, children_cpu_seconds, node  # noqa: E402
 from mpswatch.cli import build_collectors  # noqa: E402
 from mpswatch.collectors.engines import _Scrape  # noqa: E402
 from mpswatch.collectors.mps_logs import SOURCES  # noqa: E402
@@ -251,17 +250,12 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - started
 
 
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def timed_with_cpu(fn) -> tuple[float, float, float]:
     """Wall time, CPU time of this process (all its threads: the collectors'), and CPU time of the
     children it waited for meanwhile (the control program runs)."""
-    wall, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
+    wall, cpu, children = time.perf_counter(), time.process_time(), children_cpu_seconds()
     fn()
-    return time.perf_counter() - wall, time.process_time() - cpu, _children_cpu() - children
+    return time.perf_counter() - wall, time.process_time() - cpu, children_cpu_seconds() - children
 
 
 # ---------------------------------------------------------------- one node

@@ -32,10 +32,9 @@ from typing import Sequence
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "agent")]
 
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
 from benchmarks.mps_gain.run import stop_process  # noqa: E402
-from tests.agentproc import free_port  # noqa: E402
+from benchmarks.node_cost import cpu_seconds  # noqa: E402
+from tests.agentproc import free_port, parse_exposition  # noqa: E402
 
 CLIENT_SIZES = (4096, 8192)
 
@@ -144,22 +143,16 @@ def _wait_for_reports(clients: Sequence[WorkClient], when: float, timeout: float
 
 def _agent_cpu_seconds(pid: int) -> float | None:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return cpu_seconds(pid)
     except OSError:  # the agent died: the block's row says so instead of ending the run
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _agent_view(url: str) -> dict[str, float]:
     """The agent's own account that it was watching: control daemon and GPU up."""
     with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    view = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in ("mps_control_up", "mps_gpu_up"):
-                view[sample.name] = sample.value
-    return view
+        samples = parse_exposition(response.read().decode())
+    return {name: value for (name, _), value in samples.items() if name in ("mps_control_up", "mps_gpu_up")}
 
 
 def run_blocks(mps, block_seconds: float, blocks: int, settle_seconds: float, log=print) -> dict:

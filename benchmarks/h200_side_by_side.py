@@ -12,7 +12,6 @@ Needs: an NVIDIA GPU, nvidia-cuda-mps-control, PyTorch (tests/gpu/cuda_client.py
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "agent"), str(ROOT / "benchmarks")]
 
 from mpswatch.collectors.gpu import GpuCollector  # noqa: E402
 from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector  # noqa: E402
+from benchmarks.node_cost import children_cpu_seconds  # noqa: E402
 from h200_effect import run_blocks  # noqa: E402
 from tests.gpu.conftest import MpsDaemon  # noqa: E402
 
@@ -33,18 +33,13 @@ SMI = ["nvidia-smi", "--query-gpu=index,uuid,utilization.gpu,memory.used,memory.
 SMI_APPS = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
 
 
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def timed(poll, rounds: int) -> dict:
     walls, cpus = [], []
     for _ in range(rounds):
-        wall, cpu, child = time.perf_counter(), time.process_time(), children_cpu()
+        wall, cpu, child = time.perf_counter(), time.process_time(), children_cpu_seconds()
         poll()
         walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu + children_cpu() - child)
+        cpus.append(time.process_time() - cpu + children_cpu_seconds() - child)
     return {"wall_ms_median": statistics.median(walls) * 1e3, "wall_ms_p90": sorted(walls)[int(rounds * 0.9)] * 1e3,
             "cpu_ms_median": statistics.median(cpus) * 1e3}
 
