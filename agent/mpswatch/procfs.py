@@ -32,6 +32,9 @@ def read_file(path: str, limit: int | None = None) -> bytes:
 @dataclass(frozen=True)
 class ProcFS:
     root: Path = Path("/proc")
+    # which processes the agent may see; None: all. Injected by code (the test kit keeps an agent
+    # under test to the test's own processes), never by configuration.
+    visible: Callable[[int], bool] | None = None
     _prefix: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -42,7 +45,8 @@ class ProcFS:
             names = os.listdir(self.root)
         except OSError:
             return []
-        return sorted(int(name) for name in names if name.isascii() and name.isdigit())
+        pids = sorted(int(name) for name in names if name.isascii() and name.isdigit())
+        return pids if self.visible is None else [pid for pid in pids if self.visible(pid)]
 
     def cmdline(self, pid: int) -> list[str] | None:
         raw = self._read_bytes(pid, "cmdline")
