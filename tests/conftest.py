@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fakedaemon import FakeDaemon
+from tests.kit.fakedaemon import FakeDaemon
 
 
 @pytest.fixture

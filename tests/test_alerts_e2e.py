@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.replaystack import ALERTMANAGER, PROMETHEUS, ReplayStack
+from tests.kit.replaystack import ALERTMANAGER, PROMETHEUS, ReplayStack
 
 pytestmark = pytest.mark.skipif(
     not (PROMETHEUS and ALERTMANAGER),

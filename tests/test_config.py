@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from mpswatch.config import ConfigError, load_config
-from tests.agentproc import agent_env, mpswatch_cmd
+from tests.kit.agentproc import agent_env, mpswatch_cmd
 
 
 def write(tmp_path, text):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from mpswatch.collectors.engines import (
     tokens_per_second,
 )
 import mpswatch.collectors.engines as engines_module
-from benchmarks.vllm_parse import full_size_body
 from mpswatch.procfs import ProcFS
 from mpswatch.snapshot import (
     CollectorReport,
@@ -39,9 +37,9 @@ from mpswatch.snapshot import (
     NodeSnapshot,
     frozen_map,
 )
-from tests.fakevllm import FIXTURES, FakeVllm
-
-HERE = Path(__file__).resolve().parent
+from tests.kit import fakevllm
+from tests.kit.fakevllm import FIXTURES, FakeVllm, full_size_body, wait_ready
+from tests.kit.scope import SessionProcesses
 UUID = "GPU-b0364874-2b6d-037a-0496-f04da35f2f2d"
 
 
@@ -288,12 +286,8 @@ def engine_process(tmp_path):
 
     def start(name: str, spin_file: Path | None = None) -> tuple[subprocess.Popen, int]:
         port = closed_port()
-        argv = [sys.executable, str(HERE / "fakevllm.py"), "vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct",
-                "--port", str(port), "--served-model-name", name]
-        if spin_file:
-            argv += ["--spin-file", str(spin_file)]
-        child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        assert child.stdout.readline().strip() == "ready"
+        argv = fakevllm.command(port, name, *(["--spin-file", str(spin_file)] if spin_file else []))
+        child = wait_ready(subprocess.Popen(argv, stdout=subprocess.PIPE, text=True))
         started.append(child)
         return child, port
 
@@ -305,7 +299,7 @@ def engine_process(tmp_path):
 
 def test_real_processes_with_vllm_command_lines_are_discovered_and_scraped(engine_process):
     child, port = engine_process("qwen-a")
-    collector = EnginesCollector(procfs=ProcFS())
+    collector = EnginesCollector(procfs=ProcFS(visible=SessionProcesses()))  # this session's processes
     engines = {e.name: e for e in collector.collect().engines}
     engine = engines[f"qwen-a:{port}"]
     assert engine.found_by == "discovered" and engine.url == f"http://127.0.0.1:{port}/metrics"
@@ -317,7 +311,7 @@ def test_a_spinning_thread_makes_the_engine_cpu_bound_and_the_verdict_flips_back
     spin = tmp_path / "spin"
     spin.touch()
     child, port = engine_process("busy", spin_file=spin)
-    collector = EnginesCollector(procfs=ProcFS())
+    collector = EnginesCollector(procfs=ProcFS(visible=SessionProcesses()))  # this session's processes
     name = f"busy:{port}"
     collector.collect()
     time.sleep(1.0)

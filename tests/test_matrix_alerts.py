@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.agentproc import Agent
-from tests.fakedaemon import FAKE_CONTROL
-from tests.matrix import Matrix, promtool_test
+from tests.kit.agentproc import Agent
+from tests.kit.fakedaemon import FAKE_CONTROL
+from tests.kit.matrix import Matrix, promtool_test
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "alerts" / "mpswatch.rules.yml"

@@ -6,19 +6,19 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from mpswatch.collectors.mps_logs import EVENTS
 from mpswatch.metrics import CATALOG
-from tests.agentproc import Agent, free_port
-from tests.fakedaemon import FAKE_CONTROL
+from tests.kit import fakevllm
+from tests.kit.agentproc import Agent, free_port
+from tests.kit.fakedaemon import FAKE_CONTROL
+from tests.kit.fakevllm import wait_ready
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
-HERE = Path(__file__).resolve().parent
-FIXTURES = HERE / "fixtures" / "h200-driver580"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "h200-driver580"
 
 
 def documented() -> dict[str, tuple[str, tuple[str, ...]]]:
@@ -52,18 +52,15 @@ def test_a_running_agent_exports_exactly_the_declared_set(fake_daemon, tmp_path)
     (log_dir / "server.log").write_text(
         (FIXTURES / "session2-fault-server.log").read_text() + "\xff broken\n", errors="surrogateescape"
     )
-    engine = subprocess.Popen(
-        [sys.executable, str(HERE / "fakevllm.py"), "vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct", "--port",
-         str(free_port()), "--served-model-name", "qwen-a"],
+    engine = wait_ready(subprocess.Popen(
+        fakevllm.command(free_port(), "qwen-a"),
         env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": full.path, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"},
         stdout=subprocess.PIPE, text=True,
-    )
-    assert engine.stdout.readline().strip() == "ready"
+    ))
     args = ["--mps-control-bin", FAKE_CONTROL, "--interval", "0.5", "--command-timeout", "1", "--log-dir", str(log_dir)]
     for daemon in (full, garbage, fault, killed):
         args += ["--pipe-dir", daemon.path]
     env = {
-        "MPSWATCH_GPU_NVML_MODULE": "tests.fakenvml:h200",
         "FAKENVML_MPS_CLIENT_PIDS": str(engine.pid),  # the engine's process is an MPS client on the fake GPU
         "MPSWATCH_GPU_INTERVAL_SECONDS": "0.5",
         "MPSWATCH_ENGINE_SCRAPE_INTERVAL_SECONDS": "0.5",
@@ -71,7 +68,7 @@ def test_a_running_agent_exports_exactly_the_declared_set(fake_daemon, tmp_path)
     seen: set[str] = set()
     texts: list[str] = []
     try:
-        with Agent(args, env=env) as agent:
+        with Agent(args, env=env, nvml="h200") as agent:
             def all_there(samples):
                 seen.update(family_name(name) for name, _ in samples)
                 return seen >= set(CATALOG)

@@ -7,20 +7,17 @@ import re
 import subprocess
 from pathlib import Path
 
-from tests.agentproc import agent_env, mpswatch_cmd
-from tests.fakedaemon import FAKE_CONTROL
+from tests.kit import scope
+from tests.kit.agentproc import agent_env, mpswatch_cmd
+from tests.kit.fakedaemon import FAKE_CONTROL
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "status.md"
 
 
-HEALTHY_GPU = {"MPSWATCH_GPU_NVML_MODULE": "tests.fakenvml:h200_all_mps",
-               "MPSWATCH_ENGINE_SCRAPE_DISCOVER": "false"}  # engines running on the test host are not the test's
-
-
-def status(*args, env=None):
+def status(*args):
     run = subprocess.run(
-        mpswatch_cmd("status", "--mps-control-bin", FAKE_CONTROL, *args),
-        env=agent_env({**HEALTHY_GPU, **(env or {})}), capture_output=True, text=True, timeout=60,
+        mpswatch_cmd("status", "--mps-control-bin", FAKE_CONTROL, *args, nvml="h200_all_mps"),  # a healthy GPU
+        env=agent_env(), capture_output=True, text=True, timeout=60,
     )
     return run.returncode, run.stdout, run.stderr
 
@@ -57,13 +54,12 @@ def test_a_hung_daemon_is_down_and_status_still_returns(fake_daemon):
     assert code == 1 and "DOWN" in out and "no answer within 0.5 s" in out
 
 
-def test_nothing_found_says_where_it_looked_in_one_line(tmp_path):
-    config = tmp_path / "c.toml"
-    config.write_text(f'device_plugin_root = "{tmp_path}/k8s"\n[mps_control]\ndefault_pipe_dirs = ["{tmp_path}/a"]\n'
-        f'[mps_logs]\ndefault_log_dir = "{tmp_path}/log"\n')
-    code, out, _ = status("--config", str(config))
+def test_nothing_found_says_where_it_looked_in_one_line():
+    code, out, _ = status()
     assert code == 1
-    assert out.splitlines()[0].startswith("DOWN") and "no MPS control daemon found; looked in" in out.splitlines()[0]
+    first = out.splitlines()[0]
+    assert first.startswith("DOWN") and "no MPS control daemon found; looked in" in first
+    assert str(scope.DEFAULT_DIRS["MPSWATCH_MPS_CONTROL_DEFAULT_PIPE_DIRS"]) in first
 
 
 def _keys(value, prefix=""):

@@ -18,12 +18,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "agent"))
+from mpswatch.advisor import MODEL, GainModel, advise, busy_alone, verdict_of
+from mpswatch.collectors.engines import parameters_from_model_name
+from mpswatch.snapshot import EngineState, GpuState
 
-from mpswatch.advisor import MODEL, GainModel, advise, busy_alone, verdict_of  # noqa: E402
-from mpswatch.collectors.engines import parameters_from_model_name  # noqa: E402
-from mpswatch.snapshot import EngineState, GpuState  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 RESULTS = ROOT / "docs" / "benchmarks" / "mps-gain.json"
 DOC = ROOT / "docs" / "mps-gain.md"

@@ -12,8 +12,8 @@ import subprocess
 import time
 
 
-from tests.gpu.conftest import MATRIX, results_saver
-from tests.agentproc import Agent, agent_env, mpswatch_cmd
+from tests.gpu.results import MATRIX, results_saver
+from tests.kit.agentproc import Agent, agent_env, mpswatch_cmd
 
 INTERVAL = 2.0  # the default; "within two cycles" is measured against it
 RESULTS: dict = {}

@@ -1,24 +1,24 @@
 """A whole node replayed on loopback: the fixture MPS daemon (real H200 replies), a vLLM-like engine
 attached to the fake NVML's GPU as an MPS client, the MPS logs, the agent, and Debian's Prometheus
 (with the shipped rules) and Alertmanager (the shipped example, its webhooks pointed at `hook_url`).
-Used by the end-to-end alert tests and by `make demo`."""
+Used by the end-to-end alert tests and by `make demo` (demo/replay.py)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
-import sys
 import urllib.parse
 from pathlib import Path
 
 import yaml
 
-from tests.agentproc import Agent, free_port
-from tests.fakedaemon import FAKE_CONTROL, FakeDaemon
+from tests.kit import fakevllm
+from tests.kit.agentproc import REPO, Agent, free_port
+from tests.kit.fakedaemon import FAKE_CONTROL, FakeDaemon
+from tests.kit.fakevllm import wait_ready
 
-HERE = Path(__file__).resolve().parent
-ALERTS = HERE.parent / "alerts"
+ALERTS = REPO / "alerts"
 PROMETHEUS = shutil.which("prometheus")
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 
@@ -40,20 +40,18 @@ class ReplayStack:
         work = self.work
         log_dir = work / "log"
         log_dir.mkdir()
-        (log_dir / "server.log").write_text((HERE / "fixtures/h200-driver580/session1-server.log").read_text())
-        engine = self._spawn(
-            [sys.executable, str(HERE / "fakevllm.py"), "vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct", "--port",
-             str(free_port()), "--served-model-name", "qwen-a"],
+        (log_dir / "server.log").write_text((REPO / "tests/fixtures/h200-driver580/session1-server.log").read_text())
+        engine = wait_ready(self._spawn(
+            fakevllm.command(free_port(), "qwen-a"),
             env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": self.daemon.path}, stdout=subprocess.PIPE, text=True,
-        )
-        assert engine.stdout.readline().strip() == "ready"
+        ))
         self.agent = Agent(
             ["--mps-control-bin", FAKE_CONTROL, "--interval", agent_interval, "--pipe-dir", self.daemon.path,
              "--log-dir", str(log_dir)],
-            env={"MPSWATCH_GPU_NVML_MODULE": "tests.fakenvml:h200", "FAKENVML_MPS_CLIENT_PIDS": str(engine.pid),
+            env={"FAKENVML_MPS_CLIENT_PIDS": str(engine.pid),  # the engine is an MPS client of the fake GPU
                  "MPSWATCH_GPU_INTERVAL_SECONDS": agent_interval,
                  "MPSWATCH_ENGINE_SCRAPE_INTERVAL_SECONDS": agent_interval},
-            log_path=work / "agent.log",
+            log_path=work / "agent.log", nvml="h200",
         )
         am_config = yaml.safe_load((ALERTS / "alertmanager.example.yml").read_text())
         for receiver in am_config["receivers"]:
