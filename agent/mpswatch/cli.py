@@ -77,6 +77,8 @@ def _load(config_path: str | None, flags: dict[str, Any]) -> Config:
 
 
 def build_collectors(config: Config, store: SnapshotStore, injected: Injected = Injected()) -> list:
+    """The typed settings onto each collector's keyword arguments; `injected` replaces NVML and narrows
+    the processes seen, for tests."""
     procfs = ProcFS(root=Path(config.proc_root), visible=injected.process_visible)
     mps_control, mps_logs, gpu, engine_scrape = config.mps_control, config.mps_logs, config.gpu, config.engine_scrape
     discovery = DiscoverySettings(
