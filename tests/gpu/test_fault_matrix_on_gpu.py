@@ -3,7 +3,7 @@ server, a client exhausting GPU memory, logs rotated and truncated under the age
 restarted mid-run, and the agent as an unprivileged user. The hang, the 50 clients, the fatal
 error and the engine without MPS are rows of the other GPU test modules.
 
-Each case is a row of tests.gpu.conftest.MATRIX (with a recording of the agent's series, which
+Each case is a row of tests.gpu.results.MATRIX (with a recording of the agent's series, which
 tests/test_matrix_alerts.py hands to promtool with the shipped rules)."""
 
 from __future__ import annotations

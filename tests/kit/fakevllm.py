@@ -188,7 +188,8 @@ def command(port: int, served_model_name: str | None = None, *options: str,
             model: str = "Qwen/Qwen2.5-1.5B-Instruct") -> list[str]:
     """The command line of a fake engine process, run by this interpreter."""
     named = ["--served-model-name", served_model_name] if served_model_name else []
-    return [sys.executable, str(Path(__file__).resolve()), "vllm", "serve", model, "--port", str(port), *named, *options]
+    script = str(Path(__file__).resolve())
+    return [sys.executable, script, "vllm", "serve", model, "--port", str(port), *named, *options]
 
 
 def wait_ready(process: subprocess.Popen) -> subprocess.Popen:
