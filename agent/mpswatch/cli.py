@@ -22,6 +22,7 @@ from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollect
 from mpswatch.collectors.mps_logs import MpsLogsCollector
 from mpswatch.config import DEFAULT_CONFIG_PATH, DEFAULT_PORT, Config, ConfigError, load_config
 from mpswatch.exporter import CachedExposition, serve
+from mpswatch.exposition import render
 from mpswatch.logsetup import configure_logging
 from mpswatch.procfs import ProcFS
 from mpswatch.runner import kill_all_children
@@ -84,7 +85,7 @@ def _load(config_path: str | None, flags: dict[str, Any]) -> Config:
         sys.exit(EXIT_USAGE)
 
 
-def build_collectors(config: Config, store: SnapshotStore) -> list:
+def build_collectors(config: Config) -> list:
     procfs = ProcFS(root=Path(config["proc_root"]))
     discovery = DiscoverySettings(
         pipe_dirs=config["mps_control.pipe_dirs"],
@@ -122,7 +123,6 @@ def build_collectors(config: Config, store: SnapshotStore) -> list:
             interval_seconds=config["engine_scrape.interval_seconds"],
             timeout_seconds=config["engine_scrape.timeout_seconds"],
             max_body_bytes=config["engine_scrape.max_body_bytes"],
-            peers=store.current,
             procfs=procfs,
         ),
     ]
@@ -143,8 +143,8 @@ def run(config_path: str | None, **flags: Any) -> None:
     configure_logging(config["log_level"], config["log_format"])
     log = structlog.get_logger()
     store = SnapshotStore()
-    scheduler = Scheduler(build_collectors(config, store), store)
-    exposition = CachedExposition(store.current, __version__)
+    scheduler = Scheduler(build_collectors(config), store)
+    exposition = CachedExposition(store.current, lambda snapshot: render(snapshot, __version__))
     try:
         httpd = serve(config["listen"], exposition, scheduler.alive)
     except OSError as err:
@@ -176,7 +176,7 @@ def _one_shot_scheduler(config_path: str | None, flags: dict[str, Any]) -> Sched
     config = _load(config_path, flags)
     configure_logging(config["log_level"], config["log_format"])
     store = SnapshotStore()
-    return Scheduler(build_collectors(config, store), store)
+    return Scheduler(build_collectors(config), store)
 
 
 @cli.command()

@@ -16,21 +16,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import structlog
 
+from mpswatch.collectors import CollectorUnit
+from mpswatch.metrics import Families
 from mpswatch.procfs import ProcFS
 from mpswatch.runner import Runner, RunResult, run_with_deadline, stopping
 from mpswatch.snapshot import (
     SERVER_STATUSES,
     DaemonState,
+    DerivedFacts,
     MpsClient,
     MpsControlData,
     MpsDaemon,
     MpsServer,
     frozen_map,
 )
+from mpswatch.verdicts import DEGRADED, DOWN, OK, StatusSection, age, event_entry
 
 CONTROL_PROGRAM = "nvidia-cuda-mps-control"
 SERVER_PROGRAM = "nvidia-cuda-mps-server"
@@ -615,3 +619,144 @@ class MpsControlCollector:
             getattr(log, level)(event, **context)
         self._previous[pipe_dir] = daemon
         return daemon
+
+
+# ---------------------------------------------------------------- metrics and status
+
+
+def render(data: MpsControlData, facts: DerivedFacts, out: Families) -> None:
+    for daemon in data.daemons:
+        d = daemon.pipe_dir
+        out.add("mps_control_up", [d], 1 if daemon.up else 0)
+        for state in DaemonState:
+            out.add("mps_control_state", [d, state.value], 1 if daemon.state is state else 0)
+        if daemon.pid is not None:
+            out.add("mps_control_info", [d, daemon.pid], 1)
+        for command, seconds in sorted(daemon.command_durations.items()):
+            out.add("mps_control_command_duration_seconds", [d, command], seconds)
+        for (command, reason), count in sorted(daemon.command_failures.items()):
+            out.add("mps_control_command_failures_total", [d, command, reason], count)
+        out.add("mps_client_limit", [d], daemon.client_limit)
+        out.add("mps_servers_lost_total", [d], daemon.servers_lost_total)
+        if daemon.orphaned_server_pids is not None:
+            out.add("mps_orphaned_servers", [d], len(daemon.orphaned_server_pids))
+        if not daemon.up:
+            continue
+        if daemon.default_active_thread_percentage is not None:
+            out.add("mps_default_active_thread_percentage", [d], daemon.default_active_thread_percentage)
+        if daemon.default_pinned_memory_limit_bytes is not None:
+            out.add("mps_default_device_pinned_memory_limit_bytes", [d], daemon.default_pinned_memory_limit_bytes)
+        per_server: dict[int, int] = {}
+        for client in daemon.clients or ():
+            per_server[client.server_pid] = per_server.get(client.server_pid, 0) + 1
+        for server in daemon.servers:
+            out.add("mps_server_info", [d, server.pid, "" if server.uid is None else server.uid], 1)
+            if server.status is not None:
+                for status in SERVER_STATUSES:
+                    out.add("mps_server_status", [d, server.pid, status], 1 if server.status == status else 0)
+            if server.active_thread_percentage is not None:
+                out.add("mps_server_active_thread_percentage", [d, server.pid], server.active_thread_percentage)
+            if daemon.clients is not None:
+                out.add("mps_server_clients", [d, server.pid], per_server.get(server.pid, 0))
+        for (server_pid, device), count in sorted(daemon.clients_per_device().items()):
+            out.add("mps_clients", [d, server_pid, device], count)
+        for client in daemon.clients or ():
+            engine = facts.engine_of_pid.get(client.pid, "")
+            out.add("mps_client_info", [d, client.server_pid, client.pid, client.device, client.command, engine], 1)
+
+
+def status(data: MpsControlData, facts: DerivedFacts, now: float) -> StatusSection:
+    daemons = [_daemon_entry(d, facts, now) for d in data.daemons]
+    verdicts = []
+    for d in daemons:
+        verdicts.append(d["verdict"])
+        for s in d["servers"]:
+            verdicts += [s["verdict"], *(c["verdict"] for c in s["clients"])]
+    if daemons:
+        servers = sum(len(d["servers"]) for d in daemons)
+        clients = sum(len(s["clients"]) for d in daemons for s in d["servers"])
+        up = sum(1 for d in daemons if d["state"] == "up")
+        summary = f"{len(daemons)} control daemon(s), {up} answering; {servers} server(s); {clients} client(s)"
+    else:
+        summary = f"no MPS control daemon found; looked in {', '.join(data.searched)}"
+    return StatusSection({"daemons": daemons}, tuple(verdicts), data.discovery_notes, summary)
+
+
+def _server_verdict(daemon: MpsDaemon, server: MpsServer, listed: bool, counts: dict[str, int]) -> tuple[str, str]:
+    full = sorted(device for device, n in counts.items() if n >= daemon.client_limit)
+    if server.status == "FAULT":
+        return DOWN, "FAULT: a client hit a fatal GPU error; new clients are refused until every affected client exits"
+    if not listed:
+        return DEGRADED, "has clients in `ps` but is not in get_server_list (starting or exiting)"
+    if server.status is None:
+        return DEGRADED, "status unknown: get_server_status gave no usable answer"
+    if server.status == "INITIALIZING":
+        return DEGRADED, "INITIALIZING: not yet serving clients"
+    if daemon.clients is None:
+        return DEGRADED, f"{server.status}; client list unavailable (`ps` gave no usable answer)"
+    if full:
+        return DEGRADED, f"{counts[full[0]]}/{daemon.client_limit} clients on {', '.join(full)}: the next client will be refused"
+    per_device = ", ".join(f"{n}/{daemon.client_limit} on {device}" for device, n in sorted(counts.items()))
+    return OK, f"{server.status}; clients {per_device or 'none'}"
+
+
+def _server_entry(daemon: MpsDaemon, server: MpsServer, listed: bool, facts: DerivedFacts, now: float) -> dict[str, Any]:
+    counts = {device: n for (spid, device), n in daemon.clients_per_device().items() if spid == server.pid}
+    verdict, reason = _server_verdict(daemon, server, listed, counts)
+    fault_cause = None
+    if server.status == "FAULT":
+        cause = facts.fault_causes.get(server.pid)
+        if cause is not None:
+            fault_cause = event_entry(*cause, now)
+            reason += f"; logged {age(now - cause[1].time)} ago: client {cause[1].client_pid} encountered a fatal GPU error"
+    client_entries = []
+    for client in (c for c in daemon.clients or () if c.server_pid == server.pid):
+        if server.status == "FAULT":
+            c_verdict, c_reason = DEGRADED, f"server {server.pid} is in FAULT: this client must exit before it recovers"
+        else:
+            c_verdict, c_reason = OK, f"connected to server {server.pid} on {client.device}"
+        client_entries.append(
+            {
+                "pid": client.pid,
+                "client_id": client.client_id,
+                "device": client.device,
+                "command": client.command,
+                "verdict": c_verdict,
+                "reason": c_reason,
+                "gpu_memory_bytes": facts.gpu_memory_by_pid.get(client.pid),
+            }
+        )
+    return {
+        "pid": server.pid,
+        "uid": server.uid,
+        "status": server.status,
+        "active_thread_percentage": server.active_thread_percentage,
+        "clients_per_device": counts,
+        "fault_cause": fault_cause,
+        "verdict": verdict,
+        "reason": reason,
+        "clients": client_entries,
+    }
+
+
+def _daemon_entry(daemon: MpsDaemon, facts: DerivedFacts, now: float) -> dict[str, Any]:
+    servers = [_server_entry(daemon, s, True, facts, now) for s in daemon.servers]
+    listed = {s.pid for s in daemon.servers}
+    for server_pid in sorted({c.server_pid for c in daemon.clients or ()} - listed):
+        servers.append(_server_entry(daemon, MpsServer(server_pid, None, None, None), False, facts, now))
+    return {
+        "pipe_dir": daemon.pipe_dir,
+        "found_by": daemon.found_by,
+        "pid": daemon.pid,
+        "state": daemon.state.value,
+        "client_limit": daemon.client_limit,
+        "orphaned_server_pids": None if daemon.orphaned_server_pids is None else list(daemon.orphaned_server_pids),
+        "default_active_thread_percentage": daemon.default_active_thread_percentage,
+        "default_pinned_memory_limit_bytes": daemon.default_pinned_memory_limit_bytes,
+        "verdict": OK if daemon.up else DOWN,
+        "reason": daemon.reason,
+        "servers": servers,
+    }
+
+
+UNIT = CollectorUnit("mps_control", render, status)
