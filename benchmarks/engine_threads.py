@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "agent"))
 
 from mpswatch.collectors.engines import EnginesCollector, _Engine  # noqa: E402
-from mpswatch.procfs import ProcFS  # noqa: E402
+from mpswatch.procfs import ProcessRow, ProcFS  # noqa: E402
 
 CHILD = """
 import sys, threading, time
@@ -32,7 +32,7 @@ def measure(threads: int, rounds: int) -> list[float]:
     collector = EnginesCollector(discover=False, procfs=ProcFS())
     engine = _Engine("bench", "http://127.0.0.1:1/metrics", "configured")
     times = []
-    processes = {child.pid: (None, [], None, 0)}
+    processes = {child.pid: ProcessRow(child.pid, None, [], None, 0)}
     try:
         for _ in range(rounds):
             started = time.perf_counter()

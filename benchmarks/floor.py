@@ -50,13 +50,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "agent")]
 
 from benchmarks.node_cost import FASTBIN, NODES, children_cpu_seconds, node  # noqa: E402
 from mpswatch.cli import build_collectors  # noqa: E402
-from mpswatch.collectors.engines import _Scrape  # noqa: E402
+from mpswatch.httpfetch import Pending  # noqa: E402
 from mpswatch.collectors.mps_logs import SOURCES  # noqa: E402
 from mpswatch.config import load_config  # noqa: E402
 from mpswatch.logsetup import configure_logging  # noqa: E402
 from mpswatch.runner import run_with_deadline  # noqa: E402
 from mpswatch.scheduler import Scheduler, SnapshotStore  # noqa: E402
-from mpswatch.snapshot import EnginesData  # noqa: E402
 from tests import fakenvml  # noqa: E402
 
 PERIOD_SECONDS = 2.0  # the agent's default interval
@@ -109,7 +108,7 @@ def agent(setup: dict) -> tuple[Scheduler, dict, RecordingRunner]:
                "mps_logs.log_dirs": [str(setup["log_dir"])]},
     )
     store = SnapshotStore()
-    collectors = build_collectors(config, store)
+    collectors = build_collectors(config)
     by_name = {c.name: c for c in collectors}
     recorder = RecordingRunner()
     by_name["mps_control"]._runner = recorder  # before its first cycle, which makes the channels
@@ -239,8 +238,8 @@ class LogsFloor:
 
 
 def only_ours(scheduler: Scheduler, urls: list[str]) -> bool:
-    engines = scheduler.store.current().data("engines")
-    return (isinstance(engines, EnginesData) and sorted(e.url for e in engines.engines) == urls
+    engines = scheduler.store.current().engines
+    return (engines is not None and sorted(e.url for e in engines.engines) == urls
             and all(e.up for e in engines.engines))
 
 
@@ -315,10 +314,10 @@ def measure(name: str, rounds: int, profile: bool, full_bodies: bool = False) ->
                 recorder.take()
                 time.sleep(PERIOD_SECONDS)
                 continue
-            reports = scheduler.store.current().reports
+            statuses = scheduler.store.current().statuses
             for c in COLLECTORS:
-                row[f"{c}_in_whole"] = reports[c].status.duration_seconds
-                assert reports[c].status.success, (c, reports[c].status.error_detail)
+                row[f"{c}_in_whole"] = statuses[c].duration_seconds
+                assert statuses[c].success, (c, statuses[c].error_detail)
             whole_sent = recorder.take()
             row["control_commands_in_whole"] = len(whole_sent)
             row["mps_control_floor_whole"] = timed(control_floor, whole_sent)
@@ -358,12 +357,12 @@ def profile_collectors(collectors: dict, scheduler: Scheduler, cycles: int = 30)
         out[c] = text.getvalue()
     # the engine scrape itself (fetch + parse), which the collector runs on its own threads
     engines = collectors["engines"]
-    urls = [e.url for e in scheduler.store.current().data("engines").engines]
+    urls = [e.url for e in scheduler.store.current().engines.engines]
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(cycles):
         for url in urls:
-            engines._run_scrape(url, _Scrape())
+            engines.fetcher.run(url, Pending())
     profiler.disable()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)

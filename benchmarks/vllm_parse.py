@@ -25,8 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "agent")]
 
-from mpswatch.collectors import engines  # noqa: E402
-from mpswatch.collectors.engines import parse_vllm_metrics  # noqa: E402
+from mpswatch.engine_kinds import vllm as engines  # noqa: E402
+from mpswatch.engine_kinds.vllm import parse_vllm_metrics  # noqa: E402
 from tests.fakevllm import FakeVllm  # noqa: E402
 
 MODEL = 'engine="0",model_name="Qwen/Qwen2.5-1.5B-Instruct"'

@@ -12,24 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from mpswatch.collectors.engines import (
-    BadMetrics,
-    EnginesCollector,
-    load_balance,
-    parse_pressure,
-    parse_vllm_command,
-    parameters_from_model_name,
-    parse_vllm_metrics,
-    schedstat_wait_ns,
-    stat_cpu_ticks,
-    tokens_per_second,
-)
-import mpswatch.collectors.engines as engines_module
+from mpswatch.collectors.engines import EnginesCollector, tokens_per_second
+from mpswatch.derive import load_balance
+from mpswatch.engine_kinds import BadMetrics, parameters_from_model_name
+from mpswatch.engine_kinds import vllm as vllm_module
+from mpswatch.engine_kinds.vllm import parse_vllm_command, parse_vllm_metrics
 from benchmarks.vllm_parse import full_size_body
-from mpswatch.procfs import ProcFS
+from mpswatch.procfs import ProcFS, parse_pressure, schedstat_wait_ns, stat_cpu_ticks
 from mpswatch.snapshot import (
-    CollectorReport,
-    CollectorStatus,
     DaemonState,
     GpuData,
     GpuProcess,
@@ -37,8 +27,8 @@ from mpswatch.snapshot import (
     MpsControlData,
     MpsDaemon,
     NodeSnapshot,
-    frozen_map,
 )
+from tests.snapshots import snapshot_of
 from tests.fakevllm import FIXTURES, FakeVllm
 
 HERE = Path(__file__).resolve().parent
@@ -222,11 +212,10 @@ def write_proc(root: Path, pid: int, ppid: int, argv: list[str], environ: str = 
         (t / "schedstat").write_text(f"1000 {wait_ns} 3\n")
 
 
-def peers(gpu_processes, daemons=()) -> NodeSnapshot:
+def joined(engines_data, gpu_processes, daemons=()) -> NodeSnapshot:
+    """The engines collector's data with a GPU and an MPS control daemon's, through the derive step."""
     gpu = GpuData("580.159.04", (GpuState(0, UUID, "NVIDIA H200", True, processes=tuple(gpu_processes)),))
-    control = MpsControlData(tuple(daemons), ())
-    ok = CollectorStatus("x", True, 0.0, 0.0, frozen_map())
-    return NodeSnapshot(frozen_map({"gpu": CollectorReport(ok, gpu), "mps_control": CollectorReport(ok, control)}))
+    return snapshot_of(gpu=gpu, mps_control=MpsControlData(tuple(daemons), ()), engines=engines_data)
 
 
 def test_discovery_walks_from_the_api_server_to_its_gpu_process(tmp_path):
@@ -240,14 +229,13 @@ def test_discovery_walks_from_the_api_server_to_its_gpu_process(tmp_path):
     write_proc(proc, 300, 1, ["python3", "unrelated.py"])
     bodies = {"http://127.0.0.1:8001/metrics": body("metrics-v0.10-names.txt"),
               "http://127.0.0.1:8002/metrics": body("metrics-v0.10-names.txt")}
-    snapshot = peers(
+    collector = EnginesCollector(procfs=ProcFS(proc), fetch=lambda url, timeout, cap: bodies[url].encode())
+    snapshot = joined(
+        collector.collect(),
         [GpuProcess(101, "mps_client", 900 << 20), GpuProcess(201, "exclusive", 700 << 20)],
         [MpsDaemon("/run/nvidia-mps", "default", DaemonState.UP, "answering")],
     )
-    collector = EnginesCollector(procfs=ProcFS(proc), peers=lambda: snapshot,
-                                 fetch=lambda url, timeout, cap: bodies[url].encode())
-    data = collector.collect()
-    engines = {e.name: e for e in data.engines}
+    engines = {e.name: e for e in snapshot.derived.engines}
     assert set(engines) == {"qwen-a:8001", "Qwen2.5-0.5B:8002"}
     a, b = engines["qwen-a:8001"], engines["Qwen2.5-0.5B:8002"]
     assert a.pids == (100, 101) and a.gpu_pids == (101,) and a.gpu_uuid == UUID
@@ -272,14 +260,13 @@ def test_shares_and_imbalance_of_two_engines_on_one_gpu(tmp_path):
         tokens[url] += rate[url]
         return body("metrics-v0.10-names.txt", tokens[url]).encode()
 
-    snapshot = peers([GpuProcess(101, "mps_client", 1), GpuProcess(201, "mps_client", 1)])
-    collector = EnginesCollector(procfs=ProcFS(proc), peers=lambda: snapshot, fetch=fetch)
+    collector = EnginesCollector(procfs=ProcFS(proc), fetch=fetch)
     collector.collect()
     time.sleep(0.05)
-    data = collector.collect()
-    shares = {e.name: e.load_share_ratio for e in data.engines}
+    snapshot = joined(collector.collect(), [GpuProcess(101, "mps_client", 1), GpuProcess(201, "mps_client", 1)])
+    shares = {e.name: e.load_share_ratio for e in snapshot.derived.engines}
     assert shares["a:8001"] == pytest.approx(2 / 3, rel=0.05) and shares["b:8002"] == pytest.approx(1 / 3, rel=0.1)
-    assert data.imbalance[UUID] == pytest.approx(4 / 3, rel=0.05)
+    assert snapshot.derived.imbalance[UUID] == pytest.approx(4 / 3, rel=0.05)
 
 
 @pytest.fixture
@@ -396,6 +383,6 @@ def test_an_engine_served_by_prometheus_client_s_own_http_server_is_read(tmp_pat
 def test_reading_only_the_lines_used_gives_what_parsing_the_whole_body_gives(text, monkeypatch):
     text = text()
     filtered = parse_vllm_metrics(text)
-    monkeypatch.setattr(engines_module, "_lines_read", lambda body: body)
+    monkeypatch.setattr(vllm_module, "_lines_read", lambda body: body)
     assert parse_vllm_metrics(text) == filtered
     assert filtered.prompt_tokens_total is not None and filtered.requests_running is not None

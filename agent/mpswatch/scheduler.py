@@ -20,7 +20,7 @@ from mpswatch.collectors import Collector, CollectorError
 from mpswatch.derive import Deriver
 from mpswatch.snapshot import CollectorReport, CollectorStatus, DerivedFacts, NodeSnapshot, frozen_map
 
-_DATA_FIELDS = frozenset(f.name for f in dataclasses.fields(NodeSnapshot)) - {"statuses", "derived"}
+SNAPSHOT_FIELDS = frozenset(f.name for f in dataclasses.fields(NodeSnapshot)) - {"statuses", "derived"}
 
 
 class SnapshotStore:
@@ -37,8 +37,6 @@ class SnapshotStore:
 
     def publish(self, report: CollectorReport) -> None:
         name = report.status.name
-        if name not in _DATA_FIELDS:
-            raise ValueError(f"collector {name!r} has no NodeSnapshot field")
         with self._lock:
             statuses = {**self._snapshot.statuses, name: report.status}
             changed: dict[str, Any] = {"statuses": frozen_map(statuses), name: report.data}
@@ -48,6 +46,8 @@ class SnapshotStore:
 
 class CollectorLoop:
     def __init__(self, collector: Collector[Any], store: SnapshotStore, clock: Callable[[], float] = time.time) -> None:
+        if collector.name not in SNAPSHOT_FIELDS:
+            raise ValueError(f"collector {collector.name!r} has no NodeSnapshot field to publish into")
         self.collector = collector
         self._store = store
         self._clock = clock

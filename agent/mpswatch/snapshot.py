@@ -67,7 +67,8 @@ class MpsDaemon:
     # /proc hides their environment)
     orphaned_server_pids: tuple[int, ...] | None = None
     servers_lost_total: int = 0  # servers that vanished while serving clients, since the agent started
-    command_durations: Mapping[str, float] = field(default_factory=frozen_map)
+    command_durations: Mapping[str, float] = field(default_factory=frozen_map)  # the last probe's, by command
+    # (command, reason) -> count: since the agent started, as exported; a single probe's own in probe_daemon
     command_failures: Mapping[tuple[str, str], int] = field(default_factory=frozen_map)
 
     @property

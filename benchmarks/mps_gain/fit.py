@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "agent"))
 
 from mpswatch.advisor import MODEL, GainModel, advise, busy_alone, verdict_of  # noqa: E402
-from mpswatch.collectors.engines import parameters_from_model_name  # noqa: E402
+from mpswatch.engine_kinds import parameters_from_model_name  # noqa: E402
 from mpswatch.snapshot import EngineState, GpuState  # noqa: E402
 
 RESULTS = ROOT / "docs" / "benchmarks" / "mps-gain.json"

@@ -361,18 +361,35 @@ def probe_daemon(
     procfs: ProcFS,
     client_limit: int,
     settings_from: MpsDaemon | None = None,
-) -> tuple[MpsDaemon, dict[str, float], list[tuple[str, str]]]:
-    """One daemon's state. Each command waits at most the command timeout, and the daemon as a
-    whole at most twice that, so a slow daemon cannot stall the others.
+) -> MpsDaemon:
+    """One daemon's state, with this probe's command durations and failures (counted per command and
+    reason). Each command waits at most the command timeout, and the daemon as a whole at most twice
+    that, so a slow daemon cannot stall the others.
 
     Every command the agent sends adds about five lines to the daemon's control.log, so the
     settings (active thread percentages, pinned memory limit), which change rarely and apply only
     to new servers and clients, are taken from `settings_from` when given; a new server's are asked."""
     probe = _DaemonProbe(channel, deadline=time.monotonic() + 2 * channel.timeout_seconds)
+    daemon = _probed(probe, pipe_dir, found_by, channel, procfs, client_limit, settings_from)
+    failures: dict[tuple[str, str], int] = {}
+    for key in probe.failures:
+        failures[key] = failures.get(key, 0) + 1
+    return replace(daemon, command_durations=frozen_map(probe.durations), command_failures=frozen_map(failures))
+
+
+def _probed(
+    probe: _DaemonProbe,
+    pipe_dir: str,
+    found_by: str,
+    channel: ControlChannel,
+    procfs: ProcFS,
+    client_limit: int,
+    settings_from: MpsDaemon | None,
+) -> MpsDaemon:
     base = MpsDaemon(pipe_dir=pipe_dir, found_by=found_by, state=DaemonState.UP, reason="", client_limit=client_limit)
     if not Path(pipe_dir).is_dir():
         where = " (found in a daemon's environment: mount the host's dir at the same path)" if found_by == "process" else ""
-        return replace(base, state=DaemonState.NO_PIPE_DIR, reason=f"pipe dir {pipe_dir} does not exist{where}"), {}, []
+        return replace(base, state=DaemonState.NO_PIPE_DIR, reason=f"pipe dir {pipe_dir} does not exist{where}")
     pid = read_pid_file(pipe_dir)
     pid_alive = pid is not None and _is_control_daemon(procfs, pid)
     base = replace(base, pid=pid if pid_alive else None)
@@ -386,12 +403,12 @@ def probe_daemon(
             if orphans:
                 why += (f"; MPS server {', '.join(map(str, orphans))} runs on without it (orphaned): its clients"
                         " keep running, new clients start without MPS")
-        return replace(base, state=state, reason=why, orphaned_server_pids=orphans), probe.durations, probe.failures
+        return replace(base, state=state, reason=why, orphaned_server_pids=orphans)
     try:
         server_pids = parse_server_list(reply.text or "")
     except ParseError as err:
         probe.failures.append(("get_server_list", "garbage_output"))
-        return replace(base, state=DaemonState.GARBAGE, reason=f"get_server_list: {err}"), probe.durations, probe.failures
+        return replace(base, state=DaemonState.GARBAGE, reason=f"get_server_list: {err}")
 
     try:
         known_atp = {s.pid: s.active_thread_percentage for s in settings_from.servers} if settings_from else {}
@@ -415,10 +432,10 @@ def probe_daemon(
             pinned = probe.parsed("get_default_device_pinned_mem_limit", parse_pinned_memory_limit, 0)
     except _Hung as hung:
         state, why = DaemonState.HUNG, f"answered get_server_list, then hung: {hung}{_stopped_note(procfs, pid)}"
-        return replace(base, state=state, reason=why), probe.durations, probe.failures
+        return replace(base, state=state, reason=why)
 
     described = "client list unavailable" if clients is None else f"{len(clients)} client(s)"
-    daemon = replace(
+    return replace(
         base,
         reason=f"answering; {len(servers)} server(s), {described}",
         servers=servers,
@@ -426,7 +443,6 @@ def probe_daemon(
         default_active_thread_percentage=default_atp,
         default_pinned_memory_limit_bytes=pinned,
     )
-    return daemon, probe.durations, probe.failures
 
 
 def orphaned_servers(pipe_dir: str, procfs: ProcFS) -> tuple[int, ...] | None:
@@ -522,6 +538,20 @@ def servers_lost(serving: frozenset[int], cur: MpsDaemon) -> tuple[list[int], fr
 # ---------------------------------------------------------------- collector
 
 
+@dataclass
+class _WatchedDaemon:
+    """What the collector keeps of one daemon from cycle to cycle."""
+
+    pipe_dir: str
+    found_by: str
+    channel: ControlChannel | None = None
+    failures: dict[tuple[str, str], int] = field(default_factory=dict)  # totals since the agent started
+    servers_lost: int = 0
+    serving: frozenset[int] = frozenset()  # servers that had clients, for servers_lost()
+    previous: MpsDaemon | None = None
+    settings_read_at: float = float("-inf")  # time.monotonic()
+
+
 class MpsControlCollector:
     name = "mps_control"
 
@@ -547,13 +577,7 @@ class MpsControlCollector:
         self._client_limit = client_limit
         self._procfs = procfs or ProcFS()
         self._runner = runner
-        self._channels: dict[str, ControlChannel] = {}
-        self._known: dict[str, str] = {}  # pipe_dir -> found_by
-        self._failures: dict[str, dict[tuple[str, str], int]] = {}
-        self._lost: dict[str, int] = {}
-        self._serving: dict[str, frozenset[int]] = {}
-        self._previous: dict[str, MpsDaemon] = {}
-        self._settings_read_at: dict[str, float] = {}
+        self._daemons: dict[str, _WatchedDaemon] = {}  # by pipe dir
         self._uuids: list[str] = []
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="mps-control")
         self._log = structlog.get_logger().bind(collector=self.name)
@@ -565,59 +589,54 @@ class MpsControlCollector:
             notes.append(f"control program {self._control_bin} not found or not executable (no NVIDIA driver here?)")
         self._remember(dict(found))
         self._uuids = self._procfs.gpu_uuids()
-        targets = sorted(self._known.items())
-        daemons = tuple(self._pool.map(lambda target: self._probe(*target, resolved or self._control_bin), targets))
+        watched = [self._daemons[pipe_dir] for pipe_dir in sorted(self._daemons)]
+        daemons = tuple(self._pool.map(lambda w: self._probe(w, resolved or self._control_bin), watched))
         return MpsControlData(daemons=daemons, searched=search_description(self._discovery), discovery_notes=tuple(notes))
 
     def _remember(self, found: dict[str, str]) -> None:
         """A daemon once found stays watched while its pipe dir is there, so that one that dies shows
         as down rather than vanishing; a pipe dir that was removed is forgotten."""
         for pipe_dir, found_by in found.items():
-            if pipe_dir not in self._known:
+            if pipe_dir not in self._daemons:
                 self._log.info("daemon_found", pipe_dir=pipe_dir, found_by=found_by)
-                self._known[pipe_dir] = found_by
-        for pipe_dir, found_by in list(self._known.items()):
-            if pipe_dir not in found and found_by != "configured" and not looks_like_pipe_dir(Path(pipe_dir)):
+                self._daemons[pipe_dir] = _WatchedDaemon(pipe_dir, found_by)
+        for pipe_dir, watched in list(self._daemons.items()):
+            if pipe_dir not in found and watched.found_by != "configured" and not looks_like_pipe_dir(Path(pipe_dir)):
                 self._log.info("daemon_forgotten", pipe_dir=pipe_dir, reason="pipe dir removed")
-                for table in (self._known, self._channels, self._failures, self._previous, self._settings_read_at,
-                              self._lost, self._serving):
-                    table.pop(pipe_dir, None)
+                del self._daemons[pipe_dir]
 
-    def _probe(self, pipe_dir: str, found_by: str, control_bin: str) -> MpsDaemon:
-        channel = self._channels.get(pipe_dir)
-        if channel is None or channel.control_bin != control_bin:
-            channel = self._channels[pipe_dir] = ControlChannel(pipe_dir, control_bin, self._runner, self._timeout)
-        previous = self._previous.get(pipe_dir)
-        fresh = time.monotonic() - self._settings_read_at.get(pipe_dir, float("-inf")) < self._settings_refresh
+    def _probe(self, watched: _WatchedDaemon, control_bin: str) -> MpsDaemon:
+        pipe_dir, previous = watched.pipe_dir, watched.previous
+        if watched.channel is None or watched.channel.control_bin != control_bin:
+            watched.channel = ControlChannel(pipe_dir, control_bin, self._runner, self._timeout)
+        fresh = time.monotonic() - watched.settings_read_at < self._settings_refresh
         settings_from = previous if fresh and previous is not None and previous.up else None
         try:
-            daemon, durations, failures = probe_daemon(
-                pipe_dir, found_by, channel, self._procfs, self._client_limit, settings_from
+            daemon = probe_daemon(
+                pipe_dir, watched.found_by, watched.channel, self._procfs, self._client_limit, settings_from
             )
         except Exception as err:  # one daemon's surprise must not cost the others their data
             self._log.error("daemon_probe_failed", pipe_dir=pipe_dir, error=repr(err), exc_info=err)
-            daemon = MpsDaemon(pipe_dir, found_by, DaemonState.GARBAGE, f"unexpected: {err!r}"[:200],
-                               client_limit=self._client_limit)
-            durations, failures = {}, [("get_server_list", "garbage_output")]
+            daemon = MpsDaemon(pipe_dir, watched.found_by, DaemonState.GARBAGE, f"unexpected: {err!r}"[:200],
+                               client_limit=self._client_limit,
+                               command_failures=frozen_map({("get_server_list", "garbage_output"): 1}))
         if stopping() and previous is not None:
             return previous  # its command was killed by the agent shutting down: neither logged nor counted
         if daemon.clients:
             daemon = replace(daemon, clients=tuple(replace(c, device=full_uuid(c.device, self._uuids)) for c in daemon.clients))
         if daemon.up and settings_from is None:
-            self._settings_read_at[pipe_dir] = time.monotonic()
-        totals = self._failures.setdefault(pipe_dir, {})
-        for key in failures:
-            totals[key] = totals.get(key, 0) + 1
-        lost, self._serving[pipe_dir] = servers_lost(self._serving.get(pipe_dir, frozenset()), daemon)
-        self._lost[pipe_dir] = self._lost.get(pipe_dir, 0) + len(lost)
-        daemon = replace(daemon, command_durations=frozen_map(durations), command_failures=frozen_map(totals),
-                         servers_lost_total=self._lost[pipe_dir])
+            watched.settings_read_at = time.monotonic()
+        for key, count in daemon.command_failures.items():
+            watched.failures[key] = watched.failures.get(key, 0) + count
+        lost, watched.serving = servers_lost(watched.serving, daemon)
+        watched.servers_lost += len(lost)
+        daemon = replace(daemon, command_failures=frozen_map(watched.failures), servers_lost_total=watched.servers_lost)
         log = self._log.bind(pipe_dir=pipe_dir)
         for server_pid in lost:
             log.warning("server_lost", server_pid=server_pid, reason="no longer listed while its clients were connected")
         for level, event, context in state_changes(previous, daemon):
             getattr(log, level)(event, **context)
-        self._previous[pipe_dir] = daemon
+        watched.previous = daemon
         return daemon
 
 
