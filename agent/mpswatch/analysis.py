@@ -20,7 +20,7 @@ _SECTION_KEYS = ("daemons", "gpus", "engines", "engine_gpus", "log_dirs", "recen
 
 def health_report(snapshot: NodeSnapshot, version: str, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
-    collectors = []
+    collectors: list[dict[str, Any]] = []
     for name, status in sorted(snapshot.statuses.items()):
         collectors.append(
             {
@@ -36,7 +36,7 @@ def health_report(snapshot: NodeSnapshot, version: str, now: float | None = None
         if data is not None:
             sections[unit.name] = unit.status(data, snapshot.derived, now)
     entries: dict[str, list[dict[str, Any]]] = {key: [] for key in _SECTION_KEYS}
-    verdicts = [c["verdict"] for c in collectors]
+    verdicts: list[str] = [c["verdict"] for c in collectors]
     notes: list[str] = []
     for section in sections.values():
         for key, items in section.entries.items():

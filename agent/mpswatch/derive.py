@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Mapping
 
-from mpswatch.advisor import VERDICTS, advise_node
+from mpswatch.advisor import VERDICTS, Advice, advise_node
 from mpswatch.metrics import Families
 from mpswatch.snapshot import DerivedFacts, EngineState, GpuData, MpsControlData, NodeSnapshot, frozen_map
 
@@ -36,7 +36,7 @@ class Deriver:
             self._engine_gpu = {e.name: e.gpu_uuid for e in joined if e.gpu_uuid is not None}
             engines = tuple(joined)
         engines, imbalance = balanced(engines)
-        advice = ()
+        advice: tuple[Advice, ...] = ()
         if snapshot.engines is not None and snapshot.gpu is not None:
             advice = tuple(advise_node(snapshot.gpu.gpus, engines, imbalance))
         return DerivedFacts(

@@ -44,7 +44,7 @@ class CachedExposition:
         snapshot = self._current()
         with self._lock:
             if snapshot is not self._snapshot:
-                self._body = generate_latest(_Rendered(self._render(snapshot)))  # type: ignore[arg-type]
+                self._body = generate_latest(_Rendered(self._render(snapshot)))
                 self._snapshot = snapshot
             return self._body
 
@@ -121,7 +121,7 @@ class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
-def serve(listen: str, exposition: CachedExposition, healthy: Callable[[], tuple[bool, str]]):
+def serve(listen: str, exposition: CachedExposition, healthy: Callable[[], tuple[bool, str]]) -> _Server:
     """Starts the HTTP server on a daemon thread; returns the server (call shutdown() to stop)."""
     host, port = parse_listen(listen)
     log = structlog.get_logger().bind(component="http")

@@ -23,7 +23,7 @@ def fetch_metrics(url: str, timeout: float, max_bytes: int) -> bytes:
     deadline = time.monotonic() + timeout
     parts = urlsplit(url)
     connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    connection = connection_class(parts.hostname, parts.port, timeout=timeout)
+    connection = connection_class(parts.hostname or "", parts.port, timeout=timeout)
     try:
         path = parts.path or "/"
         connection.request("GET", path + (f"?{parts.query}" if parts.query else ""), headers={"Accept": "text/plain"})

@@ -246,17 +246,14 @@ class Families:
     families come out in the order they were first added to."""
 
     def __init__(self) -> None:
-        self._families: dict[str, Metric] = {}
+        self._families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
 
     def add(self, name: str, labels: Iterable[object], value: float) -> None:
         family = self._families.get(name)
         if family is None:
             spec = CATALOG[name]
-            if spec.type == "counter":
-                family = CounterMetricFamily(name, spec.help, labels=spec.labels)
-            else:
-                family = GaugeMetricFamily(name, spec.help, labels=spec.labels)
-            self._families[name] = family
+            kind = CounterMetricFamily if spec.type == "counter" else GaugeMetricFamily
+            family = self._families[name] = kind(name, spec.help, labels=spec.labels)
         family.add_metric([str(label) for label in labels], value)
 
     def __iter__(self) -> Iterator[Metric]:

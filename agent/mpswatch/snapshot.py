@@ -8,13 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:
     from mpswatch.advisor import Advice
 
 
-def frozen_map(items: Mapping | None = None) -> Mapping:
+def frozen_map(items: Mapping[Any, Any] | None = None) -> Mapping[Any, Any]:
     return MappingProxyType(dict(items or {}))
 
 
@@ -120,9 +120,6 @@ class MpsLogsData:
     recent: tuple[tuple[str, LogEvent], ...]  # (log_dir, event), oldest first, bounded
     fatal_errors: Mapping[int, tuple[str, LogEvent]] = field(default_factory=frozen_map)  # server PID -> latest
     discovery_notes: tuple[str, ...] = ()
-
-    def last_fatal_error(self, server_pid: int) -> tuple[str, LogEvent] | None:
-        return self.fatal_errors.get(server_pid)
 
 
 @dataclass(frozen=True)

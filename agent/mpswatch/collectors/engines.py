@@ -34,7 +34,7 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::")
 
 
 def tokens_per_second(
-    previous: tuple[float, Mapping[tuple, float]] | None, current: tuple[float, Mapping[tuple, float]] | None
+    previous: tuple[float, Mapping[tuple[Any, ...], float]] | None, current: tuple[float, Mapping[tuple[Any, ...], float]] | None
 ) -> float | None:
     """(monotonic time, token counter per series) pairs. Each series on its own: one that went
     back (a restart) counts from zero, one that appeared or vanished adds nothing."""
@@ -74,7 +74,7 @@ class _Engine:
     root_pid: int | None = None
     model: str | None = None  # kept while the engine is down, so its info labels do not churn
     command_model: str | None = None  # the model its command line serves (the label is often a served name)
-    previous_tokens: tuple[float, Mapping[tuple, float]] | None = None
+    previous_tokens: tuple[float, Mapping[tuple[Any, ...], float]] | None = None
     cpu: _Accumulator = field(default_factory=_Accumulator)
     wait: _Accumulator = field(default_factory=_Accumulator)
     thread_ticks: dict[tuple[int, int], tuple[float, int]] = field(default_factory=dict)
@@ -151,13 +151,14 @@ class EnginesCollector:
             if port in claimed:
                 continue  # a configured engine already names this process
             name = command.name
-            engine = self._engines.get(name)
-            if engine is not None and engine.found_by == "configured":
+            known = self._engines.get(name)
+            if known is not None and known.found_by == "configured":
                 self._log.warning("engine_name_taken", engine=name, url=command.metrics_url)
                 continue
-            if engine is None or engine.url != command.metrics_url:
+            if known is None or known.url != command.metrics_url:
                 self._log.info("engine_discovered", engine=name, url=command.metrics_url, pid=pid)
-                engine = self._engines[name] = _Engine(name, command.metrics_url, "discovered")
+                known = self._engines[name] = _Engine(name, command.metrics_url, "discovered")
+            engine = known
             engine.root_pid, engine.command_model = pid, command.model
             seen.add(name)
         for name, engine in list(self._engines.items()):
@@ -258,7 +259,7 @@ class EnginesCollector:
                     wait_ns[(pid, started, tid)] = waited
         engine.thread_ticks = thread_ticks
 
-        def alive(key: tuple) -> bool:  # its process still runs (a thread skipped by the budget comes back)
+        def alive(key: tuple[Any, ...]) -> bool:  # its process still runs (a thread skipped by the budget comes back)
             return key[0] in processes and processes[key[0]].start_time == key[1]
 
         out: dict[str, float] = {}

@@ -91,7 +91,7 @@ class _DeviceMemory:
 class _XidWatcher(threading.Thread):
     """Waits for XID events; counts them per GPU and code, keeps the latest ones."""
 
-    def __init__(self, nvml: Any, handles: list[tuple[Any, str | None]], wait_ms: int, log,
+    def __init__(self, nvml: Any, handles: list[tuple[Any, str | None]], wait_ms: int, log: Any,
                  counts: dict[str, dict[int, int]] | None = None) -> None:
         super().__init__(name="xid-events", daemon=True)
         self._nvml = nvml
@@ -297,7 +297,7 @@ class GpuCollector:
                 pass
             memory.gpm_sample = None
 
-    def _call(self, fn: Callable, *args: Any) -> Any:
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """The value, None when NVML says it is not available here; a driver-level error starts
         NVML over; anything else fails this GPU only."""
         try:
@@ -340,7 +340,10 @@ class GpuCollector:
             temperature_celsius=float(temperature) if temperature is not None else None,
             gpm_supported=memory.gpm_supported,
             processes=self._processes(nvml, handle),
-            **gpm,
+            sm_active_ratio=gpm["sm_active_ratio"],
+            sm_occupancy_ratio=gpm["sm_occupancy_ratio"],
+            dram_bandwidth_ratio=gpm["dram_bandwidth_ratio"],
+            tensor_active_ratio=gpm["tensor_active_ratio"],
         )
 
     def _gpm(self, nvml: Any, memory: _DeviceMemory) -> dict[str, float | None]:

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 import structlog
 
@@ -69,6 +69,9 @@ _DECIMAL = re.compile(r"[0-9]{1,10}")
 DEFAULT_PIPE_DIR = "/tmp/nvidia-mps"
 _DAEMON_FLAGS = frozenset({"-d", "--daemon", "-f", "--foreground", "--forground"})
 _UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+Parsed = TypeVar("Parsed")
 
 
 class ParseError(ValueError):
@@ -228,9 +231,9 @@ def discover_mps_dirs(
     """(dir, found_by) for one kind of MPS directory (pipe or log): the defaults, the device
     plugin's per-resource dirs, and what running daemons were started with."""
     found: dict[str, str] = {}
-    for d in defaults:
-        if accept(Path(d)):
-            found.setdefault(d, "default")
+    for default in defaults:
+        if accept(Path(default)):
+            found.setdefault(default, "default")
     root = Path(device_plugin_root)
     # resource names hold a slash (nvidia.com/gpu), so the dir sits one to three levels down
     for pattern in (f"*/{leaf}", f"*/*/{leaf}", f"*/*/*/{leaf}"):
@@ -322,7 +325,7 @@ class _DaemonProbe:
             self.failures.append((verb, reply.reason))
         return reply
 
-    def parsed(self, verb: str, parser, *args: int | str):
+    def parsed(self, verb: str, parser: Callable[[str], Parsed], *args: int | str) -> Parsed | None:
         """Parsed answer or None; a timeout raises so the daemon is reported hung."""
         reply = self.ask(verb, *args)
         if reply.reason == "timeout":
@@ -461,7 +464,7 @@ def orphaned_servers(pipe_dir: str, procfs: ProcFS) -> tuple[int, ...] | None:
 
 def _is_control_daemon(procfs: ProcFS, pid: int) -> bool:
     argv = procfs.cmdline(pid)
-    return bool(argv) and os.path.basename(argv[0]) == CONTROL_PROGRAM
+    return argv is not None and bool(argv) and os.path.basename(argv[0]) == CONTROL_PROGRAM
 
 
 def _stopped_note(procfs: ProcFS, pid: int | None) -> str:
@@ -487,10 +490,10 @@ def _why_down(reply: Reply, pid: int | None, pid_alive: bool, procfs: ProcFS) ->
 # ---------------------------------------------------------------- state changes
 
 
-def state_changes(prev: MpsDaemon | None, cur: MpsDaemon) -> list[tuple[str, str, dict]]:
+def state_changes(prev: MpsDaemon | None, cur: MpsDaemon) -> list[tuple[str, str, dict[str, Any]]]:
     """(level, event, context) for what changed since the last cycle; nothing when nothing did.
     An unknown value (a query that failed once) is not a change."""
-    changes: list[tuple[str, str, dict]] = []
+    changes: list[tuple[str, str, dict[str, Any]]] = []
     was_up = prev.up if prev else None
     if cur.up and was_up is not True:
         changes.append(("info", "daemon_up", {"pid": cur.pid, "found_by": cur.found_by}))

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from datetime import datetime, tzinfo
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import structlog
 
@@ -85,10 +85,10 @@ class LineContext:
 class _Rule:
     pattern: re.Pattern[str]
     event: str | None  # None: known and routine, not an event
-    build: Callable[[re.Match[str], int], dict] = lambda m, pid: {}
+    build: Callable[[re.Match[str], int], dict[str, Any]] = lambda m, pid: {}
 
 
-def _rule(regex: str, event: str | None, build=None) -> _Rule:
+def _rule(regex: str, event: str | None, build: Callable[[re.Match[str], int], dict[str, Any]] | None = None) -> _Rule:
     return _Rule(re.compile(regex), event, build or (lambda m, pid: {}))
 
 
@@ -169,7 +169,7 @@ def parse_line(
     except (ValueError, OverflowError):
         return None, context
 
-    def event(name: str, **fields) -> LogEvent:
+    def event(name: str, **fields: Any) -> LogEvent:
         return LogEvent(event=name, time=when, source=source, pid=pid, message=message[:300], **fields)
 
     number = _NUMBER.match(message)
@@ -348,7 +348,7 @@ class MpsLogsCollector:
                 self._log.warning("log_event", log_dir=watched.log_dir, **_event_context(event))
 
 
-def _event_context(event: LogEvent) -> dict:
+def _event_context(event: LogEvent) -> dict[str, Any]:
     context = {"event_name": event.event, "source": event.source, "logged_at": event.time}
     for name in ("server_pid", "client_pid", "detail"):
         value = getattr(event, name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 
 class BadMetrics(ValueError):
@@ -23,7 +23,7 @@ class EngineSample:
     generation_tokens_total: float | None
     kv_cache_usage_ratio: float | None
     gpu_memory_utilization: float | None
-    token_series: Mapping[tuple, float] = field(default_factory=dict)  # each token counter series on its own
+    token_series: Mapping[tuple[Any, ...], float] = field(default_factory=dict)  # each token counter series on its own
     prompt_tokens_per_request: float | None = None
     generation_tokens_per_request: float | None = None
 

@@ -4,6 +4,7 @@ models behind one server) and its command lines (`vllm serve`, the OpenAI API-se
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -17,7 +18,7 @@ def parse_vllm_metrics(text: str) -> EngineSample:
     current names and the older `vllm:gpu_cache_usage_perc`; refuses text with no vLLM metric."""
     sums: dict[str, float] = {}
     kv_values: list[float] = []
-    series: dict[tuple, float] = {}
+    series: dict[tuple[Any, ...], float] = {}
     model = gpu_memory_utilization = None
     found = False
     try:
