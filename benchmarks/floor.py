@@ -12,8 +12,8 @@ replies), NVML the fake replaying a real H200 recording, engines tests/fakevllm.
 loopback serving a real vLLM body. The collectors are the agent's own, built from its configuration
 (mpswatch.cli.build_collectors) and called in this process. Each round, one every 2 s:
 
-  1. the whole cycle as the agent runs it (Scheduler.run_once: the GPU, MPS control and MPS log
-     collectors in parallel, then the engines collector), its wall time, its CPU time (this
+  1. the whole cycle as the agent runs it (Scheduler.run_once: the four collectors in parallel,
+     each publish followed by the derive step), its wall time, its CPU time (this
      process's threads, and with the control program runs it waited for), and each collector's own
      duration in it (what the agent exports as mpswatch_collector_duration_seconds);
   2. each collector alone (`collect()`), then its floor done bare, or the floor first in odd rounds:
