@@ -51,7 +51,7 @@ def churn(seconds: float) -> dict:
     server_log.touch()
     faults = 0
     with Agent(["--mps-control-bin", FASTBIN, "--pipe-dir", str(pipe), "--log-dir", str(log_dir)],
-               env={"MPSWATCH_GPU_NVML_MODULE": "tests.fakenvml:h200"}, log_path=work / "agent.log") as agent:
+               env={"MPSWATCH_TEST_NVML": "tests.fakenvml:h200"}, log_path=work / "agent.log") as agent:
         time.sleep(5)
         start = process_figures(agent.proc.pid)
         started = time.monotonic()

@@ -50,9 +50,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "agent")]
 
 from benchmarks.node_cost import FASTBIN, NODES, children_cpu_seconds, node  # noqa: E402
 from mpswatch.cli import build_collectors  # noqa: E402
+from mpswatch.collectors.gpu import nvml_loader  # noqa: E402
 from mpswatch.httpfetch import Pending  # noqa: E402
 from mpswatch.collectors.mps_logs import SOURCES  # noqa: E402
 from mpswatch.config import load_config  # noqa: E402
+from mpswatch.injection import Injected  # noqa: E402
 from mpswatch.logsetup import configure_logging  # noqa: E402
 from mpswatch.runner import run_with_deadline  # noqa: E402
 from mpswatch.scheduler import Scheduler, SnapshotStore  # noqa: E402
@@ -103,12 +105,12 @@ def agent(setup: dict) -> tuple[Scheduler, dict, RecordingRunner]:
     os.environ["FAKENVML_LAYOUT"] = setup["env"]["FAKENVML_LAYOUT"]  # read by the fake when loaded
     config = load_config(
         None,
-        env={k: v for k, v in setup["env"].items() if k.startswith("MPSWATCH_")},
+        env={},
         flags={"mps_control.pipe_dirs": [str(setup["pipe"])], "mps_control.control_bin": FASTBIN,
                "mps_logs.log_dirs": [str(setup["log_dir"])]},
     )
     store = SnapshotStore()
-    collectors = build_collectors(config)
+    collectors = build_collectors(config, Injected(nvml_loader=nvml_loader(setup["env"]["MPSWATCH_TEST_NVML"])))
     by_name = {c.name: c for c in collectors}
     recorder = RecordingRunner()
     by_name["mps_control"]._runner = recorder  # before its first cycle, which makes the channels

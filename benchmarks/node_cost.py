@@ -145,7 +145,7 @@ def node(name: str, gpus: int, clients_per_gpu: int, engine_count: int, full_bod
         log_dir = work / "log"
         log_dir.mkdir()
         (log_dir / "server.log").write_text((ROOT / "tests/fixtures/h200-driver580/session3-50-clients-then-fault-server.log").read_text())
-        env = {"MPSWATCH_GPU_NVML_MODULE": "tests.fakenvml:from_layout",
+        env = {"MPSWATCH_TEST_NVML": "tests.fakenvml:from_layout",
                "FAKENVML_LAYOUT": json.dumps({"gpus": gpus, "clients": clients})}
         yield {"work": work, "pipe": pipe, "log_dir": log_dir, "env": env, "engines": engines}
     finally:

@@ -43,9 +43,9 @@ def main() -> None:
     args = parser.parse_args()
     report = {}
     for module in args.modules:
-        env = {**os.environ, "MPSWATCH_GPU_NVML_MODULE": module,
+        env = {**os.environ, "MPSWATCH_TEST_NVML": module,
                "PYTHONPATH": os.pathsep.join([str(ROOT / "agent"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        agent = subprocess.Popen([sys.executable, "-m", "mpswatch", "run", "--listen", f"127.0.0.1:{free_port()}"],
+        agent = subprocess.Popen([sys.executable, "-m", "tests.agent_main", "run", "--listen", f"127.0.0.1:{free_port()}"],
                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             time.sleep(args.seconds)

@@ -32,7 +32,8 @@ def agent_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def mpswatch_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mpswatch", *args]
+    """The agent as tests run it: tests/agent_main.py injects the fake NVML MPSWATCH_TEST_NVML names."""
+    return [sys.executable, "-m", "tests.agent_main", *args]
 
 
 def key(name: str, **labels: str) -> tuple[str, frozenset]:

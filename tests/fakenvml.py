@@ -221,7 +221,7 @@ class FakeNvml:
 
 
 def h200() -> FakeNvml:
-    """For `gpu.nvml_module = "tests.fakenvml:h200"`: the recorded H200, one GPU. With
+    """For `MPSWATCH_TEST_NVML=tests.fakenvml:h200` (tests/agent_main.py): the recorded H200, one GPU. With
     FAKENVML_MPS_CLIENT_PIDS set (comma-separated), those PIDs are its MPS clients instead of the
     recorded ones, so that processes a test starts are seen on the GPU."""
     fake = FakeNvml()

@@ -50,7 +50,7 @@ class ReplayStack:
         self.agent = Agent(
             ["--mps-control-bin", FAKE_CONTROL, "--interval", agent_interval, "--pipe-dir", self.daemon.path,
              "--log-dir", str(log_dir)],
-            env={"MPSWATCH_GPU_NVML_MODULE": "tests.fakenvml:h200", "FAKENVML_MPS_CLIENT_PIDS": str(engine.pid),
+            env={"MPSWATCH_TEST_NVML": "tests.fakenvml:h200", "FAKENVML_MPS_CLIENT_PIDS": str(engine.pid),
                  "MPSWATCH_GPU_INTERVAL_SECONDS": agent_interval,
                  "MPSWATCH_ENGINE_SCRAPE_INTERVAL_SECONDS": agent_interval},
             log_path=work / "agent.log",

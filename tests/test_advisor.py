@@ -129,7 +129,7 @@ def test_mpswatch_advise_reports_the_engine_s_gpu_and_exports_the_same_estimate(
          "--served-model-name", "qwen-a"], stdout=subprocess.PIPE, text=True)
     try:
         assert fake.stdout.readline().strip() == "ready"
-        env = agent_env({"MPSWATCH_GPU_NVML_MODULE": "tests.fakenvml:h200", "FAKENVML_MPS_CLIENT_PIDS": str(fake.pid)})
+        env = agent_env({"MPSWATCH_TEST_NVML": "tests.fakenvml:h200", "FAKENVML_MPS_CLIENT_PIDS": str(fake.pid)})
         run = subprocess.run(mpswatch_cmd("advise", "--json", "--window", "1", "--mps-control-bin", FAKE_CONTROL,
                                           "--pipe-dir", str(tmp_path / "none")),
                              env=env, capture_output=True, text=True, timeout=60)
@@ -144,7 +144,7 @@ def test_mpswatch_advise_reports_the_engine_s_gpu_and_exports_the_same_estimate(
                               env=env, capture_output=True, text=True, timeout=60).stdout
         assert gpu["gpu_uuid"] in text and "because 1.5B parameters" in text
         with Agent(["--mps-control-bin", FAKE_CONTROL, "--pipe-dir", str(tmp_path / "none")], env={
-                "MPSWATCH_GPU_NVML_MODULE": "tests.fakenvml:h200", "FAKENVML_MPS_CLIENT_PIDS": str(fake.pid)}) as agent:
+                "MPSWATCH_TEST_NVML": "tests.fakenvml:h200", "FAKENVML_MPS_CLIENT_PIDS": str(fake.pid)}) as agent:
             uuid = gpu["gpu_uuid"]
             s = agent.wait_for(lambda s: s if ("mps_gpu_mps_gain_estimate_ratio", frozenset({("gpu_uuid", uuid)})) in s
                                else None, timeout=20)

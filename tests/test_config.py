@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import fields
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from mpswatch.config import ConfigError, load_config
+from mpswatch.cli import cli, main
+from mpswatch.config import BY_KEY, SECTIONS, SETTINGS, Config, ConfigError, EngineTarget, load_config
 from tests.agentproc import agent_env, mpswatch_cmd
 
 
@@ -19,10 +23,12 @@ def write(tmp_path, text):
 def test_defaults_need_no_config_at_all(monkeypatch):
     monkeypatch.setattr("mpswatch.config.DEFAULT_CONFIG_PATH", "/nonexistent/config.toml")
     config = load_config(None, env={})
-    assert config["listen"] == "0.0.0.0:19863"
-    assert config["mps_control.interval_seconds"] == 2.0
-    assert config["mps_control.client_limit"] == 48
-    assert config["mps_control.pipe_dirs"] == ()
+    assert config.listen == "0.0.0.0:19863"
+    assert config.mps_control.interval_seconds == 2.0
+    assert config.mps_control.client_limit == 48
+    assert config.mps_control.pipe_dirs == ()
+    assert config.engine_scrape.discover is True
+    assert config.engines == ()
     assert config.file is None
 
 
@@ -30,18 +36,25 @@ def test_flag_beats_env_beats_file_beats_default(tmp_path):
     path = write(tmp_path, '[mps_control]\ninterval_seconds = 5\ntimeout_seconds = 3\nclient_limit = 16\n')
     env = {"MPSWATCH_MPS_CONTROL_INTERVAL_SECONDS": "4", "MPSWATCH_MPS_CONTROL_TIMEOUT_SECONDS": "1.5"}
     config = load_config(path, env=env, flags={"mps_control.interval_seconds": "3"})
-    assert config["mps_control.interval_seconds"] == 3.0
-    assert config["mps_control.timeout_seconds"] == 1.5
-    assert config["mps_control.client_limit"] == 16
-    assert config["listen"] == "0.0.0.0:19863"
+    assert config.mps_control.interval_seconds == 3.0
+    assert config.mps_control.timeout_seconds == 1.5
+    assert config.mps_control.client_limit == 16
+    assert config.listen == "0.0.0.0:19863"
     assert config.sources["mps_control.client_limit"] == path
 
 
 def test_pipe_dirs_come_as_a_toml_list_or_a_comma_separated_variable(tmp_path):
     path = write(tmp_path, 'mps_control.pipe_dirs = ["/run/a", "/run/b/"]\n')
-    assert load_config(path, env={})["mps_control.pipe_dirs"] == ("/run/a", "/run/b")
+    assert load_config(path, env={}).mps_control.pipe_dirs == ("/run/a", "/run/b")
     env = {"MPSWATCH_MPS_CONTROL_PIPE_DIRS": "/x,/y"}
-    assert load_config(path, env=env)["mps_control.pipe_dirs"] == ("/x", "/y")
+    assert load_config(path, env=env).mps_control.pipe_dirs == ("/x", "/y")
+
+
+def test_engines_come_as_toml_tables_or_name_url_pairs(tmp_path):
+    path = write(tmp_path, '[[engines]]\nname = "a"\nurl = "http://127.0.0.1:8001/metrics"\ngpu_uuid = "GPU-1"\n')
+    assert load_config(path, env={}).engines == (EngineTarget("a", "http://127.0.0.1:8001/metrics", "GPU-1"),)
+    flags = {"engines": ["b=http://127.0.0.1:8002/metrics"]}
+    assert load_config(path, env={}, flags=flags).engines == (EngineTarget("b", "http://127.0.0.1:8002/metrics"),)
 
 
 @pytest.mark.parametrize(
@@ -57,6 +70,7 @@ def test_pipe_dirs_come_as_a_toml_list_or_a_comma_separated_variable(tmp_path):
         ('listen = "nowhere"\n', "listen", "HOST:PORT"),
         ('log_level = "loud"\n', "log_level", "one of debug"),
         ("[mps_control]\nintervl_seconds = 2\n", "mps_control.intervl_seconds", "unknown key"),
+        ('[gpu]\nnvml_module = "tests.fakenvml:h200"\n', "gpu.nvml_module", "unknown key"),
         ("interval_seconds = [\n", "--config", "not valid TOML"),
     ],
 )
@@ -71,6 +85,8 @@ def test_a_bad_environment_variable_is_named():
         load_config(None, env={"MPSWATCH_MPS_CONTROL_CLIENT_LIMIT": "many"})
     with pytest.raises(ConfigError, match="MPSWATCH_INTERVAL.*unknown variable"):
         load_config(None, env={"MPSWATCH_INTERVAL": "2"})
+    with pytest.raises(ConfigError, match="MPSWATCH_GPU_NVML_MODULE.*unknown variable"):
+        load_config(None, env={"MPSWATCH_GPU_NVML_MODULE": "tests.fakenvml:h200"})
 
 
 def test_a_config_file_that_was_asked_for_must_exist(tmp_path):
@@ -99,11 +115,35 @@ def test_version_is_printed():
     assert run.returncode == 0 and run.stdout.startswith("mpswatch, version ")
 
 
-def test_every_setting_is_documented_with_its_variable():
-    from pathlib import Path
+def test_main_takes_its_arguments_from_the_caller(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.startswith("mpswatch, version ")
 
-    from mpswatch.config import SETTINGS
 
-    docs = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+@pytest.mark.parametrize("command", ["run", "status", "advise"])
+def test_every_flag_shows_its_default_from_the_declaration(command):
+    help_text = " ".join(CliRunner().invoke(cli, [command, "--help"], terminal_width=1000).output.split())
     for setting in SETTINGS:
-        assert f"| `{setting.key}` | `{setting.env}` |" in docs
+        if setting.flag is None or (setting.flag.serving_only and command != "run"):
+            assert setting.flag is None or setting.flag.name not in help_text
+            continue
+        default = "error" if setting.key == "log_level" and command != "run" else setting.default_text
+        assert f"{setting.flag.name} {setting.flag.metavar} {setting.help}" in help_text
+        assert f"[default: {default}]" in help_text.split(setting.flag.name + " ", 1)[1].split(" --", 1)[0]
+
+
+def test_the_documented_table_is_exactly_the_declared_settings():
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    rows = [[cell.strip() for cell in line.split("|")[1:5]] for line in docs.splitlines() if line.startswith("| `")]
+    declared = []
+    for setting in SETTINGS:
+        flag = f"`{setting.flag.name}`{' (repeatable)' if setting.flag.repeatable else ''}" if setting.flag else ""
+        declared.append([f"`{setting.key}`", f"`{setting.env}`", flag, f"`{setting.toml_default}`"])
+    assert rows == declared
+
+
+def test_the_typed_config_has_a_place_for_every_setting_and_no_other():
+    places = {f"{table}.{field.name}" for table, kind in SECTIONS.items() for field in fields(kind)}
+    places |= {field.name for field in fields(Config)} - set(SECTIONS) - {"file", "sources"}
+    assert places == set(BY_KEY)

@@ -83,14 +83,14 @@ def test_systemd_units_verify(tmp_path):
 @pytest.mark.parametrize("path", ["systemd/config.toml", "reference/mpswatch.toml"])
 def test_shipped_agent_configs_load(path):
     config = load_config(str(DEPLOY / path), env={})
-    assert config["mps_control.pipe_dirs"] == ("/run/nvidia-mps",)
+    assert config.mps_control.pipe_dirs == ("/run/nvidia-mps",)
 
 
 def test_the_kubernetes_configmap_holds_a_valid_config(tmp_path):
     configmap = yaml.safe_load((DEPLOY / "kubernetes/configmap.yaml").read_text())
     (tmp_path / "config.toml").write_text(configmap["data"]["config.toml"])
     config = load_config(str(tmp_path / "config.toml"), env={})
-    assert config["device_plugin_root"] == "/run/nvidia/mps"
+    assert config.device_plugin_root == "/run/nvidia/mps"
 
 
 @needs("kubernetes-validate")

@@ -63,7 +63,7 @@ def test_a_running_agent_exports_exactly_the_declared_set(fake_daemon, tmp_path)
     for daemon in (full, garbage, fault, killed):
         args += ["--pipe-dir", daemon.path]
     env = {
-        "MPSWATCH_GPU_NVML_MODULE": "tests.fakenvml:h200",
+        "MPSWATCH_TEST_NVML": "tests.fakenvml:h200",
         "FAKENVML_MPS_CLIENT_PIDS": str(engine.pid),  # the engine's process is an MPS client on the fake GPU
         "MPSWATCH_GPU_INTERVAL_SECONDS": "0.5",
         "MPSWATCH_ENGINE_SCRAPE_INTERVAL_SECONDS": "0.5",

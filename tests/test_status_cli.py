@@ -13,7 +13,7 @@ from tests.fakedaemon import FAKE_CONTROL
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "status.md"
 
 
-HEALTHY_GPU = {"MPSWATCH_GPU_NVML_MODULE": "tests.fakenvml:h200_all_mps",
+HEALTHY_GPU = {"MPSWATCH_TEST_NVML": "tests.fakenvml:h200_all_mps",
                "MPSWATCH_ENGINE_SCRAPE_DISCOVER": "false"}  # engines running on the test host are not the test's
 
 

@@ -1,11 +1,12 @@
 """Configuration from a TOML file, MPSWATCH_* variables and flags (flag > env > file > default).
 
-Each setting is declared once below; its TOML key, environment variable and validation all
-come from that declaration, so the three sources cannot drift apart.
+Each setting is declared once below; its TOML key, environment variable, flag, validation and
+place in the typed `Config` all come from that declaration, so the sources cannot drift apart.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from dataclasses import dataclass
@@ -114,7 +115,14 @@ def _url(value: Any) -> str:
     return text
 
 
-def _engines(value: Any) -> tuple[dict[str, str], ...]:
+@dataclass(frozen=True)
+class EngineTarget:
+    name: str
+    url: str
+    gpu_uuid: str | None = None
+
+
+def _engines(value: Any) -> tuple[EngineTarget, ...]:
     """[[engines]] tables in TOML; NAME=URL pairs, comma-separated, in the variable and flags."""
     if isinstance(value, str):
         value = [part for part in value.split(",") if part.strip()]
@@ -129,12 +137,11 @@ def _engines(value: Any) -> tuple[dict[str, str], ...]:
             item = {"name": name.strip(), "url": url.strip()}
         if not isinstance(item, dict) or set(item) - {"name", "url", "gpu_uuid"} or "name" not in item or "url" not in item:
             raise ValueError(f"an engine has a name, a url and optionally a gpu_uuid, got {item!r}")
-        engine = {"name": _text(item["name"]), "url": _url(item["url"])}
-        if "gpu_uuid" in item:
-            engine["gpu_uuid"] = _text(item["gpu_uuid"])
-        if engine["name"] in names:
-            raise ValueError(f"engine name {engine['name']!r} is used twice")
-        names.add(engine["name"])
+        gpu_uuid = _text(item["gpu_uuid"]) if "gpu_uuid" in item else None
+        engine = EngineTarget(_text(item["name"]), _url(item["url"]), gpu_uuid)
+        if engine.name in names:
+            raise ValueError(f"engine name {engine.name!r} is used twice")
+        names.add(engine.name)
         engines.append(engine)
     return tuple(engines)
 
@@ -146,39 +153,120 @@ def _listen(value: Any) -> str:
 
 
 @dataclass(frozen=True)
+class Flag:
+    """A setting's command-line flag; its value is parsed and checked like the setting's other sources."""
+
+    name: str
+    metavar: str
+    repeatable: bool = False
+    serving_only: bool = False  # only on `run`: the one command that serves HTTP
+
+
+@dataclass(frozen=True)
 class Setting:
     key: str
     parse: Callable[[Any], Any]
     default: Any
     help: str
+    flag: Flag | None = None
 
     @property
     def env(self) -> str:
         return ENV_PREFIX + self.key.upper().replace(".", "_")
 
+    @property
+    def default_text(self) -> str:
+        """The default as flags' help shows it."""
+        if isinstance(self.default, tuple):
+            return ", ".join(self.default) or "none"
+        if isinstance(self.default, bool):
+            return str(self.default).lower()
+        if isinstance(self.default, float):
+            return f"{self.default:g}"
+        return str(self.default)
+
+    @property
+    def toml_default(self) -> str:
+        """The default as a TOML value, as docs/configuration.md shows it."""
+        return json.dumps(list(self.default) if isinstance(self.default, tuple) else self.default)
+
 
 SETTINGS = [
-    Setting("listen", _listen, f"0.0.0.0:{DEFAULT_PORT}", "HOST:PORT for /metrics and /healthz."),
-    Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "Lowest level logged."),
-    Setting("log_format", _choice("auto", "json", "console"), "auto", "auto: console on a TTY, else JSON lines."),
-    Setting("proc_root", _absolute_path, "/proc", "Where /proc is (e.g. /host/proc in a container)."),
+    Setting(
+        "listen",
+        _listen,
+        f"0.0.0.0:{DEFAULT_PORT}",
+        "HOST:PORT for /metrics and /healthz.",
+        Flag("--listen", "HOST:PORT", serving_only=True),
+    ),
+    Setting(
+        "log_level",
+        _choice("debug", "info", "warning", "error"),
+        "info",
+        "Lowest level logged: debug, info, warning or error.",
+        Flag("--log-level", "LEVEL"),
+    ),
+    Setting(
+        "log_format",
+        _choice("auto", "json", "console"),
+        "auto",
+        "auto (console on a TTY, else JSON lines), json or console.",
+        Flag("--log-format", "FORMAT"),
+    ),
+    Setting(
+        "proc_root",
+        _absolute_path,
+        "/proc",
+        "Where /proc is mounted (e.g. /host/proc in a container).",
+        Flag("--proc-root", "PATH"),
+    ),
     Setting(
         "device_plugin_root",
         _absolute_path,
         "/run/nvidia/mps",
         "Root of the Kubernetes device plugin's per-resource MPS dirs.",
     ),
-    Setting("mps_control.pipe_dirs", _path_list, (), "Watch only these pipe dirs; empty: discover them."),
+    Setting(
+        "mps_control.pipe_dirs",
+        _path_list,
+        (),
+        "Watch only these MPS pipe dirs; none: discover them.",
+        Flag("--pipe-dir", "DIR", repeatable=True),
+    ),
     Setting(
         "mps_control.default_pipe_dirs",
         _path_list,
         ("/tmp/nvidia-mps", "/run/nvidia-mps"),
         "Pipe dirs discovery looks at.",
     ),
-    Setting("mps_control.control_bin", _text, "nvidia-cuda-mps-control", "Control program (PATH is searched)."),
-    Setting("mps_control.interval_seconds", _seconds(0.1, 3600), 2.0, "Seconds between two queries of each daemon."),
-    Setting("mps_control.timeout_seconds", _seconds(0.05, 60), 1.0, "Deadline of one control command."),
-    Setting("mps_control.client_limit", _whole(1, 1024), 48, "Clients allowed per device."),
+    Setting(
+        "mps_control.control_bin",
+        _text,
+        "nvidia-cuda-mps-control",
+        "The MPS control program (PATH is searched).",
+        Flag("--mps-control-bin", "PATH"),
+    ),
+    Setting(
+        "mps_control.interval_seconds",
+        _seconds(0.1, 3600),
+        2.0,
+        "Seconds between two queries of each MPS control daemon.",
+        Flag("--interval", "SECONDS"),
+    ),
+    Setting(
+        "mps_control.timeout_seconds",
+        _seconds(0.05, 60),
+        1.0,
+        "Deadline of one MPS control command, in seconds.",
+        Flag("--command-timeout", "SECONDS"),
+    ),
+    Setting(
+        "mps_control.client_limit",
+        _whole(1, 1024),
+        48,
+        "MPS clients allowed per device.",
+        Flag("--client-limit", "N"),
+    ),
     Setting(
         "mps_control.settings_interval_seconds",
         _seconds(0, 86400),
@@ -193,12 +281,12 @@ SETTINGS = [
         "A cycle of NVML calls not done by then marks the GPU collector stale.",
     ),
     Setting(
-        "gpu.nvml_module",
-        _text,
-        "pynvml",
-        "NVML binding: a module, or module:factory (tests inject a fake this way).",
+        "engines",
+        _engines,
+        (),
+        "A vLLM engine to scrape besides those discovered (TOML: [[engines]] name, url, optional gpu_uuid).",
+        Flag("--engine", "NAME=URL", repeatable=True),
     ),
-    Setting("engines", _engines, (), "vLLM engines to scrape: [[engines]] name, url, optional gpu_uuid."),
     Setting("engine_scrape.discover", _boolean, True, "Find vLLM engines from the processes on the node."),
     Setting("engine_scrape.interval_seconds", _seconds(0.2, 3600), 2.0, "Seconds between two scrapes of each engine."),
     Setting("engine_scrape.timeout_seconds", _seconds(0.05, 60), 2.0, "Deadline of one engine's /metrics request."),
@@ -208,14 +296,21 @@ SETTINGS = [
         4 << 20,
         "A /metrics body larger than this marks the engine down.",
     ),
-    Setting("mps_logs.log_dirs", _path_list, (), "Follow only these log dirs; empty: discover them."),
+    Setting(
+        "mps_logs.log_dirs",
+        _path_list,
+        (),
+        "Follow only these MPS log dirs; none: discover them.",
+        Flag("--log-dir", "DIR", repeatable=True),
+    ),
     Setting("mps_logs.default_log_dir", _absolute_path, "/var/log/nvidia-mps", "Log dir discovery looks at."),
     Setting("mps_logs.interval_seconds", _seconds(0.1, 3600), 2.0, "Seconds between two reads of the logs."),
     Setting(
         "mps_logs.backfill_bytes",
         _whole(0, 64 << 20),
         1 << 20,
-        "At start, read back at most this much of each log.",
+        "At start, read back at most this many bytes of each MPS log.",
+        Flag("--log-backfill", "BYTES"),
     ),
     Setting(
         "mps_logs.timezone",
@@ -228,13 +323,74 @@ BY_KEY = {setting.key: setting for setting in SETTINGS}
 
 
 @dataclass(frozen=True)
-class Config:
-    values: Mapping[str, Any]
-    sources: Mapping[str, str]
-    file: str | None
+class MpsControlSettings:
+    pipe_dirs: tuple[str, ...]
+    default_pipe_dirs: tuple[str, ...]
+    control_bin: str
+    interval_seconds: float
+    timeout_seconds: float
+    client_limit: int
+    settings_interval_seconds: float
 
-    def __getitem__(self, key: str) -> Any:
-        return self.values[key]
+
+@dataclass(frozen=True)
+class MpsLogsSettings:
+    log_dirs: tuple[str, ...]
+    default_log_dir: str
+    interval_seconds: float
+    backfill_bytes: int
+    timezone: str
+
+
+@dataclass(frozen=True)
+class GpuSettings:
+    interval_seconds: float
+    deadline_seconds: float
+
+
+@dataclass(frozen=True)
+class EngineScrapeSettings:
+    discover: bool
+    interval_seconds: float
+    timeout_seconds: float
+    max_body_bytes: int
+
+
+# TOML table -> its settings' type; a setting `table.name` is `config.table.name`
+SECTIONS = {
+    "mps_control": MpsControlSettings,
+    "mps_logs": MpsLogsSettings,
+    "gpu": GpuSettings,
+    "engine_scrape": EngineScrapeSettings,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The agent's settings, each at the attribute path of its TOML key (`config.gpu.interval_seconds`)."""
+
+    listen: str
+    log_level: str
+    log_format: str
+    proc_root: str
+    device_plugin_root: str
+    engines: tuple[EngineTarget, ...]
+    mps_control: MpsControlSettings
+    mps_logs: MpsLogsSettings
+    gpu: GpuSettings
+    engine_scrape: EngineScrapeSettings
+    file: str | None  # the TOML file read, if any
+    sources: Mapping[str, str]  # key -> where its value came from, as errors name it
+
+
+def _typed(values: Mapping[str, Any], sources: Mapping[str, str], file: str | None) -> Config:
+    sections: dict[str, dict[str, Any]] = {table: {} for table in SECTIONS}
+    top: dict[str, Any] = {}
+    for key, value in values.items():
+        table, _, name = key.rpartition(".")
+        (sections[table] if table else top)[name] = value
+    typed_sections = {table: SECTIONS[table](**fields) for table, fields in sections.items()}
+    return Config(**top, **typed_sections, file=file, sources=sources)
 
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -294,4 +450,4 @@ def load_config(
         except ValueError as err:
             raise ConfigError(setting.key, source, str(err)) from None
         sources[setting.key] = source
-    return Config(values=values, sources=sources, file=file_used)
+    return _typed(values, sources, file_used)

@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -312,7 +313,7 @@ def test_the_agent_as_an_unprivileged_user(mps_client, tmp_path):
             case.reported["nvidia-cuda-mps-control as nobody"] = f"exit {query.returncode}: {(query.stdout + query.stderr).strip()[:200]}"
         except subprocess.TimeoutExpired:
             case.reported["nvidia-cuda-mps-control as nobody"] = "no answer within 10 s"
-        run = subprocess.run(mpswatch_cmd("status", "--json", "--pipe-dir", pipe, "--log-dir", logs), env=env,
+        run = subprocess.run([sys.executable, "-m", "mpswatch", "status", "--json", "--pipe-dir", pipe, "--log-dir", logs], env=env,
                              capture_output=True, text=True, timeout=60, **as_nobody)
         assert run.stdout.strip(), f"exit {run.returncode}: {run.stderr[-2000:]}"
         report = json.loads(run.stdout)
@@ -326,7 +327,7 @@ def test_the_agent_as_an_unprivileged_user(mps_client, tmp_path):
             "collectors": [(c["name"], c["verdict"], c["reason"]) for c in report["collectors"]],
         }
         port = free_port()
-        agent = subprocess.Popen(mpswatch_cmd("run", "--listen", f"127.0.0.1:{port}", "--pipe-dir", pipe, "--log-dir", logs),
+        agent = subprocess.Popen([sys.executable, "-m", "mpswatch", "run", "--listen", f"127.0.0.1:{port}", "--pipe-dir", pipe, "--log-dir", logs],
                                  env=env, stdout=agent_log, stderr=subprocess.STDOUT, **as_nobody)
         samples = {}
         deadline = time.monotonic() + 20
