@@ -33,6 +33,8 @@ import subprocess
 from pathlib import Path
 
 from tests.agentproc import Agent, agent_env, mpswatch_cmd
+
+FAKE_H200 = {"MPSWATCH_TEST_NVML": "tests.fakenvml:h200"}  # the recorded H200, injected in code
 from tests.fakedaemon import FAKE_CONTROL, FakeDaemon
 from tests.fakevllm import FakeVllm
 
@@ -125,7 +127,6 @@ interval_seconds = 0.5
 timezone = "UTC"
 
 [gpu]
-nvml_module = "tests.fakenvml:h200"
 interval_seconds = 0.5
 deadline_seconds = 30
 
@@ -169,7 +170,7 @@ def test_the_fixture_node_exports_and_reports_exactly_the_golden_files(tmp_path)
     config = tmp_path / "config.toml"
     write_config(config, tmp_path, daemons, log_dir, engines)
     try:
-        with Agent(["--config", str(config)], log_path=tmp_path / "agent.log") as agent:
+        with Agent(["--config", str(config)], env=FAKE_H200, log_path=tmp_path / "agent.log") as agent:
             agent.wait_for(lambda s: set(successes(s)) == set(COLLECTORS))
             for source in ("control", "server"):  # the daemon restarts and appends to the same files
                 append(LOGS / f"session2-fault-{source}.log", log_dir / f"{source}.log")
@@ -185,7 +186,7 @@ def test_the_fixture_node_exports_and_reports_exactly_the_golden_files(tmp_path)
             assert status == 200
         status_runs = {
             form: subprocess.run(mpswatch_cmd("status", *flags, "--config", str(config)),
-                                 env=agent_env(), capture_output=True, text=True, timeout=60)
+                                 env=agent_env(FAKE_H200), capture_output=True, text=True, timeout=60)
             for form, flags in (("json", ["--json"]), ("txt", []))
         }
     finally:
