@@ -119,19 +119,19 @@ def test_load_balance_shares_and_imbalance():
 
 
 @pytest.mark.parametrize(
-    "argv,name,url",
+    "argv,name,port",
     [
         (["/usr/bin/python3", "/usr/local/bin/vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct", "--port", "8001",
-          "--served-model-name", "qwen-a"], "qwen-a:8001", "http://127.0.0.1:8001/metrics"),
+          "--served-model-name", "qwen-a"], "qwen-a:8001", 8001),
         (["python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "facebook/opt-125m", "--host", "10.0.0.5"],
-         "opt-125m:8000", "http://10.0.0.5:8000/metrics"),
-        (["vllm", "serve", "/models/llama/", "--port=9000"], "llama:9000", "http://127.0.0.1:9000/metrics"),
-        (["vllm", "serve", "--port", "8001", "/models/x", "--port", "8002"], "x:8002", "http://127.0.0.1:8002/metrics"),
+         "opt-125m:8000", 8000),
+        (["vllm", "serve", "/models/llama/", "--port=9000"], "llama:9000", 9000),
+        (["vllm", "serve", "--port", "8001", "/models/x", "--port", "8002"], "x:8002", 8002),
     ],
 )
-def test_vllm_command_lines_give_name_and_metrics_url(argv, name, url):
+def test_vllm_command_lines_give_name_and_port(argv, name, port):
     command = parse_vllm_command(argv)
-    assert (command.name, command.metrics_url) == (name, url)
+    assert (command.name, command.port) == (name, port)
 
 
 @pytest.mark.parametrize("argv", [["python3", "-c", "from multiprocessing.spawn import spawn_main"],
@@ -199,9 +199,24 @@ def test_each_bad_endpoint_marks_only_its_own_engine_down(servers, tmp_path):
     assert not second["trickle"].up  # a byte every 0.1 s never makes an answer
 
 
-def write_proc(root: Path, pid: int, ppid: int, argv: list[str], environ: str = "", threads=None) -> None:
+AGENT_NS = "net:[4026531833]"
+
+
+def write_proc(root: Path, pid: int, ppid: int, argv: list[str], environ: str = "", threads=None,
+               listen: int | None = None) -> None:
+    """A process; with `listen`, one that listens on 127.0.0.1:<listen> in the agent's own network
+    namespace (which the test writes at `self`)."""
     d = root / str(pid)
     (d / "task").mkdir(parents=True)
+    if not (root / "self").exists():
+        (root / "self" / "ns").mkdir(parents=True)
+        os.symlink(AGENT_NS, root / "self" / "ns" / "net")
+    (d / "ns").mkdir()
+    os.symlink(AGENT_NS, d / "ns" / "net")
+    if listen is not None:
+        (d / "net").mkdir()
+        (d / "net" / "tcp").write_text(
+            f"  sl  local_address rem_address   st\n   0: 0100007F:{listen:04X} 00000000:0000 0A 0 0 0 0 0 {pid}00 1\n")
     (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
     (d / "stat").write_text(f"{pid} (x) S {ppid} {pid} {pid} 0 -1 0 0 0 0 0 100 20 0 0 20 0 1 0 100")
     (d / "environ").write_bytes(environ.encode())
@@ -222,9 +237,9 @@ def test_discovery_walks_from_the_api_server_to_its_gpu_process(tmp_path):
     proc = tmp_path / "proc"
     env_a = "CUDA_MPS_PIPE_DIRECTORY=/run/nvidia-mps\0CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50\0"
     write_proc(proc, 100, 1, ["/usr/bin/python3", "/usr/local/bin/vllm", "serve", "Qwen/Qwen2.5-1.5B", "--port", "8001",
-                              "--served-model-name", "qwen-a"], env_a)
+                              "--served-model-name", "qwen-a"], env_a, listen=8001)
     write_proc(proc, 101, 100, ["VLLM::EngineCore"], env_a, threads=[(101, 500, 9000), (102, 20, 100)])
-    write_proc(proc, 200, 1, ["vllm", "serve", "Qwen/Qwen2.5-0.5B", "--port", "8002"], "")
+    write_proc(proc, 200, 1, ["vllm", "serve", "Qwen/Qwen2.5-0.5B", "--port", "8002"], "", listen=8002)
     write_proc(proc, 201, 200, ["VLLM::EngineCore"])
     write_proc(proc, 300, 1, ["python3", "unrelated.py"])
     bodies = {"http://127.0.0.1:8001/metrics": body("metrics-v0.10-names.txt"),
@@ -249,9 +264,9 @@ def test_discovery_walks_from_the_api_server_to_its_gpu_process(tmp_path):
 
 def test_shares_and_imbalance_of_two_engines_on_one_gpu(tmp_path):
     proc = tmp_path / "proc"
-    write_proc(proc, 100, 1, ["vllm", "serve", "m", "--port", "8001", "--served-model-name", "a"])
+    write_proc(proc, 100, 1, ["vllm", "serve", "m", "--port", "8001", "--served-model-name", "a"], listen=8001)
     write_proc(proc, 101, 100, ["VLLM::EngineCore"])
-    write_proc(proc, 200, 1, ["vllm", "serve", "m", "--port", "8002", "--served-model-name", "b"])
+    write_proc(proc, 200, 1, ["vllm", "serve", "m", "--port", "8002", "--served-model-name", "b"], listen=8002)
     write_proc(proc, 201, 200, ["VLLM::EngineCore"])
     tokens = {"http://127.0.0.1:8001/metrics": 0.0, "http://127.0.0.1:8002/metrics": 0.0}
     rate = {"http://127.0.0.1:8001/metrics": 2000.0, "http://127.0.0.1:8002/metrics": 1000.0}
@@ -321,7 +336,7 @@ def test_a_spinning_thread_makes_the_engine_cpu_bound_and_the_verdict_flips_back
 
 def test_a_configured_local_engine_claims_its_process_instead_of_appearing_twice(tmp_path):
     proc = tmp_path / "proc"
-    write_proc(proc, 100, 1, ["vllm", "serve", "m", "--port", "8001", "--served-model-name", "a"])
+    write_proc(proc, 100, 1, ["vllm", "serve", "m", "--port", "8001", "--served-model-name", "a"], listen=8001)
     collector = EnginesCollector(configured=[{"name": "engine-a", "url": "http://localhost:8001/metrics"}],
                                  procfs=ProcFS(proc), fetch=lambda url, t, cap: body("metrics-v0.10-names.txt").encode())
     engines = {e.name: e for e in collector.collect().engines}
@@ -330,7 +345,7 @@ def test_a_configured_local_engine_claims_its_process_instead_of_appearing_twice
 
 def test_an_engine_whose_pid_now_runs_something_else_is_gone(tmp_path):
     proc = tmp_path / "proc"
-    write_proc(proc, 200, 1, ["vllm", "serve", "m", "--port", "8002", "--served-model-name", "b"])
+    write_proc(proc, 200, 1, ["vllm", "serve", "m", "--port", "8002", "--served-model-name", "b"], listen=8002)
     collector = EnginesCollector(procfs=ProcFS(proc), fetch=lambda url, t, cap: body("metrics-v0.10-names.txt").encode())
     assert [e.name for e in collector.collect().engines] == ["b:8002"]
     (proc / "200" / "cmdline").write_bytes(b"postgres\0")  # the PID was reused
@@ -341,7 +356,8 @@ def test_cpu_seconds_never_count_a_thread_twice_when_the_budget_skips_it(tmp_pat
     import mpswatch.collectors.engines as engines_module
 
     proc = tmp_path / "proc"
-    write_proc(proc, 100, 1, ["vllm", "serve", "m", "--port", "8001"], threads=[(100, 50, 1000), (101, 70, 2000)])
+    write_proc(proc, 100, 1, ["vllm", "serve", "m", "--port", "8001"], threads=[(100, 50, 1000), (101, 70, 2000)],
+               listen=8001)
     write_proc(proc, 102, 100, ["VLLM::EngineCore"], threads=[(102, 500, 4000)])
     collector = EnginesCollector(procfs=ProcFS(proc), fetch=lambda url, t, cap: body("metrics-v0.10-names.txt").encode())
     first = collector.collect().engines[0]

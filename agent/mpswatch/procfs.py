@@ -7,9 +7,9 @@ go between a listing and a read, and that is never an error for the agent.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 
 def read_file(path: str, limit: int | None = None) -> bytes:
@@ -96,9 +96,40 @@ class ProcFS:
     def read_text(self, relative: str, limit: int = 1 << 20) -> str | None:
         """A small /proc file (relative to the root), or None when it is gone or unreadable."""
         try:
-            return read_file(f"{self._prefix}/{relative}", limit).decode("utf-8", "replace")
+            return self.read_text_or_raise(relative, limit)
         except OSError:
             return None
+
+    def read_text_or_raise(self, relative: str, limit: int = 1 << 20) -> str:
+        """A small /proc file (relative to the root); OSError says why it cannot be read."""
+        return read_file(f"{self._prefix}/{relative}", limit).decode("utf-8", "replace")
+
+    def link(self, relative: str) -> str | None:
+        """Where a /proc link points (`ns/net`: `net:[4026531833]`), or None when it is gone or
+        unreadable (another user's process without CAP_SYS_PTRACE)."""
+        try:
+            return os.readlink(f"{self._prefix}/{relative}")
+        except OSError:
+            return None
+
+    def socket_inodes(self, pid: int) -> frozenset[int] | None:
+        """Inodes of the sockets the process holds open (its `fd/*` links `socket:[N]`), or None
+        when its fd table is gone or unreadable (another user's process without CAP_SYS_PTRACE)."""
+        fd_dir = f"{self._prefix}/{pid}/fd"
+        try:
+            names = os.listdir(fd_dir)
+        except OSError:
+            return None
+        inodes = set()
+        for name in names:
+            try:
+                target = os.readlink(f"{fd_dir}/{name}")
+            except OSError:
+                continue  # closed since the listing
+            inode = parse_socket_link(target)
+            if inode is not None:
+                inodes.add(inode)
+        return frozenset(inodes)
 
     def tasks(self, pid: int) -> list[int]:
         try:
@@ -241,6 +272,15 @@ def parse_status_uid(text: str) -> int | None:
             fields = line.split()
             if len(fields) >= 2 and fields[1].isascii() and fields[1].isdigit():
                 return int(fields[1])
+    return None
+
+
+def parse_socket_link(target: str) -> int | None:
+    """The inode of an fd link to a socket (`socket:[12345]`); None for any other target."""
+    if target.startswith("socket:[") and target.endswith("]"):
+        digits = target[8:-1]
+        if digits.isascii() and digits.isdigit():
+            return int(digits)
     return None
 
 

@@ -168,8 +168,8 @@ class GpuData:
 
 @dataclass(frozen=True)
 class EngineState:
-    name: str
-    url: str
+    name: str  # the `engine` label: unique among the node's engines
+    url: str | None  # where it is scraped; None while a discovered engine cannot be reached
     found_by: str  # configured | discovered
     up: bool
     error: str | None = None

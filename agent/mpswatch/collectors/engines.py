@@ -9,22 +9,25 @@ pipe dir, its share of the GPU's load) is joined by mpswatch.derive.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
 
 from mpswatch.collectors import CollectorUnit
 from mpswatch.collectors.mps_control import DEFAULT_PIPE_DIR
-from mpswatch.engine_kinds import EngineCommand, EngineSample, parameters_from_model_name
+from mpswatch.engine_kinds import EngineSample, parameters_from_model_name
 from mpswatch.engine_kinds.vllm import parse_vllm_command, parse_vllm_metrics
 from mpswatch.httpfetch import BackgroundFetcher, Fetch, Pending, fetch_metrics
 from mpswatch.metrics import Families
+from mpswatch.netns import find_endpoint
 from mpswatch.procfs import ProcessRow, ProcFS, descendants, parse_pressure, process_table, schedstat_wait_ns, stat_cpu_ticks
-from mpswatch.snapshot import DerivedFacts, EngineState, EnginesData, frozen_map
+from mpswatch.snapshot import DerivedFacts, EnginesData, EngineState, frozen_map
 from mpswatch.verdicts import DEGRADED, DOWN, OK, StatusSection, count, percent
 
 CPU_BOUND_THREAD_RATIO = 0.9
@@ -67,11 +70,17 @@ class _Accumulator:
 
 @dataclass
 class _Engine:
-    name: str
-    url: str
+    name: str  # the `engine` label; "" until a discovered engine is first reported
+    url: str | None  # where it is scraped: configured, or chosen from its sockets (None: unreachable)
     found_by: str
     gpu_uuid: str | None = None  # as configured
     root_pid: int | None = None
+    start_time: int | None = None  # of a discovered engine's API server: with its PID, its identity
+    port: int | None = None  # a discovered engine's port, from its command line
+    base_name: str = ""  # a discovered engine's `<served name>:<port>`
+    unreachable: str | None = None  # why a discovered engine cannot be scraped
+    shared_netns: bool | None = None  # a discovered engine runs in the agent's network namespace
+    down: str | None = None  # why its last scrape failed
     model: str | None = None  # kept while the engine is down, so its info labels do not churn
     command_model: str | None = None  # the model its command line serves (the label is often a served name)
     previous_tokens: tuple[float, Mapping[tuple[Any, ...], float]] | None = None
@@ -82,10 +91,29 @@ class _Engine:
     @property
     def local_port(self) -> int | None:
         """The port of a configured URL on this host: the vLLM process it names is ours to find."""
-        parts = urlsplit(self.url)
-        if (parts.hostname or "") not in LOCAL_HOSTS:
-            return None
+        return _port(self.url) if self.url and (urlsplit(self.url).hostname or "") in LOCAL_HOSTS else None
+
+
+def _port(url: str) -> int | None:
+    parts = urlsplit(url)
+    try:
         return parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+
+
+def _endpoint(url: str | None) -> tuple[str, int | None] | None:
+    return None if url is None else ((urlsplit(url).hostname or ""), _port(url))
+
+
+def engine_labels(taken: Iterable[str], base_name: str, pid: int) -> Iterator[str]:
+    """The `engine` label values a discovered engine may take, best first: `<name>:<port>`, then,
+    while another engine holds that, `<name>:<port>@pid<PID>` (and `~2`, `~3`... after it should
+    a configured name take even that)."""
+    taken = set(taken)
+    candidates = itertools.chain((base_name, f"{base_name}@pid{pid}"),
+                                 (f"{base_name}@pid{pid}~{n}" for n in itertools.count(2)))
+    return (label for label in candidates if label not in taken)
 
 
 class EnginesCollector:
@@ -108,75 +136,96 @@ class EnginesCollector:
         self._timeout = timeout_seconds
         self._procfs = procfs or ProcFS()
         self.fetcher = BackgroundFetcher(parse_vllm_metrics, timeout_seconds, max_body_bytes, fetch)
-        self._engines: dict[str, _Engine] = {
-            e["name"]: _Engine(e["name"], e["url"], "configured", e.get("gpu_uuid")) for e in configured
-        }
-        self._down: dict[str, str] = {}
+        self._configured = [_Engine(e["name"], e["url"], "configured", e.get("gpu_uuid")) for e in configured]
+        self._processes: dict[tuple[int, int | None], _Engine] = {}  # vLLM API servers by PID and start time
         self._log = structlog.get_logger().bind(collector=self.name)
 
     # -- the cycle
 
     def collect(self) -> EnginesData:
         processes = process_table(self._procfs)
-        self._find_engines(processes)
-        self.fetcher.forget({engine.url for engine in self._engines.values()})
-        scrapes = {name: self.fetcher.start(engine.url) for name, engine in self._engines.items()}
+        engines = self._find_engines(processes)
+        self.fetcher.forget({engine.url for engine in engines if engine.url})
+        scrapes = [(engine, self.fetcher.start(engine.url) if engine.url else None) for engine in engines]
         deadline = time.monotonic() + self._timeout + 0.2
-        for scrape in scrapes.values():
-            scrape.done.wait(max(0.0, deadline - time.monotonic()))
-        states = []
-        for engine in sorted(self._engines.values(), key=lambda e: e.name):
-            state = self._scraped(engine, scrapes[engine.name])
-            states.append(self._with_processes(engine, state, processes))
+        for _, scrape in scrapes:
+            if scrape is not None:
+                scrape.done.wait(max(0.0, deadline - time.monotonic()))
+        states = [self._with_processes(engine, self._scraped(engine, scrape), processes)
+                  for engine, scrape in sorted(scrapes, key=lambda pair: pair[0].name)]
         pressure = parse_pressure(self._procfs.read_text("pressure/cpu") or "")
         return EnginesData(engines=tuple(states), cpu_pressure=frozen_map(pressure))
 
-    def _find_engines(self, processes: Mapping[int, ProcessRow]) -> None:
-        by_port: dict[int, tuple[int, EngineCommand]] = {}
+    def _find_engines(self, processes: Mapping[int, ProcessRow]) -> list[_Engine]:
+        """The configured engines, each tied to its process, and (with discovery) every other vLLM
+        API server, each by its own process: never two merged for a shared name or port."""
+        if not self._discover and not self._configured:
+            return []
+        found = {}
         for pid, row in sorted(processes.items()):
             command = parse_vllm_command(row.argv)
             if command is not None:
-                by_port.setdefault(command.port, (pid, command))
-        claimed = set()
-        for engine in self._engines.values():
-            if engine.found_by == "configured":
-                port = engine.local_port
-                engine.root_pid, engine.command_model = (by_port[port][0], by_port[port][1].model) \
-                    if port in by_port else (None, None)
-                claimed.add(port)
+                found[(pid, row.start_time)] = command
+        for key in set(self._processes) - set(found):  # exited, or its PID now runs something else
+            gone = self._processes.pop(key)
+            if gone.name:
+                self._log.info("engine_gone", engine=gone.name, pid=key[0])
+        for (pid, start_time), command in found.items():
+            engine = self._processes.get((pid, start_time))
+            if engine is None:
+                engine = self._processes[(pid, start_time)] = _Engine(
+                    "", None, "discovered", root_pid=pid, start_time=start_time, port=command.port,
+                    base_name=command.name, command_model=command.model)
+            if engine.url is None or engine.down is not None:  # its address is kept while it answers
+                self._reach(engine, pid, command.port, processes)
+        claimed = {id(engine): engine for engine in map(self._claim, self._configured) if engine is not None}
         if not self._discover:
-            return
-        seen = set()
-        for port, (pid, command) in by_port.items():
-            if port in claimed:
-                continue  # a configured engine already names this process
-            name = command.name
-            known = self._engines.get(name)
-            if known is not None and known.found_by == "configured":
-                self._log.warning("engine_name_taken", engine=name, url=command.metrics_url)
-                continue
-            if known is None or known.url != command.metrics_url:
-                self._log.info("engine_discovered", engine=name, url=command.metrics_url, pid=pid)
-                known = self._engines[name] = _Engine(name, command.metrics_url, "discovered")
-            engine = known
-            engine.root_pid, engine.command_model = pid, command.model
-            seen.add(name)
-        for name, engine in list(self._engines.items()):
-            if engine.found_by == "discovered" and name not in seen:
-                self._log.info("engine_gone", engine=name)  # exited, or its PID now runs something else
-                del self._engines[name]
-                self._down.pop(name, None)
+            return list(self._configured)
+        unclaimed = [engine for engine in self._processes.values() if id(engine) not in claimed]
+        taken = {engine.name for engine in self._configured if engine.name}
+        # labels already given are kept; new engines take theirs in the order their processes started
+        for engine in sorted(unclaimed, key=lambda e: (not e.name, e.start_time or 0, e.root_pid or 0)):
+            if not engine.name or engine.name in taken:
+                engine.name = next(engine_labels(taken, engine.base_name, engine.root_pid or 0))
+                self._log.info("engine_discovered", engine=engine.name, url=engine.url, pid=engine.root_pid)
+            taken.add(engine.name)
+        return [*self._configured, *unclaimed]
 
-    def _scraped(self, engine: _Engine, scrape: Pending[EngineSample]) -> EngineState:
+    def _reach(self, engine: _Engine, pid: int, port: int, processes: Mapping[int, ProcessRow]) -> None:
+        reach = find_endpoint(self._procfs, pid, descendants(pid, processes), port)
+        if reach.unreadable_lines:
+            self._log.warning("net_table_lines_unreadable", pid=pid, lines=reach.unreadable_lines)
+        engine.url, engine.unreachable, engine.shared_netns = reach.url, reach.reason, reach.shared
+
+    def _claim(self, configured: _Engine) -> _Engine | None:
+        """The discovered process a configured engine names: on a URL on this host, the API server with
+        that port in the agent's network namespace (or one that cannot be told apart, the earliest
+        PID first); on any other URL, the one the agent would scrape at the same host and port."""
+        port = configured.local_port
+        if port is not None:
+            candidates = [e for e in self._processes.values() if e.port == port and e.shared_netns is not False]
+            candidates.sort(key=lambda e: (e.shared_netns is not True, e.root_pid or 0))
+        else:
+            candidates = [e for e in self._processes.values()
+                          if e.url is not None and _endpoint(e.url) == _endpoint(configured.url)]
+        claimed = candidates[0] if candidates else None
+        configured.root_pid = claimed.root_pid if claimed else None
+        configured.command_model = claimed.command_model if claimed else None
+        return claimed
+
+    def _scraped(self, engine: _Engine, scrape: Pending[EngineSample] | None) -> EngineState:
         base = EngineState(name=engine.name, url=engine.url, found_by=engine.found_by, up=False,
                            gpu_uuid=engine.gpu_uuid, model=engine.model)
+        if scrape is None:
+            return self._down_state(engine, base, engine.unreachable or "no address to scrape")
         if not scrape.done.is_set():
-            return self._down_state(base, f"no answer within {self._timeout:g} s")
+            return self._down_state(engine, base, f"no answer within {self._timeout:g} s")
         sample = scrape.value
         if sample is None:
-            return self._down_state(base, scrape.error or "no answer")
-        if self._down.pop(engine.name, None) is not None:
+            return self._down_state(engine, base, scrape.error or "no answer")
+        if engine.down is not None:
             self._log.info("engine_up", engine=engine.name)
+            engine.down = None
         tokens = (scrape.fetched_at, sample.token_series) if sample.token_series else None
         tps = tokens_per_second(engine.previous_tokens, tokens)
         if tokens is not None and (engine.previous_tokens is None or tokens[0] > engine.previous_tokens[0]):
@@ -198,10 +247,10 @@ class EnginesCollector:
             model_parameters=parameters_from_model_name(engine.command_model) or parameters_from_model_name(engine.model),
         )
 
-    def _down_state(self, base: EngineState, reason: str) -> EngineState:
-        if self._down.get(base.name) != reason:
-            self._log.warning("engine_down", engine=base.name, url=base.url, reason=reason)
-        self._down[base.name] = reason
+    def _down_state(self, engine: _Engine, base: EngineState, reason: str) -> EngineState:
+        if engine.down != reason:
+            self._log.warning("engine_down", engine=base.name, url=base.url, pid=engine.root_pid, reason=reason)
+        engine.down = reason
         return replace(base, error=reason)
 
     def _with_processes(self, engine: _Engine, state: EngineState, processes: Mapping[int, ProcessRow]) -> EngineState:
@@ -295,7 +344,7 @@ _VALUES = {
 def render(data: EnginesData, facts: DerivedFacts, out: Families) -> None:
     """From the joined engines (facts.engines): their GPU and MPS attachment are labels and values here."""
     for e in facts.engines:
-        out.add("mps_engine_info", [e.name, e.model or "", e.url, e.gpu_uuid or ""], 1)
+        out.add("mps_engine_info", [e.name, e.model or "", e.url or "", e.gpu_uuid or ""], 1)
         out.add("mps_engine_up", [e.name], 1 if e.up else 0)
         for metric, attribute in _VALUES.items():
             value = getattr(e, attribute)

@@ -4,8 +4,9 @@ metrics text and command line into the one normalised view the engines collector
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 
 class BadMetrics(ValueError):
@@ -30,9 +31,9 @@ class EngineSample:
 
 @dataclass(frozen=True)
 class EngineCommand:
-    """Where an engine found by its command line serves its metrics, and what it serves."""
+    """What an engine found by its command line serves, and on which port (where it can be reached
+    is read from its sockets: mpswatch.netns)."""
 
-    host: str
     port: int
     model: str | None
     served_name: str | None
@@ -41,12 +42,6 @@ class EngineCommand:
     def name(self) -> str:
         base = self.served_name or (self.model.rstrip("/").rsplit("/", 1)[-1] if self.model else "vllm")
         return f"{base}:{self.port}"
-
-    @property
-    def metrics_url(self) -> str:
-        host = "127.0.0.1" if self.host in ("", "0.0.0.0", "::") else self.host
-        host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.port}/metrics"
 
 
 _PARAMETERS_IN_NAME = re.compile(r"(?<![\d.])(\d{1,4}(?:\.\d{1,3})?)\s?([BbMm])(?![a-zA-Z0-9])")

@@ -155,4 +155,4 @@ def parse_vllm_command(argv: list[str]) -> EngineCommand | None:
         return None
     if not 0 < port < 65536:
         return None
-    return EngineCommand(_option(argv, "--host") or "0.0.0.0", port, model, _option(argv, "--served-model-name"))
+    return EngineCommand(port, model, _option(argv, "--served-model-name"))
