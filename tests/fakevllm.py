@@ -1,8 +1,11 @@
-"""An HTTP server on loopback that serves vLLM-named /metrics (tests/fixtures/vllm) with token
-counters that advance on every request; it can also be slow, send garbage or a huge body.
+"""An HTTP server (on loopback unless told otherwise) that serves vLLM-named /metrics
+(tests/fixtures/vllm) with token counters that advance on every request; it can also be slow, send
+garbage or a huge body.
 
 As a script it runs as its own process with a vLLM-like command line, so that discovery finds it:
-    python tests/fakevllm.py vllm serve MODEL --port PORT [--served-model-name NAME] [--tokens N]
+    python tests/fakevllm.py vllm serve MODEL [--port PORT] [--host HOST] [--served-model-name NAME] [--tokens N]
+(--port 8000 as vLLM's default; --host 127.0.0.1, unlike vLLM's all addresses, so that a test on a
+shared machine serves nothing beyond it unless it asks, as a test inside a network namespace does.)
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "vllm"
 
 class FakeVllm:
     def __init__(self, body: str = "metrics-v0.10-names.txt", tokens_per_request: float = 100.0,
-                 port: int = 0, mode: str = "ok", model_label: str | None = None) -> None:
+                 port: int = 0, mode: str = "ok", model_label: str | None = None, host: str = "127.0.0.1") -> None:
         self.template = (FIXTURES / body).read_text()
         if model_label:  # vLLM labels its metrics with the served model name, when one is given
             self.template = self.template.replace('model_name="Qwen/Qwen2.5-1.5B-Instruct"', f'model_name="{model_label}"')
@@ -70,7 +73,7 @@ class FakeVllm:
             def handle_error(self, request, client_address) -> None:
                 pass  # the agent hanging up on a huge or slow answer is the point
 
-        self.server = Server(("127.0.0.1", port), Handler)
+        self.server = Server((host, port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/metrics"
@@ -97,12 +100,14 @@ def main(argv: list[str]) -> None:
     parser.add_argument("vllm")
     parser.add_argument("serve")
     parser.add_argument("model")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--served-model-name")
     parser.add_argument("--tokens", type=float, default=100.0)
     parser.add_argument("--spin-file", help="keep one thread busy on a core while this file exists")
     args = parser.parse_args(argv)
-    FakeVllm(port=args.port, tokens_per_request=args.tokens, model_label=args.served_model_name or args.model)
+    FakeVllm(port=args.port, tokens_per_request=args.tokens, model_label=args.served_model_name or args.model,
+             host=args.host)
     print("ready", flush=True)
     while True:
         if args.spin_file and Path(args.spin_file).exists():

@@ -3,7 +3,9 @@ child processes, load balance, MPS attachment, and a real CPU-bound thread."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from mpswatch.derive import load_balance
 from mpswatch.engine_kinds import BadMetrics, parameters_from_model_name
 from mpswatch.engine_kinds import vllm as vllm_module
 from mpswatch.engine_kinds.vllm import parse_vllm_command, parse_vllm_metrics
+from mpswatch.exposition import render
 from benchmarks.vllm_parse import full_size_body
 from mpswatch.procfs import ProcFS, parse_pressure, schedstat_wait_ns, stat_cpu_ticks
 from mpswatch.snapshot import (
@@ -208,15 +211,8 @@ def write_proc(root: Path, pid: int, ppid: int, argv: list[str], environ: str = 
     namespace (which the test writes at `self`)."""
     d = root / str(pid)
     (d / "task").mkdir(parents=True)
-    if not (root / "self").exists():
-        (root / "self" / "ns").mkdir(parents=True)
-        os.symlink(AGENT_NS, root / "self" / "ns" / "net")
-    (d / "ns").mkdir()
-    os.symlink(AGENT_NS, d / "ns" / "net")
     if listen is not None:
-        (d / "net").mkdir()
-        (d / "net" / "tcp").write_text(
-            f"  sl  local_address rem_address   st\n   0: 0100007F:{listen:04X} 00000000:0000 0A 0 0 0 0 0 {pid}00 1\n")
+        write_net(root, pid, AGENT_NS, [("127.0.0.1", listen)])
     (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
     (d / "stat").write_text(f"{pid} (x) S {ppid} {pid} {pid} 0 -1 0 0 0 0 0 100 20 0 0 20 0 1 0 100")
     (d / "environ").write_bytes(environ.encode())
@@ -225,6 +221,28 @@ def write_proc(root: Path, pid: int, ppid: int, argv: list[str], environ: str = 
         t.mkdir()
         (t / "stat").write_text(f"{tid} (x) R {ppid} {pid} {pid} 0 -1 0 0 0 0 0 {ticks} 0 0 0 20 0 1 0 100")
         (t / "schedstat").write_text(f"1000 {wait_ns} 3\n")
+
+
+def write_net(root: Path, pid: int, netns: str, listeners: list[tuple[str, int]], addresses: list[str] = ()) -> None:
+    """The process's network namespace as /proc shows it: its link, its listening sockets (inode
+    <pid><n>) and its own addresses; and the agent's namespace (AGENT_NS) at `self`."""
+    if not (root / "self").exists():
+        (root / "self" / "ns").mkdir(parents=True)
+        os.symlink(AGENT_NS, root / "self" / "ns" / "net")
+    d = root / str(pid)
+    (d / "ns").mkdir(exist_ok=True)
+    (d / "net").mkdir(exist_ok=True)
+    if (d / "ns" / "net").is_symlink():
+        (d / "ns" / "net").unlink()
+    os.symlink(netns, d / "ns" / "net")
+    lines = ["  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode"]
+    for n, (address, port) in enumerate(listeners):
+        word = int.from_bytes(ipaddress.IPv4Address(address).packed, sys.byteorder)  # as the kernel prints it
+        lines.append(f"   {n}: {word:08X}:{port:04X} 00000000:0000 0A 00000000:00000000 00:00000000 00000000"
+                     f"     0        0 {pid}{n} 1")
+    (d / "net" / "tcp").write_text("\n".join(lines) + "\n")
+    (d / "net" / "fib_trie").write_text("Local:\n  +-- 0.0.0.0/0 3 0 5\n" + "".join(
+        f"     |-- {address}\n        /32 host LOCAL\n" for address in ["127.0.0.1", *addresses]))
 
 
 def joined(engines_data, gpu_processes, daemons=()) -> NodeSnapshot:
@@ -402,3 +420,99 @@ def test_reading_only_the_lines_used_gives_what_parsing_the_whole_body_gives(tex
     monkeypatch.setattr(vllm_module, "_lines_read", lambda body: body)
     assert parse_vllm_metrics(text) == filtered
     assert filtered.prompt_tokens_total is not None and filtered.requests_running is not None
+
+
+# ---------------------------------------------------------------- engines in network namespaces of their own
+
+POD_A, POD_B = "net:[4026532890]", "net:[4026532951]"
+QWEN = ["vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct", "--served-model-name", "qwen"]  # vLLM's default port: 8000
+
+
+def pod_engine(proc: Path, pid: int, netns: str, pod_ip: str, listen_on: str = "0.0.0.0") -> None:
+    write_proc(proc, pid, 1, QWEN)
+    write_net(proc, pid, netns, [(listen_on, 8000)], [pod_ip])
+
+
+def fetch_from(urls: set[str]):
+    def fetch(url, timeout, cap):
+        if url not in urls:
+            raise ConnectionRefusedError(f"nothing at {url}")
+        return body("metrics-v0.10-names.txt").encode()
+    return fetch
+
+
+def test_two_pods_serving_the_same_name_on_the_same_port_are_two_engines_with_stable_labels(tmp_path):
+    proc = tmp_path / "proc"
+    pod_engine(proc, 100, POD_A, "10.231.0.11")
+    pod_engine(proc, 200, POD_B, "10.231.0.12")
+    urls = {"http://10.231.0.11:8000/metrics", "http://10.231.0.12:8000/metrics"}
+    collector = EnginesCollector(procfs=ProcFS(proc), fetch=fetch_from(urls))
+    first = {e.name: e for e in collector.collect().engines}
+    assert {name: (e.url, e.pids, e.up) for name, e in first.items()} == {
+        "qwen:8000": ("http://10.231.0.11:8000/metrics", (100,), True),  # the first started (or lower PID) keeps the name
+        "qwen:8000@pid200": ("http://10.231.0.12:8000/metrics", (200,), True),
+    }
+    assert [e.name for e in collector.collect().engines] == ["qwen:8000", "qwen:8000@pid200"]
+    shutil.rmtree(proc / "100")  # pod A's engine exits: pod B's keeps its label, no series churn
+    assert [e.name for e in collector.collect().engines] == ["qwen:8000@pid200"]
+    pod_engine(proc, 300, POD_A, "10.231.0.11")  # pod A's engine restarted: the free name again
+    assert [(e.name, e.pids) for e in collector.collect().engines] == [("qwen:8000", (300,)), ("qwen:8000@pid200", (200,))]
+
+
+def test_an_engine_listening_only_on_loopback_inside_its_pod_is_down_and_says_why(tmp_path):
+    proc = tmp_path / "proc"
+    pod_engine(proc, 100, POD_A, "10.231.0.11", listen_on="127.0.0.1")
+    collector = EnginesCollector(procfs=ProcFS(proc), fetch=fetch_from(set()))
+    [engine] = collector.collect().engines
+    assert engine.name == "qwen:8000" and not engine.up and engine.url is None and engine.pids == (100,)
+    assert engine.error == (f"listens on 127.0.0.1:8000 inside network namespace {POD_A}, which this agent cannot "
+                            "reach; start it with --host 0.0.0.0")
+    assert engine.cpu_seconds_total is not None  # its process figures are kept
+    samples = [s for family in render(snapshot_of(engines=collector.collect()), "test") for s in family.samples]
+    assert [s.labels["url"] for s in samples if s.name == "mps_engine_info"] == [""]  # scraped nowhere
+    assert [s.value for s in samples if s.name == "mps_engine_up"] == [0]
+
+
+def test_an_engine_still_starting_is_down_until_its_socket_appears_then_scraped(tmp_path):
+    proc = tmp_path / "proc"
+    pod_engine(proc, 100, POD_A, "10.231.0.11")
+    write_net(proc, 100, POD_A, [], ["10.231.0.11"])  # no socket yet
+    collector = EnginesCollector(procfs=ProcFS(proc), fetch=fetch_from({"http://10.231.0.11:8000/metrics"}))
+    [starting] = collector.collect().engines
+    write_net(proc, 100, POD_A, [("0.0.0.0", 8000)], ["10.231.0.11"])
+    [serving] = collector.collect().engines
+    assert not starting.up and starting.error == f"no socket listens on port 8000 in network namespace {POD_A} (yet: still starting?)"
+    assert serving.up and serving.url == "http://10.231.0.11:8000/metrics" and serving.name == starting.name
+
+
+def test_a_discovered_engine_never_takes_a_configured_engine_s_name(tmp_path):
+    proc = tmp_path / "proc"
+    pod_engine(proc, 100, POD_A, "10.231.0.11")
+    collector = EnginesCollector(configured=[{"name": "qwen:8000", "url": "http://10.231.0.99:8000/metrics"}],
+                                 procfs=ProcFS(proc), fetch=fetch_from({"http://10.231.0.11:8000/metrics"}))
+    engines = {e.name: e for e in collector.collect().engines}
+    assert engines["qwen:8000"].url == "http://10.231.0.99:8000/metrics" and engines["qwen:8000"].pids == ()
+    assert engines["qwen:8000@pid100"].url == "http://10.231.0.11:8000/metrics" and engines["qwen:8000@pid100"].up
+
+
+def test_a_configured_pod_url_claims_the_engine_scraped_there_and_keeps_its_url(tmp_path):
+    proc = tmp_path / "proc"
+    pod_engine(proc, 100, POD_A, "10.231.0.11")
+    pod_engine(proc, 200, POD_B, "10.231.0.12")
+    configured = [{"name": "pod-b", "url": "http://10.231.0.12:8000/metrics?x=1"}]
+    urls = {"http://10.231.0.11:8000/metrics", "http://10.231.0.12:8000/metrics?x=1"}
+    collector = EnginesCollector(configured=configured, procfs=ProcFS(proc), fetch=fetch_from(urls))
+    engines = {e.name: (e.url, e.found_by, e.pids) for e in collector.collect().engines}
+    assert engines == {"pod-b": ("http://10.231.0.12:8000/metrics?x=1", "configured", (200,)),
+                       "qwen:8000": ("http://10.231.0.11:8000/metrics", "discovered", (100,))}
+
+
+def test_a_configured_loopback_url_claims_the_engine_in_the_agent_s_namespace_not_a_pod_s(tmp_path):
+    proc = tmp_path / "proc"
+    pod_engine(proc, 100, POD_A, "10.231.0.11")  # a pod's, on the same port, with a lower PID
+    write_proc(proc, 200, 1, QWEN, listen=8000)  # the agent's namespace
+    collector = EnginesCollector(configured=[{"name": "local", "url": "http://127.0.0.1:8000/metrics"}],
+                                 procfs=ProcFS(proc), fetch=fetch_from({"http://127.0.0.1:8000/metrics",
+                                                                        "http://10.231.0.11:8000/metrics"}))
+    engines = {e.name: (e.found_by, e.pids) for e in collector.collect().engines}
+    assert engines == {"local": ("configured", (200,)), "qwen:8000": ("discovered", (100,))}
