@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from mpswatch.collectors.engines import EnginesCollector
 from mpswatch.procfs import ProcFS
+
 from tests.podnet import REPO, Pod, PodNetwork, PodNetworkRefused, descends_from
 
 HERE = Path(__file__).resolve().parent
