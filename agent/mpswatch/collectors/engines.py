@@ -179,6 +179,8 @@ class EnginesCollector:
             if engine.url is None or engine.down is not None:  # its address is kept while it answers
                 self._reach(engine, pid, command.port, processes)
         claimed = {id(engine): engine for engine in map(self._claim, self._configured) if engine is not None}
+        for engine in claimed.values():
+            engine.name = ""  # reported under the configured name; should it be let go, it takes a label anew
         if not self._discover:
             return list(self._configured)
         unclaimed = [engine for engine in self._processes.values() if id(engine) not in claimed]
