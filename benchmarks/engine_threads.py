@@ -12,7 +12,7 @@ import sys
 import time
 
 from mpswatch.collectors.engines import EnginesCollector, _Engine
-from mpswatch.procfs import ProcFS
+from mpswatch.procfs import ProcessRow, ProcFS
 
 CHILD = """
 import sys, threading, time
@@ -29,7 +29,7 @@ def measure(threads: int, rounds: int) -> list[float]:
     collector = EnginesCollector(discover=False, procfs=ProcFS())
     engine = _Engine("bench", "http://127.0.0.1:1/metrics", "configured")
     times = []
-    processes = {child.pid: (None, [], None, 0)}
+    processes = {child.pid: ProcessRow(child.pid, None, [], None, 0)}
     try:
         for _ in range(rounds):
             started = time.perf_counter()

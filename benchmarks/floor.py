@@ -13,8 +13,8 @@ loopback serving a real vLLM body. The collectors are the agent's own, built fro
 (mpswatch.cli.build_collectors) and called in this process; like an agent under test, they see only
 this run's processes (tests.kit.scope.SessionProcesses). Each round, one every 2 s:
 
-  1. the whole cycle as the agent runs it (Scheduler.run_once: the GPU, MPS control and MPS log
-     collectors in parallel, then the engines collector), its wall time, its CPU time (this
+  1. the whole cycle as the agent runs it (Scheduler.run_once: the four collectors in parallel,
+     each publish followed by the derive step), its wall time, its CPU time (this
      process's threads, and with the control program runs it waited for), and each collector's own
      duration in it (what the agent exports as mpswatch_collector_duration_seconds);
   2. each collector alone (`collect()`), then its floor done bare, or the floor first in odd rounds:
@@ -48,15 +48,14 @@ from urllib.parse import urlsplit
 
 from benchmarks.node_cost import NODES, children_cpu_seconds, node
 from mpswatch.cli import build_collectors
-from mpswatch.collectors.engines import _Scrape
 from mpswatch.collectors.mps_logs import SOURCES
 from mpswatch.config import load_config
+from mpswatch.httpfetch import Pending
 from mpswatch.injection import Injected
 from mpswatch.logsetup import configure_logging
 from mpswatch.procfs import ProcFS
 from mpswatch.runner import run_with_deadline
 from mpswatch.scheduler import Scheduler, SnapshotStore
-from mpswatch.snapshot import EnginesData
 from tests.kit import fakenvml
 from tests.kit.fakedaemon import FAKE_CONTROL
 from tests.kit.scope import SessionProcesses
@@ -111,7 +110,7 @@ def agent(setup: dict, visible: SessionProcesses) -> tuple[Scheduler, dict, Reco
                "mps_logs.log_dirs": [str(setup["log_dir"])]},
     )
     store = SnapshotStore()
-    collectors = build_collectors(config, store, Injected(nvml_loader=fakenvml.from_layout, process_visible=visible))
+    collectors = build_collectors(config, Injected(nvml_loader=fakenvml.from_layout, process_visible=visible))
     by_name = {c.name: c for c in collectors}
     recorder = RecordingRunner()
     by_name["mps_control"]._runner = recorder  # before its first cycle, which makes the channels
@@ -240,8 +239,8 @@ class LogsFloor:
 
 
 def only_ours_up(scheduler: Scheduler, urls: list[str]) -> bool:
-    engines = scheduler.store.current().data("engines")
-    return (isinstance(engines, EnginesData) and sorted(e.url for e in engines.engines) == urls
+    engines = scheduler.store.current().engines
+    return (engines is not None and sorted(e.url for e in engines.engines) == urls
             and all(e.up for e in engines.engines))
 
 
@@ -303,10 +302,10 @@ def measure(name: str, rounds: int, profile: bool, full_bodies: bool = False) ->
             index += 1
             started = time.monotonic()
             row: dict = dict(zip(("whole_wall", "whole_cpu", "whole_children_cpu"), timed_with_cpu(scheduler.run_once)))
-            reports = scheduler.store.current().reports
+            statuses = scheduler.store.current().statuses
             for c in COLLECTORS:
-                row[f"{c}_in_whole"] = reports[c].status.duration_seconds
-                assert reports[c].status.success, (c, reports[c].status.error_detail)
+                row[f"{c}_in_whole"] = statuses[c].duration_seconds
+                assert statuses[c].success, (c, statuses[c].error_detail)
             whole_sent = recorder.take()
             row["control_commands_in_whole"] = len(whole_sent)
             row["mps_control_floor_whole"] = timed(control_floor, whole_sent)
@@ -346,12 +345,12 @@ def profile_collectors(collectors: dict, scheduler: Scheduler, cycles: int = 30)
         out[c] = text.getvalue()
     # the engine scrape itself (fetch + parse), which the collector runs on its own threads
     engines = collectors["engines"]
-    urls = [e.url for e in scheduler.store.current().data("engines").engines]
+    urls = [e.url for e in scheduler.store.current().engines.engines]
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(cycles):
         for url in urls:
-            engines._run_scrape(url, _Scrape())
+            engines.fetcher.run(url, Pending())
     profiler.disable()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)

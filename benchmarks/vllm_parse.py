@@ -18,8 +18,8 @@ import statistics
 import sys
 import time
 
-from mpswatch.collectors import engines
-from mpswatch.collectors.engines import parse_vllm_metrics
+from mpswatch.engine_kinds import vllm as engines
+from mpswatch.engine_kinds.vllm import parse_vllm_metrics
 from tests.kit.fakevllm import FakeVllm, full_size_body
 
 

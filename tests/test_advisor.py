@@ -106,9 +106,9 @@ def test_no_verdict_and_no_estimate_when_an_input_is_unknown(missing, says):
 
 
 def test_the_shipped_model_is_the_fit_of_the_committed_h200_results_and_meets_its_goal_on_held_out_ones():
-    from benchmarks.mps_gain.fit import RESULTS, configurations, fit, held_out, proof
+    from benchmarks.mps_gain.fit import RESULTS, configurations, fit, held_out, load_results, proof
 
-    configs = configurations(json.loads(RESULTS.read_text()))
+    configs = configurations(load_results(RESULTS))
     assert fit(configs) == MODEL
     held = [r for r in proof(configs, MODEL) if r["set"] == "held out"]
     assert len(held) == sum(held_out(c) for c in configs) == 15

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 from mpswatch.analysis import health_report, render_text
+from mpswatch.scheduler import SnapshotStore
 from mpswatch.snapshot import (
     CollectorReport,
     CollectorStatus,
     DaemonState,
+    EnginesData,
+    EngineState,
     MpsClient,
     MpsControlData,
     MpsDaemon,
     MpsServer,
-    NodeSnapshot,
     frozen_map,
 )
+from tests.kit.snapshots import snapshot_of
 
 
 def snapshot(data, success=True, reason=None):
+    store = SnapshotStore()
     status = CollectorStatus("mps_control", success, 0.01, 1.0, frozen_map(), reason, reason and "detail")
-    return NodeSnapshot(frozen_map({"mps_control": CollectorReport(status, data)}))
+    store.publish(CollectorReport(status, data))
+    return store.current()
 
 
 def daemon(**kw):
@@ -57,17 +62,11 @@ def test_everything_ok_is_ok():
 
 
 def engines_snapshot(*engines):
-    from mpswatch.snapshot import EnginesData
-
-    ok = CollectorStatus("engines", True, 0.01, 1.0, frozen_map())
-    data = EnginesData(tuple(engines), frozen_map({"GPU-a": 1.5}), frozen_map())
-    control = snapshot(MpsControlData((daemon(),), ("/run/nvidia-mps",))).reports["mps_control"]
-    return NodeSnapshot(frozen_map({"engines": CollectorReport(ok, data), "mps_control": control}))
+    return snapshot_of(engines=EnginesData(tuple(engines), frozen_map()),
+                       mps_control=MpsControlData((daemon(),), ("/run/nvidia-mps",)))
 
 
 def test_engines_of_a_gpu_are_shown_side_by_side_with_their_problems():
-    from mpswatch.snapshot import EngineState
-
     a = EngineState("a:8001", "http://127.0.0.1:8001/metrics", "discovered", True, gpu_uuid="GPU-a",
                     mps_attached=True, load_share_ratio=0.75, tokens_per_second=1500.0, requests_running=4,
                     requests_waiting=0, busiest_thread_cpu_ratio=0.95, cpu_bound=True, gpu_memory_utilization=0.6)

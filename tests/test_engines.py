@@ -3,31 +3,25 @@ child processes, load balance, MPS attachment, and a real CPU-bound thread."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from mpswatch.collectors.engines import (
-    BadMetrics,
-    EnginesCollector,
-    load_balance,
-    parse_pressure,
-    parse_vllm_command,
-    parameters_from_model_name,
-    parse_vllm_metrics,
-    schedstat_wait_ns,
-    stat_cpu_ticks,
-    tokens_per_second,
-)
-import mpswatch.collectors.engines as engines_module
-from mpswatch.procfs import ProcFS
+from mpswatch.collectors.engines import EnginesCollector, tokens_per_second
+from mpswatch.derive import load_balance
+from mpswatch.engine_kinds import BadMetrics, parameters_from_model_name
+from mpswatch.engine_kinds import vllm as vllm_module
+from mpswatch.engine_kinds.vllm import parse_vllm_command, parse_vllm_metrics
+from mpswatch.exposition import render
+from mpswatch.procfs import ProcFS, parse_pressure, schedstat_wait_ns, stat_cpu_ticks
 from mpswatch.snapshot import (
-    CollectorReport,
-    CollectorStatus,
     DaemonState,
     GpuData,
     GpuProcess,
@@ -35,11 +29,11 @@ from mpswatch.snapshot import (
     MpsControlData,
     MpsDaemon,
     NodeSnapshot,
-    frozen_map,
 )
 from tests.kit import fakevllm
 from tests.kit.fakevllm import FIXTURES, FakeVllm, full_size_body, wait_ready
 from tests.kit.scope import SessionProcesses
+from tests.kit.snapshots import snapshot_of
 UUID = "GPU-b0364874-2b6d-037a-0496-f04da35f2f2d"
 
 
@@ -127,19 +121,19 @@ def test_load_balance_shares_and_imbalance():
 
 
 @pytest.mark.parametrize(
-    "argv,name,url",
+    "argv,name,port",
     [
         (["/usr/bin/python3", "/usr/local/bin/vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct", "--port", "8001",
-          "--served-model-name", "qwen-a"], "qwen-a:8001", "http://127.0.0.1:8001/metrics"),
+          "--served-model-name", "qwen-a"], "qwen-a:8001", 8001),
         (["python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "facebook/opt-125m", "--host", "10.0.0.5"],
-         "opt-125m:8000", "http://10.0.0.5:8000/metrics"),
-        (["vllm", "serve", "/models/llama/", "--port=9000"], "llama:9000", "http://127.0.0.1:9000/metrics"),
-        (["vllm", "serve", "--port", "8001", "/models/x", "--port", "8002"], "x:8002", "http://127.0.0.1:8002/metrics"),
+         "opt-125m:8000", 8000),
+        (["vllm", "serve", "/models/llama/", "--port=9000"], "llama:9000", 9000),
+        (["vllm", "serve", "--port", "8001", "/models/x", "--port", "8002"], "x:8002", 8002),
     ],
 )
-def test_vllm_command_lines_give_name_and_metrics_url(argv, name, url):
+def test_vllm_command_lines_give_name_and_port(argv, name, port):
     command = parse_vllm_command(argv)
-    assert (command.name, command.metrics_url) == (name, url)
+    assert (command.name, command.port) == (name, port)
 
 
 @pytest.mark.parametrize("argv", [["python3", "-c", "from multiprocessing.spawn import spawn_main"],
@@ -207,9 +201,17 @@ def test_each_bad_endpoint_marks_only_its_own_engine_down(servers, tmp_path):
     assert not second["trickle"].up  # a byte every 0.1 s never makes an answer
 
 
-def write_proc(root: Path, pid: int, ppid: int, argv: list[str], environ: str = "", threads=None) -> None:
+AGENT_NS = "net:[4026531833]"
+
+
+def write_proc(root: Path, pid: int, ppid: int, argv: list[str], environ: str = "", threads=None,
+               listen: int | None = None) -> None:
+    """A process; with `listen`, one that listens on 127.0.0.1:<listen> in the agent's own network
+    namespace (which the test writes at `self`)."""
     d = root / str(pid)
     (d / "task").mkdir(parents=True)
+    if listen is not None:
+        write_net(root, pid, AGENT_NS, [("127.0.0.1", listen)])
     (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
     (d / "stat").write_text(f"{pid} (x) S {ppid} {pid} {pid} 0 -1 0 0 0 0 0 100 20 0 0 20 0 1 0 100")
     (d / "environ").write_bytes(environ.encode())
@@ -220,32 +222,52 @@ def write_proc(root: Path, pid: int, ppid: int, argv: list[str], environ: str = 
         (t / "schedstat").write_text(f"1000 {wait_ns} 3\n")
 
 
-def peers(gpu_processes, daemons=()) -> NodeSnapshot:
+def write_net(root: Path, pid: int, netns: str, listeners: list[tuple[str, int]], addresses: list[str] = ()) -> None:
+    """The process's network namespace as /proc shows it: its link, its listening sockets (inode
+    <pid><n>) and its own addresses; and the agent's namespace (AGENT_NS) at `self`."""
+    if not (root / "self").exists():
+        (root / "self" / "ns").mkdir(parents=True)
+        os.symlink(AGENT_NS, root / "self" / "ns" / "net")
+    d = root / str(pid)
+    (d / "ns").mkdir(exist_ok=True)
+    (d / "net").mkdir(exist_ok=True)
+    if (d / "ns" / "net").is_symlink():
+        (d / "ns" / "net").unlink()
+    os.symlink(netns, d / "ns" / "net")
+    lines = ["  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode"]
+    for n, (address, port) in enumerate(listeners):
+        word = int.from_bytes(ipaddress.IPv4Address(address).packed, sys.byteorder)  # as the kernel prints it
+        lines.append(f"   {n}: {word:08X}:{port:04X} 00000000:0000 0A 00000000:00000000 00:00000000 00000000"
+                     f"     0        0 {pid}{n} 1")
+    (d / "net" / "tcp").write_text("\n".join(lines) + "\n")
+    (d / "net" / "fib_trie").write_text("Local:\n  +-- 0.0.0.0/0 3 0 5\n" + "".join(
+        f"     |-- {address}\n        /32 host LOCAL\n" for address in ["127.0.0.1", *addresses]))
+
+
+def joined(engines_data, gpu_processes, daemons=()) -> NodeSnapshot:
+    """The engines collector's data with a GPU and an MPS control daemon's, through the derive step."""
     gpu = GpuData("580.159.04", (GpuState(0, UUID, "NVIDIA H200", True, processes=tuple(gpu_processes)),))
-    control = MpsControlData(tuple(daemons), ())
-    ok = CollectorStatus("x", True, 0.0, 0.0, frozen_map())
-    return NodeSnapshot(frozen_map({"gpu": CollectorReport(ok, gpu), "mps_control": CollectorReport(ok, control)}))
+    return snapshot_of(gpu=gpu, mps_control=MpsControlData(tuple(daemons), ()), engines=engines_data)
 
 
 def test_discovery_walks_from_the_api_server_to_its_gpu_process(tmp_path):
     proc = tmp_path / "proc"
     env_a = "CUDA_MPS_PIPE_DIRECTORY=/run/nvidia-mps\0CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50\0"
     write_proc(proc, 100, 1, ["/usr/bin/python3", "/usr/local/bin/vllm", "serve", "Qwen/Qwen2.5-1.5B", "--port", "8001",
-                              "--served-model-name", "qwen-a"], env_a)
+                              "--served-model-name", "qwen-a"], env_a, listen=8001)
     write_proc(proc, 101, 100, ["VLLM::EngineCore"], env_a, threads=[(101, 500, 9000), (102, 20, 100)])
-    write_proc(proc, 200, 1, ["vllm", "serve", "Qwen/Qwen2.5-0.5B", "--port", "8002"], "")
+    write_proc(proc, 200, 1, ["vllm", "serve", "Qwen/Qwen2.5-0.5B", "--port", "8002"], "", listen=8002)
     write_proc(proc, 201, 200, ["VLLM::EngineCore"])
     write_proc(proc, 300, 1, ["python3", "unrelated.py"])
     bodies = {"http://127.0.0.1:8001/metrics": body("metrics-v0.10-names.txt"),
               "http://127.0.0.1:8002/metrics": body("metrics-v0.10-names.txt")}
-    snapshot = peers(
+    collector = EnginesCollector(procfs=ProcFS(proc), fetch=lambda url, timeout, cap: bodies[url].encode())
+    snapshot = joined(
+        collector.collect(),
         [GpuProcess(101, "mps_client", 900 << 20), GpuProcess(201, "exclusive", 700 << 20)],
         [MpsDaemon("/run/nvidia-mps", "default", DaemonState.UP, "answering")],
     )
-    collector = EnginesCollector(procfs=ProcFS(proc), peers=lambda: snapshot,
-                                 fetch=lambda url, timeout, cap: bodies[url].encode())
-    data = collector.collect()
-    engines = {e.name: e for e in data.engines}
+    engines = {e.name: e for e in snapshot.derived.engines}
     assert set(engines) == {"qwen-a:8001", "Qwen2.5-0.5B:8002"}
     a, b = engines["qwen-a:8001"], engines["Qwen2.5-0.5B:8002"]
     assert a.pids == (100, 101) and a.gpu_pids == (101,) and a.gpu_uuid == UUID
@@ -259,9 +281,9 @@ def test_discovery_walks_from_the_api_server_to_its_gpu_process(tmp_path):
 
 def test_shares_and_imbalance_of_two_engines_on_one_gpu(tmp_path):
     proc = tmp_path / "proc"
-    write_proc(proc, 100, 1, ["vllm", "serve", "m", "--port", "8001", "--served-model-name", "a"])
+    write_proc(proc, 100, 1, ["vllm", "serve", "m", "--port", "8001", "--served-model-name", "a"], listen=8001)
     write_proc(proc, 101, 100, ["VLLM::EngineCore"])
-    write_proc(proc, 200, 1, ["vllm", "serve", "m", "--port", "8002", "--served-model-name", "b"])
+    write_proc(proc, 200, 1, ["vllm", "serve", "m", "--port", "8002", "--served-model-name", "b"], listen=8002)
     write_proc(proc, 201, 200, ["VLLM::EngineCore"])
     tokens = {"http://127.0.0.1:8001/metrics": 0.0, "http://127.0.0.1:8002/metrics": 0.0}
     rate = {"http://127.0.0.1:8001/metrics": 2000.0, "http://127.0.0.1:8002/metrics": 1000.0}
@@ -270,14 +292,13 @@ def test_shares_and_imbalance_of_two_engines_on_one_gpu(tmp_path):
         tokens[url] += rate[url]
         return body("metrics-v0.10-names.txt", tokens[url]).encode()
 
-    snapshot = peers([GpuProcess(101, "mps_client", 1), GpuProcess(201, "mps_client", 1)])
-    collector = EnginesCollector(procfs=ProcFS(proc), peers=lambda: snapshot, fetch=fetch)
+    collector = EnginesCollector(procfs=ProcFS(proc), fetch=fetch)
     collector.collect()
     time.sleep(0.05)
-    data = collector.collect()
-    shares = {e.name: e.load_share_ratio for e in data.engines}
+    snapshot = joined(collector.collect(), [GpuProcess(101, "mps_client", 1), GpuProcess(201, "mps_client", 1)])
+    shares = {e.name: e.load_share_ratio for e in snapshot.derived.engines}
     assert shares["a:8001"] == pytest.approx(2 / 3, rel=0.05) and shares["b:8002"] == pytest.approx(1 / 3, rel=0.1)
-    assert data.imbalance[UUID] == pytest.approx(4 / 3, rel=0.05)
+    assert snapshot.derived.imbalance[UUID] == pytest.approx(4 / 3, rel=0.05)
 
 
 @pytest.fixture
@@ -328,7 +349,7 @@ def test_a_spinning_thread_makes_the_engine_cpu_bound_and_the_verdict_flips_back
 
 def test_a_configured_local_engine_claims_its_process_instead_of_appearing_twice(tmp_path):
     proc = tmp_path / "proc"
-    write_proc(proc, 100, 1, ["vllm", "serve", "m", "--port", "8001", "--served-model-name", "a"])
+    write_proc(proc, 100, 1, ["vllm", "serve", "m", "--port", "8001", "--served-model-name", "a"], listen=8001)
     collector = EnginesCollector(configured=[{"name": "engine-a", "url": "http://localhost:8001/metrics"}],
                                  procfs=ProcFS(proc), fetch=lambda url, t, cap: body("metrics-v0.10-names.txt").encode())
     engines = {e.name: e for e in collector.collect().engines}
@@ -337,7 +358,7 @@ def test_a_configured_local_engine_claims_its_process_instead_of_appearing_twice
 
 def test_an_engine_whose_pid_now_runs_something_else_is_gone(tmp_path):
     proc = tmp_path / "proc"
-    write_proc(proc, 200, 1, ["vllm", "serve", "m", "--port", "8002", "--served-model-name", "b"])
+    write_proc(proc, 200, 1, ["vllm", "serve", "m", "--port", "8002", "--served-model-name", "b"], listen=8002)
     collector = EnginesCollector(procfs=ProcFS(proc), fetch=lambda url, t, cap: body("metrics-v0.10-names.txt").encode())
     assert [e.name for e in collector.collect().engines] == ["b:8002"]
     (proc / "200" / "cmdline").write_bytes(b"postgres\0")  # the PID was reused
@@ -348,7 +369,8 @@ def test_cpu_seconds_never_count_a_thread_twice_when_the_budget_skips_it(tmp_pat
     import mpswatch.collectors.engines as engines_module
 
     proc = tmp_path / "proc"
-    write_proc(proc, 100, 1, ["vllm", "serve", "m", "--port", "8001"], threads=[(100, 50, 1000), (101, 70, 2000)])
+    write_proc(proc, 100, 1, ["vllm", "serve", "m", "--port", "8001"], threads=[(100, 50, 1000), (101, 70, 2000)],
+               listen=8001)
     write_proc(proc, 102, 100, ["VLLM::EngineCore"], threads=[(102, 500, 4000)])
     collector = EnginesCollector(procfs=ProcFS(proc), fetch=lambda url, t, cap: body("metrics-v0.10-names.txt").encode())
     first = collector.collect().engines[0]
@@ -390,6 +412,102 @@ def test_an_engine_served_by_prometheus_client_s_own_http_server_is_read(tmp_pat
 def test_reading_only_the_lines_used_gives_what_parsing_the_whole_body_gives(text, monkeypatch):
     text = text()
     filtered = parse_vllm_metrics(text)
-    monkeypatch.setattr(engines_module, "_lines_read", lambda body: body)
+    monkeypatch.setattr(vllm_module, "_lines_read", lambda body: body)
     assert parse_vllm_metrics(text) == filtered
     assert filtered.prompt_tokens_total is not None and filtered.requests_running is not None
+
+
+# ---------------------------------------------------------------- engines in network namespaces of their own
+
+POD_A, POD_B = "net:[4026532890]", "net:[4026532951]"
+QWEN = ["vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct", "--served-model-name", "qwen"]  # vLLM's default port: 8000
+
+
+def pod_engine(proc: Path, pid: int, netns: str, pod_ip: str, listen_on: str = "0.0.0.0") -> None:
+    write_proc(proc, pid, 1, QWEN)
+    write_net(proc, pid, netns, [(listen_on, 8000)], [pod_ip])
+
+
+def fetch_from(urls: set[str]):
+    def fetch(url, timeout, cap):
+        if url not in urls:
+            raise ConnectionRefusedError(f"nothing at {url}")
+        return body("metrics-v0.10-names.txt").encode()
+    return fetch
+
+
+def test_two_pods_serving_the_same_name_on_the_same_port_are_two_engines_with_stable_labels(tmp_path):
+    proc = tmp_path / "proc"
+    pod_engine(proc, 100, POD_A, "10.231.0.11")
+    pod_engine(proc, 200, POD_B, "10.231.0.12")
+    urls = {"http://10.231.0.11:8000/metrics", "http://10.231.0.12:8000/metrics"}
+    collector = EnginesCollector(procfs=ProcFS(proc), fetch=fetch_from(urls))
+    first = {e.name: e for e in collector.collect().engines}
+    assert {name: (e.url, e.pids, e.up) for name, e in first.items()} == {
+        "qwen:8000": ("http://10.231.0.11:8000/metrics", (100,), True),  # the first started (or lower PID) keeps the name
+        "qwen:8000@pid200": ("http://10.231.0.12:8000/metrics", (200,), True),
+    }
+    assert [e.name for e in collector.collect().engines] == ["qwen:8000", "qwen:8000@pid200"]
+    shutil.rmtree(proc / "100")  # pod A's engine exits: pod B's keeps its label, no series churn
+    assert [e.name for e in collector.collect().engines] == ["qwen:8000@pid200"]
+    pod_engine(proc, 300, POD_A, "10.231.0.11")  # pod A's engine restarted: the free name again
+    assert [(e.name, e.pids) for e in collector.collect().engines] == [("qwen:8000", (300,)), ("qwen:8000@pid200", (200,))]
+
+
+def test_an_engine_listening_only_on_loopback_inside_its_pod_is_down_and_says_why(tmp_path):
+    proc = tmp_path / "proc"
+    pod_engine(proc, 100, POD_A, "10.231.0.11", listen_on="127.0.0.1")
+    collector = EnginesCollector(procfs=ProcFS(proc), fetch=fetch_from(set()))
+    [engine] = collector.collect().engines
+    assert engine.name == "qwen:8000" and not engine.up and engine.url is None and engine.pids == (100,)
+    assert engine.error == (f"listens on 127.0.0.1:8000 inside network namespace {POD_A}, which this agent cannot "
+                            "reach; start it with --host 0.0.0.0")
+    assert engine.cpu_seconds_total is not None  # its process figures are kept
+    samples = [s for family in render(snapshot_of(engines=collector.collect()), "test") for s in family.samples]
+    assert [s.labels["url"] for s in samples if s.name == "mps_engine_info"] == [""]  # scraped nowhere
+    assert [s.value for s in samples if s.name == "mps_engine_up"] == [0]
+
+
+def test_an_engine_still_starting_is_down_until_its_socket_appears_then_scraped(tmp_path):
+    proc = tmp_path / "proc"
+    pod_engine(proc, 100, POD_A, "10.231.0.11")
+    write_net(proc, 100, POD_A, [], ["10.231.0.11"])  # no socket yet
+    collector = EnginesCollector(procfs=ProcFS(proc), fetch=fetch_from({"http://10.231.0.11:8000/metrics"}))
+    [starting] = collector.collect().engines
+    write_net(proc, 100, POD_A, [("0.0.0.0", 8000)], ["10.231.0.11"])
+    [serving] = collector.collect().engines
+    assert not starting.up and starting.error == f"no socket listens on port 8000 in network namespace {POD_A} (yet: still starting?)"
+    assert serving.up and serving.url == "http://10.231.0.11:8000/metrics" and serving.name == starting.name
+
+
+def test_a_discovered_engine_never_takes_a_configured_engine_s_name(tmp_path):
+    proc = tmp_path / "proc"
+    pod_engine(proc, 100, POD_A, "10.231.0.11")
+    collector = EnginesCollector(configured=[{"name": "qwen:8000", "url": "http://10.231.0.99:8000/metrics"}],
+                                 procfs=ProcFS(proc), fetch=fetch_from({"http://10.231.0.11:8000/metrics"}))
+    engines = {e.name: e for e in collector.collect().engines}
+    assert engines["qwen:8000"].url == "http://10.231.0.99:8000/metrics" and engines["qwen:8000"].pids == ()
+    assert engines["qwen:8000@pid100"].url == "http://10.231.0.11:8000/metrics" and engines["qwen:8000@pid100"].up
+
+
+def test_a_configured_pod_url_claims_the_engine_scraped_there_and_keeps_its_url(tmp_path):
+    proc = tmp_path / "proc"
+    pod_engine(proc, 100, POD_A, "10.231.0.11")
+    pod_engine(proc, 200, POD_B, "10.231.0.12")
+    configured = [{"name": "pod-b", "url": "http://10.231.0.12:8000/metrics?x=1"}]
+    urls = {"http://10.231.0.11:8000/metrics", "http://10.231.0.12:8000/metrics?x=1"}
+    collector = EnginesCollector(configured=configured, procfs=ProcFS(proc), fetch=fetch_from(urls))
+    engines = {e.name: (e.url, e.found_by, e.pids) for e in collector.collect().engines}
+    assert engines == {"pod-b": ("http://10.231.0.12:8000/metrics?x=1", "configured", (200,)),
+                       "qwen:8000": ("http://10.231.0.11:8000/metrics", "discovered", (100,))}
+
+
+def test_a_configured_loopback_url_claims_the_engine_in_the_agent_s_namespace_not_a_pod_s(tmp_path):
+    proc = tmp_path / "proc"
+    pod_engine(proc, 100, POD_A, "10.231.0.11")  # a pod's, on the same port, with a lower PID
+    write_proc(proc, 200, 1, QWEN, listen=8000)  # the agent's namespace
+    collector = EnginesCollector(configured=[{"name": "local", "url": "http://127.0.0.1:8000/metrics"}],
+                                 procfs=ProcFS(proc), fetch=fetch_from({"http://127.0.0.1:8000/metrics",
+                                                                        "http://10.231.0.11:8000/metrics"}))
+    engines = {e.name: (e.found_by, e.pids) for e in collector.collect().engines}
+    assert engines == {"local": ("configured", (200,)), "qwen:8000": ("discovered", (100,))}

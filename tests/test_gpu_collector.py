@@ -9,7 +9,7 @@ import pytest
 from mpswatch.analysis import health_report, render_text
 from mpswatch.collectors import CollectorError
 from mpswatch.collectors.gpu import GpuCollector
-from mpswatch.exporter import render
+from mpswatch.exposition import render
 from mpswatch.procfs import ProcFS
 from mpswatch.scheduler import CollectorLoop, SnapshotStore
 from tests.kit.fakenvml import NVML_ERROR_GPU_IS_LOST, NVML_ERROR_LIBRARY_NOT_FOUND, FakeNvml

@@ -8,14 +8,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from mpswatch.exporter import CachedExposition, serve
-from mpswatch.snapshot import NodeSnapshot, frozen_map
+from mpswatch.exposition import render
+from mpswatch.snapshot import NodeSnapshot
 from tests.kit.agentproc import free_port
 
 
 @pytest.fixture
 def server():
     health = {"ok": True}
-    exposition = CachedExposition(lambda: NodeSnapshot(reports=frozen_map()), "9.9.9")
+    exposition = CachedExposition(NodeSnapshot, lambda snapshot: render(snapshot, "9.9.9"))
     port = free_port()
     httpd = serve(f"127.0.0.1:{port}", exposition, lambda: (health["ok"], "detail here"))
     yield port, health
@@ -83,7 +84,7 @@ def test_a_failure_to_render_answers_500_and_the_server_keeps_serving():
         raise RuntimeError("render bug")
 
     port = free_port()
-    httpd = serve(f"127.0.0.1:{port}", CachedExposition(broken_snapshot, "9.9.9"), lambda: (True, "fine"))
+    httpd = serve(f"127.0.0.1:{port}", CachedExposition(broken_snapshot, lambda snapshot: render(snapshot, "9.9.9")), lambda: (True, "fine"))
     try:
         response, body = request(port, "GET", "/metrics")
         assert (response.status, body) == (500, b"internal error\n")

@@ -1,10 +1,9 @@
 """The shipped alert rules evaluated by promtool on recordings of what the agent exported: first on
 a recording made here (fixture daemon), then on the fault matrix's recordings from the H200
-(docs/validation/h200-matrix/*.json, written by tests/gpu on the GPU machine)."""
+(tests/fixtures/h200-matrix/*.json.gz, written by tests/gpu on the GPU machine)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import time
@@ -15,11 +14,11 @@ import yaml
 
 from tests.kit.agentproc import Agent
 from tests.kit.fakedaemon import FAKE_CONTROL
-from tests.kit.matrix import Matrix, promtool_test
+from tests.kit.matrix import Matrix, load_run, promtool_test
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "alerts" / "mpswatch.rules.yml"
-H200_MATRIX = sorted((REPO / "docs" / "validation" / "h200-matrix").glob("*.json"))
+H200_MATRIX = sorted((REPO / "tests" / "fixtures" / "h200-matrix").glob("*.json.gz"))
 
 pytestmark = pytest.mark.skipif(not shutil.which("promtool"), reason="needs promtool (Debian package prometheus)")
 
@@ -68,9 +67,9 @@ def test_the_check_fails_when_an_alert_is_expected_that_the_recording_does_not_s
 
 
 @pytest.mark.skipif(not H200_MATRIX, reason="no H200 matrix recording committed yet")
-@pytest.mark.parametrize("path", H200_MATRIX, ids=[p.stem for p in H200_MATRIX])
+@pytest.mark.parametrize("path", H200_MATRIX, ids=[p.name.removesuffix(".json.gz") for p in H200_MATRIX])
 def test_h200_matrix_cases_raise_the_alerts_they_should(path, tmp_path):
-    run = json.loads(path.read_text())
+    run = load_run(path)
     checked_cases = [c for c in run["cases"] if c.get("recording") and (c["alerts"] or c["quiet"])]
     assert checked_cases
     for case in checked_cases:

@@ -85,12 +85,12 @@ def probe(tmp_path, runner, pipe, procfs=None):
 def test_a_healthy_daemon_reports_servers_clients_and_the_server_uid(tmp_path):
     fake_proc(tmp_path / "proc", 429, "nvidia-cuda-mps-control")
     fake_proc(tmp_path / "proc", 476, "nvidia-cuda-mps-server", uid=1000)
-    daemon, durations, failures = probe(tmp_path, ScriptedRunner(HEALTHY), pipe_dir_with_pid(tmp_path, 429))
+    daemon = probe(tmp_path, ScriptedRunner(HEALTHY), pipe_dir_with_pid(tmp_path, 429))
     assert daemon.state is DaemonState.UP and daemon.pid == 429
     assert daemon.servers == (MpsServer(476, 1000, "ACTIVE", 100.0),)
     assert [c.pid for c in daemon.clients] == [437]
     assert daemon.default_pinned_memory_limit_bytes is None
-    assert failures == [] and set(durations) == {
+    assert daemon.command_failures == {} and set(daemon.command_durations) == {
         "get_server_list", "get_server_status", "get_active_thread_percentage", "ps",
         "get_default_active_thread_percentage", "get_default_device_pinned_mem_limit",
     }
@@ -98,16 +98,16 @@ def test_a_healthy_daemon_reports_servers_clients_and_the_server_uid(tmp_path):
 
 def test_a_killed_daemon_is_told_apart_by_its_stale_pid_file(tmp_path):
     (tmp_path / "proc").mkdir()
-    daemon, _, failures = probe(tmp_path, ScriptedRunner(not_running=True), pipe_dir_with_pid(tmp_path, 4242))
+    daemon = probe(tmp_path, ScriptedRunner(not_running=True), pipe_dir_with_pid(tmp_path, 4242))
     assert daemon.state is DaemonState.STALE_PID_FILE
-    assert "4242" in daemon.reason and failures == [("get_server_list", "not_running")]
+    assert "4242" in daemon.reason and daemon.command_failures == {("get_server_list", "not_running"): 1}
 
 
 def test_a_killed_daemon_names_the_server_it_left_running_for_its_pipe_dir_only(tmp_path):
     pipe = pipe_dir_with_pid(tmp_path, 4242)
     fake_proc(tmp_path / "proc", 476, "/usr/bin/nvidia-cuda-mps-server", environ=f"CUDA_MPS_PIPE_DIRECTORY={pipe}/\0")
     fake_proc(tmp_path / "proc", 502, "nvidia-cuda-mps-server", environ="CUDA_MPS_PIPE_DIRECTORY=/elsewhere\0")
-    daemon, _, _ = probe(tmp_path, ScriptedRunner(not_running=True), pipe)
+    daemon = probe(tmp_path, ScriptedRunner(not_running=True), pipe)
     assert daemon.state is DaemonState.STALE_PID_FILE and daemon.orphaned_server_pids == (476,)
     assert "MPS server 476 runs on without it" in daemon.reason
 
@@ -119,59 +119,59 @@ def test_orphans_are_unknown_when_a_server_environment_is_hidden(tmp_path):
 
     pipe = pipe_dir_with_pid(tmp_path, 4242)
     fake_proc(tmp_path / "proc", 476, "nvidia-cuda-mps-server")
-    daemon, _, _ = probe(tmp_path, ScriptedRunner(not_running=True), pipe, HidingProcFS(tmp_path / "proc"))
+    daemon = probe(tmp_path, ScriptedRunner(not_running=True), pipe, HidingProcFS(tmp_path / "proc"))
     assert daemon.orphaned_server_pids is None and "orphaned" not in daemon.reason
 
 
 def test_an_answering_daemon_has_no_orphan_count(tmp_path):
     fake_proc(tmp_path / "proc", 429, "nvidia-cuda-mps-control")
-    daemon, _, _ = probe(tmp_path, ScriptedRunner(HEALTHY), pipe_dir_with_pid(tmp_path, 429))
+    daemon = probe(tmp_path, ScriptedRunner(HEALTHY), pipe_dir_with_pid(tmp_path, 429))
     assert daemon.orphaned_server_pids is None
 
 
 def test_no_pid_file_and_no_daemon_is_plain_not_running(tmp_path):
     pipe = tmp_path / "pipe"
     pipe.mkdir()
-    daemon, _, _ = probe(tmp_path, ScriptedRunner(not_running=True), pipe)
+    daemon = probe(tmp_path, ScriptedRunner(not_running=True), pipe)
     assert daemon.state is DaemonState.NOT_RUNNING
 
 
 def test_a_stopped_daemon_is_hung_and_the_reason_says_it_is_stopped(tmp_path):
     fake_proc(tmp_path / "proc", 429, "nvidia-cuda-mps-control", state="T")
-    daemon, durations, failures = probe(
+    daemon = probe(
         tmp_path, ScriptedRunner(HEALTHY, timeout_on={"get_server_list"}), pipe_dir_with_pid(tmp_path, 429)
     )
     assert daemon.state is DaemonState.HUNG and "stopped" in daemon.reason
-    assert durations["get_server_list"] == 2.0 and failures == [("get_server_list", "timeout")]
+    assert daemon.command_durations["get_server_list"] == 2.0 and daemon.command_failures == {("get_server_list", "timeout"): 1}
 
 
 def test_a_daemon_that_hangs_mid_cycle_is_hung_and_is_not_asked_again(tmp_path):
     runner = ScriptedRunner(HEALTHY, timeout_on={"ps"})
-    daemon, _, _ = probe(tmp_path, runner, pipe_dir_with_pid(tmp_path, 429))
+    daemon = probe(tmp_path, runner, pipe_dir_with_pid(tmp_path, 429))
     assert daemon.state is DaemonState.HUNG and daemon.servers == ()
     assert runner.sent[-1] == "ps"
 
 
 def test_a_server_that_vanished_between_two_commands_keeps_the_daemon_up(tmp_path):
     replies = {**HEALTHY, "get_server_status 476": "Server 476 not found\n"}
-    daemon, _, failures = probe(tmp_path, ScriptedRunner(replies), pipe_dir_with_pid(tmp_path, 429))
+    daemon = probe(tmp_path, ScriptedRunner(replies), pipe_dir_with_pid(tmp_path, 429))
     assert daemon.up and daemon.servers[0].status is None
-    assert ("get_server_status", "error_reply") in failures
+    assert ("get_server_status", "error_reply") in daemon.command_failures
 
 
 def test_a_missing_control_program_is_exec_failed(tmp_path):
     runner = ScriptedRunner(exec_error="nvidia-cuda-mps-control: No such file or directory")
-    daemon, _, _ = probe(tmp_path, runner, pipe_dir_with_pid(tmp_path, 429))
+    daemon = probe(tmp_path, runner, pipe_dir_with_pid(tmp_path, 429))
     assert daemon.state is DaemonState.EXEC_FAILED and "No such file" in daemon.reason
 
 
 def test_garbage_to_the_first_command_is_garbage_output(tmp_path):
-    daemon, _, failures = probe(tmp_path, ScriptedRunner({"get_server_list": "\x00\x07junk\n"}), pipe_dir_with_pid(tmp_path, 429))
-    assert daemon.state is DaemonState.GARBAGE and failures == [("get_server_list", "garbage_output")]
+    daemon = probe(tmp_path, ScriptedRunner({"get_server_list": "\x00\x07junk\n"}), pipe_dir_with_pid(tmp_path, 429))
+    assert daemon.state is DaemonState.GARBAGE and daemon.command_failures == {("get_server_list", "garbage_output"): 1}
 
 
 def test_a_configured_pipe_dir_that_does_not_exist_is_reported(tmp_path):
-    daemon, _, _ = probe(tmp_path, ScriptedRunner(HEALTHY), tmp_path / "absent")
+    daemon = probe(tmp_path, ScriptedRunner(HEALTHY), tmp_path / "absent")
     assert daemon.state is DaemonState.NO_PIPE_DIR
 
 
@@ -277,9 +277,9 @@ def test_never_two_commands_in_flight_to_one_daemon(tmp_path):
 
 
 def test_a_reply_with_a_huge_number_is_garbage_not_a_crash(tmp_path):
-    daemon, _, failures = probe(tmp_path, ScriptedRunner({**HEALTHY, "get_server_list": "9" * 5000 + "\n"}),
+    daemon = probe(tmp_path, ScriptedRunner({**HEALTHY, "get_server_list": "9" * 5000 + "\n"}),
                                 pipe_dir_with_pid(tmp_path, 429))
-    assert daemon.state is DaemonState.GARBAGE and failures == [("get_server_list", "garbage_output")]
+    assert daemon.state is DaemonState.GARBAGE and daemon.command_failures == {("get_server_list", "garbage_output"): 1}
 
 
 def test_a_fifo_in_place_of_the_pid_file_does_not_block(tmp_path):
@@ -292,9 +292,9 @@ def test_a_fifo_in_place_of_the_pid_file_does_not_block(tmp_path):
 
 
 def test_an_unreadable_client_list_is_unknown_not_empty(tmp_path):
-    daemon, _, failures = probe(tmp_path, ScriptedRunner({**HEALTHY, "ps": "Segmentation fault\n"}),
+    daemon = probe(tmp_path, ScriptedRunner({**HEALTHY, "ps": "Segmentation fault\n"}),
                                 pipe_dir_with_pid(tmp_path, 429))
-    assert daemon.up and daemon.clients is None and ("ps", "garbage_output") in failures
+    assert daemon.up and daemon.clients is None and ("ps", "garbage_output") in daemon.command_failures
 
 
 def test_one_daemon_s_surprise_costs_only_that_daemon(tmp_path):

@@ -7,6 +7,12 @@ import time
 
 from mpswatch.collectors import CollectorError
 from mpswatch.scheduler import CollectorLoop, Scheduler, SnapshotStore
+from mpswatch.snapshot import DerivedFacts
+
+
+def store() -> SnapshotStore:
+    """A store for stand-in data, which the derive step would not know how to join."""
+    return SnapshotStore(derive=lambda snapshot: DerivedFacts())
 
 
 class Blocking:
@@ -28,7 +34,7 @@ class Blocking:
 
 def test_a_call_past_its_deadline_fails_the_collector_and_drops_its_data():
     collector = Blocking()
-    store = SnapshotStore()
+    store = SnapshotStore(derive=lambda snapshot: DerivedFacts())
     loop = CollectorLoop(collector, store)
     collector.block = False
     assert loop.cycle().data == {"value": 1}
@@ -37,13 +43,13 @@ def test_a_call_past_its_deadline_fails_the_collector_and_drops_its_data():
     report = loop.cycle()
     assert time.monotonic() - started < 1.0
     assert not report.status.success and report.status.error_reason == "timeout"
-    assert report.data is None and store.current().data("gpu") is None
+    assert report.data is None and store.current().gpu is None
     assert report.status.last_success_time is not None
 
 
 def test_no_second_call_starts_while_one_is_stuck_and_it_recovers_when_it_returns():
     collector = Blocking()
-    loop = CollectorLoop(collector, SnapshotStore())
+    loop = CollectorLoop(collector, store())
     loop.cycle()
     report = loop.cycle()
     assert collector.calls == 1 and "still in progress" in report.status.error_detail
@@ -57,7 +63,7 @@ def test_no_second_call_starts_while_one_is_stuck_and_it_recovers_when_it_return
 
 def test_collector_errors_and_crashes_are_counted_by_reason():
     class Failing:
-        name, interval_seconds, deadline_seconds = "x", 0.1, 1.0
+        name, interval_seconds, deadline_seconds = "mps_logs", 0.1, 1.0
         crash = False
 
         def collect(self):
@@ -66,7 +72,7 @@ def test_collector_errors_and_crashes_are_counted_by_reason():
             raise CollectorError("exec_failed", "no binary")
 
     collector = Failing()
-    loop = CollectorLoop(collector, SnapshotStore())
+    loop = CollectorLoop(collector, store())
     assert loop.cycle().status.error_reason == "exec_failed"
     collector.crash = True
     report = loop.cycle()
@@ -76,13 +82,25 @@ def test_collector_errors_and_crashes_are_counted_by_reason():
 
 def test_the_loop_stays_alive_while_its_collector_is_stuck():
     collector = Blocking()
-    scheduler = Scheduler([collector], SnapshotStore())
+    scheduler = Scheduler([collector], store())
     scheduler.start()
     try:
         time.sleep(0.8)
         alive, detail = scheduler.alive()
         assert alive, detail
-        assert scheduler.store.current().reports["gpu"].status.error_reason == "timeout"
+        assert scheduler.store.current().statuses["gpu"].error_reason == "timeout"
     finally:
         collector.release.set()
         scheduler.stop()
+
+
+def test_a_collector_without_a_snapshot_field_is_refused_when_its_loop_is_made():
+    class Unregistered(Blocking):
+        name = "nowhere"
+
+    try:
+        CollectorLoop(Unregistered(), store())
+    except ValueError as err:
+        assert "nowhere" in str(err)
+    else:
+        raise AssertionError("a collector with no NodeSnapshot field was accepted")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from mpswatch.snapshot import EngineState, GpuState
 
@@ -54,7 +55,7 @@ def busy_alone(utilization: float | None, engines: int) -> float | None:
     with `engines` engines on it, taking their idle times as independent: idle = idle_alone^engines."""
     if utilization is None or not 0 <= utilization <= 1 or engines < 1:
         return None
-    return 1 - (1 - utilization) ** (1 / engines)
+    return 1 - float((1 - utilization) ** (1 / engines))
 
 
 # fitted by `python3 -m benchmarks.mps_gain.fit` on the training configurations of the H200 run
@@ -93,7 +94,7 @@ def workload(engines: list[EngineState]) -> tuple[float | None, float | None, fl
     return params, _weighted(prompts), _weighted(shares)
 
 
-def _usable(value: float | None) -> bool:
+def _usable(value: float | None) -> TypeGuard[float]:
     return value is not None and math.isfinite(value) and value >= 0
 
 
@@ -116,7 +117,7 @@ def advise(gpu: GpuState, engines: list[EngineState], imbalance: float | None = 
     missing = [what for what, value in (("model size (the model's name states none)", params),
                                         ("prompt length (no finished request yet)", prompt),
                                         ("prefill share (no token counters)", share)) if value is None]
-    if missing:
+    if params is None or prompt is None or share is None:
         return Advice(uuid, len(up), None, None, tuple(f"unknown: {m}" for m in missing), ())
     busy = busy_alone(gpu.utilization_ratio, len(up))
     gain = model.estimate(params, prompt, share, busy)

@@ -8,7 +8,7 @@ import sys
 import threading
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 from zoneinfo import ZoneInfo
 
 import click
@@ -16,40 +16,45 @@ import structlog
 
 from mpswatch import __version__
 from mpswatch.advisor import LIKELY_SLOWER
-from mpswatch.analysis import OK, advice_report, health_report, render_advice, render_text
+from mpswatch.analysis import advice_report, health_report, render_advice, render_text
+from mpswatch.collectors import Collector
 from mpswatch.collectors.engines import EnginesCollector
 from mpswatch.collectors.gpu import GpuCollector, nvml_loader
 from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector
 from mpswatch.collectors.mps_logs import MpsLogsCollector
 from mpswatch.config import DEFAULT_CONFIG_PATH, ENV_PREFIX, SETTINGS, Config, ConfigError, load_config
 from mpswatch.exporter import CachedExposition, serve
+from mpswatch.exposition import render
 from mpswatch.injection import Injected
 from mpswatch.logsetup import configure_logging
 from mpswatch.procfs import ProcFS
 from mpswatch.runner import kill_all_children
 from mpswatch.scheduler import Scheduler, SnapshotStore
+from mpswatch.verdicts import OK
 
 EXIT_USAGE = 2
 
 # click parameter name -> the setting its flag gives
-_FLAG_SETTINGS = {setting.key.replace(".", "__"): setting for setting in SETTINGS if setting.flag}
+_FLAG_SETTINGS = {setting.key.replace(".", "__"): (setting, setting.flag) for setting in SETTINGS if setting.flag}
 # by parameter name: what `status` and `advise` use when the flag is not given, whatever env and
 # file say: the report is their output, and state-change logs would only repeat it
 _REPORT_FLAG_DEFAULTS = {"log_level": "error"}
 
 
-def _setting_options(*, serving: bool):
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def _setting_options(*, serving: bool) -> Callable[[Command], Command]:
     """`--config` and a flag per setting that declares one, its help and default from the declaration.
     Flags are plain strings, parsed like the setting's other sources; unset ones fall through to
     env, file, default."""
 
-    def decorate(func):
+    def decorate(func: Command) -> Command:
         options = [
             click.option("--config", "config_path", envvar=ENV_PREFIX + "CONFIG", metavar="PATH",
                          help=f"TOML config file [default: {DEFAULT_CONFIG_PATH} when present]."),
         ]
-        for param, setting in _FLAG_SETTINGS.items():
-            flag = setting.flag
+        for param, (setting, flag) in _FLAG_SETTINGS.items():
             if flag.serving_only and not serving:
                 continue
             repeatable = " Repeatable." if flag.repeatable else ""
@@ -65,7 +70,7 @@ def _setting_options(*, serving: bool):
 
 def _load(config_path: str | None, flags: dict[str, Any]) -> Config:
     given = {
-        _FLAG_SETTINGS[param].key: list(value) if isinstance(value, tuple) else value
+        _FLAG_SETTINGS[param][0].key: list(value) if isinstance(value, tuple) else value
         for param, value in flags.items()
         if value is not None and value != ()
     }
@@ -76,7 +81,7 @@ def _load(config_path: str | None, flags: dict[str, Any]) -> Config:
         sys.exit(EXIT_USAGE)
 
 
-def build_collectors(config: Config, store: SnapshotStore, injected: Injected = Injected()) -> list:
+def build_collectors(config: Config, injected: Injected = Injected()) -> list[Collector[Any]]:
     """The typed settings onto each collector's keyword arguments; `injected` replaces NVML and narrows
     the processes seen, for tests."""
     procfs = ProcFS(root=Path(config.proc_root), visible=injected.process_visible)
@@ -117,7 +122,6 @@ def build_collectors(config: Config, store: SnapshotStore, injected: Injected = 
             interval_seconds=engine_scrape.interval_seconds,
             timeout_seconds=engine_scrape.timeout_seconds,
             max_body_bytes=engine_scrape.max_body_bytes,
-            peers=store.current,
             procfs=procfs,
         ),
     ]
@@ -132,14 +136,14 @@ def cli() -> None:
 @cli.command()
 @_setting_options(serving=True)
 @click.pass_obj
-def run(injected: Injected, config_path: str | None, **flags: Any) -> None:
+def run(injected: Injected, /, config_path: str | None, **flags: Any) -> None:
     """Run the agent: collect in the background, serve /metrics and /healthz."""
     config = _load(config_path, flags)
     configure_logging(config.log_level, config.log_format)
     log = structlog.get_logger()
     store = SnapshotStore()
-    scheduler = Scheduler(build_collectors(config, store, injected), store)
-    exposition = CachedExposition(store.current, __version__)
+    scheduler = Scheduler(build_collectors(config, injected), store)
+    exposition = CachedExposition(store.current, lambda snapshot: render(snapshot, __version__))
     try:
         httpd = serve(config.listen, exposition, scheduler.alive)
     except OSError as err:
@@ -171,14 +175,14 @@ def _one_shot_scheduler(injected: Injected, config_path: str | None, flags: dict
     config = _load(config_path, flags)
     configure_logging(config.log_level, config.log_format)
     store = SnapshotStore()
-    return Scheduler(build_collectors(config, store, injected), store)
+    return Scheduler(build_collectors(config, injected), store)
 
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the stable JSON schema (docs/status.md).")
 @_setting_options(serving=False)
 @click.pass_obj
-def status(injected: Injected, config_path: str | None, as_json: bool, **flags: Any) -> None:
+def status(injected: Injected, /, config_path: str | None, as_json: bool, **flags: Any) -> None:
     """Run every collector once and print a verdict per daemon, server and client.
 
     Exit status: 0 all OK, 1 something degraded or down, 2 usage or config error.
@@ -194,7 +198,7 @@ def status(injected: Injected, config_path: str | None, as_json: bool, **flags: 
               help="Seconds between the two collection runs: GPM activity and the engines' CPU figures need two.")
 @_setting_options(serving=False)
 @click.pass_obj
-def advise(injected: Injected, config_path: str | None, as_json: bool, window: float, **flags: Any) -> None:
+def advise(injected: Injected, /, config_path: str | None, as_json: bool, window: float, **flags: Any) -> None:
     """Say per GPU whether MPS pays off for the engines on it, with an estimate and what to do.
 
     Exit status: 0, 1 when engines share a GPU on which MPS is likely slower, 2 usage or config error.

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 
 @dataclass(frozen=True)
@@ -236,3 +239,22 @@ _SPECS += [
 ]
 
 CATALOG: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}
+
+
+class Families:
+    """The families of one rendering, built from the catalog, so nothing undeclared can be exported;
+    families come out in the order they were first added to."""
+
+    def __init__(self) -> None:
+        self._families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+
+    def add(self, name: str, labels: Iterable[object], value: float) -> None:
+        family = self._families.get(name)
+        if family is None:
+            spec = CATALOG[name]
+            kind = CounterMetricFamily if spec.type == "counter" else GaugeMetricFamily
+            family = self._families[name] = kind(name, spec.help, labels=spec.labels)
+        family.add_metric([str(label) for label in labels], value)
+
+    def __iter__(self) -> Iterator[Metric]:
+        return iter(self._families.values())

@@ -7,9 +7,9 @@ go between a listing and a read, and that is never an error for the agent.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 
 def read_file(path: str, limit: int | None = None) -> bytes:
@@ -96,9 +96,40 @@ class ProcFS:
     def read_text(self, relative: str, limit: int = 1 << 20) -> str | None:
         """A small /proc file (relative to the root), or None when it is gone or unreadable."""
         try:
-            return read_file(f"{self._prefix}/{relative}", limit).decode("utf-8", "replace")
+            return self.read_text_or_raise(relative, limit)
         except OSError:
             return None
+
+    def read_text_or_raise(self, relative: str, limit: int = 1 << 20) -> str:
+        """A small /proc file (relative to the root); OSError says why it cannot be read."""
+        return read_file(f"{self._prefix}/{relative}", limit).decode("utf-8", "replace")
+
+    def link(self, relative: str) -> str | None:
+        """Where a /proc link points (`ns/net`: `net:[4026531833]`), or None when it is gone or
+        unreadable (another user's process without CAP_SYS_PTRACE)."""
+        try:
+            return os.readlink(f"{self._prefix}/{relative}")
+        except OSError:
+            return None
+
+    def socket_inodes(self, pid: int) -> frozenset[int] | None:
+        """Inodes of the sockets the process holds open (its `fd/*` links `socket:[N]`), or None
+        when its fd table is gone or unreadable (another user's process without CAP_SYS_PTRACE)."""
+        fd_dir = f"{self._prefix}/{pid}/fd"
+        try:
+            names = os.listdir(fd_dir)
+        except OSError:
+            return None
+        inodes = set()
+        for name in names:
+            try:
+                target = os.readlink(f"{fd_dir}/{name}")
+            except OSError:
+                continue  # closed since the listing
+            inode = parse_socket_link(target)
+            if inode is not None:
+                inodes.add(inode)
+        return frozenset(inodes)
 
     def tasks(self, pid: int) -> list[int]:
         try:
@@ -138,11 +169,101 @@ def parse_environ(raw: bytes) -> dict[str, str]:
     return env
 
 
-def parse_stat_state(text: str) -> str | None:
-    """The state letter; comm may hold spaces and parentheses, so split after the last ')'."""
+def stat_fields(text: str) -> list[str]:
+    """Fields of /proc/PID/stat after the command name (which may hold spaces and parentheses)."""
     _, sep, rest = text.rpartition(")")
-    fields = rest.split()
-    return fields[0] if sep and fields else None
+    return rest.split() if sep else []
+
+
+def parse_stat_state(text: str) -> str | None:
+    """The state letter (field 3 of stat)."""
+    fields = stat_fields(text)
+    return fields[0] if fields else None
+
+
+def ppid_of(fields: list[str]) -> int | None:
+    """Field 4 of stat: the parent, for a process tree."""
+    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
+
+
+def start_time_of(fields: list[str]) -> int | None:
+    """Field 22 of stat: when the process started; tells a reused PID from the process before."""
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def cpu_ticks_of(fields: list[str]) -> int | None:
+    """utime + stime (fields 14 and 15 of stat)."""
+    try:
+        return int(fields[11]) + int(fields[12])
+    except (IndexError, ValueError):
+        return None
+
+
+def stat_cpu_ticks(text: str) -> int | None:
+    return cpu_ticks_of(stat_fields(text))
+
+
+def schedstat_wait_ns(text: str) -> int | None:
+    """Second field of schedstat: time spent waiting on a run queue."""
+    fields = text.split()
+    return int(fields[1]) if len(fields) >= 2 and fields[1].isdigit() else None
+
+
+def parse_pressure(text: str) -> dict[str, float]:
+    """`some avg10=… avg60=…` of /proc/pressure/cpu as ratios."""
+    for line in text.splitlines():
+        if line.startswith("some "):
+            values = dict(part.split("=", 1) for part in line.split()[1:] if "=" in part)
+            out = {}
+            for window in ("avg10", "avg60"):
+                try:
+                    out[window] = float(values[window]) / 100.0
+                except (KeyError, ValueError):
+                    pass
+            return out
+    return {}
+
+
+@dataclass(frozen=True)
+class ProcessRow:
+    """One process as one pass over /proc saw it."""
+
+    pid: int
+    ppid: int | None
+    argv: list[str]
+    start_time: int | None
+    cpu_ticks: int | None
+
+
+def process_table(procfs: ProcFS) -> dict[int, ProcessRow]:
+    """Every visible process's row, reading each stat and cmdline once (the stat split once)."""
+    table = {}
+    for pid in procfs.pids():
+        stat = procfs.read_text(f"{pid}/stat")
+        argv = procfs.cmdline(pid)
+        if stat is not None and argv is not None:
+            fields = stat_fields(stat)
+            table[pid] = ProcessRow(pid, ppid_of(fields), argv, start_time_of(fields), cpu_ticks_of(fields))
+    return table
+
+
+def descendants(root: int, processes: Mapping[int, ProcessRow], limit: int = 4096) -> list[int]:
+    """`root` and every process below it in the table, at most `limit`."""
+    children: dict[int, list[int]] = {}
+    for row in processes.values():
+        if row.ppid is not None:
+            children.setdefault(row.ppid, []).append(row.pid)
+    found: set[int] = set()
+    stack = [root]
+    while stack and len(found) < limit:
+        pid = stack.pop()
+        if pid in processes and pid not in found:
+            found.add(pid)
+            stack.extend(children.get(pid, ()))
+    return sorted(found)
 
 
 def parse_status_uid(text: str) -> int | None:
@@ -151,6 +272,15 @@ def parse_status_uid(text: str) -> int | None:
             fields = line.split()
             if len(fields) >= 2 and fields[1].isascii() and fields[1].isdigit():
                 return int(fields[1])
+    return None
+
+
+def parse_socket_link(target: str) -> int | None:
+    """The inode of an fd link to a socket (`socket:[12345]`); None for any other target."""
+    if target.startswith("socket:[") and target.endswith("]"):
+        digits = target[8:-1]
+        if digits.isascii() and digits.isdigit():
+            return int(digits)
     return None
 
 

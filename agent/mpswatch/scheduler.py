@@ -1,4 +1,5 @@
-"""Runs each collector on its own loop with a deadline and publishes immutable snapshots.
+"""Runs each collector on its own loop with a deadline and publishes immutable snapshots, each with
+the facts derived from the latest data of every collector.
 
 A collector call that overruns its deadline cannot always be killed (NVML calls are
 in-process), so it is left to finish on its worker thread while the collector is reported
@@ -7,36 +8,46 @@ failed with reason `timeout`; no second call is started until the stuck one retu
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import structlog
 
 from mpswatch.collectors import Collector, CollectorError
-from mpswatch.snapshot import CollectorReport, CollectorStatus, NodeSnapshot, frozen_map
+from mpswatch.derive import Deriver
+from mpswatch.snapshot import CollectorReport, CollectorStatus, DerivedFacts, NodeSnapshot, frozen_map
+
+SNAPSHOT_FIELDS = frozenset(f.name for f in dataclasses.fields(NodeSnapshot)) - {"statuses", "derived"}
 
 
 class SnapshotStore:
-    """Copy-on-write holder: readers take the current snapshot reference without locking."""
+    """Copy-on-write holder: readers take the current snapshot reference without locking. Each
+    publish puts one collector's report in its field and derives the joined facts again."""
 
-    def __init__(self) -> None:
+    def __init__(self, derive: Callable[[NodeSnapshot], DerivedFacts] | None = None) -> None:
         self._lock = threading.Lock()
-        self._snapshot = NodeSnapshot(reports=frozen_map())
+        self._derive = derive or Deriver()
+        self._snapshot = NodeSnapshot()
 
     def current(self) -> NodeSnapshot:
         return self._snapshot
 
     def publish(self, report: CollectorReport) -> None:
+        name = report.status.name
         with self._lock:
-            reports = dict(self._snapshot.reports)
-            reports[report.status.name] = report
-            self._snapshot = NodeSnapshot(reports=frozen_map(reports))
+            statuses = {**self._snapshot.statuses, name: report.status}
+            changed: dict[str, Any] = {"statuses": frozen_map(statuses), name: report.data}
+            snapshot = dataclasses.replace(self._snapshot, **changed)
+            self._snapshot = dataclasses.replace(snapshot, derived=self._derive(snapshot))
 
 
 class CollectorLoop:
-    def __init__(self, collector: Collector, store: SnapshotStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, collector: Collector[Any], store: SnapshotStore, clock: Callable[[], float] = time.time) -> None:
+        if collector.name not in SNAPSHOT_FIELDS:
+            raise ValueError(f"collector {collector.name!r} has no NodeSnapshot field to publish into")
         self.collector = collector
         self._store = store
         self._clock = clock
@@ -147,7 +158,7 @@ class CollectorLoop:
 
 
 class Scheduler:
-    def __init__(self, collectors: Iterable[Collector], store: SnapshotStore) -> None:
+    def __init__(self, collectors: Iterable[Collector[Any]], store: SnapshotStore) -> None:
         self.store = store
         self.loops = [CollectorLoop(c, store) for c in collectors]
         self._stop = threading.Event()
@@ -165,15 +176,13 @@ class Scheduler:
         self._stop.set()
 
     def run_once(self) -> NodeSnapshot:
-        """Every collector once, each bounded by its deadline: in parallel, and those that read
-        the others' data (`after_others`) once those are done."""
-        first = [loop for loop in self.loops if not getattr(loop.collector, "after_others", False)]
-        for wave in (first, [loop for loop in self.loops if loop not in first]):
-            threads = [threading.Thread(target=loop.cycle, daemon=True) for loop in wave]
-            for thread in threads:
-                thread.start()
-            for thread, loop in zip(threads, wave):
-                thread.join(loop.collector.deadline_seconds + 1.0)
+        """Every collector once, in parallel, each bounded by its deadline; the snapshot's derived
+        facts join what they all found."""
+        threads = [threading.Thread(target=loop.cycle, daemon=True) for loop in self.loops]
+        for thread in threads:
+            thread.start()
+        for thread, loop in zip(threads, self.loops):
+            thread.join(loop.collector.deadline_seconds + 1.0)
         return self.store.current()
 
     def alive(self) -> tuple[bool, str]:

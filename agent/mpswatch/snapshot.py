@@ -8,10 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
-from typing import Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from mpswatch.advisor import Advice
 
 
-def frozen_map(items: Mapping | None = None) -> Mapping:
+def frozen_map(items: Mapping[Any, Any] | None = None) -> Mapping[Any, Any]:
     return MappingProxyType(dict(items or {}))
 
 
@@ -64,7 +67,8 @@ class MpsDaemon:
     # /proc hides their environment)
     orphaned_server_pids: tuple[int, ...] | None = None
     servers_lost_total: int = 0  # servers that vanished while serving clients, since the agent started
-    command_durations: Mapping[str, float] = field(default_factory=frozen_map)
+    command_durations: Mapping[str, float] = field(default_factory=frozen_map)  # the last probe's, by command
+    # (command, reason) -> count: since the agent started, as exported; a single probe's own in probe_daemon
     command_failures: Mapping[tuple[str, str], int] = field(default_factory=frozen_map)
 
     @property
@@ -117,9 +121,6 @@ class MpsLogsData:
     fatal_errors: Mapping[int, tuple[str, LogEvent]] = field(default_factory=frozen_map)  # server PID -> latest
     discovery_notes: tuple[str, ...] = ()
 
-    def last_fatal_error(self, server_pid: int) -> tuple[str, LogEvent] | None:
-        return self.fatal_errors.get(server_pid)
-
 
 @dataclass(frozen=True)
 class GpuProcess:
@@ -167,8 +168,8 @@ class GpuData:
 
 @dataclass(frozen=True)
 class EngineState:
-    name: str
-    url: str
+    name: str  # the `engine` label: unique among the node's engines
+    url: str | None  # where it is scraped; None while a discovered engine cannot be reached
     found_by: str  # configured | discovered
     up: bool
     error: str | None = None
@@ -200,8 +201,10 @@ class EngineState:
 
 @dataclass(frozen=True)
 class EnginesData:
+    """What the engines collector sees on its own; the fields of EngineState that need the other
+    collectors (GPU, MPS attachment, served pipe dir, load share) are filled by the derive step."""
+
     engines: tuple[EngineState, ...]
-    imbalance: Mapping[str, float]  # gpu_uuid -> busiest engine's share over the fair share
     cpu_pressure: Mapping[str, float]  # avg10 / avg60 -> ratio
     notes: tuple[str, ...] = ()
 
@@ -225,8 +228,24 @@ class CollectorReport:
 
 @dataclass(frozen=True)
 class NodeSnapshot:
-    reports: Mapping[str, CollectorReport]
+    """Every collector's latest data in a typed field named after the collector (None: unknown,
+    failed or not run yet), their run statuses, and the facts derived from them together."""
 
-    def data(self, collector: str) -> object | None:
-        report = self.reports.get(collector)
-        return report.data if report else None
+    statuses: Mapping[str, CollectorStatus] = field(default_factory=frozen_map)
+    mps_control: MpsControlData | None = None
+    mps_logs: MpsLogsData | None = None
+    gpu: GpuData | None = None
+    engines: EnginesData | None = None
+    derived: DerivedFacts = field(default_factory=lambda: DerivedFacts())
+
+
+@dataclass(frozen=True)
+class DerivedFacts:
+    """Facts that join collectors, computed in one place (mpswatch.derive) after each publish."""
+
+    engines: tuple[EngineState, ...] = ()  # the engines collector's, with the joined fields filled in
+    engine_of_pid: Mapping[int, str] = field(default_factory=frozen_map)
+    imbalance: Mapping[str, float] = field(default_factory=frozen_map)  # gpu_uuid -> busiest share / fair share
+    advice: tuple[Advice, ...] = ()
+    gpu_memory_by_pid: Mapping[int, int | None] = field(default_factory=frozen_map)
+    fault_causes: Mapping[int, tuple[str, LogEvent]] = field(default_factory=frozen_map)  # server pid -> event

@@ -1,7 +1,7 @@
 """Fits the advisor's gain model (agent/mpswatch/advisor.py) on part of the H200 measurements and
 holds its estimates against the measured gains of the rest, through the advisor's own code.
 
-    python3 -m benchmarks.mps_gain.fit [RESULTS.json] [--write-doc] [--check]
+    python3 -m benchmarks.mps_gain.fit [RESULTS.json[.gz]] [--write-doc] [--check]
 
 The held-out configurations are every 1.5B one, every other one at context 512, and the CPU-bound
 one at 3 ms a step: a model size, a context and a CPU load the fit never sees. The advisor is given what
@@ -12,6 +12,7 @@ the model's name, the prompt length and the prefill share as the engine's vLLM m
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import sys
@@ -19,15 +20,22 @@ from dataclasses import replace
 from pathlib import Path
 
 from mpswatch.advisor import MODEL, GainModel, advise, busy_alone, verdict_of
-from mpswatch.collectors.engines import parameters_from_model_name
+from mpswatch.engine_kinds import parameters_from_model_name
 from mpswatch.snapshot import EngineState, GpuState
 
 ROOT = Path(__file__).resolve().parents[2]
 
-RESULTS = ROOT / "docs" / "benchmarks" / "mps-gain.json"
+RESULTS = ROOT / "benchmarks" / "mps_gain" / "mps-gain.json.gz"  # the H200 run docs/mps-gain.md reports
 DOC = ROOT / "docs" / "mps-gain.md"
 START, END = "<!-- mps-gain-proof:start -->", "<!-- mps-gain-proof:end -->"
 PREFILL_GENERATED = 16  # tokens generated per prompt in the prefill-heavy workload (cases.py)
+
+
+def load_results(path: str | Path) -> dict:
+    """Merged results (benchmarks/mps_gain/report.py --merged), gzipped when the name ends in .gz."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as handle:
+        return json.load(handle)
 
 
 def held_out(config: dict) -> bool:
@@ -175,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-doc", action="store_true", help=f"write the proof table into {DOC.relative_to(ROOT)}")
     parser.add_argument("--check", action="store_true", help="exit 1 unless the advisor ships exactly this fit")
     args = parser.parse_args(argv)
-    configs = configurations(json.loads(Path(args.results).read_text()))
+    configs = configurations(load_results(args.results))
     model = fit(configs)
     text = table(proof(configs, model), model)
     print(text)

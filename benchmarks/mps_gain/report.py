@@ -1,7 +1,7 @@
 """Merges result files of benchmarks/mps_gain/run.py and writes their table into docs/mps-gain.md,
 between `<!-- mps-gain-table:start -->` and `<!-- mps-gain-table:end -->`.
 
-    python3 -m benchmarks.mps_gain.report a.json b.json [--merged ALL.json] [--doc docs/mps-gain.md]
+    python3 -m benchmarks.mps_gain.report a.json b.json [--merged ALL.json[.gz]] [--doc docs/mps-gain.md]
 
 A row per (size, context, workload, CPU work): tokens/s of one engine alone, the gain of two engines
 time-sliced and under MPS (two-engine total / alone - 1), and what the agent saw of the GPU (GPM SM
@@ -11,6 +11,7 @@ active, DRAM bandwidth) alone and under MPS, and of the engine's busiest thread 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 from pathlib import Path
 
@@ -113,13 +114,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Merge benchmarks/mps_gain results and write their table.")
     parser.add_argument("results", type=Path, nargs="+")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "mps-gain.md")
-    parser.add_argument("--merged", type=Path, help="also write the merged results here")
+    parser.add_argument("--merged", type=Path, help="also write the merged results here (gzipped if it ends in .gz)")
     args = parser.parse_args(argv)
     merged = merge([json.loads(path.read_text()) for path in args.results])
     table = render_table(merged)
     write_table(args.doc, table)
     if args.merged:
-        args.merged.write_text(json.dumps(merged, indent=2) + "\n")
+        text = json.dumps(merged, indent=2) + "\n"
+        if args.merged.suffix == ".gz":
+            args.merged.write_bytes(gzip.compress(text.encode(), mtime=0))
+        else:
+            args.merged.write_text(text)
     print(table)
 
 

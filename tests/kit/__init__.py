@@ -10,6 +10,8 @@
   realmps.py      a real MPS control daemon, its CUDA clients (cuda_client.py), for the GPU machine
   replaystack.py  a whole node replayed with Prometheus and Alertmanager (end-to-end alert tests, the demo)
   matrix.py       the fault matrix's record and its promtool tests
+  podnet.py       a pod network built as root (network namespaces on a bridge), for the engines' netns tests
+  snapshots.py    snapshots built as the agent builds them, for tests of what is derived from them
 """
 
 # Before anything starts a process: the session's marker goes into this process's environment,

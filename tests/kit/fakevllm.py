@@ -1,10 +1,13 @@
-"""An HTTP server on loopback that serves vLLM-named /metrics (tests/fixtures/vllm) with token
-counters that advance on every request; it can also be slow, send garbage or a huge body.
+"""An HTTP server (on loopback unless told otherwise) that serves vLLM-named /metrics
+(tests/fixtures/vllm) with token counters that advance on every request; it can also be slow, send
+garbage or a huge body.
 
 As a script it runs as its own process with a vLLM-like command line, so that discovery finds it
 (`command` builds that line, `wait_ready` waits for the server):
-    python tests/kit/fakevllm.py vllm serve MODEL --port PORT [--served-model-name NAME] [--tokens N]
-                                 [--full-size-body] [--spin-file PATH]
+    python tests/kit/fakevllm.py vllm serve MODEL [--port PORT] [--host HOST] [--served-model-name NAME]
+                                 [--tokens N] [--full-size-body] [--spin-file PATH]
+(--port 8000 as vLLM's default; --host 127.0.0.1, unlike vLLM's all addresses, so that a test on a
+shared machine serves nothing beyond it unless it asks, as a test inside a network namespace does.)
 
 Two bodies: the tests' hand-written one (tests/fixtures/vllm/metrics-v0.10-names.txt, 24 samples),
 and a full-size one (full_size_body), synthetic: every family vLLM v1 (about v0.10) exports on
@@ -111,7 +114,8 @@ def full_size_body(template: bool = False) -> str:
 
 class FakeVllm:
     def __init__(self, body: str = "metrics-v0.10-names.txt", tokens_per_request: float = 100.0,
-                 port: int = 0, mode: str = "ok", model_label: str | None = None, full_size: bool = False) -> None:
+                 port: int = 0, mode: str = "ok", model_label: str | None = None, host: str = "127.0.0.1",
+                 full_size: bool = False) -> None:
         self.template = full_size_body(template=True) if full_size else (FIXTURES / body).read_text()
         if model_label:  # vLLM labels its metrics with the served model name, when one is given
             self.template = self.template.replace('model_name="Qwen/Qwen2.5-1.5B-Instruct"', f'model_name="{model_label}"')
@@ -162,7 +166,7 @@ class FakeVllm:
             def handle_error(self, request, client_address) -> None:
                 pass  # the agent hanging up on a huge or slow answer is the point
 
-        self.server = Server(("127.0.0.1", port), Handler)
+        self.server = Server((host, port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/metrics"
@@ -184,12 +188,14 @@ class FakeVllm:
         self.server.server_close()
 
 
-def command(port: int, served_model_name: str | None = None, *options: str,
+def command(port: int | None, served_model_name: str | None = None, *options: str,
             model: str = "Qwen/Qwen2.5-1.5B-Instruct") -> list[str]:
-    """The command line of a fake engine process, run by this interpreter."""
+    """The command line of a fake engine process, run by this interpreter; `port` None: vLLM's
+    default, as an engine started without --port."""
+    at_port = ["--port", str(port)] if port is not None else []
     named = ["--served-model-name", served_model_name] if served_model_name else []
     script = str(Path(__file__).resolve())
-    return [sys.executable, script, "vllm", "serve", model, "--port", str(port), *named, *options]
+    return [sys.executable, script, "vllm", "serve", model, *at_port, *named, *options]
 
 
 def wait_ready(process: subprocess.Popen) -> subprocess.Popen:
@@ -205,14 +211,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("vllm")
     parser.add_argument("serve")
     parser.add_argument("model")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--served-model-name")
     parser.add_argument("--tokens", type=float, default=100.0)
     parser.add_argument("--spin-file", help="keep one thread busy on a core while this file exists")
     parser.add_argument("--full-size-body", action="store_true", help="serve full_size_body instead of the tests' body")
     args = parser.parse_args(argv)
     FakeVllm(port=args.port, tokens_per_request=args.tokens, model_label=args.served_model_name or args.model,
-             full_size=args.full_size_body)
+             host=args.host, full_size=args.full_size_body)
     print("ready", flush=True)
     while True:
         if args.spin_file and Path(args.spin_file).exists():

@@ -4,6 +4,7 @@ evaluated by promtool on what the agent really exported (tests/test_matrix_alert
 
 from __future__ import annotations
 
+import gzip
 import json
 import threading
 import time
@@ -160,6 +161,14 @@ def promtool_test(case: dict, rules_path: str, alert_exprs: dict[str, str]) -> d
     }
 
 
+def load_run(path: str | Path) -> dict:
+    """A run as tests/gpu writes it ($MPSWATCH_GPU_MATRIX_RESULTS, .json) or as committed, gzipped
+    (tests/fixtures/h200-matrix/*.json.gz)."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as handle:
+        return json.load(handle)
+
+
 def markdown_table(run: dict) -> str:
     """docs/validation.md's table: one row per case."""
     rows = ["| case | what was done | what the agent reported | time to detect | alert (promtool on the recording) | result |",
@@ -190,4 +199,4 @@ def _cell(text: str) -> str:
 if __name__ == "__main__":
     import sys
 
-    print(markdown_table(json.loads(Path(sys.argv[1]).read_text())))
+    print(markdown_table(load_run(sys.argv[1])))

@@ -53,7 +53,9 @@ class SessionProcesses:
     this session's TESTKIT_SCOPE. Cheap enough for every listing of every cycle: each answer is kept
     by PID, checked again against the process's start time every few seconds (a PID reused by a new
     process is asked again), and only once the process has run long enough to have made its exec (a
-    child between fork and exec still has its parent's environment)."""
+    child between fork and exec still has its parent's environment). It reads the machine's /proc:
+    an agent given a /proc of its own (proc_root, as the golden test's) sees only what the test wrote
+    there, and the PIDs it lists from there are not the machine's, so this filter is no use to it."""
 
     def __init__(self, proc_root: str = "/proc") -> None:
         self._root = proc_root

@@ -1,181 +1,43 @@
-"""Engines collector: vLLM engines on the node, their load, MPS attachment and CPU stalls.
+"""Engines collector: inference engines on the node, their load and CPU stalls, and where their
+processes ask MPS to attach.
 
-Pure parts first (vLLM /metrics text, vLLM command lines, /proc CPU figures, load balance);
-then the shell that finds engines, scrapes them concurrently with a deadline and a body cap,
-and reads their processes' CPU time. GPU processes and MPS clients come from the other
-collectors' latest snapshot, injected as `peers`.
+Engines are configured (a URL) or found from their command lines (engine_kinds); each is scraped on
+its own thread with a deadline and a body cap (httpfetch), and its process tree's CPU time is read
+from /proc. What needs the other collectors (its GPU, MPS attachment, whether a daemon serves its
+pipe dir, its share of the GPU's load) is joined by mpswatch.derive.
 """
 
 from __future__ import annotations
 
-import http.client
+import itertools
 import os
-import re
-import socket
-import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
-from prometheus_client.parser import text_string_to_metric_families
 
+from mpswatch.collectors import CollectorUnit
 from mpswatch.collectors.mps_control import DEFAULT_PIPE_DIR
-from mpswatch.procfs import ProcFS
-from mpswatch.snapshot import EngineState, EnginesData, GpuData, MpsControlData, NodeSnapshot, frozen_map
+from mpswatch.engine_kinds import EngineSample, parameters_from_model_name
+from mpswatch.engine_kinds.vllm import parse_vllm_command, parse_vllm_metrics
+from mpswatch.httpfetch import BackgroundFetcher, Fetch, Pending, fetch_metrics
+from mpswatch.metrics import Families
+from mpswatch.netns import find_endpoint
+from mpswatch.procfs import ProcessRow, ProcFS, descendants, parse_pressure, process_table, schedstat_wait_ns, stat_cpu_ticks
+from mpswatch.snapshot import DerivedFacts, EnginesData, EngineState, frozen_map
+from mpswatch.verdicts import DEGRADED, DOWN, OK, StatusSection, count, percent
 
-VLLM_DEFAULT_PORT = 8000
 CPU_BOUND_THREAD_RATIO = 0.9
 MAX_THREADS_PER_ENGINE = 1024
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-class BadMetrics(ValueError):
-    pass
-
-
-# ---------------------------------------------------------------- vLLM /metrics
-
-
-@dataclass(frozen=True)
-class VllmSample:
-    model: str | None
-    requests_running: float | None
-    requests_waiting: float | None
-    prompt_tokens_total: float | None
-    generation_tokens_total: float | None
-    kv_cache_usage_ratio: float | None
-    gpu_memory_utilization: float | None
-    token_series: Mapping[tuple, float] = field(default_factory=dict)  # each token counter series on its own
-    prompt_tokens_per_request: float | None = None
-    generation_tokens_per_request: float | None = None
-
-
-def parse_vllm_metrics(text: str) -> VllmSample:
-    """Sums over vLLM's label sets (several engines or models behind one server). Knows the
-    current names and the older `vllm:gpu_cache_usage_perc`; refuses text with no vLLM metric."""
-    sums: dict[str, float] = {}
-    kv_values: list[float] = []
-    series: dict[tuple, float] = {}
-    model = gpu_memory_utilization = None
-    found = False
-    try:
-        # only the lines read below; a body with none of them is parsed whole, to say what is wrong
-        for family in text_string_to_metric_families(_lines_read(text) or text):
-            if not family.name.startswith("vllm:"):
-                continue
-            found = True
-            for sample in family.samples:
-                model = model or sample.labels.get("model_name")
-                if sample.name == "vllm:cache_config_info" and "gpu_memory_utilization" in sample.labels:
-                    try:
-                        gpu_memory_utilization = float(sample.labels["gpu_memory_utilization"])
-                    except ValueError:
-                        pass
-                if sample.name.endswith("_created"):
-                    continue
-                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
-                if sample.name in _TOKEN_COUNTERS:
-                    series[(sample.name, *sorted(sample.labels.items()))] = sample.value
-                if sample.name in _KV_USAGE:
-                    kv_values.append(sample.value)
-    except Exception as err:  # the parser raises several kinds on malformed text
-        raise BadMetrics(f"not Prometheus text: {err}"[:200]) from None
-    if not found:
-        raise BadMetrics("no vllm: metric in the body")
-    kv = sum(kv_values) / len(kv_values) if kv_values else None  # a ratio: averaged over engines, not summed
-    return VllmSample(
-        model=model,
-        requests_running=sums.get("vllm:num_requests_running"),
-        requests_waiting=sums.get("vllm:num_requests_waiting"),
-        prompt_tokens_total=sums.get("vllm:prompt_tokens_total"),
-        generation_tokens_total=sums.get("vllm:generation_tokens_total"),
-        kv_cache_usage_ratio=kv,
-        gpu_memory_utilization=gpu_memory_utilization,
-        token_series=series,
-        prompt_tokens_per_request=_mean(sums, "vllm:request_prompt_tokens"),
-        generation_tokens_per_request=_mean(sums, "vllm:request_generation_tokens"),
-    )
-
-
-def _mean(sums: dict[str, float], histogram: str) -> float | None:
-    """Mean of a vLLM histogram since the engine started; None before its first observation."""
-    count = sums.get(histogram + "_count")
-    total = sums.get(histogram + "_sum")
-    return total / count if count and total is not None and count > 0 else None
-
-
-_PARAMETERS_IN_NAME = re.compile(r"(?<![\d.])(\d{1,4}(?:\.\d{1,3})?)\s?([BbMm])(?![a-zA-Z0-9])")
-# mixture of experts: `8x7B`, active counts `-A3B`, expert counts `-16E`
-_MIXTURE = re.compile(r"\d+x\d|-A\d+(?:\.\d+)?B(?![a-z0-9])|-\d+E(?![a-z0-9])", re.IGNORECASE)
-
-
-def parameters_from_model_name(model: str | None) -> float | None:
-    """Parameter count as a model's name or path states it (`Qwen/Qwen2.5-1.5B-Instruct`,
-    `/models/llama-3.1-8b`, `SmolLM2-360M`); None when it states none, or two (`-7B-...-3B`).
-    Billions win over millions (`Qwen2.5-7B-Instruct-1M` is a 7B model with a 1M context).
-    Mixture-of-experts names state total or active counts that do not size the GPU work alike:
-    refused (some, like gpt-oss-20b, do not say they are one)."""
-    if not model or _MIXTURE.search(model):
-        return None
-    found = _PARAMETERS_IN_NAME.findall(model.rstrip("/").rsplit("/", 1)[-1])
-    billions = [float(n) for n, unit in found if unit in "Bb"]
-    millions = [float(n) for n, unit in found if unit in "Mm"]
-    if len(billions) == 1:
-        value = billions[0] * 1e9
-    elif not billions and len(millions) == 1:
-        value = millions[0] * 1e6
-    else:
-        return None
-    return value if value > 0 else None
-
-
-# What parse_vllm_metrics reads, by sample name, and counters' family names (TYPE lines, samples
-# written without _total). A real vLLM body is mostly histogram buckets and http_ and python_
-# families (about 400 samples, 45 kB), which prometheus_client's pure-Python parser takes some
-# 7 ms to read: 16 engines every 2 s were 6 % of a core (docs/benchmarks.md). These lines: 0.3 ms.
-_READ_NAMES = frozenset(
-    {
-        "vllm:num_requests_running",
-        "vllm:num_requests_waiting",
-        "vllm:prompt_tokens",
-        "vllm:prompt_tokens_total",
-        "vllm:generation_tokens",
-        "vllm:generation_tokens_total",
-        "vllm:kv_cache_usage_perc",
-        "vllm:gpu_cache_usage_perc",
-        "vllm:cache_config_info",
-        "vllm:request_prompt_tokens_count",
-        "vllm:request_prompt_tokens_sum",
-        "vllm:request_generation_tokens_count",
-        "vllm:request_generation_tokens_sum",
-    }
-)
-
-
-def _lines_read(text: str) -> str:
-    """The lines (samples, HELP and TYPE) of the metrics in _READ_NAMES; empty when there are none."""
-    kept = []
-    for line in text.splitlines():
-        words = line.split(None, 3)
-        if not words:
-            continue
-        if words[0] == "#":
-            name = words[2] if len(words) > 2 and words[1] in ("HELP", "TYPE") else ""
-        else:
-            name = words[0].split("{", 1)[0]
-        if name in _READ_NAMES:
-            kept.append(line)
-    return "\n".join(kept) + "\n" if kept else ""
-
-
-_TOKEN_COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
-_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::")
 
 
 def tokens_per_second(
-    previous: tuple[float, Mapping[tuple, float]] | None, current: tuple[float, Mapping[tuple, float]] | None
+    previous: tuple[float, Mapping[tuple[Any, ...], float]] | None, current: tuple[float, Mapping[tuple[Any, ...], float]] | None
 ) -> float | None:
     """(monotonic time, token counter per series) pairs. Each series on its own: one that went
     back (a restart) counts from zero, one that appeared or vanished adds nothing."""
@@ -187,141 +49,6 @@ def tokens_per_second(
         if before is not None:
             delta += value - before if value >= before else value
     return delta / (current[0] - previous[0])
-
-
-def load_balance(throughput: Mapping[str, float]) -> tuple[dict[str, float], float | None]:
-    """Each engine's share of the GPU's tokens/s and the imbalance: the busiest share over the
-    fair share (1 = balanced). Nothing when the GPU has no throughput."""
-    total = sum(throughput.values())
-    if not throughput or total <= 0:
-        return {}, None
-    shares = {name: tps / total for name, tps in throughput.items()}
-    return shares, max(shares.values()) * len(shares)
-
-
-# ---------------------------------------------------------------- vLLM command lines
-
-
-@dataclass(frozen=True)
-class VllmCommand:
-    host: str
-    port: int
-    model: str | None
-    served_name: str | None
-
-    @property
-    def name(self) -> str:
-        base = self.served_name or (self.model.rstrip("/").rsplit("/", 1)[-1] if self.model else "vllm")
-        return f"{base}:{self.port}"
-
-    @property
-    def metrics_url(self) -> str:
-        host = "127.0.0.1" if self.host in ("", "0.0.0.0", "::") else self.host
-        host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.port}/metrics"
-
-
-def _option(argv: list[str], name: str) -> str | None:
-    """The last value given, as argparse takes it."""
-    value = None
-    for i, arg in enumerate(argv):
-        if arg == name and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith(name + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
-def _positional(args: list[str]) -> str | None:
-    """The first argument that is not an option or an option's value (`--opt value`)."""
-    skip = False
-    for arg in args:
-        if skip:
-            skip = False
-            continue
-        if arg.startswith("-"):
-            skip = "=" not in arg
-            continue
-        return arg
-    return None
-
-
-def parse_vllm_command(argv: list[str]) -> VllmCommand | None:
-    """`vllm serve MODEL ...` or `python -m vllm.entrypoints.openai.api_server --model M ...`;
-    None for anything else (including vLLM's own EngineCore children)."""
-    model = None
-    if "vllm.entrypoints.openai.api_server" in argv:
-        model = _option(argv, "--model")
-    else:
-        for i, arg in enumerate(argv[:-1]):
-            if os.path.basename(arg) == "vllm" and argv[i + 1] == "serve":
-                model = _positional(argv[i + 2 :]) or _option(argv, "--model")
-                break
-        else:
-            return None
-    port_text = _option(argv, "--port")
-    try:
-        port = int(port_text) if port_text is not None else VLLM_DEFAULT_PORT
-    except ValueError:
-        return None
-    if not 0 < port < 65536:
-        return None
-    return VllmCommand(_option(argv, "--host") or "0.0.0.0", port, model, _option(argv, "--served-model-name"))
-
-
-# ---------------------------------------------------------------- /proc figures
-
-
-def stat_fields(text: str) -> list[str]:
-    """Fields of /proc/PID/stat after the command name (which may hold spaces and parentheses)."""
-    _, sep, rest = text.rpartition(")")
-    return rest.split() if sep else []
-
-
-def stat_cpu_ticks(text: str) -> int | None:
-    return cpu_ticks_of(stat_fields(text))
-
-
-def ppid_of(fields: list[str]) -> int | None:
-    """Field 4 of stat: the parent, for an engine's process tree."""
-    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
-
-
-def start_time_of(fields: list[str]) -> int | None:
-    """Field 22 of stat: when the process started; tells a reused PID from the process before."""
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def cpu_ticks_of(fields: list[str]) -> int | None:
-    """utime + stime (fields 14 and 15 of stat)."""
-    try:
-        return int(fields[11]) + int(fields[12])
-    except (IndexError, ValueError):
-        return None
-
-
-def schedstat_wait_ns(text: str) -> int | None:
-    """Second field of schedstat: time spent waiting on a run queue."""
-    fields = text.split()
-    return int(fields[1]) if len(fields) >= 2 and fields[1].isdigit() else None
-
-
-def parse_pressure(text: str) -> dict[str, float]:
-    """`some avg10=… avg60=…` of /proc/pressure/cpu as ratios."""
-    for line in text.splitlines():
-        if line.startswith("some "):
-            values = dict(part.split("=", 1) for part in line.split()[1:] if "=" in part)
-            out = {}
-            for window in ("avg10", "avg60"):
-                try:
-                    out[window] = float(values[window]) / 100.0
-                except (KeyError, ValueError):
-                    pass
-            return out
-    return {}
 
 
 @dataclass
@@ -341,31 +68,22 @@ class _Accumulator:
         return self.total
 
 
-# ---------------------------------------------------------------- collector
-
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::")
-
-
-@dataclass
-class _Scrape:
-    """One request in flight, on a daemon thread (a stuck request must never hold up exit)."""
-
-    done: threading.Event = field(default_factory=threading.Event)
-    sample: VllmSample | None = None
-    error: str | None = None
-    fetched_at: float = 0.0  # time.monotonic() when the body had arrived
-
-
 @dataclass
 class _Engine:
-    name: str
-    url: str
+    name: str  # the `engine` label; "" until a discovered engine is first reported
+    url: str | None  # where it is scraped: configured, or chosen from its sockets (None: unreachable)
     found_by: str
-    gpu_uuid: str | None = None
+    gpu_uuid: str | None = None  # as configured
     root_pid: int | None = None
+    start_time: int | None = None  # of a discovered engine's API server: with its PID, its identity
+    port: int | None = None  # a discovered engine's port, from its command line
+    base_name: str = ""  # a discovered engine's `<served name>:<port>`
+    unreachable: str | None = None  # why a discovered engine cannot be scraped
+    shared_netns: bool | None = None  # a discovered engine runs in the agent's network namespace
+    down: str | None = None  # why its last scrape failed
     model: str | None = None  # kept while the engine is down, so its info labels do not churn
     command_model: str | None = None  # the model its command line serves (the label is often a served name)
-    previous_tokens: tuple[float, Mapping[tuple, float]] | None = None
+    previous_tokens: tuple[float, Mapping[tuple[Any, ...], float]] | None = None
     cpu: _Accumulator = field(default_factory=_Accumulator)
     wait: _Accumulator = field(default_factory=_Accumulator)
     thread_ticks: dict[tuple[int, int], tuple[float, int]] = field(default_factory=dict)
@@ -373,10 +91,29 @@ class _Engine:
     @property
     def local_port(self) -> int | None:
         """The port of a configured URL on this host: the vLLM process it names is ours to find."""
-        parts = urlsplit(self.url)
-        if (parts.hostname or "") not in LOCAL_HOSTS:
-            return None
+        return _port(self.url) if self.url and (urlsplit(self.url).hostname or "") in LOCAL_HOSTS else None
+
+
+def _port(url: str) -> int | None:
+    parts = urlsplit(url)
+    try:
         return parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+
+
+def _endpoint(url: str | None) -> tuple[str, int | None] | None:
+    return None if url is None else ((urlsplit(url).hostname or ""), _port(url))
+
+
+def engine_labels(taken: Iterable[str], base_name: str, pid: int) -> Iterator[str]:
+    """The `engine` label values a discovered engine may take, best first: `<name>:<port>`, then,
+    while another engine holds that, `<name>:<port>@pid<PID>` (and `~2`, `~3`... after it should
+    a configured name take even that)."""
+    taken = set(taken)
+    candidates = itertools.chain((base_name, f"{base_name}@pid{pid}"),
+                                 (f"{base_name}@pid{pid}~{n}" for n in itertools.count(2)))
+    return (label for label in candidates if label not in taken)
 
 
 class EnginesCollector:
@@ -390,123 +127,107 @@ class EnginesCollector:
         interval_seconds: float = 2.0,
         timeout_seconds: float = 2.0,
         max_body_bytes: int = 4 << 20,
-        peers: Callable[[], NodeSnapshot] | None = None,
         procfs: ProcFS | None = None,
-        fetch: Callable[[str, float, int], bytes] | None = None,
+        fetch: Fetch = fetch_metrics,
     ) -> None:
         self.interval_seconds = interval_seconds
         self.deadline_seconds = timeout_seconds + 3.0
-        self.after_others = True  # reads the GPU and MPS collectors' data
         self._discover = discover
         self._timeout = timeout_seconds
-        self._max_body = max_body_bytes
-        self._peers = peers or (lambda: NodeSnapshot(reports=frozen_map()))
         self._procfs = procfs or ProcFS()
-        self._fetch = fetch or fetch_metrics
-        self._engines: dict[str, _Engine] = {
-            e["name"]: _Engine(e["name"], e["url"], "configured", e.get("gpu_uuid")) for e in configured
-        }
-        self._scrapes: dict[str, _Scrape] = {}  # by URL: one request in flight per endpoint
-        self._down: dict[str, str] = {}
+        self.fetcher = BackgroundFetcher(parse_vllm_metrics, timeout_seconds, max_body_bytes, fetch)
+        self._configured = [_Engine(e["name"], e["url"], "configured", e.get("gpu_uuid")) for e in configured]
+        self._processes: dict[tuple[int, int | None], _Engine] = {}  # vLLM API servers by PID and start time
         self._log = structlog.get_logger().bind(collector=self.name)
 
     # -- the cycle
 
     def collect(self) -> EnginesData:
-        processes = self._process_table()
-        self._find_engines(processes)
-        scrapes = {name: self._scrape(engine.url) for name, engine in self._engines.items()}
+        processes = process_table(self._procfs)
+        engines = self._find_engines(processes)
+        self.fetcher.forget({engine.url for engine in engines if engine.url})
+        scrapes = [(engine, self.fetcher.start(engine.url) if engine.url else None) for engine in engines]
         deadline = time.monotonic() + self._timeout + 0.2
-        for scrape in scrapes.values():
-            scrape.done.wait(max(0.0, deadline - time.monotonic()))
-        peers = self._peers()
-        gpu_kinds = _gpu_processes(peers)
-        mps_clients = _mps_client_pids(peers)
-        served_pipe_dirs = _served_pipe_dirs(peers)
-        states = []
-        for engine in sorted(self._engines.values(), key=lambda e: e.name):
-            state = self._scraped(engine, scrapes[engine.name])
-            state = self._with_processes(engine, state, processes, gpu_kinds, mps_clients, served_pipe_dirs)
-            engine.gpu_uuid = state.gpu_uuid or engine.gpu_uuid
-            states.append(state)
-        states, imbalance = _balanced(states)
+        for _, scrape in scrapes:
+            if scrape is not None:
+                scrape.done.wait(max(0.0, deadline - time.monotonic()))
+        states = [self._with_processes(engine, self._scraped(engine, scrape), processes)
+                  for engine, scrape in sorted(scrapes, key=lambda pair: pair[0].name)]
         pressure = parse_pressure(self._procfs.read_text("pressure/cpu") or "")
-        return EnginesData(engines=tuple(states), imbalance=frozen_map(imbalance), cpu_pressure=frozen_map(pressure))
+        return EnginesData(engines=tuple(states), cpu_pressure=frozen_map(pressure))
 
-    def _process_table(self) -> dict[int, tuple[int | None, list[str], int | None, int | None]]:
-        """pid -> (parent, argv, start time, CPU ticks), from one pass over /proc."""
-        table = {}
-        for pid in self._procfs.pids():
-            stat = self._procfs.read_text(f"{pid}/stat")
-            argv = self._procfs.cmdline(pid)
-            if stat is not None and argv is not None:
-                fields = stat_fields(stat)  # split once, read three times
-                table[pid] = (ppid_of(fields), argv, start_time_of(fields), cpu_ticks_of(fields))
-        return table
-
-    def _find_engines(self, processes: Mapping[int, tuple]) -> None:
-        by_port: dict[int, tuple[int, VllmCommand]] = {}
-        for pid, (_, argv, *_) in sorted(processes.items()):
-            command = parse_vllm_command(argv)
+    def _find_engines(self, processes: Mapping[int, ProcessRow]) -> list[_Engine]:
+        """The configured engines, each tied to its process, and (with discovery) every other vLLM
+        API server, each by its own process: never two merged for a shared name or port."""
+        if not self._discover and not self._configured:
+            return []
+        found = {}
+        for pid, row in sorted(processes.items()):
+            command = parse_vllm_command(row.argv)
             if command is not None:
-                by_port.setdefault(command.port, (pid, command))
-        claimed = set()
-        for engine in self._engines.values():
-            if engine.found_by == "configured":
-                port = engine.local_port
-                engine.root_pid, engine.command_model = (by_port[port][0], by_port[port][1].model) \
-                    if port in by_port else (None, None)
-                claimed.add(port)
+                found[(pid, row.start_time)] = command
+        for key in set(self._processes) - set(found):  # exited, or its PID now runs something else
+            gone = self._processes.pop(key)
+            if gone.name:
+                self._log.info("engine_gone", engine=gone.name, pid=key[0])
+        for (pid, start_time), command in found.items():
+            engine = self._processes.get((pid, start_time))
+            if engine is None:
+                engine = self._processes[(pid, start_time)] = _Engine(
+                    "", None, "discovered", root_pid=pid, start_time=start_time, port=command.port,
+                    base_name=command.name, command_model=command.model)
+            if engine.url is None or engine.down is not None:  # its address is kept while it answers
+                self._reach(engine, pid, command.port, processes)
+        claimed = {id(engine): engine for engine in map(self._claim, self._configured) if engine is not None}
+        for engine in claimed.values():
+            engine.name = ""  # reported under the configured name; should it be let go, it takes a label anew
         if not self._discover:
-            return
-        seen = set()
-        for port, (pid, command) in by_port.items():
-            if port in claimed:
-                continue  # a configured engine already names this process
-            name = command.name
-            engine = self._engines.get(name)
-            if engine is not None and engine.found_by == "configured":
-                self._log.warning("engine_name_taken", engine=name, url=command.metrics_url)
-                continue
-            if engine is None or engine.url != command.metrics_url:
-                self._log.info("engine_discovered", engine=name, url=command.metrics_url, pid=pid)
-                engine = self._engines[name] = _Engine(name, command.metrics_url, "discovered")
-            engine.root_pid, engine.command_model = pid, command.model
-            seen.add(name)
-        for name, engine in list(self._engines.items()):
-            if engine.found_by == "discovered" and name not in seen:
-                self._log.info("engine_gone", engine=name)  # exited, or its PID now runs something else
-                del self._engines[name]
-                self._down.pop(name, None)
+            return list(self._configured)
+        unclaimed = [engine for engine in self._processes.values() if id(engine) not in claimed]
+        taken = {engine.name for engine in self._configured if engine.name}
+        # labels already given are kept; new engines take theirs in the order their processes started
+        for engine in sorted(unclaimed, key=lambda e: (not e.name, e.start_time or 0, e.root_pid or 0)):
+            if not engine.name or engine.name in taken:
+                engine.name = next(engine_labels(taken, engine.base_name, engine.root_pid or 0))
+                self._log.info("engine_discovered", engine=engine.name, url=engine.url, pid=engine.root_pid)
+            taken.add(engine.name)
+        return [*self._configured, *unclaimed]
 
-    def _scrape(self, url: str) -> _Scrape:
-        scrape = self._scrapes.get(url)
-        if scrape is not None and not scrape.done.is_set():
-            return scrape  # still in flight: not asked again
-        scrape = self._scrapes[url] = _Scrape()
-        threading.Thread(target=self._run_scrape, args=(url, scrape), name="engine-scrape", daemon=True).start()
-        return scrape
+    def _reach(self, engine: _Engine, pid: int, port: int, processes: Mapping[int, ProcessRow]) -> None:
+        reach = find_endpoint(self._procfs, pid, descendants(pid, processes), port)
+        if reach.unreadable_lines:
+            self._log.warning("net_table_lines_unreadable", pid=pid, lines=reach.unreadable_lines)
+        engine.url, engine.unreachable, engine.shared_netns = reach.url, reach.reason, reach.shared
 
-    def _run_scrape(self, url: str, scrape: _Scrape) -> None:
-        try:
-            body = self._fetch(url, self._timeout, self._max_body)
-            scrape.fetched_at = time.monotonic()
-            scrape.sample = parse_vllm_metrics(body.decode("utf-8", "replace"))
-        except Exception as err:  # down, refused, HTTP error, too big, too slow, garbage
-            scrape.error = str(err)[:200] or type(err).__name__
-        finally:
-            scrape.done.set()
+    def _claim(self, configured: _Engine) -> _Engine | None:
+        """The discovered process a configured engine names: on a URL on this host, the API server with
+        that port in the agent's network namespace (or one that cannot be told apart, the earliest
+        PID first); on any other URL, the one the agent would scrape at the same host and port."""
+        port = configured.local_port
+        if port is not None:
+            candidates = [e for e in self._processes.values() if e.port == port and e.shared_netns is not False]
+            candidates.sort(key=lambda e: (e.shared_netns is not True, e.root_pid or 0))
+        else:
+            candidates = [e for e in self._processes.values()
+                          if e.url is not None and _endpoint(e.url) == _endpoint(configured.url)]
+        claimed = candidates[0] if candidates else None
+        configured.root_pid = claimed.root_pid if claimed else None
+        configured.command_model = claimed.command_model if claimed else None
+        return claimed
 
-    def _scraped(self, engine: _Engine, scrape: _Scrape) -> EngineState:
+    def _scraped(self, engine: _Engine, scrape: Pending[EngineSample] | None) -> EngineState:
         base = EngineState(name=engine.name, url=engine.url, found_by=engine.found_by, up=False,
                            gpu_uuid=engine.gpu_uuid, model=engine.model)
+        if scrape is None:
+            return self._down_state(engine, base, engine.unreachable or "no address to scrape")
         if not scrape.done.is_set():
-            return self._down_state(base, f"no answer within {self._timeout:g} s")
-        sample = scrape.sample
+            return self._down_state(engine, base, f"no answer within {self._timeout:g} s")
+        sample = scrape.value
         if sample is None:
-            return self._down_state(base, scrape.error or "no answer")
-        if self._down.pop(engine.name, None) is not None:
+            return self._down_state(engine, base, scrape.error or "no answer")
+        if engine.down is not None:
             self._log.info("engine_up", engine=engine.name)
+            engine.down = None
         tokens = (scrape.fetched_at, sample.token_series) if sample.token_series else None
         tps = tokens_per_second(engine.previous_tokens, tokens)
         if tokens is not None and (engine.previous_tokens is None or tokens[0] > engine.previous_tokens[0]):
@@ -528,28 +249,16 @@ class EnginesCollector:
             model_parameters=parameters_from_model_name(engine.command_model) or parameters_from_model_name(engine.model),
         )
 
-    def _down_state(self, base: EngineState, reason: str) -> EngineState:
-        if self._down.get(base.name) != reason:
-            self._log.warning("engine_down", engine=base.name, url=base.url, reason=reason)
-        self._down[base.name] = reason
+    def _down_state(self, engine: _Engine, base: EngineState, reason: str) -> EngineState:
+        if engine.down != reason:
+            self._log.warning("engine_down", engine=base.name, url=base.url, pid=engine.root_pid, reason=reason)
+        engine.down = reason
         return replace(base, error=reason)
 
-    def _with_processes(self, engine, state, processes, gpu_kinds, mps_clients, served_pipe_dirs):
+    def _with_processes(self, engine: _Engine, state: EngineState, processes: Mapping[int, ProcessRow]) -> EngineState:
         if engine.root_pid is None:
             return state
-        pids = _descendants(engine.root_pid, processes)
-        on_gpu = [pid for pid in pids if pid in gpu_kinds]
-        kinds = {gpu_kinds[pid][1] for pid in on_gpu}
-        if "exclusive" in kinds:
-            attached: bool | None = False
-        elif "mps_client" in kinds or any(pid in mps_clients for pid in pids):
-            attached = True
-        else:
-            attached = None  # no GPU context seen yet (or no GPU data)
-        # several GPUs (tensor parallel): the engine is placed on its first one
-        gpu_uuid = state.gpu_uuid or next((gpu_kinds[pid][0] for pid in on_gpu), None)
-        if gpu_uuid is None:
-            gpu_uuid = next((mps_clients[pid] for pid in pids if pid in mps_clients), None)
+        pids = descendants(engine.root_pid, processes)
         cpu = self._cpu(engine, pids, processes)
         busy = cpu.get("busiest")
         load = (state.requests_running or 0) + (state.requests_waiting or 0) if state.up else None
@@ -557,16 +266,12 @@ class EnginesCollector:
         pipe_dir = os.path.normpath(env.get("CUDA_MPS_PIPE_DIRECTORY") or DEFAULT_PIPE_DIR) if env is not None else None
         return replace(
             state,
-            gpu_uuid=gpu_uuid,
             pids=tuple(pids),
-            gpu_pids=tuple(on_gpu),
-            mps_attached=attached,
             cpu_seconds_total=cpu.get("cpu_seconds"),
             busiest_thread_cpu_ratio=busy,
             runqueue_wait_seconds_total=cpu.get("wait_seconds"),
             cpu_bound=None if busy is None or load is None else bool(busy >= CPU_BOUND_THREAD_RATIO and load > 0),
             mps_pipe_dir=pipe_dir,
-            pipe_dir_served=None if pipe_dir is None or served_pipe_dirs is None else pipe_dir in served_pipe_dirs,
             mps_active_thread_percentage=env.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE") if env else None,
             mps_pinned_device_mem_limit=env.get("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT") if env else None,
         )
@@ -577,7 +282,7 @@ class EnginesCollector:
         except PermissionError:
             return None
 
-    def _cpu(self, engine: _Engine, pids: list[int], processes: Mapping[int, tuple]) -> dict[str, float]:
+    def _cpu(self, engine: _Engine, pids: list[int], processes: Mapping[int, ProcessRow]) -> dict[str, float]:
         """CPU seconds of every process; run-queue wait and the busiest thread's share of a core
         over at most MAX_THREADS_PER_ENGINE threads, each process's main thread first."""
         now = time.monotonic()
@@ -587,7 +292,7 @@ class EnginesCollector:
         busiest = None
         budget = MAX_THREADS_PER_ENGINE
         for pid in pids:
-            _, _, started, ticks = processes[pid]  # read in this cycle's pass over /proc
+            started, ticks = processes[pid].start_time, processes[pid].cpu_ticks  # read in this cycle's pass
             if ticks is not None:
                 process_ticks[(pid, started)] = ticks
             tids = sorted(self._procfs.tasks(pid), key=lambda tid: tid != pid)[: max(budget, 1)]
@@ -605,8 +310,8 @@ class EnginesCollector:
                     wait_ns[(pid, started, tid)] = waited
         engine.thread_ticks = thread_ticks
 
-        def alive(key: tuple) -> bool:  # its process still runs (a thread skipped by the budget comes back)
-            return key[0] in processes and processes[key[0]][2] == key[1]
+        def alive(key: tuple[Any, ...]) -> bool:  # its process still runs (a thread skipped by the budget comes back)
+            return key[0] in processes and processes[key[0]].start_time == key[1]
 
         out: dict[str, float] = {}
         if process_ticks:
@@ -618,88 +323,116 @@ class EnginesCollector:
         return out
 
 
-def fetch_metrics(url: str, timeout: float, max_bytes: int) -> bytes:
-    """GET with a deadline on the whole answer, not on each read: a server that trickles a byte
-    at a time must not hold the request open for ever."""
-    deadline = time.monotonic() + timeout
-    parts = urlsplit(url)
-    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    connection = connection_class(parts.hostname, parts.port, timeout=timeout)
-    try:
-        path = parts.path or "/"
-        connection.request("GET", path + (f"?{parts.query}" if parts.query else ""), headers={"Accept": "text/plain"})
-        sock = connection.sock  # getresponse() lets go of it when the server closes after the body
-        response = connection.getresponse()
-        if response.status != 200:
-            raise BadMetrics(f"HTTP {response.status} {response.reason}")
-        body = bytearray()
-        while not response.isclosed():  # closed once a body of known length is all read
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no answer within {timeout:g} s")
-            try:
-                sock.settimeout(left)
-            except OSError:
-                pass  # the socket went with the finished answer; read1 says what is left
-            chunk = response.read1(65536)
-            if not chunk:
-                break
-            body += chunk
-            if len(body) > max_bytes:
-                raise BadMetrics(f"body larger than {max_bytes} bytes")
-        return bytes(body)
-    except (TimeoutError, socket.timeout):
-        raise TimeoutError(f"no answer within {timeout:g} s") from None
-    finally:
-        connection.close()
 
 
-def _descendants(root: int, processes: Mapping[int, tuple]) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, *_) in processes.items():
-        if ppid is not None:
-            children.setdefault(ppid, []).append(pid)
-    found: set[int] = set()
-    stack = [root]
-    while stack and len(found) < 4096:
-        pid = stack.pop()
-        if pid in processes and pid not in found:
-            found.add(pid)
-            stack.extend(children.get(pid, ()))
-    return sorted(found)
+# ---------------------------------------------------------------- metrics and status
+
+_VALUES = {
+    "mps_engine_requests_running": "requests_running",
+    "mps_engine_requests_waiting": "requests_waiting",
+    "mps_engine_prompt_tokens_total": "prompt_tokens_total",
+    "mps_engine_generation_tokens_total": "generation_tokens_total",
+    "mps_engine_tokens_per_second": "tokens_per_second",
+    "mps_engine_kv_cache_usage_ratio": "kv_cache_usage_ratio",
+    "mps_engine_cpu_seconds_total": "cpu_seconds_total",
+    "mps_engine_busiest_thread_cpu_ratio": "busiest_thread_cpu_ratio",
+    "mps_engine_runqueue_wait_seconds_total": "runqueue_wait_seconds_total",
+    "mps_engine_prompt_tokens_per_request": "prompt_tokens_per_request",
+    "mps_engine_generation_tokens_per_request": "generation_tokens_per_request",
+    "mps_engine_model_parameters": "model_parameters",
+}
 
 
-def _gpu_processes(peers: NodeSnapshot) -> dict[int, tuple[str | None, str]]:
-    gpus = peers.data("gpu")
-    if not isinstance(gpus, GpuData):
-        return {}
-    return {p.pid: (g.uuid, p.kind) for g in gpus.gpus for p in g.processes or ()}
+def render(data: EnginesData, facts: DerivedFacts, out: Families) -> None:
+    """From the joined engines (facts.engines): their GPU and MPS attachment are labels and values here."""
+    for e in facts.engines:
+        out.add("mps_engine_info", [e.name, e.model or "", e.url or "", e.gpu_uuid or ""], 1)
+        out.add("mps_engine_up", [e.name], 1 if e.up else 0)
+        for metric, attribute in _VALUES.items():
+            value = getattr(e, attribute)
+            if value is not None:
+                out.add(metric, [e.name], value)
+        for metric, flag in (("mps_engine_mps_attached", e.mps_attached), ("mps_engine_cpu_bound", e.cpu_bound),
+                             ("mps_engine_pipe_dir_served", e.pipe_dir_served)):
+            if flag is not None:
+                out.add(metric, [e.name], 1 if flag else 0)
+        if e.load_share_ratio is not None:
+            out.add("mps_engine_load_share_ratio", [e.name, e.gpu_uuid or ""], e.load_share_ratio)
+        if e.gpu_memory_utilization is not None:
+            out.add("mps_engine_gpu_memory_utilization_ratio", [e.name, e.gpu_uuid or ""], e.gpu_memory_utilization)
+        if e.mps_pipe_dir is not None:
+            settings = [e.name, e.mps_pipe_dir, e.mps_active_thread_percentage or "", e.mps_pinned_device_mem_limit or ""]
+            out.add("mps_engine_mps_settings_info", settings, 1)
+    for gpu_uuid, ratio in sorted(facts.imbalance.items()):
+        out.add("mps_gpu_engine_imbalance_ratio", [gpu_uuid], ratio)
+    for window, ratio in sorted(data.cpu_pressure.items()):
+        out.add("mps_host_cpu_pressure_ratio", [window], ratio)
 
 
-def _mps_client_pids(peers: NodeSnapshot) -> dict[int, str]:
-    control = peers.data("mps_control")
-    if not isinstance(control, MpsControlData):
-        return {}
-    return {c.pid: c.device for d in control.daemons for c in d.clients or ()}
+def status(data: EnginesData, facts: DerivedFacts, now: float) -> StatusSection:
+    engines = [_engine_entry(e) for e in facts.engines]
+    engine_gpus = _engine_gpus(facts.imbalance, engines)
+    return StatusSection({"engines": engines, "engine_gpus": engine_gpus},
+                         tuple(e["verdict"] for e in engines) + tuple(g["verdict"] for g in engine_gpus))
 
 
-def _served_pipe_dirs(peers: NodeSnapshot) -> set[str] | None:
-    control = peers.data("mps_control")
-    if not isinstance(control, MpsControlData):
-        return None
-    return {d.pipe_dir for d in control.daemons if d.up}
+def _engine_entry(e: EngineState) -> dict[str, Any]:
+    if not e.up:
+        verdict, reason = DOWN, f"metrics endpoint: {e.error}"
+    else:
+        problems = []
+        if e.mps_attached is False:
+            problems.append("runs on the GPU without MPS")
+        if e.pipe_dir_served is False:
+            problems.append(f"its CUDA_MPS_PIPE_DIRECTORY {e.mps_pipe_dir} is served by no running control daemon")
+        if e.cpu_bound:
+            problems.append(f"CPU-bound: busiest thread at {percent(e.busiest_thread_cpu_ratio)} of a core")
+        attached = {True: "MPS attached", False: "not under MPS", None: "MPS attachment unknown"}[e.mps_attached]
+        tps = "?" if e.tokens_per_second is None else f"{e.tokens_per_second:.0f}"
+        figures = (f"share {percent(e.load_share_ratio)}, {tps} tok/s, running {count(e.requests_running)}, "
+                   f"waiting {count(e.requests_waiting)}, {attached}, busiest thread {percent(e.busiest_thread_cpu_ratio)}")
+        verdict = DEGRADED if problems else OK
+        reason = "; ".join([*problems, figures])
+    return {
+        "name": e.name,
+        "url": e.url,
+        "found_by": e.found_by,
+        "model": e.model,
+        "gpu_uuid": e.gpu_uuid,
+        "pids": list(e.pids),
+        "up": e.up,
+        "mps_attached": e.mps_attached,
+        "load_share_ratio": e.load_share_ratio,
+        "tokens_per_second": e.tokens_per_second,
+        "requests_running": e.requests_running,
+        "requests_waiting": e.requests_waiting,
+        "busiest_thread_cpu_ratio": e.busiest_thread_cpu_ratio,
+        "cpu_bound": e.cpu_bound,
+        "pipe_dir": e.mps_pipe_dir,
+        "pipe_dir_served": e.pipe_dir_served,
+        "gpu_memory_utilization": e.gpu_memory_utilization,
+        "verdict": verdict,
+        "reason": reason,
+    }
 
 
-def _balanced(states: list[EngineState]) -> tuple[list[EngineState], dict[str, float]]:
-    by_gpu: dict[str, dict[str, float]] = {}
-    for state in states:
-        if state.up and state.gpu_uuid and state.tokens_per_second is not None:
-            by_gpu.setdefault(state.gpu_uuid, {})[state.name] = state.tokens_per_second
-    shares: dict[str, float] = {}
-    imbalance: dict[str, float] = {}
-    for gpu_uuid, throughput in by_gpu.items():
-        gpu_shares, ratio = load_balance(throughput)
-        shares.update(gpu_shares)
-        if ratio is not None:
-            imbalance[gpu_uuid] = ratio
-    return [replace(s, load_share_ratio=shares.get(s.name)) for s in states], imbalance
+def _engine_gpus(imbalances: Mapping[str, float], entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[str | None, list[dict[str, Any]]] = {}
+    for entry in entries:
+        groups.setdefault(entry["gpu_uuid"], []).append(entry)
+    out = []
+    for gpu_uuid, engines in sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or "")):  # unknown last
+        shares = [e["gpu_memory_utilization"] for e in engines if e["gpu_memory_utilization"] is not None]
+        memory_sum = sum(shares) if shares and gpu_uuid is not None else None  # unknown GPUs: nothing to add up
+        imbalance = imbalances.get(gpu_uuid) if gpu_uuid else None
+        if memory_sum is not None and memory_sum > 1.0:
+            verdict, reason = DEGRADED, f"the engines' gpu_memory_utilization add up to {memory_sum:.2f} > 1"
+        else:
+            verdict = OK
+            reason = f"{len(engines)} engine(s), imbalance {'?' if imbalance is None else f'{imbalance:.2f}'}"
+        out.append({"gpu_uuid": gpu_uuid, "imbalance_ratio": imbalance, "memory_utilization_sum": memory_sum,
+                    "verdict": verdict, "reason": reason, "engines": [e["name"] for e in engines]})
+    return out
+
+
+UNIT = CollectorUnit("engines", render, status)

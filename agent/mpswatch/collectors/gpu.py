@@ -19,9 +19,11 @@ from typing import Any, Callable
 
 import structlog
 
-from mpswatch.collectors import CollectorError
+from mpswatch.collectors import CollectorError, CollectorUnit
+from mpswatch.metrics import Families
 from mpswatch.procfs import ProcFS
-from mpswatch.snapshot import GpuData, GpuProcess, GpuState, XidEvent, frozen_map
+from mpswatch.snapshot import DerivedFacts, GpuData, GpuProcess, GpuState, XidEvent, frozen_map
+from mpswatch.verdicts import DEGRADED, DOWN, OK, RECENT_EVENTS_SHOWN, StatusSection, iso_time, percent
 
 MPS_SERVER_PROGRAM = "nvidia-cuda-mps-server"
 COMPUTE_MODES = {0: "Default", 1: "Exclusive_Thread", 2: "Prohibited", 3: "Exclusive_Process"}
@@ -89,7 +91,7 @@ class _DeviceMemory:
 class _XidWatcher(threading.Thread):
     """Waits for XID events; counts them per GPU and code, keeps the latest ones."""
 
-    def __init__(self, nvml: Any, handles: list[tuple[Any, str | None]], wait_ms: int, log,
+    def __init__(self, nvml: Any, handles: list[tuple[Any, str | None]], wait_ms: int, log: Any,
                  counts: dict[str, dict[int, int]] | None = None) -> None:
         super().__init__(name="xid-events", daemon=True)
         self._nvml = nvml
@@ -295,7 +297,7 @@ class GpuCollector:
                 pass
             memory.gpm_sample = None
 
-    def _call(self, fn: Callable, *args: Any) -> Any:
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """The value, None when NVML says it is not available here; a driver-level error starts
         NVML over; anything else fails this GPU only."""
         try:
@@ -338,7 +340,10 @@ class GpuCollector:
             temperature_celsius=float(temperature) if temperature is not None else None,
             gpm_supported=memory.gpm_supported,
             processes=self._processes(nvml, handle),
-            **gpm,
+            sm_active_ratio=gpm["sm_active_ratio"],
+            sm_occupancy_ratio=gpm["sm_occupancy_ratio"],
+            dram_bandwidth_ratio=gpm["dram_bandwidth_ratio"],
+            tensor_active_ratio=gpm["tensor_active_ratio"],
         )
 
     def _gpm(self, nvml: Any, memory: _DeviceMemory) -> dict[str, float | None]:
@@ -455,3 +460,93 @@ def _error_name(nvml: Any, err: Any) -> str:
 def _with_xids(gpu: GpuState, counts: dict[int, int] | None) -> GpuState:
     """The common XIDs start at 0, so that the first one is an increase Prometheus can see."""
     return replace(gpu, xid_counts=frozen_map(counts or dict.fromkeys(XID_MEANINGS, 0)))
+
+
+# ---------------------------------------------------------------- metrics and status
+
+_GPU_VALUES = {
+    "mps_gpu_sm_active_ratio": "sm_active_ratio",
+    "mps_gpu_sm_occupancy_ratio": "sm_occupancy_ratio",
+    "mps_gpu_dram_bandwidth_ratio": "dram_bandwidth_ratio",
+    "mps_gpu_tensor_active_ratio": "tensor_active_ratio",
+    "mps_gpu_utilization_ratio": "utilization_ratio",
+    "mps_gpu_memory_used_bytes": "memory_used_bytes",
+    "mps_gpu_memory_total_bytes": "memory_total_bytes",
+    "mps_gpu_power_watts": "power_watts",
+    "mps_gpu_temperature_celsius": "temperature_celsius",
+}
+
+
+def render(data: GpuData, facts: DerivedFacts, out: Families) -> None:
+    for gpu in data.gpus:
+        ids = [gpu.index, gpu.uuid or ""]
+        out.add("mps_gpu_up", ids, 1 if gpu.up else 0)
+        if gpu.uuid is not None:
+            info = [*ids, gpu.name or "", data.driver_version or "", gpu.compute_mode or ""]
+            out.add("mps_gpu_info", info, 1)
+        for xid, count in sorted(gpu.xid_counts.items()):
+            out.add("mps_gpu_xid_errors_total", [*ids, xid], count)
+        if not gpu.up:
+            continue
+        if gpu.gpm_supported is not None:
+            out.add("mps_gpu_gpm_supported", ids, 1 if gpu.gpm_supported else 0)
+        for metric, attribute in _GPU_VALUES.items():
+            value = getattr(gpu, attribute)
+            if value is not None:
+                out.add(metric, ids, value)
+        for process in gpu.processes or ():
+            if process.memory_bytes is not None:
+                engine = facts.engine_of_pid.get(process.pid, "")
+                out.add("mps_gpu_process_memory_bytes", [*ids, process.pid, process.kind, engine], process.memory_bytes)
+
+
+def status(data: GpuData, facts: DerivedFacts, now: float) -> StatusSection:
+    gpus = [_gpu_entry(g, now, data.recent_xids) for g in data.gpus]
+    return StatusSection({"gpus": gpus}, tuple(g["verdict"] for g in gpus), data.notes)
+
+
+def _gpu_entry(gpu: GpuState, now: float, recent_xids: tuple[XidEvent, ...]) -> dict[str, Any]:
+    processes = [{"pid": p.pid, "kind": p.kind, "memory_bytes": p.memory_bytes} for p in gpu.processes or ()]
+    servers = [p["pid"] for p in processes if p["kind"] == "mps_server"]
+    alone = [p["pid"] for p in processes if p["kind"] == "exclusive"]
+    kinds = {kind: sum(1 for p in processes if p["kind"] == kind) for kind in ("mps_client", "mps_server", "exclusive")}
+    if not gpu.gpm_supported:
+        activity = "no GPM on this GPU: coarse utilisation only"
+    elif gpu.sm_active_ratio is None:
+        activity = "GPM from the second cycle on"
+    else:
+        activity = f"SM active {percent(gpu.sm_active_ratio)}, DRAM bandwidth {percent(gpu.dram_bandwidth_ratio)}"
+    used = f"{(gpu.memory_used_bytes or 0) / 2**30:.1f}/{(gpu.memory_total_bytes or 0) / 2**30:.0f} GiB"
+    summary = (f"utilisation {percent(gpu.utilization_ratio)}, {activity}, memory {used}; "
+               f"{kinds['mps_client']} MPS client(s), {kinds['mps_server']} server(s), {kinds['exclusive']} without MPS")
+    if not gpu.up:
+        verdict, reason = DOWN, f"NVML calls fail: {gpu.error}"
+    elif servers and alone:
+        verdict = DEGRADED
+        reason = (f"process(es) {', '.join(map(str, alone))} run on this GPU without MPS while MPS server "
+                  f"{servers[0]} serves it; {summary}")
+    else:
+        verdict, reason = OK, summary
+    xids = [
+        {"xid": e.xid, "meaning": XID_MEANINGS.get(e.xid, "see NVIDIA's XID catalog"),
+         "time": iso_time(e.time), "age_seconds": round(now - e.time, 1)}
+        for e in reversed(recent_xids) if e.uuid == gpu.uuid
+    ][:RECENT_EVENTS_SHOWN]
+    return {
+        "index": gpu.index,
+        "uuid": gpu.uuid,
+        "name": gpu.name,
+        "gpm_supported": gpu.gpm_supported,
+        "utilization_ratio": gpu.utilization_ratio,
+        "sm_active_ratio": gpu.sm_active_ratio,
+        "dram_bandwidth_ratio": gpu.dram_bandwidth_ratio,
+        "memory_used_bytes": gpu.memory_used_bytes,
+        "memory_total_bytes": gpu.memory_total_bytes,
+        "verdict": verdict,
+        "reason": reason,
+        "processes": processes,
+        "recent_xids": xids,
+    }
+
+
+UNIT = CollectorUnit("gpu", render, status)

@@ -16,21 +16,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 import structlog
 
+from mpswatch.collectors import CollectorUnit
+from mpswatch.metrics import Families
 from mpswatch.procfs import ProcFS
 from mpswatch.runner import Runner, RunResult, run_with_deadline, stopping
 from mpswatch.snapshot import (
     SERVER_STATUSES,
     DaemonState,
+    DerivedFacts,
     MpsClient,
     MpsControlData,
     MpsDaemon,
     MpsServer,
     frozen_map,
 )
+from mpswatch.verdicts import DEGRADED, DOWN, OK, StatusSection, age, event_entry
 
 CONTROL_PROGRAM = "nvidia-cuda-mps-control"
 SERVER_PROGRAM = "nvidia-cuda-mps-server"
@@ -65,6 +69,9 @@ _DECIMAL = re.compile(r"[0-9]{1,10}")
 DEFAULT_PIPE_DIR = "/tmp/nvidia-mps"
 _DAEMON_FLAGS = frozenset({"-d", "--daemon", "-f", "--foreground", "--forground"})
 _UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+Parsed = TypeVar("Parsed")
 
 
 class ParseError(ValueError):
@@ -224,9 +231,9 @@ def discover_mps_dirs(
     """(dir, found_by) for one kind of MPS directory (pipe or log): the defaults, the device
     plugin's per-resource dirs, and what running daemons were started with."""
     found: dict[str, str] = {}
-    for d in defaults:
-        if accept(Path(d)):
-            found.setdefault(d, "default")
+    for default in defaults:
+        if accept(Path(default)):
+            found.setdefault(default, "default")
     root = Path(device_plugin_root)
     # resource names hold a slash (nvidia.com/gpu), so the dir sits one to three levels down
     for pattern in (f"*/{leaf}", f"*/*/{leaf}", f"*/*/*/{leaf}"):
@@ -318,7 +325,7 @@ class _DaemonProbe:
             self.failures.append((verb, reply.reason))
         return reply
 
-    def parsed(self, verb: str, parser, *args: int | str):
+    def parsed(self, verb: str, parser: Callable[[str], Parsed], *args: int | str) -> Parsed | None:
         """Parsed answer or None; a timeout raises so the daemon is reported hung."""
         reply = self.ask(verb, *args)
         if reply.reason == "timeout":
@@ -357,18 +364,35 @@ def probe_daemon(
     procfs: ProcFS,
     client_limit: int,
     settings_from: MpsDaemon | None = None,
-) -> tuple[MpsDaemon, dict[str, float], list[tuple[str, str]]]:
-    """One daemon's state. Each command waits at most the command timeout, and the daemon as a
-    whole at most twice that, so a slow daemon cannot stall the others.
+) -> MpsDaemon:
+    """One daemon's state, with this probe's command durations and failures (counted per command and
+    reason). Each command waits at most the command timeout, and the daemon as a whole at most twice
+    that, so a slow daemon cannot stall the others.
 
     Every command the agent sends adds about five lines to the daemon's control.log, so the
     settings (active thread percentages, pinned memory limit), which change rarely and apply only
     to new servers and clients, are taken from `settings_from` when given; a new server's are asked."""
     probe = _DaemonProbe(channel, deadline=time.monotonic() + 2 * channel.timeout_seconds)
+    daemon = _probed(probe, pipe_dir, found_by, channel, procfs, client_limit, settings_from)
+    failures: dict[tuple[str, str], int] = {}
+    for key in probe.failures:
+        failures[key] = failures.get(key, 0) + 1
+    return replace(daemon, command_durations=frozen_map(probe.durations), command_failures=frozen_map(failures))
+
+
+def _probed(
+    probe: _DaemonProbe,
+    pipe_dir: str,
+    found_by: str,
+    channel: ControlChannel,
+    procfs: ProcFS,
+    client_limit: int,
+    settings_from: MpsDaemon | None,
+) -> MpsDaemon:
     base = MpsDaemon(pipe_dir=pipe_dir, found_by=found_by, state=DaemonState.UP, reason="", client_limit=client_limit)
     if not Path(pipe_dir).is_dir():
         where = " (found in a daemon's environment: mount the host's dir at the same path)" if found_by == "process" else ""
-        return replace(base, state=DaemonState.NO_PIPE_DIR, reason=f"pipe dir {pipe_dir} does not exist{where}"), {}, []
+        return replace(base, state=DaemonState.NO_PIPE_DIR, reason=f"pipe dir {pipe_dir} does not exist{where}")
     pid = read_pid_file(pipe_dir)
     pid_alive = pid is not None and _is_control_daemon(procfs, pid)
     base = replace(base, pid=pid if pid_alive else None)
@@ -382,12 +406,12 @@ def probe_daemon(
             if orphans:
                 why += (f"; MPS server {', '.join(map(str, orphans))} runs on without it (orphaned): its clients"
                         " keep running, new clients start without MPS")
-        return replace(base, state=state, reason=why, orphaned_server_pids=orphans), probe.durations, probe.failures
+        return replace(base, state=state, reason=why, orphaned_server_pids=orphans)
     try:
         server_pids = parse_server_list(reply.text or "")
     except ParseError as err:
         probe.failures.append(("get_server_list", "garbage_output"))
-        return replace(base, state=DaemonState.GARBAGE, reason=f"get_server_list: {err}"), probe.durations, probe.failures
+        return replace(base, state=DaemonState.GARBAGE, reason=f"get_server_list: {err}")
 
     try:
         known_atp = {s.pid: s.active_thread_percentage for s in settings_from.servers} if settings_from else {}
@@ -411,10 +435,10 @@ def probe_daemon(
             pinned = probe.parsed("get_default_device_pinned_mem_limit", parse_pinned_memory_limit, 0)
     except _Hung as hung:
         state, why = DaemonState.HUNG, f"answered get_server_list, then hung: {hung}{_stopped_note(procfs, pid)}"
-        return replace(base, state=state, reason=why), probe.durations, probe.failures
+        return replace(base, state=state, reason=why)
 
     described = "client list unavailable" if clients is None else f"{len(clients)} client(s)"
-    daemon = replace(
+    return replace(
         base,
         reason=f"answering; {len(servers)} server(s), {described}",
         servers=servers,
@@ -422,7 +446,6 @@ def probe_daemon(
         default_active_thread_percentage=default_atp,
         default_pinned_memory_limit_bytes=pinned,
     )
-    return daemon, probe.durations, probe.failures
 
 
 def orphaned_servers(pipe_dir: str, procfs: ProcFS) -> tuple[int, ...] | None:
@@ -441,7 +464,7 @@ def orphaned_servers(pipe_dir: str, procfs: ProcFS) -> tuple[int, ...] | None:
 
 def _is_control_daemon(procfs: ProcFS, pid: int) -> bool:
     argv = procfs.cmdline(pid)
-    return bool(argv) and os.path.basename(argv[0]) == CONTROL_PROGRAM
+    return argv is not None and bool(argv) and os.path.basename(argv[0]) == CONTROL_PROGRAM
 
 
 def _stopped_note(procfs: ProcFS, pid: int | None) -> str:
@@ -467,10 +490,10 @@ def _why_down(reply: Reply, pid: int | None, pid_alive: bool, procfs: ProcFS) ->
 # ---------------------------------------------------------------- state changes
 
 
-def state_changes(prev: MpsDaemon | None, cur: MpsDaemon) -> list[tuple[str, str, dict]]:
+def state_changes(prev: MpsDaemon | None, cur: MpsDaemon) -> list[tuple[str, str, dict[str, Any]]]:
     """(level, event, context) for what changed since the last cycle; nothing when nothing did.
     An unknown value (a query that failed once) is not a change."""
-    changes: list[tuple[str, str, dict]] = []
+    changes: list[tuple[str, str, dict[str, Any]]] = []
     was_up = prev.up if prev else None
     if cur.up and was_up is not True:
         changes.append(("info", "daemon_up", {"pid": cur.pid, "found_by": cur.found_by}))
@@ -518,6 +541,20 @@ def servers_lost(serving: frozenset[int], cur: MpsDaemon) -> tuple[list[int], fr
 # ---------------------------------------------------------------- collector
 
 
+@dataclass
+class _WatchedDaemon:
+    """What the collector keeps of one daemon from cycle to cycle."""
+
+    pipe_dir: str
+    found_by: str
+    channel: ControlChannel | None = None
+    failures: dict[tuple[str, str], int] = field(default_factory=dict)  # totals since the agent started
+    servers_lost: int = 0
+    serving: frozenset[int] = frozenset()  # servers that had clients, for servers_lost()
+    previous: MpsDaemon | None = None
+    settings_read_at: float = float("-inf")  # time.monotonic()
+
+
 class MpsControlCollector:
     name = "mps_control"
 
@@ -543,13 +580,7 @@ class MpsControlCollector:
         self._client_limit = client_limit
         self._procfs = procfs or ProcFS()
         self._runner = runner
-        self._channels: dict[str, ControlChannel] = {}
-        self._known: dict[str, str] = {}  # pipe_dir -> found_by
-        self._failures: dict[str, dict[tuple[str, str], int]] = {}
-        self._lost: dict[str, int] = {}
-        self._serving: dict[str, frozenset[int]] = {}
-        self._previous: dict[str, MpsDaemon] = {}
-        self._settings_read_at: dict[str, float] = {}
+        self._daemons: dict[str, _WatchedDaemon] = {}  # by pipe dir
         self._uuids: list[str] = []
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="mps-control")
         self._log = structlog.get_logger().bind(collector=self.name)
@@ -561,57 +592,193 @@ class MpsControlCollector:
             notes.append(f"control program {self._control_bin} not found or not executable (no NVIDIA driver here?)")
         self._remember(dict(found))
         self._uuids = self._procfs.gpu_uuids()
-        targets = sorted(self._known.items())
-        daemons = tuple(self._pool.map(lambda target: self._probe(*target, resolved or self._control_bin), targets))
+        watched = [self._daemons[pipe_dir] for pipe_dir in sorted(self._daemons)]
+        daemons = tuple(self._pool.map(lambda w: self._probe(w, resolved or self._control_bin), watched))
         return MpsControlData(daemons=daemons, searched=search_description(self._discovery), discovery_notes=tuple(notes))
 
     def _remember(self, found: dict[str, str]) -> None:
         """A daemon once found stays watched while its pipe dir is there, so that one that dies shows
         as down rather than vanishing; a pipe dir that was removed is forgotten."""
         for pipe_dir, found_by in found.items():
-            if pipe_dir not in self._known:
+            if pipe_dir not in self._daemons:
                 self._log.info("daemon_found", pipe_dir=pipe_dir, found_by=found_by)
-                self._known[pipe_dir] = found_by
-        for pipe_dir, found_by in list(self._known.items()):
-            if pipe_dir not in found and found_by != "configured" and not looks_like_pipe_dir(Path(pipe_dir)):
+                self._daemons[pipe_dir] = _WatchedDaemon(pipe_dir, found_by)
+        for pipe_dir, watched in list(self._daemons.items()):
+            if pipe_dir not in found and watched.found_by != "configured" and not looks_like_pipe_dir(Path(pipe_dir)):
                 self._log.info("daemon_forgotten", pipe_dir=pipe_dir, reason="pipe dir removed")
-                for table in (self._known, self._channels, self._failures, self._previous, self._settings_read_at,
-                              self._lost, self._serving):
-                    table.pop(pipe_dir, None)
+                del self._daemons[pipe_dir]
 
-    def _probe(self, pipe_dir: str, found_by: str, control_bin: str) -> MpsDaemon:
-        channel = self._channels.get(pipe_dir)
-        if channel is None or channel.control_bin != control_bin:
-            channel = self._channels[pipe_dir] = ControlChannel(pipe_dir, control_bin, self._runner, self._timeout)
-        previous = self._previous.get(pipe_dir)
-        fresh = time.monotonic() - self._settings_read_at.get(pipe_dir, float("-inf")) < self._settings_refresh
+    def _probe(self, watched: _WatchedDaemon, control_bin: str) -> MpsDaemon:
+        pipe_dir, previous = watched.pipe_dir, watched.previous
+        if watched.channel is None or watched.channel.control_bin != control_bin:
+            watched.channel = ControlChannel(pipe_dir, control_bin, self._runner, self._timeout)
+        fresh = time.monotonic() - watched.settings_read_at < self._settings_refresh
         settings_from = previous if fresh and previous is not None and previous.up else None
         try:
-            daemon, durations, failures = probe_daemon(
-                pipe_dir, found_by, channel, self._procfs, self._client_limit, settings_from
+            daemon = probe_daemon(
+                pipe_dir, watched.found_by, watched.channel, self._procfs, self._client_limit, settings_from
             )
         except Exception as err:  # one daemon's surprise must not cost the others their data
             self._log.error("daemon_probe_failed", pipe_dir=pipe_dir, error=repr(err), exc_info=err)
-            daemon = MpsDaemon(pipe_dir, found_by, DaemonState.GARBAGE, f"unexpected: {err!r}"[:200],
-                               client_limit=self._client_limit)
-            durations, failures = {}, [("get_server_list", "garbage_output")]
+            daemon = MpsDaemon(pipe_dir, watched.found_by, DaemonState.GARBAGE, f"unexpected: {err!r}"[:200],
+                               client_limit=self._client_limit,
+                               command_failures=frozen_map({("get_server_list", "garbage_output"): 1}))
         if stopping() and previous is not None:
             return previous  # its command was killed by the agent shutting down: neither logged nor counted
         if daemon.clients:
             daemon = replace(daemon, clients=tuple(replace(c, device=full_uuid(c.device, self._uuids)) for c in daemon.clients))
         if daemon.up and settings_from is None:
-            self._settings_read_at[pipe_dir] = time.monotonic()
-        totals = self._failures.setdefault(pipe_dir, {})
-        for key in failures:
-            totals[key] = totals.get(key, 0) + 1
-        lost, self._serving[pipe_dir] = servers_lost(self._serving.get(pipe_dir, frozenset()), daemon)
-        self._lost[pipe_dir] = self._lost.get(pipe_dir, 0) + len(lost)
-        daemon = replace(daemon, command_durations=frozen_map(durations), command_failures=frozen_map(totals),
-                         servers_lost_total=self._lost[pipe_dir])
+            watched.settings_read_at = time.monotonic()
+        for key, count in daemon.command_failures.items():
+            watched.failures[key] = watched.failures.get(key, 0) + count
+        lost, watched.serving = servers_lost(watched.serving, daemon)
+        watched.servers_lost += len(lost)
+        daemon = replace(daemon, command_failures=frozen_map(watched.failures), servers_lost_total=watched.servers_lost)
         log = self._log.bind(pipe_dir=pipe_dir)
         for server_pid in lost:
             log.warning("server_lost", server_pid=server_pid, reason="no longer listed while its clients were connected")
         for level, event, context in state_changes(previous, daemon):
             getattr(log, level)(event, **context)
-        self._previous[pipe_dir] = daemon
+        watched.previous = daemon
         return daemon
+
+
+# ---------------------------------------------------------------- metrics and status
+
+
+def render(data: MpsControlData, facts: DerivedFacts, out: Families) -> None:
+    for daemon in data.daemons:
+        d = daemon.pipe_dir
+        out.add("mps_control_up", [d], 1 if daemon.up else 0)
+        for state in DaemonState:
+            out.add("mps_control_state", [d, state.value], 1 if daemon.state is state else 0)
+        if daemon.pid is not None:
+            out.add("mps_control_info", [d, daemon.pid], 1)
+        for command, seconds in sorted(daemon.command_durations.items()):
+            out.add("mps_control_command_duration_seconds", [d, command], seconds)
+        for (command, reason), count in sorted(daemon.command_failures.items()):
+            out.add("mps_control_command_failures_total", [d, command, reason], count)
+        out.add("mps_client_limit", [d], daemon.client_limit)
+        out.add("mps_servers_lost_total", [d], daemon.servers_lost_total)
+        if daemon.orphaned_server_pids is not None:
+            out.add("mps_orphaned_servers", [d], len(daemon.orphaned_server_pids))
+        if not daemon.up:
+            continue
+        if daemon.default_active_thread_percentage is not None:
+            out.add("mps_default_active_thread_percentage", [d], daemon.default_active_thread_percentage)
+        if daemon.default_pinned_memory_limit_bytes is not None:
+            out.add("mps_default_device_pinned_memory_limit_bytes", [d], daemon.default_pinned_memory_limit_bytes)
+        per_server: dict[int, int] = {}
+        for client in daemon.clients or ():
+            per_server[client.server_pid] = per_server.get(client.server_pid, 0) + 1
+        for server in daemon.servers:
+            out.add("mps_server_info", [d, server.pid, "" if server.uid is None else server.uid], 1)
+            if server.status is not None:
+                for status in SERVER_STATUSES:
+                    out.add("mps_server_status", [d, server.pid, status], 1 if server.status == status else 0)
+            if server.active_thread_percentage is not None:
+                out.add("mps_server_active_thread_percentage", [d, server.pid], server.active_thread_percentage)
+            if daemon.clients is not None:
+                out.add("mps_server_clients", [d, server.pid], per_server.get(server.pid, 0))
+        for (server_pid, device), count in sorted(daemon.clients_per_device().items()):
+            out.add("mps_clients", [d, server_pid, device], count)
+        for client in daemon.clients or ():
+            engine = facts.engine_of_pid.get(client.pid, "")
+            out.add("mps_client_info", [d, client.server_pid, client.pid, client.device, client.command, engine], 1)
+
+
+def status(data: MpsControlData, facts: DerivedFacts, now: float) -> StatusSection:
+    daemons = [_daemon_entry(d, facts, now) for d in data.daemons]
+    verdicts = []
+    for d in daemons:
+        verdicts.append(d["verdict"])
+        for s in d["servers"]:
+            verdicts += [s["verdict"], *(c["verdict"] for c in s["clients"])]
+    if daemons:
+        servers = sum(len(d["servers"]) for d in daemons)
+        clients = sum(len(s["clients"]) for d in daemons for s in d["servers"])
+        up = sum(1 for d in daemons if d["state"] == "up")
+        summary = f"{len(daemons)} control daemon(s), {up} answering; {servers} server(s); {clients} client(s)"
+    else:
+        summary = f"no MPS control daemon found; looked in {', '.join(data.searched)}"
+    return StatusSection({"daemons": daemons}, tuple(verdicts), data.discovery_notes, summary)
+
+
+def _server_verdict(daemon: MpsDaemon, server: MpsServer, listed: bool, counts: dict[str, int]) -> tuple[str, str]:
+    full = sorted(device for device, n in counts.items() if n >= daemon.client_limit)
+    if server.status == "FAULT":
+        return DOWN, "FAULT: a client hit a fatal GPU error; new clients are refused until every affected client exits"
+    if not listed:
+        return DEGRADED, "has clients in `ps` but is not in get_server_list (starting or exiting)"
+    if server.status is None:
+        return DEGRADED, "status unknown: get_server_status gave no usable answer"
+    if server.status == "INITIALIZING":
+        return DEGRADED, "INITIALIZING: not yet serving clients"
+    if daemon.clients is None:
+        return DEGRADED, f"{server.status}; client list unavailable (`ps` gave no usable answer)"
+    if full:
+        return DEGRADED, f"{counts[full[0]]}/{daemon.client_limit} clients on {', '.join(full)}: the next client will be refused"
+    per_device = ", ".join(f"{n}/{daemon.client_limit} on {device}" for device, n in sorted(counts.items()))
+    return OK, f"{server.status}; clients {per_device or 'none'}"
+
+
+def _server_entry(daemon: MpsDaemon, server: MpsServer, listed: bool, facts: DerivedFacts, now: float) -> dict[str, Any]:
+    counts = {device: n for (spid, device), n in daemon.clients_per_device().items() if spid == server.pid}
+    verdict, reason = _server_verdict(daemon, server, listed, counts)
+    fault_cause = None
+    if server.status == "FAULT":
+        cause = facts.fault_causes.get(server.pid)
+        if cause is not None:
+            fault_cause = event_entry(*cause, now)
+            reason += f"; logged {age(now - cause[1].time)} ago: client {cause[1].client_pid} encountered a fatal GPU error"
+    client_entries = []
+    for client in (c for c in daemon.clients or () if c.server_pid == server.pid):
+        if server.status == "FAULT":
+            c_verdict, c_reason = DEGRADED, f"server {server.pid} is in FAULT: this client must exit before it recovers"
+        else:
+            c_verdict, c_reason = OK, f"connected to server {server.pid} on {client.device}"
+        client_entries.append(
+            {
+                "pid": client.pid,
+                "client_id": client.client_id,
+                "device": client.device,
+                "command": client.command,
+                "verdict": c_verdict,
+                "reason": c_reason,
+                "gpu_memory_bytes": facts.gpu_memory_by_pid.get(client.pid),
+            }
+        )
+    return {
+        "pid": server.pid,
+        "uid": server.uid,
+        "status": server.status,
+        "active_thread_percentage": server.active_thread_percentage,
+        "clients_per_device": counts,
+        "fault_cause": fault_cause,
+        "verdict": verdict,
+        "reason": reason,
+        "clients": client_entries,
+    }
+
+
+def _daemon_entry(daemon: MpsDaemon, facts: DerivedFacts, now: float) -> dict[str, Any]:
+    servers = [_server_entry(daemon, s, True, facts, now) for s in daemon.servers]
+    listed = {s.pid for s in daemon.servers}
+    for server_pid in sorted({c.server_pid for c in daemon.clients or ()} - listed):
+        servers.append(_server_entry(daemon, MpsServer(server_pid, None, None, None), False, facts, now))
+    return {
+        "pipe_dir": daemon.pipe_dir,
+        "found_by": daemon.found_by,
+        "pid": daemon.pid,
+        "state": daemon.state.value,
+        "client_limit": daemon.client_limit,
+        "orphaned_server_pids": None if daemon.orphaned_server_pids is None else list(daemon.orphaned_server_pids),
+        "default_active_thread_percentage": daemon.default_active_thread_percentage,
+        "default_pinned_memory_limit_bytes": daemon.default_pinned_memory_limit_bytes,
+        "verdict": OK if daemon.up else DOWN,
+        "reason": daemon.reason,
+        "servers": servers,
+    }
+
+
+UNIT = CollectorUnit("mps_control", render, status)

@@ -14,14 +14,17 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from datetime import datetime, tzinfo
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import structlog
 
+from mpswatch.collectors import CollectorUnit
 from mpswatch.collectors.mps_control import discover_mps_dirs
 from mpswatch.logfollow import LogFollower
+from mpswatch.metrics import Families
 from mpswatch.procfs import ProcFS
-from mpswatch.snapshot import LogDirState, LogEvent, MpsLogsData, frozen_map
+from mpswatch.snapshot import DerivedFacts, LogDirState, LogEvent, MpsLogsData, frozen_map
+from mpswatch.verdicts import RECENT_EVENTS_SHOWN, StatusSection, event_entry
 
 SOURCES = {"control": "control.log", "server": "server.log"}
 DEFAULT_LOG_DIR = "/var/log/nvidia-mps"
@@ -82,10 +85,10 @@ class LineContext:
 class _Rule:
     pattern: re.Pattern[str]
     event: str | None  # None: known and routine, not an event
-    build: Callable[[re.Match[str], int], dict] = lambda m, pid: {}
+    build: Callable[[re.Match[str], int], dict[str, Any]] = lambda m, pid: {}
 
 
-def _rule(regex: str, event: str | None, build=None) -> _Rule:
+def _rule(regex: str, event: str | None, build: Callable[[re.Match[str], int], dict[str, Any]] | None = None) -> _Rule:
     return _Rule(re.compile(regex), event, build or (lambda m, pid: {}))
 
 
@@ -166,7 +169,7 @@ def parse_line(
     except (ValueError, OverflowError):
         return None, context
 
-    def event(name: str, **fields) -> LogEvent:
+    def event(name: str, **fields: Any) -> LogEvent:
         return LogEvent(event=name, time=when, source=source, pid=pid, message=message[:300], **fields)
 
     number = _NUMBER.match(message)
@@ -345,10 +348,39 @@ class MpsLogsCollector:
                 self._log.warning("log_event", log_dir=watched.log_dir, **_event_context(event))
 
 
-def _event_context(event: LogEvent) -> dict:
+def _event_context(event: LogEvent) -> dict[str, Any]:
     context = {"event_name": event.event, "source": event.source, "logged_at": event.time}
     for name in ("server_pid", "client_pid", "detail"):
         value = getattr(event, name)
         if value is not None:
             context[name] = value
     return context
+
+
+# ---------------------------------------------------------------- metrics and status
+
+
+def render(data: MpsLogsData, facts: DerivedFacts, out: Families) -> None:
+    for state in data.dirs:
+        d = state.log_dir
+        for (source, event), count in sorted(state.event_counts.items()):
+            out.add("mps_log_events_total", [d, source, event], count)
+        for event, when in sorted(state.last_event_time.items()):
+            out.add("mps_log_last_event_timestamp_seconds", [d, event], when)
+        for source, count in sorted(state.lines.items()):
+            out.add("mps_log_lines_total", [d, source], count)
+        for (source, reason), count in sorted(state.read_problems.items()):
+            out.add("mps_log_read_errors_total", [d, source, reason], count)
+        for (source, reason), count in sorted(state.file_resets.items()):
+            out.add("mps_log_file_resets_total", [d, source, reason], count)
+
+
+def status(data: MpsLogsData, facts: DerivedFacts, now: float) -> StatusSection:
+    events = [event_entry(log_dir, e, now) for log_dir, e in reversed(data.recent)]
+    log_dirs = [{"log_dir": d.log_dir, "found_by": d.found_by, "files": [f"{s}.log" for s in d.sources_present]}
+                for d in data.dirs]
+    return StatusSection({"log_dirs": log_dirs, "recent_events": events[:RECENT_EVENTS_SHOWN]},
+                         notes=data.discovery_notes)
+
+
+UNIT = CollectorUnit("mps_logs", render, status)

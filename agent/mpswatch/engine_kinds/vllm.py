@@ -1,0 +1,158 @@
+"""vLLM: its /metrics text (current names, the older `gpu_cache_usage_perc`, several engines or
+models behind one server) and its command lines (`vllm serve`, the OpenAI API-server module)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from mpswatch.engine_kinds import BadMetrics, EngineCommand, EngineSample
+
+DEFAULT_PORT = 8000
+
+
+def parse_vllm_metrics(text: str) -> EngineSample:
+    """Sums over vLLM's label sets (several engines or models behind one server). Knows the
+    current names and the older `vllm:gpu_cache_usage_perc`; refuses text with no vLLM metric."""
+    sums: dict[str, float] = {}
+    kv_values: list[float] = []
+    series: dict[tuple[Any, ...], float] = {}
+    model = gpu_memory_utilization = None
+    found = False
+    try:
+        # only the lines read below; a body with none of them is parsed whole, to say what is wrong
+        for family in text_string_to_metric_families(_lines_read(text) or text):
+            if not family.name.startswith("vllm:"):
+                continue
+            found = True
+            for sample in family.samples:
+                model = model or sample.labels.get("model_name")
+                if sample.name == "vllm:cache_config_info" and "gpu_memory_utilization" in sample.labels:
+                    try:
+                        gpu_memory_utilization = float(sample.labels["gpu_memory_utilization"])
+                    except ValueError:
+                        pass
+                if sample.name.endswith("_created"):
+                    continue
+                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+                if sample.name in _TOKEN_COUNTERS:
+                    series[(sample.name, *sorted(sample.labels.items()))] = sample.value
+                if sample.name in _KV_USAGE:
+                    kv_values.append(sample.value)
+    except Exception as err:  # the parser raises several kinds on malformed text
+        raise BadMetrics(f"not Prometheus text: {err}"[:200]) from None
+    if not found:
+        raise BadMetrics("no vllm: metric in the body")
+    kv = sum(kv_values) / len(kv_values) if kv_values else None  # a ratio: averaged over engines, not summed
+    return EngineSample(
+        model=model,
+        requests_running=sums.get("vllm:num_requests_running"),
+        requests_waiting=sums.get("vllm:num_requests_waiting"),
+        prompt_tokens_total=sums.get("vllm:prompt_tokens_total"),
+        generation_tokens_total=sums.get("vllm:generation_tokens_total"),
+        kv_cache_usage_ratio=kv,
+        gpu_memory_utilization=gpu_memory_utilization,
+        token_series=series,
+        prompt_tokens_per_request=_mean(sums, "vllm:request_prompt_tokens"),
+        generation_tokens_per_request=_mean(sums, "vllm:request_generation_tokens"),
+    )
+
+
+def _mean(sums: dict[str, float], histogram: str) -> float | None:
+    """Mean of a vLLM histogram since the engine started; None before its first observation."""
+    count = sums.get(histogram + "_count")
+    total = sums.get(histogram + "_sum")
+    return total / count if count and total is not None and count > 0 else None
+
+
+# What parse_vllm_metrics reads, by sample name, and counters' family names (TYPE lines, samples
+# written without _total). A real vLLM body is mostly histogram buckets and http_ and python_
+# families (about 400 samples, 45 kB), which prometheus_client's pure-Python parser takes some
+# 7 ms to read: 16 engines every 2 s were 6 % of a core (docs/benchmarks.md). These lines: 0.3 ms.
+_READ_NAMES = frozenset(
+    {
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:prompt_tokens",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens",
+        "vllm:generation_tokens_total",
+        "vllm:kv_cache_usage_perc",
+        "vllm:gpu_cache_usage_perc",
+        "vllm:cache_config_info",
+        "vllm:request_prompt_tokens_count",
+        "vllm:request_prompt_tokens_sum",
+        "vllm:request_generation_tokens_count",
+        "vllm:request_generation_tokens_sum",
+    }
+)
+
+
+def _lines_read(text: str) -> str:
+    """The lines (samples, HELP and TYPE) of the metrics in _READ_NAMES; empty when there are none."""
+    kept = []
+    for line in text.splitlines():
+        words = line.split(None, 3)
+        if not words:
+            continue
+        if words[0] == "#":
+            name = words[2] if len(words) > 2 and words[1] in ("HELP", "TYPE") else ""
+        else:
+            name = words[0].split("{", 1)[0]
+        if name in _READ_NAMES:
+            kept.append(line)
+    return "\n".join(kept) + "\n" if kept else ""
+
+
+_TOKEN_COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
+_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    """The last value given, as argparse takes it."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _positional(args: list[str]) -> str | None:
+    """The first argument that is not an option or an option's value (`--opt value`)."""
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("-"):
+            skip = "=" not in arg
+            continue
+        return arg
+    return None
+
+
+def parse_vllm_command(argv: list[str]) -> EngineCommand | None:
+    """`vllm serve MODEL ...` or `python -m vllm.entrypoints.openai.api_server --model M ...`;
+    None for anything else (including vLLM's own EngineCore children)."""
+    model = None
+    if "vllm.entrypoints.openai.api_server" in argv:
+        model = _option(argv, "--model")
+    else:
+        for i, arg in enumerate(argv[:-1]):
+            if os.path.basename(arg) == "vllm" and argv[i + 1] == "serve":
+                model = _positional(argv[i + 2 :]) or _option(argv, "--model")
+                break
+        else:
+            return None
+    port_text = _option(argv, "--port")
+    try:
+        port = int(port_text) if port_text is not None else DEFAULT_PORT
+    except ValueError:
+        return None
+    if not 0 < port < 65536:
+        return None
+    return EngineCommand(port, model, _option(argv, "--served-model-name"))

@@ -1,0 +1,63 @@
+"""The vocabulary of `mpswatch status`: verdicts, the section each collector contributes, and the
+wording shared by those sections. Composed into one report by mpswatch.analysis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable, Mapping
+
+from mpswatch.snapshot import LogEvent
+
+OK, DEGRADED, DOWN = "OK", "DEGRADED", "DOWN"
+_RANK = {OK: 0, DEGRADED: 1, DOWN: 2}
+RECENT_EVENTS_SHOWN = 10
+
+
+@dataclass(frozen=True)
+class StatusSection:
+    """One collector's part of the report: lists of entries under the report's keys (`daemons`,
+    `gpus`, ...), the verdicts they add to the node's, notes, and the summary line if it writes it."""
+
+    entries: Mapping[str, list[dict[str, Any]]]
+    verdicts: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    summary: str | None = None
+
+
+def worst(verdicts: Iterable[str]) -> str:
+    return max(verdicts, key=_RANK.__getitem__, default=OK)
+
+
+def age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def percent(value: float | None) -> str:
+    return "?" if value is None else f"{value * 100:.0f}%"
+
+
+def count(value: float | None) -> str:
+    return "?" if value is None else f"{value:.0f}"
+
+
+def iso_time(unix: float) -> str:
+    return datetime.fromtimestamp(unix, timezone.utc).isoformat(timespec="seconds")
+
+
+def event_entry(log_dir: str, event: LogEvent, now: float) -> dict[str, Any]:
+    return {
+        "log_dir": log_dir,
+        "event": event.event,
+        "source": event.source,
+        "time": iso_time(event.time),
+        "age_seconds": round(now - event.time, 1),
+        "server_pid": event.server_pid,
+        "client_pid": event.client_pid,
+        "detail": event.detail,
+        "message": event.message,
+    }
