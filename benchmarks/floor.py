@@ -46,7 +46,6 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from benchmarks.node_cost import NODES, children_cpu_seconds, node
 from mpswatch.cli import build_collectors
 from mpswatch.collectors.mps_logs import SOURCES
 from mpswatch.config import load_config
@@ -56,6 +55,8 @@ from mpswatch.logsetup import configure_logging
 from mpswatch.procfs import ProcFS
 from mpswatch.runner import run_with_deadline
 from mpswatch.scheduler import Scheduler, SnapshotStore
+
+from benchmarks.node_cost import NODES, children_cpu_seconds, node
 from tests.kit import fakenvml
 from tests.kit.fakedaemon import FAKE_CONTROL
 from tests.kit.scope import SessionProcesses

@@ -19,10 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.h200_effect import run_blocks
-from benchmarks.node_cost import children_cpu_seconds
 from mpswatch.collectors.gpu import GpuCollector
 from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector
+
+from benchmarks.h200_effect import run_blocks
+from benchmarks.node_cost import children_cpu_seconds
 from tests.kit.realmps import MpsDaemon
 
 SMI = ["nvidia-smi", "--query-gpu=index,uuid,utilization.gpu,memory.used,memory.total,power.draw,temperature.gpu",

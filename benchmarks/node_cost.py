@@ -140,7 +140,8 @@ def node(name: str, gpus: int, clients_per_gpu: int, engine_count: int, full_bod
         pipe = make_daemon(work, gpus, clients)
         log_dir = work / "log"
         log_dir.mkdir()
-        (log_dir / "server.log").write_text((REPO / "tests/fixtures/h200-driver580/session3-50-clients-then-fault-server.log").read_text())
+        server_log = REPO / "tests/fixtures/h200-driver580/session3-50-clients-then-fault-server.log"
+        (log_dir / "server.log").write_text(server_log.read_text())
         env = {"FAKENVML_LAYOUT": json.dumps({"gpus": gpus, "clients": clients})}
         yield {"work": work, "pipe": pipe, "log_dir": log_dir, "env": env, "engines": engines}
     finally:

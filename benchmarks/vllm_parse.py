@@ -20,6 +20,7 @@ import time
 
 from mpswatch.engine_kinds import vllm as engines
 from mpswatch.engine_kinds.vllm import parse_vllm_metrics
+
 from tests.kit.fakevllm import FakeVllm, full_size_body
 
 

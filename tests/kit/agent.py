@@ -19,6 +19,7 @@ import sys
 
 from mpswatch.cli import main as mpswatch_main
 from mpswatch.injection import Injected
+
 from tests.kit import scope
 
 NVML_FAKES = ("h200", "h200_all_mps", "from_layout", "no_driver")

@@ -103,7 +103,8 @@ def full_size_body(template: bool = False) -> str:
     counter("vllm:prompt_tokens", value=prompt)
     counter("vllm:generation_tokens", value=generation)
     family("vllm:request_success_total", "counter",
-           [("vllm:request_success_total", f'{FULL_SIZE_LABELS},finished_reason="{r}"', 10.0) for r in ("stop", "length", "abort")])
+           [("vllm:request_success_total", f'{FULL_SIZE_LABELS},finished_reason="{r}"', 10.0)
+            for r in ("stop", "length", "abort")])
     for name, buckets in HISTOGRAMS.items():
         histogram(name, buckets)
     family("vllm:cache_config_info", "gauge",
