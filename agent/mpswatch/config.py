@@ -313,6 +313,12 @@ SETTINGS = [
         Flag("--log-backfill", "BYTES"),
     ),
     Setting(
+        "mps_logs.timezone",
+        _zone,
+        "local",
+        "Time zone the daemons write their log times in ('local': the agent's).",
+    ),
+    Setting(
         "pods.pod_resources_socket",
         _absolute_path,
         "/var/lib/kubelet/pod-resources/kubelet.sock",
@@ -325,12 +331,6 @@ SETTINGS = [
         _whole(1, 1 << 20),
         4096,
         "Processes in pods looked at per cycle, at most.",
-    ),
-    Setting(
-        "mps_logs.timezone",
-        _zone,
-        "local",
-        "Time zone the daemons write their log times in ('local': the agent's).",
     ),
 ]
 BY_KEY = {setting.key: setting for setting in SETTINGS}
