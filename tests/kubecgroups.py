@@ -65,8 +65,8 @@ class KubeCgroups:
             pytest.skip(f"no cgroup {', '.join(missing)} mount here (looked in /proc/self/mounts)")
         return made
 
-    def place(self, child: subprocess.Popen[bytes], version: str, path: str) -> str:
-        """Moves the running child into <mount>/<parent>/<path>; returns the path as /proc/<pid>/cgroup shows it."""
+    def place(self, child: subprocess.Popen[bytes], version: str, path: str) -> None:
+        """Moves the running child into <mount>/<parent>/<path>: /proc/<pid>/cgroup shows /<parent>/<path>."""
         directory = self.mounts[version] / self.parent / path
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,6 @@ class KubeCgroups:
         except OSError as err:
             self.close()
             pytest.skip(f"the kernel refused a test cgroup under {self.mounts[version]}: {err}")
-        return f"/{self.parent}/{path}"
 
     def close(self) -> None:
         for child, mount in self._placed:

@@ -108,7 +108,7 @@ def test_a_pod_resources_answer_becomes_one_row_per_container():
 
 def pods_data(processes, environments=None, assignments=()):
     return PodsData(frozen_map(processes), frozen_map(environments or {}),
-                    None if assignments is None else tuple(assignments), PodResourcesState("/sock", True, True))
+                    None if assignments is None else tuple(assignments), PodResourcesState("/sock", True))
 
 
 def rows(pods):
@@ -118,41 +118,43 @@ def rows(pods):
 
 
 def named(identities):
-    return {pid: (i.pod_uid, i.namespace, i.pod, i.container, i.resolved_by) for pid, i in identities.items()}
+    return {pid: (i.pod_uid, i.namespace, i.pod, i.container) for pid, i in identities.items()}
+
+
+SHARED = {"team-a/vllm-a": {"vllm": [f"{GPU_A}::0"], "proxy": []}, "team-c/vllm-c": {"main": [f"{GPU_A}::1"]}}
 
 
 def test_the_environment_names_a_pod_the_kubelet_lists_and_the_gpu_names_its_container():
+    """GPU_A is shared by two pods' replicas: only the environment can name the pod."""
     data = pods_data({10: PodCgroup("uid-a", "c1"), 11: PodCgroup("uid-a", "c2")},
-                     {"c1": ContainerEnv("vllm-a", "team-a"), "c2": ContainerEnv("vllm-a", "team-a")},
-                     rows({"team-a/vllm-a": {"vllm": [f"{GPU_A}::0"], "proxy": []}}))
+                     {"c1": ContainerEnv("vllm-a", "team-a"), "c2": ContainerEnv("vllm-a", "team-a")}, rows(SHARED))
     identities, _ = resolve_pods(data, {10: GPU_A}, PodNames())
-    assert named(identities) == {10: ("uid-a", "team-a", "vllm-a", "vllm", "environ"),
-                                 11: ("uid-a", "team-a", "vllm-a", None, "environ")}  # proxy: no GPU to tell it by
+    assert named(identities) == {10: ("uid-a", "team-a", "vllm-a", "vllm"),
+                                 11: ("uid-a", "team-a", "vllm-a", None)}  # proxy: no GPU to tell it by
 
 
 def test_an_overridden_hostname_falls_back_to_the_one_container_holding_the_gpu():
     data = pods_data({20: PodCgroup("uid-b", "c3")}, {"c3": ContainerEnv("custom-host", None)},
                      rows({"team-b/vllm-b": {"main": [GPU_B]}, "team-a/vllm-a": {"vllm": [GPU_A]}}))
     identities, _ = resolve_pods(data, {20: GPU_B}, PodNames())
-    assert named(identities) == {20: ("uid-b", "team-b", "vllm-b", "main", "device")}
+    assert named(identities) == {20: ("uid-b", "team-b", "vllm-b", "main")}
 
 
 def test_an_unreadable_environment_falls_back_to_the_gpu_too():
     data = pods_data({20: PodCgroup("uid-b", "c3")}, {"c3": None}, rows({"team-b/vllm-b": {"main": [GPU_B]}}))
-    assert named(resolve_pods(data, {20: GPU_B}, PodNames())[0])[20][1:] == ("team-b", "vllm-b", "main", "device")
+    assert named(resolve_pods(data, {20: GPU_B}, PodNames())[0])[20][1:] == ("team-b", "vllm-b", "main")
 
 
 def test_a_gpu_shared_by_replicas_of_several_pods_names_no_pod():
-    data = pods_data({30: PodCgroup("uid-c", "c4")}, {"c4": ContainerEnv("custom-host", None)},
-                     rows({"team-a/vllm-a": {"vllm": [f"{GPU_A}::0"]}, "team-c/vllm-c": {"main": [f"{GPU_A}::1"]}}))
-    assert named(resolve_pods(data, {30: GPU_A}, PodNames())[0]) == {30: ("uid-c", None, None, None, None)}
+    data = pods_data({30: PodCgroup("uid-c", "c4")}, {"c4": ContainerEnv("custom-host", None)}, rows(SHARED))
+    assert named(resolve_pods(data, {30: GPU_A}, PodNames())[0]) == {30: ("uid-c", None, None, None)}
 
 
 def test_a_gpu_held_by_a_pod_of_another_namespace_than_the_process_says_names_no_pod():
     """A pod given no GPU can still reach one (NVIDIA_VISIBLE_DEVICES=all): its namespace gives it away."""
     data = pods_data({40: PodCgroup("uid-d", "c5")}, {"c5": ContainerEnv("tools-1", "ops")},
                      rows({"team-b/vllm-b": {"main": [GPU_B]}}))
-    assert named(resolve_pods(data, {40: GPU_B}, PodNames())[0]) == {40: ("uid-d", None, None, None, None)}
+    assert named(resolve_pods(data, {40: GPU_B}, PodNames())[0]) == {40: ("uid-d", None, None, None)}
 
 
 def test_a_cut_short_mps_device_matches_its_replica_id():
@@ -165,14 +167,14 @@ def test_a_pod_named_once_keeps_its_name_while_the_kubelet_does_not_answer_and_i
     _, known = resolve_pods(data, {20: GPU_B}, PodNames())
     no_answer = pods_data({20: PodCgroup("uid-b", "c3")}, {}, None)
     identities, known = resolve_pods(no_answer, {20: GPU_B}, known)
-    assert named(identities) == {20: ("uid-b", "team-b", "vllm-b", "main", "device")}
+    assert named(identities) == {20: ("uid-b", "team-b", "vllm-b", "main")}
     identities, known = resolve_pods(pods_data({}, {}, None), {}, known)
     assert identities == {} and not known.pods and not known.containers
 
 
 def test_without_the_kubelet_an_environment_alone_names_no_pod():
     data = pods_data({10: PodCgroup("uid-a", "c1")}, {"c1": ContainerEnv("vllm-a", "team-a")}, None)
-    assert named(resolve_pods(data, {}, PodNames())[0]) == {10: ("uid-a", None, None, None, None)}
+    assert named(resolve_pods(data, {}, PodNames())[0]) == {10: ("uid-a", None, None, None)}
 
 
 def test_a_pod_named_by_its_environment_cannot_be_claimed_by_another_uid_through_the_gpu():

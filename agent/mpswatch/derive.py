@@ -129,7 +129,7 @@ def join_engine(
 class PodNames:
     """What resolve_pods found before, for the pods and containers still there."""
 
-    pods: Mapping[str, tuple[str, str, str]] = field(default_factory=frozen_map)  # pod UID -> (namespace, pod, by)
+    pods: Mapping[str, tuple[str, str]] = field(default_factory=frozen_map)  # pod UID -> (namespace, pod)
     containers: Mapping[str, str] = field(default_factory=frozen_map)  # container ID -> container name
 
 
@@ -170,30 +170,30 @@ def resolve_pods(
             pids_of_container.setdefault(cgroup.container_id, []).append(pid)
     pods = {uid: name for uid, name in known.pods.items() if uid in pids_of_uid}
     containers = {cid: name for cid, name in known.containers.items() if cid in pids_of_container}
-    claimed = {(ns, pod) for ns, pod, _ in pods.values()}
+    claimed = set(pods.values())
     for by_environ in (True, False):  # every pod its environment names first: a GPU cannot claim them
         for uid, pids in pids_of_uid.items():
             if uid in pods:
                 continue
             named = _named_by_environ(data, pids, by_pod) if by_environ else \
                 _named_by_device(data, pids, gpu_of_pid, assignments)
-            if named is not None and named[:2] not in claimed:
+            if named is not None and named not in claimed:
                 pods[uid] = named
-                claimed.add(named[:2])
+                claimed.add(named)
     for cid, pids in pids_of_container.items():
         uid = data.processes[pids[0]].pod_uid
         if cid in containers or uid not in pods:
             continue
-        in_pod = by_pod.get(pods[uid][:2], [])
+        in_pod = by_pod.get(pods[uid], [])
         candidates = in_pod if len(in_pod) == 1 else [a for pid in pids for a in holders(gpu_of_pid.get(pid), in_pod)]
         names = {a.container for a in candidates}
         if len(names) == 1:
             containers[cid] = names.pop()
     identities = {}
     for pid, cgroup in data.processes.items():
-        namespace, pod, by = pods.get(cgroup.pod_uid, (None, None, None))
+        namespace, pod = pods.get(cgroup.pod_uid, (None, None))
         container = containers.get(cgroup.container_id) if cgroup.container_id is not None else None
-        identities[pid] = PodIdentity(cgroup.pod_uid, namespace, pod, container, by)
+        identities[pid] = PodIdentity(cgroup.pod_uid, namespace, pod, container)
     return identities, PodNames(frozen_map(pods), frozen_map(containers))
 
 
@@ -204,16 +204,16 @@ def _environments(data: PodsData, pids: list[int]) -> list[ContainerEnv]:
 
 def _named_by_environ(
     data: PodsData, pids: list[int], by_pod: Mapping[tuple[str, str], list[ContainerAssignment]]
-) -> tuple[str, str, str] | None:
+) -> tuple[str, str] | None:
     for env in _environments(data, pids):
         if env.namespace and env.hostname and (env.namespace, env.hostname) in by_pod:
-            return env.namespace, env.hostname, "environ"
+            return env.namespace, env.hostname
     return None
 
 
 def _named_by_device(
     data: PodsData, pids: list[int], gpu_of_pid: Mapping[int, str], assignments: Iterable[ContainerAssignment]
-) -> tuple[str, str, str] | None:
+) -> tuple[str, str] | None:
     """The one pod whose containers hold the GPUs of these processes, in the namespace their
     environment names if it does (a pod given no GPU may still reach one)."""
     namespaces = {env.namespace for env in _environments(data, pids) if env.namespace}
@@ -225,8 +225,8 @@ def _named_by_device(
         pods.update((a.namespace, a.pod) for a in found)
     if len(pods) != 1:
         return None
-    namespace, pod = pods.pop()
-    return None if namespaces and namespace not in namespaces else (namespace, pod, "device")
+    pod = pods.pop()
+    return None if namespaces and pod[0] not in namespaces else pod
 
 
 def engine_pods(engines: Iterable[EngineState], pod_of_pid: Mapping[int, PodIdentity]) -> dict[str, PodIdentity]:

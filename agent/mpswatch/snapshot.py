@@ -242,8 +242,7 @@ class PodResourcesState:
     """The kubelet's PodResources socket: whether it is there and how its List calls went."""
 
     socket: str
-    present: bool  # False: no socket (not on Kubernetes, or not mounted): never called, grpc not loaded
-    up: bool | None = None  # the last List answered; None: not called
+    up: bool | None = None  # the last List answered; None: no socket (off Kubernetes, not mounted), not called
     error: str | None = None  # the last failure, as `<reason>: <detail>`
     failures: Mapping[str, int] = field(default_factory=frozen_map)  # reason -> count since the agent started
 
@@ -268,7 +267,6 @@ class PodIdentity:
     namespace: str | None = None
     pod: str | None = None
     container: str | None = None
-    resolved_by: str | None = None  # environ | device; None: not resolved
 
     @property
     def name(self) -> str | None:

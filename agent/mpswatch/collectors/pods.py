@@ -132,9 +132,8 @@ def list_pod_resources(socket: str, timeout: float) -> tuple[ContainerAssignment
         try:
             response = api_pb2_grpc.PodResourcesListerStub(channel).List(api_pb2.ListPodResourcesRequest(),
                                                                          timeout=timeout)
-        except grpc.RpcError as err:
-            code = err.code()
-            raise PodResourcesError(code.name.lower() if code is not None else "unknown", str(err.details())) from None
+        except grpc.RpcError as err:  # raised by a call: a grpc.Call, with its status code
+            raise PodResourcesError(err.code().name.lower(), str(err.details())) from None
     return assignments_of(response)
 
 
@@ -239,7 +238,7 @@ class PodsCollector:
 
     def _pod_resources(self) -> tuple[tuple[ContainerAssignment, ...] | None, PodResourcesState]:
         if not os.path.exists(self._socket):
-            return None, PodResourcesState(self._socket, present=False, failures=frozen_map(self._failures))
+            return None, PodResourcesState(self._socket, failures=frozen_map(self._failures))
         try:
             assignments = self._list_pods(self._socket, self._timeout)
         except PodResourcesError as err:
@@ -248,11 +247,11 @@ class PodsCollector:
             if self._last_error is None or not self._last_error.startswith(err.reason):
                 self._log.warning("pod_resources_failed", socket=self._socket, reason=err.reason, detail=err.detail)
             self._last_error = error
-            return None, PodResourcesState(self._socket, True, False, error, frozen_map(self._failures))
+            return None, PodResourcesState(self._socket, False, error, frozen_map(self._failures))
         if self._last_error is not None:
             self._log.info("pod_resources_answered", socket=self._socket)
         self._last_error = None
-        return assignments, PodResourcesState(self._socket, True, True, None, frozen_map(self._failures))
+        return assignments, PodResourcesState(self._socket, True, None, frozen_map(self._failures))
 
 
 # ---------------------------------------------------------------- metrics and status
