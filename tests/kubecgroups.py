@@ -70,11 +70,11 @@ class KubeCgroups:
         directory = self.mounts[version] / self.parent / path
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            self._placed.append((child, self.mounts[version]))
             (directory / "cgroup.procs").write_text(str(child.pid))
         except OSError as err:
-            self.close()
+            self.close()  # this child is not placed: it stays where it was, the caller's to end
             pytest.skip(f"the kernel refused a test cgroup under {self.mounts[version]}: {err}")
+        self._placed.append((child, self.mounts[version]))
 
     def close(self) -> None:
         for child, mount in self._placed:

@@ -71,7 +71,8 @@ def test_a_running_agent_exports_exactly_the_declared_set(fake_daemon, tmp_path)
         needs_a_pod = set()
     except pytest.skip.Exception:
         cgroups = None
-    kubelet = FakePodResources(tmp_path / "kubelet.sock", {"team-a/qwen-a": {"vllm": ["GPU-b0364874-2b6d-037a-0496-f04da35f2f2d"]}})
+    h200 = "GPU-b0364874-2b6d-037a-0496-f04da35f2f2d"  # tests.fakenvml:h200's
+    kubelet = FakePodResources(tmp_path / "kubelet.sock", {"team-a/qwen-a": {"vllm": [h200]}})
     kubelet.fail = grpc.StatusCode.UNAVAILABLE
     args = ["--mps-control-bin", FAKE_CONTROL, "--interval", "0.5", "--command-timeout", "1", "--log-dir", str(log_dir)]
     for daemon in (full, garbage, fault, killed):

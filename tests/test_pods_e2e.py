@@ -175,7 +175,8 @@ def test_a_failing_kubelet_is_counted_by_reason_and_pods_named_before_keep_their
     store = SnapshotStore()
     store.publish(CollectorReport(ok_status("gpu"), gpu))
     with FakePodResources(tmp_path / "kubelet.sock", NODE) as kubelet:
-        collector = PodsCollector(pod_resources_socket=str(tmp_path / "kubelet.sock"), procfs=ProcFS(visible={b.pid}.__contains__))
+        collector = PodsCollector(pod_resources_socket=str(tmp_path / "kubelet.sock"),
+                                  procfs=ProcFS(visible={b.pid}.__contains__))
         store.publish(CollectorReport(ok_status("pods"), collector.collect()))
         kubelet.fail = grpc.StatusCode.PERMISSION_DENIED
         for _ in range(2):

@@ -47,11 +47,13 @@ IN_CONTAINER = {
         f"9:name=systemd:/kubepods/burstable/pod{UID}/{CID}\n8:pids:/kubepods/burstable/pod{UID}/{CID}\n" + V1_OTHERS,
     "v1 cgroupfs guaranteed (no qos dir)": f"8:pids:/kubepods/pod{UID}/{CID}\n" + V1_OTHERS,
     "v2 cgroupfs besteffort": f"0::/kubepods/besteffort/pod{UID}/{CID}\n",
-    "v2 cgroupfs in a hybrid v1 node: the pod in one v1 line only": V1_OTHERS + f"8:pids:/kubepods/besteffort/pod{UID}/{CID}\n0::/\n",
+    "hybrid v1/v2 node: the pod in one v1 line, v2 at the root":
+        V1_OTHERS + f"8:pids:/kubepods/besteffort/pod{UID}/{CID}\n0::/\n",
     "nested kubelet (kind): kubelet-kubepods slices":
         f"0::/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/"
         f"kubelet-kubepods-besteffort-pod{UID_}.slice/cri-containerd-{CID}.scope\n",
-    "containerd's own slice:prefix:id form": f"0::/system.slice/containerd.service/kubepods-burstable-pod{UID_}.slice:cri-containerd:{CID}\n",
+    "containerd's own slice:prefix:id form":
+        f"0::/system.slice/containerd.service/kubepods-burstable-pod{UID_}.slice:cri-containerd:{CID}\n",
     "below a test- or node-owned parent": f"0::/mpswatch-test-1/kubepods/burstable/pod{UID}/{CID}\n",
 }
 POD_LEVEL = {
