@@ -79,6 +79,10 @@ def _who(event: dict[str, Any]) -> str:
     return ", ".join(parts) or event["message"][:80]
 
 
+def _in_pod(entry: dict[str, Any]) -> str:
+    return f" (pod {entry['pod']})" if entry["pod"] else ""
+
+
 def render_text(report: dict[str, Any]) -> str:
     lines = [f"{report['verdict']:<9} mpswatch {report['version']}: {report['summary']}"]
     for c in report["collectors"]:
@@ -91,7 +95,7 @@ def render_text(report: dict[str, Any]) -> str:
             uid = f" uid {s['uid']}" if s["uid"] is not None else ""
             lines.append(f"{s['verdict']:<9}   server {s['pid']}{uid}: {s['reason']}")
             for c in s["clients"]:
-                lines.append(f"{c['verdict']:<9}     client {c['pid']} {c['command']}: {c['reason']}")
+                lines.append(f"{c['verdict']:<9}     client {c['pid']}{_in_pod(c)} {c['command']}: {c['reason']}")
     for g in report["gpus"]:
         lines.append(f"{g['verdict']:<9} gpu {g['index']} {g['name'] or ''} ({g['uuid']}): {g['reason']}")
         for x in g["recent_xids"]:
@@ -101,7 +105,7 @@ def render_text(report: dict[str, Any]) -> str:
         lines.append(f"{group['verdict']:<9} engines on {group['gpu_uuid'] or 'an unknown GPU'}: {group['reason']}")
         for name in group["engines"]:
             e = by_name[name]
-            lines.append(f"{e['verdict']:<9}   engine {name}: {e['reason']}")
+            lines.append(f"{e['verdict']:<9}   engine {name}{_in_pod(e)}: {e['reason']}")
     for e in report["recent_events"]:
         lines.append(f"{'EVENT':<9} {age(e['age_seconds']) + ' ago':>9} {e['event']}: {_who(e)} ({e['log_dir']})")
     for note in report["notes"]:

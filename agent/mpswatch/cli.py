@@ -22,6 +22,7 @@ from mpswatch.collectors.engines import EnginesCollector
 from mpswatch.collectors.gpu import GpuCollector, nvml_loader
 from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector
 from mpswatch.collectors.mps_logs import MpsLogsCollector
+from mpswatch.collectors.pods import PodsCollector
 from mpswatch.config import DEFAULT_CONFIG_PATH, ENV_PREFIX, SETTINGS, Config, ConfigError, load_config
 from mpswatch.exporter import CachedExposition, serve
 from mpswatch.exposition import render
@@ -122,6 +123,13 @@ def build_collectors(config: Config, injected: Injected = Injected()) -> list[Co
             interval_seconds=engine_scrape.interval_seconds,
             timeout_seconds=engine_scrape.timeout_seconds,
             max_body_bytes=engine_scrape.max_body_bytes,
+            procfs=procfs,
+        ),
+        PodsCollector(
+            pod_resources_socket=config.pods.pod_resources_socket,
+            interval_seconds=config.pods.interval_seconds,
+            timeout_seconds=config.pods.timeout_seconds,
+            max_processes=config.pods.max_processes,
             procfs=procfs,
         ),
     ]

@@ -318,6 +318,20 @@ SETTINGS = [
         "local",
         "Time zone the daemons write their log times in ('local': the agent's).",
     ),
+    Setting(
+        "pods.pod_resources_socket",
+        _absolute_path,
+        "/var/lib/kubelet/pod-resources/kubelet.sock",
+        "The kubelet's PodResources API socket; when it is not there, pods are not named.",
+    ),
+    Setting("pods.interval_seconds", _seconds(0.5, 3600), 5.0, "Seconds between two looks at the pods of the node's processes."),
+    Setting("pods.timeout_seconds", _seconds(0.05, 60), 2.0, "Deadline of one PodResources List call, in seconds."),
+    Setting(
+        "pods.max_processes",
+        _whole(1, 1 << 20),
+        4096,
+        "Processes in pods looked at per cycle, at most.",
+    ),
 ]
 BY_KEY = {setting.key: setting for setting in SETTINGS}
 
@@ -356,12 +370,21 @@ class EngineScrapeSettings:
     max_body_bytes: int
 
 
+@dataclass(frozen=True)
+class PodsSettings:
+    pod_resources_socket: str
+    interval_seconds: float
+    timeout_seconds: float
+    max_processes: int
+
+
 # TOML table -> its settings' type; a setting `table.name` is `config.table.name`
 SECTIONS = {
     "mps_control": MpsControlSettings,
     "mps_logs": MpsLogsSettings,
     "gpu": GpuSettings,
     "engine_scrape": EngineScrapeSettings,
+    "pods": PodsSettings,
 }
 
 
@@ -379,6 +402,7 @@ class Config:
     mps_logs: MpsLogsSettings
     gpu: GpuSettings
     engine_scrape: EngineScrapeSettings
+    pods: PodsSettings
     file: str | None  # the TOML file read, if any
     sources: Mapping[str, str]  # key -> where its value came from, as errors name it
 

@@ -1,32 +1,46 @@
 """The one place where collectors' data meet: which engine a GPU process or MPS client belongs to,
 an engine's GPU and MPS attachment, whether a daemon serves its pipe dir, the load balance between
-the engines of a GPU, the advisor's verdicts, and the log line that explains a server's FAULT.
+the engines of a GPU, the advisor's verdicts, the log line that explains a server's FAULT, and the
+Kubernetes pod of every MPS client, GPU process and engine.
 
 Runs after every collector publish (mpswatch.scheduler), without I/O, on the latest data of each.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 from mpswatch.advisor import VERDICTS, Advice, advise_node
 from mpswatch.metrics import Families
-from mpswatch.snapshot import DerivedFacts, EngineState, GpuData, MpsControlData, NodeSnapshot, frozen_map
+from mpswatch.snapshot import (
+    ContainerAssignment,
+    ContainerEnv,
+    DerivedFacts,
+    EngineState,
+    GpuData,
+    MpsControlData,
+    NodeSnapshot,
+    PodIdentity,
+    PodsData,
+    frozen_map,
+)
 
 
 class Deriver:
-    """Stateful only in what it remembers of each engine's GPU: an engine that goes down keeps its
-    GPU label, so its series do not churn while it restarts."""
+    """Stateful only in what it remembers: each engine's GPU (an engine that goes down keeps its GPU
+    label, so its series do not churn while it restarts) and the names of pods and containers once
+    resolved (a pod UID's name and a container ID's name never change)."""
 
     def __init__(self) -> None:
         self._engine_gpu: dict[str, str] = {}
+        self._pod_names = PodNames()
 
     def __call__(self, snapshot: NodeSnapshot) -> DerivedFacts:
         engines: tuple[EngineState, ...] = ()
+        gpu_kinds = gpu_processes(snapshot.gpu)
+        mps_clients = mps_client_devices(snapshot.mps_control)
         if snapshot.engines is not None:
-            gpu_kinds = gpu_processes(snapshot.gpu)
-            mps_clients = mps_client_devices(snapshot.mps_control)
             served = served_pipe_dirs(snapshot.mps_control)
             joined = []
             for engine in snapshot.engines.engines:
@@ -39,6 +53,12 @@ class Deriver:
         advice: tuple[Advice, ...] = ()
         if snapshot.engines is not None and snapshot.gpu is not None:
             advice = tuple(advise_node(snapshot.gpu.gpus, engines, imbalance))
+        pod_of_pid: dict[int, PodIdentity] = {}
+        if snapshot.pods is not None:
+            # MPS servers are on the GPU for their clients: their pod (the device plugin's) holds none
+            gpu_of_pid = {**mps_clients, **{pid: uuid for pid, (uuid, kind) in gpu_kinds.items()
+                                            if uuid and kind != "mps_server"}}
+            pod_of_pid, self._pod_names = resolve_pods(snapshot.pods, gpu_of_pid, self._pod_names)
         return DerivedFacts(
             engines=engines,
             engine_of_pid=frozen_map({pid: e.name for e in engines for pid in e.pids}),
@@ -48,6 +68,8 @@ class Deriver:
                 {p.pid: p.memory_bytes for g in snapshot.gpu.gpus for p in g.processes or ()} if snapshot.gpu else {}
             ),
             fault_causes=snapshot.mps_logs.fatal_errors if snapshot.mps_logs else frozen_map(),
+            pods=frozen_map({pid: pod_of_pid[pid] for pid in sorted({*gpu_kinds, *mps_clients}) if pid in pod_of_pid}),
+            engine_pods=frozen_map(engine_pods(engines, pod_of_pid)),
         )
 
 
@@ -101,6 +123,120 @@ def join_engine(
         mps_attached=attached,
         pipe_dir_served=None if pipe_dir is None or served is None else pipe_dir in served,
     )
+
+
+@dataclass(frozen=True)
+class PodNames:
+    """What resolve_pods found before, for the pods and containers still there."""
+
+    pods: Mapping[str, tuple[str, str]] = field(default_factory=frozen_map)  # pod UID -> (namespace, pod)
+    containers: Mapping[str, str] = field(default_factory=frozen_map)  # container ID -> container name
+
+
+def assigned_gpu(device_id: str, gpu: str) -> bool:
+    """Whether a device plugin ID names the GPU: a UUID, or a replica `<UUID>::<n>` of a shared GPU;
+    `gpu` may be cut short, as MPS's `ps` prints it when the driver's /proc files are unreadable."""
+    return device_id.split("::", 1)[0].startswith(gpu)
+
+
+def holders(gpu: str | None, assignments: Iterable[ContainerAssignment]) -> list[ContainerAssignment]:
+    """The containers the kubelet gave this GPU (or a replica of it)."""
+    if not gpu:
+        return []
+    return [a for a in assignments if any(assigned_gpu(device_id, gpu) for device_id in a.device_ids)]
+
+
+def resolve_pods(
+    data: PodsData, gpu_of_pid: Mapping[int, str], known: PodNames
+) -> tuple[dict[int, PodIdentity], PodNames]:
+    """Every process in a pod's cgroup with its pod UID and, where it can be told, the pod's namespace
+    and name and the container's name; and what to remember for the next call. docs/kubernetes.md
+    gives the order:
+      1. the container's environment: HOSTNAME and the service-account namespace name a pod that
+         the kubelet's PodResources lists;
+      2. the process's GPU: the one container on the node the kubelet gave that GPU (or a replica).
+    A container's name is the pod's only container, else the one of the pod's containers that holds
+    the GPU of the container's processes. Pod names are claimed once per cycle: a second UID that
+    resolves to a pod already named keeps no name."""
+    assignments = data.assignments or ()
+    by_pod: dict[tuple[str, str], list[ContainerAssignment]] = {}
+    for a in assignments:
+        by_pod.setdefault((a.namespace, a.pod), []).append(a)
+    pids_of_uid: dict[str, list[int]] = {}
+    pids_of_container: dict[str, list[int]] = {}
+    for pid, cgroup in sorted(data.processes.items()):
+        pids_of_uid.setdefault(cgroup.pod_uid, []).append(pid)
+        if cgroup.container_id is not None:
+            pids_of_container.setdefault(cgroup.container_id, []).append(pid)
+    pods = {uid: name for uid, name in known.pods.items() if uid in pids_of_uid}
+    containers = {cid: name for cid, name in known.containers.items() if cid in pids_of_container}
+    claimed = set(pods.values())
+    for by_environ in (True, False):  # every pod its environment names first: a GPU cannot claim them
+        for uid, pids in pids_of_uid.items():
+            if uid in pods:
+                continue
+            named = _named_by_environ(data, pids, by_pod) if by_environ else \
+                _named_by_device(data, pids, gpu_of_pid, assignments)
+            if named is not None and named not in claimed:
+                pods[uid] = named
+                claimed.add(named)
+    for cid, pids in pids_of_container.items():
+        uid = data.processes[pids[0]].pod_uid
+        if cid in containers or uid not in pods:
+            continue
+        in_pod = by_pod.get(pods[uid], [])
+        candidates = in_pod if len(in_pod) == 1 else [a for pid in pids for a in holders(gpu_of_pid.get(pid), in_pod)]
+        names = {a.container for a in candidates}
+        if len(names) == 1:
+            containers[cid] = names.pop()
+    identities = {}
+    for pid, cgroup in data.processes.items():
+        namespace, pod = pods.get(cgroup.pod_uid, (None, None))
+        container = containers.get(cgroup.container_id) if cgroup.container_id is not None else None
+        identities[pid] = PodIdentity(cgroup.pod_uid, namespace, pod, container)
+    return identities, PodNames(frozen_map(pods), frozen_map(containers))
+
+
+def _environments(data: PodsData, pids: list[int]) -> list[ContainerEnv]:
+    envs = (data.environments.get(data.processes[pid].container_id or "") for pid in pids)
+    return [env for env in envs if env is not None]
+
+
+def _named_by_environ(
+    data: PodsData, pids: list[int], by_pod: Mapping[tuple[str, str], list[ContainerAssignment]]
+) -> tuple[str, str] | None:
+    for env in _environments(data, pids):
+        if env.namespace and env.hostname and (env.namespace, env.hostname) in by_pod:
+            return env.namespace, env.hostname
+    return None
+
+
+def _named_by_device(
+    data: PodsData, pids: list[int], gpu_of_pid: Mapping[int, str], assignments: Iterable[ContainerAssignment]
+) -> tuple[str, str] | None:
+    """The one pod whose containers hold the GPUs of these processes, in the namespace their
+    environment names if it does (a pod given no GPU may still reach one)."""
+    namespaces = {env.namespace for env in _environments(data, pids) if env.namespace}
+    pods: set[tuple[str, str]] = set()
+    for pid in pids:
+        found = holders(gpu_of_pid.get(pid), assignments)
+        if len(found) > 1:
+            return None  # a shared GPU: several containers hold it
+        pods.update((a.namespace, a.pod) for a in found)
+    if len(pods) != 1:
+        return None
+    pod = pods.pop()
+    return None if namespaces and pod[0] not in namespaces else pod
+
+
+def engine_pods(engines: Iterable[EngineState], pod_of_pid: Mapping[int, PodIdentity]) -> dict[str, PodIdentity]:
+    """Each engine's pod: its API server's (the first of its processes in a pod)."""
+    found = {}
+    for engine in engines:
+        pid = next((pid for pid in engine.pids if pid in pod_of_pid), None)
+        if pid is not None:
+            found[engine.name] = pod_of_pid[pid]
+    return found
 
 
 def load_balance(throughput: Mapping[str, float]) -> tuple[dict[str, float], float | None]:

@@ -238,6 +238,29 @@ _SPECS += [
     MetricSpec("mps_host_cpu_pressure_ratio", "gauge", ("window",), "PSI cpu 'some' average over avg10 / avg60."),
 ]
 
+_POD = ("pod_uid", "namespace", "pod", "container")
+_SPECS += [
+    MetricSpec(
+        "mps_pod_info",
+        "gauge",
+        ("pid", *_POD),
+        "Always 1 per MPS client or GPU process in a Kubernetes pod; namespace, pod, container empty when unknown.",
+    ),
+    MetricSpec(
+        "mps_engine_pod_info",
+        "gauge",
+        ("engine", *_POD),
+        "Always 1 per engine whose API server runs in a Kubernetes pod; namespace, pod, container empty when unknown.",
+    ),
+    MetricSpec("mps_pod_resources_up", "gauge", (), "1 if the kubelet's PodResources List answered; absent without its socket."),
+    MetricSpec(
+        "mps_pod_resources_failures_total",
+        "counter",
+        ("reason",),
+        "Failed PodResources List calls by gRPC status (unavailable, deadline_exceeded, permission_denied, ...).",
+    ),
+]
+
 CATALOG: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}
 
 

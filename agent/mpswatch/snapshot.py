@@ -210,6 +210,71 @@ class EnginesData:
 
 
 @dataclass(frozen=True)
+class PodCgroup:
+    """What a process's cgroup path says of its pod: the pod's UID and, inside one of its containers,
+    the container's ID (None: the pod's own cgroup, outside any container)."""
+
+    pod_uid: str
+    container_id: str | None
+
+
+@dataclass(frozen=True)
+class ContainerEnv:
+    """What one of a container's processes says of its pod: HOSTNAME in its environment (the pod's
+    name unless the pod sets a hostname) and its service-account namespace file. None: not there."""
+
+    hostname: str | None
+    namespace: str | None
+
+
+@dataclass(frozen=True)
+class ContainerAssignment:
+    """One container as the kubelet's PodResources List gives it: no pod UID, no container ID."""
+
+    namespace: str
+    pod: str
+    container: str
+    device_ids: tuple[str, ...]  # device plugin IDs: GPU UUIDs, or replica IDs `GPU-<uuid>::<n>`
+
+
+@dataclass(frozen=True)
+class PodResourcesState:
+    """The kubelet's PodResources socket: whether it is there and how its List calls went."""
+
+    socket: str
+    up: bool | None = None  # the last List answered; None: no socket (off Kubernetes, not mounted), not called
+    error: str | None = None  # the last failure, as `<reason>: <detail>`
+    failures: Mapping[str, int] = field(default_factory=frozen_map)  # reason -> count since the agent started
+
+
+@dataclass(frozen=True)
+class PodsData:
+    """Pod identities of the node's processes, unjoined: the cgroup of each process in a pod, what
+    each container's environment says, and the kubelet's assignments (joined in mpswatch.derive)."""
+
+    processes: Mapping[int, PodCgroup]  # pid -> its pod, for processes in a pod's cgroup (bounded)
+    environments: Mapping[str, ContainerEnv | None]  # container ID -> its environment; None: unreadable
+    assignments: tuple[ContainerAssignment, ...] | None  # None: PodResources gave no answer
+    pod_resources: PodResourcesState
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PodIdentity:
+    """A process's pod as the derive step resolved it; only the UID when its name is unknown."""
+
+    pod_uid: str
+    namespace: str | None = None
+    pod: str | None = None
+    container: str | None = None
+
+    @property
+    def name(self) -> str | None:
+        """`namespace/pod`, as `status` shows it; None when unknown."""
+        return f"{self.namespace}/{self.pod}" if self.namespace and self.pod else None
+
+
+@dataclass(frozen=True)
 class CollectorStatus:
     name: str
     success: bool
@@ -236,6 +301,7 @@ class NodeSnapshot:
     mps_logs: MpsLogsData | None = None
     gpu: GpuData | None = None
     engines: EnginesData | None = None
+    pods: PodsData | None = None
     derived: DerivedFacts = field(default_factory=lambda: DerivedFacts())
 
 
@@ -249,3 +315,6 @@ class DerivedFacts:
     advice: tuple[Advice, ...] = ()
     gpu_memory_by_pid: Mapping[int, int | None] = field(default_factory=frozen_map)
     fault_causes: Mapping[int, tuple[str, LogEvent]] = field(default_factory=frozen_map)  # server pid -> event
+    # pid -> its pod, for MPS clients, GPU processes and engines' processes in a pod's cgroup
+    pods: Mapping[int, PodIdentity] = field(default_factory=frozen_map)
+    engine_pods: Mapping[str, PodIdentity] = field(default_factory=frozen_map)  # engine name -> its API server's pod

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
-from mpswatch.snapshot import LogEvent
+from mpswatch.snapshot import LogEvent, PodIdentity
 
 OK, DEGRADED, DOWN = "OK", "DEGRADED", "DOWN"
 _RANK = {OK: 0, DEGRADED: 1, DOWN: 2}
@@ -61,3 +61,10 @@ def event_entry(log_dir: str, event: LogEvent, now: float) -> dict[str, Any]:
         "detail": event.detail,
         "message": event.message,
     }
+
+
+
+def pod_name(identity: PodIdentity | None) -> str | None:
+    """`namespace/pod`, as status entries show it beside a PID or an engine; None when the process
+    runs in no pod or its pod's name is unknown."""
+    return identity.name if identity is not None else None

@@ -28,7 +28,7 @@ from mpswatch.metrics import Families
 from mpswatch.netns import find_endpoint
 from mpswatch.procfs import ProcessRow, ProcFS, descendants, parse_pressure, process_table, schedstat_wait_ns, stat_cpu_ticks
 from mpswatch.snapshot import DerivedFacts, EnginesData, EngineState, frozen_map
-from mpswatch.verdicts import DEGRADED, DOWN, OK, StatusSection, count, percent
+from mpswatch.verdicts import DEGRADED, DOWN, OK, StatusSection, count, percent, pod_name
 
 CPU_BOUND_THREAD_RATIO = 0.9
 MAX_THREADS_PER_ENGINE = 1024
@@ -370,7 +370,7 @@ def render(data: EnginesData, facts: DerivedFacts, out: Families) -> None:
 
 
 def status(data: EnginesData, facts: DerivedFacts, now: float) -> StatusSection:
-    engines = [_engine_entry(e) for e in facts.engines]
+    engines = [{**_engine_entry(e), "pod": pod_name(facts.engine_pods.get(e.name))} for e in facts.engines]
     engine_gpus = _engine_gpus(facts.imbalance, engines)
     return StatusSection({"engines": engines, "engine_gpus": engine_gpus},
                          tuple(e["verdict"] for e in engines) + tuple(g["verdict"] for g in engine_gpus))

@@ -34,7 +34,7 @@ from mpswatch.snapshot import (
     MpsServer,
     frozen_map,
 )
-from mpswatch.verdicts import DEGRADED, DOWN, OK, StatusSection, age, event_entry
+from mpswatch.verdicts import DEGRADED, DOWN, OK, StatusSection, age, event_entry, pod_name
 
 CONTROL_PROGRAM = "nvidia-cuda-mps-control"
 SERVER_PROGRAM = "nvidia-cuda-mps-server"
@@ -743,6 +743,7 @@ def _server_entry(daemon: MpsDaemon, server: MpsServer, listed: bool, facts: Der
                 "client_id": client.client_id,
                 "device": client.device,
                 "command": client.command,
+                "pod": pod_name(facts.pods.get(client.pid)),
                 "verdict": c_verdict,
                 "reason": c_reason,
                 "gpu_memory_bytes": facts.gpu_memory_by_pid.get(client.pid),
