@@ -155,3 +155,13 @@ def test_known_rates_need_no_note():
     a = EngineState("a:8001", "http://127.0.0.1:8001/metrics", "discovered", True, gpu_uuid="GPU-a", pids=(10,),
                     tokens_per_second=10.0, busiest_thread_cpu_ratio=0.2)
     assert health_report(engines_snapshot(a), "test", now=100.0)["notes"] == []
+
+
+def test_a_healthy_engine_of_a_gpu_with_a_problem_names_its_gpu():
+    a = EngineState("a:8001", "http://127.0.0.1:8001/metrics", "discovered", True, gpu_uuid="GPU-a",
+                    tokens_per_second=10.0, gpu_memory_utilization=0.6)
+    b = EngineState("b:8002", "http://127.0.0.1:8002/metrics", "discovered", True, gpu_uuid="GPU-a",
+                    tokens_per_second=10.0, gpu_memory_utilization=0.6)
+    lines = render_text(health_report(engines_snapshot(a, b), "test", now=100.0)).splitlines()
+    assert lines[1] == "DEGRADED  engines on GPU-a: the engines' gpu_memory_utilization add up to 1.20 > 1"
+    assert [l[:35] for l in lines if " engine " in l] == ["OK        engine a:8001 on GPU-a: s", "OK        engine b:8002 on GPU-a: s"]

@@ -63,7 +63,7 @@ def test_a_daemon_the_agent_cannot_query_leaves_served_unknown_with_no_series(st
     report = health_report(snapshot, "test", now=1.0)
     [entry] = report["engines"]
     assert entry["verdict"] == "OK" and entry["pipe_dir_served"] is None
-    assert f"pipe dir {PIPE} unknown: its control daemon cannot be queried" in render_text(report)
+    assert f"pipe dir {PIPE} served? unknown: its control daemon cannot be queried" in render_text(report)
     assert "served by no" not in render_text(report) and "not served" not in render_text(report)
 
 

@@ -128,9 +128,9 @@ def render_text(report: dict[str, Any]) -> str:
             lines.append(f"{OK:<9} engines on {where}: {group['reason']}")
         for name in group["engines"]:
             e = by_name[name]
-            if e["verdict"] == OK:
-                on = "" if group["verdict"] == OK else f" on {where}"
-                lines.append(f"{OK:<9}   engine {name}{on}: {e['reason']}")
+            if e["verdict"] == OK:  # under its group's line, or on its own when the group is a problem
+                line = f"  engine {name}" if group["verdict"] == OK else f"engine {name} on {where}"
+                lines.append(f"{OK:<9} {line}: {e['reason']}")
     for g in report["gpus"]:
         for x in g["recent_xids"]:
             lines.append(f"{'XID':<9} {age(x['age_seconds']) + ' ago':>9} gpu {g['index']}: XID {x['xid']}, {x['meaning']}")

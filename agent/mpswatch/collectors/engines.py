@@ -355,7 +355,7 @@ def _engine_entry(e: EngineState) -> dict[str, Any]:
         figures = (f"share {percent(e.load_share_ratio)}, {tps} tok/s, running {count(e.requests_running)}, "
                    f"waiting {count(e.requests_waiting)}, {attached}, busiest thread {percent(e.busiest_thread_cpu_ratio)}")
         if e.pipe_dir_served is None and e.pipe_dir_served_detail is not None:
-            figures += f"; pipe dir {e.mps_pipe_dir} {e.pipe_dir_served_detail}"
+            figures += f"; pipe dir {e.mps_pipe_dir} served? {e.pipe_dir_served_detail}"
         verdict = DEGRADED if problems else OK
         reason = "; ".join([*problems, figures])
     return {
