@@ -101,6 +101,7 @@ def build_collectors(config: Config, injected: Injected = Injected()) -> list[Co
             client_limit=mps_control.client_limit,
             procfs=procfs,
             settings_refresh_seconds=mps_control.settings_interval_seconds,
+            expected=mps_control.expected,
         ),
         MpsLogsCollector(
             log_dirs=mps_logs.log_dirs,

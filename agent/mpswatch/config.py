@@ -67,6 +67,13 @@ def _choice(*options: str) -> Callable[[Any], str]:
     return parse
 
 
+def _expectation(value: Any) -> str:
+    """true, false (TOML booleans too) or auto."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return _choice("true", "false", "auto")(value)
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"must be a non-empty string, got {value!r}")
@@ -240,6 +247,14 @@ SETTINGS = [
         "Pipe dirs discovery looks at.",
     ),
     Setting(
+        "mps_control.expected",
+        _expectation,
+        "auto",
+        "Whether this node's GPUs are meant to be shared through MPS: true, false, or auto (when an engine's "
+        "environment sets CUDA_MPS_PIPE_DIRECTORY).",
+        Flag("--mps-expected", "WHEN"),
+    ),
+    Setting(
         "mps_control.control_bin",
         _text,
         "nvidia-cuda-mps-control",
@@ -340,6 +355,7 @@ BY_KEY = {setting.key: setting for setting in SETTINGS}
 class MpsControlSettings:
     pipe_dirs: tuple[str, ...]
     default_pipe_dirs: tuple[str, ...]
+    expected: str
     control_bin: str
     interval_seconds: float
     timeout_seconds: float

@@ -1,7 +1,7 @@
 """The one place where collectors' data meet: which engine a GPU process or MPS client belongs to,
-an engine's GPU and MPS attachment, whether a daemon serves its pipe dir, the load balance between
-the engines of a GPU, the advisor's verdicts, the log line that explains a server's FAULT, and the
-Kubernetes pod of every MPS client, GPU process and engine.
+an engine's GPU and MPS attachment, whether a daemon serves its pipe dir, whether MPS is expected on
+the node, the load balance between the engines of a GPU, the advisor's verdicts, the log line that
+explains a server's FAULT, and the Kubernetes pod of every MPS client, GPU process and engine.
 
 Runs after every collector publish (mpswatch.scheduler), without I/O, on the latest data of each.
 """
@@ -16,15 +16,22 @@ from mpswatch.metrics import Families
 from mpswatch.snapshot import (
     ContainerAssignment,
     ContainerEnv,
+    DaemonState,
     DerivedFacts,
+    EnginesData,
     EngineState,
     GpuData,
     MpsControlData,
+    MpsExpectation,
     NodeSnapshot,
     PodIdentity,
     PodsData,
     frozen_map,
 )
+
+# A watched daemon in one of these states serves nothing: its pipe dir is not served. In the others
+# that are not up (hung, control program missing, garbage), the agent cannot tell.
+NOT_RUNNING = frozenset({DaemonState.NOT_RUNNING, DaemonState.STALE_PID_FILE, DaemonState.NO_PIPE_DIR})
 
 
 class Deriver:
@@ -41,11 +48,10 @@ class Deriver:
         gpu_kinds = gpu_processes(snapshot.gpu)
         mps_clients = mps_client_devices(snapshot.mps_control)
         if snapshot.engines is not None:
-            served = served_pipe_dirs(snapshot.mps_control)
             joined = []
             for engine in snapshot.engines.engines:
                 remembered = engine.gpu_uuid or self._engine_gpu.get(engine.name)
-                state = join_engine(replace(engine, gpu_uuid=remembered), gpu_kinds, mps_clients, served)
+                state = join_engine(replace(engine, gpu_uuid=remembered), gpu_kinds, mps_clients, snapshot.mps_control)
                 joined.append(state)
             self._engine_gpu = {e.name: e.gpu_uuid for e in joined if e.gpu_uuid is not None}
             engines = tuple(joined)
@@ -70,6 +76,7 @@ class Deriver:
             fault_causes=snapshot.mps_logs.fatal_errors if snapshot.mps_logs else frozen_map(),
             pods=frozen_map({pid: pod_of_pid[pid] for pid in sorted({*gpu_kinds, *mps_clients}) if pid in pod_of_pid}),
             engine_pods=frozen_map(engine_pods(engines, pod_of_pid)),
+            mps_expected=mps_expectation(snapshot.mps_control, snapshot.engines),
         )
 
 
@@ -87,18 +94,30 @@ def mps_client_devices(control: MpsControlData | None) -> dict[int, str]:
     return {c.pid: c.device for d in control.daemons for c in d.clients or ()}
 
 
-def served_pipe_dirs(control: MpsControlData | None) -> set[str] | None:
-    """Pipe dirs of the daemons that answer; None when the control collector has no data."""
+def pipe_dir_served(pipe_dir: str, control: MpsControlData | None) -> tuple[bool | None, str]:
+    """Whether a control daemon serves `pipe_dir`, and a line saying how that is known: True when its
+    watched daemon answers, False when that daemon is not running (not_running, stale_pid_file,
+    no_pipe_dir), None when the agent cannot tell: the dir is not watched, its daemon is hung, the
+    control program cannot run, it answers garbage, or the control collector has no data. What the
+    agent cannot see is never "not served"."""
     if control is None:
-        return None
-    return {d.pipe_dir for d in control.daemons if d.up}
+        return None, "unknown: the MPS control collector has no data"
+    daemon = next((d for d in control.daemons if d.pipe_dir == pipe_dir), None)
+    if daemon is None:
+        narrowed = "only the configured pipe dirs are watched" if control.configured_only else "no daemon was found for it"
+        return None, f"unknown: mpswatch does not watch this pipe dir ({narrowed})"
+    if daemon.up:
+        return True, "served: its control daemon answers"
+    if daemon.state in NOT_RUNNING:
+        return False, f"not served: {daemon.reason}"
+    return None, f"unknown: its control daemon cannot be queried ({daemon.state.value}: {daemon.reason})"
 
 
 def join_engine(
     engine: EngineState,
     gpu_kinds: Mapping[int, tuple[str | None, str]],
     mps_clients: Mapping[int, str],
-    served: set[str] | None,
+    control: MpsControlData | None,
 ) -> EngineState:
     """The engine's GPU (its own first, then its first process on a GPU: tensor parallel engines
     are placed on their first), whether it runs under MPS, and whether its pipe dir is served."""
@@ -115,13 +134,14 @@ def join_engine(
     gpu_uuid = engine.gpu_uuid or next((gpu_kinds[pid][0] for pid in on_gpu), None)
     if gpu_uuid is None:
         gpu_uuid = next((mps_clients[pid] for pid in engine.pids if pid in mps_clients), None)
-    pipe_dir = engine.mps_pipe_dir
+    served, detail = (None, None) if engine.mps_pipe_dir is None else pipe_dir_served(engine.mps_pipe_dir, control)
     return replace(
         engine,
         gpu_uuid=gpu_uuid,
         gpu_pids=tuple(on_gpu),
         mps_attached=attached,
-        pipe_dir_served=None if pipe_dir is None or served is None else pipe_dir in served,
+        pipe_dir_served=served,
+        pipe_dir_served_detail=detail,
     )
 
 
@@ -237,6 +257,26 @@ def engine_pods(engines: Iterable[EngineState], pod_of_pid: Mapping[int, PodIden
         if pid is not None:
             found[engine.name] = pod_of_pid[pid]
     return found
+
+
+def mps_expectation(control: MpsControlData | None, engines: EnginesData | None) -> MpsExpectation | None:
+    """Whether MPS is expected on the node: as configured, or in auto mode when an engine's environment
+    sets CUDA_MPS_PIPE_DIRECTORY. Unknown (None) without control data, and in auto mode without engine
+    data or while an engine's environment is hidden and none shown sets it."""
+    if control is None:
+        return None
+    if control.expected != "auto":
+        return MpsExpectation(control.expected == "true", "configured", f"mps_control.expected = {control.expected}")
+    if engines is None:
+        return None
+    local = [e for e in engines.engines if e.pids]
+    asking = [e for e in local if e.mps_pipe_dir_set]
+    if asking:
+        e = asking[0]
+        return MpsExpectation(True, "engine_pipe_dir", f"engine {e.name} sets CUDA_MPS_PIPE_DIRECTORY={e.mps_pipe_dir}")
+    if any(e.mps_pipe_dir_set is None for e in local):
+        return None
+    return MpsExpectation(False, "no_engine_pipe_dir", "no engine sets CUDA_MPS_PIPE_DIRECTORY")
 
 
 def load_balance(throughput: Mapping[str, float]) -> tuple[dict[str, float], float | None]:

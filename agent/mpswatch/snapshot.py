@@ -85,9 +85,11 @@ class MpsDaemon:
 
 @dataclass(frozen=True)
 class MpsControlData:
-    daemons: tuple[MpsDaemon, ...]
+    daemons: tuple[MpsDaemon, ...]  # every watched daemon
     searched: tuple[str, ...]
     discovery_notes: tuple[str, ...] = ()
+    configured_only: bool = False  # only the configured pipe dirs are watched (no discovery)
+    expected: str = "auto"  # the mps_control.expected setting: true, false or auto (derived: MpsExpectation)
 
 
 @dataclass(frozen=True)
@@ -193,8 +195,12 @@ class EngineState:
     busiest_thread_cpu_ratio: float | None = None
     runqueue_wait_seconds_total: float | None = None
     cpu_bound: bool | None = None
-    mps_pipe_dir: str | None = None
+    mps_pipe_dir: str | None = None  # CUDA_MPS_PIPE_DIRECTORY, MPS's default when unset; None: environment hidden
+    mps_pipe_dir_set: bool | None = None  # whether its environment sets CUDA_MPS_PIPE_DIRECTORY
+    # True: the pipe dir's watched daemon answers; False: that daemon is not running; None: unknown
+    # (then pipe_dir_served_detail says why: not watched, or the daemon cannot be queried)
     pipe_dir_served: bool | None = None
+    pipe_dir_served_detail: str | None = None
     mps_active_thread_percentage: str | None = None
     mps_pinned_device_mem_limit: str | None = None
 
@@ -305,6 +311,20 @@ class NodeSnapshot:
     derived: DerivedFacts = field(default_factory=lambda: DerivedFacts())
 
 
+EXPECTATION_REASONS = ("configured", "engine_pipe_dir", "no_engine_pipe_dir")
+
+
+@dataclass(frozen=True)
+class MpsExpectation:
+    """Whether the node's GPUs are meant to be shared through MPS, and how that was decided: `configured`
+    (mps_control.expected), or in auto mode `engine_pipe_dir` (an engine's environment sets
+    CUDA_MPS_PIPE_DIRECTORY) or `no_engine_pipe_dir` (no engine's does)."""
+
+    expected: bool
+    reason: str  # one of EXPECTATION_REASONS
+    detail: str  # one line for people
+
+
 @dataclass(frozen=True)
 class DerivedFacts:
     """Facts that join collectors, computed in one place (mpswatch.derive) after each publish."""
@@ -318,3 +338,4 @@ class DerivedFacts:
     # pid -> its pod, for MPS clients, GPU processes and engines' processes in a pod's cgroup
     pods: Mapping[int, PodIdentity] = field(default_factory=frozen_map)
     engine_pods: Mapping[str, PodIdentity] = field(default_factory=frozen_map)  # engine name -> its API server's pod
+    mps_expected: MpsExpectation | None = None  # None: unknown (no control data, or engines' environments hidden)
