@@ -4,6 +4,7 @@ shipped rules, real Alertmanager routing to a webhook receiver in this test. Loo
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -12,7 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.kit.replaystack import ALERTMANAGER, PROMETHEUS, ReplayStack
+from tests.kit.agentproc import free_port
+from tests.kit.replaystack import ALERTMANAGER, ALERTS, PROMETHEUS, ReplayStack
 
 pytestmark = pytest.mark.skipif(
     not (PROMETHEUS and ALERTMANAGER),
@@ -94,6 +96,81 @@ def test_a_dead_control_daemon_pages_and_the_page_resolves_after_recovery(stack)
     wait_until(lambda: receiver.alerts("/pager", "MPSControlDaemonDown", "resolved"), 90,
                "MPSControlDaemonDown resolved at the pager")
     assert not receiver.alerts("/tickets", "MPSControlDaemonDown", "firing")
+
+
+@pytest.fixture
+def stack_without_mps(tmp_path):
+    receiver = Receiver()
+    replay = ReplayStack(tmp_path, receiver.url, mps_started=False)
+    try:
+        wait_until(lambda: _query(replay.prometheus, "mps_control_daemons") == [0.0], 60, "Prometheus scraping the agent")
+        yield replay, receiver
+    finally:
+        replay.close()
+        receiver.server.shutdown()
+
+
+def test_mps_expected_and_never_started_pages_and_the_page_resolves_once_a_daemon_runs(stack_without_mps):
+    replay, receiver = stack_without_mps
+    assert _query(replay.prometheus, 'mps_control_expected{reason="configured"}') == [1.0]
+    firing = wait_until(lambda: receiver.alerts("/pager", "MPSExpectedButNoDaemon", "firing"), 260,
+                        "MPSExpectedButNoDaemon delivered to the pager")
+    labels = firing[0]["labels"]
+    assert labels["severity"] == "critical" and labels["reason"] == "configured"
+    assert firing[0]["annotations"]["runbook_url"] == "alerts/runbooks.md#mpsexpectedbutnodaemon"
+    replay.start_daemon()
+    wait_until(lambda: receiver.alerts("/pager", "MPSExpectedButNoDaemon", "resolved"), 90,
+               "MPSExpectedButNoDaemon resolved at the pager")
+    assert _query(replay.prometheus, "mps_control_up") == [1.0]
+    assert {a["labels"]["alertname"] for _, d in receiver.deliveries for a in d["alerts"]} == {"MPSExpectedButNoDaemon"}
+
+
+def test_the_agents_own_failures_silence_what_follows_from_them_on_the_same_node(tmp_path):
+    """The shipped Alertmanager example, as it is, given alerts through its API."""
+    port = free_port()
+    alertmanager = subprocess.Popen(
+        [ALERTMANAGER, f"--config.file={ALERTS / 'alertmanager.example.yml'}", f"--storage.path={tmp_path}",
+         f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "alertmanager.log", "wb"))
+    api = f"http://127.0.0.1:{port}/api/v2/alerts"
+
+    def alert(name: str, instance: str, severity: str, **labels: str) -> dict:
+        return {"labels": {"alertname": name, "instance": instance, "severity": severity, **labels}}
+
+    try:
+        wait_until(lambda: _reachable(api), 30, "Alertmanager answering")
+        body = json.dumps([
+            alert("MpswatchCannotRunMPSControl", "n1", "warning", pipe_dir="/run/nvidia-mps", state="exec_failed"),
+            alert("MPSEnginePipeDirNotServed", "n1", "critical", engine="a"),
+            alert("MPSExpectedButNoDaemon", "n1", "critical", reason="engine_pipe_dir"),
+            alert("MPSServerFault", "n1", "critical", server_pid="476"),  # not the agent's blindness
+            alert("MPSEnginePipeDirNotServed", "n2", "critical", engine="a"),  # another node
+            alert("MpswatchCollectorFailing", "n3", "warning", collector="engines"),
+            alert("MPSExpectedButNoDaemon", "n3", "critical", reason="engine_pipe_dir"),
+            alert("MpswatchCollectorFailing", "n4", "warning", collector="gpu"),
+            alert("MPSEngineWithoutMPS", "n4", "critical", engine="a"),
+            alert("MPSExpectedButNoDaemon", "n4", "critical", reason="configured"),  # the GPU says nothing on it
+        ]).encode()
+        urllib.request.urlopen(urllib.request.Request(api, body, {"Content-Type": "application/json"}), timeout=5)
+        states = wait_until(lambda: _states(api) if len(_states(api)) == 10 else None, 30, "the alerts received")
+        suppressed = {key for key, state in states.items() if state == "suppressed"}
+        assert suppressed == {("MPSEnginePipeDirNotServed", "n1"), ("MPSExpectedButNoDaemon", "n1"),
+                              ("MPSExpectedButNoDaemon", "n3"), ("MPSEngineWithoutMPS", "n4")}
+    finally:
+        alertmanager.terminate()
+        alertmanager.wait(timeout=20)
+
+
+def _reachable(url: str) -> bool:
+    try:
+        get_json(url)
+        return True
+    except OSError:
+        return False
+
+
+def _states(api: str) -> dict[tuple[str, str], str]:
+    return {(a["labels"]["alertname"], a["labels"]["instance"]): a["status"]["state"] for a in get_json(api)}
 
 
 def test_every_dashboard_query_returns_series_on_a_healthy_node(stack):

@@ -274,7 +274,8 @@ def test_discovery_walks_from_the_api_server_to_its_gpu_process(tmp_path):
     assert a.mps_attached is True and b.mps_attached is False
     assert a.mps_pipe_dir == "/run/nvidia-mps" and a.pipe_dir_served is True
     assert a.mps_active_thread_percentage == "50"
-    assert b.mps_pipe_dir == "/tmp/nvidia-mps" and b.pipe_dir_served is False  # MPS's default, no daemon there
+    assert a.mps_pipe_dir_set is True and b.mps_pipe_dir_set is False
+    assert b.mps_pipe_dir == "/tmp/nvidia-mps" and b.pipe_dir_served is None  # MPS's default, not watched: unknown
     assert a.cpu_seconds_total == pytest.approx(240 / os.sysconf("SC_CLK_TCK"))
     assert a.runqueue_wait_seconds_total == pytest.approx((5000 + 9000 + 100) * 1e-9)  # all threads of both processes
 

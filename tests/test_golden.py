@@ -12,7 +12,8 @@ The node (tests/fixtures/golden/README.md says where each input's shape comes fr
     lines (a fault) appended once the agent has read them, as a restarted daemon appends;
   - the NVML recording of an H200 (tests.kit.fakenvml.h200);
   - two configured vLLM engines on the H200 (tests/kit/fakevllm.py): `busy`, whose token counters
-    advance by 100 on every scrape, and `idle`, whose counters stay at 0.
+    advance by 100 on every scrape, and `idle`, whose counters stay at 0;
+  - no kubelet: the node is off Kubernetes, and the pods collector finds no process in a pod.
 
 The exposition is taken once every collector has completed at least two cycles after the appended
 log lines were read. Before comparing, normalise() replaces the values that cannot be the same
@@ -42,7 +43,7 @@ LOGS = HERE / "fixtures" / "h200-driver580"
 UPDATE = os.environ.get("MPSWATCH_UPDATE_GOLDEN") == "1"
 H200 = "GPU-b0364874-2b6d-037a-0496-f04da35f2f2d"  # the NVML recording's GPU
 DAEMON_PIDS = {"healthy_two_clients_driver580": 4101, "server_fault_driver580": 4102}
-COLLECTORS = ("engines", "gpu", "mps_control", "mps_logs")
+COLLECTORS = ("engines", "gpu", "mps_control", "mps_logs", "pods")
 NUMBER = r"[-+0-9.e]+|NaN|[+-]Inf"
 
 # What cannot be the same from one run to the next, and only that: (pattern, replacement).
@@ -132,6 +133,10 @@ deadline_seconds = 30
 discover = false
 interval_seconds = 0.5
 timeout_seconds = 10
+
+[pods]
+pod_resources_socket = "{tmp}/no-kubelet.sock"
+interval_seconds = 0.5
 
 {engine_tables}""")
 

@@ -84,7 +84,7 @@ def test_status_explains_a_fault_with_the_logged_fatal_error_and_lists_recent_ev
     report = json.loads(run.stdout)
     [server] = report["daemons"][0]["servers"]
     assert server["fault_cause"]["client_pid"] == 513 and 25 < server["fault_cause"]["age_seconds"] < 60
-    assert "client 513 encountered a fatal GPU error" in server["reason"]
+    assert "FAULT (client 513 hit a fatal GPU error " in server["reason"]
     assert report["recent_events"][0]["event"] == "fatal_gpu_error"
     text = subprocess.run(
         mpswatch_cmd("status", "--pipe-dir", daemon.path, "--log-dir", str(log_dir), "--mps-control-bin", FAKE_CONTROL),
@@ -104,7 +104,7 @@ def test_the_fault_cause_survives_a_flood_of_refusals(tmp_path):
     write(log_dir / "server.log", "Client {PID: 729, Context: 1} encountered a fatal GPU error.")
     write(log_dir / "server.log", *["Server teardown in progress. Refusing to accept new client {PID: 9, Context ID: 0}"] * 80)
     data = collector.collect()
-    assert data.last_fatal_error(486)[1].client_pid == 729
+    assert data.fatal_errors[486][1].client_pid == 729
     assert len(data.recent) == 50
 
 

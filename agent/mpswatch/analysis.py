@@ -12,7 +12,7 @@ from typing import Any
 
 from mpswatch.snapshot import NodeSnapshot
 from mpswatch.units import UNITS
-from mpswatch.verdicts import DOWN, OK, StatusSection, age, worst
+from mpswatch.verdicts import DOWN, OK, PROBLEM_KINDS, StatusSection, age, in_pod, problem, rank, worst
 
 SCHEMA = "mpswatch.status/v1"
 _SECTION_KEYS = ("daemons", "gpus", "engines", "engine_gpus", "log_dirs", "recent_events")
@@ -21,6 +21,7 @@ _SECTION_KEYS = ("daemons", "gpus", "engines", "engine_gpus", "log_dirs", "recen
 def health_report(snapshot: NodeSnapshot, version: str, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     collectors: list[dict[str, Any]] = []
+    problems: list[dict[str, Any]] = []
     for name, status in sorted(snapshot.statuses.items()):
         collectors.append(
             {
@@ -30,33 +31,44 @@ def health_report(snapshot: NodeSnapshot, version: str, now: float | None = None
                 "duration_seconds": status.duration_seconds,
             }
         )
+        if not status.success:
+            problems.append(problem(DOWN, "collector", f"collector {name}", collectors[-1]["reason"]))
     sections: dict[str, StatusSection] = {}
     for unit in UNITS:
         data = getattr(snapshot, unit.name)
         if data is not None:
             sections[unit.name] = unit.status(data, snapshot.derived, now)
     entries: dict[str, list[dict[str, Any]]] = {key: [] for key in _SECTION_KEYS}
-    verdicts: list[str] = [c["verdict"] for c in collectors]
     notes: list[str] = []
+    two_samples: list[str] = []
     for section in sections.values():
         for key, items in section.entries.items():
             entries[key] += items
-        verdicts += section.verdicts
+        problems += section.problems
         notes += section.notes
-    if not entries["daemons"]:
-        verdicts.append(DOWN)
+        two_samples += section.needs_two_samples
+    if two_samples:
+        notes.append(f"? for {', '.join(dict.fromkeys(two_samples))}: {ONE_LOOK}")
     control = sections.get("mps_control")
-    if control is not None and control.summary is not None:
-        summary = control.summary
-    else:
-        failed = next((c for c in collectors if c["name"] == "mps_control"), None)
-        summary = f"MPS control collector gave no data: {failed['reason'] if failed else 'it has not run'}"
+    if control is None and "mps_control" not in snapshot.statuses:
+        problems.append(problem(DOWN, "collector", "collector mps_control", "has not run: no MPS data"))
+    problems.sort(key=lambda p: (-rank(p["verdict"]), PROBLEM_KINDS.index(p["kind"])))
+    if problems:
+        more = len(problems) - 1
+        summary = f"{problems[0]['subject']}: {problems[0]['reason']}" + (
+            f"; {more} more problem{'s' if more > 1 else ''}" if more else "")
+    else:  # then the control collector ran, and its section says what it sees
+        summary = control.summary if control is not None and control.summary is not None else ""
+    expected = snapshot.derived.mps_expected
     return {
         "schema": SCHEMA,
         "version": version,
         "generated_at": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
-        "verdict": worst(verdicts),
+        "verdict": worst(p["verdict"] for p in problems),
         "summary": summary,
+        "problems": problems,
+        "mps_expected": None if expected is None else
+        {"expected": expected.expected, "reason": expected.reason, "detail": expected.detail},
         "collectors": collectors,
         "daemons": entries["daemons"],
         "gpus": entries["gpus"],
@@ -66,6 +78,10 @@ def health_report(snapshot: NodeSnapshot, version: str, now: float | None = None
         "recent_events": entries["recent_events"],
         "notes": notes,
     }
+
+
+# why a figure is `?` in a one-shot report, said once
+ONE_LOOK = "needs two samples, and `mpswatch status` looks once"
 
 
 def _who(event: dict[str, Any]) -> str:
@@ -79,29 +95,46 @@ def _who(event: dict[str, Any]) -> str:
     return ", ".join(parts) or event["message"][:80]
 
 
+def _clients(n: int) -> str:
+    return f"{n} client{'' if n == 1 else 's'}"
+
+
 def render_text(report: dict[str, Any]) -> str:
+    """Problems first: the summary line names the worst, then one line per problem, DOWN before
+    DEGRADED; then what is healthy, a server's healthy clients as one count line; then log events
+    and XIDs, newest first, and notes."""
     lines = [f"{report['verdict']:<9} mpswatch {report['version']}: {report['summary']}"]
-    for c in report["collectors"]:
-        if c["verdict"] != OK:
-            lines.append(f"{c['verdict']:<9} collector {c['name']}: {c['reason']}")
+    lines += [f"{p['verdict']:<9} {p['subject']}: {p['reason']}" for p in report["problems"]]
     for d in report["daemons"]:
-        pid = f" (pid {d['pid']})" if d["pid"] is not None else ""
-        lines.append(f"{d['verdict']:<9} daemon {d['pipe_dir']}{pid}: {d['reason']}")
+        if d["verdict"] == OK:
+            pid = f" (pid {d['pid']})" if d["pid"] is not None else ""
+            lines.append(f"{OK:<9} daemon {d['pipe_dir']}{pid}: {d['reason']}")
         for s in d["servers"]:
-            uid = f" uid {s['uid']}" if s["uid"] is not None else ""
-            lines.append(f"{s['verdict']:<9}   server {s['pid']}{uid}: {s['reason']}")
-            for c in s["clients"]:
-                lines.append(f"{c['verdict']:<9}     client {c['pid']} {c['command']}: {c['reason']}")
+            healthy = sum(1 for c in s["clients"] if c["verdict"] == OK)
+            if s["verdict"] == OK:
+                uid = f" uid {s['uid']}" if s["uid"] is not None else ""
+                lines.append(f"{OK:<9}   server {s['pid']}{uid}: {s['reason']}")
+                if healthy:
+                    lines.append(f"{OK:<9}     {_clients(healthy)} connected")
+            elif healthy:
+                lines.append(f"{OK:<9}   {_clients(healthy)} of server {s['pid']} connected")
     for g in report["gpus"]:
-        lines.append(f"{g['verdict']:<9} gpu {g['index']} {g['name'] or ''} ({g['uuid']}): {g['reason']}")
-        for x in g["recent_xids"]:
-            lines.append(f"{'XID':<9} {age(x['age_seconds']) + ' ago':>9} gpu {g['index']}: XID {x['xid']}, {x['meaning']}")
+        if g["verdict"] == OK:
+            lines.append(f"{OK:<9} gpu {g['index']} {g['name'] or ''} ({g['uuid']}): {g['reason']}")
     by_name = {e["name"]: e for e in report["engines"]}
     for group in report["engine_gpus"]:
-        lines.append(f"{group['verdict']:<9} engines on {group['gpu_uuid'] or 'an unknown GPU'}: {group['reason']}")
+        where = group["gpu_uuid"] or "an unknown GPU"
+        if group["verdict"] == OK:
+            lines.append(f"{OK:<9} engines on {where}: {group['reason']}")
         for name in group["engines"]:
             e = by_name[name]
-            lines.append(f"{e['verdict']:<9}   engine {name}: {e['reason']}")
+            if e["verdict"] == OK:  # under its group's line, or on its own when the group is a problem
+                pod = in_pod(e["pod"])
+                line = f"  engine {name}{pod}" if group["verdict"] == OK else f"engine {name}{pod} on {where}"
+                lines.append(f"{OK:<9} {line}: {e['reason']}")
+    for g in report["gpus"]:
+        for x in g["recent_xids"]:
+            lines.append(f"{'XID':<9} {age(x['age_seconds']) + ' ago':>9} gpu {g['index']}: XID {x['xid']}, {x['meaning']}")
     for e in report["recent_events"]:
         lines.append(f"{'EVENT':<9} {age(e['age_seconds']) + ' ago':>9} {e['event']}: {_who(e)} ({e['log_dir']})")
     for note in report["notes"]:

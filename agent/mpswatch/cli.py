@@ -22,6 +22,7 @@ from mpswatch.collectors.engines import EnginesCollector
 from mpswatch.collectors.gpu import GpuCollector, nvml_loader
 from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector
 from mpswatch.collectors.mps_logs import MpsLogsCollector
+from mpswatch.collectors.pods import PodsCollector
 from mpswatch.config import DEFAULT_CONFIG_PATH, ENV_PREFIX, SETTINGS, Config, ConfigError, load_config
 from mpswatch.exporter import CachedExposition, serve
 from mpswatch.exposition import render
@@ -100,6 +101,7 @@ def build_collectors(config: Config, injected: Injected = Injected()) -> list[Co
             client_limit=mps_control.client_limit,
             procfs=procfs,
             settings_refresh_seconds=mps_control.settings_interval_seconds,
+            expected=mps_control.expected,
         ),
         MpsLogsCollector(
             log_dirs=mps_logs.log_dirs,
@@ -122,6 +124,13 @@ def build_collectors(config: Config, injected: Injected = Injected()) -> list[Co
             interval_seconds=engine_scrape.interval_seconds,
             timeout_seconds=engine_scrape.timeout_seconds,
             max_body_bytes=engine_scrape.max_body_bytes,
+            procfs=procfs,
+        ),
+        PodsCollector(
+            pod_resources_socket=config.pods.pod_resources_socket,
+            interval_seconds=config.pods.interval_seconds,
+            timeout_seconds=config.pods.timeout_seconds,
+            max_processes=config.pods.max_processes,
             procfs=procfs,
         ),
     ]

@@ -67,6 +67,13 @@ def _choice(*options: str) -> Callable[[Any], str]:
     return parse
 
 
+def _expectation(value: Any) -> str:
+    """true, false (TOML booleans too) or auto."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return _choice("true", "false", "auto")(value)
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"must be a non-empty string, got {value!r}")
@@ -240,6 +247,14 @@ SETTINGS = [
         "Pipe dirs discovery looks at.",
     ),
     Setting(
+        "mps_control.expected",
+        _expectation,
+        "auto",
+        "Whether this node's GPUs are meant to be shared through MPS: true, false, or auto (when an engine's "
+        "environment sets CUDA_MPS_PIPE_DIRECTORY).",
+        Flag("--mps-expected", "WHEN"),
+    ),
+    Setting(
         "mps_control.control_bin",
         _text,
         "nvidia-cuda-mps-control",
@@ -318,6 +333,20 @@ SETTINGS = [
         "local",
         "Time zone the daemons write their log times in ('local': the agent's).",
     ),
+    Setting(
+        "pods.pod_resources_socket",
+        _absolute_path,
+        "/var/lib/kubelet/pod-resources/kubelet.sock",
+        "The kubelet's PodResources API socket; when it is not there, pods are not named.",
+    ),
+    Setting("pods.interval_seconds", _seconds(0.5, 3600), 5.0, "Seconds between two looks at the pods of the node's processes."),
+    Setting("pods.timeout_seconds", _seconds(0.05, 60), 2.0, "Deadline of one PodResources List call, in seconds."),
+    Setting(
+        "pods.max_processes",
+        _whole(1, 1 << 20),
+        4096,
+        "Processes in pods looked at per cycle, at most.",
+    ),
 ]
 BY_KEY = {setting.key: setting for setting in SETTINGS}
 
@@ -326,6 +355,7 @@ BY_KEY = {setting.key: setting for setting in SETTINGS}
 class MpsControlSettings:
     pipe_dirs: tuple[str, ...]
     default_pipe_dirs: tuple[str, ...]
+    expected: str
     control_bin: str
     interval_seconds: float
     timeout_seconds: float
@@ -356,12 +386,21 @@ class EngineScrapeSettings:
     max_body_bytes: int
 
 
+@dataclass(frozen=True)
+class PodsSettings:
+    pod_resources_socket: str
+    interval_seconds: float
+    timeout_seconds: float
+    max_processes: int
+
+
 # TOML table -> its settings' type; a setting `table.name` is `config.table.name`
 SECTIONS = {
     "mps_control": MpsControlSettings,
     "mps_logs": MpsLogsSettings,
     "gpu": GpuSettings,
     "engine_scrape": EngineScrapeSettings,
+    "pods": PodsSettings,
 }
 
 
@@ -379,6 +418,7 @@ class Config:
     mps_logs: MpsLogsSettings
     gpu: GpuSettings
     engine_scrape: EngineScrapeSettings
+    pods: PodsSettings
     file: str | None  # the TOML file read, if any
     sources: Mapping[str, str]  # key -> where its value came from, as errors name it
 

@@ -1,37 +1,57 @@
 """The one place where collectors' data meet: which engine a GPU process or MPS client belongs to,
-an engine's GPU and MPS attachment, whether a daemon serves its pipe dir, the load balance between
-the engines of a GPU, the advisor's verdicts, and the log line that explains a server's FAULT.
+an engine's GPU and MPS attachment, whether a daemon serves its pipe dir, whether MPS is expected on
+the node, the load balance between the engines of a GPU, the advisor's verdicts, the log line that
+explains a server's FAULT, and the Kubernetes pod of every MPS client, GPU process and engine.
 
 Runs after every collector publish (mpswatch.scheduler), without I/O, on the latest data of each.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 from mpswatch.advisor import VERDICTS, Advice, advise_node
 from mpswatch.metrics import Families
-from mpswatch.snapshot import DerivedFacts, EngineState, GpuData, MpsControlData, NodeSnapshot, frozen_map
+from mpswatch.snapshot import (
+    ContainerAssignment,
+    ContainerEnv,
+    DaemonState,
+    DerivedFacts,
+    EnginesData,
+    EngineState,
+    GpuData,
+    MpsControlData,
+    MpsExpectation,
+    NodeSnapshot,
+    PodIdentity,
+    PodsData,
+    frozen_map,
+)
+
+# A watched daemon in one of these states serves nothing: its pipe dir is not served. In the others
+# that are not up (hung, control program missing, garbage), the agent cannot tell.
+NOT_RUNNING = frozenset({DaemonState.NOT_RUNNING, DaemonState.STALE_PID_FILE, DaemonState.NO_PIPE_DIR})
 
 
 class Deriver:
-    """Stateful only in what it remembers of each engine's GPU: an engine that goes down keeps its
-    GPU label, so its series do not churn while it restarts."""
+    """Stateful only in what it remembers: each engine's GPU (an engine that goes down keeps its GPU
+    label, so its series do not churn while it restarts) and the names of pods and containers once
+    resolved (a pod UID's name and a container ID's name never change)."""
 
     def __init__(self) -> None:
         self._engine_gpu: dict[str, str] = {}
+        self._pod_names = PodNames()
 
     def __call__(self, snapshot: NodeSnapshot) -> DerivedFacts:
         engines: tuple[EngineState, ...] = ()
+        gpu_kinds = gpu_processes(snapshot.gpu)
+        mps_clients = mps_client_devices(snapshot.mps_control)
         if snapshot.engines is not None:
-            gpu_kinds = gpu_processes(snapshot.gpu)
-            mps_clients = mps_client_devices(snapshot.mps_control)
-            served = served_pipe_dirs(snapshot.mps_control)
             joined = []
             for engine in snapshot.engines.engines:
                 remembered = engine.gpu_uuid or self._engine_gpu.get(engine.name)
-                state = join_engine(replace(engine, gpu_uuid=remembered), gpu_kinds, mps_clients, served)
+                state = join_engine(replace(engine, gpu_uuid=remembered), gpu_kinds, mps_clients, snapshot.mps_control)
                 joined.append(state)
             self._engine_gpu = {e.name: e.gpu_uuid for e in joined if e.gpu_uuid is not None}
             engines = tuple(joined)
@@ -39,6 +59,12 @@ class Deriver:
         advice: tuple[Advice, ...] = ()
         if snapshot.engines is not None and snapshot.gpu is not None:
             advice = tuple(advise_node(snapshot.gpu.gpus, engines, imbalance))
+        pod_of_pid: dict[int, PodIdentity] = {}
+        if snapshot.pods is not None:
+            # MPS servers are on the GPU for their clients: their pod (the device plugin's) holds none
+            gpu_of_pid = {**mps_clients, **{pid: uuid for pid, (uuid, kind) in gpu_kinds.items()
+                                            if uuid and kind != "mps_server"}}
+            pod_of_pid, self._pod_names = resolve_pods(snapshot.pods, gpu_of_pid, self._pod_names)
         return DerivedFacts(
             engines=engines,
             engine_of_pid=frozen_map({pid: e.name for e in engines for pid in e.pids}),
@@ -48,6 +74,9 @@ class Deriver:
                 {p.pid: p.memory_bytes for g in snapshot.gpu.gpus for p in g.processes or ()} if snapshot.gpu else {}
             ),
             fault_causes=snapshot.mps_logs.fatal_errors if snapshot.mps_logs else frozen_map(),
+            pods=frozen_map({pid: pod_of_pid[pid] for pid in sorted({*gpu_kinds, *mps_clients}) if pid in pod_of_pid}),
+            engine_pods=frozen_map(engine_pods(engines, pod_of_pid)),
+            mps_expected=mps_expectation(snapshot.mps_control, snapshot.engines),
         )
 
 
@@ -65,18 +94,30 @@ def mps_client_devices(control: MpsControlData | None) -> dict[int, str]:
     return {c.pid: c.device for d in control.daemons for c in d.clients or ()}
 
 
-def served_pipe_dirs(control: MpsControlData | None) -> set[str] | None:
-    """Pipe dirs of the daemons that answer; None when the control collector has no data."""
+def pipe_dir_served(pipe_dir: str, control: MpsControlData | None) -> tuple[bool | None, str]:
+    """Whether a control daemon serves `pipe_dir`, and a line saying how that is known: True when its
+    watched daemon answers, False when that daemon is not running (not_running, stale_pid_file,
+    no_pipe_dir), None when the agent cannot tell: the dir is not watched, its daemon is hung, the
+    control program cannot run, it answers garbage, or the control collector has no data. What the
+    agent cannot see is never "not served"."""
     if control is None:
-        return None
-    return {d.pipe_dir for d in control.daemons if d.up}
+        return None, "unknown: the MPS control collector has no data"
+    daemon = next((d for d in control.daemons if d.pipe_dir == pipe_dir), None)
+    if daemon is None:
+        narrowed = "only the configured pipe dirs are watched" if control.configured_only else "no daemon was found for it"
+        return None, f"unknown: mpswatch does not watch this pipe dir ({narrowed})"
+    if daemon.up:
+        return True, "served: its control daemon answers"
+    if daemon.state in NOT_RUNNING:
+        return False, f"not served: {daemon.reason}"
+    return None, f"unknown: its control daemon cannot be queried ({daemon.state.value}: {daemon.reason})"
 
 
 def join_engine(
     engine: EngineState,
     gpu_kinds: Mapping[int, tuple[str | None, str]],
     mps_clients: Mapping[int, str],
-    served: set[str] | None,
+    control: MpsControlData | None,
 ) -> EngineState:
     """The engine's GPU (its own first, then its first process on a GPU: tensor parallel engines
     are placed on their first), whether it runs under MPS, and whether its pipe dir is served."""
@@ -93,14 +134,149 @@ def join_engine(
     gpu_uuid = engine.gpu_uuid or next((gpu_kinds[pid][0] for pid in on_gpu), None)
     if gpu_uuid is None:
         gpu_uuid = next((mps_clients[pid] for pid in engine.pids if pid in mps_clients), None)
-    pipe_dir = engine.mps_pipe_dir
+    served, detail = (None, None) if engine.mps_pipe_dir is None else pipe_dir_served(engine.mps_pipe_dir, control)
     return replace(
         engine,
         gpu_uuid=gpu_uuid,
         gpu_pids=tuple(on_gpu),
         mps_attached=attached,
-        pipe_dir_served=None if pipe_dir is None or served is None else pipe_dir in served,
+        pipe_dir_served=served,
+        pipe_dir_served_detail=detail,
     )
+
+
+@dataclass(frozen=True)
+class PodNames:
+    """What resolve_pods found before, for the pods and containers still there."""
+
+    pods: Mapping[str, tuple[str, str]] = field(default_factory=frozen_map)  # pod UID -> (namespace, pod)
+    containers: Mapping[str, str] = field(default_factory=frozen_map)  # container ID -> container name
+
+
+def assigned_gpu(device_id: str, gpu: str) -> bool:
+    """Whether a device plugin ID names the GPU: a UUID, or a replica `<UUID>::<n>` of a shared GPU;
+    `gpu` may be cut short, as MPS's `ps` prints it when the driver's /proc files are unreadable."""
+    return device_id.split("::", 1)[0].startswith(gpu)
+
+
+def holders(gpu: str | None, assignments: Iterable[ContainerAssignment]) -> list[ContainerAssignment]:
+    """The containers the kubelet gave this GPU (or a replica of it)."""
+    if not gpu:
+        return []
+    return [a for a in assignments if any(assigned_gpu(device_id, gpu) for device_id in a.device_ids)]
+
+
+def resolve_pods(
+    data: PodsData, gpu_of_pid: Mapping[int, str], known: PodNames
+) -> tuple[dict[int, PodIdentity], PodNames]:
+    """Every process in a pod's cgroup with its pod UID and, where it can be told, the pod's namespace
+    and name and the container's name; and what to remember for the next call. docs/kubernetes.md
+    gives the order:
+      1. the container's environment: HOSTNAME and the service-account namespace name a pod that
+         the kubelet's PodResources lists;
+      2. the process's GPU: the one container on the node the kubelet gave that GPU (or a replica).
+    A container's name is the pod's only container, else the one of the pod's containers that holds
+    the GPU of the container's processes. Pod names are claimed once per cycle: a second UID that
+    resolves to a pod already named keeps no name."""
+    assignments = data.assignments or ()
+    by_pod: dict[tuple[str, str], list[ContainerAssignment]] = {}
+    for a in assignments:
+        by_pod.setdefault((a.namespace, a.pod), []).append(a)
+    pids_of_uid: dict[str, list[int]] = {}
+    pids_of_container: dict[str, list[int]] = {}
+    for pid, cgroup in sorted(data.processes.items()):
+        pids_of_uid.setdefault(cgroup.pod_uid, []).append(pid)
+        if cgroup.container_id is not None:
+            pids_of_container.setdefault(cgroup.container_id, []).append(pid)
+    pods = {uid: name for uid, name in known.pods.items() if uid in pids_of_uid}
+    containers = {cid: name for cid, name in known.containers.items() if cid in pids_of_container}
+    claimed = set(pods.values())
+    for by_environ in (True, False):  # every pod its environment names first: a GPU cannot claim them
+        for uid, pids in pids_of_uid.items():
+            if uid in pods:
+                continue
+            named = _named_by_environ(data, pids, by_pod) if by_environ else \
+                _named_by_device(data, pids, gpu_of_pid, assignments)
+            if named is not None and named not in claimed:
+                pods[uid] = named
+                claimed.add(named)
+    for cid, pids in pids_of_container.items():
+        uid = data.processes[pids[0]].pod_uid
+        if cid in containers or uid not in pods:
+            continue
+        in_pod = by_pod.get(pods[uid], [])
+        candidates = in_pod if len(in_pod) == 1 else [a for pid in pids for a in holders(gpu_of_pid.get(pid), in_pod)]
+        names = {a.container for a in candidates}
+        if len(names) == 1:
+            containers[cid] = names.pop()
+    identities = {}
+    for pid, cgroup in data.processes.items():
+        namespace, pod = pods.get(cgroup.pod_uid, (None, None))
+        container = containers.get(cgroup.container_id) if cgroup.container_id is not None else None
+        identities[pid] = PodIdentity(cgroup.pod_uid, namespace, pod, container)
+    return identities, PodNames(frozen_map(pods), frozen_map(containers))
+
+
+def _environments(data: PodsData, pids: list[int]) -> list[ContainerEnv]:
+    envs = (data.environments.get(data.processes[pid].container_id or "") for pid in pids)
+    return [env for env in envs if env is not None]
+
+
+def _named_by_environ(
+    data: PodsData, pids: list[int], by_pod: Mapping[tuple[str, str], list[ContainerAssignment]]
+) -> tuple[str, str] | None:
+    for env in _environments(data, pids):
+        if env.namespace and env.hostname and (env.namespace, env.hostname) in by_pod:
+            return env.namespace, env.hostname
+    return None
+
+
+def _named_by_device(
+    data: PodsData, pids: list[int], gpu_of_pid: Mapping[int, str], assignments: Iterable[ContainerAssignment]
+) -> tuple[str, str] | None:
+    """The one pod whose containers hold the GPUs of these processes, in the namespace their
+    environment names if it does (a pod given no GPU may still reach one)."""
+    namespaces = {env.namespace for env in _environments(data, pids) if env.namespace}
+    pods: set[tuple[str, str]] = set()
+    for pid in pids:
+        found = holders(gpu_of_pid.get(pid), assignments)
+        if len(found) > 1:
+            return None  # a shared GPU: several containers hold it
+        pods.update((a.namespace, a.pod) for a in found)
+    if len(pods) != 1:
+        return None
+    pod = pods.pop()
+    return None if namespaces and pod[0] not in namespaces else pod
+
+
+def engine_pods(engines: Iterable[EngineState], pod_of_pid: Mapping[int, PodIdentity]) -> dict[str, PodIdentity]:
+    """Each engine's pod: its API server's (the first of its processes in a pod)."""
+    found = {}
+    for engine in engines:
+        pid = next((pid for pid in engine.pids if pid in pod_of_pid), None)
+        if pid is not None:
+            found[engine.name] = pod_of_pid[pid]
+    return found
+
+
+def mps_expectation(control: MpsControlData | None, engines: EnginesData | None) -> MpsExpectation | None:
+    """Whether MPS is expected on the node: as configured, or in auto mode when an engine's environment
+    sets CUDA_MPS_PIPE_DIRECTORY. Unknown (None) without control data, and in auto mode without engine
+    data or while an engine's environment is hidden and none shown sets it."""
+    if control is None:
+        return None
+    if control.expected != "auto":
+        return MpsExpectation(control.expected == "true", "configured", f"mps_control.expected = {control.expected}")
+    if engines is None:
+        return None
+    local = [e for e in engines.engines if e.pids]
+    asking = [e for e in local if e.mps_pipe_dir_set]
+    if asking:
+        e = asking[0]
+        return MpsExpectation(True, "engine_pipe_dir", f"engine {e.name} sets CUDA_MPS_PIPE_DIRECTORY={e.mps_pipe_dir}")
+    if any(e.mps_pipe_dir_set is None for e in local):
+        return None
+    return MpsExpectation(False, "no_engine_pipe_dir", "no engine sets CUDA_MPS_PIPE_DIRECTORY")
 
 
 def load_balance(throughput: Mapping[str, float]) -> tuple[dict[str, float], float | None]:

@@ -27,6 +27,14 @@ _SPECS = [
         "Unix time of the collector's last successful run.",
     ),
     MetricSpec("mpswatch_collector_errors_total", "counter", ("collector", "reason"), "Failed collector runs by reason."),
+    MetricSpec("mps_control_daemons", "gauge", (), "MPS control daemons watched on the node (found or configured); 0: none."),
+    MetricSpec(
+        "mps_control_expected",
+        "gauge",
+        ("reason",),
+        "1 if the node's GPUs are meant to be shared through MPS, else 0; reason: configured, engine_pipe_dir, "
+        "no_engine_pipe_dir. Absent when unknown.",
+    ),
     MetricSpec("mps_control_up", "gauge", ("pipe_dir",), "1 if the MPS control daemon answered the last query."),
     MetricSpec(
         "mps_control_state",
@@ -233,9 +241,33 @@ _SPECS += [
         "mps_engine_pipe_dir_served",
         "gauge",
         _ENGINE,
-        "1 if a running control daemon serves the engine's CUDA_MPS_PIPE_DIRECTORY, else 0.",
+        "1 if the watched control daemon of the engine's CUDA_MPS_PIPE_DIRECTORY answers, 0 if it is not running; "
+        "absent when unknown (not watched, or the daemon cannot be queried).",
     ),
     MetricSpec("mps_host_cpu_pressure_ratio", "gauge", ("window",), "PSI cpu 'some' average over avg10 / avg60."),
+]
+
+_POD = ("pod_uid", "namespace", "pod", "container")
+_SPECS += [
+    MetricSpec(
+        "mps_pod_info",
+        "gauge",
+        ("pid", *_POD),
+        "Always 1 per MPS client or GPU process in a Kubernetes pod; namespace, pod, container empty when unknown.",
+    ),
+    MetricSpec(
+        "mps_engine_pod_info",
+        "gauge",
+        ("engine", *_POD),
+        "Always 1 per engine whose API server runs in a Kubernetes pod; namespace, pod, container empty when unknown.",
+    ),
+    MetricSpec("mps_pod_resources_up", "gauge", (), "1 if the kubelet's PodResources List answered; absent without its socket."),
+    MetricSpec(
+        "mps_pod_resources_failures_total",
+        "counter",
+        ("reason",),
+        "Failed PodResources List calls by gRPC status (unavailable, deadline_exceeded, permission_denied, ...).",
+    ),
 ]
 
 CATALOG: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}

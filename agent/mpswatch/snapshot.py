@@ -85,9 +85,11 @@ class MpsDaemon:
 
 @dataclass(frozen=True)
 class MpsControlData:
-    daemons: tuple[MpsDaemon, ...]
+    daemons: tuple[MpsDaemon, ...]  # every watched daemon
     searched: tuple[str, ...]
     discovery_notes: tuple[str, ...] = ()
+    configured_only: bool = False  # only the configured pipe dirs are watched (no discovery)
+    expected: str = "auto"  # the mps_control.expected setting: true, false or auto (derived: MpsExpectation)
 
 
 @dataclass(frozen=True)
@@ -193,8 +195,12 @@ class EngineState:
     busiest_thread_cpu_ratio: float | None = None
     runqueue_wait_seconds_total: float | None = None
     cpu_bound: bool | None = None
-    mps_pipe_dir: str | None = None
+    mps_pipe_dir: str | None = None  # CUDA_MPS_PIPE_DIRECTORY, MPS's default when unset; None: environment hidden
+    mps_pipe_dir_set: bool | None = None  # whether its environment sets CUDA_MPS_PIPE_DIRECTORY
+    # True: the pipe dir's watched daemon answers; False: that daemon is not running; None: unknown
+    # (then pipe_dir_served_detail says why: not watched, or the daemon cannot be queried)
     pipe_dir_served: bool | None = None
+    pipe_dir_served_detail: str | None = None
     mps_active_thread_percentage: str | None = None
     mps_pinned_device_mem_limit: str | None = None
 
@@ -207,6 +213,71 @@ class EnginesData:
     engines: tuple[EngineState, ...]
     cpu_pressure: Mapping[str, float]  # avg10 / avg60 -> ratio
     notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PodCgroup:
+    """What a process's cgroup path says of its pod: the pod's UID and, inside one of its containers,
+    the container's ID (None: the pod's own cgroup, outside any container)."""
+
+    pod_uid: str
+    container_id: str | None
+
+
+@dataclass(frozen=True)
+class ContainerEnv:
+    """What one of a container's processes says of its pod: HOSTNAME in its environment (the pod's
+    name unless the pod sets a hostname) and its service-account namespace file. None: not there."""
+
+    hostname: str | None
+    namespace: str | None
+
+
+@dataclass(frozen=True)
+class ContainerAssignment:
+    """One container as the kubelet's PodResources List gives it: no pod UID, no container ID."""
+
+    namespace: str
+    pod: str
+    container: str
+    device_ids: tuple[str, ...]  # device plugin IDs: GPU UUIDs, or replica IDs `GPU-<uuid>::<n>`
+
+
+@dataclass(frozen=True)
+class PodResourcesState:
+    """The kubelet's PodResources socket: whether it is there and how its List calls went."""
+
+    socket: str
+    up: bool | None = None  # the last List answered; None: no socket (off Kubernetes, not mounted), not called
+    error: str | None = None  # the last failure, as `<reason>: <detail>`
+    failures: Mapping[str, int] = field(default_factory=frozen_map)  # reason -> count since the agent started
+
+
+@dataclass(frozen=True)
+class PodsData:
+    """Pod identities of the node's processes, unjoined: the cgroup of each process in a pod, what
+    each container's environment says, and the kubelet's assignments (joined in mpswatch.derive)."""
+
+    processes: Mapping[int, PodCgroup]  # pid -> its pod, for processes in a pod's cgroup (bounded)
+    environments: Mapping[str, ContainerEnv | None]  # container ID -> its environment; None: unreadable
+    assignments: tuple[ContainerAssignment, ...] | None  # None: PodResources gave no answer
+    pod_resources: PodResourcesState
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PodIdentity:
+    """A process's pod as the derive step resolved it; only the UID when its name is unknown."""
+
+    pod_uid: str
+    namespace: str | None = None
+    pod: str | None = None
+    container: str | None = None
+
+    @property
+    def name(self) -> str | None:
+        """`namespace/pod`, as `status` shows it; None when unknown."""
+        return f"{self.namespace}/{self.pod}" if self.namespace and self.pod else None
 
 
 @dataclass(frozen=True)
@@ -236,7 +307,22 @@ class NodeSnapshot:
     mps_logs: MpsLogsData | None = None
     gpu: GpuData | None = None
     engines: EnginesData | None = None
+    pods: PodsData | None = None
     derived: DerivedFacts = field(default_factory=lambda: DerivedFacts())
+
+
+EXPECTATION_REASONS = ("configured", "engine_pipe_dir", "no_engine_pipe_dir")
+
+
+@dataclass(frozen=True)
+class MpsExpectation:
+    """Whether the node's GPUs are meant to be shared through MPS, and how that was decided: `configured`
+    (mps_control.expected), or in auto mode `engine_pipe_dir` (an engine's environment sets
+    CUDA_MPS_PIPE_DIRECTORY) or `no_engine_pipe_dir` (no engine's does)."""
+
+    expected: bool
+    reason: str  # one of EXPECTATION_REASONS
+    detail: str  # one line for people
 
 
 @dataclass(frozen=True)
@@ -249,3 +335,7 @@ class DerivedFacts:
     advice: tuple[Advice, ...] = ()
     gpu_memory_by_pid: Mapping[int, int | None] = field(default_factory=frozen_map)
     fault_causes: Mapping[int, tuple[str, LogEvent]] = field(default_factory=frozen_map)  # server pid -> event
+    # pid -> its pod, for MPS clients, GPU processes and engines' processes in a pod's cgroup
+    pods: Mapping[int, PodIdentity] = field(default_factory=frozen_map)
+    engine_pods: Mapping[str, PodIdentity] = field(default_factory=frozen_map)  # engine name -> its API server's pod
+    mps_expected: MpsExpectation | None = None  # None: unknown (no control data, or engines' environments hidden)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
-from mpswatch.snapshot import LogEvent
+from mpswatch.snapshot import LogEvent, PodIdentity
 
 OK, DEGRADED, DOWN = "OK", "DEGRADED", "DOWN"
 _RANK = {OK: 0, DEGRADED: 1, DOWN: 2}
@@ -17,12 +17,29 @@ RECENT_EVENTS_SHOWN = 10
 @dataclass(frozen=True)
 class StatusSection:
     """One collector's part of the report: lists of entries under the report's keys (`daemons`,
-    `gpus`, ...), the verdicts they add to the node's, notes, and the summary line if it writes it."""
+    `gpus`, ...), one problem (see `problem`) per thing that is not OK (the node's verdict is the
+    worst of them), notes, the summary line if it writes it, and the figures it shows as `?` because
+    they need two samples (rates, GPM: a one-shot `status` has one)."""
 
     entries: Mapping[str, list[dict[str, Any]]]
-    verdicts: tuple[str, ...] = ()
+    problems: tuple[dict[str, Any], ...] = ()
     notes: tuple[str, ...] = ()
     summary: str | None = None
+    needs_two_samples: tuple[str, ...] = ()
+
+
+# the kinds of problem, in the order a report lists those of one verdict: the node's MPS before the
+# agent's own failures, a thing before what follows from it
+PROBLEM_KINDS = ("mps", "daemon", "server", "gpu", "engine", "engine_gpu", "client", "collector")
+
+
+def problem(verdict: str, kind: str, subject: str, reason: str) -> dict[str, Any]:
+    """One line of the report's problems: `<verdict> <subject>: <reason>`."""
+    return {"verdict": verdict, "kind": kind, "subject": subject, "reason": reason}
+
+
+def rank(verdict: str) -> int:
+    return _RANK[verdict]
 
 
 def worst(verdicts: Iterable[str]) -> str:
@@ -61,3 +78,15 @@ def event_entry(log_dir: str, event: LogEvent, now: float) -> dict[str, Any]:
         "detail": event.detail,
         "message": event.message,
     }
+
+
+
+def pod_name(identity: PodIdentity | None) -> str | None:
+    """`namespace/pod`, as status entries show it beside a PID or an engine; None when the process
+    runs in no pod or its pod's name is unknown."""
+    return identity.name if identity is not None else None
+
+
+def in_pod(pod: str | None) -> str:
+    """What follows a PID or an engine's name in a line of the report when its pod is known."""
+    return f" (pod {pod})" if pod else ""

@@ -11,6 +11,8 @@
   replaystack.py  a whole node replayed with Prometheus and Alertmanager (end-to-end alert tests, the demo)
   matrix.py       the fault matrix's record and its promtool tests
   podnet.py       a pod network built as root (network namespaces on a bridge), for the engines' netns tests
+  kubecgroups.py  kubelet-style cgroups (v1 and v2, both drivers) to place the test's processes in pods
+  fakepodresources.py  a kubelet's PodResources gRPC API on a unix socket
   snapshots.py    snapshots built as the agent builds them, for tests of what is derived from them
 """
 

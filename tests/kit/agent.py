@@ -7,22 +7,36 @@ Calls mpswatch.cli.main with what code injects and configuration cannot:
     MPS daemons and engines of other suites and of the machine stay out of what the agent sees;
   - nvml_loader: with --nvml, a fake NVML (FAKE is a factory of tests.kit.fakenvml: h200,
     h200_all_mps, from_layout, no_driver); without it, nvidia-ml-py.
-The default pipe dir, log dir and device-plugin root are set inside the session's scope directory
-(tests.kit.scope.DEFAULT_DIRS), unless the environment names them: nothing is found there unless the
-test puts it there.
+and declares the defaults of where the agent looks on its own (pipe dirs, log dir, device-plugin
+root, kubelet socket, config file) inside the session's scope directory (tests.kit.scope.SCOPED_DEFAULTS):
+a test's flags, environment and config file still override them, as they override any default.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import sys
 
+from mpswatch import config
 from mpswatch.cli import main as mpswatch_main
 from mpswatch.injection import Injected
 
 from tests.kit import scope
 
 NVML_FAKES = ("h200", "h200_all_mps", "from_layout", "no_driver")
+
+
+def scope_the_defaults() -> None:
+    """SCOPED_DEFAULTS' settings declared with the scope's defaults, in this process's config module."""
+    config.DEFAULT_CONFIG_PATH = str(scope.DEFAULT_CONFIG_FILE)
+    scoped = set()
+    for index, setting in enumerate(config.SETTINGS):
+        if setting.key in scope.SCOPED_DEFAULTS:
+            scoped_setting = dataclasses.replace(setting, default=scope.SCOPED_DEFAULTS[setting.key])
+            config.SETTINGS[index] = config.BY_KEY[setting.key] = scoped_setting
+            scoped.add(setting.key)
+    if scoped != set(scope.SCOPED_DEFAULTS):
+        raise RuntimeError(f"tests.kit.agent: no such settings: {sorted(set(scope.SCOPED_DEFAULTS) - scoped)}")
 
 
 def main(argv: list[str]) -> int:
@@ -32,8 +46,7 @@ def main(argv: list[str]) -> int:
         if nvml not in NVML_FAKES:
             print(f"tests.kit.agent: --nvml {nvml}: not one of {', '.join(NVML_FAKES)}", file=sys.stderr)
             return 2
-    for variable, directory in scope.DEFAULT_DIRS.items():
-        os.environ.setdefault(variable, str(directory))
+    scope_the_defaults()
     nvml_loader = None
     if nvml:
         from tests.kit import fakenvml  # only then: an agent on the real NVML carries no fake (its RSS is measured)

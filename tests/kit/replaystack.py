@@ -24,10 +24,14 @@ ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertman
 
 
 class ReplayStack:
+    """`mps_started=False`: a node where MPS is expected (`--mps-expected true`) and never started; the
+    agent discovers daemons (in a default pipe dir of its own, under a /proc of its own, so that
+    nothing else on the test machine is found) until start_daemon() puts one there."""
+
     def __init__(self, work: Path, hook_url: str, interval: str = "1s", agent_interval: str = "0.5",
-                 alert_grouping: tuple[str, str] = ("1s", "1s")) -> None:
+                 alert_grouping: tuple[str, str] = ("1s", "1s"), mps_started: bool = True) -> None:
         self.work = work
-        self.daemon = FakeDaemon(work / "mps", "healthy_two_clients_driver580")
+        self.daemon: FakeDaemon | None = FakeDaemon(work / "mps", "healthy_two_clients_driver580") if mps_started else None
         self._processes: list[subprocess.Popen] = []
         self.agent: Agent | None = None
         try:
@@ -41,18 +45,21 @@ class ReplayStack:
         log_dir = work / "log"
         log_dir.mkdir()
         (log_dir / "server.log").write_text((REPO / "tests/fixtures/h200-driver580/session1-server.log").read_text())
-        engine = wait_ready(self._spawn(
-            fakevllm.command(free_port(), "qwen-a"),
-            env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": self.daemon.path}, stdout=subprocess.PIPE, text=True,
-        ))
-        self.agent = Agent(
-            ["--mps-control-bin", FAKE_CONTROL, "--interval", agent_interval, "--pipe-dir", self.daemon.path,
-             "--log-dir", str(log_dir)],
-            env={"FAKENVML_MPS_CLIENT_PIDS": str(engine.pid),  # the engine is an MPS client of the fake GPU
-                 "MPSWATCH_GPU_INTERVAL_SECONDS": agent_interval,
-                 "MPSWATCH_ENGINE_SCRAPE_INTERVAL_SECONDS": agent_interval},
-            log_path=work / "agent.log", nvml="h200",
-        )
+        args = ["--mps-control-bin", FAKE_CONTROL, "--interval", agent_interval, "--log-dir", str(log_dir)]
+        env = {"MPSWATCH_GPU_INTERVAL_SECONDS": agent_interval, "MPSWATCH_ENGINE_SCRAPE_INTERVAL_SECONDS": agent_interval}
+        if self.daemon is not None:
+            engine = wait_ready(self._spawn(
+                fakevllm.command(free_port(), "qwen-a"),
+                env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": self.daemon.path}, stdout=subprocess.PIPE, text=True,
+            ))
+            args += ["--pipe-dir", self.daemon.path]
+            env["FAKENVML_MPS_CLIENT_PIDS"] = str(engine.pid)  # the engine is an MPS client of the fake GPU
+        else:
+            (work / "proc").mkdir()
+            args += ["--mps-expected", "true", "--proc-root", str(work / "proc")]
+            env.update(MPSWATCH_MPS_CONTROL_DEFAULT_PIPE_DIRS=str(self._default_pipe_dir),
+                       MPSWATCH_DEVICE_PLUGIN_ROOT=str(work / "no-device-plugin"))
+        self.agent = Agent(args, env=env, log_path=work / "agent.log", nvml="h200")
         am_config = yaml.safe_load((ALERTS / "alertmanager.example.yml").read_text())
         for receiver in am_config["receivers"]:
             for hook in receiver["webhook_configs"]:
@@ -80,6 +87,15 @@ class ReplayStack:
         self._processes.append(process)
         return process
 
+    @property
+    def _default_pipe_dir(self) -> Path:
+        return self.work / "default" / "healthy_two_clients_driver580" / "pipe"
+
+    def start_daemon(self) -> None:
+        """MPS starts at last, in the default pipe dir the agent looks at."""
+        self.daemon = FakeDaemon(self.work / "default", "healthy_two_clients_driver580", process=False)
+        assert self.daemon.pipe_dir == self._default_pipe_dir
+
     def kill_daemon(self) -> None:
         """As `kill -9`: the control program then says no daemon runs, and the pid file stays."""
         self.daemon.kill()
@@ -98,4 +114,5 @@ class ReplayStack:
                 process.kill()
         if self.agent is not None:
             self.agent.stop()
-        self.daemon.close()
+        if self.daemon is not None:
+            self.daemon.close()

@@ -5,9 +5,10 @@ path in this process's environment as TESTKIT_SCOPE, unless the environment alre
 (a process the kit started joins its parent's session). Every process started from here on
 inherits it: fakes, stand-in daemons, fake engines, real MPS daemons and their servers and clients,
 agents. An agent under test (tests/kit/agent.py) sees only the processes carrying this session's
-TESTKIT_SCOPE (SessionProcesses), and its default pipe, log and device-plugin dirs lie inside the
-scope's directory; so MPS daemons, engines and test suites running beside the session, including
-another copy of this suite, stay out of what its agents see.
+TESTKIT_SCOPE (SessionProcesses), and its default pipe, log and device-plugin dirs, kubelet socket
+and config file lie inside the scope's directory (SCOPED_DEFAULTS); so MPS daemons, engines, kubelets
+and test suites running beside the session, including another copy of this suite, stay out of what
+its agents see.
 
 Not MPSWATCH_-prefixed: the agent's configuration refuses MPSWATCH_ variables it does not know.
 """
@@ -35,13 +36,15 @@ def _begin() -> str:
 
 DIRECTORY = Path(os.environ.get(VARIABLE) or _begin())
 
-# where an agent under test looks for what it discovers without being told (never created by the
-# kit: a test that wants something found there makes it)
-DEFAULT_DIRS = {
-    "MPSWATCH_MPS_CONTROL_DEFAULT_PIPE_DIRS": DIRECTORY / "default-pipe-dir",
-    "MPSWATCH_DEVICE_PLUGIN_ROOT": DIRECTORY / "device-plugin-root",
-    "MPSWATCH_MPS_LOGS_DEFAULT_LOG_DIR": DIRECTORY / "default-log-dir",
+# what an agent under test finds without being told is looked for inside the scope's directory (never
+# made by the kit: a test that wants something found there puts it there); setting key -> default
+SCOPED_DEFAULTS = {
+    "mps_control.default_pipe_dirs": (str(DIRECTORY / "default-pipe-dir"),),
+    "device_plugin_root": str(DIRECTORY / "device-plugin-root"),
+    "mps_logs.default_log_dir": str(DIRECTORY / "default-log-dir"),
+    "pods.pod_resources_socket": str(DIRECTORY / "kubelet.sock"),
 }
+DEFAULT_CONFIG_FILE = DIRECTORY / "config.toml"  # instead of /etc/mpswatch/config.toml
 
 SETTLED_SECONDS = 1.0  # a process this old has made its exec: its environment no longer changes
 RECHECK_SECONDS = 5.0  # PIDs are handed out in order: one is reused only after they wrap, minutes apart

@@ -28,7 +28,7 @@ from mpswatch.metrics import Families
 from mpswatch.netns import find_endpoint
 from mpswatch.procfs import ProcessRow, ProcFS, descendants, parse_pressure, process_table, schedstat_wait_ns, stat_cpu_ticks
 from mpswatch.snapshot import DerivedFacts, EnginesData, EngineState, frozen_map
-from mpswatch.verdicts import DEGRADED, DOWN, OK, StatusSection, count, percent
+from mpswatch.verdicts import DEGRADED, DOWN, OK, StatusSection, count, in_pod, percent, pod_name, problem
 
 CPU_BOUND_THREAD_RATIO = 0.9
 MAX_THREADS_PER_ENGINE = 1024
@@ -272,6 +272,7 @@ class EnginesCollector:
             runqueue_wait_seconds_total=cpu.get("wait_seconds"),
             cpu_bound=None if busy is None or load is None else bool(busy >= CPU_BOUND_THREAD_RATIO and load > 0),
             mps_pipe_dir=pipe_dir,
+            mps_pipe_dir_set=None if env is None else bool(env.get("CUDA_MPS_PIPE_DIRECTORY")),
             mps_active_thread_percentage=env.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE") if env else None,
             mps_pinned_device_mem_limit=env.get("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT") if env else None,
         )
@@ -370,10 +371,23 @@ def render(data: EnginesData, facts: DerivedFacts, out: Families) -> None:
 
 
 def status(data: EnginesData, facts: DerivedFacts, now: float) -> StatusSection:
-    engines = [_engine_entry(e) for e in facts.engines]
+    engines = [{**_engine_entry(e), "pod": pod_name(facts.engine_pods.get(e.name))} for e in facts.engines]
     engine_gpus = _engine_gpus(facts.imbalance, engines)
-    return StatusSection({"engines": engines, "engine_gpus": engine_gpus},
-                         tuple(e["verdict"] for e in engines) + tuple(g["verdict"] for g in engine_gpus))
+    problems = [problem(g["verdict"], "engine_gpu", f"engines on {g['gpu_uuid'] or 'an unknown GPU'}", g["reason"])
+                for g in engine_gpus if g["verdict"] != OK]
+    problems += [problem(e["verdict"], "engine", f"engine {e['name']}{in_pod(e['pod'])}", e["reason"]) for e in engines if e["verdict"] != OK]
+    return StatusSection({"engines": engines, "engine_gpus": engine_gpus}, tuple(problems),
+                         needs_two_samples=_needs_two_samples(facts.engines))
+
+
+def _needs_two_samples(engines: tuple[EngineState, ...]) -> tuple[str, ...]:
+    """The figures shown as `?` because they are rates over two samples and only one was taken."""
+    figures = []
+    if any(e.up and e.tokens_per_second is None for e in engines):
+        figures += ["tokens/s", "load shares", "imbalance"]
+    if any(e.pids and e.busiest_thread_cpu_ratio is None for e in engines):
+        figures.append("busiest thread")
+    return tuple(figures)
 
 
 def _engine_entry(e: EngineState) -> dict[str, Any]:
@@ -384,13 +398,15 @@ def _engine_entry(e: EngineState) -> dict[str, Any]:
         if e.mps_attached is False:
             problems.append("runs on the GPU without MPS")
         if e.pipe_dir_served is False:
-            problems.append(f"its CUDA_MPS_PIPE_DIRECTORY {e.mps_pipe_dir} is served by no running control daemon")
+            problems.append(f"its CUDA_MPS_PIPE_DIRECTORY {e.mps_pipe_dir} is {e.pipe_dir_served_detail}")
         if e.cpu_bound:
             problems.append(f"CPU-bound: busiest thread at {percent(e.busiest_thread_cpu_ratio)} of a core")
         attached = {True: "MPS attached", False: "not under MPS", None: "MPS attachment unknown"}[e.mps_attached]
         tps = "?" if e.tokens_per_second is None else f"{e.tokens_per_second:.0f}"
         figures = (f"share {percent(e.load_share_ratio)}, {tps} tok/s, running {count(e.requests_running)}, "
                    f"waiting {count(e.requests_waiting)}, {attached}, busiest thread {percent(e.busiest_thread_cpu_ratio)}")
+        if e.pipe_dir_served is None and e.pipe_dir_served_detail is not None:
+            figures += f"; pipe dir {e.mps_pipe_dir} served? {e.pipe_dir_served_detail}"
         verdict = DEGRADED if problems else OK
         reason = "; ".join([*problems, figures])
     return {
@@ -410,6 +426,7 @@ def _engine_entry(e: EngineState) -> dict[str, Any]:
         "cpu_bound": e.cpu_bound,
         "pipe_dir": e.mps_pipe_dir,
         "pipe_dir_served": e.pipe_dir_served,
+        "pipe_dir_served_detail": e.pipe_dir_served_detail,
         "gpu_memory_utilization": e.gpu_memory_utilization,
         "verdict": verdict,
         "reason": reason,

@@ -23,7 +23,7 @@ from mpswatch.collectors import CollectorError, CollectorUnit
 from mpswatch.metrics import Families
 from mpswatch.procfs import ProcFS
 from mpswatch.snapshot import DerivedFacts, GpuData, GpuProcess, GpuState, XidEvent, frozen_map
-from mpswatch.verdicts import DEGRADED, DOWN, OK, RECENT_EVENTS_SHOWN, StatusSection, iso_time, percent
+from mpswatch.verdicts import DEGRADED, DOWN, OK, RECENT_EVENTS_SHOWN, StatusSection, iso_time, percent, problem
 
 MPS_SERVER_PROGRAM = "nvidia-cuda-mps-server"
 COMPUTE_MODES = {0: "Default", 1: "Exclusive_Thread", 2: "Prohibited", 3: "Exclusive_Process"}
@@ -502,7 +502,10 @@ def render(data: GpuData, facts: DerivedFacts, out: Families) -> None:
 
 def status(data: GpuData, facts: DerivedFacts, now: float) -> StatusSection:
     gpus = [_gpu_entry(g, now, data.recent_xids) for g in data.gpus]
-    return StatusSection({"gpus": gpus}, tuple(g["verdict"] for g in gpus), data.notes)
+    problems = tuple(problem(g["verdict"], "gpu", f"gpu {g['index']} {g['name'] or ''} ({g['uuid']})", g["reason"])
+                     for g in gpus if g["verdict"] != OK)
+    first_cycle = any(g.up and g.gpm_supported and g.sm_active_ratio is None for g in data.gpus)
+    return StatusSection({"gpus": gpus}, problems, data.notes, needs_two_samples=("GPM activity",) if first_cycle else ())
 
 
 def _gpu_entry(gpu: GpuState, now: float, recent_xids: tuple[XidEvent, ...]) -> dict[str, Any]:
@@ -512,8 +515,6 @@ def _gpu_entry(gpu: GpuState, now: float, recent_xids: tuple[XidEvent, ...]) -> 
     kinds = {kind: sum(1 for p in processes if p["kind"] == kind) for kind in ("mps_client", "mps_server", "exclusive")}
     if not gpu.gpm_supported:
         activity = "no GPM on this GPU: coarse utilisation only"
-    elif gpu.sm_active_ratio is None:
-        activity = "GPM from the second cycle on"
     else:
         activity = f"SM active {percent(gpu.sm_active_ratio)}, DRAM bandwidth {percent(gpu.dram_bandwidth_ratio)}"
     used = f"{(gpu.memory_used_bytes or 0) / 2**30:.1f}/{(gpu.memory_total_bytes or 0) / 2**30:.0f} GiB"

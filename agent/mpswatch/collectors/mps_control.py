@@ -31,10 +31,11 @@ from mpswatch.snapshot import (
     MpsClient,
     MpsControlData,
     MpsDaemon,
+    MpsExpectation,
     MpsServer,
     frozen_map,
 )
-from mpswatch.verdicts import DEGRADED, DOWN, OK, StatusSection, age, event_entry
+from mpswatch.verdicts import DEGRADED, DOWN, OK, StatusSection, age, event_entry, in_pod, pod_name, problem
 
 CONTROL_PROGRAM = "nvidia-cuda-mps-control"
 SERVER_PROGRAM = "nvidia-cuda-mps-server"
@@ -569,8 +570,10 @@ class MpsControlCollector:
         procfs: ProcFS | None = None,
         runner: Runner = run_with_deadline,
         settings_refresh_seconds: float = 30.0,
+        expected: str = "auto",
     ) -> None:
         self.interval_seconds = interval_seconds
+        self._expected = expected
         self._settings_refresh = settings_refresh_seconds
         # every daemon is probed in parallel and given at most twice the command timeout
         self.deadline_seconds = command_timeout_seconds * 2 + 1.0
@@ -594,7 +597,8 @@ class MpsControlCollector:
         self._uuids = self._procfs.gpu_uuids()
         watched = [self._daemons[pipe_dir] for pipe_dir in sorted(self._daemons)]
         daemons = tuple(self._pool.map(lambda w: self._probe(w, resolved or self._control_bin), watched))
-        return MpsControlData(daemons=daemons, searched=search_description(self._discovery), discovery_notes=tuple(notes))
+        return MpsControlData(daemons=daemons, searched=search_description(self._discovery), discovery_notes=tuple(notes),
+                              configured_only=bool(self._discovery.pipe_dirs), expected=self._expected)
 
     def _remember(self, found: dict[str, str]) -> None:
         """A daemon once found stays watched while its pipe dir is there, so that one that dies shows
@@ -647,6 +651,9 @@ class MpsControlCollector:
 
 
 def render(data: MpsControlData, facts: DerivedFacts, out: Families) -> None:
+    out.add("mps_control_daemons", [], len(data.daemons))
+    if facts.mps_expected is not None:
+        out.add("mps_control_expected", [facts.mps_expected.reason], 1 if facts.mps_expected.expected else 0)
     for daemon in data.daemons:
         d = daemon.pipe_dir
         out.add("mps_control_up", [d], 1 if daemon.up else 0)
@@ -689,11 +696,16 @@ def render(data: MpsControlData, facts: DerivedFacts, out: Families) -> None:
 
 def status(data: MpsControlData, facts: DerivedFacts, now: float) -> StatusSection:
     daemons = [_daemon_entry(d, facts, now) for d in data.daemons]
-    verdicts = []
+    problems = []
     for d in daemons:
-        verdicts.append(d["verdict"])
+        if d["verdict"] != OK:
+            pid = f" (pid {d['pid']})" if d["pid"] is not None else ""
+            problems.append(problem(d["verdict"], "daemon", f"daemon {d['pipe_dir']}{pid}", d["reason"]))
         for s in d["servers"]:
-            verdicts += [s["verdict"], *(c["verdict"] for c in s["clients"])]
+            if s["verdict"] != OK:
+                problems.append(problem(s["verdict"], "server", f"server {s['pid']} on {d['pipe_dir']}", s["reason"]))
+            problems += [problem(c["verdict"], "client", f"client {c['pid']}{in_pod(c['pod'])} {c['command']} of server {s['pid']}", c["reason"])
+                         for c in s["clients"] if c["verdict"] != OK]
     if daemons:
         servers = sum(len(d["servers"]) for d in daemons)
         clients = sum(len(s["clients"]) for d in daemons for s in d["servers"])
@@ -701,7 +713,27 @@ def status(data: MpsControlData, facts: DerivedFacts, now: float) -> StatusSecti
         summary = f"{len(daemons)} control daemon(s), {up} answering; {servers} server(s); {clients} client(s)"
     else:
         summary = f"no MPS control daemon found; looked in {', '.join(data.searched)}"
-    return StatusSection({"daemons": daemons}, tuple(verdicts), data.discovery_notes, summary)
+        missing = _no_daemon_problem(facts.mps_expected, data.searched)
+        if missing is not None:
+            problems.append(missing)
+        elif facts.mps_expected is not None:
+            summary += f"; none expected ({facts.mps_expected.detail})"
+    return StatusSection({"daemons": daemons}, tuple(problems), data.discovery_notes, summary)
+
+
+def _no_daemon_problem(expectation: MpsExpectation | None, searched: tuple[str, ...]) -> dict[str, Any] | None:
+    """No daemon is a page where MPS is expected, fine where it is configured not to be, and worth a look
+    where nothing says either way."""
+    looked = f"looked in {', '.join(searched)}"
+    if expectation is None:
+        return problem(DEGRADED, "mps", "MPS", f"no control daemon found, and whether MPS is expected is unknown "
+                       f"(an engine's environment is hidden, or no engine data); {looked}")
+    if expectation.expected:
+        return problem(DOWN, "mps", "MPS", f"no control daemon found, but MPS is expected ({expectation.detail}); {looked}")
+    if expectation.reason == "configured":
+        return None
+    return problem(DEGRADED, "mps", "MPS", f"no control daemon found, and none expected ({expectation.detail}; "
+                   f"set mps_control.expected = true where GPUs are meant to be shared through MPS); {looked}")
 
 
 def _server_verdict(daemon: MpsDaemon, server: MpsServer, listed: bool, counts: dict[str, int]) -> tuple[str, str]:
@@ -730,7 +762,8 @@ def _server_entry(daemon: MpsDaemon, server: MpsServer, listed: bool, facts: Der
         cause = facts.fault_causes.get(server.pid)
         if cause is not None:
             fault_cause = event_entry(*cause, now)
-            reason += f"; logged {age(now - cause[1].time)} ago: client {cause[1].client_pid} encountered a fatal GPU error"
+            reason = (f"FAULT (client {cause[1].client_pid} hit a fatal GPU error {age(now - cause[1].time)} ago, "
+                      "says the server log): new clients are refused until every affected client exits")
     client_entries = []
     for client in (c for c in daemon.clients or () if c.server_pid == server.pid):
         if server.status == "FAULT":
@@ -743,6 +776,7 @@ def _server_entry(daemon: MpsDaemon, server: MpsServer, listed: bool, facts: Der
                 "client_id": client.client_id,
                 "device": client.device,
                 "command": client.command,
+                "pod": pod_name(facts.pods.get(client.pid)),
                 "verdict": c_verdict,
                 "reason": c_reason,
                 "gpu_memory_bytes": facts.gpu_memory_by_pid.get(client.pid),
