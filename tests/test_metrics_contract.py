@@ -10,9 +10,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from mpswatch.collectors.mps_logs import EVENTS
 from mpswatch.metrics import CATALOG
+
 from tests.kit import fakevllm
 from tests.kit.agentproc import Agent, free_port
 from tests.kit.fakedaemon import FAKE_CONTROL

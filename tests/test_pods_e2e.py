@@ -17,7 +17,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from mpswatch.analysis import health_report, render_text
 from mpswatch.cli import main
 from mpswatch.collectors.pods import PodsCollector
@@ -39,6 +38,7 @@ from mpswatch.snapshot import (
     MpsServer,
     frozen_map,
 )
+
 from tests.kit import fakenvml, fakevllm
 from tests.kit.agentproc import REPO, agent_env, free_port, key
 from tests.kit.fakepodresources import FakePodResources
