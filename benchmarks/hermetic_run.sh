@@ -10,6 +10,7 @@
 #   benchmarks/hermetic_run.sh [foreign|concurrent|both]      (default both; ~4 + ~8 min on 2 cores)
 #
 # Exits 0 when every run passed. PYTHON (default .venv/bin/python) runs the suites and the stand-ins.
+# Each run's pytest output stays in the logs directory printed at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -17,6 +18,7 @@ PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 WHICH=${1:-both}
 unset TESTKIT_SCOPE  # every suite makes its own session scope; the stand-ins here must carry none
 WORK=$(mktemp -d /tmp/mpswatch-hermetic-XXXXXX)
+LOGS=$(mktemp -d /tmp/mpswatch-hermetic-logs-XXXXXX)
 FOREIGN_PIDS=()
 MADE_DEFAULT_PIPE_DIR=""
 STATUS=0
@@ -67,20 +69,20 @@ suite() {  # suite NAME DIR: runs the whole suite in DIR in the background; its 
     (
         cd "$dir" || exit 2
         started=$EPOCHREALTIME
-        "$PYTHON" -m pytest -q -p no:cacheprovider > "$WORK/$name.log" 2>&1
+        "$PYTHON" -m pytest -q -p no:cacheprovider > "$LOGS/$name.log" 2>&1
         code=$?
-        echo "$code $(awk "BEGIN { print $EPOCHREALTIME - $started }")" > "$WORK/$name.result"
+        echo "$code $(awk "BEGIN { print $EPOCHREALTIME - $started }")" > "$LOGS/$name.result"
     ) &
 }
 
 report() {  # report NAME: one line from the run's exit status, wall time and pytest's summary line
     local name=$1 code wall summary
-    read -r code wall < "$WORK/$name.result"
-    summary=$(grep -E '^(=+ )?[0-9]+ (passed|failed)' "$WORK/$name.log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')
+    read -r code wall < "$LOGS/$name.result"
+    summary=$(grep -E '^(=+ )?[0-9]+ (passed|failed)' "$LOGS/$name.log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')
     printf '%-22s wall %6.1f s   exit %s   %s\n' "$name" "$wall" "$code" "${summary:-no summary line}"
     if [ "$code" != 0 ]; then
         STATUS=1
-        grep -E '^(FAILED|ERROR) ' "$WORK/$name.log" | sed 's/^/    /'
+        grep -E '^(FAILED|ERROR) ' "$LOGS/$name.log" | sed 's/^/    /'
     fi
 }
 
@@ -103,4 +105,5 @@ if [ "$WHICH" = concurrent ] || [ "$WHICH" = both ]; then
     report concurrent-this
     report concurrent-clone
 fi
+echo "logs: $LOGS"
 exit "$STATUS"
