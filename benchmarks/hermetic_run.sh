@@ -96,6 +96,7 @@ if [ "$WHICH" = foreign ] || [ "$WHICH" = both ]; then
 fi
 
 if [ "$WHICH" = concurrent ] || [ "$WHICH" = both ]; then
+    chmod 755 "$WORK"  # as readable as this checkout: the tests that run as another user run in the clone too
     git clone -q --no-hardlinks "$ROOT" "$WORK/clone"
     echo "concurrent: $ROOT and a clone of its HEAD ($(git -C "$WORK/clone" log -1 --format=%h)) at $WORK/clone"
     suite concurrent-this "$ROOT"

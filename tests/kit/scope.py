@@ -60,8 +60,7 @@ class SessionProcesses:
     an agent given a /proc of its own (proc_root, as the golden test's) sees only what the test wrote
     there, and the PIDs it lists from there are not the machine's, so this filter is no use to it."""
 
-    def __init__(self, proc_root: str = "/proc") -> None:
-        self._root = proc_root
+    def __init__(self) -> None:
         self._entry = f"\0{VARIABLE}={DIRECTORY}\0".encode()
         self._known: dict[int, tuple[int, bool, float]] = {}  # pid -> (start time in clock ticks, visible, checked at)
 
@@ -81,7 +80,7 @@ class SessionProcesses:
 
     def _start_ticks(self, pid: int) -> int | None:
         try:
-            stat = read_file(f"{self._root}/{pid}/stat")
+            stat = read_file(f"/proc/{pid}/stat")
         except OSError:
             return None
         fields = stat.rpartition(b")")[2].split()
@@ -89,6 +88,6 @@ class SessionProcesses:
 
     def _carries_scope(self, pid: int) -> bool:
         try:
-            return self._entry in b"\0" + read_file(f"{self._root}/{pid}/environ")
+            return self._entry in b"\0" + read_file(f"/proc/{pid}/environ")
         except OSError:  # gone, or another user's
             return False
