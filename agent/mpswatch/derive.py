@@ -1,31 +1,39 @@
 """The one place where collectors' data meet: which engine a GPU process or MPS client belongs to,
 an engine's GPU and MPS attachment, whether a daemon serves its pipe dir, whether MPS is expected on
 the node, the load balance between the engines of a GPU, the advisor's verdicts, the log line that
-explains a server's FAULT, and the Kubernetes pod of every MPS client, GPU process and engine.
+explains a server's FAULT, the Kubernetes pod of every MPS client, GPU process and engine, and the
+blast radius of a server's fault or death: the client MPS blames, every client that shared the
+server, and whether each came back on another server.
 
 Runs after every collector publish (mpswatch.scheduler), without I/O, on the latest data of each.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from mpswatch.advisor import VERDICTS, Advice, advise_node
 from mpswatch.metrics import Families
 from mpswatch.snapshot import (
+    BlastRadius,
+    Comeback,
     ContainerAssignment,
     ContainerEnv,
     DaemonState,
     DerivedFacts,
     EnginesData,
     EngineState,
+    FaultClient,
     GpuData,
+    LogEvent,
     MpsControlData,
     MpsExpectation,
     NodeSnapshot,
     PodIdentity,
     PodsData,
+    SharedClient,
     frozen_map,
 )
 
@@ -36,12 +44,14 @@ NOT_RUNNING = frozenset({DaemonState.NOT_RUNNING, DaemonState.STALE_PID_FILE, Da
 
 class Deriver:
     """Stateful only in what it remembers: each engine's GPU (an engine that goes down keeps its GPU
-    label, so its series do not churn while it restarts) and the names of pods and containers once
-    resolved (a pod UID's name and a container ID's name never change)."""
+    label, so its series do not churn while it restarts), the names of pods and containers once
+    resolved (a pod UID's name and a container ID's name never change), and the clients of each MPS
+    server, kept a while after it faulted or died (FaultMemory)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._engine_gpu: dict[str, str] = {}
         self._pod_names = PodNames()
+        self._faults = FaultMemory(clock)
 
     def __call__(self, snapshot: NodeSnapshot) -> DerivedFacts:
         engines: tuple[EngineState, ...] = ()
@@ -65,16 +75,22 @@ class Deriver:
             gpu_of_pid = {**mps_clients, **{pid: uuid for pid, (uuid, kind) in gpu_kinds.items()
                                             if uuid and kind != "mps_server"}}
             pod_of_pid, self._pod_names = resolve_pods(snapshot.pods, gpu_of_pid, self._pod_names)
+        engine_of_pid = {pid: e.name for e in engines for pid in e.pids}
+        pods = {pid: pod_of_pid[pid] for pid in sorted({*gpu_kinds, *mps_clients}) if pid in pod_of_pid}
+        fatal_errors = snapshot.mps_logs.fatal_errors if snapshot.mps_logs else frozen_map()
+        identify = Identify(engine_of_pid, pods)
+        self._faults.update(snapshot.mps_control, fatal_errors, identify)
         return DerivedFacts(
             engines=engines,
-            engine_of_pid=frozen_map({pid: e.name for e in engines for pid in e.pids}),
+            engine_of_pid=frozen_map(engine_of_pid),
             imbalance=frozen_map(imbalance),
             advice=advice,
             gpu_memory_by_pid=frozen_map(
                 {p.pid: p.memory_bytes for g in snapshot.gpu.gpus for p in g.processes or ()} if snapshot.gpu else {}
             ),
-            fault_causes=snapshot.mps_logs.fatal_errors if snapshot.mps_logs else frozen_map(),
-            pods=frozen_map({pid: pod_of_pid[pid] for pid in sorted({*gpu_kinds, *mps_clients}) if pid in pod_of_pid}),
+            fault_causes=fatal_errors,
+            blast_radius=self._faults.blast_radius(snapshot.mps_control, fatal_errors, identify),
+            pods=frozen_map(pods),
             engine_pods=frozen_map(engine_pods(engines, pod_of_pid)),
             mps_expected=mps_expectation(snapshot.mps_control, snapshot.engines),
         )
@@ -305,11 +321,170 @@ def balanced(engines: tuple[EngineState, ...]) -> tuple[tuple[EngineState, ...],
     return tuple(replace(s, load_share_ratio=shares.get(s.name)) for s in engines), imbalance
 
 
+# ---------------------------------------------------------------- the blast radius of a fault
+
+MAX_FAULTS_KEPT = 16  # servers remembered after they faulted or died
+# how long a server is remembered after it was last seen in FAULT, left it, or vanished: longer than
+# the 10 minutes in which MPSFatalGPUError and MPSServerDied fire
+FAULT_KEPT_SECONDS = 900.0
+
+
+@dataclass(frozen=True)
+class Identify:
+    """The engine and pod of a PID as this derive step sees them."""
+
+    engine_of_pid: Mapping[int, str]
+    pods: Mapping[int, PodIdentity]
+
+    def __call__(self, pid: int) -> FaultClient:
+        return FaultClient(pid, self.engine_of_pid.get(pid), self.pods.get(pid))
+
+
+@dataclass
+class _Fault:
+    state: str  # as BlastRadius.state
+    pids: list[int]  # every client seen on the server, from its last cycle before the fault on
+    since: float  # when the agent saw it fault or vanish
+    last_seen: float  # when it was last seen in FAULT, or left FAULT, or vanished
+
+
+class FaultMemory:
+    """What the derive step remembers of MPS servers for the blast radius of a fault: each server's
+    clients as its daemon's `ps` last listed them; for a server that went to FAULT, or vanished while
+    serving clients, those clients and every client seen on it since, kept while it is in FAULT and
+    FAULT_KEPT_SECONDS after (at most MAX_FAULTS_KEPT servers, those in FAULT last to go); and the
+    engine and pod last seen of each PID it keeps, for clients gone since. A server's state changes
+    only with new control data, from a daemon that answered with a client list: a daemon that is down
+    or whose `ps` failed tells nothing of its servers."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._control: MpsControlData | None = None
+        self._serving: dict[tuple[str, int], tuple[int, ...]] = {}  # (pipe dir, server PID) -> its clients
+        self._first_seen: dict[int, float] = {}  # client PID -> when it was first listed, for those listed
+        self._faults: dict[tuple[str, int], _Fault] = {}  # oldest first
+        self._seen: dict[int, FaultClient] = {}  # PID -> its engine and pod, as last known
+
+    def update(self, control: MpsControlData | None, fatal_errors: Mapping[int, tuple[str, LogEvent]],
+               identify: Identify) -> None:
+        now = self._clock()
+        if control is not None and control is not self._control:
+            self._control = control
+            self._cycle(control, now)
+        for key, fault in list(self._faults.items()):
+            if now - fault.last_seen > FAULT_KEPT_SECONDS:
+                del self._faults[key]
+        while len(self._faults) > MAX_FAULTS_KEPT:
+            over = next((k for k, f in self._faults.items() if f.state != "fault"), next(iter(self._faults)))
+            del self._faults[over]
+        for (_, server_pid), fault in self._faults.items():
+            blamed = fatal_errors.get(server_pid)
+            if blamed is not None and blamed[1].client_pid is not None and blamed[1].client_pid not in fault.pids:
+                fault.pids.append(blamed[1].client_pid)
+        kept = {pid for pids in self._serving.values() for pid in pids} | \
+            {pid for fault in self._faults.values() for pid in fault.pids}
+        seen: dict[int, FaultClient] = {}
+        for pid in kept:
+            now_known, before = identify(pid), self._seen.get(pid)
+            if before is not None:
+                now_known = FaultClient(pid, now_known.engine or before.engine, now_known.pod or before.pod)
+            if now_known.engine is not None or now_known.pod is not None:
+                seen[pid] = now_known
+        self._seen = seen
+
+    def _cycle(self, control: MpsControlData, now: float) -> None:
+        watched = {d.pipe_dir for d in control.daemons}
+        self._serving = {key: pids for key, pids in self._serving.items() if key[0] in watched}
+        listed_clients: set[int] = set()
+        for daemon in control.daemons:
+            if not daemon.up or daemon.clients is None:
+                listed_clients |= {pid for (d, _), pids in self._serving.items() if d == daemon.pipe_dir for pid in pids}
+                continue
+            status: dict[int, str | None] = {s.pid: s.status for s in daemon.servers}
+            clients: dict[int, list[int]] = {}
+            for client in daemon.clients:
+                clients.setdefault(client.server_pid, []).append(client.pid)
+                status.setdefault(client.server_pid, None)
+                listed_clients.add(client.pid)
+            for server_pid, server_status in status.items():
+                key = (daemon.pipe_dir, server_pid)
+                pids = tuple(clients.get(server_pid, ()))
+                fault = self._faults.get(key)
+                if server_status == "FAULT":
+                    if fault is None or fault.state != "fault":
+                        fault = self._remember(key, "fault", self._serving.get(key, ()), now)
+                    fault.pids += [pid for pid in pids if pid not in fault.pids]
+                    fault.last_seen = now
+                elif fault is not None and fault.state == "fault" and server_status is not None:
+                    fault.state, fault.last_seen = "recovered", now
+                self._serving[key] = pids
+            for key in [k for k in self._serving if k[0] == daemon.pipe_dir and k[1] not in status]:
+                pids = self._serving.pop(key)
+                fault = self._faults.get(key)
+                if fault is not None and fault.state == "fault":
+                    fault.state, fault.last_seen = "gone", now
+                elif pids:  # vanished while serving clients: it died and took them with it
+                    self._remember(key, "gone", pids, now)
+        self._first_seen = {pid: self._first_seen.get(pid, now) for pid in listed_clients}
+
+    def _remember(self, key: tuple[str, int], state: str, pids: Iterable[int], now: float) -> _Fault:
+        self._faults.pop(key, None)  # a new fault of a server remembered before starts afresh, as the newest
+        fault = self._faults[key] = _Fault(state, list(pids), now, now)
+        return fault
+
+    def blast_radius(self, control: MpsControlData | None, fatal_errors: Mapping[int, tuple[str, LogEvent]],
+                     identify: Identify) -> tuple[BlastRadius, ...]:
+        """Every remembered fault joined with what the node shows now: the blamed client (the log's
+        latest fatal error for that server PID), whether each client is still attached, and where it
+        came back: a client first listed after the fault, on a server not in FAULT, with the same
+        engine or pod name and another PID."""
+        attached: dict[tuple[str, int], set[int]] = {}
+        elsewhere: list[tuple[str, int, int]] = []  # (pipe dir, server PID, client PID) off servers in FAULT
+        for daemon in control.daemons if control is not None else ():
+            if not daemon.up or daemon.clients is None:
+                continue
+            faulted = {s.pid for s in daemon.servers if s.status == "FAULT"}
+            for listed in daemon.clients:
+                attached.setdefault((daemon.pipe_dir, listed.server_pid), set()).add(listed.pid)
+                if listed.server_pid not in faulted:
+                    elsewhere.append((daemon.pipe_dir, listed.server_pid, listed.pid))
+        known = {d.pipe_dir for d in control.daemons if d.up and d.clients is not None} if control else set()
+        found = []
+        for (pipe_dir, server_pid), fault in self._faults.items():
+            fatal_error = fatal_errors.get(server_pid)
+            blamed = fatal_error[1].client_pid if fatal_error is not None else None
+            newcomers = [w for w in elsewhere if self._first_seen.get(w[2], fault.since) >= fault.since]
+            on_it = attached.get((pipe_dir, server_pid), set())
+            shared = []
+            for pid in [p for p in fault.pids if p == blamed] + [p for p in fault.pids if p != blamed]:
+                client = self._seen.get(pid) or identify(pid)
+                back = next((c for w in newcomers if w[2] != pid and (c := _comeback(client, w, identify))), None)
+                shared.append(SharedClient(client, pid == blamed, pid in on_it if pipe_dir in known else None, back))
+            found.append(BlastRadius(pipe_dir, server_pid, fault.state, fatal_error, tuple(shared)))
+        return tuple(found)
+
+
+def _comeback(client: FaultClient, where: tuple[str, int, int], identify: Identify) -> Comeback | None:
+    """`where`'s client, when it has the engine name or the pod name of `client`."""
+    candidate = identify(where[2])
+    if client.engine is not None and candidate.engine == client.engine:
+        return Comeback(where[0], where[1], candidate, "engine")
+    name = client.pod.name if client.pod is not None else None
+    if name is not None and candidate.pod is not None and candidate.pod.name == name:
+        return Comeback(where[0], where[1], candidate, "pod")
+    return None
+
+
 def render(facts: DerivedFacts, out: Families) -> None:
-    """The families that belong to no one collector: the advisor's."""
+    """The families that belong to no one collector: the advisor's, and the client MPS blames for a
+    fault (joined with mps_pod_info by pid in the alerts' annotations)."""
     for a in facts.advice:
         if a.gain_estimate is None:
             continue
         out.add("mps_gpu_mps_gain_estimate_ratio", [a.gpu_uuid], a.gain_estimate)
         for verdict in VERDICTS:
             out.add("mps_gpu_mps_verdict", [a.gpu_uuid, verdict], 1 if a.verdict == verdict else 0)
+    for blast in facts.blast_radius:
+        if blast.fatal_error is not None and blast.fatal_error[1].client_pid is not None:
+            log_dir, event = blast.fatal_error
+            out.add("mps_fault_blamed_client_info", [blast.pipe_dir, blast.server_pid, log_dir, event.client_pid], 1)

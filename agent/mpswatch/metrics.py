@@ -107,6 +107,13 @@ _SPECS = [
         ("pipe_dir", "server_pid", "pid", "gpu_uuid", "command", "engine"),
         "Always 1 per connected client.",
     ),
+    MetricSpec(
+        "mps_fault_blamed_client_info",
+        "gauge",
+        ("pipe_dir", "server_pid", "log_dir", "pid"),
+        "Always 1 per server in FAULT, or faulted or died in the last 15 minutes, whose MPS log blames a client "
+        "for a fatal GPU error: pid is the client MPS names (it can name an innocent one).",
+    ),
 ]
 
 _SPECS += [

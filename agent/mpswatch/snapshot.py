@@ -281,6 +281,59 @@ class PodIdentity:
 
 
 @dataclass(frozen=True)
+class FaultClient:
+    """A client of a server that faulted or died, as the derive step knows it: its engine and pod as
+    seen now, or when it was last seen (None: unknown, or not an engine's / in no pod)."""
+
+    pid: int
+    engine: str | None = None
+    pod: PodIdentity | None = None
+
+
+@dataclass(frozen=True)
+class Comeback:
+    """Where a client of a faulted server is back: a client of another server (or of the same one once
+    it recovered) with the same engine name or the same pod name, under a new PID."""
+
+    pipe_dir: str
+    server_pid: int
+    client: FaultClient
+    by: str  # engine | pod: what the two have in common
+
+
+@dataclass(frozen=True)
+class SharedClient:
+    """One client that shared a server when it faulted or died, and what became of it."""
+
+    client: FaultClient
+    blamed: bool  # the client MPS's log blames for the fatal GPU error
+    attached: bool | None  # still a client of that server; None: unknown (its daemon gave no client list)
+    back_on: Comeback | None = None
+
+
+BLAST_STATES = ("fault", "recovered", "gone")
+
+
+@dataclass(frozen=True)
+class BlastRadius:
+    """What one MPS server's fault or death reached: the client its log blames (MPS can blame an
+    innocent client that was only running kernels) and every client that shared the server then,
+    remembered by the derive step from the control daemon's `ps` before they were torn down."""
+
+    pipe_dir: str
+    server_pid: int
+    # fault: in FAULT as its daemon last answered; recovered: out of FAULT again; gone: no longer listed
+    # while its daemon answers (died with its clients, or left after its fault)
+    state: str
+    fatal_error: tuple[str, LogEvent] | None  # (log_dir, the latest fatal_gpu_error its log shows)
+    clients: tuple[SharedClient, ...]  # the blamed client among them, also when `ps` never listed it
+
+    @property
+    def blamed(self) -> SharedClient | None:
+        return next((c for c in self.clients if c.blamed), None)
+
+
+@dataclass(frozen=True)
 class CollectorStatus:
     name: str
     success: bool
@@ -335,6 +388,8 @@ class DerivedFacts:
     advice: tuple[Advice, ...] = ()
     gpu_memory_by_pid: Mapping[int, int | None] = field(default_factory=frozen_map)
     fault_causes: Mapping[int, tuple[str, LogEvent]] = field(default_factory=frozen_map)  # server pid -> event
+    # every server in FAULT now, and those that faulted or died with clients not long ago (mpswatch.derive)
+    blast_radius: tuple[BlastRadius, ...] = ()
     # pid -> its pod, for MPS clients, GPU processes and engines' processes in a pod's cgroup
     pods: Mapping[int, PodIdentity] = field(default_factory=frozen_map)
     engine_pods: Mapping[str, PodIdentity] = field(default_factory=frozen_map)  # engine name -> its API server's pod

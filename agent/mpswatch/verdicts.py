@@ -29,8 +29,8 @@ class StatusSection:
 
 
 # the kinds of problem, in the order a report lists those of one verdict: the node's MPS before the
-# agent's own failures, a thing before what follows from it
-PROBLEM_KINDS = ("mps", "daemon", "server", "gpu", "engine", "engine_gpu", "client", "collector")
+# agent's own failures, a thing before what follows from it (a server's fault before its blast radius)
+PROBLEM_KINDS = ("mps", "daemon", "server", "fault", "gpu", "engine", "engine_gpu", "client", "collector")
 
 
 def problem(verdict: str, kind: str, subject: str, reason: str) -> dict[str, Any]:

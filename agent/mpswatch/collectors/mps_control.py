@@ -762,8 +762,10 @@ def _server_entry(daemon: MpsDaemon, server: MpsServer, listed: bool, facts: Der
         cause = facts.fault_causes.get(server.pid)
         if cause is not None:
             fault_cause = event_entry(*cause, now)
-            reason = (f"FAULT (client {cause[1].client_pid} hit a fatal GPU error {age(now - cause[1].time)} ago, "
-                      "says the server log): new clients are refused until every affected client exits")
+            blamed = cause[1].client_pid
+            blamed_pod = in_pod(pod_name(facts.pods.get(blamed))) if blamed is not None else ""
+            reason = (f"FAULT: MPS blames client {blamed}{blamed_pod} for a fatal GPU error {age(now - cause[1].time)} "
+                      "ago; new clients are refused until every affected client exits")
     client_entries = []
     for client in (c for c in daemon.clients or () if c.server_pid == server.pid):
         if server.status == "FAULT":
