@@ -27,6 +27,7 @@ from mpswatch.snapshot import (
     PodsData,
     frozen_map,
 )
+
 from tests.snapshots import ok_status, snapshot_of
 
 PIPE, OTHER_PIPE, LOG = "/run/nvidia-mps", "/run/nvidia/mps/gpu1/pipe", "/var/log/nvidia-mps"
@@ -151,8 +152,8 @@ def test_a_client_whose_engine_or_pod_is_a_new_client_of_another_server_came_bac
                engines=engines(qwen=(437,)), pods=pods(p513="team-b/vllm-b"))
     node.cycle(FAULT_TIME + 2, mps_control=control(daemon({632: "FAULT"}, {632: (437, 513)})))
     # both restarted: the engine's new process and the pod's new container on the other daemon's server
-    back = node.cycle(FAULT_TIME + 60,
-                      mps_control=control(daemon({632: "FAULT"}, {632: ()}), daemon({700: "ACTIVE"}, {700: (801, 802)}, OTHER_PIPE)),
+    other = daemon({700: "ACTIVE"}, {700: (801, 802)}, OTHER_PIPE)
+    back = node.cycle(FAULT_TIME + 60, mps_control=control(daemon({632: "FAULT"}, {632: ()}), other),
                       engines=engines(qwen=(801,)), pods=pods(p802="team-b/vllm-b"))
     assert shared(back) == {437: (False, False, "700:801 by engine"), 513: (False, False, "700:802 by pod")}
     line = next(l for l in render_text(health_report(back, "test", now=FAULT_TIME + 60)).splitlines() if "blast radius" in l)

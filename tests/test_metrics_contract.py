@@ -52,8 +52,10 @@ def test_a_running_agent_exports_exactly_the_declared_set(fake_daemon, tmp_path)
     killed.update(mode="not_running")
     log_dir = tmp_path / "log"
     log_dir.mkdir()
+    # the fault of session 2 once more, in server 632's log: the fault scenario's server, so it is blamed
+    fault_log = (FIXTURES / "session2-fault-server.log").read_text()
     (log_dir / "server.log").write_text(
-        (FIXTURES / "session2-fault-server.log").read_text() + "\xff broken\n", errors="surrogateescape"
+        fault_log + fault_log.replace("   440] ", "   632] ") + "\xff broken\n", errors="surrogateescape"
     )
     engine = subprocess.Popen(
         [sys.executable, str(HERE / "fakevllm.py"), "vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct", "--port",
