@@ -199,14 +199,24 @@ def test_a_faulted_server_that_vanishes_stays_listed_as_gone():
     assert (blast.server_pid, blast.state) == (632, "gone")
 
 
-def test_a_daemon_that_stops_answering_or_whose_ps_fails_tells_nothing_of_its_servers():
+def test_a_daemon_that_stops_answering_or_restarts_tells_nothing_of_its_servers_deaths():
     node = Node()
     node.cycle(mps_control=control(daemon({476: "ACTIVE"}, {476: (437,)})))
     assert node.cycle(FAULT_TIME + 2, mps_control=control(daemon({}, None))).derived.blast_radius == ()
     down = daemon({}, {}, state=DaemonState.NOT_RUNNING)
     assert node.cycle(FAULT_TIME + 4, mps_control=control(down)).derived.blast_radius == ()
-    # the daemon's answers resume, server 476 still there: nothing happened to it
-    assert node.cycle(FAULT_TIME + 6, mps_control=control(daemon({476: "ACTIVE"}, {476: (437,)}))).derived.blast_radius == ()
+    # the daemon restarted, with a new server: the old one was not seen to die (it may run on, unlisted)
+    assert node.cycle(FAULT_TIME + 6, mps_control=control(daemon({900: "ACTIVE"}, {900: (901,)}))).derived.blast_radius == ()
+
+
+def test_a_cycle_whose_ps_fails_keeps_what_each_server_served():
+    node = Node()
+    node.cycle(mps_control=control(daemon({476: "ACTIVE", 632: "ACTIVE"}, {476: (437,), 632: (513,)})))
+    # 632 in FAULT while `ps` fails: its clients are those of the cycle before, attached or not unknown
+    after = node.cycle(FAULT_TIME + 2, mps_control=control(daemon({632: "FAULT"}, None)))
+    assert [b.server_pid for b in after.derived.blast_radius] == [632] and shared(after) == {513: (False, None, None)}
+    later = node.cycle(FAULT_TIME + 4, mps_control=control(daemon({632: "FAULT"}, {632: (513,)})))
+    assert [(b.server_pid, b.state) for b in later.derived.blast_radius] == [(632, "fault"), (476, "gone")]
 
 
 def test_a_fault_is_forgotten_fifteen_minutes_after_its_server_left_fault_and_one_in_fault_is_not():

@@ -354,8 +354,9 @@ class FaultMemory:
     serving clients, those clients and every client seen on it since, kept while it is in FAULT and
     FAULT_KEPT_SECONDS after (at most MAX_FAULTS_KEPT servers, those in FAULT last to go); and the
     engine and pod last seen of each PID it keeps, for clients gone since. A server's state changes
-    only with new control data, from a daemon that answered with a client list: a daemon that is down
-    or whose `ps` failed tells nothing of its servers."""
+    only with new control data from a daemon that answers: a cycle whose `ps` failed changes no client
+    set and sees no server die, and a daemon that goes down forgets what its servers served (as for
+    mps_servers_lost_total, its servers are not seen to die: they may run on, unlisted)."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
@@ -397,12 +398,12 @@ class FaultMemory:
         self._serving = {key: pids for key, pids in self._serving.items() if key[0] in watched}
         listed_clients: set[int] = set()
         for daemon in control.daemons:
-            if not daemon.up or daemon.clients is None:
-                listed_clients |= {pid for (d, _), pids in self._serving.items() if d == daemon.pipe_dir for pid in pids}
+            if not daemon.up:  # it takes its servers along, or leaves them running unlisted: no death seen
+                self._serving = {key: pids for key, pids in self._serving.items() if key[0] != daemon.pipe_dir}
                 continue
             status: dict[int, str | None] = {s.pid: s.status for s in daemon.servers}
             clients: dict[int, list[int]] = {}
-            for client in daemon.clients:
+            for client in daemon.clients or ():
                 clients.setdefault(client.server_pid, []).append(client.pid)
                 status.setdefault(client.server_pid, None)
                 listed_clients.add(client.pid)
@@ -417,7 +418,11 @@ class FaultMemory:
                     fault.last_seen = now
                 elif fault is not None and fault.state == "fault" and server_status is not None:
                     fault.state, fault.last_seen = "recovered", now
-                self._serving[key] = pids
+                if daemon.clients is not None:
+                    self._serving[key] = pids
+            if daemon.clients is None:  # `ps` failed: what each server served before stands
+                listed_clients |= {pid for (d, _), pids in self._serving.items() if d == daemon.pipe_dir for pid in pids}
+                continue
             for key in [k for k in self._serving if k[0] == daemon.pipe_dir and k[1] not in status]:
                 pids = self._serving.pop(key)
                 fault = self._faults.get(key)
