@@ -250,7 +250,7 @@ def discover_mps_dirs(
     if unreadable:
         notes.append(
             f"cannot read the environment of {CONTROL_PROGRAM} pid {', '.join(map(str, unreadable))} "
-            f"to find its {env_var} (needs the same user or CAP_SYS_PTRACE); {hint}"
+            f"to find its {env_var} (needs root with CAP_SYS_PTRACE and, for another user's process, CAP_DAC_READ_SEARCH: deploy/README.md); {hint}"
         )
     return sorted(found.items()), notes
 
