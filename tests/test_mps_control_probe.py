@@ -370,6 +370,35 @@ def test_settings_are_read_once_per_settings_interval_to_spare_the_control_log(t
     assert second.servers[0].active_thread_percentage == 100.0
 
 
+def test_an_unanswered_default_pinned_limit_is_unknown_while_an_empty_answer_is_no_limit(tmp_path):
+    fake_proc(tmp_path / "proc", 476, "nvidia-cuda-mps-server")
+    no_limit = probe(tmp_path, ScriptedRunner(HEALTHY), pipe_dir_with_pid(tmp_path, 429))
+    assert (no_limit.default_pinned_memory_limit_bytes, no_limit.default_pinned_memory_limit_known) == (None, True)
+    unanswered = {k: v for k, v in HEALTHY.items() if not k.startswith("get_default_device_pinned_mem_limit")}
+    other = tmp_path / "other"
+    other.mkdir()
+    failed = probe(tmp_path, ScriptedRunner(unanswered), other)
+    assert (failed.default_pinned_memory_limit_bytes, failed.default_pinned_memory_limit_known) == (None, False)
+
+
+def test_a_daemon_under_the_device_plugins_root_is_named_by_its_resource_and_keeps_it(tmp_path):
+    fake_proc(tmp_path / "proc", 476, "nvidia-cuda-mps-server")
+    plugin = tmp_path / "mps" / "nvidia.com" / "gpu" / "pipe"
+    plugin.mkdir(parents=True)
+    (plugin / "control").touch()
+    elsewhere = pipe_dir_with_pid(tmp_path, 429)
+    runner = ScriptedRunner({**HEALTHY, "get_default_device_pinned_mem_limit 0": "71885M\n"})
+    collector = MpsControlCollector(
+        control_bin="nvidia-cuda-mps-control", procfs=ProcFS(tmp_path / "proc"), runner=runner,
+        discovery=DiscoverySettings(pipe_dirs=(str(plugin), str(elsewhere)), device_plugin_root=str(tmp_path / "mps")),
+    )
+    for _ in range(2):  # the second cycle takes the settings from the first
+        daemons = {d.pipe_dir: d for d in collector.collect().daemons}
+        assert (daemons[str(plugin)].resource, daemons[str(elsewhere)].resource) == ("nvidia.com/gpu", None)
+        assert daemons[str(plugin)].default_pinned_memory_limit_bytes == 71885 << 20
+        assert daemons[str(plugin)].default_pinned_memory_limit_known
+
+
 def test_clients_are_named_by_the_full_gpu_uuid_the_driver_lists(tmp_path):
     fake_proc(tmp_path / "proc", 476, "nvidia-cuda-mps-server")
     info = tmp_path / "proc" / "driver" / "nvidia" / "gpus" / "0000:00:06.0"
