@@ -204,6 +204,19 @@ def test_discovery_finds_default_device_plugin_and_process_pipe_dirs(tmp_path):
     assert notes == []
 
 
+def test_a_device_plugin_daemons_own_view_of_its_dirs_is_not_a_second_daemon(tmp_path):
+    # the plugin starts its daemon in a container where the root is /mps: its environment names
+    # /mps/nvidia.com/gpu/pipe, which is the host's <root>/nvidia.com/gpu/pipe
+    plugin = tmp_path / "plugin" / "nvidia.com" / "gpu" / "pipe"
+    plugin.mkdir(parents=True)
+    (plugin / "control").touch()
+    fake_proc(tmp_path / "proc", 61, "nvidia-cuda-mps-control", environ="CUDA_MPS_PIPE_DIRECTORY=/mps/nvidia.com/gpu/pipe\0")
+    fake_proc(tmp_path / "proc", 62, "nvidia-cuda-mps-control", environ="CUDA_MPS_PIPE_DIRECTORY=/srv/gone/pipe\0")
+    settings = DiscoverySettings(default_pipe_dirs=(), device_plugin_root=str(tmp_path / "plugin"))
+    found, _ = discover_pipe_dirs(settings, ProcFS(tmp_path / "proc"))
+    assert dict(found) == {str(plugin): "device_plugin", "/srv/gone/pipe": "process"}
+
+
 def test_discovery_says_when_a_daemon_environment_cannot_be_read(tmp_path):
     fake_proc(tmp_path / "proc", 501, "nvidia-cuda-mps-control")
 

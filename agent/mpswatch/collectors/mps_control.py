@@ -255,11 +255,16 @@ def discover_mps_dirs(
         for d in sorted(root.glob(pattern)):
             if d.is_dir() and accept(d):
                 found.setdefault(str(d), "device_plugin")
+    plugin_dirs = [os.path.relpath(d, root) for d, by in found.items() if by == "device_plugin"]
     environments, unreadable = procfs.environments_of(CONTROL_PROGRAM, is_daemon)
     for env in environments:
         directory = env.get(env_var) or env_default
-        if os.path.isabs(directory):
-            found.setdefault(os.path.normpath(directory), "process")
+        if not os.path.isabs(directory):
+            continue
+        directory = os.path.normpath(directory)
+        if not os.path.isdir(directory) and any(directory.endswith(f"/{d}") for d in plugin_dirs):
+            continue  # a device plugin daemon's dir as its container mounts it (/mps/<resource>/...), found above
+        found.setdefault(directory, "process")
     notes = []
     if unreadable:
         notes.append(
