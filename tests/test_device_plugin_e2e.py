@@ -22,7 +22,7 @@ PS = ("PID       ID        SERVER         DEVICE                    NAMESPACE   
       "2388      2         2215           GPU-2ea0ea17-0206-eb44    4026531836     python3\n")
 
 
-def plugin_node(tmp_path: Path, control_log: str, server_atp: str = "100.0") -> tuple[str, str]:
+def plugin_node(tmp_path: Path, control_log: str, server_atp: str = "100.0", default_atp: str = "50.0") -> tuple[str, str]:
     """The device plugin's dirs for nvidia.com/gpu under tmp_path/mps (its `.started` file too), its
     daemon answered by the fake control program (by default as the race leaves it: server 2215 at 100 %
     where the default is now 50 %), and a config under which nothing else on the test machine is
@@ -35,7 +35,7 @@ def plugin_node(tmp_path: Path, control_log: str, server_atp: str = "100.0") -> 
     (resource / ".started").touch()
     (pipe / "scenario.json").write_text(json.dumps({"mode": "answer", "replies": {
         "get_server_list": "2215\n", "get_server_status 2215": "ACTIVE\n",
-        "get_active_thread_percentage 2215": f"{server_atp}\n", "get_default_active_thread_percentage": "50.0\n",
+        "get_active_thread_percentage 2215": f"{server_atp}\n", "get_default_active_thread_percentage": f"{default_atp}\n",
         "get_default_device_pinned_mem_limit 0": "71885M\n", "ps": PS}}))
     (log / "control.log").write_text(control_log)
     (tmp_path / "proc").mkdir()
@@ -84,8 +84,8 @@ def test_a_server_started_before_the_plugins_limits_is_reported_with_its_daemons
     assert (log_dir["found_by"], log_dir["files"]) == ("device_plugin", ["control.log"])
 
 
-@pytest.mark.parametrize("when", ["after the limits", "with no limits set at all"])
-def test_a_server_started_with_the_daemons_limits_in_force_is_ok(tmp_path, when):
+@pytest.mark.parametrize(("when", "atp"), [("after the limits", "50.0"), ("with no limits set at all", "100.0")])
+def test_a_server_started_with_the_daemons_limits_in_force_is_ok(tmp_path, when, atp):
     lines = PLUGIN_LOG.read_text().splitlines(keepends=True)
     start = lines.pop(7)
     assert "Starting new server 2215" in start
@@ -94,7 +94,7 @@ def test_a_server_started_with_the_daemons_limits_in_force_is_ok(tmp_path, when)
     else:  # a daemon started by hand, with no set_default_* command
         lines = [line for line in lines if "Cmd:set_default" not in line]
         lines.insert(7, start)
-    config, _ = plugin_node(tmp_path, "".join(lines), server_atp="50.0" if when == "after the limits" else "100.0")
+    config, _ = plugin_node(tmp_path, "".join(lines), server_atp=atp, default_atp=atp)
     report = json.loads(status(config, "--json").stdout)
     [server] = report["daemons"][0]["servers"]
     assert (server["started_before_limits"], server["verdict"]) == (False, "OK")

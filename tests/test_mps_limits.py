@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-
 from mpswatch.analysis import health_report, render_text
 from mpswatch.exposition import render
 from mpswatch.snapshot import (
@@ -29,6 +28,7 @@ from mpswatch.snapshot import (
     ServerStart,
     frozen_map,
 )
+
 from tests.snapshots import snapshot_of
 
 PIPE = "/run/nvidia/mps/nvidia.com/gpu/pipe"

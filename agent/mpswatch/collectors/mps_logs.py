@@ -11,10 +11,11 @@ import os
 import re
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, tzinfo
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import structlog
 
