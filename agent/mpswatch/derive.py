@@ -1,7 +1,9 @@
 """The one place where collectors' data meet: which engine a GPU process or MPS client belongs to,
 an engine's GPU and MPS attachment, whether a daemon serves its pipe dir, whether MPS is expected on
 the node, the load balance between the engines of a GPU, the advisor's verdicts, the log line that
-explains a server's FAULT, and the Kubernetes pod of every MPS client, GPU process and engine.
+explains a server's FAULT, the Kubernetes pod of every MPS client, GPU process and engine, the servers
+whose start a control log recorded (before or after their daemon's limits), and the MPS limits each
+engine's client runs under.
 
 Runs after every collector publish (mpswatch.scheduler), without I/O, on the latest data of each.
 """
