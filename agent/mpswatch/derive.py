@@ -65,7 +65,8 @@ class Deriver:
             engines = tuple(joined)
         engines, imbalance = balanced(engines)
         starts = listed_server_starts(snapshot.mps_control, snapshot.mps_logs)
-        engines = tuple(with_mps_limits(e, snapshot.mps_control, starts) for e in engines)
+        servers_of_clients = client_servers(snapshot.mps_control)
+        engines = tuple(with_mps_limits(e, servers_of_clients, starts) for e in engines)
         advice: tuple[Advice, ...] = ()
         if snapshot.engines is not None and snapshot.gpu is not None:
             advice = tuple(advise_node(snapshot.gpu.gpus, engines, imbalance))
@@ -302,12 +303,18 @@ def listed_server_starts(
             for s in d.servers if s.pid in logs.server_starts}
 
 
+def client_servers(control: MpsControlData | None) -> dict[int, tuple[MpsDaemon, int]]:
+    """pid -> (daemon, server PID) of every MPS client an answering daemon lists."""
+    if control is None:
+        return {}
+    return {c.pid: (d, c.server_pid) for d in control.daemons if d.up for c in d.clients or ()}
+
+
 def with_mps_limits(
-    engine: EngineState, control: MpsControlData | None, starts: Mapping[tuple[str, int], ServerStart]
+    engine: EngineState, clients: Mapping[int, tuple[MpsDaemon, int]], starts: Mapping[tuple[str, int], ServerStart]
 ) -> EngineState:
     """The engine with the MPS limits in force for its client: its first process that a daemon lists
     as a client, that client's server and daemon, against what its environment asks."""
-    clients = {c.pid: (d, c.server_pid) for d in (control.daemons if control else ()) if d.up for c in d.clients or ()}
     pid = next((pid for pid in engine.pids if pid in clients), None)
     if pid is None:
         return engine
