@@ -1,8 +1,9 @@
 """MPS log collector: events from control.log and server.log that the control commands never tell.
 
 The parser is pure: a line and the file's small context in, an event (or none) and the next
-context out. Patterns come from real H200 logs (driver 580, tests/fixtures) and the older
-wordings NVIDIA documents; error-like lines that match nothing count as `unrecognised_error`.
+context out. Patterns come from real H200 logs (driver 580, tests/fixtures), the older wordings
+NVIDIA documents and, for the commands that set a daemon's default limits, the Kubernetes device
+plugin's daemon log; error-like lines that match nothing count as `unrecognised_error`.
 """
 
 from __future__ import annotations
@@ -141,9 +142,9 @@ _RULES = [
 ]
 # the commands that set the daemon's default limits for the servers it starts next, as control.log
 # echoes each command it receives (`Cmd:<command line>`): wording from the device plugin's daemon log
-# in k8s-device-plugin issue 679 (tests/fixtures/h200-driver580/README.md)
+# in k8s-device-plugin issue 679 (tests/fixtures/device-plugin-mps/README.md)
 _LIMITS_SET = re.compile(
-    r"^Cmd:\s*(set_default_(?:active_thread_percentage|device_pinned_mem_limit)(?:[ \t]+[^\s]{1,40}){1,2})\s*$"
+    r"^Cmd:\s*(set_default_(?:active_thread_percentage|device_pinned_mem_limit)(?:[ \t]+\S{1,40}){1,2})\s*$"
 )
 _CONNECTED = re.compile(rf"^Client {_CLIENT} connected")
 _REPLY_OVER = re.compile(r"^(?:UI closed|Accepting connection|NEW UI|Starting control daemon|Exit with status)")
