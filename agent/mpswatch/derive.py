@@ -1,9 +1,10 @@
 """The one place where collectors' data meet: which engine a GPU process or MPS client belongs to,
 an engine's GPU and MPS attachment, whether a daemon serves its pipe dir, whether MPS is expected on
 the node, the load balance between the engines of a GPU, the advisor's verdicts, the log line that
-explains a server's FAULT, the Kubernetes pod of every MPS client, GPU process and engine, and the
-blast radius of a server's fault or death: the client MPS blames, every client that shared the
-server, and whether each came back on another server.
+explains a server's FAULT, the Kubernetes pod of every MPS client, GPU process and engine, the
+blast radius of a server's fault or death (the client MPS blames, every client that shared the
+server, and whether each came back on another server), the servers whose start a control log
+recorded (before or after their daemon's limits), and the MPS limits each engine's client runs under.
 
 Runs after every collector publish (mpswatch.scheduler), without I/O, on the latest data of each.
 """
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from mpswatch.advisor import VERDICTS, Advice, advise_node
+from mpswatch.collectors.mps_control import ParseError, parse_percentage, parse_pinned_limits_env
 from mpswatch.metrics import Families
 from mpswatch.snapshot import (
     BlastRadius,
@@ -29,10 +31,15 @@ from mpswatch.snapshot import (
     GpuData,
     LogEvent,
     MpsControlData,
+    MpsDaemon,
     MpsExpectation,
+    MpsLimit,
+    MpsLogsData,
+    MpsServer,
     NodeSnapshot,
     PodIdentity,
     PodsData,
+    ServerStart,
     SharedClient,
     frozen_map,
 )
@@ -66,6 +73,9 @@ class Deriver:
             self._engine_gpu = {e.name: e.gpu_uuid for e in joined if e.gpu_uuid is not None}
             engines = tuple(joined)
         engines, imbalance = balanced(engines)
+        starts = listed_server_starts(snapshot.mps_control, snapshot.mps_logs)
+        servers_of_clients = client_servers(snapshot.mps_control)
+        engines = tuple(with_mps_limits(e, servers_of_clients, starts) for e in engines)
         advice: tuple[Advice, ...] = ()
         if snapshot.engines is not None and snapshot.gpu is not None:
             advice = tuple(advise_node(snapshot.gpu.gpus, engines, imbalance))
@@ -93,6 +103,7 @@ class Deriver:
             pods=frozen_map(pods),
             engine_pods=frozen_map(engine_pods(engines, pod_of_pid)),
             mps_expected=mps_expectation(snapshot.mps_control, snapshot.engines),
+            server_starts=frozen_map(starts),
         )
 
 
@@ -293,6 +304,119 @@ def mps_expectation(control: MpsControlData | None, engines: EnginesData | None)
     if any(e.mps_pipe_dir_set is None for e in local):
         return None
     return MpsExpectation(False, "no_engine_pipe_dir", "no engine sets CUDA_MPS_PIPE_DIRECTORY")
+
+
+def listed_server_starts(
+    control: MpsControlData | None, logs: MpsLogsData | None
+) -> dict[tuple[str, int], ServerStart]:
+    """(pipe_dir, server_pid) -> the server's start as a control log recorded it, for each server a
+    daemon lists whose start is in a watched log (joined by the server's PID: the logs do not name
+    their pipe dir in a way that survives a container's mounts)."""
+    if control is None or logs is None:
+        return {}
+    return {(d.pipe_dir, s.pid): logs.server_starts[s.pid] for d in control.daemons if d.up
+            for s in d.servers if s.pid in logs.server_starts}
+
+
+def client_servers(control: MpsControlData | None) -> dict[int, tuple[MpsDaemon, int]]:
+    """pid -> (daemon, server PID) of every MPS client an answering daemon lists."""
+    if control is None:
+        return {}
+    return {c.pid: (d, c.server_pid) for d in control.daemons if d.up for c in d.clients or ()}
+
+
+def with_mps_limits(
+    engine: EngineState, clients: Mapping[int, tuple[MpsDaemon, int]], starts: Mapping[tuple[str, int], ServerStart]
+) -> EngineState:
+    """The engine with the MPS limits in force for its client: its first process that a daemon lists
+    as a client, that client's server and daemon, against what its environment asks."""
+    pid = next((pid for pid in engine.pids if pid in clients), None)
+    if pid is None:
+        return engine
+    daemon, server_pid = clients[pid]
+    server = next((s for s in daemon.servers if s.pid == server_pid), None)
+    return replace(
+        engine,
+        active_thread_limit=thread_limit(engine, daemon, server_pid, server),
+        pinned_memory_limit=pinned_limit(engine, daemon, server_pid, server, starts.get((daemon.pipe_dir, server_pid))),
+    )
+
+
+def thread_limit(engine: EngineState, daemon: MpsDaemon, server_pid: int, server: MpsServer | None) -> MpsLimit:
+    """The share of the GPU's threads the engine's client may use: its server's active thread
+    percentage, lowered by CUDA_MPS_ACTIVE_THREAD_PERCENTAGE in its environment (a client's own
+    setting can only lower it: NVIDIA's MPS docs, environment variables)."""
+    allowed = server.active_thread_percentage if server is not None else None
+    if allowed is None:
+        return MpsLimit(None, None, f"unknown: server {server_pid}'s active thread percentage was not read")
+    if engine.mps_pipe_dir is None:
+        return MpsLimit(None, None, f"unknown: its environment cannot be read (server {server_pid} allows {allowed:g}%)")
+    default = daemon.default_active_thread_percentage
+    above = f", above the daemon's default of {default:g}% for new servers" if default is not None and allowed > default else ""
+    server_says = f"{allowed:g}% from server {server_pid}{above}"
+    if engine.mps_active_thread_percentage is None:
+        return MpsLimit(allowed / 100, "server", server_says)
+    try:
+        asked = parse_percentage(engine.mps_active_thread_percentage)
+    except ParseError:
+        return MpsLimit(None, None, f"unknown: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE="
+                        f"{engine.mps_active_thread_percentage[:40]!r} in its environment is not a percentage")
+    if asked < allowed:
+        return MpsLimit(asked / 100, "client_env", f"{asked:g}% from CUDA_MPS_ACTIVE_THREAD_PERCENTAGE in its "
+                        f"environment (server {server_pid} allows {allowed:g}%)")
+    return MpsLimit(allowed / 100, "server", f"{server_says} (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={asked:g} in its "
+                    "environment cannot raise it)")
+
+
+def pinned_limit(
+    engine: EngineState, daemon: MpsDaemon, server_pid: int, server: MpsServer | None, start: ServerStart | None
+) -> MpsLimit:
+    """The pinned device memory the engine's client may allocate on its GPU: the daemon's default,
+    which MPS gives the servers started after it was set (read for device 0 and taken for every
+    device), lowered by CUDA_MPS_PINNED_DEVICE_MEM_LIMIT in its environment (its entry for the
+    engine's GPU by UUID, else for device 0). Unknown where the engine's server did not start with the
+    daemon's current defaults: the control log says it started before they were set, or its active
+    thread percentage is not the daemon's default. A server's own limit is not asked."""
+    default_atp = daemon.default_active_thread_percentage
+    server_atp = server.active_thread_percentage if server is not None else None
+    if start is not None and start.limits_after is not None:
+        return MpsLimit(None, None, f"unknown: server {server_pid} started before the daemon's limits were set "
+                        f"({start.limits_after.detail}), so the daemon's default is not its own")
+    if server_atp is not None and default_atp is not None and server_atp != default_atp:
+        return MpsLimit(None, None, f"unknown: server {server_pid} runs at {server_atp:g}% of the threads where the "
+                        f"daemon's default is {default_atp:g}%, so it did not start with the daemon's current defaults")
+    if not daemon.default_pinned_memory_limit_known:
+        return MpsLimit(None, None, "unknown: the daemon's default pinned memory limit was not read")
+    if engine.mps_pipe_dir is None:
+        return MpsLimit(None, None, "unknown: its environment cannot be read")
+    default = daemon.default_pinned_memory_limit_bytes
+    asked: int | None = None
+    if engine.mps_pinned_device_mem_limit:
+        try:
+            asked = limit_for_gpu(parse_pinned_limits_env(engine.mps_pinned_device_mem_limit), engine.gpu_uuid)
+        except ParseError:
+            return MpsLimit(None, None, f"unknown: CUDA_MPS_PINNED_DEVICE_MEM_LIMIT="
+                            f"{engine.mps_pinned_device_mem_limit[:60]!r} in its environment is not understood")
+    if asked is not None and (default is None or asked < default):
+        allows = "sets none" if default is None else f"allows {gib(default)}"
+        return MpsLimit(asked, "client_env", f"{gib(asked)} from CUDA_MPS_PINNED_DEVICE_MEM_LIMIT in its environment "
+                        f"(the daemon's default {allows})")
+    if default is not None:
+        return MpsLimit(default, "daemon_default", f"{gib(default)}, the daemon's default for new servers")
+    return MpsLimit(None, None, "no limit: neither the daemon's default nor its environment sets one")
+
+
+def limit_for_gpu(limits: Mapping[str, int], gpu_uuid: str | None) -> int | None:
+    """A client's pinned memory limit for its GPU: the entry naming the GPU's UUID (or its start), else
+    device 0's (a client's first visible device, where the agent places an engine)."""
+    for device, limit in limits.items():
+        if gpu_uuid and device.startswith("GPU-") and gpu_uuid.startswith(device):
+            return limit
+    return limits.get("0")
+
+
+def gib(size: float) -> str:
+    return f"{size / (1 << 30):.1f} GiB"
 
 
 def load_balance(throughput: Mapping[str, float]) -> tuple[dict[str, float], float | None]:

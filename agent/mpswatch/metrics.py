@@ -45,6 +45,12 @@ _SPECS = [
     ),
     MetricSpec("mps_control_info", "gauge", ("pipe_dir", "pid"), "Always 1; the control daemon's PID from its pid file."),
     MetricSpec(
+        "mps_control_resource_info",
+        "gauge",
+        ("pipe_dir", "resource"),
+        "Always 1 for a daemon of the Kubernetes device plugin: the resource (nvidia.com/gpu) whose pipe dir it serves.",
+    ),
+    MetricSpec(
         "mps_control_command_duration_seconds",
         "gauge",
         ("pipe_dir", "command"),
@@ -82,6 +88,13 @@ _SPECS = [
         "Active thread percentage of the server.",
     ),
     MetricSpec("mps_server_clients", "gauge", ("pipe_dir", "server_pid"), "Clients connected to the server, all devices."),
+    MetricSpec(
+        "mps_server_started_before_limits",
+        "gauge",
+        ("pipe_dir", "server_pid"),
+        "1 if the control log shows the server started before the daemon's default limits were last set (it runs "
+        "with the defaults of before, and so do its clients), else 0; absent when its start is not in a watched log.",
+    ),
     MetricSpec(
         "mps_default_active_thread_percentage",
         "gauge",
@@ -243,6 +256,20 @@ _SPECS += [
         "gauge",
         ("engine", "pipe_dir", "active_thread_percentage", "pinned_device_mem_limit"),
         "Always 1; the MPS client settings in the engine's environment (empty: unset).",
+    ),
+    MetricSpec(
+        "mps_engine_active_thread_ratio",
+        "gauge",
+        ("engine", "source"),
+        "Share of the GPU's threads the engine's MPS client may use (0-1): its server's, or lower from its "
+        "environment; source: server, client_env. Absent when unknown or the engine is not an MPS client.",
+    ),
+    MetricSpec(
+        "mps_engine_pinned_device_memory_limit_bytes",
+        "gauge",
+        ("engine", "source"),
+        "Pinned device memory the engine's MPS client may allocate on its GPU; source: daemon_default, client_env. "
+        "Absent when no limit is set or it is unknown (mpswatch status says which).",
     ),
     MetricSpec(
         "mps_engine_pipe_dir_served",

@@ -61,8 +61,12 @@ class MpsDaemon:
     servers: tuple[MpsServer, ...] = ()
     clients: tuple[MpsClient, ...] | None = ()  # None: `ps` gave no usable answer
     default_active_thread_percentage: float | None = None
-    default_pinned_memory_limit_bytes: int | None = None
+    default_pinned_memory_limit_bytes: int | None = None  # None: no limit, or not known (see the next field)
+    default_pinned_memory_limit_known: bool = False  # the daemon answered get_default_device_pinned_mem_limit
     client_limit: int = 48
+    # the Kubernetes device plugin's resource whose daemon this is (nvidia.com/gpu), from the pipe dir's
+    # place under the plugin's root (<root>/<resource>/pipe); None: not under it
+    resource: str | None = None
     # servers still running on this pipe dir while the daemon is down; None: unknown (not looked, or
     # /proc hides their environment)
     orphaned_server_pids: tuple[int, ...] | None = None
@@ -117,11 +121,27 @@ class LogDirState:
 
 
 @dataclass(frozen=True)
+class ServerStart:
+    """A server start that a control log recorded since its daemon last started, and the last command
+    after it that set the daemon's default limits (None: none since). MPS applies a default only to the
+    servers started after it was set, so a server with `limits_after` runs with the defaults of before."""
+
+    log_dir: str
+    started: LogEvent  # server_started
+    limits_after: LogEvent | None = None  # limits_set
+
+    @property
+    def before_limits(self) -> bool:
+        return self.limits_after is not None
+
+
+@dataclass(frozen=True)
 class MpsLogsData:
     dirs: tuple[LogDirState, ...]
     recent: tuple[tuple[str, LogEvent], ...]  # (log_dir, event), oldest first, bounded
     fatal_errors: Mapping[int, tuple[str, LogEvent]] = field(default_factory=frozen_map)  # server PID -> latest
     discovery_notes: tuple[str, ...] = ()
+    server_starts: Mapping[int, ServerStart] = field(default_factory=frozen_map)  # server PID -> its start, bounded
 
 
 @dataclass(frozen=True)
@@ -203,6 +223,24 @@ class EngineState:
     pipe_dir_served_detail: str | None = None
     mps_active_thread_percentage: str | None = None
     mps_pinned_device_mem_limit: str | None = None
+    # the MPS limits in force for the engine's client (derived); None: the engine is not a client of a
+    # watched daemon's server
+    active_thread_limit: MpsLimit | None = None
+    pinned_memory_limit: MpsLimit | None = None
+
+
+LIMIT_SOURCES = ("client_env", "server", "daemon_default")
+
+
+@dataclass(frozen=True)
+class MpsLimit:
+    """One MPS limit in force for an engine's client: the value (a thread share from 0 to 1, or bytes),
+    where it comes from (one of LIMIT_SOURCES), and a line saying so. `value` None: no limit is in
+    force, or it is unknown; `detail` says which."""
+
+    value: float | None
+    source: str | None
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -394,3 +432,6 @@ class DerivedFacts:
     pods: Mapping[int, PodIdentity] = field(default_factory=frozen_map)
     engine_pods: Mapping[str, PodIdentity] = field(default_factory=frozen_map)  # engine name -> its API server's pod
     mps_expected: MpsExpectation | None = None  # None: unknown (no control data, or engines' environments hidden)
+    # (pipe_dir, server_pid) -> the server's start as its daemon's control log recorded it, for the
+    # listed servers whose start is in the log
+    server_starts: Mapping[tuple[str, int], ServerStart] = field(default_factory=frozen_map)
