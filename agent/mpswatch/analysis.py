@@ -7,7 +7,7 @@ The JSON form is a stable schema (docs/status.md); the text form is for reading 
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from mpswatch.snapshot import BlastRadius, FaultClient, NodeSnapshot
@@ -79,7 +79,7 @@ def health_report(snapshot: NodeSnapshot, version: str, now: float | None = None
     return {
         "schema": SCHEMA,
         "version": version,
-        "generated_at": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
+        "generated_at": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
         "verdict": worst(p["verdict"] for p in problems),
         "summary": summary,
         "problems": problems,
@@ -220,7 +220,7 @@ def advice_report(snapshot: NodeSnapshot) -> dict[str, Any]:
         notes.append("engines on an unknown GPU are left out (their GPU process is not seen)")
     return {
         "schema": "mpswatch.advise/v1",
-        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "gpus": [{"gpu_uuid": a.gpu_uuid, "engines": a.engines, "verdict": a.verdict,
                   "gain_estimate": None if a.gain_estimate is None else round(a.gain_estimate, 4),
                   "reasons": list(a.reasons), "recommendations": list(a.recommendations)}

@@ -3,8 +3,9 @@ view of the node's processes. Tests and benchmarks pass these to `mpswatch.cli.m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,11 @@ None means "not known" and renders as no series; it is never replaced by a zero.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mpswatch.advisor import Advice
@@ -18,7 +19,7 @@ def frozen_map(items: Mapping[Any, Any] | None = None) -> Mapping[Any, Any]:
     return MappingProxyType(dict(items or {}))
 
 
-class DaemonState(str, Enum):
+class DaemonState(str, Enum):  # noqa: UP042 - str() of a member must stay as it is
     """Why a control daemon is or is not answering; the values double as failure reasons."""
 
     UP = "up"

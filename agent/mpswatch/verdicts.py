@@ -3,9 +3,10 @@ wording shared by those sections. Composed into one report by mpswatch.analysis.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 from mpswatch.snapshot import LogEvent, PodIdentity
 
@@ -63,7 +64,7 @@ def count(value: float | None) -> str:
 
 
 def iso_time(unix: float) -> str:
-    return datetime.fromtimestamp(unix, timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(unix, UTC).isoformat(timespec="seconds")
 
 
 def event_entry(log_dir: str, event: LogEvent, now: float) -> dict[str, Any]:

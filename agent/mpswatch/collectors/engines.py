@@ -379,7 +379,8 @@ def status(data: EnginesData, facts: DerivedFacts, now: float) -> StatusSection:
     engine_gpus = _engine_gpus(facts.imbalance, engines)
     problems = [problem(g["verdict"], "engine_gpu", f"engines on {g['gpu_uuid'] or 'an unknown GPU'}", g["reason"])
                 for g in engine_gpus if g["verdict"] != OK]
-    problems += [problem(e["verdict"], "engine", f"engine {e['name']}{in_pod(e['pod'])}", e["reason"]) for e in engines if e["verdict"] != OK]
+    problems += [problem(e["verdict"], "engine", f"engine {e['name']}{in_pod(e['pod'])}", e["reason"])
+                 for e in engines if e["verdict"] != OK]
     return StatusSection({"engines": engines, "engine_gpus": engine_gpus}, tuple(problems),
                          needs_two_samples=_needs_two_samples(facts.engines))
 

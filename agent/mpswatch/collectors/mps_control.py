@@ -12,11 +12,11 @@ import shutil
 import stat
 import threading
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
@@ -269,7 +269,8 @@ def discover_mps_dirs(
     if unreadable:
         notes.append(
             f"cannot read the environment of {CONTROL_PROGRAM} pid {', '.join(map(str, unreadable))} "
-            f"to find its {env_var} (needs root with CAP_SYS_PTRACE and, for another user's process, CAP_DAC_READ_SEARCH: deploy/README.md); {hint}"
+            f"to find its {env_var} (needs root with CAP_SYS_PTRACE and, for another user's process, "
+            f"CAP_DAC_READ_SEARCH: deploy/README.md); {hint}"
         )
     return sorted(found.items()), notes
 
@@ -745,7 +746,8 @@ def status(data: MpsControlData, facts: DerivedFacts, now: float) -> StatusSecti
         for s in d["servers"]:
             if s["verdict"] != OK:
                 problems.append(problem(s["verdict"], "server", f"server {s['pid']} on {d['pipe_dir']}", s["reason"]))
-            problems += [problem(c["verdict"], "client", f"client {c['pid']}{in_pod(c['pod'])} {c['command']} of server {s['pid']}", c["reason"])
+            problems += [problem(c["verdict"], "client",
+                                 f"client {c['pid']}{in_pod(c['pod'])} {c['command']} of server {s['pid']}", c["reason"])
                          for c in s["clients"] if c["verdict"] != OK]
     if daemons:
         servers = sum(len(d["servers"]) for d in daemons)
