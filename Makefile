@@ -4,7 +4,7 @@ PYTHON ?= .venv/bin/python
 
 # A replay of real H200 captures with Prometheus and Alertmanager on loopback (no GPU needed).
 demo:
-	$(PYTHON) demo/replay.py
+	$(PYTHON) -m demo.replay
 
 test:
 	bash .ci/run

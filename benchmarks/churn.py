@@ -1,11 +1,11 @@
 """Memory, file descriptors and threads of the agent over a run with client churn, and freshness:
 how long a daemon's hang or death takes to show as `mps_control_up 0` on /metrics.
 
-    python benchmarks/churn.py [--quick]     # 600 s of churn (--quick: 60 s)
+    python -m benchmarks.churn [--quick]     # 600 s of churn (--quick: 60 s)
 
-CPU machine: the MPS replies come from benchmarks/fastbin, rewritten every 2 s with new client PIDs
-(a client starting and exiting every few seconds), and a fault's lines are appended to server.log
-every minute; the hang and death of the daemon are played by the tests' fixture control program.
+CPU machine: the MPS replies come from the fake control program's replay mode, rewritten every 2 s
+with new client PIDs (a client starting and exiting every few seconds), and a fault's lines are
+appended to server.log every minute; the hang and death of the daemon are played by its scenario mode.
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "agent")]
-
-from benchmarks.node_cost import FASTBIN, PS_HEADER, make_daemon, rss_mib  # noqa: E402
-from tests.agentproc import Agent  # noqa: E402
-from tests.fakedaemon import FAKE_CONTROL, FakeDaemon  # noqa: E402
+from benchmarks.node_cost import PS_HEADER, make_daemon, rss_mib
+from tests.kit.agentproc import Agent
+from tests.kit.fakecontrol import write_reply
+from tests.kit.fakedaemon import FAKE_CONTROL, FakeDaemon
 
 FAULT = [
     "Client {{PID: {pid}, Context: 1}} encountered a fatal GPU error.",
@@ -50,8 +48,8 @@ def churn(seconds: float) -> dict:
     server_log = log_dir / "server.log"
     server_log.touch()
     faults = 0
-    with Agent(["--mps-control-bin", FASTBIN, "--pipe-dir", str(pipe), "--log-dir", str(log_dir)],
-               env={"MPSWATCH_TEST_NVML": "tests.fakenvml:h200"}, log_path=work / "agent.log") as agent:
+    with Agent(["--mps-control-bin", FAKE_CONTROL, "--pipe-dir", str(pipe), "--log-dir", str(log_dir)],
+               nvml="h200", log_path=work / "agent.log") as agent:
         time.sleep(5)
         start = process_figures(agent.proc.pid)
         started = time.monotonic()
@@ -60,7 +58,7 @@ def churn(seconds: float) -> dict:
             pid += 1  # one client leaves, another arrives
             rows = [f"{p:<10}{i + 1:<10}{476:<15}{'GPU-00000000-2b6d-037a':<26}{4026531836:<15}{'python3':<15}\n"
                     for i, p in enumerate((1000, pid))]
-            (pipe / "replies" / "ps").write_text(PS_HEADER + "".join(rows))
+            write_reply(pipe, "ps", PS_HEADER + "".join(rows))
             with open(server_log, "a") as log:
                 log.write(f"[{stamp()} Server   476] Client {{PID: {pid}, Context ID: 0}} connected\n")
                 log.write(f"[{stamp()} Server   476] Client process {pid - 1} disconnected\n")

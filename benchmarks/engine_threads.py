@@ -1,7 +1,7 @@
 """Cost of reading an engine's CPU figures (stat and schedstat of every thread) for engines with
 many threads. Real processes, real /proc; prints a Markdown table of medians.
 
-    python benchmarks/engine_threads.py [--quick]
+    python -m benchmarks.engine_threads [--quick]
 """
 
 from __future__ import annotations
@@ -10,12 +10,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "agent"))
-
-from mpswatch.collectors.engines import EnginesCollector, _Engine  # noqa: E402
-from mpswatch.procfs import ProcessRow, ProcFS  # noqa: E402
+from mpswatch.collectors.engines import EnginesCollector, _Engine
+from mpswatch.procfs import ProcessRow, ProcFS
 
 CHILD = """
 import sys, threading, time

@@ -1,16 +1,17 @@
 """The agent's cycle against its floor (issue 9): each collector's full cycle over the sum of the
 calls it cannot do without, done bare, with no agent logic, in the same run.
 
-    python benchmarks/floor.py [--quick] [--rounds N] [--node reference|large] [--full-bodies]
+    python -m benchmarks.floor [--quick] [--rounds N] [--node reference|large] [--full-bodies]
                                [--profile] [--json OUT.json]
         # 100 rounds a node, one every 2 s (--quick: 15); --profile: cProfile of the collectors;
-        # --full-bodies: engines serve a full-size vLLM body (benchmarks/vllm_parse.py)
+        # --full-bodies: engines serve a full-size vLLM body (tests.kit.fakevllm.full_size_body)
 
 Same nodes as benchmarks/node_cost.py (reference: 1 GPU, 2 engines; large: 8 GPUs, 48 MPS clients
-a GPU, 16 engines), same stand-ins: the control program is benchmarks/fastbin (`cat` of recorded
-replies), NVML the fake replaying a real H200 recording, engines tests/fakevllm.py processes on
+a GPU, 16 engines), same stand-ins: the fake control program in replay mode (`cat` of recorded
+replies), NVML the fake replaying a real H200 recording, engines tests/kit/fakevllm.py processes on
 loopback serving a real vLLM body. The collectors are the agent's own, built from its configuration
-(mpswatch.cli.build_collectors) and called in this process. Each round, one every 2 s:
+(mpswatch.cli.build_collectors) and called in this process; like an agent under test, they see only
+this run's processes (tests.kit.scope.SessionProcesses). Each round, one every 2 s:
 
   1. the whole cycle as the agent runs it (Scheduler.run_once: the four collectors in parallel,
      each publish followed by the derive step), its wall time, its CPU time (this
@@ -23,7 +24,7 @@ loopback serving a real vLLM body. The collectors are the agent's own, built fro
                     collector's calls); the fake costs a few µs a call, a real NVML call more;
        engines:     a bare http.client GET of each engine's /metrics, one after the other (the
                     issue's floor); apart, the /proc reads the collector makes (listing, stat and
-                    cmdline of every process, the engines' threads' stat and schedstat, environ);
+                    cmdline of every process it sees, the engines' threads' stat and schedstat, environ);
        mps_logs:    none of the issue's kinds: the stat, fstat and preads the log follower makes.
 The whole cycle's floor is the sum of the four (the control commands replayed as the parallel
 cycle sent them). Ratios are per round (cycle / floor of the same round); medians and p10-p90.
@@ -45,20 +46,20 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "agent")]
+from mpswatch.cli import build_collectors
+from mpswatch.collectors.mps_logs import SOURCES
+from mpswatch.config import load_config
+from mpswatch.httpfetch import Pending
+from mpswatch.injection import Injected
+from mpswatch.logsetup import configure_logging
+from mpswatch.procfs import ProcFS
+from mpswatch.runner import run_with_deadline
+from mpswatch.scheduler import Scheduler, SnapshotStore
 
-from benchmarks.node_cost import FASTBIN, NODES, children_cpu_seconds, node  # noqa: E402
-from mpswatch.cli import build_collectors  # noqa: E402
-from mpswatch.collectors.gpu import nvml_loader  # noqa: E402
-from mpswatch.httpfetch import Pending  # noqa: E402
-from mpswatch.collectors.mps_logs import SOURCES  # noqa: E402
-from mpswatch.config import load_config  # noqa: E402
-from mpswatch.injection import Injected  # noqa: E402
-from mpswatch.logsetup import configure_logging  # noqa: E402
-from mpswatch.runner import run_with_deadline  # noqa: E402
-from mpswatch.scheduler import Scheduler, SnapshotStore  # noqa: E402
-from tests import fakenvml  # noqa: E402
+from benchmarks.node_cost import NODES, children_cpu_seconds, node
+from tests.kit import fakenvml
+from tests.kit.fakedaemon import FAKE_CONTROL
+from tests.kit.scope import SessionProcesses
 
 PERIOD_SECONDS = 2.0  # the agent's default interval
 COLLECTORS = ("mps_control", "mps_logs", "gpu", "engines")
@@ -101,16 +102,16 @@ class CountingNvml:
         return counted
 
 
-def agent(setup: dict) -> tuple[Scheduler, dict, RecordingRunner]:
+def agent(setup: dict, visible: SessionProcesses) -> tuple[Scheduler, dict, RecordingRunner]:
     os.environ["FAKENVML_LAYOUT"] = setup["env"]["FAKENVML_LAYOUT"]  # read by the fake when loaded
     config = load_config(
         None,
         env={},
-        flags={"mps_control.pipe_dirs": [str(setup["pipe"])], "mps_control.control_bin": FASTBIN,
+        flags={"mps_control.pipe_dirs": [str(setup["pipe"])], "mps_control.control_bin": FAKE_CONTROL,
                "mps_logs.log_dirs": [str(setup["log_dir"])]},
     )
     store = SnapshotStore()
-    collectors = build_collectors(config, Injected(nvml_loader=nvml_loader(setup["env"]["MPSWATCH_TEST_NVML"])))
+    collectors = build_collectors(config, Injected(nvml_loader=fakenvml.from_layout, process_filter=lambda root: visible))
     by_name = {c.name: c for c in collectors}
     recorder = RecordingRunner()
     by_name["mps_control"]._runner = recorder  # before its first cycle, which makes the channels
@@ -191,13 +192,12 @@ def _read(path: str) -> None:
         pass
 
 
-def proc_floor(root_pids: list[int]) -> None:
-    """The /proc reads of the engines collector: every process's stat and cmdline, then each engine's
-    threads' stat and schedstat, its environ, and the CPU pressure."""
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            _read(f"/proc/{name}/stat")
-            _read(f"/proc/{name}/cmdline")
+def proc_floor(procfs: ProcFS, root_pids: list[int]) -> None:
+    """The /proc reads of the engines collector: the stat and cmdline of every process it sees, then
+    each engine's threads' stat and schedstat, its environ, and the CPU pressure."""
+    for pid in procfs.pids():
+        _read(f"/proc/{pid}/stat")
+        _read(f"/proc/{pid}/cmdline")
     for pid in root_pids:
         try:
             tids = os.listdir(f"/proc/{pid}/task")
@@ -239,7 +239,7 @@ class LogsFloor:
             os.close(fd)
 
 
-def only_ours(scheduler: Scheduler, urls: list[str]) -> bool:
+def only_ours_up(scheduler: Scheduler, urls: list[str]) -> bool:
     engines = scheduler.store.current().engines
     return (engines is not None and sorted(e.url for e in engines.engines) == urls
             and all(e.up for e in engines.engines))
@@ -264,21 +264,16 @@ def timed_with_cpu(fn) -> tuple[float, float, float]:
 
 def measure(name: str, rounds: int, profile: bool, full_bodies: bool = False) -> dict:
     with node(name, *NODES[name], full_bodies=full_bodies) as setup:
-        scheduler, collectors, recorder = agent(setup)
+        visible = SessionProcesses()
+        scheduler, collectors, recorder = agent(setup, visible)
         ports = [int(e.args[e.args.index("--port") + 1]) for e in setup["engines"]]
         urls = sorted(f"http://127.0.0.1:{port}/metrics" for port in ports)
         for _ in range(3):  # first cycles: discovery, log backfill, GPM's first sample
             scheduler.run_once()
             time.sleep(0.5)
-        waited = 0
-        while not only_ours(scheduler, urls):  # the agent finds every vLLM-like process on the machine
-            if waited == 0:
-                print(f"{name}: waiting for engines not ours to go (another session's?)", file=sys.stderr)
-            waited += 1
-            if waited > 300:
-                raise RuntimeError("the engines the agent sees are not only this benchmark's")
-            time.sleep(2)
-            scheduler.run_once()
+        if not only_ours_up(scheduler, urls):
+            raise RuntimeError(f"{name}: the engines collector does not see exactly this node's engines, all up")
+        procfs = ProcFS(visible=visible)
         root_pids = [e.pid for e in setup["engines"]]
         gpu_floor, logs_floor = GpuFloor(), LogsFloor(setup["log_dir"])
         gpu_floor()  # its first GPM sample
@@ -302,20 +297,12 @@ def measure(name: str, rounds: int, profile: bool, full_bodies: bool = False) ->
             "engines": lambda: http_floor(urls),
         }
         rows: list[dict] = []
-        disturbed = 0
         recorder.take()
         index = 0
         while len(rows) < rounds:
             index += 1
             started = time.monotonic()
             row: dict = dict(zip(("whole_wall", "whole_cpu", "whole_children_cpu"), timed_with_cpu(scheduler.run_once)))
-            if not only_ours(scheduler, urls):  # another session's engine came and went: not this node
-                disturbed += 1
-                if disturbed > rounds:
-                    raise RuntimeError("the engines the agent sees are not only this benchmark's")
-                recorder.take()
-                time.sleep(PERIOD_SECONDS)
-                continue
             statuses = scheduler.store.current().statuses
             for c in COLLECTORS:
                 row[f"{c}_in_whole"] = statuses[c].duration_seconds
@@ -333,13 +320,13 @@ def measure(name: str, rounds: int, profile: bool, full_bodies: bool = False) ->
                 steps = [("cycle", collectors[c].collect), ("floor", floors[c])]
                 for step, fn in (steps if index % 2 == 0 else steps[::-1]):
                     row[f"{c}_{step}"] = timed(fn)
-            row["engines_proc"] = timed(proc_floor, root_pids)
+            row["engines_proc"] = timed(proc_floor, procfs, root_pids)
             row["whole_floor"] = row["mps_control_floor_whole"] + sum(row[f"{c}_floor"] for c in COLLECTORS[1:])
             rows.append(row)
             time.sleep(max(0.0, PERIOD_SECONDS - (time.monotonic() - started)))
         profiles = profile_collectors(collectors, scheduler) if profile else {}
         logs_floor.close()
-    return {"node": name, "rounds": rows, "rounds_left_out": disturbed, "nvml_calls": dict(collector_calls),
+    return {"node": name, "rounds": rows, "nvml_calls": dict(collector_calls),
             "nvml_calls_match": collector_calls == floor_calls, "profiles": profiles}
 
 
@@ -464,8 +451,7 @@ def main() -> None:
     for result in results:
         print(f"\n## {result['node']}: NVML calls a cycle {sum(result['nvml_calls'].values())} "
               f"(floor's match: {result['nvml_calls_match']}); control commands a cycle "
-              f"{result['summary']['control_commands_per_cycle']}; rounds left out (engines not ours seen) "
-              f"{result['rounds_left_out']}")
+              f"{result['summary']['control_commands_per_cycle']}")
         for c, text in result["profiles"].items():
             print(f"\n### cProfile, {result['node']}, {c}\n{text}")
     print()

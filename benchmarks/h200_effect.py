@@ -2,7 +2,7 @@
 (benchmarks/gpu_work.py, reporting their progress continuously) while the agent, polling every
 second, is started and stopped in alternating blocks: off, on, off, ..., off.
 
-    python benchmarks/h200_effect.py [--quick] [--block-seconds 20] [--blocks 21] [--settle-seconds 4] OUT.json
+    python -m benchmarks.h200_effect [--quick] [--block-seconds 20] [--blocks 21] [--settle-seconds 4] OUT.json
         # --quick: 7 blocks of 10 s, 3 s settling (about 1.5 minutes; three pairs, indicative only)
 
 Each block's rate is the clients' steps per second between its start plus the settling time and
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -29,14 +28,12 @@ from bisect import bisect_left
 from pathlib import Path
 from typing import Sequence
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "agent")]
-
-from benchmarks.mps_gain.run import stop_process  # noqa: E402
-from benchmarks.node_cost import cpu_seconds  # noqa: E402
-from tests.agentproc import free_port, parse_exposition  # noqa: E402
+from benchmarks.mps_gain.run import stop_process
+from benchmarks.node_cost import cpu_seconds
+from tests.kit.agentproc import agent_env, free_port, mpswatch_cmd, parse_exposition
 
 CLIENT_SIZES = (4096, 8192)
+GPU_WORK = Path(__file__).resolve().parent / "gpu_work.py"
 
 
 def steps_at(progress: Sequence[tuple[float, int]], when: float) -> float:
@@ -107,7 +104,7 @@ class WorkClient:
     """One gpu_work.py process and the progress it has reported so far."""
 
     def __init__(self, size: int, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen([sys.executable, str(ROOT / "benchmarks/gpu_work.py"), str(size)], env=env,
+        self.process = subprocess.Popen([sys.executable, str(GPU_WORK), str(size)], env=env,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         ready = self.process.stdout.readline()
         if not ready.startswith("ready"):
@@ -156,7 +153,7 @@ def _agent_view(url: str) -> dict[str, float]:
 
 
 def run_blocks(mps, block_seconds: float, blocks: int, settle_seconds: float, log=print) -> dict:
-    """Alternating blocks on one MPS daemon (tests.gpu.conftest.MpsDaemon); returns the raw blocks
+    """Alternating blocks on one MPS daemon (tests.kit.realmps.MpsDaemon); returns the raw blocks
     and their summary."""
     if blocks < 7 or blocks % 2 == 0:
         raise ValueError("blocks must be odd and at least 7 (off, on, ..., off): three on, two placebo blocks")
@@ -170,12 +167,10 @@ def run_blocks(mps, block_seconds: float, blocks: int, settle_seconds: float, lo
             agent = None
             port = free_port()
             if kind == "on":
-                env = {**os.environ, "MPSWATCH_GPU_INTERVAL_SECONDS": "1", "MPSWATCH_ENGINE_SCRAPE_INTERVAL_SECONDS": "1",
-                       "MPSWATCH_MPS_LOGS_INTERVAL_SECONDS": "1",
-                       "PYTHONPATH": os.pathsep.join([str(ROOT / "agent"), os.environ.get("PYTHONPATH", "")])}
-                agent = subprocess.Popen([sys.executable, "-m", "mpswatch", "run", "--listen", f"127.0.0.1:{port}",
-                                          "--pipe-dir", str(mps.pipe_dir), "--log-dir", str(mps.log_dir),
-                                          "--interval", "1"],
+                env = agent_env({"MPSWATCH_GPU_INTERVAL_SECONDS": "1", "MPSWATCH_ENGINE_SCRAPE_INTERVAL_SECONDS": "1",
+                                 "MPSWATCH_MPS_LOGS_INTERVAL_SECONDS": "1"})
+                agent = subprocess.Popen(mpswatch_cmd("run", "--listen", f"127.0.0.1:{port}", "--pipe-dir", str(mps.pipe_dir),
+                                                      "--log-dir", str(mps.log_dir), "--interval", "1"),
                                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(settle_seconds)
             window_start = time.monotonic()
@@ -207,7 +202,7 @@ def run_blocks(mps, block_seconds: float, blocks: int, settle_seconds: float, lo
 
 
 def main() -> None:
-    from tests.gpu.conftest import MpsDaemon
+    from tests.kit.realmps import MpsDaemon
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--block-seconds", type=float, default=20.0)

@@ -3,9 +3,9 @@ nvidia-smi based exporters do on every scrape and against nvitop's polling of th
 the agent's effect on real GPU work (two MPS clients, the agent polling every second in alternating
 blocks: benchmarks/h200_effect.py).
 
-    python benchmarks/h200_side_by_side.py [--quick] OUT.json
+    python -m benchmarks.h200_side_by_side [--quick] OUT.json
 
-Needs: an NVIDIA GPU, nvidia-cuda-mps-control, PyTorch (tests/gpu/cuda_client.py, benchmarks/gpu_work.py), and nvitop
+Needs: an NVIDIA GPU, nvidia-cuda-mps-control, PyTorch (tests/kit/cuda_client.py, benchmarks/gpu_work.py), and nvitop
 (a wheel is fine). Starts and stops its own MPS daemon in a temporary directory.
 """
 
@@ -19,14 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "agent"), str(ROOT / "benchmarks")]
+from mpswatch.collectors.gpu import GpuCollector
+from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector
 
-from mpswatch.collectors.gpu import GpuCollector  # noqa: E402
-from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector  # noqa: E402
-from benchmarks.node_cost import children_cpu_seconds  # noqa: E402
-from h200_effect import run_blocks  # noqa: E402
-from tests.gpu.conftest import MpsDaemon  # noqa: E402
+from benchmarks.h200_effect import run_blocks
+from benchmarks.node_cost import children_cpu_seconds
+from tests.kit.realmps import MpsDaemon
 
 SMI = ["nvidia-smi", "--query-gpu=index,uuid,utilization.gpu,memory.used,memory.total,power.draw,temperature.gpu",
        "--format=csv,noheader,nounits"]

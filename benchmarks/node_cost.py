@@ -6,15 +6,17 @@
     and the series count,
   - RSS after start and at the end.
 
-Two nodes, both on a CPU machine (no GPU): MPS replies come from benchmarks/fastbin (cat of
-recorded replies, a few ms a call like the real program), NVML from the fake replaying a real H200
-recording, engines are tests/fakevllm.py processes with vLLM-like command lines.
+Two nodes, both on a CPU machine (no GPU): MPS replies come from the fake control program's replay
+mode (tests/kit/fakecontrol.py: cat of recorded replies, a few ms a call like the real program), NVML
+from the fake replaying a real H200 recording, engines are tests/kit/fakevllm.py processes with
+vLLM-like command lines. The agent is the tests' (tests.kit.agentproc.Agent): it sees only this
+run's processes.
   reference: 1 GPU, 1 control daemon, 2 engines
   large:     8 GPUs, 48 MPS clients per GPU, 16 engines
 
-    python benchmarks/node_cost.py [--quick] [--full-bodies] [--node reference|large]
+    python -m benchmarks.node_cost [--quick] [--full-bodies] [--node reference|large]
         # --quick: 20 s a node instead of 120 s; --full-bodies: the engines serve a full-size vLLM
-        # body (benchmarks/vllm_parse.py, 407 samples) instead of the tests' abridged one (26)
+        # body (tests.kit.fakevllm.full_size_body, 407 samples) instead of the tests' abridged one (26)
 """
 
 from __future__ import annotations
@@ -32,12 +34,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "agent")]
+from tests.kit import fakevllm
+from tests.kit.agentproc import REPO, Agent, free_port
+from tests.kit.fakecontrol import write_reply
+from tests.kit.fakedaemon import FAKE_CONTROL
 
-from tests.agentproc import Agent, free_port  # noqa: E402
-
-FASTBIN = str(ROOT / "benchmarks/fastbin/nvidia-cuda-mps-control")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PS_HEADER = "PID       ID        SERVER         DEVICE                    NAMESPACE      COMMAND        \n"
 
@@ -61,36 +62,30 @@ def rss_mib(pid: int) -> float:
 
 
 def make_daemon(root: Path, gpus: int, clients: list[list[int]]) -> Path:
+    """A pipe dir the fake control program answers in replay mode."""
     pipe = root / "pipe"
-    (pipe / "replies").mkdir(parents=True)
+    pipe.mkdir(parents=True)
     (pipe / "control").touch()
     replies = {
         "get_server_list": "476\n",
-        "get_server_status_476": "ACTIVE\n",
-        "get_active_thread_percentage_476": "100.0\n",
+        "get_server_status 476": "ACTIVE\n",
+        "get_active_thread_percentage 476": "100.0\n",
         "get_default_active_thread_percentage": "100.0\n",
-        "get_default_device_pinned_mem_limit_0": "",
+        "get_default_device_pinned_mem_limit 0": "",
         "ps": PS_HEADER + "".join(
             f"{pid:<10}{i + 1:<10}{476:<15}{f'GPU-{gpu:08x}-2b6d-037a':<26}{4026531836:<15}{'python3':<15}\n"
             for gpu in range(gpus) for i, pid in enumerate(clients[gpu])),
     }
-    for name, text in replies.items():
-        (pipe / "replies" / name).write_text(text)
+    for command, text in replies.items():
+        write_reply(pipe, command, text)
     return pipe
 
 
 def start_engines(count: int, full_bodies: bool = False) -> list[subprocess.Popen]:
-    script = ROOT / ("benchmarks/fullbody_vllm.py" if full_bodies else "tests/fakevllm.py")
-    engines = []
-    for i in range(count):
-        engine = subprocess.Popen(
-            [sys.executable, str(script), "vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct",
-             "--port", str(free_port()), "--served-model-name", f"engine-{i}"],
-            stdout=subprocess.PIPE, text=True)
-        engines.append(engine)
-    for engine in engines:
-        engine.stdout.readline()
-    return engines
+    options = ["--full-size-body"] if full_bodies else []
+    engines = [subprocess.Popen(fakevllm.command(free_port(), f"engine-{i}", *options), stdout=subprocess.PIPE, text=True)
+               for i in range(count)]
+    return [fakevllm.wait_ready(engine) for engine in engines]
 
 
 _SCRAPER = """
@@ -132,7 +127,8 @@ NODES = {"reference": (1, 2, 2), "large": (8, 48, 16)}  # GPUs, MPS clients per 
 @contextmanager
 def node(name: str, gpus: int, clients_per_gpu: int, engine_count: int, full_bodies: bool = False) -> Iterator[dict]:
     """A node's stand-ins, shared with benchmarks/floor.py: the engine processes (the first MPS
-    clients of each GPU), the control program's replies, a real server.log, the fake NVML's layout."""
+    clients of each GPU), the control program's replies, a real server.log, the fake NVML's layout
+    (FAKENVML_LAYOUT in `env`, read by tests.kit.fakenvml.from_layout)."""
     work = Path(tempfile.mkdtemp(prefix=f"mpswatch-bench-{name}-"))
     engines = start_engines(engine_count, full_bodies)
     try:
@@ -144,9 +140,9 @@ def node(name: str, gpus: int, clients_per_gpu: int, engine_count: int, full_bod
         pipe = make_daemon(work, gpus, clients)
         log_dir = work / "log"
         log_dir.mkdir()
-        (log_dir / "server.log").write_text((ROOT / "tests/fixtures/h200-driver580/session3-50-clients-then-fault-server.log").read_text())
-        env = {"MPSWATCH_TEST_NVML": "tests.fakenvml:from_layout",
-               "FAKENVML_LAYOUT": json.dumps({"gpus": gpus, "clients": clients})}
+        server_log = REPO / "tests/fixtures/h200-driver580/session3-50-clients-then-fault-server.log"
+        (log_dir / "server.log").write_text(server_log.read_text())
+        env = {"FAKENVML_LAYOUT": json.dumps({"gpus": gpus, "clients": clients})}
         yield {"work": work, "pipe": pipe, "log_dir": log_dir, "env": env, "engines": engines}
     finally:
         for engine in engines:
@@ -158,8 +154,8 @@ def measure(name: str, gpus: int, clients_per_gpu: int, engine_count: int, secon
             full_bodies: bool = False) -> dict:
     with node(name, gpus, clients_per_gpu, engine_count, full_bodies) as setup:
         work, pipe, log_dir, env = setup["work"], setup["pipe"], setup["log_dir"], setup["env"]
-        with Agent(["--mps-control-bin", FASTBIN, "--pipe-dir", str(pipe), "--log-dir", str(log_dir)], env=env,
-                   log_path=work / "agent.log") as agent:
+        with Agent(["--mps-control-bin", FAKE_CONTROL, "--pipe-dir", str(pipe), "--log-dir", str(log_dir)], env=env,
+                   log_path=work / "agent.log", nvml="from_layout") as agent:
             time.sleep(5)  # first cycles, GPM's second sample, backfill
             rss_start = rss_mib(agent.proc.pid)
             cpu_start, wall_start = cpu_seconds(agent.proc.pid), time.monotonic()
@@ -192,7 +188,7 @@ def measure(name: str, gpus: int, clients_per_gpu: int, engine_count: int, secon
         "scrapes": len(latencies),
         "series": series,
         "engines_up": engines_up,
-        "engines_expected": engine_count,  # more: the agent also found another session's vLLM-like processes
+        "engines_expected": engine_count,
         "rss_start_mib": rss_start,
         "rss_end_mib": rss_end,
         "seconds": seconds,
@@ -210,8 +206,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for r in results:
         if r["engines_up"] != r["engines_expected"]:
-            print(f"WARNING {r['node']}: the agent saw {r['engines_up']:.0f} engines up, not "
-                  f"{r['engines_expected']} (another session's vLLM-like processes?)", file=sys.stderr)
+            print(f"WARNING {r['node']}: the agent saw {r['engines_up']:.0f} engines up, not {r['engines_expected']}",
+                  file=sys.stderr)
         cycles = ", ".join(f"{r['cycle_median_ms'][c]:.1f}/{r['cycle_p90_ms'][c]:.1f}"
                            for c in ("mps_control", "mps_logs", "gpu", "engines"))
         print(f"| {r['node']} | {r['cpu_share_of_one_core'] * 100:.2f} % | {cycles} | "

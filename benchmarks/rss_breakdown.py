@@ -1,25 +1,24 @@
-"""Where the agent's resident memory goes: starts `mpswatch run` with each NVML binding given, lets it
-run a few cycles, and lists its largest mappings from /proc/PID/smaps (Python heap, shared
-libraries such as libnvidia-ml, the interpreter).
+"""Where the agent's resident memory goes: starts `mpswatch run` (through the test kit's launcher,
+tests/kit/agent.py) with each NVML binding given, lets it run a few cycles, and lists its largest
+mappings from /proc/PID/smaps (Python heap, shared libraries such as libnvidia-ml, the interpreter).
 
-    python benchmarks/rss_breakdown.py [--seconds 12] [MODULE ...]   (default: pynvml, the real NVML)
+    python -m benchmarks.rss_breakdown [--seconds 12] [BINDING ...]
+        # BINDING: nvidia-ml-py (the real NVML, the default) or a fake of tests.kit.fakenvml (h200, ...)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "agent")]
+from tests.kit.agent import NVML_FAKES
+from tests.kit.agentproc import agent_env, free_port, mpswatch_cmd
 
-from tests.agentproc import free_port  # noqa: E402
+REAL_NVML = "nvidia-ml-py"
 
 
 def mappings(pid: int) -> tuple[dict[str, int], int]:
@@ -38,15 +37,13 @@ def mappings(pid: int) -> tuple[dict[str, int], int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("modules", nargs="*", default=["pynvml"])
+    parser.add_argument("bindings", nargs="*", default=[REAL_NVML], choices=[REAL_NVML, *NVML_FAKES])
     parser.add_argument("--seconds", type=float, default=12.0)
     args = parser.parse_args()
     report = {}
-    for module in args.modules:
-        env = {**os.environ, "MPSWATCH_TEST_NVML": module,
-               "PYTHONPATH": os.pathsep.join([str(ROOT / "agent"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        agent = subprocess.Popen([sys.executable, "-m", "tests.agent_main", "run", "--listen", f"127.0.0.1:{free_port()}"],
-                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for binding in args.bindings:
+        command = mpswatch_cmd("run", "--listen", f"127.0.0.1:{free_port()}", nvml=None if binding == REAL_NVML else binding)
+        agent = subprocess.Popen(command, env=agent_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             time.sleep(args.seconds)
             per_file, total = mappings(agent.pid)
@@ -54,7 +51,7 @@ def main() -> None:
             agent.terminate()
             agent.wait(timeout=20)
         top = sorted(per_file.items(), key=lambda kv: -kv[1])[:12]
-        report[module] = {"rss_mib": round(total / 1024, 1), "top_mib": {k: round(v / 1024, 1) for k, v in top}}
+        report[binding] = {"rss_mib": round(total / 1024, 1), "top_mib": {k: round(v / 1024, 1) for k, v in top}}
     print(json.dumps(report, indent=1))
 
 

@@ -2,30 +2,26 @@
 
 No GPU is needed: the MPS control daemon's answers are replayed from real H200 captures
 (tests/scenarios, tests/fixtures/h200-driver580), NVML from a real H200 recording
-(tests/fakenvml.py), and one vLLM-like engine is a small HTTP server (tests/fakevllm.py).
+(tests/kit/fakenvml.py), and one vLLM-like engine is a small HTTP server (tests/kit/fakevllm.py).
 The timeline: healthy; then the control daemon is killed (its pid file stays, as after `kill -9`),
 MPSControlDaemonDown fires after a minute and reaches the "pager"; then the daemon is back and the
 alert resolves. Every delivery Alertmanager makes is printed here.
 
-    make demo                      # or: .venv/bin/python demo/replay.py [--down-after 30] [--down-for 90]
+    make demo                      # or: .venv/bin/python -m demo.replay [--down-after 30] [--down-for 90]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "agent")]
-
-from tests.fakedaemon import FAKE_CONTROL  # noqa: E402
-from tests.replaystack import ALERTMANAGER, PROMETHEUS, ReplayStack  # noqa: E402
+from tests.kit.fakedaemon import FAKE_CONTROL
+from tests.kit.replaystack import ALERTMANAGER, PROMETHEUS, ReplayStack
 
 
 def say(text: str) -> None:

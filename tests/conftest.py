@@ -1,8 +1,18 @@
 from __future__ import annotations
 
 import pytest
+import structlog
 
-from tests.fakedaemon import FakeDaemon
+from tests.kit.fakedaemon import FakeDaemon
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_found():
+    """A test that runs mpswatch.cli.main in this process points structlog at the stderr pytest
+    captured for that test, closed after it: the next tests log where logging went before."""
+    before = structlog.get_config()
+    yield
+    structlog.configure(**before)
 
 
 @pytest.fixture

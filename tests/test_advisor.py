@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
 
 from mpswatch.advisor import LIKELY_SLOWER, MARGINAL, MODEL, PAYS_OFF, GainModel, advise, busy_alone, verdict_of
 from mpswatch.snapshot import EngineState, GpuState
-from tests.agentproc import Agent, agent_env, free_port, mpswatch_cmd
-from tests.fakedaemon import FAKE_CONTROL
-from tests.test_engines import HERE
+from tests.kit import fakevllm
+from tests.kit.agentproc import Agent, agent_env, free_port, mpswatch_cmd
+from tests.kit.fakedaemon import FAKE_CONTROL
+from tests.kit.fakevllm import wait_ready
 
 GPU = GpuState(index=0, uuid="GPU-a", name="NVIDIA H200", up=True, sm_active_ratio=0.4, dram_bandwidth_ratio=0.2,
                utilization_ratio=1.0)
@@ -123,28 +123,22 @@ def test_an_engine_that_is_down_gives_no_advice():
 
 
 def test_mpswatch_advise_reports_the_engine_s_gpu_and_exports_the_same_estimate(tmp_path):
-    port = free_port()
-    fake = subprocess.Popen(
-        [sys.executable, str(HERE / "fakevllm.py"), "vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct", "--port", str(port),
-         "--served-model-name", "qwen-a"], stdout=subprocess.PIPE, text=True)
+    fake = wait_ready(subprocess.Popen(fakevllm.command(free_port(), "qwen-a"), stdout=subprocess.PIPE, text=True))
     try:
-        assert fake.stdout.readline().strip() == "ready"
-        env = agent_env({"MPSWATCH_TEST_NVML": "tests.fakenvml:h200", "FAKENVML_MPS_CLIENT_PIDS": str(fake.pid)})
-        run = subprocess.run(mpswatch_cmd("advise", "--json", "--window", "1", "--mps-control-bin", FAKE_CONTROL,
-                                          "--pipe-dir", str(tmp_path / "none")),
-                             env=env, capture_output=True, text=True, timeout=60)
+        on_the_gpu = agent_env({"FAKENVML_MPS_CLIENT_PIDS": str(fake.pid)})  # the engine is an MPS client of the fake GPU
+        advise = mpswatch_cmd("advise", "--window", "1", "--mps-control-bin", FAKE_CONTROL, "--pipe-dir",
+                              str(tmp_path / "none"), nvml="h200")
+        run = subprocess.run([*advise, "--json"], env=on_the_gpu, capture_output=True, text=True, timeout=60)
         assert run.returncode in (0, 1), run.stderr
         report = json.loads(run.stdout)
         [gpu] = report["gpus"]
         assert gpu["gpu_uuid"].startswith("GPU-") and gpu["verdict"] in (PAYS_OFF, MARGINAL, LIKELY_SLOWER)
         assert "1.5B parameters, 180-token prompts" in gpu["reasons"][0]
         assert run.returncode == (1 if gpu["verdict"] == LIKELY_SLOWER else 0)
-        text = subprocess.run(mpswatch_cmd("advise", "--window", "1", "--mps-control-bin", FAKE_CONTROL,
-                                           "--pipe-dir", str(tmp_path / "none")),
-                              env=env, capture_output=True, text=True, timeout=60).stdout
+        text = subprocess.run(advise, env=on_the_gpu, capture_output=True, text=True, timeout=60).stdout
         assert gpu["gpu_uuid"] in text and "because 1.5B parameters" in text
-        with Agent(["--mps-control-bin", FAKE_CONTROL, "--pipe-dir", str(tmp_path / "none")], env={
-                "MPSWATCH_TEST_NVML": "tests.fakenvml:h200", "FAKENVML_MPS_CLIENT_PIDS": str(fake.pid)}) as agent:
+        with Agent(["--mps-control-bin", FAKE_CONTROL, "--pipe-dir", str(tmp_path / "none")],
+                   env={"FAKENVML_MPS_CLIENT_PIDS": str(fake.pid)}, nvml="h200") as agent:
             uuid = gpu["gpu_uuid"]
             s = agent.wait_for(lambda s: s if ("mps_gpu_mps_gain_estimate_ratio", frozenset({("gpu_uuid", uuid)})) in s
                                else None, timeout=20)

@@ -10,8 +10,8 @@ import pytest
 
 from mpswatch import __version__
 from mpswatch.collectors.mps_control import READ_ONLY_COMMANDS
-from tests.agentproc import Agent, agent_env, key, mpswatch_cmd
-from tests.fakedaemon import FAKE_CONTROL
+from tests.kit.agentproc import Agent, agent_env, key, mpswatch_cmd
+from tests.kit.fakedaemon import FAKE_CONTROL
 
 FAST = ["--mps-control-bin", FAKE_CONTROL, "--interval", "0.5", "--command-timeout", "1"]
 
@@ -25,11 +25,11 @@ def state_of(samples, pipe_dir):
             if v == 1 and dict(l)["pipe_dir"] == pipe_dir]
 
 
-def agent_for(*daemons, extra=(), tmp_path=None):
+def agent_for(*daemons, extra=(), tmp_path=None, nvml=None):
     args = [*FAST, *extra]
     for daemon in daemons:
         args += ["--pipe-dir", daemon if isinstance(daemon, str) else daemon.path]
-    return Agent(args, log_path=tmp_path / "agent.log" if tmp_path else None)
+    return Agent(args, log_path=tmp_path / "agent.log" if tmp_path else None, nvml=nvml)
 
 
 def test_healthy_daemon_with_two_clients(fake_daemon):
@@ -200,15 +200,12 @@ def test_one_hung_daemon_does_not_hide_another(fake_daemon):
         assert s[key("mps_server_clients", pipe_dir=healthy.path, server_pid="476")] == 2
 
 
-def test_daemons_are_discovered_from_running_processes(fake_daemon, tmp_path):
+def test_daemons_are_discovered_from_running_processes(fake_daemon):
     daemon = fake_daemon("healthy_two_clients_driver580")
-    config = tmp_path / "config.toml"
-    config.write_text(
-        f'device_plugin_root = "{tmp_path}/none"\n[mps_control]\ndefault_pipe_dirs = ["{tmp_path}/none"]\n'
-    )
-    with Agent(["--config", str(config), "--mps-control-bin", FAKE_CONTROL, "--interval", "0.5"]) as agent:
+    with Agent(["--mps-control-bin", FAKE_CONTROL, "--interval", "0.5"]) as agent:
         s = agent.wait_for(lambda s: s if s.get(key("mps_control_up", pipe_dir=daemon.path)) == 1 else None)
         assert s[key("mps_control_info", pipe_dir=daemon.path, pid=str(daemon.process.pid))] == 1
+        assert [dict(l)["pipe_dir"] for l in series(s, "mps_control_up")] == [daemon.path]  # this session's only
 
 
 def test_only_read_only_commands_reach_the_daemon(fake_daemon):
@@ -227,7 +224,7 @@ def test_http_endpoints(fake_daemon, path, code):
 
 
 def test_without_a_driver_the_agent_runs_on_and_reports_the_gpu_collector_state(fake_daemon):
-    with agent_for(fake_daemon("healthy_two_clients_driver580"), extra=["--log-level", "info"]) as agent:
+    with agent_for(fake_daemon("healthy_two_clients_driver580"), extra=["--log-level", "info"], nvml="no_driver") as agent:
         s = agent.wait_for(lambda s: s if key("mpswatch_collector_success", collector="gpu") in s
                            and key("mpswatch_collector_success", collector="mps_control") in s else None)
         assert s[key("mpswatch_collector_success", collector="gpu")] == 0

@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.agentproc import free_port
-from tests.replaystack import ALERTMANAGER, ALERTS, PROMETHEUS, ReplayStack
+from tests.kit.agentproc import free_port
+from tests.kit.replaystack import ALERTMANAGER, ALERTS, PROMETHEUS, ReplayStack
 
 pytestmark = pytest.mark.skipif(
     not (PROMETHEUS and ALERTMANAGER),

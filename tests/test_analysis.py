@@ -16,7 +16,7 @@ from mpswatch.snapshot import (
     MpsServer,
     frozen_map,
 )
-from tests.snapshots import snapshot_of
+from tests.kit.snapshots import snapshot_of
 
 
 def snapshot(data, success=True, reason=None):

@@ -28,7 +28,7 @@ from mpswatch.snapshot import (
     frozen_map,
 )
 
-from tests.snapshots import ok_status, snapshot_of
+from tests.kit.snapshots import ok_status, snapshot_of
 
 PIPE, OTHER_PIPE, LOG = "/run/nvidia-mps", "/run/nvidia/mps/gpu1/pipe", "/var/log/nvidia-mps"
 FAULT_TIME = 1_000.0

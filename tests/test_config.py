@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from mpswatch.cli import cli, main
 from mpswatch.config import BY_KEY, SECTIONS, SETTINGS, Config, ConfigError, EngineTarget, load_config
-from tests.agentproc import agent_env, mpswatch_cmd
+from tests.kit.agentproc import agent_env, mpswatch_cmd
 
 
 def write(tmp_path, text):

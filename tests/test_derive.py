@@ -8,7 +8,7 @@ import pytest
 from mpswatch.analysis import health_report, render_text
 from mpswatch.exposition import render
 from mpswatch.snapshot import DaemonState, EnginesData, EngineState, MpsControlData, MpsDaemon, frozen_map
-from tests.snapshots import snapshot_of
+from tests.kit.snapshots import snapshot_of
 
 PIPE = "/run/nvidia-mps"
 

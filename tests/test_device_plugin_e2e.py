@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.agentproc import agent_env, mpswatch_cmd
-from tests.fakedaemon import FAKE_CONTROL
+from tests.kit.agentproc import agent_env, mpswatch_cmd
+from tests.kit.fakedaemon import FAKE_CONTROL
 
 PLUGIN_LOG = Path(__file__).parent / "fixtures" / "device-plugin-mps" / "limits-race-control.log"
-ENV = {"MPSWATCH_TEST_NVML": "tests.fakenvml:h200_all_mps"}
 PS = ("PID       ID        SERVER         DEVICE                    NAMESPACE      COMMAND\n"
       "2210      1         2215           GPU-2ea0ea17-0206-eb44    4026531836     python3\n"
       "2388      2         2215           GPU-2ea0ea17-0206-eb44    4026531836     python3\n")
@@ -61,7 +60,7 @@ pod_resources_socket = "{tmp_path}/no-kubelet.sock"
 
 
 def status(config: str, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run(mpswatch_cmd("status", *flags, "--config", config), env=agent_env(ENV),
+    return subprocess.run(mpswatch_cmd("status", *flags, "--config", config, nvml="h200_all_mps"), env=agent_env(),
                           capture_output=True, text=True, timeout=60)
 
 

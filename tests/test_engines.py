@@ -20,7 +20,6 @@ from mpswatch.engine_kinds import BadMetrics, parameters_from_model_name
 from mpswatch.engine_kinds import vllm as vllm_module
 from mpswatch.engine_kinds.vllm import parse_vllm_command, parse_vllm_metrics
 from mpswatch.exposition import render
-from benchmarks.vllm_parse import full_size_body
 from mpswatch.procfs import ProcFS, parse_pressure, schedstat_wait_ns, stat_cpu_ticks
 from mpswatch.snapshot import (
     DaemonState,
@@ -31,10 +30,10 @@ from mpswatch.snapshot import (
     MpsDaemon,
     NodeSnapshot,
 )
-from tests.snapshots import snapshot_of
-from tests.fakevllm import FIXTURES, FakeVllm
-
-HERE = Path(__file__).resolve().parent
+from tests.kit import fakevllm
+from tests.kit.fakevllm import FIXTURES, FakeVllm, full_size_body, wait_ready
+from tests.kit.scope import SessionProcesses
+from tests.kit.snapshots import snapshot_of
 UUID = "GPU-b0364874-2b6d-037a-0496-f04da35f2f2d"
 
 
@@ -309,12 +308,8 @@ def engine_process(tmp_path):
 
     def start(name: str, spin_file: Path | None = None) -> tuple[subprocess.Popen, int]:
         port = closed_port()
-        argv = [sys.executable, str(HERE / "fakevllm.py"), "vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct",
-                "--port", str(port), "--served-model-name", name]
-        if spin_file:
-            argv += ["--spin-file", str(spin_file)]
-        child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        assert child.stdout.readline().strip() == "ready"
+        argv = fakevllm.command(port, name, *(["--spin-file", str(spin_file)] if spin_file else []))
+        child = wait_ready(subprocess.Popen(argv, stdout=subprocess.PIPE, text=True))
         started.append(child)
         return child, port
 
@@ -326,7 +321,7 @@ def engine_process(tmp_path):
 
 def test_real_processes_with_vllm_command_lines_are_discovered_and_scraped(engine_process):
     child, port = engine_process("qwen-a")
-    collector = EnginesCollector(procfs=ProcFS())
+    collector = EnginesCollector(procfs=ProcFS(visible=SessionProcesses()))  # this session's processes
     engines = {e.name: e for e in collector.collect().engines}
     engine = engines[f"qwen-a:{port}"]
     assert engine.found_by == "discovered" and engine.url == f"http://127.0.0.1:{port}/metrics"
@@ -338,7 +333,7 @@ def test_a_spinning_thread_makes_the_engine_cpu_bound_and_the_verdict_flips_back
     spin = tmp_path / "spin"
     spin.touch()
     child, port = engine_process("busy", spin_file=spin)
-    collector = EnginesCollector(procfs=ProcFS())
+    collector = EnginesCollector(procfs=ProcFS(visible=SessionProcesses()))  # this session's processes
     name = f"busy:{port}"
     collector.collect()
     time.sleep(1.0)

@@ -1,5 +1,5 @@
 """Engines in network namespaces of their own, on a Kubernetes-shaped node the test builds as root
-(tests/podnet.py): three engine pods joined to a bridge, each running tests/fakevllm.py as
+(tests/kit/podnet.py): three engine pods joined to a bridge, each running tests/kit/fakevllm.py as
 `vllm serve Qwen/Qwen2.5-1.5B-Instruct --served-model-name qwen` on vLLM's default port 8000: pods A
 and B on all addresses, pod C on 127.0.0.1 only. The agent sees only the test's processes (a
 `visible` filter), first from the host's network namespace (hostNetwork), then from a pod network
@@ -20,15 +20,13 @@ import pytest
 from mpswatch.collectors.engines import EnginesCollector
 from mpswatch.procfs import ProcFS
 
-from tests.podnet import REPO, Pod, PodNetwork, PodNetworkRefused, descends_from
-
-HERE = Path(__file__).resolve().parent
+from tests.kit import fakevllm, podnet
+from tests.kit.podnet import REPO, Pod, PodNetwork, PodNetworkRefused, descends_from
 
 
 def engine_argv(host: str, tokens: int) -> list[str]:
     # tokens per request tell the pods' answers apart: A counts 100 a scrape, B 300, C 500
-    return [sys.executable, str(HERE / "fakevllm.py"), "vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct",
-            "--served-model-name", "qwen", "--host", host, "--tokens", str(tokens)]
+    return fakevllm.command(None, "qwen", "--host", host, "--tokens", str(tokens))
 
 
 @pytest.fixture
@@ -90,7 +88,7 @@ def run_agent_in(agent: Pod, pids: dict[str, int], out_dir: Path, as_user: list[
     """The engines collector in a subprocess inside the agent's pod namespace (as another user with
     `as_user`: setpriv's arguments), seeing only the test's engines; what it found."""
     out = out_dir / "engines.json"
-    done = subprocess.run(["ip", "netns", "exec", agent.netns, *as_user, sys.executable, "-m", "tests.podnet", "collect",
+    done = subprocess.run(["ip", "netns", "exec", agent.netns, *as_user, sys.executable, "-m", "tests.kit.podnet", "collect",
                            str(out), *map(str, pids.values())],
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -122,7 +120,7 @@ def test_an_unprivileged_agent_in_a_pod_namespace_tells_the_pods_apart_by_their_
     network, pods, pids = node
     if shutil.which("setpriv") is None:
         pytest.skip("util-linux's setpriv is not installed")
-    runs = subprocess.run([*NOBODY, sys.executable, "-c", f"import mpswatch; open({str(HERE / 'podnet.py')!r}).close()"],
+    runs = subprocess.run([*NOBODY, sys.executable, "-c", f"import mpswatch; open({podnet.__file__!r}).close()"],
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=30)
     if runs.returncode != 0:
         pytest.skip(f"uid 65534 cannot run this test's interpreter and checkout: {runs.stderr.strip()[-200:]}")

@@ -10,8 +10,8 @@ The node (tests/fixtures/golden/README.md says where each input's shape comes fr
     CPU pressure, so that nothing running on the test machine shows through;
   - one MPS log dir: session 1's control.log and server.log there at start (read back), session 2's
     lines (a fault) appended once the agent has read them, as a restarted daemon appends;
-  - the NVML recording of an H200 (tests.fakenvml:h200);
-  - two configured vLLM engines on the H200 (tests/fakevllm.py): `busy`, whose token counters
+  - the NVML recording of an H200 (tests.kit.fakenvml.h200);
+  - two configured vLLM engines on the H200 (tests/kit/fakevllm.py): `busy`, whose token counters
     advance by 100 on every scrape, and `idle`, whose counters stay at 0;
   - no kubelet: the node is off Kubernetes, and the pods collector finds no process in a pod.
 
@@ -33,11 +33,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.agentproc import Agent, agent_env, mpswatch_cmd
-
-FAKE_H200 = {"MPSWATCH_TEST_NVML": "tests.fakenvml:h200"}  # the recorded H200, injected in code
-from tests.fakedaemon import FAKE_CONTROL, FakeDaemon
-from tests.fakevllm import FakeVllm
+from tests.kit.agentproc import Agent, agent_env, mpswatch_cmd
+from tests.kit.fakedaemon import FAKE_CONTROL, FakeDaemon
+from tests.kit.fakevllm import FakeVllm
 
 HERE = Path(__file__).resolve().parent
 GOLDEN = HERE / "fixtures" / "golden"
@@ -175,7 +173,7 @@ def test_the_fixture_node_exports_and_reports_exactly_the_golden_files(tmp_path)
     config = tmp_path / "config.toml"
     write_config(config, tmp_path, daemons, log_dir, engines)
     try:
-        with Agent(["--config", str(config)], env=FAKE_H200, log_path=tmp_path / "agent.log") as agent:
+        with Agent(["--config", str(config)], log_path=tmp_path / "agent.log", nvml="h200") as agent:
             agent.wait_for(lambda s: set(successes(s)) == set(COLLECTORS))
             for source in ("control", "server"):  # the daemon restarts and appends to the same files
                 append(LOGS / f"session2-fault-{source}.log", log_dir / f"{source}.log")
@@ -190,8 +188,8 @@ def test_the_fixture_node_exports_and_reports_exactly_the_golden_files(tmp_path)
             status, body = agent.get("/metrics")
             assert status == 200
         status_runs = {
-            form: subprocess.run(mpswatch_cmd("status", *flags, "--config", str(config)),
-                                 env=agent_env(FAKE_H200), capture_output=True, text=True, timeout=60)
+            form: subprocess.run(mpswatch_cmd("status", *flags, "--config", str(config), nvml="h200"),
+                                 env=agent_env(), capture_output=True, text=True, timeout=60)
             for form, flags in (("json", ["--json"]), ("txt", []))
         }
     finally:

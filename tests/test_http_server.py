@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mpswatch.exporter import CachedExposition, serve
 from mpswatch.exposition import render
 from mpswatch.snapshot import NodeSnapshot
-from tests.agentproc import free_port
+from tests.kit.agentproc import free_port
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.agentproc import Agent
-from tests.fakedaemon import FAKE_CONTROL
-from tests.matrix import Matrix, load_run, promtool_test
+from tests.kit.agentproc import Agent
+from tests.kit.fakedaemon import FAKE_CONTROL
+from tests.kit.matrix import Matrix, load_run, promtool_test
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "alerts" / "mpswatch.rules.yml"

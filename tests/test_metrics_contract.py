@@ -6,22 +6,22 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import grpc
 import pytest
-
 from mpswatch.collectors.mps_logs import EVENTS
 from mpswatch.metrics import CATALOG
-from tests.agentproc import Agent, free_port
-from tests.fakedaemon import FAKE_CONTROL
-from tests.fakepodresources import FakePodResources
-from tests.kubecgroups import KubeCgroups, systemd_path
+
+from tests.kit import fakevllm
+from tests.kit.agentproc import Agent, free_port
+from tests.kit.fakedaemon import FAKE_CONTROL
+from tests.kit.fakepodresources import FakePodResources
+from tests.kit.fakevllm import wait_ready
+from tests.kit.kubecgroups import KubeCgroups, systemd_path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
-HERE = Path(__file__).resolve().parent
-FIXTURES = HERE / "fixtures" / "h200-driver580"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "h200-driver580"
 
 
 def documented() -> dict[str, tuple[str, tuple[str, ...]]]:
@@ -63,13 +63,11 @@ def test_a_running_agent_exports_exactly_the_declared_set(fake_daemon, tmp_path)
         "[2026-12-02 09:14:05.119 Control    61] Cmd:set_default_active_thread_percentage 50\n"
         "[2026-12-02 09:14:05.402 Control   476] Starting new server 476 for user 0\n"
     )
-    engine = subprocess.Popen(
-        [sys.executable, str(HERE / "fakevllm.py"), "vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct", "--port",
-         str(free_port()), "--served-model-name", "qwen-a"],
+    engine = wait_ready(subprocess.Popen(
+        fakevllm.command(free_port(), "qwen-a"),
         env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": full.path, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"},
         stdout=subprocess.PIPE, text=True,
-    )
-    assert engine.stdout.readline().strip() == "ready"
+    ))
     # the engine a client of the full daemon's server: its MPS limits in force
     ps = full.scenario["replies"]["ps"] + f"{engine.pid} 49 476 GPU-2ea0ea17-0206-eb44 4026531836 vllm\n"
     full.update(replies={**full.scenario["replies"], "ps": ps})
@@ -82,14 +80,13 @@ def test_a_running_agent_exports_exactly_the_declared_set(fake_daemon, tmp_path)
         needs_a_pod = set()
     except pytest.skip.Exception:
         cgroups = None
-    h200 = "GPU-b0364874-2b6d-037a-0496-f04da35f2f2d"  # tests.fakenvml:h200's
+    h200 = "GPU-b0364874-2b6d-037a-0496-f04da35f2f2d"  # tests.kit.fakenvml.h200's
     kubelet = FakePodResources(tmp_path / "kubelet.sock", {"team-a/qwen-a": {"vllm": [h200]}})
     kubelet.fail = grpc.StatusCode.UNAVAILABLE
     args = ["--mps-control-bin", FAKE_CONTROL, "--interval", "0.5", "--command-timeout", "1", "--log-dir", str(log_dir)]
     for daemon in (full, garbage, fault, killed):
         args += ["--pipe-dir", daemon.path]
     env = {
-        "MPSWATCH_TEST_NVML": "tests.fakenvml:h200",
         "FAKENVML_MPS_CLIENT_PIDS": str(engine.pid),  # the engine's process is an MPS client on the fake GPU
         "MPSWATCH_GPU_INTERVAL_SECONDS": "0.5",
         "MPSWATCH_ENGINE_SCRAPE_INTERVAL_SECONDS": "0.5",
@@ -100,7 +97,7 @@ def test_a_running_agent_exports_exactly_the_declared_set(fake_daemon, tmp_path)
     seen: set[str] = set()
     texts: list[str] = []
     try:
-        with Agent(args, env=env) as agent:
+        with Agent(args, env=env, nvml="h200") as agent:
             def all_there(samples):
                 seen.update(family_name(name) for name, _ in samples)
                 if "mps_pod_resources_failures_total" in seen:

@@ -29,7 +29,7 @@ from mpswatch.snapshot import (
     frozen_map,
 )
 
-from tests.snapshots import snapshot_of
+from tests.kit.snapshots import snapshot_of
 
 PIPE = "/run/nvidia/mps/nvidia.com/gpu/pipe"
 LOG = "/run/nvidia/mps/nvidia.com/gpu/log"

@@ -8,8 +8,8 @@ import subprocess
 import time
 from datetime import datetime
 
-from tests.agentproc import Agent, agent_env, key, mpswatch_cmd
-from tests.fakedaemon import FAKE_CONTROL
+from tests.kit.agentproc import Agent, agent_env, key, mpswatch_cmd
+from tests.kit.fakedaemon import FAKE_CONTROL
 
 INTERVAL = 0.5
 LOGS_ENV = {"MPSWATCH_MPS_LOGS_INTERVAL_SECONDS": str(INTERVAL)}

@@ -1,7 +1,7 @@
 """Pod identity on a kubelet-shaped node without a cluster: the test's own processes placed in
-kubelet-style cgroups (tests/kubecgroups.py: both driver layouts, cgroup v1 and v2, removed at the
+kubelet-style cgroups (tests/kit/kubecgroups.py: both driver layouts, cgroup v1 and v2, removed at the
 end), a real PodResources gRPC server on a unix socket in the test's directory
-(tests/fakepodresources.py), and the collector seeing only the test's processes."""
+(tests/kit/fakepodresources.py), and the collector seeing only the test's processes."""
 
 from __future__ import annotations
 
@@ -17,10 +17,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from mpswatch.analysis import health_report, render_text
 from mpswatch.cli import main
-from mpswatch.collectors.gpu import nvml_loader
 from mpswatch.collectors.pods import PodsCollector
 from mpswatch.exposition import render
 from mpswatch.injection import Injected
@@ -40,15 +38,16 @@ from mpswatch.snapshot import (
     MpsServer,
     frozen_map,
 )
-from tests.agentproc import REPO, agent_env, free_port, key
-from tests.fakepodresources import FakePodResources
-from tests.kubecgroups import KubeCgroups, cgroupfs_path, systemd_path
-from tests.snapshots import ok_status
 
-HERE = Path(__file__).resolve().parent
+from tests.kit import fakenvml, fakevllm
+from tests.kit.agentproc import REPO, agent_env, free_port, key
+from tests.kit.fakepodresources import FakePodResources
+from tests.kit.kubecgroups import KubeCgroups, cgroupfs_path, systemd_path
+from tests.kit.snapshots import ok_status
+
 GPU_A = "GPU-2ea0ea17-0206-eb44-6b1e-8d0c3f1a2b3c"  # shared through MPS replicas
 GPU_B = "GPU-6d1c7e20-3f4a-4b5c-8d9e-0a1b2c3d4e5f"  # one pod's alone
-H200 = "GPU-b0364874-2b6d-037a-0496-f04da35f2f2d"  # tests.fakenvml:h200's GPU
+H200 = "GPU-b0364874-2b6d-037a-0496-f04da35f2f2d"  # tests.kit.fakenvml.h200's GPU
 NODE = {
     "team-a/vllm-a": {"vllm": [f"{GPU_A}::0"], "proxy": []},
     "team-b/vllm-b": {"main": [GPU_B]},
@@ -208,7 +207,7 @@ AGENT_ONCE = textwrap.dedent("""
     env = {"MPSWATCH_PODS_POD_RESOURCES_SOCKET": sys.argv[1], "MPSWATCH_ENGINE_SCRAPE_DISCOVER": "false",
            "MPSWATCH_DEVICE_PLUGIN_ROOT": tmp + "/dp", "MPSWATCH_MPS_CONTROL_DEFAULT_PIPE_DIRS": tmp + "/pipe",
            "MPSWATCH_MPS_LOGS_DEFAULT_LOG_DIR": tmp + "/log"}
-    collectors = build_collectors(load_config(None, env=env), Injected(process_visible=lambda pid: pid == os.getpid()))
+    collectors = build_collectors(load_config(None, env=env), Injected(process_filter=lambda root: lambda pid: pid == os.getpid()))
     snapshot = Scheduler(collectors, SnapshotStore()).run_once()
     render(snapshot, "test")
     print(snapshot.pods.pod_resources.up, sorted({m.split(".")[0] for m in sys.modules if m.startswith(("grpc", "google"))}))
@@ -232,8 +231,7 @@ def test_mpswatch_status_names_the_pod_of_an_engine_in_a_kubepods_cgroup(cgroups
     """The whole agent as `mpswatch status` runs it: a vLLM-like engine found by its command line, on
     the fake H200 as an MPS client, its process in a pod's cgroup, its pod listed by the kubelet."""
     port = free_port()
-    engine = start([sys.executable, str(HERE / "fakevllm.py"), "vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct",
-                    "--port", str(port), "--served-model-name", "qwen-e"], "custom-host",
+    engine = start(fakevllm.command(port, "qwen-e"), "custom-host",
                    stdout=subprocess.PIPE, text=True, env={"PYTHONPATH": str(REPO / "agent")})
     assert engine.stdout.readline().strip() == "ready"
     cgroups.place(engine, "v2", systemd_path(uid(5), cid(5)))
@@ -242,7 +240,7 @@ def test_mpswatch_status_names_the_pod_of_an_engine_in_a_kubepods_cgroup(cgroups
     config.write_text(f'device_plugin_root = "{tmp_path}/dp"\n[mps_control]\ndefault_pipe_dirs = ["{tmp_path}/pipe"]\n'
                       f'[mps_logs]\ndefault_log_dir = "{tmp_path}/log"\n'
                       f'[pods]\npod_resources_socket = "{tmp_path}/kubelet.sock"\n')
-    injected = Injected(nvml_loader=nvml_loader("tests.fakenvml:h200"), process_visible={engine.pid}.__contains__)
+    injected = Injected(nvml_loader=fakenvml.h200, process_filter=lambda root: {engine.pid}.__contains__)
     reports = {}
     with FakePodResources(tmp_path / "kubelet.sock", {"team-e/qwen-e-0": {"vllm": [H200]}}):
         for form, flags in (("json", ["--json"]), ("text", [])):

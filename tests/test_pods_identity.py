@@ -21,8 +21,8 @@ from mpswatch.snapshot import (
     PodsData,
     frozen_map,
 )
-from tests.fakepodresources import response_of
-from tests.snapshots import snapshot_of
+from tests.kit.fakepodresources import response_of
+from tests.kit.snapshots import snapshot_of
 
 UID = "0c3f2e1a-5b7d-4c2e-9f00-1a2b3c4d5e6f"
 UID_ = UID.replace("-", "_")

@@ -9,20 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.agentproc import agent_env, mpswatch_cmd
-from tests.fakedaemon import FAKE_CONTROL
+from tests.kit.agentproc import agent_env, mpswatch_cmd
+from tests.kit.fakedaemon import FAKE_CONTROL
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "status.md"
 
 
-HEALTHY_GPU = {"MPSWATCH_TEST_NVML": "tests.fakenvml:h200_all_mps",
-               "MPSWATCH_ENGINE_SCRAPE_DISCOVER": "false"}  # engines running on the test host are not the test's
-
-
 def status(*args, env=None):
     run = subprocess.run(
-        mpswatch_cmd("status", "--mps-control-bin", FAKE_CONTROL, *args),
-        env=agent_env({**HEALTHY_GPU, **(env or {})}), capture_output=True, text=True, timeout=60,
+        mpswatch_cmd("status", "--mps-control-bin", FAKE_CONTROL, *args, nvml="h200_all_mps"),  # a healthy GPU
+        env=agent_env(env), capture_output=True, text=True, timeout=60,
     )
     return run.returncode, run.stdout, run.stderr
 
@@ -168,7 +164,7 @@ def pod_process(proc: Path, pid: int, namespace: str, pod: str, pod_uid: str, co
 def test_a_fault_lists_the_client_mps_blames_with_its_pod_and_every_client_that_shared_its_server(fake_daemon, tmp_path):
     """Server 632 in FAULT with clients 629 and 513, its server.log (the H200's session 2, its server PID
     632) blaming 513; server 476 of another daemon healthy, its client 438 a new process of 629's pod."""
-    from tests.fakepodresources import FakePodResources
+    from tests.kit.fakepodresources import FakePodResources
 
     healthy, fault = fake_daemon("healthy_two_clients_driver580"), fake_daemon("server_fault_driver580")
     log_dir = tmp_path / "log"

@@ -87,7 +87,8 @@ def build_collectors(config: Config, injected: Injected | None = None) -> list[C
     """The typed settings onto each collector's keyword arguments; `injected` replaces NVML and narrows
     the processes seen, for tests."""
     injected = injected or Injected()
-    procfs = ProcFS(root=Path(config.proc_root), visible=injected.process_visible)
+    visible = injected.process_filter(config.proc_root) if injected.process_filter else None
+    procfs = ProcFS(root=Path(config.proc_root), visible=visible)
     mps_control, mps_logs, gpu, engine_scrape = config.mps_control, config.mps_logs, config.gpu, config.engine_scrape
     discovery = DiscoverySettings(
         pipe_dirs=mps_control.pipe_dirs,

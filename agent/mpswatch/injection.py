@@ -11,4 +11,6 @@ from typing import Any
 @dataclass(frozen=True)
 class Injected:
     nvml_loader: Callable[[], Any] | None = None  # returns the NVML binding; None: nvidia-ml-py
-    process_visible: Callable[[int], bool] | None = None  # None: every process on the node
+    # given the /proc the agent reads (proc_root), which of its processes the agent may see; None from
+    # it, or no process_filter: every process there
+    process_filter: Callable[[str], Callable[[int], bool] | None] | None = None

@@ -19,12 +19,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "agent"))
+from mpswatch.advisor import MODEL, GainModel, advise, busy_alone, verdict_of
+from mpswatch.engine_kinds import parameters_from_model_name
+from mpswatch.snapshot import EngineState, GpuState
 
-from mpswatch.advisor import MODEL, GainModel, advise, busy_alone, verdict_of  # noqa: E402
-from mpswatch.engine_kinds import parameters_from_model_name  # noqa: E402
-from mpswatch.snapshot import EngineState, GpuState  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 RESULTS = ROOT / "benchmarks" / "mps_gain" / "mps-gain.json.gz"  # the H200 run docs/mps-gain.md reports
 DOC = ROOT / "docs" / "mps-gain.md"

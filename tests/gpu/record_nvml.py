@@ -2,7 +2,7 @@
 
 Run on a GPU machine while MPS clients and one process without MPS run:
     python3 tests/gpu/record_nvml.py OUT.json
-The JSON is replayed by tests/fakenvml.py; its file name carries the driver version.
+The JSON is replayed by tests/kit/fakenvml.py; its file name carries the driver version.
 """
 
 from __future__ import annotations

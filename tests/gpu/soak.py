@@ -18,8 +18,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.agentproc import Agent, parse_exposition
-from tests.gpu.conftest import HERE, MpsDaemon
+from tests.kit.agentproc import Agent, parse_exposition
+from tests.kit.realmps import MpsDaemon
+
+HERE = Path(__file__).resolve().parent
 
 # driver 580's wording, as in tests/fixtures/h200-driver580
 LINES = {

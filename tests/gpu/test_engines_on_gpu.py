@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.gpu.conftest import MATRIX, results_saver
-from tests.agentproc import Agent, agent_env, free_port, mpswatch_cmd
+from tests.gpu.results import MATRIX, results_saver
+from tests.kit.agentproc import Agent, agent_env, free_port, mpswatch_cmd
 
 HERE = Path(__file__).resolve().parent
 RESULTS: dict = {}

@@ -3,7 +3,7 @@ server, a client exhausting GPU memory, logs rotated and truncated under the age
 restarted mid-run, and the agent as an unprivileged user. The hang, the 50 clients, the fatal
 error and the engine without MPS are rows of the other GPU test modules.
 
-Each case is a row of tests.gpu.conftest.MATRIX (with a recording of the agent's series, which
+Each case is a row of tests.gpu.results.MATRIX (with a recording of the agent's series, which
 tests/test_matrix_alerts.py hands to promtool with the shipped rules)."""
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 import structlog
 
-from tests.agentproc import Agent, REPO, agent_env, free_port, key, mpswatch_cmd, parse_exposition
-from tests.gpu.conftest import MATRIX, MpsDaemon, read_line, rest_of_output
+from tests.gpu.results import MATRIX
+from tests.kit.agentproc import Agent, REPO, agent_env, free_port, key, mpswatch_cmd, parse_exposition
+from tests.kit.realmps import MpsDaemon, read_line, rest_of_output
 
 NOBODY = 65534
 FAST_LOGS = {"MPSWATCH_MPS_LOGS_INTERVAL_SECONDS": "0.5"}
@@ -313,7 +314,10 @@ def test_the_agent_as_an_unprivileged_user(mps_client, tmp_path):
             case.reported["nvidia-cuda-mps-control as nobody"] = f"exit {query.returncode}: {(query.stdout + query.stderr).strip()[:200]}"
         except subprocess.TimeoutExpired:
             case.reported["nvidia-cuda-mps-control as nobody"] = "no answer within 10 s"
-        run = subprocess.run([sys.executable, "-m", "mpswatch", "status", "--json", "--pipe-dir", pipe, "--log-dir", logs], env=env,
+        # the agent as deployed (`python -m mpswatch`, from the copy nobody can read), not the kit's
+        # launcher: its filter reads processes' environments, which nobody may not read
+        mpswatch = [sys.executable, "-m", "mpswatch"]
+        run = subprocess.run([*mpswatch, "status", "--json", "--pipe-dir", pipe, "--log-dir", logs], env=env,
                              capture_output=True, text=True, timeout=60, **as_nobody)
         assert run.stdout.strip(), f"exit {run.returncode}: {run.stderr[-2000:]}"
         report = json.loads(run.stdout)
@@ -327,7 +331,7 @@ def test_the_agent_as_an_unprivileged_user(mps_client, tmp_path):
             "collectors": [(c["name"], c["verdict"], c["reason"]) for c in report["collectors"]],
         }
         port = free_port()
-        agent = subprocess.Popen([sys.executable, "-m", "mpswatch", "run", "--listen", f"127.0.0.1:{port}", "--pipe-dir", pipe, "--log-dir", logs],
+        agent = subprocess.Popen([*mpswatch, "run", "--listen", f"127.0.0.1:{port}", "--pipe-dir", pipe, "--log-dir", logs],
                                  env=env, stdout=agent_log, stderr=subprocess.STDOUT, **as_nobody)
         samples = {}
         deadline = time.monotonic() + 20

@@ -10,8 +10,8 @@ import subprocess
 import time
 
 
-from tests.gpu.conftest import results_saver
-from tests.agentproc import Agent
+from tests.gpu.results import results_saver
+from tests.kit.agentproc import Agent
 
 RESULTS: dict = {}
 

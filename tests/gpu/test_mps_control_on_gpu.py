@@ -12,8 +12,8 @@ import subprocess
 import time
 
 
-from tests.gpu.conftest import MATRIX, results_saver
-from tests.agentproc import Agent, agent_env, mpswatch_cmd
+from tests.gpu.results import MATRIX, results_saver
+from tests.kit.agentproc import Agent, agent_env, mpswatch_cmd
 
 INTERVAL = 2.0  # the default; "within two cycles" is measured against it
 RESULTS: dict = {}
@@ -100,7 +100,7 @@ def test_real_daemon_clients_hang_and_recovery(mps, tmp_path):
         case.status_verdict = hung["verdict"]
         case.reported["status reason"] = hung["daemons"][0]["reason"]
         assert agent.get("/healthz")[0] == 200
-        time.sleep(max(0.0, seen_down + 3.0 - time.monotonic()))  # the recording's check (tests/matrix.py) looks up to 2 s after detection
+        time.sleep(max(0.0, seen_down + 3.0 - time.monotonic()))  # the recording's check (tests/kit/matrix.py) looks up to 2 s after detection
 
         os.kill(daemon_pid, signal.SIGCONT)
         up_after, _ = _time_until(agent, lambda s: s.get(up) == 1, timeout=3 * INTERVAL + 2)

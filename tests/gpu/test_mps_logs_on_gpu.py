@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 
-from tests.gpu.conftest import MATRIX, read_line, rest_of_output, results_saver
-from tests.agentproc import Agent, agent_env, key, mpswatch_cmd
+from tests.gpu.results import MATRIX, results_saver
+from tests.kit.agentproc import Agent, agent_env, key, mpswatch_cmd
+from tests.kit.realmps import read_line, rest_of_output
 
 RESULTS: dict = {}
 

@@ -1,4 +1,5 @@
-"""Runs `mpswatch run` as a real process on a loopback port and scrapes it over HTTP."""
+"""Runs agents under test as real processes, through the kit's launcher (tests/kit/agent.py):
+`mpswatch run` on a loopback port, scraped over HTTP (Agent), and one-shot commands (mpswatch_cmd)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -24,6 +25,8 @@ def free_port() -> int:
 
 
 def agent_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment without MPSWATCH_ settings, plus `extra`; the launcher and this checkout's
+    agent importable (a second clone of the repository runs its own agent, not the one installed)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MPSWATCH_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "agent"), str(REPO), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
@@ -31,9 +34,11 @@ def agent_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def mpswatch_cmd(*args: str) -> list[str]:
-    """The agent as tests run it: tests/agent_main.py injects the fake NVML MPSWATCH_TEST_NVML names."""
-    return [sys.executable, "-m", "tests.agent_main", *args]
+def mpswatch_cmd(*args: str, nvml: str | None = None) -> list[str]:
+    """`mpswatch ARGS` as an agent under test: through the launcher, which keeps it to this session's
+    processes and directories. `nvml`: a fake of tests.kit.fakenvml by its factory's name (h200, ...);
+    None: nvidia-ml-py."""
+    return [sys.executable, "-m", "tests.kit.agent", *(["--nvml", nvml] if nvml else []), *args]
 
 
 def key(name: str, **labels: str) -> tuple[str, frozenset]:
@@ -50,12 +55,13 @@ def parse_exposition(text: str) -> dict[tuple[str, frozenset], float]:
 
 
 class Agent:
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, log_path: Path | None = None,
+                 nvml: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            mpswatch_cmd("run", "--listen", f"127.0.0.1:{self.port}", "--log-format", "json", *args),
+            mpswatch_cmd("run", "--listen", f"127.0.0.1:{self.port}", "--log-format", "json", *args, nvml=nvml),
             env=agent_env(env),
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -1,5 +1,6 @@
 """A fake of the nvidia-ml-py surface the GPU collector uses, replaying a real H200 recording
-(tests/fixtures/nvml/nvml-h200-driver580.json, made by tests/gpu/record_nvml.py).
+(tests/fixtures/nvml/nvml-h200-driver580.json, made by tests/gpu/record_nvml.py). The factories at
+the end are what an agent under test loads with `python -m tests.kit.agent --nvml FACTORY`.
 
 Knobs reproduce what a real node does: GPM unsupported, a second GPU, one GPU lost, a call that
 hangs, NVML failing to initialise, XID events arriving.
@@ -15,7 +16,7 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
-RECORDING = Path(__file__).parent / "fixtures" / "nvml" / "nvml-h200-driver580.json"
+RECORDING = Path(__file__).resolve().parent.parent / "fixtures" / "nvml" / "nvml-h200-driver580.json"
 
 NVML_SUCCESS = 0
 NVML_ERROR_UNINITIALIZED = 1
@@ -221,7 +222,7 @@ class FakeNvml:
 
 
 def h200() -> FakeNvml:
-    """For `MPSWATCH_TEST_NVML=tests.fakenvml:h200` (tests/agent_main.py): the recorded H200, one GPU. With
+    """The recorded H200, one GPU. With
     FAKENVML_MPS_CLIENT_PIDS set (comma-separated), those PIDs are its MPS clients instead of the
     recorded ones, so that processes a test starts are seen on the GPU."""
     fake = FakeNvml()
@@ -239,6 +240,11 @@ def h200_all_mps() -> FakeNvml:
     for device in fake.devices:
         device["compute_processes"] = [p for p in device["compute_processes"] if p[0] != 431]
     return fake
+
+
+def no_driver() -> FakeNvml:
+    """A node without the NVIDIA driver: NVML's library is not found."""
+    return FakeNvml(init_error=NVML_ERROR_LIBRARY_NOT_FOUND)
 
 
 def from_layout() -> FakeNvml:

@@ -1,4 +1,4 @@
-"""A pipe dir answered by tests/fakebin/nvidia-cuda-mps-control, with a stand-in daemon process
+"""A pipe dir answered by the fake control program (FAKE_CONTROL), with a stand-in daemon process
 (argv[0] `nvidia-cuda-mps-control`, CUDA_MPS_PIPE_DIRECTORY in its environment) and pid file."""
 
 from __future__ import annotations
@@ -10,9 +10,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-FAKE_CONTROL = str(HERE / "fakebin" / "nvidia-cuda-mps-control")
-SCENARIOS = HERE / "scenarios"
+from tests.kit import fakecontrol, scope
+
+SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
+# the program an agent under test runs as nvidia-cuda-mps-control (tests.kit.fakecontrol)
+FAKE_CONTROL = fakecontrol.materialise(str(scope.DIRECTORY / "bin"))
+
+
+def stand_in(argv0: str, *args: str, env: dict[str, str]) -> subprocess.Popen:
+    """A process that only sleeps, with argv[0] `argv0` and `args` after it on its command line, as
+    discovery sees a real daemon or server: this interpreter, without site packages."""
+    return subprocess.Popen([argv0, "-I", "-S", "-c", "import time; time.sleep(600)", *args],
+                            executable=sys.executable, env=env)
 
 
 class FakeDaemon:
@@ -25,18 +34,16 @@ class FakeDaemon:
         self.process = None
         self.server = None
         if process:
-            env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir)}
-            # argv as a real daemon's: `nvidia-cuda-mps-control ... -d`
-            stand_in = f"exec -a nvidia-cuda-mps-control {sys.executable} -c 'import time; time.sleep(600)' -d"
-            self.process = subprocess.Popen(["bash", "-c", stand_in], env=env)
+            self.process = stand_in("nvidia-cuda-mps-control", "-d", env=self._env())  # a daemon's `-d`
             (self.pipe_dir / "nvidia-cuda-mps-control.pid").write_text(f"{self.process.pid}\n")
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir)}
 
     def start_server_stand_in(self) -> int:
         """A process that looks like this daemon's MPS server (argv[0], environment): left running
         after kill(), it is the orphaned server a killed daemon leaves behind."""
-        env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir)}
-        stand_in = f"exec -a nvidia-cuda-mps-server {sys.executable} -c 'import time; time.sleep(600)'"
-        self.server = subprocess.Popen(["bash", "-c", stand_in], env=env)
+        self.server = stand_in("nvidia-cuda-mps-server", env=self._env())
         return self.server.pid
 
     def _write(self) -> None:

@@ -12,7 +12,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.agentproc import parse_exposition
+from tests.kit.agentproc import parse_exposition
 
 RECORDED_PREFIXES = ("mps_", "mpswatch_collector_success")
 

@@ -6,7 +6,7 @@ Names carry a random suffix and the subnet (10.231.X.0/24) is one no interface o
 so concurrent runs do not collide; close() removes everything, processes first. Traffic goes only to
 the subnet's addresses and loopback.
 
-As a script, `python -m tests.podnet collect OUT PID...` runs the engines collector twice, seeing only
+As a script, `python -m tests.kit.podnet collect OUT PID...` runs the engines collector twice, seeing only
 those PIDs and their descendants, in whatever network namespace it is started in (`ip netns exec`),
 and writes what it found to OUT as JSON: the agent as a DaemonSet pod without hostNetwork.
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 from mpswatch.collectors.engines import EnginesCollector
 from mpswatch.procfs import ProcFS, ppid_of, stat_fields
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 class PodNetworkRefused(Exception):
@@ -159,5 +159,5 @@ def collect(out: Path, roots: set[int]) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["collect"] or len(sys.argv) < 4:
-        sys.exit("usage: python -m tests.podnet collect OUT PID...")
+        sys.exit("usage: python -m tests.kit.podnet collect OUT PID...")
     collect(Path(sys.argv[2]), {int(pid) for pid in sys.argv[3:]})

@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-
 from mpswatch.podresources import api_pb2, api_pb2_grpc
 
 Pods = dict[str, dict[str, list[str]]]  # "namespace/pod" -> container name -> device IDs given to it

@@ -1,24 +1,24 @@
 """A whole node replayed on loopback: the fixture MPS daemon (real H200 replies), a vLLM-like engine
 attached to the fake NVML's GPU as an MPS client, the MPS logs, the agent, and Debian's Prometheus
 (with the shipped rules) and Alertmanager (the shipped example, its webhooks pointed at `hook_url`).
-Used by the end-to-end alert tests and by `make demo`."""
+Used by the end-to-end alert tests and by `make demo` (demo/replay.py)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
-import sys
 import urllib.parse
 from pathlib import Path
 
 import yaml
 
-from tests.agentproc import Agent, free_port
-from tests.fakedaemon import FAKE_CONTROL, FakeDaemon
+from tests.kit import fakevllm
+from tests.kit.agentproc import REPO, Agent, free_port
+from tests.kit.fakedaemon import FAKE_CONTROL, FakeDaemon
+from tests.kit.fakevllm import wait_ready
 
-HERE = Path(__file__).resolve().parent
-ALERTS = HERE.parent / "alerts"
+ALERTS = REPO / "alerts"
 PROMETHEUS = shutil.which("prometheus")
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 
@@ -44,25 +44,22 @@ class ReplayStack:
         work = self.work
         log_dir = work / "log"
         log_dir.mkdir()
-        (log_dir / "server.log").write_text((HERE / "fixtures/h200-driver580/session1-server.log").read_text())
+        (log_dir / "server.log").write_text((REPO / "tests/fixtures/h200-driver580/session1-server.log").read_text())
         args = ["--mps-control-bin", FAKE_CONTROL, "--interval", agent_interval, "--log-dir", str(log_dir)]
-        env = {"MPSWATCH_TEST_NVML": "tests.fakenvml:h200", "MPSWATCH_GPU_INTERVAL_SECONDS": agent_interval,
-               "MPSWATCH_ENGINE_SCRAPE_INTERVAL_SECONDS": agent_interval}
+        env = {"MPSWATCH_GPU_INTERVAL_SECONDS": agent_interval, "MPSWATCH_ENGINE_SCRAPE_INTERVAL_SECONDS": agent_interval}
         if self.daemon is not None:
-            engine = self._spawn(
-                [sys.executable, str(HERE / "fakevllm.py"), "vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct", "--port",
-                 str(free_port()), "--served-model-name", "qwen-a"],
+            engine = wait_ready(self._spawn(
+                fakevllm.command(free_port(), "qwen-a"),
                 env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": self.daemon.path}, stdout=subprocess.PIPE, text=True,
-            )
-            assert engine.stdout.readline().strip() == "ready"
+            ))
             args += ["--pipe-dir", self.daemon.path]
-            env["FAKENVML_MPS_CLIENT_PIDS"] = str(engine.pid)
+            env["FAKENVML_MPS_CLIENT_PIDS"] = str(engine.pid)  # the engine is an MPS client of the fake GPU
         else:
             (work / "proc").mkdir()
             args += ["--mps-expected", "true", "--proc-root", str(work / "proc")]
             env.update(MPSWATCH_MPS_CONTROL_DEFAULT_PIPE_DIRS=str(self._default_pipe_dir),
                        MPSWATCH_DEVICE_PLUGIN_ROOT=str(work / "no-device-plugin"))
-        self.agent = Agent(args, env=env, log_path=work / "agent.log")
+        self.agent = Agent(args, env=env, log_path=work / "agent.log", nvml="h200")
         am_config = yaml.safe_load((ALERTS / "alertmanager.example.yml").read_text())
         for receiver in am_config["receivers"]:
             for hook in receiver["webhook_configs"]:
