@@ -91,13 +91,13 @@ def test_a_fatal_error_names_the_pod_mps_blames_and_every_client_s_pod(mps, mps_
                       if "encountered a fatal GPU error" in line]
             RESULTS["server_log_fatal_line"] = logged[-1] if logged else None
             RESULTS["culprit_pid"], RESULTS["innocent_pid"] = culprit.pid, innocent.pid
-            RESULTS["network_namespaces"] = {pid: os.readlink(f"/proc/{pid}/ns/net") for pid in (culprit.pid, innocent.pid)
+            RESULTS["network_namespaces"] = {str(pid): os.readlink(f"/proc/{pid}/ns/net") for pid in (culprit.pid, innocent.pid)
                                              if os.path.exists(f"/proc/{pid}")} | {"agent": os.readlink("/proc/self/ns/net")}
-            RESULTS["cgroups"] = {pid: open(f"/proc/{pid}/cgroup").read().strip() for pid in (culprit.pid, innocent.pid)
+            RESULTS["cgroups"] = {str(pid): open(f"/proc/{pid}/cgroup").read().strip() for pid in (culprit.pid, innocent.pid)
                                   if os.path.exists(f"/proc/{pid}")}
             RESULTS["blast_radius"] = report.get("blast_radius")
             RESULTS["problems"] = report.get("problems")
-            RESULTS["client_pods"] = {c["pid"]: c.get("pod") for d in report.get("daemons", [])
+            RESULTS["client_pods"] = {str(c["pid"]): c.get("pod") for d in report.get("daemons", [])
                                       for s in d["servers"] for c in s["clients"]}
             [radius] = report["blast_radius"]
             pod_of = {culprit.pid: "team-b/vllm-b", innocent.pid: "team-a/vllm-a"}
