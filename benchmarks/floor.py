@@ -123,7 +123,7 @@ def agent(setup: dict, visible: SessionProcesses) -> tuple[Scheduler, dict, Reco
 
 def control_floor(sent: list) -> None:
     for argv, stdin, env in sent:
-        subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, check=False)
+        subprocess.run(argv, input=stdin, capture_output=True, env=env, check=False)
 
 
 class GpuFloor:

@@ -16,6 +16,7 @@ from mpswatch.snapshot import (
     MpsServer,
     frozen_map,
 )
+
 from tests.kit.snapshots import snapshot_of
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from mpswatch.config import BY_KEY, load_config
 from mpswatch.metrics import CATALOG
 

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from mpswatch.collectors.engines import EnginesCollector, tokens_per_second
 from mpswatch.derive import load_balance
 from mpswatch.engine_kinds import BadMetrics, parameters_from_model_name
@@ -30,10 +29,12 @@ from mpswatch.snapshot import (
     MpsDaemon,
     NodeSnapshot,
 )
+
 from tests.kit import fakevllm
 from tests.kit.fakevllm import FIXTURES, FakeVllm, full_size_body, wait_ready
 from tests.kit.scope import SessionProcesses
 from tests.kit.snapshots import snapshot_of
+
 UUID = "GPU-b0364874-2b6d-037a-0496-f04da35f2f2d"
 
 

@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
-
+from hypothesis import given
+from hypothesis import strategies as st
 from mpswatch.collectors.mps_control import (
     READ_ONLY_COMMANDS,
     MutatingCommandRefused,

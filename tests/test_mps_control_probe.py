@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 from mpswatch.collectors.mps_control import (
     ControlChannel,
     DiscoverySettings,
@@ -20,8 +21,6 @@ from mpswatch.collectors.mps_control import (
 from mpswatch.procfs import ProcFS
 from mpswatch.runner import RunResult
 from mpswatch.snapshot import DaemonState, MpsClient, MpsDaemon, MpsServer
-
-import pytest
 
 PS = (
     "PID       ID        SERVER         DEVICE                    NAMESPACE      COMMAND\n"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
-
+from hypothesis import given
+from hypothesis import strategies as st
 from mpswatch.collectors.mps_logs import MAX_SERVER_STARTS_KEPT, LineContext, parse_line, server_starts_after
 
 FIXTURES = Path(__file__).parent / "fixtures" / "h200-driver580"
@@ -25,8 +25,8 @@ def parse_file(name: str, source: str, where: Path = FIXTURES):
     return events
 
 
-def one(line: str, source: str = "server", context: LineContext = LineContext()):
-    return parse_line(line, source, context)[0]
+def one(line: str, source: str = "server", context: LineContext | None = None):
+    return parse_line(line, source, context or LineContext())[0]
 
 
 S = "[2026-11-29 19:23:50.747 Server   486] "
@@ -292,11 +292,10 @@ def test_after_quit_and_a_restart_the_control_log_is_read_as_new():
 
 
 def test_a_zone_can_be_given_for_daemons_that_log_in_another_one():
-    from datetime import timezone
 
     event = one("[2026-11-29 19:23:50.000 Server   486] Server is handling a fatal GPU error.",
                 context=LineContext())
     utc = parse_line("[2026-11-29 19:23:50.000 Server   486] Server is handling a fatal GPU error.", "server",
-                     LineContext(), timezone.utc)[0]
-    assert utc.time == datetime(2026, 11, 29, 19, 23, 50, tzinfo=timezone.utc).timestamp()
+                     LineContext(), UTC)[0]
+    assert utc.time == datetime(2026, 11, 29, 19, 23, 50, tzinfo=UTC).timestamp()
     assert event.time == time.mktime(datetime(2026, 11, 29, 19, 23, 50).timetuple())
