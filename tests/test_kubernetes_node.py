@@ -191,7 +191,8 @@ def test_a_running_agent_exports_each_engine_up_with_its_pod(node):
     with Agent(["--config", str(node.config), "--mps-control-bin", FAKE_CONTROL, "--interval", "0.5"],
                nvml="h200_all_mps") as agent:
         def ready(samples):
-            return all(samples.get(key("mps_engine_up", engine=name)) == 1 for name in names.values()) and samples
+            return all(samples.get(key("mps_engine_up", engine=name)) == 1 and
+                       key("mps_engine_pipe_dir_served", engine=name) in samples for name in names.values()) and samples
 
         samples = agent.wait_for(ready, timeout=15)
     for which in PODS:
@@ -199,6 +200,7 @@ def test_a_running_agent_exports_each_engine_up_with_its_pod(node):
         labels = {"engine": names[node.pod_name(which)], "pod_uid": UIDS[which], "namespace": namespace, "pod": pod,
                   "container": "vllm"}
         assert samples[key("mps_engine_pod_info", **labels)] == 1
+        assert samples[key("mps_engine_pipe_dir_served", engine=names[node.pod_name(which)])] == 1  # its daemon answers
     assert samples[key("mps_control_expected", reason="engine_pipe_dir")] == 1
 
 
@@ -223,12 +225,18 @@ def test_an_agent_in_a_pod_network_of_its_own_finds_the_same_engines_pods_and_bl
     wait_for_status(node, check, netns=agent.netns)
 
 
-def one_scrape(node: Node, control_bin: str = FAKE_CONTROL) -> dict:
-    """The agent's exposition once it has scraped both engines."""
+def one_scrape(node: Node, control_bin: str = FAKE_CONTROL, daemon_state: str | None = None) -> dict:
+    """The agent's exposition once it has scraped both engines (and, with `daemon_state`, once the
+    daemon is reported in that state)."""
+    def ready(samples):
+        engines_up = sum(1 for (name, _), v in samples.items() if name == "mps_engine_up" and v == 1) == 2
+        state = daemon_state is None or any(name == "mps_control_state" and dict(labels).get("state") == daemon_state
+                                            and v == 1 for (name, labels), v in samples.items())
+        return engines_up and state and samples
+
     with Agent(["--config", str(node.config), "--mps-control-bin", control_bin, "--interval", "0.5"],
                nvml="h200_all_mps") as agent:
-        return agent.wait_for(lambda s: sum(1 for (n, _), v in s.items() if n == "mps_engine_up" and v == 1) == 2 and s,
-                              timeout=15)
+        return agent.wait_for(ready, timeout=15)
 
 
 def test_engines_asking_for_mps_with_no_daemon_at_all_make_mps_expected_with_none_found(node):
@@ -240,6 +248,7 @@ def test_engines_asking_for_mps_with_no_daemon_at_all_make_mps_expected_with_non
 
 
 def test_with_the_control_program_missing_whether_the_pipe_dir_is_served_is_unknown_never_0(node):
-    samples = one_scrape(node, "/nonexistent")
+    samples = one_scrape(node, "/nonexistent", daemon_state="exec_failed")
+    assert samples[key("mps_control_daemons")] == 1  # the daemon is there, only it cannot be asked
     assert not [labels for (name, labels) in samples if name == "mps_engine_pipe_dir_served"]
 
