@@ -10,7 +10,9 @@ the test as root and removed at the end, also on failure:
   - MPS from the fake control daemon (scenario server_fault_driver580), whose MPS clients are the two
     engines, and a server.log in which MPS blames pod B's engine for a fatal GPU error;
   - the agent under test (seeing only this session's processes) in the host's network namespace
-    (hostNetwork) and in a pod network namespace of its own on the bridge (a DaemonSet without it).
+    (hostNetwork) and in a pod network namespace of its own on the bridge (a DaemonSet without it);
+  - with the daemon gone, Debian's Prometheus (the shipped rules) and Alertmanager (the shipped
+    example, its webhooks pointed at the test) on loopback, paging MPSExpectedButNoDaemon.
 
 Traffic goes only to loopback and to the addresses of the namespaces the test made.
 """
@@ -24,17 +26,20 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.kit import fakevllm, scope
-from tests.kit.agentproc import REPO, Agent, agent_env, key, mpswatch_cmd
+from tests.kit.agentproc import REPO, Agent, agent_env, free_port, key, mpswatch_cmd
 from tests.kit.fakedaemon import FAKE_CONTROL, FakeDaemon
 from tests.kit.fakepodresources import FakePodResources
 from tests.kit.kubecgroups import KubeCgroups, cgroupfs_path, systemd_path
 from tests.kit.podnet import Pod, PodNetwork, PodNetworkRefused
+from tests.kit.replaystack import ALERTMANAGER, ALERTS, PROMETHEUS
 
 H200 = "GPU-b0364874-2b6d-037a-0496-f04da35f2f2d"  # tests.kit.fakenvml's H200
 LOGS = REPO / "tests" / "fixtures" / "h200-driver580"
@@ -252,3 +257,68 @@ def test_with_the_control_program_missing_whether_the_pipe_dir_is_served_is_unkn
     assert samples[key("mps_control_daemons")] == 1  # the daemon is there, only it cannot be asked
     assert not [labels for (name, labels) in samples if name == "mps_engine_pipe_dir_served"]
 
+
+
+def rules_with_for_cut(path: Path, alert: str) -> dict:
+    """The shipped rule file, `alert`'s `for` cut to 1 s (Prometheus cannot be hurried through 3 minutes;
+    alerts/tests/ prove the 3 minutes with promtool): its expression and labels as shipped."""
+    rules = yaml.safe_load((ALERTS / "mpswatch.rules.yml").read_text())
+    [rule] = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == alert]
+    rule["for"] = "1s"
+    path.write_text(yaml.safe_dump(rules))
+    return rule
+
+
+@pytest.mark.skipif(not (PROMETHEUS and ALERTMANAGER), reason="needs Debian's prometheus and prometheus-alertmanager")
+def test_engines_asking_for_mps_with_no_daemon_page_through_prometheus_and_alertmanager(node):
+    from tests.test_alerts_e2e import Receiver, _query, wait_until
+
+    node.daemon.close()
+    shutil.rmtree(node.daemon.pipe_dir)
+    work, receiver, processes = node.tmp, Receiver(), []
+    try:
+        with Agent(["--config", str(node.config), "--mps-control-bin", FAKE_CONTROL, "--interval", "0.5"],
+                   nvml="h200_all_mps", log_path=work / "agent.log") as agent:
+            rule = rules_with_for_cut(work / "rules.yml", "MPSExpectedButNoDaemon")
+            am_config = yaml.safe_load((ALERTS / "alertmanager.example.yml").read_text())
+            for receiver_config in am_config["receivers"]:
+                for hook in receiver_config["webhook_configs"]:
+                    hook["url"] = receiver.url + urllib.parse.urlsplit(hook["url"]).path
+            am_config["route"].update(group_wait="1s", group_interval="1s")
+            (work / "alertmanager.yml").write_text(yaml.safe_dump(am_config))
+            am_port, prom_port = free_port(), free_port()
+            processes.append(subprocess.Popen(
+                [ALERTMANAGER, f"--config.file={work / 'alertmanager.yml'}", f"--storage.path={work / 'am'}",
+                 f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address="],
+                stdout=subprocess.DEVNULL, stderr=open(work / "alertmanager.log", "wb")))
+            (work / "prometheus.yml").write_text(yaml.safe_dump({
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(work / "rules.yml")],
+                "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]},
+                "scrape_configs": [{"job_name": "mpswatch", "static_configs": [{"targets": [f"127.0.0.1:{agent.port}"]}]}],
+            }))
+            processes.append(subprocess.Popen(
+                [PROMETHEUS, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{prom_port}"],
+                stdout=subprocess.DEVNULL, stderr=open(work / "prometheus.log", "wb")))
+            prometheus = f"http://127.0.0.1:{prom_port}"
+            wait_until(lambda: _query(prometheus, 'mps_control_expected{reason="engine_pipe_dir"}') == [1.0], 60,
+                       "Prometheus scraping the agent: MPS expected because the engines set a pipe dir")
+            assert _query(prometheus, "mps_control_daemons") == [0.0]
+            firing = wait_until(lambda: receiver.alerts("/pager", "MPSExpectedButNoDaemon", "firing"), 60,
+                                "MPSExpectedButNoDaemon delivered to the pager")
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        receiver.server.shutdown()
+    labels = firing[0]["labels"]
+    assert (labels["severity"], labels["reason"]) == ("critical", "engine_pipe_dir")
+    assert labels["instance"] == f"127.0.0.1:{agent.port}"
+    assert firing[0]["annotations"]["runbook_url"] == "alerts/runbooks.md#mpsexpectedbutnodaemon"
+    assert rule["expr"] == "mps_control_expected == 1 and on (instance) mps_control_daemons == 0"
