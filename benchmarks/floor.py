@@ -111,7 +111,7 @@ def agent(setup: dict, visible: SessionProcesses) -> tuple[Scheduler, dict, Reco
                "mps_logs.log_dirs": [str(setup["log_dir"])]},
     )
     store = SnapshotStore()
-    collectors = build_collectors(config, Injected(nvml_loader=fakenvml.from_layout, process_visible=visible))
+    collectors = build_collectors(config, Injected(nvml_loader=fakenvml.from_layout, process_filter=lambda root: visible))
     by_name = {c.name: c for c in collectors}
     recorder = RecordingRunner()
     by_name["mps_control"]._runner = recorder  # before its first cycle, which makes the channels
@@ -123,7 +123,7 @@ def agent(setup: dict, visible: SessionProcesses) -> tuple[Scheduler, dict, Reco
 
 def control_floor(sent: list) -> None:
     for argv, stdin, env in sent:
-        subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, check=False)
+        subprocess.run(argv, input=stdin, capture_output=True, env=env, check=False)
 
 
 class GpuFloor:

@@ -25,8 +25,8 @@ import threading
 import time
 import urllib.request
 from bisect import bisect_left
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from benchmarks.mps_gain.run import stop_process
 from benchmarks.node_cost import cpu_seconds

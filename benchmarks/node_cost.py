@@ -30,9 +30,9 @@ import sys
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from tests.kit import fakevllm
 from tests.kit.agentproc import REPO, Agent, free_port

@@ -8,9 +8,9 @@ import subprocess
 from dataclasses import replace
 
 import pytest
-
 from mpswatch.advisor import LIKELY_SLOWER, MARGINAL, MODEL, PAYS_OFF, GainModel, advise, busy_alone, verdict_of
 from mpswatch.snapshot import EngineState, GpuState
+
 from tests.kit import fakevllm
 from tests.kit.agentproc import Agent, agent_env, free_port, mpswatch_cmd
 from tests.kit.fakedaemon import FAKE_CONTROL

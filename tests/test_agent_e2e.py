@@ -7,9 +7,9 @@ import subprocess
 import time
 
 import pytest
-
 from mpswatch import __version__
 from mpswatch.collectors.mps_control import READ_ONLY_COMMANDS
+
 from tests.kit.agentproc import Agent, agent_env, key, mpswatch_cmd
 from tests.kit.fakedaemon import FAKE_CONTROL
 

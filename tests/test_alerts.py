@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from mpswatch.metrics import CATALOG
 
 ALERTS = Path(__file__).resolve().parent.parent / "alerts"

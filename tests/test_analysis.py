@@ -16,6 +16,7 @@ from mpswatch.snapshot import (
     MpsServer,
     frozen_map,
 )
+
 from tests.kit.snapshots import snapshot_of
 
 
@@ -100,19 +101,22 @@ def test_a_48_client_node_says_its_worst_problem_first_and_counts_its_healthy_cl
     r = report(d)
     lines = render_text(r).splitlines()
     fault = "FAULT: a client hit a fatal GPU error; new clients are refused until every affected client exits"
-    assert lines[0] == f"DOWN      mpswatch test: server 632 on /run/nvidia-mps: {fault}; 2 more problems"
-    assert lines[1:4] == [
+    assert lines[0] == f"DOWN      mpswatch test: server 632 on /run/nvidia-mps: {fault}; 3 more problems"
+    assert lines[1:5] == [
         f"DOWN      server 632 on /run/nvidia-mps: {fault}",
+        "DOWN      blast radius of server 632 on /run/nvidia-mps: the MPS log names no client; "
+        "2 clients shared the server: 437 still attached, 438 still attached",
         "DEGRADED  client 437 python3 of server 632: server 632 is in FAULT: this client must exit before it recovers",
         "DEGRADED  client 438 python3 of server 632: server 632 is in FAULT: this client must exit before it recovers",
     ]
-    assert lines[4:7] == [
+    assert lines[5:8] == [
         "OK        daemon /run/nvidia-mps: answering",
         "OK          server 476 uid 0: ACTIVE; clients 46/48 on GPU-a",
         "OK            46 clients connected",
     ]
-    assert len(lines) == 7
-    assert [(p["verdict"], p["kind"]) for p in r["problems"]] == [("DOWN", "server"), ("DEGRADED", "client"), ("DEGRADED", "client")]
+    assert len(lines) == 8
+    assert [(p["verdict"], p["kind"]) for p in r["problems"]] == [
+        ("DOWN", "server"), ("DOWN", "fault"), ("DEGRADED", "client"), ("DEGRADED", "client")]
     assert len(r["daemons"][0]["servers"][0]["clients"]) == 46  # the JSON keeps every client
 
 

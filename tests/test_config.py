@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from mpswatch.cli import cli, main
 from mpswatch.config import BY_KEY, SECTIONS, SETTINGS, Config, ConfigError, EngineTarget, load_config
+
 from tests.kit.agentproc import agent_env, mpswatch_cmd
 
 

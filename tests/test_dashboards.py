@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from mpswatch.metrics import CATALOG
 
 ROOT = Path(__file__).resolve().parent.parent

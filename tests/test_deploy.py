@@ -4,6 +4,8 @@ deployment, its nginx, Prometheus, Alertmanager and Grafana files."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -13,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from mpswatch.config import load_config
+from mpswatch.config import BY_KEY, load_config
+from mpswatch.metrics import CATALOG
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -103,15 +105,172 @@ def test_kubernetes_manifests_match_their_schemas():
     assert all((DEPLOY / "kubernetes" / r).exists() for r in kustomization["resources"])
 
 
+K8S = DEPLOY / "kubernetes"
+
+
+def manifest(name: str) -> dict:
+    return yaml.safe_load((K8S / name).read_text())
+
+
+def agent_pod() -> dict:
+    return manifest("daemonset.yaml")["spec"]["template"]
+
+
+def host_path_at(pod_spec: dict, path: str) -> tuple[str, bool] | None:
+    """The host path that the agent's container sees at `path` through a hostPath volume (the
+    deepest mount holding it), and whether that mount is read-only; None when no hostPath holds it."""
+    mounts = [m for m in pod_spec["containers"][0]["volumeMounts"]
+              if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")]
+    if not mounts:
+        return None
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    volume = next(v for v in pod_spec["volumes"] if v["name"] == mount["name"])
+    if "hostPath" not in volume:
+        return None
+    return volume["hostPath"]["path"] + path[len(mount["mountPath"]):], mount.get("readOnly", False)
+
+
+def dirs_looked_in(pipe_dirs, default_pipe_dirs, log_dirs, default_log_dir, device_plugin_root, socket) -> set[str]:
+    return {*pipe_dirs, *default_pipe_dirs, *log_dirs, default_log_dir, device_plugin_root, os.path.dirname(socket)}
+
+
+def test_the_daemonset_mounts_every_dir_the_agent_looks_in(tmp_path):
+    """MPS's pipe and log dirs, the device plugin's root and the kubelet's socket dir, as the
+    settings' defaults and the shipped config name them: each mounted read-only from the same path
+    on the host, so a default that changes without the manifest fails here."""
+    defaults = {key: setting.default for key, setting in BY_KEY.items()}
+    by_default = dirs_looked_in(defaults["mps_control.pipe_dirs"], defaults["mps_control.default_pipe_dirs"],
+                                defaults["mps_logs.log_dirs"], defaults["mps_logs.default_log_dir"],
+                                defaults["device_plugin_root"], defaults["pods.pod_resources_socket"])
+    (tmp_path / "config.toml").write_text(manifest("configmap.yaml")["data"]["config.toml"])
+    config = load_config(str(tmp_path / "config.toml"), env={})
+    configured = dirs_looked_in(config.mps_control.pipe_dirs, config.mps_control.default_pipe_dirs,
+                                config.mps_logs.log_dirs, config.mps_logs.default_log_dir,
+                                config.device_plugin_root, config.pods.pod_resources_socket)
+    assert {"/tmp/nvidia-mps", "/run/nvidia-mps", "/var/log/nvidia-mps", "/run/nvidia/mps",
+            "/var/lib/kubelet/pod-resources"} <= by_default
+    spec = agent_pod()["spec"]
+    assert {d: host_path_at(spec, d) for d in by_default | configured} == {d: (d, True) for d in by_default | configured}
+    # /proc is the container's own, which hostPID makes the host's process table
+    assert config.proc_root == defaults["proc_root"] == "/proc" and spec["hostPID"] is True
+
+
+def documented_capabilities() -> set[str]:
+    """The capabilities named in the "needs" column of deploy/README.md's privileges table."""
+    section = (DEPLOY / "README.md").read_text().split("### Privileges", 1)[1].split("\n#", 1)[0]
+    rows = [line.split("|") for line in section.splitlines() if line.startswith("|")]
+    return {cap for row in rows if len(row) > 3 for cap in re.findall(r"CAP_[A-Z_]+", row[2])}
+
+
 def test_the_daemonset_keeps_to_its_security_promises():
-    spec = yaml.safe_load((DEPLOY / "kubernetes/daemonset.yaml").read_text())["spec"]["template"]["spec"]
-    container = spec["containers"][0]
-    assert spec["securityContext"]["runAsNonRoot"] is True
-    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                            "capabilities": {"drop": ["ALL"]}}
+    spec = agent_pod()["spec"]
+    [container] = spec["containers"]
+    context = container["securityContext"]
+    assert context["privileged"] is False and context["allowPrivilegeEscalation"] is False
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["capabilities"]["drop"] == ["ALL"]
+    added = {f"CAP_{cap}" for cap in context["capabilities"]["add"]}
+    assert "CAP_SYS_ADMIN" not in added
+    assert added == documented_capabilities() == {"CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"}
+    assert spec["securityContext"]["runAsUser"] == 0  # the kubelet's socket; added capabilities work for root only
+    assert spec["hostPID"] is True and spec["hostNetwork"] is False and not spec.get("hostIPC")
+    assert spec["automountServiceAccountToken"] is False
     assert all(m["readOnly"] for m in container["volumeMounts"])
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["resources"]["limits"] and container["resources"]["requests"]
+
+
+PROC_READS = """
+import json, os, sys
+from mpswatch.procfs import ProcFS
+
+procfs = ProcFS()
+def readable(pid):
+    try:
+        environ = procfs.environ(pid) is not None
+    except PermissionError:
+        environ = False
+    try:
+        root = bool(os.listdir(f"/proc/{pid}/root/"))
+    except OSError:
+        root = False
+    return {"environ": environ, "fd": bool(procfs.socket_inodes(pid)),
+            "ns/net": procfs.link(f"{pid}/ns/net") is not None, "root": root}
+print(json.dumps({who: readable(int(pid)) for who, pid in zip(("root", "other uid"), sys.argv[1:])}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_the_daemonsets_capabilities_are_what_reading_other_processes_takes():
+    """What the agent reads of other processes (environment, socket fds, network namespace, root), as
+    uid 0 with the DaemonSet's capabilities only: a process of root's with all capabilities (a host
+    daemon) and one of another uid (an engine pod's user) are both readable, and each capability is
+    needed: without it one of those reads fails."""
+    added = [cap.lower() for cap in agent_pod()["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]]
+    python = os.path.join(sys.base_prefix, "bin", "python3")
+    holder = [python, "-c", "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); "
+                            "print('listening', flush=True); time.sleep(60)"]
+    targets = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+               for argv in (holder, ["setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups", *holder])]
+    try:
+        assert [t.stdout.readline() for t in targets] == ["listening\n"] * 2
+
+        def reads(caps: list[str]) -> dict:
+            bounding = ",".join(["-all", *(f"+{cap}" for cap in caps)])
+            done = run("setpriv", "--bounding-set", bounding, "--inh-caps", "-all", "--", sys.executable, "-c", PROC_READS,
+                       *(t.pid for t in targets))
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout)
+
+        everything = {"environ": True, "fd": True, "ns/net": True, "root": True}
+        assert reads(added) == {"root": everything, "other uid": everything}
+        for cap in added:
+            without = reads([c for c in added if c != cap])
+            assert not all(all(r.values()) for r in without.values()), f"{cap} is not needed"
+        assert not any(r["environ"] for r in reads([]).values())
+    finally:
+        for target in targets:
+            target.kill()
+            target.wait()
+
+
+def test_the_monitors_scrape_the_agents_pods_and_keep_their_pod_labels():
+    pod = agent_pod()
+    labels = pod["metadata"]["labels"]
+    ports = {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+    service = manifest("service.yaml")
+    rules = yaml.safe_load((ROOT / "alerts/mpswatch.rules.yml").read_text())
+    [target_down] = [r["expr"] for g in rules["groups"] for r in g["rules"] if r.get("alert") == "MpswatchTargetDown"]
+    [job_pattern] = re.findall(r'up\{job=~"([^"]+)"\}', target_down)
+    monitors = {"servicemonitor.yaml": ("ServiceMonitor", "endpoints"), "podmonitor.yaml": ("PodMonitor", "podMetricsEndpoints")}
+    for name, (kind, endpoints) in monitors.items():
+        monitor = manifest(name)
+        assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", kind)
+        [endpoint] = monitor["spec"][endpoints]
+        assert endpoint["honorLabels"] is True
+        assert {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "instance"} in endpoint["relabelings"]
+        if kind == "PodMonitor":
+            assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+            assert endpoint["port"] in ports
+            job = labels[monitor["spec"]["jobLabel"]]
+        else:
+            assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+            assert service["spec"]["selector"].items() <= labels.items()
+            [service_port] = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
+            assert service_port["targetPort"] in ports
+            job = service["metadata"]["name"]
+        assert re.fullmatch(job_pattern, job), f"{name}: job {job} is not what MpswatchTargetDown watches"
+    resources = manifest("kustomization.yaml")["resources"]
+    assert len(set(monitors) & set(resources)) == 1, "one monitor, or every agent is scraped twice"
+
+
+def test_the_agent_exports_no_label_a_scrape_target_sets_but_the_pods_own():
+    """honorLabels keeps the pod info series' namespace, pod and container; any other label the target
+    sets (job, instance, ...) exported by the agent would silently override the target's."""
+    target_labels = {"job", "instance", "namespace", "pod", "container", "service", "endpoint"}
+    clashes = {spec.name: set(spec.labels) & target_labels for spec in CATALOG.values() if set(spec.labels) & target_labels}
+    assert clashes == {"mps_pod_info": {"namespace", "pod", "container"},
+                       "mps_engine_pod_info": {"namespace", "pod", "container"}}
 
 
 def test_the_prometheusrule_is_generated_from_the_shipped_rules():

@@ -4,10 +4,10 @@ whether MPS is expected on the node; and how both show in /metrics and `status`.
 from __future__ import annotations
 
 import pytest
-
 from mpswatch.analysis import health_report, render_text
 from mpswatch.exposition import render
 from mpswatch.snapshot import DaemonState, EnginesData, EngineState, MpsControlData, MpsDaemon, frozen_map
+
 from tests.kit.snapshots import snapshot_of
 
 PIPE = "/run/nvidia-mps"

@@ -1,5 +1,6 @@
-"""Every relative link in README.md and docs/*.md names a file that exists, and an anchor a heading
-of its target: raw results cited as a figure's source must not be moved or removed under a link."""
+"""Every relative link in README.md, deploy/README.md, alerts/runbooks.md and docs/*.md names a file
+that exists, and an anchor a heading of its target: raw results cited as a figure's source must not
+be moved or removed under a link."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", ROOT / "deploy/README.md", ROOT / "alerts/runbooks.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
 

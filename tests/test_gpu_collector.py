@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from mpswatch.analysis import health_report, render_text
 from mpswatch.collectors import CollectorError
 from mpswatch.collectors.gpu import GpuCollector
 from mpswatch.exposition import render
 from mpswatch.procfs import ProcFS
 from mpswatch.scheduler import CollectorLoop, SnapshotStore
+
 from tests.kit.fakenvml import NVML_ERROR_GPU_IS_LOST, NVML_ERROR_LIBRARY_NOT_FOUND, FakeNvml
 
 UUID = "GPU-b0364874-2b6d-037a-0496-f04da35f2f2d"

@@ -4,12 +4,12 @@ import http.client
 import socket
 
 import pytest
-from prometheus_client import CONTENT_TYPE_LATEST
-from prometheus_client.parser import text_string_to_metric_families
-
 from mpswatch.exporter import CachedExposition, serve
 from mpswatch.exposition import render
 from mpswatch.snapshot import NodeSnapshot
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.kit.agentproc import free_port
 
 

@@ -52,14 +52,25 @@ def test_a_running_agent_exports_exactly_the_declared_set(fake_daemon, tmp_path)
     killed.update(mode="not_running")
     log_dir = tmp_path / "log"
     log_dir.mkdir()
+    # the fault of session 2 once more, in server 632's log: the fault scenario's server, so it is blamed
+    fault_log = (FIXTURES / "session2-fault-server.log").read_text()
     (log_dir / "server.log").write_text(
-        (FIXTURES / "session2-fault-server.log").read_text() + "\xff broken\n", errors="surrogateescape"
+        fault_log + fault_log.replace("   440] ", "   632] ") + "\xff broken\n", errors="surrogateescape"
+    )
+    # the full daemon's server 476 started after the daemon's limits were set
+    (log_dir / "control.log").write_text(
+        "[2026-12-02 09:14:05.101 Control    61] Starting control daemon using socket /mps/nvidia.com/gpu/pipe/control\n"
+        "[2026-12-02 09:14:05.119 Control    61] Cmd:set_default_active_thread_percentage 50\n"
+        "[2026-12-02 09:14:05.402 Control   476] Starting new server 476 for user 0\n"
     )
     engine = wait_ready(subprocess.Popen(
         fakevllm.command(free_port(), "qwen-a"),
         env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": full.path, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"},
         stdout=subprocess.PIPE, text=True,
     ))
+    # the engine a client of the full daemon's server: its MPS limits in force
+    ps = full.scenario["replies"]["ps"] + f"{engine.pid} 49 476 GPU-2ea0ea17-0206-eb44 4026531836 vllm\n"
+    full.update(replies={**full.scenario["replies"], "ps": ps})
     # the engine in a pod's cgroup (needs root: without it, no series names a pod), its pod listed by
     # a kubelet whose first List calls fail
     needs_a_pod = {"mps_pod_info", "mps_engine_pod_info"}
@@ -81,6 +92,7 @@ def test_a_running_agent_exports_exactly_the_declared_set(fake_daemon, tmp_path)
         "MPSWATCH_ENGINE_SCRAPE_INTERVAL_SECONDS": "0.5",
         "MPSWATCH_PODS_POD_RESOURCES_SOCKET": str(tmp_path / "kubelet.sock"),
         "MPSWATCH_PODS_INTERVAL_SECONDS": "0.5",
+        "MPSWATCH_DEVICE_PLUGIN_ROOT": str(full.pipe_dir.parent.parent),  # each fake daemon's dir is a resource
     }
     seen: set[str] = set()
     texts: list[str] = []

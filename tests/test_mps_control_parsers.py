@@ -6,18 +6,20 @@ import re
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
-
+from hypothesis import given
+from hypothesis import strategies as st
 from mpswatch.collectors.mps_control import (
     READ_ONLY_COMMANDS,
     MutatingCommandRefused,
     ParseError,
     classify,
     parse_percentage,
+    parse_pinned_limits_env,
     parse_pinned_memory_limit,
     parse_ps,
     parse_server_list,
     parse_server_status,
+    plugin_resource,
     read_only_command,
 )
 from mpswatch.runner import RunResult
@@ -107,9 +109,38 @@ def test_pinned_limit_rejects_garbage():
         parse_pinned_memory_limit("lots")
 
 
+def test_a_clients_pinned_limits_are_read_per_device_by_ordinal_or_uuid():
+    # NVIDIA's example value, and a UUID as CUDA_VISIBLE_DEVICES takes it
+    assert parse_pinned_limits_env("0=1G,1=512MB") == {"0": 1 << 30, "1": 512 << 20}
+    assert parse_pinned_limits_env("GPU-2ea0ea17=35G") == {"GPU-2ea0ea17": 35 << 30}
+
+
+@pytest.mark.parametrize("text", ["", "1G", "0=", "=1G", "0=1G,,1=2G", "0=lots"])
+def test_a_clients_pinned_limits_that_are_not_device_limit_pairs_are_refused(text):
+    with pytest.raises(ParseError):
+        parse_pinned_limits_env(text)
+
+
+@pytest.mark.parametrize(
+    "pipe_dir,resource",
+    [
+        ("/run/nvidia/mps/nvidia.com/gpu/pipe", "nvidia.com/gpu"),  # the plugin's Root.PipeDir
+        ("/run/nvidia/mps/nvidia.com/gpu.shared/pipe/", "nvidia.com/gpu.shared"),  # renameByDefault
+        ("/run/nvidia/mps/gpu/pipe", "gpu"),
+        ("/run/nvidia/mps/nvidia.com/gpu/log", None),
+        ("/run/nvidia/mps/pipe", None),
+        ("/run/nvidia-mps", None),
+        ("/run/nvidia/mpsx/nvidia.com/gpu/pipe", None),
+    ],
+)
+def test_a_pipe_dir_under_the_device_plugins_root_is_named_by_its_resource(pipe_dir, resource):
+    assert plugin_resource(pipe_dir, "/run/nvidia/mps") == resource
+
+
 @given(st.text(max_size=400))
 def test_parsers_fail_only_with_parse_error_on_arbitrary_text(text):
-    for parser in (parse_server_list, parse_ps, parse_server_status, parse_percentage, parse_pinned_memory_limit):
+    for parser in (parse_server_list, parse_ps, parse_server_status, parse_percentage, parse_pinned_memory_limit,
+                   parse_pinned_limits_env):
         try:
             parser(text)
         except ParseError:

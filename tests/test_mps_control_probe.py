@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 from mpswatch.collectors.mps_control import (
     ControlChannel,
     DiscoverySettings,
@@ -20,8 +21,6 @@ from mpswatch.collectors.mps_control import (
 from mpswatch.procfs import ProcFS
 from mpswatch.runner import RunResult
 from mpswatch.snapshot import DaemonState, MpsClient, MpsDaemon, MpsServer
-
-import pytest
 
 PS = (
     "PID       ID        SERVER         DEVICE                    NAMESPACE      COMMAND\n"
@@ -204,6 +203,19 @@ def test_discovery_finds_default_device_plugin_and_process_pipe_dirs(tmp_path):
     assert notes == []
 
 
+def test_a_device_plugin_daemons_own_view_of_its_dirs_is_not_a_second_daemon(tmp_path):
+    # the plugin starts its daemon in a container where the root is /mps: its environment names
+    # /mps/nvidia.com/gpu/pipe, which is the host's <root>/nvidia.com/gpu/pipe
+    plugin = tmp_path / "plugin" / "nvidia.com" / "gpu" / "pipe"
+    plugin.mkdir(parents=True)
+    (plugin / "control").touch()
+    fake_proc(tmp_path / "proc", 61, "nvidia-cuda-mps-control", environ="CUDA_MPS_PIPE_DIRECTORY=/mps/nvidia.com/gpu/pipe\0")
+    fake_proc(tmp_path / "proc", 62, "nvidia-cuda-mps-control", environ="CUDA_MPS_PIPE_DIRECTORY=/srv/gone/pipe\0")
+    settings = DiscoverySettings(default_pipe_dirs=(), device_plugin_root=str(tmp_path / "plugin"))
+    found, _ = discover_pipe_dirs(settings, ProcFS(tmp_path / "proc"))
+    assert dict(found) == {str(plugin): "device_plugin", "/srv/gone/pipe": "process"}
+
+
 def test_discovery_says_when_a_daemon_environment_cannot_be_read(tmp_path):
     fake_proc(tmp_path / "proc", 501, "nvidia-cuda-mps-control")
 
@@ -368,6 +380,35 @@ def test_settings_are_read_once_per_settings_interval_to_spare_the_control_log(t
     assert runner.sent[sent_first:] == ["get_server_list", "get_server_status 476", "ps"]
     assert second.default_active_thread_percentage == first.default_active_thread_percentage == 100.0
     assert second.servers[0].active_thread_percentage == 100.0
+
+
+def test_an_unanswered_default_pinned_limit_is_unknown_while_an_empty_answer_is_no_limit(tmp_path):
+    fake_proc(tmp_path / "proc", 476, "nvidia-cuda-mps-server")
+    no_limit = probe(tmp_path, ScriptedRunner(HEALTHY), pipe_dir_with_pid(tmp_path, 429))
+    assert (no_limit.default_pinned_memory_limit_bytes, no_limit.default_pinned_memory_limit_known) == (None, True)
+    unanswered = {k: v for k, v in HEALTHY.items() if not k.startswith("get_default_device_pinned_mem_limit")}
+    other = tmp_path / "other"
+    other.mkdir()
+    failed = probe(tmp_path, ScriptedRunner(unanswered), other)
+    assert (failed.default_pinned_memory_limit_bytes, failed.default_pinned_memory_limit_known) == (None, False)
+
+
+def test_a_daemon_under_the_device_plugins_root_is_named_by_its_resource_and_keeps_it(tmp_path):
+    fake_proc(tmp_path / "proc", 476, "nvidia-cuda-mps-server")
+    plugin = tmp_path / "mps" / "nvidia.com" / "gpu" / "pipe"
+    plugin.mkdir(parents=True)
+    (plugin / "control").touch()
+    elsewhere = pipe_dir_with_pid(tmp_path, 429)
+    runner = ScriptedRunner({**HEALTHY, "get_default_device_pinned_mem_limit 0": "71885M\n"})
+    collector = MpsControlCollector(
+        control_bin="nvidia-cuda-mps-control", procfs=ProcFS(tmp_path / "proc"), runner=runner,
+        discovery=DiscoverySettings(pipe_dirs=(str(plugin), str(elsewhere)), device_plugin_root=str(tmp_path / "mps")),
+    )
+    for _ in range(2):  # the second cycle takes the settings from the first
+        daemons = {d.pipe_dir: d for d in collector.collect().daemons}
+        assert (daemons[str(plugin)].resource, daemons[str(elsewhere)].resource) == ("nvidia.com/gpu", None)
+        assert daemons[str(plugin)].default_pinned_memory_limit_bytes == 71885 << 20
+        assert daemons[str(plugin)].default_pinned_memory_limit_known
 
 
 def test_clients_are_named_by_the_full_gpu_uuid_the_driver_lists(tmp_path):

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from mpswatch.engine_kinds.vllm import parse_vllm_command
 
 from benchmarks.mps_gain import cases as cases_module
 from benchmarks.mps_gain import report, run
 from benchmarks.mps_gain.cases import SHAPES, Case, format_cases, parse_cases
-from mpswatch.engine_kinds.vllm import parse_vllm_command
 
 
 def test_nothing_here_imports_torch():

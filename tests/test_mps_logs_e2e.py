@@ -84,7 +84,7 @@ def test_status_explains_a_fault_with_the_logged_fatal_error_and_lists_recent_ev
     report = json.loads(run.stdout)
     [server] = report["daemons"][0]["servers"]
     assert server["fault_cause"]["client_pid"] == 513 and 25 < server["fault_cause"]["age_seconds"] < 60
-    assert "FAULT (client 513 hit a fatal GPU error " in server["reason"]
+    assert "FAULT: MPS blames client 513 for a fatal GPU error " in server["reason"]
     assert report["recent_events"][0]["event"] == "fatal_gpu_error"
     text = subprocess.run(
         mpswatch_cmd("status", "--pipe-dir", daemon.path, "--log-dir", str(log_dir), "--mps-control-bin", FAKE_CONTROL),

@@ -4,28 +4,29 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
-
-from mpswatch.collectors.mps_logs import LineContext, parse_line
+from hypothesis import given
+from hypothesis import strategies as st
+from mpswatch.collectors.mps_logs import MAX_SERVER_STARTS_KEPT, LineContext, parse_line, server_starts_after
 
 FIXTURES = Path(__file__).parent / "fixtures" / "h200-driver580"
+PLUGIN = Path(__file__).parent / "fixtures" / "device-plugin-mps"
 
 
-def parse_file(name: str, source: str):
+def parse_file(name: str, source: str, where: Path = FIXTURES):
     context, events = LineContext(), []
-    for line in (FIXTURES / name).read_text().splitlines():
+    for line in (where / name).read_text().splitlines():
         event, context = parse_line(line, source, context)
         if event:
             events.append(event)
     return events
 
 
-def one(line: str, source: str = "server", context: LineContext = LineContext()):
-    return parse_line(line, source, context)[0]
+def one(line: str, source: str = "server", context: LineContext | None = None):
+    return parse_line(line, source, context or LineContext())[0]
 
 
 S = "[2026-11-29 19:23:50.747 Server   486] "
@@ -71,6 +72,80 @@ def test_server_log_lines_become_events(message, event, client_pid, server_pid, 
 def test_control_log_lines_become_events(message, event, server_pid, detail):
     parsed = one(C + message, "control")
     assert (parsed.event, parsed.server_pid, parsed.detail) == (event, server_pid, detail)
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["set_default_active_thread_percentage 50", "set_default_device_pinned_mem_limit 0 71885M",
+     "set_default_device_pinned_mem_limit GPU-2ea0ea17 35G"],
+)
+def test_a_command_setting_a_default_limit_is_a_limits_set_event_naming_it(command):
+    context = LineContext()
+    events = []
+    for message in ("Accepting connection...", "NEW UI", f"Cmd:{command}", "50.0", "UI closed"):
+        event, context = parse_line(C + message, "control", context)
+        events.append(event and (event.event, event.server_pid, event.detail))
+    assert events == [None, None, ("limits_set", None, command), None, None]
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["Cmd:get_default_active_thread_percentage", "Cmd:set_active_thread_percentage 476 25",
+     "Cmd:set_default_client_priority 1", "Cmd:set_default_active_thread_percentage"],
+)
+def test_queries_per_server_settings_and_priorities_are_not_limits_set(message):
+    assert one(C + message, "control") is None
+
+
+def test_the_device_plugins_control_log_gives_its_limits_after_the_server_a_client_started():
+    events = parse_file("limits-race-control.log", "control", PLUGIN)
+    assert [(e.event, e.server_pid, e.detail) for e in events] == [
+        ("control_started", None, None),
+        ("server_started", 2215, "uid 0"),
+        ("limits_set", None, "set_default_device_pinned_mem_limit 0 71885M"),
+        ("limits_set", None, "set_default_active_thread_percentage 50"),
+    ]
+
+
+def replay(events, starts=None):
+    starts = {} if starts is None else starts
+    for event in events:
+        starts = server_starts_after(starts, "/run/nvidia/mps/nvidia.com/gpu/log", event)
+    return starts
+
+
+def test_a_server_started_before_the_daemons_limits_were_set_is_marked_with_the_last_of_them():
+    starts = replay(parse_file("limits-race-control.log", "control", PLUGIN))
+    assert list(starts) == [2215]
+    assert starts[2215].before_limits
+    assert starts[2215].limits_after.detail == "set_default_active_thread_percentage 50"
+    assert starts[2215].log_dir == "/run/nvidia/mps/nvidia.com/gpu/log"
+
+
+def test_a_server_started_after_the_limits_were_set_runs_with_them():
+    later = one("[2026-12-02 09:20:00.000 Control  2500] Starting new server 2500 for user 1000", "control")
+    starts = replay([later], replay(parse_file("limits-race-control.log", "control", PLUGIN)))
+    assert (starts[2215].before_limits, starts[2500].before_limits) == (True, False)
+
+
+def test_a_daemon_restart_forgets_the_servers_of_the_daemon_before():
+    # session 1's daemon starts server 476 and quits; session 2's daemon starts afresh
+    events = parse_file("session1-control.log", "control")[:2] + parse_file("session2-fault-control.log", "control")[:2]
+    assert list(replay(events)) == [440]
+
+
+def test_a_server_that_exited_is_forgotten_and_server_log_events_change_nothing():
+    starts = replay(parse_file("session1-control.log", "control"))
+    assert starts == {}
+    running = replay(parse_file("session1-control.log", "control")[:2])
+    assert replay(parse_file("session1-server.log", "server"), running) == running
+
+
+def test_at_most_a_bounded_number_of_server_starts_is_kept_the_latest():
+    events = [one(f"{C[:-1].replace('422', str(pid))} Starting new server {pid} for user 0", "control")
+              for pid in range(1, MAX_SERVER_STARTS_KEPT + 11)]
+    starts = replay(events)
+    assert len(starts) == MAX_SERVER_STARTS_KEPT and min(starts) == 11
 
 
 def test_a_client_refused_at_the_limit_is_the_one_that_connected_just_before():
@@ -217,11 +292,10 @@ def test_after_quit_and_a_restart_the_control_log_is_read_as_new():
 
 
 def test_a_zone_can_be_given_for_daemons_that_log_in_another_one():
-    from datetime import timezone
 
     event = one("[2026-11-29 19:23:50.000 Server   486] Server is handling a fatal GPU error.",
                 context=LineContext())
     utc = parse_line("[2026-11-29 19:23:50.000 Server   486] Server is handling a fatal GPU error.", "server",
-                     LineContext(), timezone.utc)[0]
-    assert utc.time == datetime(2026, 11, 29, 19, 23, 50, tzinfo=timezone.utc).timestamp()
+                     LineContext(), UTC)[0]
+    assert utc.time == datetime(2026, 11, 29, 19, 23, 50, tzinfo=UTC).timestamp()
     assert event.time == time.mktime(datetime(2026, 11, 29, 19, 23, 50).timetuple())

@@ -207,7 +207,7 @@ AGENT_ONCE = textwrap.dedent("""
     env = {"MPSWATCH_PODS_POD_RESOURCES_SOCKET": sys.argv[1], "MPSWATCH_ENGINE_SCRAPE_DISCOVER": "false",
            "MPSWATCH_DEVICE_PLUGIN_ROOT": tmp + "/dp", "MPSWATCH_MPS_CONTROL_DEFAULT_PIPE_DIRS": tmp + "/pipe",
            "MPSWATCH_MPS_LOGS_DEFAULT_LOG_DIR": tmp + "/log"}
-    collectors = build_collectors(load_config(None, env=env), Injected(process_visible=lambda pid: pid == os.getpid()))
+    collectors = build_collectors(load_config(None, env=env), Injected(process_filter=lambda root: lambda pid: pid == os.getpid()))
     snapshot = Scheduler(collectors, SnapshotStore()).run_once()
     render(snapshot, "test")
     print(snapshot.pods.pod_resources.up, sorted({m.split(".")[0] for m in sys.modules if m.startswith(("grpc", "google"))}))
@@ -240,7 +240,7 @@ def test_mpswatch_status_names_the_pod_of_an_engine_in_a_kubepods_cgroup(cgroups
     config.write_text(f'device_plugin_root = "{tmp_path}/dp"\n[mps_control]\ndefault_pipe_dirs = ["{tmp_path}/pipe"]\n'
                       f'[mps_logs]\ndefault_log_dir = "{tmp_path}/log"\n'
                       f'[pods]\npod_resources_socket = "{tmp_path}/kubelet.sock"\n')
-    injected = Injected(nvml_loader=fakenvml.h200, process_visible={engine.pid}.__contains__)
+    injected = Injected(nvml_loader=fakenvml.h200, process_filter=lambda root: {engine.pid}.__contains__)
     reports = {}
     with FakePodResources(tmp_path / "kubelet.sock", {"team-e/qwen-e-0": {"vllm": [H200]}}):
         for form, flags in (("json", ["--json"]), ("text", [])):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
-
 from mpswatch.collectors.pods import assignments_of, container_env, parse_cgroup
 from mpswatch.derive import PodNames, resolve_pods
 from mpswatch.snapshot import (
@@ -21,6 +20,7 @@ from mpswatch.snapshot import (
     PodsData,
     frozen_map,
 )
+
 from tests.kit.fakepodresources import response_of
 from tests.kit.snapshots import snapshot_of
 

@@ -7,12 +7,25 @@ The JSON form is a stable schema (docs/status.md); the text form is for reading 
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
-from mpswatch.snapshot import NodeSnapshot
+from mpswatch.snapshot import BlastRadius, FaultClient, NodeSnapshot
 from mpswatch.units import UNITS
-from mpswatch.verdicts import DOWN, OK, PROBLEM_KINDS, StatusSection, age, in_pod, problem, rank, worst
+from mpswatch.verdicts import (
+    DEGRADED,
+    DOWN,
+    OK,
+    PROBLEM_KINDS,
+    StatusSection,
+    age,
+    event_entry,
+    in_pod,
+    pod_name,
+    problem,
+    rank,
+    worst,
+)
 
 SCHEMA = "mpswatch.status/v1"
 _SECTION_KEYS = ("daemons", "gpus", "engines", "engine_gpus", "log_dirs", "recent_events")
@@ -49,6 +62,9 @@ def health_report(snapshot: NodeSnapshot, version: str, now: float | None = None
         two_samples += section.needs_two_samples
     if two_samples:
         notes.append(f"? for {', '.join(dict.fromkeys(two_samples))}: {ONE_LOOK}")
+    blast_radius = [blast_entry(b, now) for b in snapshot.derived.blast_radius]
+    problems += [problem(b["verdict"], "fault", f"blast radius of server {b['server_pid']} on {b['pipe_dir']}",
+                         b["reason"]) for b in blast_radius]
     control = sections.get("mps_control")
     if control is None and "mps_control" not in snapshot.statuses:
         problems.append(problem(DOWN, "collector", "collector mps_control", "has not run: no MPS data"))
@@ -63,10 +79,11 @@ def health_report(snapshot: NodeSnapshot, version: str, now: float | None = None
     return {
         "schema": SCHEMA,
         "version": version,
-        "generated_at": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
+        "generated_at": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
         "verdict": worst(p["verdict"] for p in problems),
         "summary": summary,
         "problems": problems,
+        "blast_radius": blast_radius,
         "mps_expected": None if expected is None else
         {"expected": expected.expected, "reason": expected.reason, "detail": expected.detail},
         "collectors": collectors,
@@ -77,6 +94,56 @@ def health_report(snapshot: NodeSnapshot, version: str, now: float | None = None
         "log_dirs": entries["log_dirs"],
         "recent_events": entries["recent_events"],
         "notes": notes,
+    }
+
+
+def _client(client: FaultClient) -> dict[str, Any]:
+    return {"pid": client.pid, "engine": client.engine, "pod": pod_name(client.pod)}
+
+
+def _named(client: FaultClient) -> str:
+    """`513`, `513 engine qwen:8000 (pod team-a/vllm-a)`."""
+    engine = f" engine {client.engine}" if client.engine else ""
+    return f"{client.pid}{engine}{in_pod(pod_name(client.pod))}"
+
+
+_BLAST_STATE = {"fault": "", "recovered": "FAULT over; ", "gone": "server gone; "}
+
+
+def blast_entry(blast: BlastRadius, now: float) -> dict[str, Any]:
+    """One server's fault or death as `blast_radius` lists it, with its problem line's reason: the
+    client MPS blames (worded as MPS's claim: it can blame an innocent client), then every client that
+    shared the server, whether it is still attached and where it came back."""
+    blamed = blast.blamed
+    if blamed is not None and blast.fatal_error is not None:
+        when = age(now - blast.fatal_error[1].time)
+        blame = (f"MPS blames client {_named(blamed.client)} for a fatal GPU error {when} ago "
+                 "(MPS can blame an innocent client)")
+    else:
+        blame = "the MPS log names no client"
+    clients = []
+    for shared in blast.clients:
+        where = {True: "still attached", False: "gone", None: "attachment unknown"}[shared.attached]
+        if shared.back_on is not None:
+            where += f", back on server {shared.back_on.server_pid} as {_named(shared.back_on.client)}"
+        clients.append(f"{_named(shared.client)} {where}")
+    n = len(blast.clients)
+    shared_by = f"{n} client{'' if n == 1 else 's'} shared the server: {', '.join(clients)}" if clients else \
+        "no client is known to have shared the server"
+    return {
+        "pipe_dir": blast.pipe_dir,
+        "server_pid": blast.server_pid,
+        "state": blast.state,
+        "verdict": DOWN if blast.state == "fault" else DEGRADED,
+        "reason": f"{_BLAST_STATE[blast.state]}{blame}; {shared_by}",
+        "blamed": None if blamed is None else _client(blamed.client),
+        "fatal_error": None if blast.fatal_error is None else event_entry(*blast.fatal_error, now),
+        "clients": [
+            {**_client(c.client), "blamed": c.blamed, "attached": c.attached,
+             "back_on": None if c.back_on is None else {"pipe_dir": c.back_on.pipe_dir, "server_pid": c.back_on.server_pid,
+                                                         **_client(c.back_on.client), "by": c.back_on.by}}
+            for c in blast.clients
+        ],
     }
 
 
@@ -153,7 +220,7 @@ def advice_report(snapshot: NodeSnapshot) -> dict[str, Any]:
         notes.append("engines on an unknown GPU are left out (their GPU process is not seen)")
     return {
         "schema": "mpswatch.advise/v1",
-        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "gpus": [{"gpu_uuid": a.gpu_uuid, "engines": a.engines, "verdict": a.verdict,
                   "gain_estimate": None if a.gain_estimate is None else round(a.gain_estimate, 4),
                   "reasons": list(a.reasons), "recommendations": list(a.recommendations)}

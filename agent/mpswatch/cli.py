@@ -6,9 +6,10 @@ import json
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import click
@@ -19,7 +20,7 @@ from mpswatch.advisor import LIKELY_SLOWER
 from mpswatch.analysis import advice_report, health_report, render_advice, render_text
 from mpswatch.collectors import Collector
 from mpswatch.collectors.engines import EnginesCollector
-from mpswatch.collectors.gpu import GpuCollector, nvml_loader
+from mpswatch.collectors.gpu import NVIDIA_ML_PY, GpuCollector
 from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector
 from mpswatch.collectors.mps_logs import MpsLogsCollector
 from mpswatch.collectors.pods import PodsCollector
@@ -82,10 +83,12 @@ def _load(config_path: str | None, flags: dict[str, Any]) -> Config:
         sys.exit(EXIT_USAGE)
 
 
-def build_collectors(config: Config, injected: Injected = Injected()) -> list[Collector[Any]]:
+def build_collectors(config: Config, injected: Injected | None = None) -> list[Collector[Any]]:
     """The typed settings onto each collector's keyword arguments; `injected` replaces NVML and narrows
     the processes seen, for tests."""
-    procfs = ProcFS(root=Path(config.proc_root), visible=injected.process_visible)
+    injected = injected or Injected()
+    visible = injected.process_filter(config.proc_root) if injected.process_filter else None
+    procfs = ProcFS(root=Path(config.proc_root), visible=visible)
     mps_control, mps_logs, gpu, engine_scrape = config.mps_control, config.mps_logs, config.gpu, config.engine_scrape
     discovery = DiscoverySettings(
         pipe_dirs=mps_control.pipe_dirs,
@@ -113,7 +116,7 @@ def build_collectors(config: Config, injected: Injected = Injected()) -> list[Co
             zone=None if mps_logs.timezone == "local" else ZoneInfo(mps_logs.timezone),
         ),
         GpuCollector(
-            nvml_loader=injected.nvml_loader or nvml_loader("pynvml"),
+            nvml_loader=injected.nvml_loader or NVIDIA_ML_PY,
             interval_seconds=gpu.interval_seconds,
             deadline_seconds=gpu.deadline_seconds,
             procfs=procfs,

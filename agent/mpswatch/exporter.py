@@ -8,8 +8,9 @@ from __future__ import annotations
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -67,7 +68,8 @@ def respond(path: str, exposition: CachedExposition, healthy: Callable[[], tuple
         return "200 OK", CONTENT_TYPE_LATEST, exposition.body()
     if path == "/healthz":
         ok, detail = healthy()
-        return ("200 OK" if ok else "503 Service Unavailable"), "text/plain", f"{'ok' if ok else 'unhealthy'}: {detail}\n".encode()
+        status = "200 OK" if ok else "503 Service Unavailable"
+        return status, "text/plain", f"{'ok' if ok else 'unhealthy'}: {detail}\n".encode()
     if path == "/":
         return "200 OK", "text/html", _INDEX
     return "404 Not Found", "text/plain", b"not found\n"

@@ -3,11 +3,14 @@ view of the node's processes. Tests and benchmarks pass these to `mpswatch.cli.m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)
 class Injected:
     nvml_loader: Callable[[], Any] | None = None  # returns the NVML binding; None: nvidia-ml-py
-    process_visible: Callable[[int], bool] | None = None  # None: every process on the node
+    # given the /proc the agent reads (proc_root), which of its processes the agent may see; None from
+    # it, or no process_filter: every process there
+    process_filter: Callable[[str], Callable[[int], bool] | None] | None = None

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -45,6 +45,12 @@ _SPECS = [
     ),
     MetricSpec("mps_control_info", "gauge", ("pipe_dir", "pid"), "Always 1; the control daemon's PID from its pid file."),
     MetricSpec(
+        "mps_control_resource_info",
+        "gauge",
+        ("pipe_dir", "resource"),
+        "Always 1 for a daemon of the Kubernetes device plugin: the resource (nvidia.com/gpu) whose pipe dir it serves.",
+    ),
+    MetricSpec(
         "mps_control_command_duration_seconds",
         "gauge",
         ("pipe_dir", "command"),
@@ -83,6 +89,13 @@ _SPECS = [
     ),
     MetricSpec("mps_server_clients", "gauge", ("pipe_dir", "server_pid"), "Clients connected to the server, all devices."),
     MetricSpec(
+        "mps_server_started_before_limits",
+        "gauge",
+        ("pipe_dir", "server_pid"),
+        "1 if the control log shows the server started before the daemon's default limits were last set (it runs "
+        "with the defaults of before, and so do its clients), else 0; absent when its start is not in a watched log.",
+    ),
+    MetricSpec(
         "mps_default_active_thread_percentage",
         "gauge",
         ("pipe_dir",),
@@ -106,6 +119,13 @@ _SPECS = [
         "gauge",
         ("pipe_dir", "server_pid", "pid", "gpu_uuid", "command", "engine"),
         "Always 1 per connected client.",
+    ),
+    MetricSpec(
+        "mps_fault_blamed_client_info",
+        "gauge",
+        ("pipe_dir", "server_pid", "log_dir", "pid"),
+        "Always 1 per server in FAULT, or faulted or died in the last 15 minutes, whose MPS log blames a client "
+        "for a fatal GPU error: pid is the client MPS names (it can name an innocent one).",
     ),
 ]
 
@@ -236,6 +256,20 @@ _SPECS += [
         "gauge",
         ("engine", "pipe_dir", "active_thread_percentage", "pinned_device_mem_limit"),
         "Always 1; the MPS client settings in the engine's environment (empty: unset).",
+    ),
+    MetricSpec(
+        "mps_engine_active_thread_ratio",
+        "gauge",
+        ("engine", "source"),
+        "Share of the GPU's threads the engine's MPS client may use (0-1): its server's, or lower from its "
+        "environment; source: server, client_env. Absent when unknown or the engine is not an MPS client.",
+    ),
+    MetricSpec(
+        "mps_engine_pinned_device_memory_limit_bytes",
+        "gauge",
+        ("engine", "source"),
+        "Pinned device memory the engine's MPS client may allocate on its GPU; source: daemon_default, client_env. "
+        "Absent when no limit is set or it is unknown (mpswatch status says which).",
     ),
     MetricSpec(
         "mps_engine_pipe_dir_served",

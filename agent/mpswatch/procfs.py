@@ -114,7 +114,8 @@ class ProcFS:
 
     def socket_inodes(self, pid: int) -> frozenset[int] | None:
         """Inodes of the sockets the process holds open (its `fd/*` links `socket:[N]`), or None
-        when its fd table is gone or unreadable (another user's process without CAP_SYS_PTRACE)."""
+        when its fd table is gone or unreadable (another user's process, or a more privileged one,
+        without CAP_SYS_PTRACE: the table may list while its links refuse to be read)."""
         fd_dir = f"{self._prefix}/{pid}/fd"
         try:
             names = os.listdir(fd_dir)
@@ -124,6 +125,8 @@ class ProcFS:
         for name in names:
             try:
                 target = os.readlink(f"{fd_dir}/{name}")
+            except PermissionError:
+                return None  # the directory lists, but its links are another's (no CAP_SYS_PTRACE)
             except OSError:
                 continue  # closed since the listing
             inode = parse_socket_link(target)

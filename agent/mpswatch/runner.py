@@ -12,8 +12,8 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 MAX_OUTPUT_BYTES = 1 << 20
 

@@ -5,10 +5,11 @@ None means "not known" and renders as no series; it is never replaced by a zero.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mpswatch.advisor import Advice
@@ -18,7 +19,7 @@ def frozen_map(items: Mapping[Any, Any] | None = None) -> Mapping[Any, Any]:
     return MappingProxyType(dict(items or {}))
 
 
-class DaemonState(str, Enum):
+class DaemonState(str, Enum):  # noqa: UP042 - str() of a member must stay as it is
     """Why a control daemon is or is not answering; the values double as failure reasons."""
 
     UP = "up"
@@ -61,8 +62,12 @@ class MpsDaemon:
     servers: tuple[MpsServer, ...] = ()
     clients: tuple[MpsClient, ...] | None = ()  # None: `ps` gave no usable answer
     default_active_thread_percentage: float | None = None
-    default_pinned_memory_limit_bytes: int | None = None
+    default_pinned_memory_limit_bytes: int | None = None  # None: no limit, or not known (see the next field)
+    default_pinned_memory_limit_known: bool = False  # the daemon answered get_default_device_pinned_mem_limit
     client_limit: int = 48
+    # the Kubernetes device plugin's resource whose daemon this is (nvidia.com/gpu), from the pipe dir's
+    # place under the plugin's root (<root>/<resource>/pipe); None: not under it
+    resource: str | None = None
     # servers still running on this pipe dir while the daemon is down; None: unknown (not looked, or
     # /proc hides their environment)
     orphaned_server_pids: tuple[int, ...] | None = None
@@ -117,11 +122,27 @@ class LogDirState:
 
 
 @dataclass(frozen=True)
+class ServerStart:
+    """A server start that a control log recorded since its daemon last started, and the last command
+    after it that set the daemon's default limits (None: none since). MPS applies a default only to the
+    servers started after it was set, so a server with `limits_after` runs with the defaults of before."""
+
+    log_dir: str
+    started: LogEvent  # server_started
+    limits_after: LogEvent | None = None  # limits_set
+
+    @property
+    def before_limits(self) -> bool:
+        return self.limits_after is not None
+
+
+@dataclass(frozen=True)
 class MpsLogsData:
     dirs: tuple[LogDirState, ...]
     recent: tuple[tuple[str, LogEvent], ...]  # (log_dir, event), oldest first, bounded
     fatal_errors: Mapping[int, tuple[str, LogEvent]] = field(default_factory=frozen_map)  # server PID -> latest
     discovery_notes: tuple[str, ...] = ()
+    server_starts: Mapping[int, ServerStart] = field(default_factory=frozen_map)  # server PID -> its start, bounded
 
 
 @dataclass(frozen=True)
@@ -203,6 +224,24 @@ class EngineState:
     pipe_dir_served_detail: str | None = None
     mps_active_thread_percentage: str | None = None
     mps_pinned_device_mem_limit: str | None = None
+    # the MPS limits in force for the engine's client (derived); None: the engine is not a client of a
+    # watched daemon's server
+    active_thread_limit: MpsLimit | None = None
+    pinned_memory_limit: MpsLimit | None = None
+
+
+LIMIT_SOURCES = ("client_env", "server", "daemon_default")
+
+
+@dataclass(frozen=True)
+class MpsLimit:
+    """One MPS limit in force for an engine's client: the value (a thread share from 0 to 1, or bytes),
+    where it comes from (one of LIMIT_SOURCES), and a line saying so. `value` None: no limit is in
+    force, or it is unknown; `detail` says which."""
+
+    value: float | None
+    source: str | None
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -281,6 +320,59 @@ class PodIdentity:
 
 
 @dataclass(frozen=True)
+class FaultClient:
+    """A client of a server that faulted or died, as the derive step knows it: its engine and pod as
+    seen now, or when it was last seen (None: unknown, or not an engine's / in no pod)."""
+
+    pid: int
+    engine: str | None = None
+    pod: PodIdentity | None = None
+
+
+@dataclass(frozen=True)
+class Comeback:
+    """Where a client of a faulted server is back: a client of another server (or of the same one once
+    it recovered) with the same engine name or the same pod name, under a new PID."""
+
+    pipe_dir: str
+    server_pid: int
+    client: FaultClient
+    by: str  # engine | pod: what the two have in common
+
+
+@dataclass(frozen=True)
+class SharedClient:
+    """One client that shared a server when it faulted or died, and what became of it."""
+
+    client: FaultClient
+    blamed: bool  # the client MPS's log blames for the fatal GPU error
+    attached: bool | None  # still a client of that server; None: unknown (its daemon gave no client list)
+    back_on: Comeback | None = None
+
+
+BLAST_STATES = ("fault", "recovered", "gone")
+
+
+@dataclass(frozen=True)
+class BlastRadius:
+    """What one MPS server's fault or death reached: the client its log blames (MPS can blame an
+    innocent client that was only running kernels) and every client that shared the server then,
+    remembered by the derive step from the control daemon's `ps` before they were torn down."""
+
+    pipe_dir: str
+    server_pid: int
+    # fault: in FAULT as its daemon last answered; recovered: out of FAULT again; gone: no longer listed
+    # while its daemon answers (died with its clients, or left after its fault)
+    state: str
+    fatal_error: tuple[str, LogEvent] | None  # (log_dir, the latest fatal_gpu_error its log shows)
+    clients: tuple[SharedClient, ...]  # the blamed client among them, also when `ps` never listed it
+
+    @property
+    def blamed(self) -> SharedClient | None:
+        return next((c for c in self.clients if c.blamed), None)
+
+
+@dataclass(frozen=True)
 class CollectorStatus:
     name: str
     success: bool
@@ -335,7 +427,12 @@ class DerivedFacts:
     advice: tuple[Advice, ...] = ()
     gpu_memory_by_pid: Mapping[int, int | None] = field(default_factory=frozen_map)
     fault_causes: Mapping[int, tuple[str, LogEvent]] = field(default_factory=frozen_map)  # server pid -> event
+    # every server in FAULT now, and those that faulted or died with clients not long ago (mpswatch.derive)
+    blast_radius: tuple[BlastRadius, ...] = ()
     # pid -> its pod, for MPS clients, GPU processes and engines' processes in a pod's cgroup
     pods: Mapping[int, PodIdentity] = field(default_factory=frozen_map)
     engine_pods: Mapping[str, PodIdentity] = field(default_factory=frozen_map)  # engine name -> its API server's pod
     mps_expected: MpsExpectation | None = None  # None: unknown (no control data, or engines' environments hidden)
+    # (pipe_dir, server_pid) -> the server's start as its daemon's control log recorded it, for the
+    # listed servers whose start is in the log
+    server_starts: Mapping[tuple[str, int], ServerStart] = field(default_factory=frozen_map)

@@ -3,9 +3,10 @@ wording shared by those sections. Composed into one report by mpswatch.analysis.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 from mpswatch.snapshot import LogEvent, PodIdentity
 
@@ -29,8 +30,8 @@ class StatusSection:
 
 
 # the kinds of problem, in the order a report lists those of one verdict: the node's MPS before the
-# agent's own failures, a thing before what follows from it
-PROBLEM_KINDS = ("mps", "daemon", "server", "gpu", "engine", "engine_gpu", "client", "collector")
+# agent's own failures, a thing before what follows from it (a server's fault before its blast radius)
+PROBLEM_KINDS = ("mps", "daemon", "server", "fault", "gpu", "engine", "engine_gpu", "client", "collector")
 
 
 def problem(verdict: str, kind: str, subject: str, reason: str) -> dict[str, Any]:
@@ -63,7 +64,7 @@ def count(value: float | None) -> str:
 
 
 def iso_time(unix: float) -> str:
-    return datetime.fromtimestamp(unix, timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(unix, UTC).isoformat(timespec="seconds")
 
 
 def event_entry(log_dir: str, event: LogEvent, now: float) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import pytest
 import structlog
 
 from tests.gpu.results import MATRIX
-from tests.kit.agentproc import Agent, REPO, agent_env, free_port, key, mpswatch_cmd, parse_exposition
+from tests.kit.agentproc import REPO, Agent, agent_env, free_port, key, mpswatch_cmd, parse_exposition
 from tests.kit.realmps import MpsDaemon, read_line, rest_of_output
 
 NOBODY = 65534

@@ -9,7 +9,6 @@ from __future__ import annotations
 import subprocess
 import time
 
-
 from tests.gpu.results import results_saver
 from tests.kit.agentproc import Agent
 

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import time
 
-
 from tests.gpu.results import MATRIX, results_saver
 from tests.kit.agentproc import Agent, agent_env, mpswatch_cmd
 

@@ -11,7 +11,6 @@ import subprocess
 import time
 from pathlib import Path
 
-
 from tests.gpu.results import MATRIX, results_saver
 from tests.kit.agentproc import Agent, agent_env, key, mpswatch_cmd
 from tests.kit.realmps import read_line, rest_of_output
@@ -84,7 +83,7 @@ def test_refusals_fatal_error_and_teardown_are_counted(mps, mps_client, tmp_path
             assert read_line(culprit).startswith("ready")
             faulted_at = time.monotonic()
             fatal_before = count(before, logs, "fatal_gpu_error")
-            s = agent.wait_for(lambda s: s if count(s, logs, "fatal_gpu_error") == fatal_before + 1 else None, timeout=10)
+            s = agent.wait_for(lambda s, fatal_before=fatal_before: s if count(s, logs, "fatal_gpu_error") == fatal_before + 1 else None, timeout=10)
             case.detect_seconds["fatal_gpu_error counted"] = round(time.monotonic() - faulted_at, 3)
             fault = agent.wait_for(
                 lambda s: [dict(k[1])["server_pid"] for k, v in s.items()
@@ -112,14 +111,14 @@ def test_refusals_fatal_error_and_teardown_are_counted(mps, mps_client, tmp_path
             assert logged_pid in (culprit.pid, innocent.pid)
             assert RESULTS[variant]["torn_down"] == _torn_down_lines(mps.log_dir) - torn_lines_before >= 1
             assert RESULTS[variant]["device_reset"] == 1
-            agent.wait_for(lambda s: _xid31(s) >= xids_before + 1, timeout=10)
+            agent.wait_for(lambda s, xids_before=xids_before: _xid31(s) >= xids_before + 1, timeout=10)
             case.detect_seconds["XID 31 counted"] = round(time.monotonic() - faulted_at, 3)
             case.reported["XID 31 count"] = _xid31(agent.scrape()) - xids_before
             for client in (innocent, culprit):  # they exit on their own: killing an MPS client can hang the server
                 RESULTS[variant][f"exit_{'culprit' if client is culprit else 'innocent'}"] = rest_of_output(client)
             recovered_after = time.monotonic()
             agent.wait_for(
-                lambda s: s.get(key("mps_server_status", pipe_dir=pipe, server_pid=fault[0], status="ACTIVE")) == 1,
+                lambda s, fault=fault: s.get(key("mps_server_status", pipe_dir=pipe, server_pid=fault[0], status="ACTIVE")) == 1,
                 timeout=30,
             )
             RESULTS[variant]["active_again_after_clients_exited_seconds"] = round(time.monotonic() - recovered_after, 2)

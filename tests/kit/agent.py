@@ -3,7 +3,7 @@
     python -m tests.kit.agent [--nvml FAKE] run|status|advise|--version [ARGS ...]
 
 Calls mpswatch.cli.main with what code injects and configuration cannot:
-  - process_visible: only this test session's processes (tests.kit.scope.SessionProcesses), so the
+  - process_filter: only this test session's processes (tests.kit.scope.filter_for), so the
     MPS daemons and engines of other suites and of the machine stay out of what the agent sees;
   - nvml_loader: with --nvml, a fake NVML (FAKE is a factory of tests.kit.fakenvml: h200,
     h200_all_mps, from_layout, no_driver); without it, nvidia-ml-py.
@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
         from tests.kit import fakenvml  # only then: an agent on the real NVML carries no fake (its RSS is measured)
 
         nvml_loader = getattr(fakenvml, nvml)
-    injected = Injected(nvml_loader=nvml_loader, process_visible=scope.SessionProcesses())
+    injected = Injected(nvml_loader=nvml_loader, process_filter=scope.filter_for)
     return mpswatch_main(argv, injected=injected)
 
 

@@ -120,7 +120,7 @@ class Agent:
             self._log.close()
         return self.proc.returncode
 
-    def __enter__(self) -> "Agent":
+    def __enter__(self) -> Agent:
         return self
 
     def __exit__(self, *exc) -> None:

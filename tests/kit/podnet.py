@@ -48,7 +48,10 @@ class Pod:
 
 
 def ip(*args: str) -> None:
-    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    try:
+        done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise PodNetworkRefused("no `ip` program here (Debian's iproute2)") from None
     if done.returncode != 0:
         raise PodNetworkRefused(f"ip {' '.join(args)}: {done.stderr.strip()}")
 

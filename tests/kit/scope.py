@@ -52,13 +52,12 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class SessionProcesses:
-    """`process_visible` for an agent under test: true for the processes whose environment carries
+    """The process filter of an agent under test: true for the processes whose environment carries
     this session's TESTKIT_SCOPE. Cheap enough for every listing of every cycle: each answer is kept
     by PID, checked again against the process's start time every few seconds (a PID reused by a new
     process is asked again), and only once the process has run long enough to have made its exec (a
-    child between fork and exec still has its parent's environment). It reads the machine's /proc:
-    an agent given a /proc of its own (proc_root, as the golden test's) sees only what the test wrote
-    there, and the PIDs it lists from there are not the machine's, so this filter is no use to it."""
+    child between fork and exec still has its parent's environment). It reads the machine's /proc
+    (filter_for gives none to an agent reading a /proc of the test's own)."""
 
     def __init__(self) -> None:
         self._entry = f"\0{VARIABLE}={DIRECTORY}\0".encode()
@@ -91,3 +90,10 @@ class SessionProcesses:
             return self._entry in b"\0" + read_file(f"/proc/{pid}/environ")
         except OSError:  # gone, or another user's
             return False
+
+
+def filter_for(proc_root: str) -> SessionProcesses | None:
+    """Injected.process_filter of an agent under test: this session's processes where the agent reads
+    the machine's /proc; none where a test gave it a /proc of its own, which holds only what the test
+    wrote there."""
+    return SessionProcesses() if os.path.realpath(proc_root) == "/proc" else None

@@ -7,8 +7,9 @@ snapshot field of the same name), the metric families it renders from that data,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from mpswatch.metrics import Families
 from mpswatch.snapshot import DerivedFacts

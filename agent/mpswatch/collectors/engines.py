@@ -27,7 +27,7 @@ from mpswatch.httpfetch import BackgroundFetcher, Fetch, Pending, fetch_metrics
 from mpswatch.metrics import Families
 from mpswatch.netns import find_endpoint
 from mpswatch.procfs import ProcessRow, ProcFS, descendants, parse_pressure, process_table, schedstat_wait_ns, stat_cpu_ticks
-from mpswatch.snapshot import DerivedFacts, EnginesData, EngineState, frozen_map
+from mpswatch.snapshot import DerivedFacts, EnginesData, EngineState, MpsLimit, frozen_map
 from mpswatch.verdicts import DEGRADED, DOWN, OK, StatusSection, count, in_pod, percent, pod_name, problem
 
 CPU_BOUND_THREAD_RATIO = 0.9
@@ -364,6 +364,10 @@ def render(data: EnginesData, facts: DerivedFacts, out: Families) -> None:
         if e.mps_pipe_dir is not None:
             settings = [e.name, e.mps_pipe_dir, e.mps_active_thread_percentage or "", e.mps_pinned_device_mem_limit or ""]
             out.add("mps_engine_mps_settings_info", settings, 1)
+        for metric, limit in (("mps_engine_active_thread_ratio", e.active_thread_limit),
+                              ("mps_engine_pinned_device_memory_limit_bytes", e.pinned_memory_limit)):
+            if limit is not None and limit.value is not None and limit.source is not None:
+                out.add(metric, [e.name, limit.source], limit.value)
     for gpu_uuid, ratio in sorted(facts.imbalance.items()):
         out.add("mps_gpu_engine_imbalance_ratio", [gpu_uuid], ratio)
     for window, ratio in sorted(data.cpu_pressure.items()):
@@ -375,7 +379,8 @@ def status(data: EnginesData, facts: DerivedFacts, now: float) -> StatusSection:
     engine_gpus = _engine_gpus(facts.imbalance, engines)
     problems = [problem(g["verdict"], "engine_gpu", f"engines on {g['gpu_uuid'] or 'an unknown GPU'}", g["reason"])
                 for g in engine_gpus if g["verdict"] != OK]
-    problems += [problem(e["verdict"], "engine", f"engine {e['name']}{in_pod(e['pod'])}", e["reason"]) for e in engines if e["verdict"] != OK]
+    problems += [problem(e["verdict"], "engine", f"engine {e['name']}{in_pod(e['pod'])}", e["reason"])
+                 for e in engines if e["verdict"] != OK]
     return StatusSection({"engines": engines, "engine_gpus": engine_gpus}, tuple(problems),
                          needs_two_samples=_needs_two_samples(facts.engines))
 
@@ -407,6 +412,10 @@ def _engine_entry(e: EngineState) -> dict[str, Any]:
                    f"waiting {count(e.requests_waiting)}, {attached}, busiest thread {percent(e.busiest_thread_cpu_ratio)}")
         if e.pipe_dir_served is None and e.pipe_dir_served_detail is not None:
             figures += f"; pipe dir {e.mps_pipe_dir} served? {e.pipe_dir_served_detail}"
+        if e.active_thread_limit is not None:
+            figures += f"; MPS active threads {e.active_thread_limit.detail}"
+        if e.pinned_memory_limit is not None:
+            figures += f"; MPS pinned memory {e.pinned_memory_limit.detail}"
         verdict = DEGRADED if problems else OK
         reason = "; ".join([*problems, figures])
     return {
@@ -428,9 +437,17 @@ def _engine_entry(e: EngineState) -> dict[str, Any]:
         "pipe_dir_served": e.pipe_dir_served,
         "pipe_dir_served_detail": e.pipe_dir_served_detail,
         "gpu_memory_utilization": e.gpu_memory_utilization,
+        "active_thread_limit": _limit_entry(e.active_thread_limit, "ratio"),
+        "pinned_memory_limit": _limit_entry(e.pinned_memory_limit, "bytes"),
         "verdict": verdict,
         "reason": reason,
     }
+
+
+def _limit_entry(limit: MpsLimit | None, unit: str) -> dict[str, Any] | None:
+    if limit is None:
+        return None
+    return {unit: limit.value, "source": limit.source, "detail": limit.detail}
 
 
 def _engine_gpus(imbalances: Mapping[str, float], entries: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -14,8 +14,9 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 
@@ -57,6 +58,9 @@ def nvml_loader(spec: str = "pynvml") -> Callable[[], Any]:
         return getattr(module, factory)() if factory else module
 
     return load
+
+
+NVIDIA_ML_PY = nvml_loader()
 
 
 def gpm_ratio(percent: float) -> float:
@@ -177,7 +181,7 @@ class GpuCollector:
     def __init__(
         self,
         *,
-        nvml_loader: Callable[[], Any] = nvml_loader(),
+        nvml_loader: Callable[[], Any] = NVIDIA_ML_PY,
         interval_seconds: float = 2.0,
         deadline_seconds: float = 5.0,
         procfs: ProcFS | None = None,

@@ -12,11 +12,11 @@ import shutil
 import stat
 import threading
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-
-from typing import Any, Callable, Iterable, TypeVar
+from pathlib import Path, PurePosixPath
+from typing import Any, TypeVar
 
 import structlog
 
@@ -28,6 +28,7 @@ from mpswatch.snapshot import (
     SERVER_STATUSES,
     DaemonState,
     DerivedFacts,
+    LogEvent,
     MpsClient,
     MpsControlData,
     MpsDaemon,
@@ -138,6 +139,19 @@ def parse_pinned_memory_limit(text: str) -> int | None:
     return int(float(match.group(1)) * _UNIT[match.group(2).upper()])
 
 
+def parse_pinned_limits_env(text: str) -> dict[str, int]:
+    """CUDA_MPS_PINNED_DEVICE_MEM_LIMIT, as a client's environment sets it (`0=1G,1=512MB`, devices by
+    ordinal or UUID, as in CUDA_VISIBLE_DEVICES): device -> bytes."""
+    limits = {}
+    for entry in text.split(","):
+        device, equals, value = entry.partition("=")
+        limit = parse_pinned_memory_limit(value) if equals and device.strip() else None
+        if limit is None:
+            raise ParseError(f"not a device=limit pair: {entry.strip()[:80]!r}")
+        limits[device.strip()] = limit
+    return limits
+
+
 def parse_ps(text: str) -> list[MpsClient]:
     """`ps` prints fixed columns PID ID SERVER DEVICE NAMESPACE COMMAND; COMMAND may hold spaces."""
     lines = [line for line in text.splitlines() if line.strip()]
@@ -241,16 +255,22 @@ def discover_mps_dirs(
         for d in sorted(root.glob(pattern)):
             if d.is_dir() and accept(d):
                 found.setdefault(str(d), "device_plugin")
+    plugin_dirs = [os.path.relpath(d, root) for d, by in found.items() if by == "device_plugin"]
     environments, unreadable = procfs.environments_of(CONTROL_PROGRAM, is_daemon)
     for env in environments:
         directory = env.get(env_var) or env_default
-        if os.path.isabs(directory):
-            found.setdefault(os.path.normpath(directory), "process")
+        if not os.path.isabs(directory):
+            continue
+        directory = os.path.normpath(directory)
+        if not os.path.isdir(directory) and any(directory.endswith(f"/{d}") for d in plugin_dirs):
+            continue  # a device plugin daemon's dir as its container mounts it (/mps/<resource>/...), found above
+        found.setdefault(directory, "process")
     notes = []
     if unreadable:
         notes.append(
             f"cannot read the environment of {CONTROL_PROGRAM} pid {', '.join(map(str, unreadable))} "
-            f"to find its {env_var} (needs the same user or CAP_SYS_PTRACE); {hint}"
+            f"to find its {env_var} (needs root with CAP_SYS_PTRACE and, for another user's process, "
+            f"CAP_DAC_READ_SEARCH: deploy/README.md); {hint}"
         )
     return sorted(found.items()), notes
 
@@ -269,6 +289,16 @@ def discover_pipe_dirs(settings: DiscoverySettings, procfs: ProcFS) -> tuple[lis
         procfs=procfs,
         hint="name its pipe dir with --pipe-dir",
     )
+
+
+def plugin_resource(pipe_dir: str, device_plugin_root: str) -> str | None:
+    """The device plugin's resource whose daemon serves `pipe_dir` (`nvidia.com/gpu` for
+    `<root>/nvidia.com/gpu/pipe`: the plugin makes one pipe dir per resource), or None when the dir is
+    not the plugin's."""
+    path, root = PurePosixPath(os.path.normpath(pipe_dir)), PurePosixPath(os.path.normpath(device_plugin_root))
+    if path.name != "pipe" or not path.parent.is_relative_to(root) or path.parent == root:
+        return None
+    return str(path.parent.relative_to(root))
 
 
 def search_description(settings: DiscoverySettings) -> tuple[str, ...]:
@@ -431,9 +461,12 @@ def _probed(
         if settings_from is not None:
             default_atp = settings_from.default_active_thread_percentage
             pinned = settings_from.default_pinned_memory_limit_bytes
+            pinned_known = settings_from.default_pinned_memory_limit_known
         else:
             default_atp = probe.parsed("get_default_active_thread_percentage", parse_percentage)
+            failed_before = len(probe.failures)
             pinned = probe.parsed("get_default_device_pinned_mem_limit", parse_pinned_memory_limit, 0)
+            pinned_known = len(probe.failures) == failed_before
     except _Hung as hung:
         state, why = DaemonState.HUNG, f"answered get_server_list, then hung: {hung}{_stopped_note(procfs, pid)}"
         return replace(base, state=state, reason=why)
@@ -446,6 +479,7 @@ def _probed(
         clients=None if clients is None else tuple(clients),
         default_active_thread_percentage=default_atp,
         default_pinned_memory_limit_bytes=pinned,
+        default_pinned_memory_limit_known=pinned_known,
     )
 
 
@@ -548,6 +582,7 @@ class _WatchedDaemon:
 
     pipe_dir: str
     found_by: str
+    resource: str | None  # the device plugin's, when the pipe dir is under its root
     channel: ControlChannel | None = None
     failures: dict[tuple[str, str], int] = field(default_factory=dict)  # totals since the agent started
     servers_lost: int = 0
@@ -606,7 +641,8 @@ class MpsControlCollector:
         for pipe_dir, found_by in found.items():
             if pipe_dir not in self._daemons:
                 self._log.info("daemon_found", pipe_dir=pipe_dir, found_by=found_by)
-                self._daemons[pipe_dir] = _WatchedDaemon(pipe_dir, found_by)
+                resource = plugin_resource(pipe_dir, self._discovery.device_plugin_root)
+                self._daemons[pipe_dir] = _WatchedDaemon(pipe_dir, found_by, resource)
         for pipe_dir, watched in list(self._daemons.items()):
             if pipe_dir not in found and watched.found_by != "configured" and not looks_like_pipe_dir(Path(pipe_dir)):
                 self._log.info("daemon_forgotten", pipe_dir=pipe_dir, reason="pipe dir removed")
@@ -631,6 +667,7 @@ class MpsControlCollector:
             return previous  # its command was killed by the agent shutting down: neither logged nor counted
         if daemon.clients:
             daemon = replace(daemon, clients=tuple(replace(c, device=full_uuid(c.device, self._uuids)) for c in daemon.clients))
+        daemon = replace(daemon, resource=watched.resource)
         if daemon.up and settings_from is None:
             watched.settings_read_at = time.monotonic()
         for key, count in daemon.command_failures.items():
@@ -661,6 +698,8 @@ def render(data: MpsControlData, facts: DerivedFacts, out: Families) -> None:
             out.add("mps_control_state", [d, state.value], 1 if daemon.state is state else 0)
         if daemon.pid is not None:
             out.add("mps_control_info", [d, daemon.pid], 1)
+        if daemon.resource is not None:
+            out.add("mps_control_resource_info", [d, daemon.resource], 1)
         for command, seconds in sorted(daemon.command_durations.items()):
             out.add("mps_control_command_duration_seconds", [d, command], seconds)
         for (command, reason), count in sorted(daemon.command_failures.items()):
@@ -687,6 +726,9 @@ def render(data: MpsControlData, facts: DerivedFacts, out: Families) -> None:
                 out.add("mps_server_active_thread_percentage", [d, server.pid], server.active_thread_percentage)
             if daemon.clients is not None:
                 out.add("mps_server_clients", [d, server.pid], per_server.get(server.pid, 0))
+            start = facts.server_starts.get((d, server.pid))
+            if start is not None:
+                out.add("mps_server_started_before_limits", [d, server.pid], 1 if start.before_limits else 0)
         for (server_pid, device), count in sorted(daemon.clients_per_device().items()):
             out.add("mps_clients", [d, server_pid, device], count)
         for client in daemon.clients or ():
@@ -704,7 +746,8 @@ def status(data: MpsControlData, facts: DerivedFacts, now: float) -> StatusSecti
         for s in d["servers"]:
             if s["verdict"] != OK:
                 problems.append(problem(s["verdict"], "server", f"server {s['pid']} on {d['pipe_dir']}", s["reason"]))
-            problems += [problem(c["verdict"], "client", f"client {c['pid']}{in_pod(c['pod'])} {c['command']} of server {s['pid']}", c["reason"])
+            problems += [problem(c["verdict"], "client",
+                                 f"client {c['pid']}{in_pod(c['pod'])} {c['command']} of server {s['pid']}", c["reason"])
                          for c in s["clients"] if c["verdict"] != OK]
     if daemons:
         servers = sum(len(d["servers"]) for d in daemons)
@@ -762,9 +805,11 @@ def _server_entry(daemon: MpsDaemon, server: MpsServer, listed: bool, facts: Der
         cause = facts.fault_causes.get(server.pid)
         if cause is not None:
             fault_cause = event_entry(*cause, now)
-            reason = (f"FAULT (client {cause[1].client_pid} hit a fatal GPU error {age(now - cause[1].time)} ago, "
-                      "says the server log): new clients are refused until every affected client exits")
-    client_entries = []
+            blamed = cause[1].client_pid
+            blamed_pod = in_pod(pod_name(facts.pods.get(blamed))) if blamed is not None else ""
+            reason = (f"FAULT: MPS blames client {blamed}{blamed_pod} for a fatal GPU error {age(now - cause[1].time)} "
+                      "ago; new clients are refused until every affected client exits")
+    client_entries: list[dict[str, Any]] = []
     for client in (c for c in daemon.clients or () if c.server_pid == server.pid):
         if server.status == "FAULT":
             c_verdict, c_reason = DEGRADED, f"server {server.pid} is in FAULT: this client must exit before it recovers"
@@ -782,11 +827,16 @@ def _server_entry(daemon: MpsDaemon, server: MpsServer, listed: bool, facts: Der
                 "gpu_memory_bytes": facts.gpu_memory_by_pid.get(client.pid),
             }
         )
+    start = facts.server_starts.get((daemon.pipe_dir, server.pid))
+    if start is not None and start.limits_after is not None:
+        late = _before_limits(daemon, server, start.started, start.limits_after, client_entries, now)
+        verdict, reason = (DEGRADED, late) if verdict == OK else (verdict, f"{reason}; {late}")
     return {
         "pid": server.pid,
         "uid": server.uid,
         "status": server.status,
         "active_thread_percentage": server.active_thread_percentage,
+        "started_before_limits": None if start is None else start.before_limits,
         "clients_per_device": counts,
         "fault_cause": fault_cause,
         "verdict": verdict,
@@ -795,14 +845,29 @@ def _server_entry(daemon: MpsDaemon, server: MpsServer, listed: bool, facts: Der
     }
 
 
+def _before_limits(daemon: MpsDaemon, server: MpsServer, started: LogEvent, limits: LogEvent,
+                   clients: list[dict[str, Any]], now: float) -> str:
+    """Why a server that started before its daemon's limits were set is a problem, and whom it hits."""
+    default = daemon.default_active_thread_percentage
+    threads = ""
+    if server.active_thread_percentage is not None and default is not None:
+        threads = f" (active threads {server.active_thread_percentage:g}% where the daemon's default is {default:g}%)"
+    pods = sorted({c["pod"] for c in clients if c["pod"]})
+    who = f"; so do its {len(clients)} client(s)" + (f" ({', '.join(pods)})" if pods else "") if clients else ""
+    return (f"started {age(now - started.time)} ago, before the daemon's limits were set ({limits.detail}, "
+            f"{age(now - limits.time)} ago): it runs with the defaults of before{threads}{who}")
+
+
 def _daemon_entry(daemon: MpsDaemon, facts: DerivedFacts, now: float) -> dict[str, Any]:
     servers = [_server_entry(daemon, s, True, facts, now) for s in daemon.servers]
     listed = {s.pid for s in daemon.servers}
     for server_pid in sorted({c.server_pid for c in daemon.clients or ()} - listed):
         servers.append(_server_entry(daemon, MpsServer(server_pid, None, None, None), False, facts, now))
+    reason = daemon.reason if daemon.resource is None else f"{daemon.reason}; device plugin resource {daemon.resource}"
     return {
         "pipe_dir": daemon.pipe_dir,
         "found_by": daemon.found_by,
+        "resource": daemon.resource,
         "pid": daemon.pid,
         "state": daemon.state.value,
         "client_limit": daemon.client_limit,
@@ -810,7 +875,7 @@ def _daemon_entry(daemon: MpsDaemon, facts: DerivedFacts, now: float) -> dict[st
         "default_active_thread_percentage": daemon.default_active_thread_percentage,
         "default_pinned_memory_limit_bytes": daemon.default_pinned_memory_limit_bytes,
         "verdict": OK if daemon.up else DOWN,
-        "reason": daemon.reason,
+        "reason": reason,
         "servers": servers,
     }
 

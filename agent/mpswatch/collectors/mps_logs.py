@@ -1,8 +1,9 @@
 """MPS log collector: events from control.log and server.log that the control commands never tell.
 
 The parser is pure: a line and the file's small context in, an event (or none) and the next
-context out. Patterns come from real H200 logs (driver 580, tests/fixtures) and the older
-wordings NVIDIA documents; error-like lines that match nothing count as `unrecognised_error`.
+context out. Patterns come from real H200 logs (driver 580, tests/fixtures), the older wordings
+NVIDIA documents and, for the commands that set a daemon's default limits, the Kubernetes device
+plugin's daemon log; error-like lines that match nothing count as `unrecognised_error`.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import os
 import re
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, tzinfo
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 
@@ -23,7 +25,7 @@ from mpswatch.collectors.mps_control import discover_mps_dirs
 from mpswatch.logfollow import LogFollower
 from mpswatch.metrics import Families
 from mpswatch.procfs import ProcFS
-from mpswatch.snapshot import DerivedFacts, LogDirState, LogEvent, MpsLogsData, frozen_map
+from mpswatch.snapshot import DerivedFacts, LogDirState, LogEvent, MpsLogsData, ServerStart, frozen_map
 from mpswatch.verdicts import RECENT_EVENTS_SHOWN, StatusSection, event_entry
 
 SOURCES = {"control": "control.log", "server": "server.log"}
@@ -45,6 +47,7 @@ EVENTS = (
     "device_reset",
     "control_started",
     "control_exited",
+    "limits_set",
     "unrecognised_error",
 )
 # what `status` lists: what a person on call must know about
@@ -137,6 +140,12 @@ _RULES = [
           r"|Received device query command|Server has been notified to shutdown|Waiting for current clients"
           r"|Exiting|Client \{PID: -?\d+, Context(?: ID)?: \d+\} exiting)", None),
 ]
+# the commands that set the daemon's default limits for the servers it starts next, as control.log
+# echoes each command it receives (`Cmd:<command line>`): wording from the device plugin's daemon log
+# in k8s-device-plugin issue 679 (tests/fixtures/device-plugin-mps/README.md)
+_LIMITS_SET = re.compile(
+    r"^Cmd:\s*(set_default_(?:active_thread_percentage|device_pinned_mem_limit)(?:[ \t]+\S{1,40}){1,2})\s*$"
+)
 _CONNECTED = re.compile(rf"^Client {_CLIENT} connected")
 _REPLY_OVER = re.compile(r"^(?:UI closed|Accepting connection|NEW UI|Starting control daemon|Exit with status)")
 _DEVICES_HEADER = re.compile(r"The following devices will be reset")
@@ -160,8 +169,11 @@ def parse_line(
     stamp, fraction, _tag, pid_text, message = match.groups()
     pid = int(pid_text)
     message = message.strip()
+    limits = _LIMITS_SET.match(message)
     if message.startswith("Cmd:"):
-        return None, replace(context, in_reply=True, listing=None)
+        context = replace(context, in_reply=True, listing=None)
+        if limits is None:
+            return None, context
     if _REPLY_OVER.match(message):  # `quit` has no `UI closed`; a restart starts afresh
         context = replace(context, in_reply=False)
     try:
@@ -171,6 +183,9 @@ def parse_line(
 
     def event(name: str, **fields: Any) -> LogEvent:
         return LogEvent(event=name, time=when, source=source, pid=pid, message=message[:300], **fields)
+
+    if limits is not None:
+        return event("limits_set", detail=" ".join(limits[1].split())), context
 
     number = _NUMBER.match(message)
     if number and context.listing == "devices":
@@ -202,6 +217,33 @@ def parse_line(
     if _ERRORISH.search(message) and not context.in_reply:  # replies such as "Server 1 not found" are not errors
         return event("unrecognised_error"), context
     return None, context
+
+
+MAX_SERVER_STARTS_KEPT = 256  # per log dir
+
+
+def server_starts_after(
+    starts: Mapping[int, ServerStart], log_dir: str, event: LogEvent
+) -> Mapping[int, ServerStart]:
+    """The servers a control log recorded starting since its daemon last started, after one more
+    event of that log: a daemon start forgets them all, a server start adds one, a server exit drops
+    it, and a command setting the daemon's default limits marks every server started before it (MPS
+    applies a default only to servers started after it was set). At most MAX_SERVER_STARTS_KEPT, the
+    latest."""
+    if event.source != "control":
+        return starts
+    if event.event == "control_started":
+        return {}
+    if event.event == "limits_set":
+        return {pid: replace(start, limits_after=event) for pid, start in starts.items()}
+    if event.event in ("server_started", "server_exited", "server_died"):
+        kept = {pid: start for pid, start in starts.items() if pid != event.server_pid}
+        if event.event == "server_started" and event.server_pid is not None:
+            kept[event.server_pid] = ServerStart(log_dir, event)
+            while len(kept) > MAX_SERVER_STARTS_KEPT:
+                kept.pop(next(iter(kept)))
+        return kept
+    return starts
 
 
 # ---------------------------------------------------------------- discovery
@@ -238,6 +280,7 @@ class _WatchedDir:
     contexts: dict[str, tuple[int, LineContext]] = field(default_factory=dict)  # source -> (generation, context)
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
     last_time: dict[str, float] = field(default_factory=dict)
+    server_starts: Mapping[int, ServerStart] = field(default_factory=dict)  # see server_starts_after
 
 
 class MpsLogsCollector:
@@ -274,9 +317,14 @@ class MpsLogsCollector:
         found, notes = discover_log_dirs(self._configured, self._default, self._plugin_root, self._procfs)
         self._remember(dict(found))
         states = tuple(self._read(watched) for _, watched in sorted(self._dirs.items()))
+        starts: dict[int, ServerStart] = {}
+        for watched in self._dirs.values():  # a PID reused by a later server: the later start
+            for pid, start in watched.server_starts.items():
+                if pid not in starts or start.started.time > starts[pid].started.time:
+                    starts[pid] = start
         return MpsLogsData(
             dirs=states, recent=tuple(self._recent), fatal_errors=frozen_map(self._fatal),
-            discovery_notes=tuple(notes),
+            discovery_notes=tuple(notes), server_starts=frozen_map(starts),
         )
 
     def _remember(self, found: dict[str, str]) -> None:
@@ -335,6 +383,7 @@ class MpsLogsCollector:
         )
 
     def _remember_event(self, watched: _WatchedDir, event: LogEvent, announce: bool) -> None:
+        watched.server_starts = server_starts_after(watched.server_starts, watched.log_dir, event)
         if event.time <= self._clock() + FUTURE_SLACK_SECONDS:
             watched.last_time[event.event] = max(event.time, watched.last_time.get(event.event, 0.0))
         if event.event == "fatal_gpu_error" and event.server_pid is not None:

@@ -174,8 +174,9 @@ class PodsCollector:
         environments = self._read_environments(processes)
         unreadable = sum(1 for env in environments.values() if env is None)
         if unreadable:
-            notes.append(f"the environment of {unreadable} container(s) is unreadable (needs their user or "
-                         "CAP_SYS_PTRACE): their pods are named from their GPUs where that is unambiguous")
+            notes.append(f"the environment of {unreadable} container(s) is unreadable (needs CAP_SYS_PTRACE and, for "
+                         "another user's process, CAP_DAC_READ_SEARCH): their pods are named from their GPUs where "
+                         "that is unambiguous")
         assignments, state = self._pod_resources()
         return PodsData(frozen_map(processes), frozen_map(environments), assignments, state, tuple(notes))
 
