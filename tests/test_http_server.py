@@ -4,7 +4,7 @@ import http.client
 import socket
 
 import pytest
-from mpswatch.exporter import CachedExposition, serve
+from mpswatch.exporter import cached_exposition, serve
 from mpswatch.exposition import render
 from mpswatch.snapshot import NodeSnapshot
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -16,7 +16,7 @@ from tests.kit.agentproc import free_port
 @pytest.fixture
 def server():
     health = {"ok": True}
-    exposition = CachedExposition(NodeSnapshot, lambda snapshot: render(snapshot, "9.9.9"))
+    exposition = cached_exposition(NodeSnapshot, lambda snapshot: render(snapshot, "9.9.9"))
     port = free_port()
     httpd = serve(f"127.0.0.1:{port}", exposition, lambda: (health["ok"], "detail here"))
     yield port, health
@@ -84,7 +84,7 @@ def test_a_failure_to_render_answers_500_and_the_server_keeps_serving():
         raise RuntimeError("render bug")
 
     port = free_port()
-    httpd = serve(f"127.0.0.1:{port}", CachedExposition(broken_snapshot, lambda snapshot: render(snapshot, "9.9.9")), lambda: (True, "fine"))
+    httpd = serve(f"127.0.0.1:{port}", cached_exposition(broken_snapshot, lambda snapshot: render(snapshot, "9.9.9")), lambda: (True, "fine"))
     try:
         response, body = request(port, "GET", "/metrics")
         assert (response.status, body) == (500, b"internal error\n")

@@ -17,6 +17,7 @@ import structlog
 
 from mpswatch import __version__
 from mpswatch.advisor import LIKELY_SLOWER
+from mpswatch.agentstatus import AgentUnreachable, fetch_status
 from mpswatch.analysis import advice_report, health_report, render_advice, render_text
 from mpswatch.collectors import Collector
 from mpswatch.collectors.engines import EnginesCollector
@@ -25,7 +26,7 @@ from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollect
 from mpswatch.collectors.mps_logs import MpsLogsCollector
 from mpswatch.collectors.pods import PodsCollector
 from mpswatch.config import DEFAULT_CONFIG_PATH, ENV_PREFIX, SETTINGS, Config, ConfigError, load_config
-from mpswatch.exporter import CachedExposition, serve
+from mpswatch.exporter import cached_exposition, cached_status, serve
 from mpswatch.exposition import render
 from mpswatch.injection import Injected
 from mpswatch.logsetup import configure_logging
@@ -155,9 +156,10 @@ def run(injected: Injected, /, config_path: str | None, **flags: Any) -> None:
     log = structlog.get_logger()
     store = SnapshotStore()
     scheduler = Scheduler(build_collectors(config, injected), store)
-    exposition = CachedExposition(store.current, lambda snapshot: render(snapshot, __version__))
+    exposition = cached_exposition(store.current, lambda snapshot: render(snapshot, __version__))
+    status_report = cached_status(store.current, lambda snapshot: health_report(snapshot, __version__))
     try:
-        httpd = serve(config.listen, exposition, scheduler.alive)
+        httpd = serve(config.listen, exposition, scheduler.alive, status_report)
     except OSError as err:
         log.error("listen_failed", listen=config.listen, error=err.strerror or str(err))
         sys.exit(1)
@@ -192,14 +194,25 @@ def _one_shot_scheduler(injected: Injected, config_path: str | None, flags: dict
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the stable JSON schema (docs/status.md).")
+@click.option("--agent", "agent_url", metavar="URL",
+              help="Ask the agent running at URL (http://HOST:PORT) instead of looking once: it knows rates "
+                   "and remembers the clients of servers that faulted or died.")
 @_setting_options(serving=False)
 @click.pass_obj
-def status(injected: Injected, /, config_path: str | None, as_json: bool, **flags: Any) -> None:
-    """Run every collector once and print a verdict per daemon, server and client.
+def status(injected: Injected, /, config_path: str | None, as_json: bool, agent_url: str | None, **flags: Any) -> None:
+    """Run every collector once (or ask the running agent) and print a verdict per daemon, server and client.
 
-    Exit status: 0 all OK, 1 something degraded or down, 2 usage or config error.
+    Exit status: 0 all OK, 1 something degraded or down, 2 usage or config error, or the agent given by
+    --agent could not be asked.
     """
-    report = health_report(_one_shot_scheduler(injected, config_path, flags).run_once(), __version__)
+    if agent_url is not None:
+        try:
+            report = fetch_status(agent_url)
+        except AgentUnreachable as err:
+            click.echo(f"mpswatch status: {err}", err=True)
+            sys.exit(EXIT_USAGE)
+    else:
+        report = health_report(_one_shot_scheduler(injected, config_path, flags).run_once(), __version__)
     click.echo(json.dumps(report, indent=2) if as_json else render_text(report), nl=as_json)
     sys.exit(0 if report["verdict"] == OK else 1)
 

@@ -1,10 +1,12 @@
-"""Serves /metrics and /healthz: the exposition of the latest snapshot, rendered once per snapshot.
+"""Serves /metrics, /status and /healthz: the exposition and the status report of the latest snapshot,
+each rendered once per snapshot.
 
 A scrape only reads the current immutable snapshot: no I/O, no locks held by collectors.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 import threading
@@ -29,14 +31,14 @@ class _Rendered:
         return self._metrics
 
 
-class CachedExposition:
-    """The text exposition of the current snapshot, rendered once per snapshot: snapshots are
-    immutable, so every scrape between two collector runs gets the same bytes for free, and
-    concurrent scrapes wait for one rendering instead of each doing it."""
+class CachedBody:
+    """A body made from the current snapshot, made once per snapshot: snapshots are immutable, so
+    every request between two collector runs gets the same bytes for free, and concurrent requests
+    wait for one rendering instead of each doing it."""
 
-    def __init__(self, current: Callable[[], NodeSnapshot], render: Callable[[NodeSnapshot], list[Metric]]) -> None:
+    def __init__(self, current: Callable[[], NodeSnapshot], make: Callable[[NodeSnapshot], bytes]) -> None:
         self._current = current
-        self._render = render
+        self._make = make
         self._lock = threading.Lock()
         self._snapshot: NodeSnapshot | None = None
         self._body = b""
@@ -45,9 +47,20 @@ class CachedExposition:
         snapshot = self._current()
         with self._lock:
             if snapshot is not self._snapshot:
-                self._body = generate_latest(_Rendered(self._render(snapshot)))
+                self._body = self._make(snapshot)
                 self._snapshot = snapshot
             return self._body
+
+
+def cached_exposition(current: Callable[[], NodeSnapshot], render: Callable[[NodeSnapshot], list[Metric]]) -> CachedBody:
+    """The text exposition of the current snapshot."""
+    return CachedBody(current, lambda snapshot: generate_latest(_Rendered(render(snapshot))))
+
+
+def cached_status(current: Callable[[], NodeSnapshot], report: Callable[[NodeSnapshot], dict[str, Any]]) -> CachedBody:
+    """`mpswatch status --json` of the current snapshot: what the running agent remembers (rates over
+    two samples, the clients of servers that faulted or died) and a one-shot look cannot know."""
+    return CachedBody(current, lambda snapshot: json.dumps(report(snapshot), indent=2).encode() + b"\n")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -59,17 +72,21 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-_INDEX = b"<html><body><h1>mpswatch</h1><p><a href='/metrics'>/metrics</a> <a href='/healthz'>/healthz</a></p></body></html>\n"
+_INDEX = (b"<html><body><h1>mpswatch</h1><p><a href='/metrics'>/metrics</a> <a href='/status'>/status</a> "
+          b"<a href='/healthz'>/healthz</a></p></body></html>\n")
 
 
-def respond(path: str, exposition: CachedExposition, healthy: Callable[[], tuple[bool, str]]) -> tuple[str, str, bytes]:
+def respond(path: str, exposition: CachedBody, status: CachedBody | None,
+            healthy: Callable[[], tuple[bool, str]]) -> tuple[str, str, bytes]:
     """Status, content type and body for a GET of `path` (query string already cut off)."""
     if path == "/metrics":
         return "200 OK", CONTENT_TYPE_LATEST, exposition.body()
+    if path == "/status" and status is not None:
+        return "200 OK", "application/json", status.body()
     if path == "/healthz":
         ok, detail = healthy()
-        status = "200 OK" if ok else "503 Service Unavailable"
-        return status, "text/plain", f"{'ok' if ok else 'unhealthy'}: {detail}\n".encode()
+        code = "200 OK" if ok else "503 Service Unavailable"
+        return code, "text/plain", f"{'ok' if ok else 'unhealthy'}: {detail}\n".encode()
     if path == "/":
         return "200 OK", "text/html", _INDEX
     return "404 Not Found", "text/plain", b"not found\n"
@@ -82,7 +99,8 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 10  # each read of the request waits at most this long
     server_version = "mpswatch"
     sys_version = ""
-    exposition: CachedExposition
+    exposition: CachedBody
+    status: CachedBody | None
     healthy: Callable[[], tuple[bool, str]]
     log: Any
 
@@ -95,7 +113,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, with_body: bool) -> None:
         self.close_connection = True
         try:
-            status, content_type, body = respond(self.path.partition("?")[0], self.exposition, self.healthy)
+            status, content_type, body = respond(self.path.partition("?")[0], self.exposition, self.status, self.healthy)
         except Exception as err:  # a rendering bug costs this answer, never the server
             self.log.error("http_answer_failed", path=self.path[:200], error=repr(err))
             status, content_type, body = "500 Internal Server Error", "text/plain", b"internal error\n"
@@ -123,11 +141,13 @@ class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
-def serve(listen: str, exposition: CachedExposition, healthy: Callable[[], tuple[bool, str]]) -> _Server:
+def serve(listen: str, exposition: CachedBody, healthy: Callable[[], tuple[bool, str]],
+          status: CachedBody | None = None) -> _Server:
     """Starts the HTTP server on a daemon thread; returns the server (call shutdown() to stop)."""
     host, port = parse_listen(listen)
     log = structlog.get_logger().bind(component="http")
-    handler = type("Handler", (_Handler,), {"exposition": exposition, "healthy": staticmethod(healthy), "log": log})
+    handler = type("Handler", (_Handler,),
+                   {"exposition": exposition, "status": status, "healthy": staticmethod(healthy), "log": log})
     httpd = (_Server6 if ":" in host else _Server)((host, port), handler)
     httpd.log = log
     threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
