@@ -18,10 +18,11 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
-import bcrypt
-import yaml
+if TYPE_CHECKING:
+    import yaml
 
 MAX_FILE_BYTES = 1 << 20
 
@@ -111,18 +112,24 @@ class WebConfig:
     headers: tuple[tuple[str, str], ...]
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML that refuses a key given twice (Go's strict decoder does): a second entry for one user
-    must not quietly replace the first."""
+@cache
+def _unique_key_loader() -> type[yaml.SafeLoader]:
+    """A YAML loader that refuses a key given twice (Go's strict decoder does): a second entry for
+    one user must not quietly replace the first. PyYAML is imported here, by an agent given a web
+    configuration file, and only then."""
+    import yaml
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key in seen:
-                raise WebConfigError(f"key {key!r} is given twice (line {key_node.start_mark.line + 1})")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, str) and key in seen:
+                    raise WebConfigError(f"key {key!r} is given twice (line {key_node.start_mark.line + 1})")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def _table(value: Any, where: str) -> dict[str, Any]:
@@ -246,8 +253,10 @@ def load_web_config(path: str) -> WebConfig:
         raise WebConfigError(f"cannot read {path}: {err.strerror or err}") from None
     if len(raw) > MAX_FILE_BYTES:
         raise WebConfigError(f"{path} is larger than {MAX_FILE_BYTES} bytes")
+    import yaml
+
     try:
-        document = yaml.load(raw, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        document = yaml.load(raw, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader
     except WebConfigError as err:
         raise WebConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
@@ -317,12 +326,18 @@ class BasicAuth:
         self.remembered = remembered
         self._results: OrderedDict[bytes, bool] = OrderedDict()
         self._lock = threading.Lock()
-        cost = max((int(h.split(b"$")[2]) for h in users.values()), default=4)
-        self._decoy = bcrypt.hashpw(os.urandom(16), bcrypt.gensalt(rounds=cost)) if users else b""
+        self._decoy = b""
+        if users:
+            import bcrypt  # here: only an agent with basic_auth_users loads it
+
+            cost = max(int(h.split(b"$")[2]) for h in users.values())
+            self._decoy = bcrypt.hashpw(os.urandom(16), bcrypt.gensalt(rounds=cost))
 
     def allows(self, authorization: str | None) -> bool:
         if not self.users:
             return True
+        import bcrypt
+
         credentials = _basic_credentials(authorization)
         if credentials is None:
             return False
