@@ -143,11 +143,18 @@ def test_basic_auth_takes_the_right_password_only():
     assert auth.allows(basic("prometheus", PASSWORD))  # remembered
     assert not auth.allows(basic("prometheus", "wrong"))
     assert not auth.allows(basic("nobody", PASSWORD))
-    assert not auth.allows(basic("prometheus", PASSWORD + "x" * 100))  # past bcrypt's 72 bytes: refused, not a crash
+    assert not auth.allows(basic("prometheus", PASSWORD + "x" * 100))
     for header in (None, "", "Bearer abc", "Basic", "Basic !!!notbase64", "Basic " + base64.b64encode(b"no-colon").decode(),
                    basic(b"\xff\xfe", PASSWORD)):
         assert not auth.allows(header)
     assert BasicAuth({}).allows(None)
+
+
+def test_a_password_past_bcrypts_72_bytes_is_checked_on_those_as_go_and_htpasswd_do():
+    long_password = "p" * 80
+    auth = BasicAuth({"ops": bcrypt.hashpw(long_password[:72].encode(), bcrypt.gensalt(rounds=4))})
+    assert auth.allows(basic("ops", long_password))
+    assert not auth.allows(basic("ops", "q" * 80))
 
 
 def test_basic_auth_remembers_a_bounded_few():

@@ -348,10 +348,9 @@ class BasicAuth:
         with self._lock:  # one bcrypt at a time: a flood of guesses costs one core, not all
             result = self._results.get(key)
             if result is None:
-                try:
-                    matches = bcrypt.checkpw(password, hashed)
-                except ValueError:  # e.g. a password over bcrypt's 72 bytes: no stored hash can match it
-                    matches = False
+                # bcrypt uses a password's first 72 bytes: so do Go's check and htpasswd (this
+                # binding refuses longer ones instead, and the same file must work for both)
+                matches = bcrypt.checkpw(password[:72], hashed)
                 result = known and matches
                 self._results[key] = result
                 while len(self._results) > self.remembered:
