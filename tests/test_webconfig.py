@@ -87,6 +87,7 @@ def test_relative_paths_are_relative_to_the_file_as_in_the_toolkit(tmp_path, pki
         ("http_server_config:\n  headers:\n    Server: evil\n", "header 'Server' cannot be set"),
         ("http_server_config:\n  headers:\n    X-Frame-Options: allow\n", "X-Frame-Options: must be one of deny, sameorigin"),
         ("http_server_config:\n  http2: maybe\n", "http_server_config.http2: must be true or false"),
+        ("http_server_config:\n  headers:\n    Content-Security-Policy: \"default-src 'self' …\"\n", "one line of printable ASCII"),
         ("basic_auth_users:\n  alice: plaintext\n", "basic_auth_users.alice: must be a bcrypt hash"),
         ("basic_auth_users:\n  alice: '$2y$99$" + "a" * 53 + "'\n", "basic_auth_users.alice: must be a bcrypt hash"),
         ("basic_auth_users:\n  'a:b': '" + HASH + "'\n", "without ':'"),

@@ -106,7 +106,6 @@ class TlsSettings:
 
 @dataclass(frozen=True)
 class WebConfig:
-    path: str
     tls: TlsSettings | None
     users: Mapping[str, bytes]  # user name -> bcrypt hash; empty: no authentication
     headers: tuple[tuple[str, str], ...]
@@ -236,8 +235,8 @@ def _headers(value: Any) -> tuple[tuple[str, str], ...]:
         if allowed is None:
             raise WebConfigError(f"http_server_config.headers: header {name!r} cannot be set; these can: "
                                  f"{', '.join(HEADERS)}")
-        if not isinstance(text, str) or any(c in text for c in "\r\n") or (allowed and text not in allowed):
-            expected = f"one of {', '.join(allowed)}" if allowed else "a one-line string"
+        if not isinstance(text, str) or not (text.isascii() and text.isprintable()) or (allowed and text not in allowed):
+            expected = f"one of {', '.join(allowed)}" if allowed else "one line of printable ASCII"
             raise WebConfigError(f"http_server_config.headers.{name}: must be {expected}, got {text!r}")
         if text:  # blank: unset, as in the toolkit
             headers.append((name, text))
@@ -268,7 +267,7 @@ def load_web_config(path: str) -> WebConfig:
         http2 = http.get("http2", True)  # accepted for the toolkit's sake: this server speaks HTTP/1.0 only
         if not isinstance(http2, bool):
             raise WebConfigError(f"http_server_config.http2: must be true or false, got {http2!r}")
-        config = WebConfig(path, tls, _users(top.get("basic_auth_users")), _headers(http.get("headers")))
+        config = WebConfig(tls, _users(top.get("basic_auth_users")), _headers(http.get("headers")))
         if tls is not None:
             server_context(tls)
     except WebConfigError as err:
@@ -399,6 +398,7 @@ class TlsWrapper:
             try:
                 connection.sendall(b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
                                    b"Client sent an HTTP request to an HTTPS server.\n")
+                connection.recv(65536)  # the request, read: closing with it unread would reset the answer away
             except OSError:
                 pass
             return None
