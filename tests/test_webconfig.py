@@ -79,7 +79,6 @@ def test_relative_paths_are_relative_to_the_file_as_in_the_toolkit(tmp_path, pki
         ("tls_server_config:\n  cert_fil: x.crt\n", "tls_server_config.cert_fil: unknown key"),
         ("rate_limit:\n  interval: 1s\n  burst: 5\n", "rate_limit: not supported"),
         ("tls_server_config:\n  cert: '-----BEGIN'\n", "tls_server_config.cert: inline certificates are not supported"),
-        ("tls_server_config:\n  client_allowed_sans: [a]\n", "tls_server_config.client_allowed_sans: not supported"),
         ("tls_server_config:\n  curve_preferences: [X25519]\n", "tls_server_config.curve_preferences: not supported"),
         ("tls_server_config:\n  key_file: x.key\n", "tls_server_config.cert_file: missing"),
         ("tls_server_config:\n  cert_file: x.crt\n", "tls_server_config.key_file: missing"),
@@ -118,6 +117,10 @@ def test_a_file_that_cannot_be_served_as_written_is_refused_by_key(tmp_path, tex
         ({"min_version": "TLS13", "max_version": "TLS12"}, "min_version: TLS13 is above max_version TLS12"),
         ({"cipher_suites": "[TLS_RSA_WITH_RC4_128_SHA]"}, "unknown cipher suite 'TLS_RSA_WITH_RC4_128_SHA'"),
         ({"prefer_server_cipher_suites": "sometimes"}, "prefer_server_cipher_suites: must be true or false"),
+        ({"client_auth_type": "VerifyClientCertIfGiven", "client_ca_file": "ca.crt", "client_allowed_sans": "[a.test]"},
+         "client_allowed_sans: needs client_auth_type RequireAndVerifyClientCert"),
+        ({"client_auth_type": "RequireAndVerifyClientCert", "client_ca_file": "ca.crt", "client_allowed_sans": "[]"},
+         "client_allowed_sans: must be a non-empty list"),
     ],
 )
 def test_tls_settings_python_cannot_honour_are_refused(pki, more, needle):
@@ -239,6 +242,18 @@ def test_client_certificates_are_verified_when_required(served, pki):
     assert get(port, "/healthz", client_context(pki, with_certificate=True))[0].status == 200
     with pytest.raises((ssl.SSLError, ConnectionError)):  # TLS 1.3: the refusal arrives with the first read
         get(port, "/healthz", client_context(pki))
+
+
+@needs_openssl
+@pytest.mark.parametrize("allowed,admitted", [("[prometheus.test]", True), ("['0:0::1']", True), ("[other.test, 127.0.0.2]", False)])
+def test_client_allowed_sans_admit_only_a_certificate_naming_one(served, pki, allowed, admitted):
+    port = served(tls_lines(pki, client_auth_type="RequireAndVerifyClientCert", client_ca_file=pki.ca_cert,
+                            client_allowed_sans=allowed))
+    if admitted:
+        assert get(port, "/healthz", client_context(pki, with_certificate=True))[0].status == 200
+    else:  # closed after the handshake: the client sees it on its first read or write
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            get(port, "/healthz", client_context(pki, with_certificate=True))
 
 
 @needs_openssl

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import ipaddress
 import os
 import re
 import socket
@@ -72,7 +73,6 @@ HEADERS: dict[str, tuple[str, ...]] = {
 UNSUPPORTED = {
     "tls_server_config.cert": "inline certificates are not supported; use cert_file",
     "tls_server_config.key": "inline keys are not supported; use key_file",
-    "tls_server_config.client_allowed_sans": "not supported; restrict clients with client_ca_file",
     "tls_server_config.curve_preferences": "not supported (Python's ssl sets no curve list)",
     "rate_limit": "not supported",
 }
@@ -102,6 +102,7 @@ class TlsSettings:
     max_version: str
     cipher_suites: tuple[str, ...]
     prefer_server_cipher_suites: bool
+    client_allowed_sans: frozenset[str] | None  # None: any client the CA vouches for
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,28 @@ def _tls(table: dict[str, Any], directory: str) -> TlsSettings | None:
     if not isinstance(prefer, bool):
         raise WebConfigError(f"{where}.prefer_server_cipher_suites: must be true or false, got {prefer!r}")
     return TlsSettings(cert_file, key_file, client_auth_type, client_ca_file, client_ca, min_version, max_version,
-                       tuple(suites), prefer)
+                       tuple(suites), prefer, _allowed_sans(table.get("client_allowed_sans"), client_auth_type))
+
+
+def _allowed_sans(value: Any, client_auth_type: str) -> frozenset[str] | None:
+    where = "tls_server_config.client_allowed_sans"
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise WebConfigError(f"{where}: must be a non-empty list of DNS names, IP addresses, e-mail addresses or URIs, "
+                             f"got {value!r}")
+    if client_auth_type != "RequireAndVerifyClientCert":
+        raise WebConfigError(f"{where}: needs client_auth_type RequireAndVerifyClientCert (a client without a "
+                             "certificate has no SAN to match)")
+    return frozenset(_san(v) for v in value)
+
+
+def _san(value: str) -> str:
+    """An IP address in one spelling (Go compares its own, Python's ssl writes IPv6 in another)."""
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        return value
 
 
 def _users(value: Any) -> dict[str, bytes]:
@@ -384,6 +406,7 @@ class TlsWrapper:
     that a client that never finishes its handshake holds up only its own connection."""
 
     def __init__(self, tls: TlsSettings, handshake_timeout: float) -> None:
+        self.tls = tls
         self.context = server_context(tls)
         self.handshake_timeout = handshake_timeout
 
@@ -402,4 +425,12 @@ class TlsWrapper:
             except OSError:
                 pass
             return None
-        return self.context.wrap_socket(connection, server_side=True)
+        secure = self.context.wrap_socket(connection, server_side=True)
+        allowed = self.tls.client_allowed_sans
+        if allowed is not None:
+            entries = (secure.getpeercert() or {}).get("subjectAltName", ())
+            sans = {_san(entry[1]) for entry in entries if isinstance(entry, tuple) and isinstance(entry[1], str)}
+            if not sans & allowed:
+                secure.close()
+                raise PermissionError(f"client certificate has none of client_allowed_sans (it has {sorted(sans)})")
+        return secure

@@ -38,5 +38,5 @@ def make_pki(work: Path) -> Pki:
     _openssl(work, "req", "-x509", *EC_KEY, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=mpswatch test CA",
              "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
     _signed(work, "server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-    _signed(work, "client", "extendedKeyUsage=clientAuth\n")
+    _signed(work, "client", "subjectAltName=DNS:prometheus.test,IP:::1\nextendedKeyUsage=clientAuth\n")
     return Pki(work / "ca.crt", work / "server.crt", work / "server.key", work / "client.crt", work / "client.key")
