@@ -1,6 +1,7 @@
 """End to end: Debian's Prometheus scraping the agent over TLS with basic auth, from a web
 configuration file in the exporter toolkit's format; the same target refused without the password,
-with a wrong one, over plain HTTP and without trusting the agent's CA. Loopback only.
+with a wrong one, over plain HTTP and without trusting the agent's CA; and the same file serving
+Debian's node_exporter, where it is installed. Loopback only.
 
 The printed table is what docs/validation.md records."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import ssl
 import subprocess
 import time
@@ -29,6 +31,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 USER, PASSWORD = "prometheus", "scrape me, 2026"
+NODE_EXPORTER = shutil.which("prometheus-node-exporter") or shutil.which("node_exporter")
 
 
 def https_get(url: str, context: ssl.SSLContext, password: str | None) -> int:
@@ -62,6 +65,7 @@ def tls_agent(tmp_path):
     (tmp_path / "web.yml").write_text(yaml.safe_dump({
         "tls_server_config": {"cert_file": str(pki.server_cert), "key_file": str(pki.server_key)},
         "basic_auth_users": {USER: hashed},
+        "http_server_config": {"headers": {"X-Content-Type-Options": "nosniff"}},
     }))
     port = free_port()
     log = open(tmp_path / "agent.log", "wb")
@@ -74,7 +78,7 @@ def tls_agent(tmp_path):
     try:
         wait_until(lambda: agent.poll() is None and https_get(f"https://127.0.0.1:{port}/healthz", context, PASSWORD) == 200,
                    30, "the agent answering over TLS")
-        yield port, pki, context
+        yield port, pki, context, tmp_path / "web.yml"
     finally:
         agent.terminate()
         agent.wait(timeout=20)
@@ -82,8 +86,7 @@ def tls_agent(tmp_path):
 
 
 def test_prometheus_scrapes_over_tls_with_basic_auth_and_is_refused_without(tmp_path, tls_agent):
-    port, pki, context = tls_agent
-    target = {"static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
+    port, pki, context, web_config = tls_agent
     tls = {"scheme": "https", "tls_config": {"ca_file": str(pki.ca_cert)}}
     jobs = {
         "tls_basic_auth": {**tls, "basic_auth": {"username": USER, "password": PASSWORD}},
@@ -92,10 +95,20 @@ def test_prometheus_scrapes_over_tls_with_basic_auth_and_is_refused_without(tmp_
         "plain_http": {"scheme": "http", "basic_auth": {"username": USER, "password": PASSWORD}},
         "untrusted_ca": {"scheme": "https", "basic_auth": {"username": USER, "password": PASSWORD}},
     }
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s"},
-        "scrape_configs": [{"job_name": name, **job, **target} for name, job in jobs.items()],
-    }))
+    scrape_configs = [{"job_name": name, **job, "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
+                      for name, job in jobs.items()]
+    node_exporter = None
+    if NODE_EXPORTER:  # the same file, unchanged, serving node_exporter
+        node_port = free_port()
+        node_exporter = subprocess.Popen(
+            [NODE_EXPORTER, f"--web.listen-address=127.0.0.1:{node_port}", f"--web.config.file={web_config}",
+             "--collector.disable-defaults", "--collector.loadavg"],
+            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "node_exporter.log", "wb"),
+        )
+        scrape_configs.append({"job_name": "node_exporter_same_file", **jobs["tls_basic_auth"],
+                               "static_configs": [{"targets": [f"127.0.0.1:{node_port}"]}]})
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({"global": {"scrape_interval": "1s"}, "scrape_configs": scrape_configs}))
+    expected_jobs = {c["job_name"] for c in scrape_configs}
     prometheus_port = free_port()
     prometheus = subprocess.Popen(
         [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -108,29 +121,31 @@ def test_prometheus_scrapes_over_tls_with_basic_auth_and_is_refused_without(tmp_
             with urllib.request.urlopen(f"{api}/targets", timeout=5) as response:
                 targets = json.loads(response.read())["data"]["activeTargets"]
             by_job = {t["labels"]["job"]: t for t in targets if t["health"] != "unknown"}
-            return by_job if set(by_job) == set(jobs) else None
+            return by_job if set(by_job) == expected_jobs else None
 
         targets = wait_until(scraped, 60, "Prometheus scraping every job")
 
         def up() -> dict[str, float] | None:
-            query = urllib.parse.quote(f'up{{instance="127.0.0.1:{port}"}}')
-            with urllib.request.urlopen(f"{api}/query?query={query}", timeout=5) as response:
+            with urllib.request.urlopen(f"{api}/query?query=up", timeout=5) as response:
                 result = json.loads(response.read())["data"]["result"]
             values = {r["metric"]["job"]: float(r["value"][1]) for r in result}
-            return values if set(values) == set(jobs) else None
+            return values if set(values) == expected_jobs else None
 
         values = wait_until(up, 30, "up for every job")
         with urllib.request.urlopen(f"{api}/query?query=mpswatch_build_info", timeout=5) as response:
             build_info = json.loads(response.read())["data"]["result"]
     finally:
-        prometheus.terminate()
-        prometheus.wait(timeout=20)
+        for process in (prometheus, node_exporter):
+            if process is not None:
+                process.terminate()
+                process.wait(timeout=20)
 
-    print(f"\n{'job':16} {'up':>3}  {'scrape s':>8}  last error")
-    for name in jobs:
+    print(f"\n{'job':24} {'up':>3}  {'scrape s':>8}  last error")
+    for name in [c["job_name"] for c in scrape_configs]:
         t = targets[name]
-        print(f"{name:16} {values[name]:>3.0f}  {t['lastScrapeDuration']:>8.4f}  {t['lastError'] or '-'}")
-    assert values == {"tls_basic_auth": 1.0, "no_password": 0.0, "wrong_password": 0.0, "plain_http": 0.0, "untrusted_ca": 0.0}
+        print(f"{name:24} {values[name]:>3.0f}  {t['lastScrapeDuration']:>8.4f}  {t['lastError'] or '-'}")
+    assert values == {"tls_basic_auth": 1.0, "no_password": 0.0, "wrong_password": 0.0, "plain_http": 0.0, "untrusted_ca": 0.0,
+                      **({"node_exporter_same_file": 1.0} if node_exporter else {})}
     assert [r["metric"]["job"] for r in build_info] == ["tls_basic_auth"]  # only the authenticated scrape got data
     assert "401 Unauthorized" in targets["no_password"]["lastError"]
     assert "401 Unauthorized" in targets["wrong_password"]["lastError"]
