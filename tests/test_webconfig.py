@@ -103,6 +103,19 @@ def test_a_file_that_cannot_be_served_as_written_is_refused_by_key(tmp_path, tex
     assert needle in message and message.startswith(path) and "\n" not in message
 
 
+def test_a_value_grown_by_yaml_aliases_is_quoted_in_a_bounded_line(tmp_path):
+    """Six levels of ten aliases each: a million items from a few hundred bytes."""
+    levels = ["&l0 [x, x, x, x, x, x, x, x, x, x]"] + [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 6)]
+    with pytest.raises(WebConfigError, match="http2: must be true or false") as raised:
+        load_web_config(write(tmp_path, "http_server_config:\n  http2: [" + ", ".join(levels) + "]\n"))
+    assert len(str(raised.value)) < 1000
+
+
+def test_a_file_nested_too_deeply_is_refused_not_a_crash(tmp_path):
+    with pytest.raises(WebConfigError, match="nested too deeply"):
+        load_web_config(write(tmp_path, "http_server_config:\n  http2: " + "[" * 5000 + "]" * 5000 + "\n"))
+
+
 @needs_openssl
 @pytest.mark.parametrize(
     "more,needle",

@@ -13,6 +13,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import reprlib
 import socket
 import ssl
 import threading
@@ -86,6 +87,15 @@ KNOWN = {
 
 _BCRYPT_HASH = re.compile(r"\$2[abxy]?\$(\d\d)\$[./A-Za-z0-9]{53}")
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 120
+_REPR.maxlevel = 2
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message quotes it, bounded: YAML aliases can make a small file's value huge."""
+    return _REPR.repr(value)
+
 
 class WebConfigError(Exception):
     """A web configuration file that cannot be served as written; the message names the key."""
@@ -125,7 +135,7 @@ def _unique_key_loader() -> type[yaml.SafeLoader]:
             for key_node, _ in node.value:
                 key = self.construct_object(key_node, deep=deep)
                 if isinstance(key, str) and key in seen:
-                    raise WebConfigError(f"key {key!r} is given twice (line {key_node.start_mark.line + 1})")
+                    raise WebConfigError(f"key {_shown(key)} is given twice (line {key_node.start_mark.line + 1})")
                 seen.add(key)
             return super().construct_mapping(node, deep=deep)
 
@@ -136,7 +146,7 @@ def _table(value: Any, where: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise WebConfigError(f"{where or 'the file'} must be a mapping, got {value!r}")
+        raise WebConfigError(f"{where or 'the file'} must be a mapping, got {_shown(value)}")
     prefix = f"{where}." if where else ""
     for key in value:
         if not isinstance(key, str) or key not in KNOWN[where]:
@@ -151,14 +161,14 @@ def _string(table: Mapping[str, Any], key: str, where: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise WebConfigError(f"{where}.{key}: must be a string, got {value!r}")
+        raise WebConfigError(f"{where}.{key}: must be a string, got {_shown(value)}")
     return value
 
 
 def _choice(table: Mapping[str, Any], key: str, where: str, options: Mapping[str, Any], default: str) -> str:
     value = _string(table, key, where) or default
     if value not in options:
-        raise WebConfigError(f"{where}.{key}: must be one of {', '.join(options)}, got {value!r}")
+        raise WebConfigError(f"{where}.{key}: must be one of {', '.join(options)}, got {_shown(value)}")
     return value
 
 
@@ -195,14 +205,14 @@ def _tls(table: dict[str, Any], directory: str) -> TlsSettings | None:
         raise WebConfigError(f"{where}.min_version: {min_version} is above max_version {max_version}")
     suites = table.get("cipher_suites") or []
     if not isinstance(suites, list) or not all(isinstance(s, str) for s in suites):
-        raise WebConfigError(f"{where}.cipher_suites: must be a list of cipher suite names, got {suites!r}")
+        raise WebConfigError(f"{where}.cipher_suites: must be a list of cipher suite names, got {_shown(suites)}")
     for suite in suites:
         if suite not in CIPHER_SUITES_TLS12 and suite not in CIPHER_SUITES_TLS13:
-            raise WebConfigError(f"{where}.cipher_suites: unknown cipher suite {suite!r}; known: "
+            raise WebConfigError(f"{where}.cipher_suites: unknown cipher suite {_shown(suite)}; known: "
                                  f"{', '.join([*CIPHER_SUITES_TLS12, *sorted(CIPHER_SUITES_TLS13)])}")
     prefer = table.get("prefer_server_cipher_suites", True)
     if not isinstance(prefer, bool):
-        raise WebConfigError(f"{where}.prefer_server_cipher_suites: must be true or false, got {prefer!r}")
+        raise WebConfigError(f"{where}.prefer_server_cipher_suites: must be true or false, got {_shown(prefer)}")
     return TlsSettings(cert_file, key_file, client_auth_type, client_ca_file, client_ca, min_version, max_version,
                        tuple(suites), prefer, _allowed_sans(table.get("client_allowed_sans"), client_auth_type))
 
@@ -213,7 +223,7 @@ def _allowed_sans(value: Any, client_auth_type: str) -> frozenset[str] | None:
         return None
     if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
         raise WebConfigError(f"{where}: must be a non-empty list of DNS names, IP addresses, e-mail addresses or URIs, "
-                             f"got {value!r}")
+                             f"got {_shown(value)}")
     if client_auth_type != "RequireAndVerifyClientCert":
         raise WebConfigError(f"{where}: needs client_auth_type RequireAndVerifyClientCert (a client without a "
                              "certificate has no SAN to match)")
@@ -233,7 +243,7 @@ def _users(value: Any) -> dict[str, bytes]:
     for name, hashed in _mapping(value, "basic_auth_users").items():
         if not isinstance(name, str) or not name or ":" in name:
             raise WebConfigError(f"basic_auth_users: a user name must be a non-empty string without ':' (quote it), "
-                                 f"got {name!r}")
+                                 f"got {_shown(name)}")
         match = _BCRYPT_HASH.fullmatch(hashed) if isinstance(hashed, str) else None
         if match is None or not 4 <= int(match.group(1)) <= 31:
             raise WebConfigError(f"basic_auth_users.{name}: must be a bcrypt hash such as `htpasswd -nBC 10 \"\"` "
@@ -246,7 +256,7 @@ def _mapping(value: Any, where: str) -> dict[Any, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise WebConfigError(f"{where}: must be a mapping, got {value!r}")
+        raise WebConfigError(f"{where}: must be a mapping, got {_shown(value)}")
     return value
 
 
@@ -255,11 +265,11 @@ def _headers(value: Any) -> tuple[tuple[str, str], ...]:
     for name, text in _mapping(value, "http_server_config.headers").items():
         allowed = HEADERS.get(name) if isinstance(name, str) else None
         if allowed is None:
-            raise WebConfigError(f"http_server_config.headers: header {name!r} cannot be set; these can: "
+            raise WebConfigError(f"http_server_config.headers: header {_shown(name)} cannot be set; these can: "
                                  f"{', '.join(HEADERS)}")
         if not isinstance(text, str) or not (text.isascii() and text.isprintable()) or (allowed and text not in allowed):
             expected = f"one of {', '.join(allowed)}" if allowed else "one line of printable ASCII"
-            raise WebConfigError(f"http_server_config.headers.{name}: must be {expected}, got {text!r}")
+            raise WebConfigError(f"http_server_config.headers.{name}: must be {expected}, got {_shown(text)}")
         if text:  # blank: unset, as in the toolkit
             headers.append((name, text))
     return tuple(headers)
@@ -282,13 +292,15 @@ def load_web_config(path: str) -> WebConfig:
         raise WebConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise WebConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    except RecursionError:
+        raise WebConfigError(f"{path} is nested too deeply") from None
     try:
         top = _table(document, "")
         tls = _tls(_table(top.get("tls_server_config"), "tls_server_config"), os.path.dirname(os.path.abspath(path)))
         http = _table(top.get("http_server_config"), "http_server_config")
         http2 = http.get("http2", True)  # accepted for the toolkit's sake: this server speaks HTTP/1.0 only
         if not isinstance(http2, bool):
-            raise WebConfigError(f"http_server_config.http2: must be true or false, got {http2!r}")
+            raise WebConfigError(f"http_server_config.http2: must be true or false, got {_shown(http2)}")
         config = WebConfig(tls, _users(top.get("basic_auth_users")), _headers(http.get("headers")))
         if tls is not None:
             server_context(tls)
