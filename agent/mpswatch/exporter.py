@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import Metric
 
 from mpswatch.snapshot import NodeSnapshot
+from mpswatch.webconfig import BasicAuth, TlsWrapper, WebConfig
 
 
 class _Rendered:
@@ -103,6 +104,8 @@ class _Handler(BaseHTTPRequestHandler):
     status: CachedBody | None
     healthy: Callable[[], tuple[bool, str]]
     log: Any
+    auth = BasicAuth({})  # no users: everyone
+    extra_headers: str = ""  # the web configuration's headers, as header lines
 
     def do_GET(self) -> None:
         self._answer(with_body=True)
@@ -112,13 +115,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, with_body: bool) -> None:
         self.close_connection = True
+        if not self.auth.allows(self.headers.get("Authorization")):  # every path, as in the exporter toolkit
+            self._write(with_body, "401 Unauthorized", "text/plain", b"Unauthorized\n",
+                        'WWW-Authenticate: Basic realm="mpswatch"\r\n')
+            return
         try:
             status, content_type, body = respond(self.path.partition("?")[0], self.exposition, self.status, self.healthy)
         except Exception as err:  # a rendering bug costs this answer, never the server
             self.log.error("http_answer_failed", path=self.path[:200], error=repr(err))
             status, content_type, body = "500 Internal Server Error", "text/plain", b"internal error\n"
+        self._write(with_body, status, content_type, body)
+
+    def _write(self, with_body: bool, status: str, content_type: str, body: bytes, more_headers: str = "") -> None:
         head = (f"HTTP/1.0 {status}\r\nServer: {self.server_version}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("latin-1")
+                f"Content-Length: {len(body)}\r\n{self.extra_headers}{more_headers}Connection: close\r\n\r\n").encode("latin-1")
         try:
             self.wfile.write(head + body if with_body else head)
         except (ConnectionError, TimeoutError):
@@ -131,6 +141,18 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     log: Any
+    tls: TlsWrapper | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """With TLS, the handshake happens here, on the connection's own thread."""
+        if self.tls is None:
+            return super().finish_request(request, client_address)
+        connection = self.tls.wrap(request)
+        if connection is not None:
+            try:
+                super().finish_request(connection, client_address)
+            finally:
+                self.shutdown_request(connection)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A connection's failure is logged as one line, not printed as a traceback on stderr."""
@@ -142,13 +164,19 @@ class _Server6(_Server):
 
 
 def serve(listen: str, exposition: CachedBody, healthy: Callable[[], tuple[bool, str]],
-          status: CachedBody | None = None) -> _Server:
-    """Starts the HTTP server on a daemon thread; returns the server (call shutdown() to stop)."""
+          status: CachedBody | None = None, web: WebConfig | None = None) -> _Server:
+    """Starts the HTTP server on a daemon thread; returns the server (call shutdown() to stop).
+    `web`: TLS, basic auth and headers from a web configuration file, on every path."""
     host, port = parse_listen(listen)
     log = structlog.get_logger().bind(component="http")
-    handler = type("Handler", (_Handler,),
-                   {"exposition": exposition, "status": status, "healthy": staticmethod(healthy), "log": log})
+    handler = type("Handler", (_Handler,), {
+        "exposition": exposition, "status": status, "healthy": staticmethod(healthy), "log": log,
+        "auth": BasicAuth(web.users if web else {}),
+        "extra_headers": "".join(f"{name}: {value}\r\n" for name, value in (web.headers if web else ())),
+    })
     httpd = (_Server6 if ":" in host else _Server)((host, port), handler)
     httpd.log = log
+    if web is not None and web.tls is not None:
+        httpd.tls = TlsWrapper(web.tls, handshake_timeout=_Handler.timeout)
     threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
     return httpd
