@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -140,6 +141,8 @@ def test_an_unprivileged_agent_does_not_scrape_a_port_it_cannot_tie_to_the_engin
         found = agent.wait_for(lambda s: engine_of(s, recorder.port), timeout=15)
         s = cycles_later(agent, "engines")
         assert s[key("mps_engine_up", engine=found)] == 0
+        # and its environment is closed to the agent: its blind spot is counted (finding 9)
+        assert s[key("mps_discovery_unreadable_processes", kind="engine", reason="permission")] == 1
     assert recorder.requests == []
     assert "cannot tell whether the engine's processes hold the socket" in log.read_text()
 
@@ -223,7 +226,13 @@ def test_an_agent_run_as_nobody_counts_the_root_daemon_whose_environment_it_cann
     processes.append(daemon)
     with NobodyAgent([daemon.pid], ["--mps-control-bin", FAKE_CONTROL], env=FAST) as agent:
         unreadable = key("mps_discovery_unreadable_processes", kind="mps_control_daemon", reason="permission")
-        s = agent.wait_for(lambda s: s if unreadable in s else None, timeout=15)
-        assert s[unreadable] == 1
+        # (the first cycles may see the stand-in before its exec, not yet a daemon)
+        s = agent.wait_for(lambda s: s if s.get(unreadable) == 1 else None, timeout=15)
         assert s[key("mps_discovery_unreadable_processes", kind="engine", reason="permission")] == 0
         assert s[key("mps_control_daemons")] == 0
+    report = subprocess.run([sys.executable, "-m", "tests.kit.nobody", str(daemon.pid), "status", "--json",
+                             "--mps-control-bin", FAKE_CONTROL], env=agent_env(), capture_output=True, text=True,
+                            timeout=60)
+    notes = json.loads(report.stdout)["notes"]
+    assert any(note.startswith(f"cannot read the environment of nvidia-cuda-mps-control pid {daemon.pid} ")
+               for note in notes), notes
