@@ -20,6 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from mpswatch.collectors.mps_control import DiscoverySettings, discover_pipe_dirs
+from mpswatch.logfollow import LogFollower
+from mpswatch.procfs import ProcFS
+
 from tests.kit import nobody, scope
 from tests.kit.agentproc import Agent, agent_env, key, mpswatch_cmd
 from tests.kit.fakedaemon import FAKE_CONTROL, stand_in
@@ -31,7 +35,7 @@ FAST = {"MPSWATCH_ENGINE_SCRAPE_INTERVAL_SECONDS": str(INTERVAL), "MPSWATCH_MPS_
 OTHER_USER = NOBODY - 1  # a user that is neither the agent's nor root
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def as_root():
     why = nobody.root_can_drop_privileges()
     if why:
@@ -116,6 +120,7 @@ def hostile_engine(port: int, uid: int, processes: list) -> tuple[subprocess.Pop
     return process, own_port
 
 
+@pytest.mark.usefixtures("as_root")
 def test_a_nobody_process_naming_another_s_address_is_never_scraped_by_the_root_agent(listener_at_127_0_0_5,
                                                                                        processes, tmp_path):
     recorder = listener_at_127_0_0_5
@@ -129,6 +134,7 @@ def test_a_nobody_process_naming_another_s_address_is_never_scraped_by_the_root_
     assert recorder.requests == []
 
 
+@pytest.mark.usefixtures("as_root")
 def test_an_unprivileged_agent_does_not_scrape_a_port_it_cannot_tie_to_the_engine(listener_at_127_0_0_5,
                                                                                  processes, tmp_path):
     # the agent as nobody cannot read another user's fd table: in its own network namespace the port the
@@ -167,6 +173,7 @@ def line(message: str) -> str:
     return f"[{time.strftime('%Y-%m-%d %H:%M:%S')}.000 Control   452] {message}\n"
 
 
+@pytest.mark.usefixtures("as_root")
 def test_a_nobody_daemon_cannot_make_the_root_agent_read_files_its_user_could_not(shared_tmp, processes, tmp_path):
     secrets = shared_tmp / "root-only"
     secrets.mkdir(mode=0o700)
@@ -221,6 +228,7 @@ def test_a_nobody_daemon_cannot_make_the_root_agent_read_files_its_user_could_no
 # ---------------------------------------------------------------- finding 9: what an unprivileged agent cannot see
 
 
+@pytest.mark.usefixtures("as_root")
 def test_an_agent_run_as_nobody_counts_the_root_daemon_whose_environment_it_cannot_read(processes, tmp_path):
     daemon = stand_in("nvidia-cuda-mps-control", "-d", env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)})
     processes.append(daemon)
@@ -236,3 +244,65 @@ def test_an_agent_run_as_nobody_counts_the_root_daemon_whose_environment_it_cann
     notes = json.loads(report.stdout)["notes"]
     assert any(note.startswith(f"cannot read the environment of nvidia-cuda-mps-control pid {daemon.pid} ")
                for note in notes), notes
+
+
+# ---------------------------------------------------------------- the rules, as any user
+
+
+def test_a_follower_reads_only_regular_files_never_through_a_link(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_text("a line\n")
+    (tmp_path / "link.log").symlink_to(target)
+    os.mkfifo(tmp_path / "fifo.log")
+    for name in ("link.log", "fifo.log"):
+        follower = LogFollower(str(tmp_path / name), backfill_bytes=1 << 20)
+        assert follower.poll() == [] and follower.poll() == []
+        assert follower.stats.problems["refused"] == 1 and follower.stats.lines == 0  # counted once
+        assert follower.refusal in ("a symbolic link (never followed)", "not a regular file")
+    replaced = tmp_path / "control.log"
+    replaced.write_text("first\n")
+    follower = LogFollower(str(replaced), backfill_bytes=1 << 20)
+    assert follower.poll() == ["first"]
+    replaced.unlink()
+    replaced.symlink_to(target)  # the file swapped for a link: what was read stays, the link is not followed
+    assert follower.poll() == [] and follower.stats.problems["refused"] == 1
+
+
+def test_in_a_daemon_s_dir_a_follower_reads_only_its_user_s_files_with_one_link(tmp_path):
+    me = os.getuid()
+    log = tmp_path / "server.log"
+    log.write_text("mine\n")
+    assert LogFollower(str(log), 1 << 20, owners=frozenset({me})).poll() == ["mine"]
+    other = LogFollower(str(log), 1 << 20, owners=frozenset({me + 1}))
+    assert other.poll() == [] and other.refusal == f"owned by uid {me}, not by the daemon's user (uid {me + 1})"
+    os.link(log, tmp_path / "control.log")
+    linked = LogFollower(str(tmp_path / "control.log"), 1 << 20, owners=frozenset({me}))
+    assert linked.poll() == [] and linked.refusal == "has 2 hard links (another file's name)"
+    assert LogFollower(str(tmp_path / "control.log"), 1 << 20).poll() == ["mine"]  # a configured or default dir
+
+
+def fake_daemon_proc(proc: Path, pid: int, uid: int, pipe_dir: Path) -> None:
+    d = proc / str(pid)
+    d.mkdir(parents=True)
+    (d / "cmdline").write_bytes(b"nvidia-cuda-mps-control\0-d\0")
+    (d / "status").write_text(f"Name:\tnvidia-cuda-mps\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+    (d / "environ").write_bytes(f"CUDA_MPS_PIPE_DIRECTORY={pipe_dir}\0".encode())
+
+
+def test_a_daemon_s_dir_is_trusted_when_the_daemon_runs_as_root_or_owns_it(tmp_path):
+    owner = os.stat(tmp_path).st_uid
+    other = owner + 1 if owner + 1 != 0 else owner + 2
+    own, foreign, roots = tmp_path / "own", tmp_path / "foreign", tmp_path / "roots"
+    for d in (own, foreign, roots):
+        d.mkdir()
+    fake_daemon_proc(tmp_path / "proc", 10, owner, own)
+    fake_daemon_proc(tmp_path / "proc", 11, other, foreign)  # someone else's dir
+    fake_daemon_proc(tmp_path / "proc", 12, 0, roots)
+    settings = DiscoverySettings(default_pipe_dirs=(), device_plugin_root=str(tmp_path / "k"))
+    discovered = discover_pipe_dirs(settings, ProcFS(tmp_path / "proc"))
+    assert dict(discovered.dirs) == {str(own): "process", str(roots): "process"}
+    assert discovered.owners == {str(own): frozenset({owner}), str(roots): frozenset({0})}  # whose files are read
+    assert discovered.refused == {
+        str(foreign): f"nvidia-cuda-mps-control pid 11 runs as uid {other}, and the dir is owned by uid {owner}"}
+    assert any(note.startswith(f"not watching {foreign}, the CUDA_MPS_PIPE_DIRECTORY of nvidia-cuda-mps-control pid 11")
+               for note in discovered.notes)
