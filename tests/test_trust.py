@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from mpswatch.collectors.mps_control import DiscoverySettings, discover_pipe_dirs
 from mpswatch.logfollow import LogFollower
 from mpswatch.procfs import ProcFS
