@@ -130,6 +130,13 @@ def test_a_nobody_process_naming_another_s_address_is_never_scraped_by_the_root_
         s = cycles_later(agent, "engines")
         assert s[key("mps_engine_up", engine=found)] == 0
         assert s[key("mps_engine_owner_info", engine=found, uid=str(NOBODY))] == 1  # whose claim it is
+    report = subprocess.run(mpswatch_cmd("status", "--json", "--pipe-dir", str(tmp_path / "no-pipe"),
+                                         "--mps-control-bin", FAKE_CONTROL, nvml="no_driver"),
+                            env=agent_env(), capture_output=True, text=True, timeout=60)
+    engine = next(e for e in json.loads(report.stdout)["engines"] if e["name"] == found)
+    assert engine["owner_uid"] == NOBODY and engine["reason"].endswith(f"; runs as uid {NOBODY}")
+    assert engine["reason"].startswith(f"metrics endpoint: port {recorder.port} in network namespace ")
+    assert "is held by a socket of another process" in engine["reason"]
     assert recorder.requests == []
 
 

@@ -439,6 +439,8 @@ def _engine_entry(e: EngineState) -> dict[str, Any]:
             figures += f"; MPS pinned memory {e.pinned_memory_limit.detail}"
         verdict = DEGRADED if problems else OK
         reason = "; ".join([*problems, figures])
+    if e.owner_uid not in (None, 0):  # another user's claim: its name and figures are what it chose to show
+        reason += f"; runs as uid {e.owner_uid}"
     return {
         "name": e.name,
         "url": e.url,
