@@ -77,12 +77,21 @@ def test_deletion_then_recreation_is_followed(tmp_path):
     assert follower.poll() == ["z"]
 
 
-def test_undecodable_and_overlong_lines_are_counted_and_skipped(tmp_path):
+def test_an_undecodable_line_is_kept_with_replacement_characters_and_counted(tmp_path):
+    # a stray byte must not cost the event the rest of the line states (issue 17, finding 10)
     log = tmp_path / "server.log"
-    log.write_bytes(b"good\n\xff\xfe bad\n" + b"x" * 5000 + b"\nafter\n")
+    log.write_bytes(b"good\n\xff\xfe bad\nafter\n")
+    follower = LogFollower(str(log), backfill_bytes=1 << 20)
+    assert follower.poll() == ["good", "\ufffd\ufffd bad", "after"]
+    assert follower.stats.problems["undecodable"] == 1
+    assert follower.stats.lines == 3
+
+
+def test_overlong_lines_are_counted_and_skipped(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_bytes(b"good\n" + b"x" * 5000 + b"\nafter\n")
     follower = LogFollower(str(log), backfill_bytes=1 << 20, max_line_bytes=1024)
     assert follower.poll() == ["good", "after"]
-    assert follower.stats.problems["undecodable"] == 1
     assert follower.stats.problems["line_too_long"] == 1
 
 

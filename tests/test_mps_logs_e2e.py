@@ -121,3 +121,24 @@ def test_a_line_dated_far_ahead_does_not_pin_the_last_event_time(tmp_path):
     [state] = collector.collect().dirs
     assert abs(state.last_event_time["client_disconnected"] - time.time()) < 5
     assert state.event_counts[("server", "client_disconnected")] == 2
+
+
+def test_an_invalid_byte_inside_a_fatal_error_or_refusal_line_keeps_the_event(tmp_path):
+    from mpswatch.collectors.mps_logs import MpsLogsCollector
+    from mpswatch.procfs import ProcFS
+
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    collector = MpsLogsCollector(log_dirs=(str(log_dir),), procfs=ProcFS(tmp_path / "proc"))
+    collector.collect()
+    with open(log_dir / "server.log", "ab") as handle:
+        handle.write(f"[{stamp()} Server   486] Client {{PID: 729, Context: 1}} encountered a fatal GPU error.\xff\n"
+                     .encode().replace(b"\xc3\xbf", b"\xff"))
+        handle.write(f"[{stamp()} Server   486] Server teardown in progress.\xfe Refusing to accept new client "
+                     f"{{PID: 752, Context ID: 0}}\n".encode().replace(b"\xc3\xbe", b"\xfe"))
+    data = collector.collect()
+    [state] = data.dirs
+    assert state.event_counts[("server", "fatal_gpu_error")] == 1
+    assert state.event_counts[("server", "new_client_refused")] == 1
+    assert data.fatal_errors[486][1].client_pid == 729
+    assert state.read_problems[("server", "undecodable")] == 2

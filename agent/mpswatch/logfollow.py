@@ -216,8 +216,10 @@ class LogFollower:
             raw = bytes(open_file.partial) + piece if open_file.partial else piece
             open_file.partial.clear()
             try:
-                lines.append(raw.decode("utf-8").rstrip("\r"))
+                text = raw.decode("utf-8")
             except UnicodeDecodeError:
+                # a stray byte must not cost the event the rest of the line states: keep it, marked
                 self.stats.problem("undecodable")
-                continue
+                text = raw.decode("utf-8", errors="replace")
+            lines.append(text.rstrip("\r"))
             self.stats.lines += 1
