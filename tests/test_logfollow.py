@@ -185,3 +185,117 @@ def test_identity_is_taken_from_the_file_that_was_opened(tmp_path, monkeypatch):
     first = follower.poll()
     second = follower.poll()
     assert first + second == ["B1", "B2"]
+
+
+class RotatingWriter:
+    """A logger that reopens its file after each rotation (logrotate's `create`), rotating every
+    `every` lines: `numbered` shifts control.log.1 to .2 and so on, `overwrite` renames onto .1."""
+
+    def __init__(self, path, every: int, scheme: str) -> None:
+        self.path, self.every, self.scheme = path, every, scheme
+        self.written = 0
+        self.rotations = 0
+
+    def line(self, text: str) -> None:
+        if self.written and self.written % self.every == 0:
+            self.rotate()
+        append(self.path, text.encode() + b"\n")
+        self.written += 1
+
+    def rotate(self) -> None:
+        directory, name = self.path.parent, self.path.name
+        if self.scheme == "numbered":
+            for number in range(self.rotations, 0, -1):
+                os.rename(directory / f"{name}.{number}", directory / f"{name}.{number + 1}")
+        os.rename(self.path, directory / f"{name}.1")
+        self.path.write_bytes(b"")
+        self.rotations += 1
+
+
+def test_thirteen_numbered_rotations_between_two_polls_lose_no_line(tmp_path):
+    # issue 17 finding 6: renaming every 150 lines lost every refusal and counted 1 rotation of 13
+    log = tmp_path / "server.log"
+    writer = RotatingWriter(log, every=150, scheme="numbered")
+    writer.line("before the agent")
+    follower = LogFollower(str(log), backfill_bytes=1 << 20)
+    assert follower.poll() == ["before the agent"]
+    expected = [f"line {i}" for i in range(1, 2000)]
+    for text in expected:
+        writer.line(text)
+    assert writer.rotations == 13
+    assert follower.poll() == expected
+    assert follower.stats.resets["rotated"] == 13
+    assert follower.stats.problems["rotation_lost"] == 0
+    for _ in range(8):  # the rotated files go quiet and are let go, never read twice
+        assert follower.poll() == []
+    writer.line("after")
+    assert follower.poll() == ["after"]
+
+
+def test_rotations_whose_files_are_gone_are_counted_lost(tmp_path):
+    # renamed onto the same .1 each time: only the last rotated file is still there to read
+    log = tmp_path / "server.log"
+    writer = RotatingWriter(log, every=150, scheme="overwrite")
+    writer.line("before the agent")
+    follower = LogFollower(str(log), backfill_bytes=1 << 20)
+    assert follower.poll() == ["before the agent"]
+    written = [f"line {i}" for i in range(1, 2000)]
+    for text in written:
+        writer.line(text)
+    lines = follower.poll()
+    # the first file to its end, then the one left at .1 (lines 1800-1949), then the current one
+    assert lines == written[:149] + written[1799:]
+    assert follower.stats.problems["rotation_lost"] == 11
+    assert follower.stats.resets["rotated"] == 13
+
+
+def test_rotated_files_there_before_the_agent_are_not_read(tmp_path):
+    log = tmp_path / "control.log"
+    (tmp_path / "control.log.1").write_bytes(b"yesterday\n")
+    (tmp_path / "control.log.2.gz").write_bytes(b"\x1f\x8b compressed\n")
+    log.write_bytes(b"today\n")
+    follower = LogFollower(str(log), backfill_bytes=1 << 20)
+    assert follower.poll() == ["today"]
+    os.rename(tmp_path / "control.log.1", tmp_path / "control.log.2")
+    os.rename(log, tmp_path / "control.log.1")
+    log.write_bytes(b"new\n")
+    assert follower.poll() == ["new"]
+    assert follower.stats.resets["rotated"] == 1
+    assert follower.stats.problems["rotation_lost"] == 0
+
+
+def test_more_rotated_files_than_can_be_read_at_once_are_counted_lost(tmp_path):
+    from mpswatch.logfollow import MAX_RETIRED_FILES
+
+    log = tmp_path / "server.log"
+    writer = RotatingWriter(log, every=1, scheme="numbered")
+    writer.line("first")
+    follower = LogFollower(str(log), backfill_bytes=1 << 20)
+    assert follower.poll() == ["first"]
+    rotations = MAX_RETIRED_FILES + 4
+    for i in range(rotations):
+        writer.line(f"line {i}")
+    lines = follower.poll()
+    assert lines[-MAX_RETIRED_FILES + 1:] == [f"line {i}" for i in range(rotations - MAX_RETIRED_FILES + 1, rotations)]
+    assert follower.stats.resets["rotated"] == rotations
+    assert follower.stats.problems["rotation_lost"] == rotations - len(lines)
+
+
+def test_without_inotify_rotations_are_still_read_and_the_blind_spot_is_counted(tmp_path, monkeypatch):
+    from mpswatch import logfollow
+
+    def no_instance_left(directory, name):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(logfollow._Inotify.shared(), "watch", no_instance_left)
+    log = tmp_path / "server.log"
+    writer = RotatingWriter(log, every=2, scheme="numbered")
+    writer.line("a")
+    follower = LogFollower(str(log), backfill_bytes=1 << 20)
+    assert follower.poll() == ["a"]
+    for text in "bcdef":
+        writer.line(text)
+    assert follower.poll() == list("bcdef")
+    assert follower.poll() == []
+    assert follower.stats.problems["rotation_uncounted"] == 1
+    assert follower.stats.resets["rotated"] == 2

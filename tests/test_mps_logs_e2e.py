@@ -142,3 +142,38 @@ def test_an_invalid_byte_inside_a_fatal_error_or_refusal_line_keeps_the_event(tm
     assert state.event_counts[("server", "new_client_refused")] == 1
     assert data.fatal_errors[486][1].client_pid == 729
     assert state.read_problems[("server", "undecodable")] == 2
+
+
+def test_logs_renamed_every_150_lines_between_two_reads_lose_no_refusal(tmp_path):
+    # issue 17 finding 6: a writer rotating faster than the agent reads lost all 24 refusals and the
+    # fatal error, and counted 1 rotation of 13
+    from mpswatch.collectors.mps_logs import MpsLogsCollector
+    from mpswatch.procfs import ProcFS
+
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    server = log_dir / "server.log"
+    write(server, "Client process 1 disconnected")
+    collector = MpsLogsCollector(log_dirs=(str(log_dir),), procfs=ProcFS(tmp_path / "proc"))
+    collector.collect()
+    written, rotations = 1, 0
+    for i in range(1999):
+        if written % 150 == 0:  # logrotate's numbered rename, then a new file
+            for number in range(rotations, 0, -1):
+                os.rename(log_dir / f"server.log.{number}", log_dir / f"server.log.{number + 1}")
+            os.rename(server, log_dir / "server.log.1")
+            rotations += 1
+        if i == 1000:
+            write(server, "Client {PID: 729, Context: 1} encountered a fatal GPU error.")
+        elif i % 80 == 40:
+            write(server, f"Server teardown in progress. Refusing to accept new client {{PID: {i}, Context ID: 0}}")
+        else:
+            write(server, f"Client process {i} disconnected")
+        written += 1
+    assert rotations == 13
+    [state] = collector.collect().dirs
+    assert state.event_counts[("server", "new_client_refused")] == 24
+    assert state.event_counts[("server", "fatal_gpu_error")] == 1
+    assert state.event_counts[("server", "client_disconnected")] == 1999 - 25
+    assert state.file_resets[("server", "rotated")] == 13
+    assert state.read_problems[("server", "rotation_lost")] == 0
