@@ -230,6 +230,10 @@ def test_thirteen_numbered_rotations_between_two_polls_lose_no_line(tmp_path):
         assert follower.poll() == []
     writer.line("after")
     assert follower.poll() == ["after"]
+    writer.rotate()  # the files let go are still known: one more rotation reads only the new file
+    writer.line("next")
+    assert follower.poll() == ["next"]
+    assert follower.stats.resets["rotated"] == 14
 
 
 def test_rotations_whose_files_are_gone_are_counted_lost(tmp_path):
