@@ -177,3 +177,27 @@ def test_logs_renamed_every_150_lines_between_two_reads_lose_no_refusal(tmp_path
     assert state.event_counts[("server", "client_disconnected")] == 1999 - 25
     assert state.file_resets[("server", "rotated")] == 13
     assert state.read_problems[("server", "rotation_lost")] == 0
+
+
+def test_accept_failures_are_counted_and_notable_only_when_more_than_a_burst_explains(tmp_path):
+    # issue 17 finding 13: five in a burst of 50 clients were listed among status's notable events
+    from mpswatch.collectors.mps_logs import ACCEPT_FAILED_REPEATS, MpsLogsCollector
+    from mpswatch.procfs import ProcFS
+
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    control = log_dir / "control.log"
+    collector = MpsLogsCollector(log_dirs=(str(log_dir),), procfs=ProcFS(tmp_path / "proc"))
+    collector.collect()
+    write(control, *["Accepting connection...", "Unable to accept connection"] * 5, tag="Control", pid=452, offset=-300)
+    data = collector.collect()
+    [state] = data.dirs
+    assert state.event_counts[("control", "accept_failed")] == 5
+    assert state.event_counts[("control", "unrecognised_error")] == 0
+    assert data.recent == ()
+    # twice as many as the burst within a minute: one notable entry saying how many
+    write(control, *["Unable to accept connection"] * (2 * ACCEPT_FAILED_REPEATS), tag="Control", pid=452)
+    data = collector.collect()
+    assert data.dirs[0].event_counts[("control", "accept_failed")] == 5 + 2 * ACCEPT_FAILED_REPEATS
+    [(_, noted)] = data.recent
+    assert noted.event == "accept_failed" and noted.detail == f"{ACCEPT_FAILED_REPEATS} in 0 s"
