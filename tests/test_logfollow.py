@@ -32,11 +32,16 @@ def test_backfill_reads_only_the_tail_and_drops_the_cut_line(tmp_path):
 
 
 def test_a_file_that_appears_later_is_read_from_its_start(tmp_path):
-    log = tmp_path / "server.log"
+    log = tmp_path / "later" / "server.log"
     follower = LogFollower(str(log), backfill_bytes=4)
     assert follower.poll() == []
+    log.parent.mkdir()  # a log dir made after the agent started: not an error
+    assert follower.poll() == []
+    assert sum(follower.stats.problems.values()) == 0
     log.write_bytes(b"first line\nsecond\n")
     assert follower.poll() == ["first line", "second"]
+    follower.poll()
+    assert sum(follower.stats.problems.values()) == 0  # its creation is no lost rotation
 
 
 def test_rotation_by_rename_drains_the_old_file_then_follows_the_new(tmp_path):

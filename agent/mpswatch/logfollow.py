@@ -361,6 +361,8 @@ class LogFollower:
                         fd = -1
                     if head is not None:
                         found.append((self._age_order(stat.st_mtime_ns, name), (stat.st_dev, stat.st_ino), head, fd))
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # no directory (yet): nothing rotated
         except OSError:
             self.stats.problem("io_error")
         found.sort(key=lambda row: row[0])
