@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tracemalloc
 
 from mpswatch.logfollow import LogFollower
@@ -308,3 +309,35 @@ def test_without_inotify_rotations_are_still_read_and_the_blind_spot_is_counted(
     assert follower.poll() == []
     assert follower.stats.problems["rotation_uncounted"] == 1
     assert follower.stats.resets["rotated"] == 2
+
+
+def test_a_copytruncate_copy_is_history_not_a_rotation_to_read_again(tmp_path):
+    # the H200 fault matrix's sequence: copytruncate to .1, then a rename to .2 (MPS writes on in .2)
+    log = tmp_path / "server.log"
+    log.write_bytes(b"[2026-11-29 19:23:34.372 Server   486] Client process 1 disconnected\n")
+    follower = LogFollower(str(log), backfill_bytes=1 << 20)
+    assert len(follower.poll()) == 1
+    append(log, b"[2026-11-29 19:23:35.000 Server   486] written just before the copy\n")
+    shutil.copyfile(log, tmp_path / "server.log.1")
+    os.truncate(log, 0)
+    append(log, b"[2026-11-29 19:23:36.000 Server   486] after the truncation\n")
+    # the line written between the last poll and the copy is read from the copy, once
+    assert [line.split("] ", 1)[1] for line in follower.poll()] == ["written just before the copy", "after the truncation"]
+    writer = open(log, "ab", buffering=0)
+    os.rename(log, tmp_path / "server.log.2")
+    writer.write(b"[2026-11-29 19:23:37.000 Server   486] in the renamed file\n")
+    assert [line.split("] ", 1)[1] for line in follower.poll()] == ["in the renamed file"]
+    writer.close()
+    assert follower.stats.resets == {"rotated": 0, "truncated": 1, "deleted": 1}
+
+
+def test_a_copy_left_by_logrotates_copy_mode_is_not_read_again_at_the_next_rotation(tmp_path):
+    log = tmp_path / "control.log"
+    log.write_bytes(b"[2026-11-29 19:23:34.372 Control   452] Accepting connection...\n")
+    follower = LogFollower(str(log), backfill_bytes=1 << 20)
+    assert len(follower.poll()) == 1
+    shutil.copyfile(log, tmp_path / "control.log-20261129")  # `copy`: the log itself is left as it is
+    assert follower.poll() == []
+    os.rename(log, tmp_path / "control.log.1")
+    log.write_bytes(b"[2026-11-29 19:24:00.000 Control   452] NEW UI\n")
+    assert [line.split("] ", 1)[1] for line in follower.poll()] == ["NEW UI"]

@@ -18,6 +18,7 @@ import os
 import stat as stat_kind
 import struct
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 
 DEFAULT_MAX_LINE_BYTES = 16 * 1024
@@ -27,6 +28,8 @@ MAX_RETIRED_FILES = 16  # rotated files read at once (open fds); more between tw
 MAX_SIBLINGS_SCANNED = 256  # names beside the log looked at for rotated files, per scan
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".Z", ".zip")  # rotated, but not readable as text
 _FINGERPRINT_BYTES = 64
+_SAME_HEAD_BYTES = 48
+_READ_HEADS_KEPT = 64
 PROBLEMS = (
     "line_too_long",
     "undecodable",
@@ -74,6 +77,13 @@ class _OpenFile:
 def _same_file(head: bytes, known_head: bytes) -> bool:
     """A reused inode number is another file: the first bytes (log times) tell them apart."""
     return head[: len(known_head)] == known_head
+
+
+def _same_content(head: bytes, read_head: bytes) -> bool:
+    """Whether a file begins as one already read (a copy: logrotate's `copy`, `copytruncate`). A log
+    line's time and writer fill its first 40 bytes: fewer than _SAME_HEAD_BYTES in common prove nothing."""
+    shorter, longer = sorted((head, read_head), key=len)
+    return len(shorter) >= _SAME_HEAD_BYTES and longer.startswith(shorter)
 
 
 _IN_MOVED_TO, _IN_CREATE, _IN_Q_OVERFLOW, _IN_IGNORED, _IN_ONLYDIR = 0x80, 0x100, 0x4000, 0x8000, 0x01000000
@@ -195,6 +205,7 @@ class LogFollower:
         self._directory, self._name = os.path.split(path)
         # rotated files beside the log already read, or there before the agent: (dev, ino) -> first bytes
         self._known: dict[tuple[int, int], bytes] = {}
+        self._read_heads: deque[bytes] = deque(maxlen=_READ_HEADS_KEPT)  # files read, for telling copies
         self._watch: _NameWatch | None = None
         self._watch_failed = False
         self._files_taken = 0  # files that took the name since the watch started and were read
@@ -236,6 +247,7 @@ class LogFollower:
         assert current is not None
         if self._truncated(current):
             self.stats.reset("truncated")
+            budget -= self._read_retired(lines, budget, self._take_up_copy(current))
             self.generation += 1
             current.offset, current.discarding, current.fingerprint = 0, False, b""
             current.partial.clear()
@@ -307,6 +319,23 @@ class LogFollower:
             self.stats.problem("io_error")
         return False
 
+    def _take_up_copy(self, truncated: _OpenFile) -> list[_OpenFile]:
+        """After copytruncate, what was written between the last poll and the copy is only in the
+        copy: carry on reading there, from where the truncated file was left (at most one file)."""
+        self._read_heads.append(truncated.fingerprint)
+        copy: _OpenFile | None = None
+        for identity, head, fd in self._siblings():
+            if copy is None and identity not in self._known and _same_content(head, truncated.fingerprint):
+                copy = _OpenFile(fd, identity, truncated.offset, truncated.discarding)
+                copy.partial, copy.fingerprint = bytearray(truncated.partial), truncated.fingerprint
+            else:
+                os.close(fd)
+            self._known.setdefault(identity, head)
+        if copy is None:
+            return []
+        self._add_retired(copy)
+        return [copy]
+
     def _retire(self, reason: str) -> list[_OpenFile]:
         """Lets the current file go, and takes up the rotated files no poll has read yet: returns
         what is to be read now, oldest first."""
@@ -377,10 +406,15 @@ class LogFollower:
     def _unread_rotated_files(self, retiring: _OpenFile) -> list[_OpenFile]:
         """Files rotated between two polls that no poll read: beside the log, not already known."""
         held = {open_file.identity for open_file in (retiring, *self._retired)}
+        read_heads = [retiring.fingerprint, *(open_file.fingerprint for open_file in self._retired), *self._read_heads]
         unread: list[_OpenFile] = []
         known: dict[tuple[int, int], bytes] = {}
         for identity, head, fd in self._siblings():
-            if identity in held or (identity in self._known and _same_file(head, self._known[identity])):
+            if (
+                identity in held
+                or (identity in self._known and _same_file(head, self._known[identity]))
+                or any(_same_content(head, read_head) for read_head in read_heads)
+            ):
                 known[identity] = self._known.get(identity, head)
                 os.close(fd)
                 continue
@@ -412,6 +446,7 @@ class LogFollower:
         if retired.partial and not retired.discarding:
             self.stats.problem("partial_line_lost")
         self._known[retired.identity] = retired.fingerprint
+        self._read_heads.append(retired.fingerprint)
         retired.close()
         self._retired.remove(retired)
 
