@@ -341,3 +341,26 @@ def test_a_copy_left_by_logrotates_copy_mode_is_not_read_again_at_the_next_rotat
     os.rename(log, tmp_path / "control.log.1")
     log.write_bytes(b"[2026-11-29 19:24:00.000 Control   452] NEW UI\n")
     assert [line.split("] ", 1)[1] for line in follower.poll()] == ["NEW UI"]
+
+
+def test_a_renamed_file_mps_still_writes_to_is_read_however_long_it_was_quiet(tmp_path):
+    # MPS never reopens its log: after logrotate's rename and `create`, the new file stays empty and
+    # every later line goes to the renamed one, after a quiet time of any length
+    log = tmp_path / "server.log"
+    log.write_bytes(b"a\n")
+    follower = LogFollower(str(log), backfill_bytes=1 << 20)
+    mps = open(log, "ab", buffering=0)
+    assert follower.poll() == ["a"]
+    os.rename(log, tmp_path / "server.log.1")
+    log.write_bytes(b"")
+    for _ in range(20):
+        assert follower.poll() == []
+    mps.write(b"a refusal after a quiet minute\n")
+    assert follower.poll() == ["a refusal after a quiet minute"]
+    mps.close()
+    log.write_bytes(b"a restarted daemon writes here\n")  # the writer moved on: the old file can go
+    assert follower.poll() == ["a restarted daemon writes here"]
+    for _ in range(6):
+        follower.poll()
+    assert follower.stats.problems["unread_after_rotation"] == 0
+    assert follower._retired == []

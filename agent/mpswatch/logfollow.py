@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 DEFAULT_MAX_LINE_BYTES = 16 * 1024
 DEFAULT_MAX_READ_BYTES = 4 * 1024 * 1024  # per poll, so one huge write cannot stall a cycle
-RETIRED_IDLE_POLLS = 5  # a renamed file is read until it has been quiet this many polls
+RETIRED_IDLE_POLLS = 5  # a renamed file is read until it has been quiet this many polls, and its writer moved on
 MAX_RETIRED_FILES = 16  # rotated files read at once (open fds); more between two polls: the oldest are lost
 MAX_SIBLINGS_SCANNED = 256  # names beside the log looked at for rotated files, per scan
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".Z", ".zip")  # rotated, but not readable as text
@@ -433,9 +433,15 @@ class LogFollower:
             except OSError:
                 at_end = True
             retired.idle_polls = 0 if len(lines) > before or not at_end else retired.idle_polls + 1
-            if retired.idle_polls >= RETIRED_IDLE_POLLS:
+            if retired.idle_polls >= RETIRED_IDLE_POLLS and not self._may_still_be_written(retired):
                 self._drop_retired(retired)
         return used
+
+    def _may_still_be_written(self, retired: _OpenFile) -> bool:
+        """MPS never reopens its log: the file it writes stays the last one renamed for as long as
+        the log's new file (if any) is empty, however long it is quiet."""
+        newest = self._retired[-1] if self._retired else None
+        return retired is newest and (self._current is None or self._current.offset == 0)
 
     def _drop_retired(self, retired: _OpenFile) -> None:
         try:
