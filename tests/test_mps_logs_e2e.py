@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from datetime import datetime
+from pathlib import Path
 
 from tests.kit.agentproc import Agent, agent_env, key, mpswatch_cmd
 from tests.kit.fakedaemon import FAKE_CONTROL
@@ -201,3 +203,20 @@ def test_accept_failures_are_counted_and_notable_only_when_more_than_a_burst_exp
     assert data.dirs[0].event_counts[("control", "accept_failed")] == 5 + 2 * ACCEPT_FAILED_REPEATS
     [(_, noted)] = data.recent
     assert noted.event == "accept_failed" and noted.detail == f"{ACCEPT_FAILED_REPEATS} in 0 s"
+
+
+def test_status_lists_no_notable_event_for_the_accept_failures_of_a_burst_of_clients(tmp_path):
+    # issue 17 finding 13: the five "Unable to accept connection" lines of a 50-client burst on the
+    # H200 were listed among status's notable events as unrecognised errors
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    fixture = Path(__file__).parent / "fixtures" / "mps-log-shapes" / "accept-failed-in-a-50-client-burst-h200-driver580-control.log"
+    shutil.copyfile(fixture, log_dir / "control.log")
+    run = subprocess.run(
+        mpswatch_cmd("status", "--json", "--pipe-dir", str(tmp_path / "no-pipe"), "--log-dir", str(log_dir),
+                     "--mps-control-bin", FAKE_CONTROL),
+        env=agent_env(), capture_output=True, text=True, timeout=60,
+    )
+    report = json.loads(run.stdout)
+    assert report["log_dirs"][0]["files"] == ["control.log"]
+    assert [e["event"] for e in report["recent_events"]] == []
