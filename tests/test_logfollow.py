@@ -364,3 +364,18 @@ def test_a_renamed_file_mps_still_writes_to_is_read_however_long_it_was_quiet(tm
         follower.poll()
     assert follower.stats.problems["unread_after_rotation"] == 0
     assert follower._retired == []
+
+
+def test_only_the_logs_own_rotated_names_are_read_as_rotated(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_bytes(b"a\n")
+    follower = LogFollower(str(log), backfill_bytes=1 << 20)
+    assert follower.poll() == ["a"]
+    (tmp_path / "server.logger").write_bytes(b"another program's log\n")
+    (tmp_path / "control.log.1").write_bytes(b"the other log's\n")
+    (tmp_path / "server.log.1.gz").write_bytes(b"\x1f\x8b compressed\n")
+    os.symlink("/etc/hostname", tmp_path / "server.log.2")
+    (tmp_path / "server.log-20261204").write_bytes(b"dated\n")
+    os.rename(log, tmp_path / "server.log.1")
+    log.write_bytes(b"b\n")
+    assert follower.poll() == ["dated", "b"]

@@ -376,8 +376,9 @@ class LogFollower:
                     if count >= MAX_SIBLINGS_SCANNED:
                         break
                     name = entry.name
-                    if name == self._name or not name.startswith(self._name) or name.endswith(COMPRESSED_SUFFIXES):
-                        continue
+                    after_name = name[len(self._name) : len(self._name) + 1] if name.startswith(self._name) else ""
+                    if after_name not in (".", "-", "_") or name.endswith(COMPRESSED_SUFFIXES):
+                        continue  # not the log's rotated name (`server.log.1`, `server.log-20261204`)
                     try:
                         fd = os.open(entry.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
                     except OSError:
