@@ -379,3 +379,24 @@ def test_only_the_logs_own_rotated_names_are_read_as_rotated(tmp_path):
     os.rename(log, tmp_path / "server.log.1")
     log.write_bytes(b"b\n")
     assert follower.poll() == ["dated", "b"]
+
+
+def test_rotated_names_beside_the_log_are_held_to_the_rules_of_the_log_itself(tmp_path):
+    # a link or another user's file named like a rotated log is never read, as the log itself would not be
+    secret = tmp_path / "secret"
+    secret.write_text("not for the agent\n")
+    log = tmp_path / "server.log"
+    log.write_text("first\n")
+    follower = LogFollower(str(log), backfill_bytes=1 << 20, owners=frozenset({os.getuid()}))
+    assert follower.poll() == ["first"]
+    (tmp_path / "server.log.3").symlink_to(secret)
+    foreign = tmp_path / "server.log.2"
+    foreign.write_text("another user's\n")
+    if os.geteuid() == 0:
+        os.chown(foreign, os.getuid() + 1, -1)
+    log.rename(tmp_path / "server.log.1")
+    log.write_text("second\n")
+    lines = follower.poll()
+    assert "not for the agent" not in lines and "second" in lines
+    if os.geteuid() == 0:
+        assert "another user's" not in lines
