@@ -149,6 +149,30 @@ def test_the_watchdog_is_fed_only_while_the_loops_are_alive(manager):
     assert not thread.is_alive()
 
 
+def test_a_health_check_that_raises_withholds_the_ping_and_keeps_the_thread(manager):
+    sock, path = manager
+    notifier = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"})
+    calls = []
+    answered = threading.Event()
+
+    def healthy():
+        calls.append(1)
+        if len(calls) >= 5:
+            answered.set()
+            return True, "ok"
+        raise RuntimeError("broken check")
+
+    stop = threading.Event()
+    thread = threading.Thread(target=keep_watchdog_fed, args=(notifier, healthy, stop))
+    thread.start()
+    try:
+        assert answered.wait(30)
+        assert wait_for_message(sock, "WATCHDOG=1", timeout=30) == ["WATCHDOG=1"]  # none while it raised
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
 def test_the_agent_tells_systemd_it_is_ready_alive_and_stopping(manager, tmp_path):
     sock, path = manager
     env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"}

@@ -78,7 +78,10 @@ def keep_watchdog_fed(notifier: Notifier, healthy: Callable[[], tuple[bool, str]
     log = structlog.get_logger().bind(component="sd_notify")
     was_healthy = True
     while not stop.wait(notifier.watchdog_seconds / 2):
-        ok, detail = healthy()
+        try:
+            ok, detail = healthy()
+        except Exception as err:  # a check that cannot answer is no sign of life
+            ok, detail = False, f"health check failed: {err!r}"
         if ok:
             notifier.notify("WATCHDOG=1")
         elif was_healthy:
