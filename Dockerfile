@@ -23,8 +23,9 @@ ENV PATH=/opt/mpswatch/bin:$PATH \
 USER 10101:10101
 EXPOSE 19863
 # /healthz: 200 while the collection loops are alive (never GPU or MPS health). The interpreter of
-# the image's virtualenv, no curl. Plain HTTP on the default port: with another --listen port or TLS
-# (web config), override it (deploy/README.md, "Health checks").
+# the image's virtualenv, no curl; plain HTTP on loopback, at the port of MPSWATCH_LISTEN if set, else
+# the default. With the port set by flag or config file, or with TLS (web config), override it
+# (deploy/README.md, "Health checks").
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["/opt/mpswatch/bin/python", "-c", "import sys, urllib.request as u; sys.exit(u.urlopen('http://127.0.0.1:19863/healthz', timeout=4).status != 200)"]
+    CMD ["/opt/mpswatch/bin/python", "-c", "import os, sys, urllib.request as u; port = os.environ.get('MPSWATCH_LISTEN', ':19863').rpartition(':')[2]; sys.exit(u.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=4).status != 200)"]
 ENTRYPOINT ["/opt/mpswatch/bin/mpswatch", "run"]

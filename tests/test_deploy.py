@@ -372,18 +372,18 @@ class _Status503(threading.Thread):
 
 def test_the_images_healthcheck_asks_healthz_and_fails_when_the_agent_is_unhealthy():
     """The HEALTHCHECK command itself, run here with this interpreter against a live agent (0), an
-    unhealthy one (503: not 0) and nothing listening (not 0); the port is the one the image exposes."""
+    unhealthy one (503: not 0) and nothing listening (not 0); at the port the image exposes, or the
+    one MPSWATCH_LISTEN gives the agent."""
     from tests.kit.agentproc import Agent
     from tests.kit.fakedaemon import FAKE_CONTROL
 
     command = healthcheck_command()
     assert command[0] == "/opt/mpswatch/bin/python" and "/healthz" in command[-1]
     [exposed] = dockerfile_instructions("EXPOSE")
-    assert f"http://127.0.0.1:{exposed}/healthz" in command[-1] and int(exposed) == DEFAULT_PORT
+    assert f"'MPSWATCH_LISTEN', ':{exposed}'" in command[-1] and int(exposed) == DEFAULT_PORT
 
     def check(port: int) -> int:
-        probe = [sys.executable, *command[1:-1], command[-1].replace(f":{exposed}/", f":{port}/")]
-        return run(*probe).returncode
+        return run(sys.executable, *command[1:], env={**os.environ, "MPSWATCH_LISTEN": f"0.0.0.0:{port}"}).returncode
 
     with Agent(["--mps-control-bin", FAKE_CONTROL], nvml="no_driver") as agent:
         assert check(agent.port) == 0
