@@ -81,7 +81,7 @@ class Claim:
     def kind(self) -> str:
         if self.unit is None:
             return "number"
-        return "seconds" if UNITS[self.unit] in (1.0, 1e-3) and self.unit not in ("B", "bytes") else "bytes"
+        return "seconds" if self.unit in ("s", "ms", "seconds", "second") else "bytes"
 
 
 def declared(setting: Setting, kind: str) -> float | None:
@@ -127,8 +127,9 @@ def check(claim: Claim) -> str | None:
         return None
     candidates = [(abs(at - claim.at), setting, value) for at, setting in mentioned(claim.sentence)
                   if (value := declared(setting, claim.kind)) is not None]
-    if claim.sentence.lower().lstrip("# ").startswith("default port"):
-        candidates.append((0, next(s for s in SETTINGS if s.key == "listen"), declared(SETTINGS[0], "number")))
+    if claim.sentence.lower().lstrip("# ").startswith("default port"):  # a heading: "Default port: 19863"
+        listen = next(s for s in SETTINGS if s.key == "listen")
+        candidates.append((0, listen, declared(listen, "number")))
     if not candidates:
         return f"{claim.file}: names no setting for the default it states: {claim.sentence!r}"
     _, setting, value = min(candidates, key=lambda c: c[0])
