@@ -44,6 +44,7 @@ from mpswatch.logsetup import configure_logging
 from mpswatch.procfs import ProcFS
 from mpswatch.runner import kill_all_children
 from mpswatch.scheduler import Scheduler, SnapshotStore
+from mpswatch.sdnotify import start as notify_systemd
 from mpswatch.verdicts import OK
 from mpswatch.webconfig import WebConfig, WebConfigError, load_web_config
 
@@ -204,8 +205,10 @@ def run(injected: Injected, /, config_path: str | None, **flags: Any) -> None:
         basic_auth=bool(web and web.users),
         collectors=[loop.collector.name for loop in scheduler.loops],
     )
+    systemd = notify_systemd(scheduler.alive, stop)  # READY=1, and WATCHDOG=1 while /healthz would say 200
     stop.wait()
     log.info("agent_stopping")
+    systemd.notify("STOPPING=1")
     scheduler.stop()
     kill_all_children()
     httpd.shutdown()
