@@ -79,19 +79,33 @@ def test_a_response_leaves_in_one_write(server):
     assert chunks[0].startswith(b"HTTP/1.0 200 OK\r\n") and chunks[0].endswith(b"\r\n\r\nok: detail here\n")
 
 
-def test_a_failure_to_render_answers_500_and_the_server_keeps_serving():
-    def broken_snapshot():
-        raise RuntimeError("render bug")
+def test_a_snapshot_that_cannot_be_rendered_answers_500_and_makes_healthz_unhealthy():
+    """Rendering raised: /metrics answers 500 and /healthz 503 with the reason (a liveness probe restarts
+    the agent), the failing snapshot is rendered once, not once a scrape; the next snapshot heals both."""
+    snapshots = [NodeSnapshot()]
+    renders = []
+
+    def render_or_fail(snapshot):
+        renders.append(snapshot)
+        if len(snapshots) == 1:
+            raise UnicodeEncodeError("utf-8", "x\udcfe", 1, 2, "surrogates not allowed")
+        return render(snapshot, "9.9.9")
 
     port = free_port()
-    httpd = serve(f"127.0.0.1:{port}", CachedExposition(broken_snapshot, lambda snapshot: render(snapshot, "9.9.9")), lambda: (True, "fine"))
+    httpd = serve(f"127.0.0.1:{port}", CachedExposition(lambda: snapshots[-1], render_or_fail), lambda: (True, "fine"))
     try:
         response, body = request(port, "GET", "/metrics")
         assert (response.status, body) == (500, b"internal error\n")
+        response, body = request(port, "GET", "/healthz")
+        assert response.status == 503
+        assert body.startswith(b"unhealthy: rendering /metrics failed: UnicodeEncodeError(")
+        assert request(port, "GET", "/metrics")[0].status == 500
+        assert len(renders) == 1
+        snapshots.append(NodeSnapshot())
         assert request(port, "GET", "/healthz")[0].status == 200
+        assert request(port, "GET", "/metrics")[0].status == 200
     finally:
         httpd.shutdown()
-        httpd.server_close()
 
 
 def test_a_path_that_is_not_a_url_is_just_not_found(server):

@@ -1,22 +1,38 @@
 """Serves /metrics and /healthz: the exposition of the latest snapshot, rendered once per snapshot.
 
 A scrape only reads the current immutable snapshot: no I/O, no locks held by collectors.
+
+The server is one asyncio event loop on a thread of its own: a connection costs a socket and a few
+KiB, never a thread, so a burst of scrapers waits in a deep listen backlog and a thousand slow
+connections hold neither threads nor much memory. Each connection has one deadline for reading its
+request and writing the answer; answers are computed on a small pool of threads, so that rendering a
+new snapshot never stalls the loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import resource
 import socket
-import sys
 import threading
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import Metric
 
 from mpswatch.snapshot import NodeSnapshot
+
+LISTEN_BACKLOG = 1024  # socketserver's 5 dropped a sixth of 500 concurrent scrapers (issue 17)
+CONNECTION_DEADLINE_SECONDS = 10.0  # reading the request and writing the answer, together
+MAX_CONNECTIONS = 1024
+DESCRIPTORS_KEPT_FOR_COLLECTORS = 256  # the connection cap leaves these below RLIMIT_NOFILE
+MAX_REQUEST_HEAD_BYTES = 8192
+ANSWER_THREADS = 2
+DROPS_LOG_INTERVAL_SECONDS = 60.0
 
 
 class _Rendered:
@@ -29,25 +45,48 @@ class _Rendered:
         return self._metrics
 
 
+class RenderFailed(Exception):
+    """The current snapshot could not be rendered (already logged once for that snapshot)."""
+
+
 class CachedExposition:
     """The text exposition of the current snapshot, rendered once per snapshot: snapshots are
     immutable, so every scrape between two collector runs gets the same bytes for free, and
-    concurrent scrapes wait for one rendering instead of each doing it."""
+    concurrent scrapes wait for one rendering instead of each doing it. A snapshot that fails to
+    render fails once: its scrapes answer 500 until the next snapshot, and /healthz says so."""
 
     def __init__(self, current: Callable[[], NodeSnapshot], render: Callable[[NodeSnapshot], list[Metric]]) -> None:
         self._current = current
         self._render = render
         self._lock = threading.Lock()
         self._snapshot: NodeSnapshot | None = None
-        self._body = b""
+        self._body: bytes | None = b""
+        self._failure = ""
+        self._log = structlog.get_logger().bind(component="http")
 
     def body(self) -> bytes:
-        snapshot = self._current()
         with self._lock:
-            if snapshot is not self._snapshot:
-                self._body = generate_latest(_Rendered(self._render(snapshot)))
-                self._snapshot = snapshot
+            try:
+                snapshot = self._current()
+                if snapshot is not self._snapshot:
+                    self._snapshot, self._body = snapshot, None
+                    self._body = generate_latest(_Rendered(self._render(snapshot)))
+            except Exception as err:
+                self._failure = repr(err)
+                self._log.error("exposition_render_failed", error=self._failure)
+                raise RenderFailed(self._failure) from err
+            if self._body is None:
+                raise RenderFailed(self._failure)
             return self._body
+
+    def failure(self) -> str | None:
+        """Why the current snapshot cannot be rendered, None when it can: /healthz asks, so that a
+        liveness probe restarts an agent whose /metrics cannot answer."""
+        try:
+            self.body()
+        except RenderFailed as err:
+            return str(err)
+        return None
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -65,9 +104,15 @@ _INDEX = b"<html><body><h1>mpswatch</h1><p><a href='/metrics'>/metrics</a> <a hr
 def respond(path: str, exposition: CachedExposition, healthy: Callable[[], tuple[bool, str]]) -> tuple[str, str, bytes]:
     """Status, content type and body for a GET of `path` (query string already cut off)."""
     if path == "/metrics":
-        return "200 OK", CONTENT_TYPE_LATEST, exposition.body()
+        try:
+            return "200 OK", CONTENT_TYPE_LATEST, exposition.body()
+        except RenderFailed:
+            return "500 Internal Server Error", "text/plain", b"internal error\n"
     if path == "/healthz":
         ok, detail = healthy()
+        failure = exposition.failure()
+        if failure is not None:
+            ok, detail = False, f"rendering /metrics failed: {failure}"
         status = "200 OK" if ok else "503 Service Unavailable"
         return status, "text/plain", f"{'ok' if ok else 'unhealthy'}: {detail}\n".encode()
     if path == "/":
@@ -75,60 +120,185 @@ def respond(path: str, exposition: CachedExposition, healthy: Callable[[], tuple
     return "404 Not Found", "text/plain", b"not found\n"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """One request per connection, answered with a single write: status line, headers and body go
-    out in one send (wsgiref makes five, each a loopback wake-up: a third of a scrape's CPU)."""
+def _answer(status: str, content_type: str, body: bytes, with_body: bool = True) -> bytes:
+    """The whole answer as one buffer: status line, headers and body leave in a single send (five
+    sends, as wsgiref makes, are five loopback wake-ups: a third of a scrape's CPU)."""
+    head = (f"HTTP/1.0 {status}\r\nServer: mpswatch\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("latin-1")
+    return head + body if with_body else head
 
-    timeout = 10  # each read of the request waits at most this long
-    server_version = "mpswatch"
-    sys_version = ""
-    exposition: CachedExposition
-    healthy: Callable[[], tuple[bool, str]]
-    log: Any
 
-    def do_GET(self) -> None:
-        self._answer(with_body=True)
+class _BadRequest(Exception):
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
 
-    def do_HEAD(self) -> None:
-        self._answer(with_body=False)
 
-    def _answer(self, with_body: bool) -> None:
-        self.close_connection = True
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str]:
+    """Method and path of one request; its headers are read (to their end, so the answer is not
+    written over unread input) and ignored."""
+    size = 0
+    lines: list[bytes] = []
+    while True:
         try:
-            status, content_type, body = respond(self.path.partition("?")[0], self.exposition, self.healthy)
-        except Exception as err:  # a rendering bug costs this answer, never the server
-            self.log.error("http_answer_failed", path=self.path[:200], error=repr(err))
-            status, content_type, body = "500 Internal Server Error", "text/plain", b"internal error\n"
-        head = (f"HTTP/1.0 {status}\r\nServer: {self.server_version}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("latin-1")
+            line = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as err:
+            raise _BadRequest("400 Bad Request", "incomplete_request") from err
+        except asyncio.LimitOverrunError as err:
+            raise _BadRequest("431 Request Header Fields Too Large", "request_too_large") from err
+        size += len(line)
+        if size > MAX_REQUEST_HEAD_BYTES:
+            raise _BadRequest("431 Request Header Fields Too Large", "request_too_large")
+        if line in (b"\r\n", b"\n"):
+            break
+        lines.append(line)
+    parts = lines[0].decode("latin-1").split() if lines else []
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        raise _BadRequest("400 Bad Request", "bad_request_line")
+    method, target, _ = parts
+    if method not in ("GET", "HEAD"):
+        raise _BadRequest("501 Not Implemented", "method_not_implemented")
+    return method, target.partition("?")[0]
+
+
+class MetricsServer:
+    """The running HTTP server; shutdown() stops it. Connections past the cap evict the oldest one
+    still sending its request (a slow connection cannot keep a scrape out), or, when every one is
+    being answered, get a 503 at once."""
+
+    def __init__(self, sock: socket.socket, exposition: CachedExposition, healthy: Callable[[], tuple[bool, str]],
+                 deadline_seconds: float, max_connections: int) -> None:
+        self._sock = sock
+        self._exposition = exposition
+        self._healthy = healthy
+        self._deadline = deadline_seconds
+        self._max_connections = max_connections
+        self._log = structlog.get_logger().bind(component="http")
+        self._pool = ThreadPoolExecutor(ANSWER_THREADS, thread_name_prefix="http-answer")
+        self._loop = asyncio.new_event_loop()
+        self._open: set[asyncio.Task[None]] = set()
+        self._reading: OrderedDict[asyncio.Task[None], None] = OrderedDict()  # oldest first
+        self._drops: Counter[str] = Counter()
+        self._drops_logged_at = 0.0
+        self._thread = threading.Thread(target=self._loop.run_forever, name="http", daemon=True)
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result()
+
+    async def _start(self) -> asyncio.Server:
+        return await asyncio.start_server(self._connection, sock=self._sock, backlog=LISTEN_BACKLOG,
+                                          limit=MAX_REQUEST_HEAD_BYTES)
+
+    @property
+    def max_connections(self) -> int:
+        return self._max_connections
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._open) >= self._max_connections and not self._evict_oldest_reader():
+            self._dropped("over_capacity")
+            writer.write(_answer("503 Service Unavailable", "text/plain", b"too many connections\n"))
+            writer.close()
+            return
+        self._open.add(task)
+        self._reading[task] = None
         try:
-            self.wfile.write(head + body if with_body else head)
-        except (ConnectionError, TimeoutError):
+            async with asyncio.timeout(self._deadline):
+                try:
+                    method, path = await _read_request(reader)
+                except _BadRequest as bad:
+                    self._dropped(bad.reason)
+                    data = _answer(bad.status, "text/plain", f"{bad.reason}\n".encode())
+                else:
+                    self._reading.pop(task, None)
+                    answer = await self._loop.run_in_executor(self._pool, self._respond, path)
+                    data = _answer(*answer, with_body=method == "GET")
+                self._reading.pop(task, None)
+                writer.write(data)
+                await writer.drain()
+                writer.close()
+                await writer.wait_closed()
+        except TimeoutError:
+            self._dropped("deadline")
+        except asyncio.CancelledError:
+            self._dropped("evicted")
+        except OSError:
             pass  # the scraper gave up (its own timeout, a reset): no one is left to answer
+        finally:
+            self._open.discard(task)
+            self._reading.pop(task, None)
+            writer.transport.abort()
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature of the base class
-        pass
+    def _respond(self, path: str) -> tuple[str, str, bytes]:
+        try:
+            return respond(path, self._exposition, self._healthy)
+        except Exception as err:  # a bug in an answer costs this answer, never the server
+            self._log.error("http_answer_failed", path=path[:200], error=repr(err))
+            return "500 Internal Server Error", "text/plain", b"internal error\n"
+
+    def _evict_oldest_reader(self) -> bool:
+        if not self._reading:
+            return False
+        oldest, _ = self._reading.popitem(last=False)
+        self._open.discard(oldest)
+        oldest.cancel()
+        return True
+
+    def _dropped(self, reason: str) -> None:
+        """Counts a connection closed without a normal answer; logs the counts at most once a minute
+        (a slowloris attack must not become a flood of log lines)."""
+        self._drops[reason] += 1
+        now = time.monotonic()
+        if now - self._drops_logged_at >= DROPS_LOG_INTERVAL_SECONDS:
+            self._drops_logged_at = now
+            self._log.warning("http_connections_dropped", **{f"{r}_total": n for r, n in sorted(self._drops.items())})
+
+    def drops(self) -> dict[str, int]:
+        """Connections dropped so far, by reason (deadline, evicted, over_capacity, bad requests)."""
+        return dict(self._drops)
+
+    async def _stop(self) -> None:
+        self._server.close()
+        for task in list(self._open):
+            task.cancel()
+        await asyncio.gather(*self._open, return_exceptions=True)
+
+    def shutdown(self) -> None:
+        """Stops listening, closes every connection and the loop's thread; calling it again does nothing."""
+        if self._loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+        self._pool.shutdown(wait=False)
+        self._sock.close()
+
+    server_close = shutdown
 
 
-class _Server(ThreadingHTTPServer):
-    allow_reuse_address = True
-    log: Any
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A connection's failure is logged as one line, not printed as a traceback on stderr."""
-        self.log.warning("http_connection_failed", client=str(client_address[0]), error=repr(sys.exc_info()[1]))
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
+def connection_cap() -> int:
+    """MAX_CONNECTIONS, or fewer where the descriptor limit would not leave the collectors theirs."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(16, min(MAX_CONNECTIONS, soft - DESCRIPTORS_KEPT_FOR_COLLECTORS))
 
 
-def serve(listen: str, exposition: CachedExposition, healthy: Callable[[], tuple[bool, str]]) -> _Server:
-    """Starts the HTTP server on a daemon thread; returns the server (call shutdown() to stop)."""
+def serve(listen: str, exposition: CachedExposition, healthy: Callable[[], tuple[bool, str]], *,
+          deadline_seconds: float = CONNECTION_DEADLINE_SECONDS, max_connections: int | None = None) -> MetricsServer:
+    """Starts the HTTP server on a thread of its own; returns it (call shutdown() to stop). Raises
+    OSError when `listen` cannot be bound."""
     host, port = parse_listen(listen)
-    log = structlog.get_logger().bind(component="http")
-    handler = type("Handler", (_Handler,), {"exposition": exposition, "healthy": staticmethod(healthy), "log": log})
-    httpd = (_Server6 if ":" in host else _Server)((host, port), handler)
-    httpd.log = log
-    threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
-    return httpd
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return MetricsServer(sock, exposition, healthy, deadline_seconds,
+                         connection_cap() if max_connections is None else max_connections)
