@@ -181,6 +181,7 @@ def main() -> None:
                    nvml="from_layout") as agent:
             time.sleep(5)  # first cycles
             series = len(agent.scrape())
+            rss_start = rss_mib(agent.proc.pid)
             bursts = []
             for round_ in range(1 if quick else 3):
                 if round_:
@@ -188,7 +189,7 @@ def main() -> None:
                 bursts.append(burst(agent.port))
             slowloris = slow(agent, 20.0 if quick else 60.0)
             after = one_scrape(agent.port)
-    result = {"agent": checkout, "series": series, "bursts": bursts, "slow": slowloris,
+    result = {"agent": checkout, "series": series, "rss_start_mib": rss_start, "bursts": bursts, "slow": slowloris,
               "scrape_after_ms": after * 1e3 if after is not None else None}
     print(json.dumps(result, indent=2))
     if "--json" in sys.argv:

@@ -31,6 +31,7 @@ CONNECTION_DEADLINE_SECONDS = 10.0  # reading the request and writing the answer
 MAX_CONNECTIONS = 1024
 DESCRIPTORS_KEPT_FOR_COLLECTORS = 256  # the connection cap leaves these below RLIMIT_NOFILE
 MAX_REQUEST_HEAD_BYTES = 8192
+WRITE_CHUNK_BYTES = 65536  # what one connection may hold unsent in the agent, beside the kernel's buffer
 ANSWER_THREADS = 2
 DROPS_LOG_INTERVAL_SECONDS = 60.0
 
@@ -135,6 +136,10 @@ class _BadRequest(Exception):
         self.reason = reason
 
 
+class _Silent(Exception):
+    """The client closed the connection before sending anything."""
+
+
 async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str]:
     """Method and path of one request; its headers are read (to their end, so the answer is not
     written over unread input) and ignored."""
@@ -144,6 +149,8 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str]:
         try:
             line = await reader.readuntil(b"\n")
         except asyncio.IncompleteReadError as err:
+            if not lines and not err.partial:
+                raise _Silent from err  # connected and closed, as a TCP probe does: nothing to count
             raise _BadRequest("400 Bad Request", "incomplete_request") from err
         except asyncio.LimitOverrunError as err:
             raise _BadRequest("431 Request Header Fields Too Large", "request_too_large") from err
@@ -181,6 +188,8 @@ class MetricsServer:
         self._reading: OrderedDict[asyncio.Task[None], None] = OrderedDict()  # oldest first
         self._drops: Counter[str] = Counter()
         self._drops_logged_at = 0.0
+        self._last_body: bytes | None = None
+        self._last_answer = b""
         self._thread = threading.Thread(target=self._loop.run_forever, name="http", daemon=True)
         self._thread.start()
         self._server = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result()
@@ -207,22 +216,27 @@ class MetricsServer:
             async with asyncio.timeout(self._deadline):
                 try:
                     method, path = await _read_request(reader)
+                except _Silent:
+                    return
                 except _BadRequest as bad:
                     self._dropped(bad.reason)
                     data = _answer(bad.status, "text/plain", f"{bad.reason}\n".encode())
                 else:
                     self._reading.pop(task, None)
                     answer = await self._loop.run_in_executor(self._pool, self._respond, path)
-                    data = _answer(*answer, with_body=method == "GET")
+                    data = self._answer_bytes(*answer, with_body=method == "GET")
                 self._reading.pop(task, None)
-                writer.write(data)
-                await writer.drain()
+                writer.transport.set_write_buffer_limits(high=0)  # drain() waits until the kernel took it all
+                view = memoryview(data)
+                for start in range(0, len(view), WRITE_CHUNK_BYTES):  # one send for most answers
+                    writer.write(view[start:start + WRITE_CHUNK_BYTES])
+                    await writer.drain()
                 writer.close()
                 await writer.wait_closed()
         except TimeoutError:
             self._dropped("deadline")
         except asyncio.CancelledError:
-            self._dropped("evicted")
+            pass  # evicted (counted there) or the server is stopping
         except OSError:
             pass  # the scraper gave up (its own timeout, a reset): no one is left to answer
         finally:
@@ -237,12 +251,23 @@ class MetricsServer:
             self._log.error("http_answer_failed", path=path[:200], error=repr(err))
             return "500 Internal Server Error", "text/plain", b"internal error\n"
 
+    def _answer_bytes(self, status: str, content_type: str, body: bytes, with_body: bool) -> bytes:
+        """The answer, the same bytes object for every scrape of one exposition: a burst of scrapes
+        shares one buffer instead of each holding a copy of the body."""
+        if with_body and body is self._last_body:
+            return self._last_answer
+        data = _answer(status, content_type, body, with_body)
+        if with_body and status == "200 OK":
+            self._last_body, self._last_answer = body, data
+        return data
+
     def _evict_oldest_reader(self) -> bool:
         if not self._reading:
             return False
         oldest, _ = self._reading.popitem(last=False)
         self._open.discard(oldest)
         oldest.cancel()
+        self._dropped("evicted")
         return True
 
     def _dropped(self, reason: str) -> None:
