@@ -162,6 +162,7 @@ def slow(agent: Agent, seconds: float, count: int = 1000) -> dict:
     return {"connections": count, "seconds": seconds, "closed_by_agent": closed,
             "threads_before": threads_before, "threads_max": max(t for t, _ in samples),
             "rss_before_mib": rss_before, "rss_max_mib": max(r for _, r in samples), "rss_after_mib": rss_mib(pid),
+            "rss_every_10_s_mib": [r for _, r in samples[::10]],
             "scrapes": len(latencies), "scrapes_failed": len(latencies) - len(answered),
             "scrape_p50_ms": statistics.median(answered) * 1e3 if answered else None,
             "scrape_max_ms": max(answered) * 1e3 if answered else None}
