@@ -6,7 +6,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from mpswatch.exporter import ANSWER_THREADS, MAX_REQUEST_HEAD_BYTES, CachedExposition, serve
+from mpswatch.exporter import ANSWER_THREADS, MAX_REQUEST_HEAD_BYTES, cached_exposition, serve
 from mpswatch.exposition import render
 from mpswatch.snapshot import NodeSnapshot
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -18,7 +18,7 @@ from tests.kit.agentproc import free_port
 @pytest.fixture
 def server():
     health = {"ok": True}
-    exposition = CachedExposition(NodeSnapshot, lambda snapshot: render(snapshot, "9.9.9"))
+    exposition = cached_exposition(NodeSnapshot, lambda snapshot: render(snapshot, "9.9.9"))
     port = free_port()
     httpd = serve(f"127.0.0.1:{port}", exposition, lambda: (health["ok"], "detail here"))
     yield port, health
@@ -94,7 +94,7 @@ def test_a_snapshot_that_cannot_be_rendered_answers_500_and_makes_healthz_unheal
         return render(snapshot, "9.9.9")
 
     port = free_port()
-    httpd = serve(f"127.0.0.1:{port}", CachedExposition(lambda: snapshots[-1], render_or_fail), lambda: (True, "fine"))
+    httpd = serve(f"127.0.0.1:{port}", cached_exposition(lambda: snapshots[-1], render_or_fail), lambda: (True, "fine"))
     try:
         response, body = request(port, "GET", "/metrics")
         assert (response.status, body) == (500, b"internal error\n")
@@ -157,7 +157,7 @@ def closed_by_server(sock):
 
 def test_slow_connections_are_closed_at_their_deadline_and_never_hold_up_a_scrape():
     port = free_port()
-    httpd = serve(f"127.0.0.1:{port}", CachedExposition(NodeSnapshot, lambda s: render(s, "9.9.9")),
+    httpd = serve(f"127.0.0.1:{port}", cached_exposition(NodeSnapshot, lambda s: render(s, "9.9.9")),
                   lambda: (True, "fine"), deadline_seconds=1.5)
     slow = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(20)]
     stop = threading.Event()
@@ -177,7 +177,7 @@ def test_slow_connections_are_closed_at_their_deadline_and_never_hold_up_a_scrap
 
 def test_at_the_connection_cap_a_scrape_evicts_the_oldest_slow_connection():
     port = free_port()
-    httpd = serve(f"127.0.0.1:{port}", CachedExposition(NodeSnapshot, lambda s: render(s, "9.9.9")),
+    httpd = serve(f"127.0.0.1:{port}", cached_exposition(NodeSnapshot, lambda s: render(s, "9.9.9")),
                   lambda: (True, "fine"), max_connections=10)
     slow = []
     try:

@@ -266,10 +266,12 @@ def test_log_dirs_are_discovered_from_defaults_the_device_plugin_and_daemons(tmp
     proc.mkdir(parents=True)
     (proc / "cmdline").write_bytes(b"nvidia-cuda-mps-control\0-d\0")
     (proc / "environ").write_bytes(b"CUDA_MPS_LOG_DIRECTORY=/srv/mps/log\0")
-    found, notes = discover_log_dirs((), str(default), str(tmp_path / "mps"), ProcFS(tmp_path / "proc"))
-    assert dict(found) == {str(default): "default", str(plugin): "device_plugin", "/srv/mps/log": "process"}
-    assert notes == []
-    assert discover_log_dirs(("/only",), str(default), str(tmp_path / "mps"), ProcFS(tmp_path / "proc"))[0] == [
+    (proc / "status").write_text("Name:\tnvidia-cuda-mps\nUid:\t0\t0\t0\t0\n")  # root's daemon
+    discovered = discover_log_dirs((), str(default), str(tmp_path / "mps"), ProcFS(tmp_path / "proc"))
+    assert dict(discovered.dirs) == {str(default): "default", str(plugin): "device_plugin", "/srv/mps/log": "process"}
+    assert discovered.notes == []
+    assert discovered.owners == {"/srv/mps/log": frozenset({0})}  # its files are read when root's
+    assert discover_log_dirs(("/only",), str(default), str(tmp_path / "mps"), ProcFS(tmp_path / "proc")).dirs == [
         ("/only", "configured")
     ]
 

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from zoneinfo import ZoneInfo
 
 import click
 import structlog
+from click.core import ParameterSource
 
 from mpswatch import __version__
 from mpswatch.advisor import LIKELY_SLOWER
+from mpswatch.agentstatus import AgentUnreachable, fetch_status
 from mpswatch.analysis import advice_report, health_report, render_advice, render_text
 from mpswatch.collectors import Collector
 from mpswatch.collectors.engines import EnginesCollector
@@ -24,8 +27,17 @@ from mpswatch.collectors.gpu import NVIDIA_ML_PY, GpuCollector
 from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector
 from mpswatch.collectors.mps_logs import MpsLogsCollector
 from mpswatch.collectors.pods import PodsCollector
-from mpswatch.config import DEFAULT_CONFIG_PATH, ENV_PREFIX, SETTINGS, Config, ConfigError, load_config
-from mpswatch.exporter import CachedExposition, serve
+from mpswatch.config import (
+    DEFAULT_CONFIG_PATH,
+    ENV_PREFIX,
+    FROM_ENV,
+    FROM_FLAG,
+    SETTINGS,
+    Config,
+    ConfigError,
+    load_config,
+)
+from mpswatch.exporter import cached_exposition, cached_status, serve
 from mpswatch.exposition import render
 from mpswatch.injection import Injected
 from mpswatch.logsetup import configure_logging
@@ -33,6 +45,7 @@ from mpswatch.procfs import ProcFS
 from mpswatch.runner import kill_all_children
 from mpswatch.scheduler import Scheduler, SnapshotStore
 from mpswatch.verdicts import OK
+from mpswatch.webconfig import WebConfig, WebConfigError, load_web_config
 
 EXIT_USAGE = 2
 
@@ -76,11 +89,26 @@ def _load(config_path: str | None, flags: dict[str, Any]) -> Config:
         for param, value in flags.items()
         if value is not None and value != ()
     }
+    from_env = click.get_current_context().get_parameter_source("config_path") is ParameterSource.ENVIRONMENT
     try:
-        return load_config(config_path, flags=given)
+        return load_config(config_path, flags=given, config_origin=FROM_ENV if from_env else FROM_FLAG)
     except ConfigError as err:
-        click.echo(f"mpswatch: {err}", err=True)
-        sys.exit(EXIT_USAGE)
+        _usage_error(err)
+
+
+def _usage_error(err: ConfigError) -> NoReturn:
+    """The user's mistake: one line that names the setting and where it came from, exit 2."""
+    click.echo(f"mpswatch: {err}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def _load_web_config(config: Config) -> WebConfig | None:
+    if not config.web.config_file:
+        return None
+    try:
+        return load_web_config(config.web.config_file)
+    except WebConfigError as err:
+        _usage_error(ConfigError("web.config_file", config.sources["web.config_file"], str(err)))
 
 
 def build_collectors(config: Config, injected: Injected | None = None) -> list[Collector[Any]]:
@@ -151,16 +179,18 @@ def cli() -> None:
 def run(injected: Injected, /, config_path: str | None, **flags: Any) -> None:
     """Run the agent: collect in the background, serve /metrics and /healthz."""
     config = _load(config_path, flags)
+    web = _load_web_config(config)
     configure_logging(config.log_level, config.log_format)
     log = structlog.get_logger()
     store = SnapshotStore()
     scheduler = Scheduler(build_collectors(config, injected), store)
-    exposition = CachedExposition(store.current, lambda snapshot: render(snapshot, __version__))
+    exposition = cached_exposition(store.current, lambda snapshot: render(snapshot, __version__))
+    status_report = cached_status(store.current, lambda snapshot: health_report(snapshot, __version__))
     try:
-        httpd = serve(config.listen, exposition, scheduler.alive)
-    except OSError as err:
-        log.error("listen_failed", listen=config.listen, error=err.strerror or str(err))
-        sys.exit(1)
+        httpd = serve(config.listen, exposition, scheduler.alive, status=status_report, web=web)
+    except OSError as err:  # in use, not this node's address, a name that does not resolve, a privileged port
+        what = "cannot resolve the host of" if isinstance(err, socket.gaierror) else "cannot listen on"
+        _usage_error(ConfigError("listen", config.sources["listen"], f"{what} {config.listen}: {err.strerror or err}"))
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -170,6 +200,8 @@ def run(injected: Injected, /, config_path: str | None, **flags: Any) -> None:
         version=__version__,
         listen=config.listen,
         config_file=config.file,
+        tls=bool(web and web.tls),
+        basic_auth=bool(web and web.users),
         collectors=[loop.collector.name for loop in scheduler.loops],
     )
     stop.wait()
@@ -192,14 +224,25 @@ def _one_shot_scheduler(injected: Injected, config_path: str | None, flags: dict
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the stable JSON schema (docs/status.md).")
+@click.option("--agent", "agent_url", metavar="URL",
+              help="Ask the agent running at URL (http://HOST:PORT) instead of looking once: it knows rates "
+                   "and remembers the clients of servers that faulted or died.")
 @_setting_options(serving=False)
 @click.pass_obj
-def status(injected: Injected, /, config_path: str | None, as_json: bool, **flags: Any) -> None:
-    """Run every collector once and print a verdict per daemon, server and client.
+def status(injected: Injected, /, config_path: str | None, as_json: bool, agent_url: str | None, **flags: Any) -> None:
+    """Run every collector once (or ask the running agent) and print a verdict per daemon, server and client.
 
-    Exit status: 0 all OK, 1 something degraded or down, 2 usage or config error.
+    Exit status: 0 all OK, 1 something degraded or down, 2 usage or config error, or the agent given by
+    --agent could not be asked.
     """
-    report = health_report(_one_shot_scheduler(injected, config_path, flags).run_once(), __version__)
+    if agent_url is not None:
+        try:
+            report = fetch_status(agent_url)
+        except AgentUnreachable as err:
+            click.echo(f"mpswatch status: {err}", err=True)
+            sys.exit(EXIT_USAGE)
+    else:
+        report = health_report(_one_shot_scheduler(injected, config_path, flags).run_once(), __version__)
     click.echo(json.dumps(report, indent=2) if as_json else render_text(report), nl=as_json)
     sys.exit(0 if report["verdict"] == OK else 1)
 

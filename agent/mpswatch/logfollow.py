@@ -8,13 +8,15 @@ grew back past the old offset between two polls, by its first bytes changing.
 from __future__ import annotations
 
 import os
+import stat as stat_module
 from dataclasses import dataclass, field
 
 DEFAULT_MAX_LINE_BYTES = 16 * 1024
 DEFAULT_MAX_READ_BYTES = 4 * 1024 * 1024  # per poll, so one huge write cannot stall a cycle
 RETIRED_IDLE_POLLS = 5  # a renamed file is read until it has been quiet this many polls
 _FINGERPRINT_BYTES = 64
-PROBLEMS = ("line_too_long", "undecodable", "io_error", "partial_line_lost", "unread_after_rotation", "parse_error")
+PROBLEMS = ("line_too_long", "undecodable", "io_error", "partial_line_lost", "unread_after_rotation", "parse_error",
+            "refused")
 RESETS = ("rotated", "truncated", "deleted")
 
 
@@ -56,8 +58,13 @@ class LogFollower:
         backfill_bytes: int,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         max_read_bytes: int = DEFAULT_MAX_READ_BYTES,
+        owners: frozenset[int] | None = None,
     ) -> None:
+        """`owners`: the users whose files may be read here (None: any user's), for a file in a dir
+        that a daemon's environment named: only what that daemon's user owns, and with one link."""
         self.path = path
+        self.owners = owners
+        self.refusal: str | None = None  # why the file at the path is not read; counted once per reason
         self.stats = FollowStats()
         self.generation = 0  # grows when the file is replaced or truncated: line context starts over
         self.backfilling = False  # the last poll read what was written before the agent started
@@ -81,7 +88,7 @@ class LogFollower:
         if self._retired is not None:
             budget -= self._read_retired(lines, budget)
         try:
-            stat = os.stat(self.path)
+            stat = os.lstat(self.path)  # the path itself: a link is never followed
         except FileNotFoundError:
             if self._current is not None:
                 self._retire("deleted")
@@ -113,13 +120,24 @@ class LogFollower:
         self._current = self._retired = None
 
     def _open(self, at_start: bool) -> bool:
+        """Opens the path when it is a file this follower may read: a regular file (never a link, a
+        device or a pipe: checked before opening, which has effects on some devices, and again on what
+        was opened), owned as `owners` says."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+            refusal = self._refusal(os.lstat(self.path))
+            if refusal is not None:
+                return self._refuse(refusal)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as err:
             if not isinstance(err, FileNotFoundError):
                 self.stats.problem("io_error")
             return False
         stat = os.fstat(fd)  # the file we opened, not whatever the path names by now
+        refusal = self._refusal(stat)
+        if refusal is not None:
+            os.close(fd)
+            return self._refuse(refusal)
+        self.refusal = None
         offset, discarding = 0, False
         if at_start and stat.st_size > self._backfill:
             # start mid-file, after the next newline: the line we land in is cut
@@ -131,6 +149,24 @@ class LogFollower:
         if not at_start:
             self.generation += 1
         return True
+
+    def _refusal(self, stat: os.stat_result) -> str | None:
+        if stat_module.S_ISLNK(stat.st_mode):
+            return "a symbolic link (never followed)"
+        if not stat_module.S_ISREG(stat.st_mode):
+            return "not a regular file"
+        if self.owners is not None:
+            if stat.st_uid not in self.owners:
+                return f"owned by uid {stat.st_uid}, not by the daemon's user (uid {', '.join(map(str, sorted(self.owners)))})"
+            if stat.st_nlink > 1:
+                return f"has {stat.st_nlink} hard links (another file's name)"
+        return None
+
+    def _refuse(self, refusal: str) -> bool:
+        if refusal != self.refusal:
+            self.stats.problem("refused")
+            self.refusal = refusal
+        return False
 
     def _truncated(self, current: _OpenFile) -> bool:
         try:

@@ -279,6 +279,19 @@ _SPECS += [
         "absent when unknown (not watched, or the daemon cannot be queried).",
     ),
     MetricSpec("mps_host_cpu_pressure_ratio", "gauge", ("window",), "PSI cpu 'some' average over avg10 / avg60."),
+    MetricSpec(
+        "mps_engine_owner_info",
+        "gauge",
+        ("engine", "uid"),
+        "Always 1 per engine with a process: the user its API server runs as (root or not: who may have named it).",
+    ),
+    MetricSpec(
+        "mps_discovery_unreadable_processes",
+        "gauge",
+        ("kind", "reason"),
+        "Processes found by name (kind: mps_control_daemon, engine) whose environment the agent could not read, "
+        "by reason (permission, io_error): what it cannot see. Absent when it looks at none (configured only).",
+    ),
 ]
 
 _POD = ("pod_uid", "namespace", "pod", "container")

@@ -95,6 +95,8 @@ class MpsControlData:
     discovery_notes: tuple[str, ...] = ()
     configured_only: bool = False  # only the configured pipe dirs are watched (no discovery)
     expected: str = "auto"  # the mps_control.expected setting: true, false or auto (derived: MpsExpectation)
+    # daemons whose environment (their pipe dir) could not be read, by reason; None: none looked for
+    unreadable_daemons: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,7 @@ class EngineState:
     model: str | None = None
     gpu_uuid: str | None = None
     pids: tuple[int, ...] = ()  # the engine's processes: API server and its descendants
+    owner_uid: int | None = None  # the user its API server runs as (None: no process, or gone)
     gpu_pids: tuple[int, ...] = ()  # those that hold a GPU context
     mps_attached: bool | None = None
     requests_running: float | None = None
@@ -252,6 +255,8 @@ class EnginesData:
     engines: tuple[EngineState, ...]
     cpu_pressure: Mapping[str, float]  # avg10 / avg60 -> ratio
     notes: tuple[str, ...] = ()
+    # engines whose environment (their MPS settings) could not be read, by reason
+    unreadable_environments: Mapping[str, int] = field(default_factory=frozen_map)
 
 
 @dataclass(frozen=True)

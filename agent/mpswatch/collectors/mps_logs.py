@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from mpswatch.collectors import CollectorUnit
-from mpswatch.collectors.mps_control import discover_mps_dirs
+from mpswatch.collectors.mps_control import DirsFound, configured_dirs, discover_mps_dirs
 from mpswatch.logfollow import LogFollower
 from mpswatch.metrics import Families
 from mpswatch.procfs import ProcFS
@@ -249,11 +249,9 @@ def server_starts_after(
 # ---------------------------------------------------------------- discovery
 
 
-def discover_log_dirs(
-    configured: tuple[str, ...], default_dir: str, device_plugin_root: str, procfs: ProcFS
-) -> tuple[list[tuple[str, str]], list[str]]:
+def discover_log_dirs(configured: tuple[str, ...], default_dir: str, device_plugin_root: str, procfs: ProcFS) -> DirsFound:
     if configured:
-        return [(d, "configured") for d in configured], []
+        return configured_dirs(configured)
     return discover_mps_dirs(
         defaults=(default_dir,),
         device_plugin_root=device_plugin_root,
@@ -281,6 +279,7 @@ class _WatchedDir:
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
     last_time: dict[str, float] = field(default_factory=dict)
     server_starts: Mapping[int, ServerStart] = field(default_factory=dict)  # see server_starts_after
+    refusals: dict[str, str | None] = field(default_factory=dict)  # source -> why its file is refused (logged once)
 
 
 class MpsLogsCollector:
@@ -309,13 +308,18 @@ class MpsLogsCollector:
         self._zone = zone
         self._clock = clock
         self._dirs: dict[str, _WatchedDir] = {}
+        self._refused: dict[str, str] = {}  # log dirs named by daemons not trusted, and why (logged once)
         self._recent: deque[tuple[str, LogEvent]] = deque(maxlen=recent_events)
         self._fatal: dict[int, tuple[str, LogEvent]] = {}
         self._log = structlog.get_logger().bind(collector=self.name)
 
     def collect(self) -> MpsLogsData:
-        found, notes = discover_log_dirs(self._configured, self._default, self._plugin_root, self._procfs)
-        self._remember(dict(found))
+        discovered = discover_log_dirs(self._configured, self._default, self._plugin_root, self._procfs)
+        for log_dir, why in discovered.refused.items():
+            if self._refused.get(log_dir) != why:
+                self._log.warning("log_dir_refused", log_dir=log_dir, reason=why)
+        self._refused = discovered.refused
+        self._remember(dict(discovered.dirs), discovered.owners)
         states = tuple(self._read(watched) for _, watched in sorted(self._dirs.items()))
         starts: dict[int, ServerStart] = {}
         for watched in self._dirs.values():  # a PID reused by a later server: the later start
@@ -324,16 +328,18 @@ class MpsLogsCollector:
                     starts[pid] = start
         return MpsLogsData(
             dirs=states, recent=tuple(self._recent), fatal_errors=frozen_map(self._fatal),
-            discovery_notes=tuple(notes), server_starts=frozen_map(starts),
+            discovery_notes=tuple(discovered.notes), server_starts=frozen_map(starts),
         )
 
-    def _remember(self, found: dict[str, str]) -> None:
-        """Dirs found once stay followed while they exist; a removed one is forgotten."""
+    def _remember(self, found: dict[str, str], owners: Mapping[str, frozenset[int]]) -> None:
+        """Dirs found once stay followed while they exist; a removed one is forgotten. The files of a
+        dir found only in daemons' environments are read only when owned by those daemons' users."""
         for log_dir, found_by in found.items():
             if log_dir not in self._dirs:
                 self._log.info("log_dir_found", log_dir=log_dir, found_by=found_by)
                 followers = {
-                    source: LogFollower(os.path.join(log_dir, name), self._backfill) for source, name in SOURCES.items()
+                    source: LogFollower(os.path.join(log_dir, name), self._backfill, owners=owners.get(log_dir))
+                    for source, name in SOURCES.items()
                 }
                 self._dirs[log_dir] = _WatchedDir(log_dir, found_by, followers)
         for log_dir, watched in list(self._dirs.items()):
@@ -346,6 +352,10 @@ class MpsLogsCollector:
     def _read(self, watched: _WatchedDir) -> LogDirState:
         for source, follower in watched.followers.items():
             lines = follower.poll()
+            if follower.refusal != watched.refusals.get(source):
+                if follower.refusal is not None:
+                    self._log.warning("log_file_refused", path=follower.path, reason=follower.refusal)
+                watched.refusals[source] = follower.refusal
             generation, context = watched.contexts.get(source, (follower.generation, LineContext()))
             if generation != follower.generation:
                 context = LineContext()  # a new or truncated file: no command reply or list is open
