@@ -310,7 +310,7 @@ class MetricsServer:
         try:
             transport, _ = await self._loop.connect_accepted_socket(
                 lambda: protocol, connection, ssl=self._tls.context if self._tls else None,
-                ssl_handshake_timeout=self._deadline if self._tls else None)
+                ssl_handshake_timeout=self._deadline + 1 if self._tls else None)  # the connection's deadline comes first
         except (OSError, EOFError) as err:  # ssl.SSLError is an OSError
             if self._tls is None:
                 raise
