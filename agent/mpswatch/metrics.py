@@ -147,13 +147,13 @@ _SPECS += [
         "mps_log_read_errors_total",
         "counter",
         ("log_dir", "source", "reason"),
-        "Lines skipped or reads failed: line_too_long, undecodable, io_error, partial_line_lost.",
+        "Lines skipped or kept with bad bytes, reads failed, rotated files lost, by reason (see docs/metrics.md).",
     ),
     MetricSpec(
         "mps_log_file_resets_total",
         "counter",
         ("log_dir", "source", "reason"),
-        "The log file was rotated (renamed), truncated or deleted, and followed.",
+        "The log file was rotated (renamed; one per file that held its name), truncated or deleted, and followed.",
     ),
 ]
 
