@@ -291,3 +291,25 @@ def test_a_bad_web_config_file_exits_2_with_one_line_naming_the_setting_and_its_
     source = "environment MPSWATCH_WEB_CONFIG_FILE" if by_env else "command line"
     assert run.returncode == 2
     assert run.stderr == f"mpswatch: invalid config: web.config_file (from {source}): {path}: rate_limit: not supported\n"
+
+
+@needs_openssl
+def test_tls_connections_stalled_before_or_in_the_handshake_are_closed_at_the_deadline(tmp_path, pki):
+    port = free_port()
+    exposition = cached_exposition(NodeSnapshot, lambda snapshot: render(snapshot, "9.9.9"))
+    httpd = serve(f"127.0.0.1:{port}", exposition, lambda: (True, "fine"),
+                  web=load_web_config(write(tmp_path, tls_lines(pki))), deadline_seconds=1.5)
+    stalled = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(2)]
+    try:
+        stalled[1].sendall(b"\x16\x03\x01\x00")  # the first bytes of a ClientHello, then nothing
+        assert get(port, "/healthz", client_context(pki))[0].status == 200
+        for sock in stalled:
+            try:
+                assert sock.recv(65536) == b""
+            except ConnectionResetError:
+                pass
+        assert httpd.drops() == {"deadline": 2}
+    finally:
+        for sock in stalled:
+            sock.close()
+        httpd.shutdown()

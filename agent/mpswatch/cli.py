@@ -37,7 +37,7 @@ from mpswatch.config import (
     ConfigError,
     load_config,
 )
-from mpswatch.exporter import cached_exposition, cached_status, serve
+from mpswatch.exporter import cached_exposition, cached_status, health, serve
 from mpswatch.exposition import render
 from mpswatch.injection import Injected
 from mpswatch.logsetup import configure_logging
@@ -205,7 +205,7 @@ def run(injected: Injected, /, config_path: str | None, **flags: Any) -> None:
         basic_auth=bool(web and web.users),
         collectors=[loop.collector.name for loop in scheduler.loops],
     )
-    systemd = notify_systemd(scheduler.alive, stop)  # READY=1, and WATCHDOG=1 while /healthz would say 200
+    systemd = notify_systemd(lambda: health(scheduler.alive, exposition), stop)  # READY=1, WATCHDOG=1 while /healthz says 200
     stop.wait()
     log.info("agent_stopping")
     systemd.notify("STOPPING=1")

@@ -333,7 +333,25 @@ class Families:
             spec = CATALOG[name]
             kind = CounterMetricFamily if spec.type == "counter" else GaugeMetricFamily
             family = self._families[name] = kind(name, spec.help, labels=spec.labels)
-        family.add_metric([str(label) for label in labels], value)
+        family.add_metric([label_text(label) for label in labels], value)
 
     def __iter__(self) -> Iterator[Metric]:
         return iter(self._families.values())
+
+
+def label_text(value: object) -> str:
+    """`value` as a label value the exposition can always encode as UTF-8: a byte that did not decode
+    (a surrogate from os.fsdecode, as in a directory name) is spelt `\\xfe`, any other lone surrogate
+    `\\udcfe`; without this one such label made every scrape fail."""
+    text = str(value)
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")

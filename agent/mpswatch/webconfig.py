@@ -14,7 +14,6 @@ import ipaddress
 import os
 import re
 import reprlib
-import socket
 import ssl
 import threading
 from collections import OrderedDict
@@ -409,40 +408,29 @@ def _basic_credentials(authorization: str | None) -> tuple[str, bytes] | None:
         return None
 
 
-def _is_tls_record(first: bytes) -> bool:
+def is_tls_record(first: bytes) -> bool:
     return first[:1] == b"\x16"  # a TLS handshake record: a ClientHello
 
 
-class TlsWrapper:
-    """Wraps each accepted connection on the thread that serves it, never on the accepting thread, so
-    that a client that never finishes its handshake holds up only its own connection."""
+PLAIN_HTTP_TO_TLS_ANSWER = (b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+                            b"Client sent an HTTP request to an HTTPS server.\n")  # as Go's server answers
 
-    def __init__(self, tls: TlsSettings, handshake_timeout: float) -> None:
+
+class TlsServer:
+    """The server side of TLS: the context the handshake uses, and the check of the client
+    certificate's SANs that follows it (client_allowed_sans)."""
+
+    def __init__(self, tls: TlsSettings) -> None:
         self.tls = tls
         self.context = server_context(tls)
-        self.handshake_timeout = handshake_timeout
 
-    def wrap(self, connection: socket.socket) -> ssl.SSLSocket | None:
-        """The TLS connection after its handshake; None when the client spoke plain HTTP (answered 400
-        here, as Go's server does) or went away. A failed handshake raises ssl.SSLError."""
-        connection.settimeout(self.handshake_timeout)
-        first = connection.recv(1, socket.MSG_PEEK)
-        if not first:
-            return None
-        if not _is_tls_record(first):
-            try:
-                connection.sendall(b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
-                                   b"Client sent an HTTP request to an HTTPS server.\n")
-                connection.recv(65536)  # the request, read: closing with it unread would reset the answer away
-            except OSError:
-                pass
-            return None
-        secure = self.context.wrap_socket(connection, server_side=True)
+    def refusal(self, peercert: Mapping[str, Any] | None) -> str | None:
+        """Why a client that finished its handshake is refused, None when it is admitted."""
         allowed = self.tls.client_allowed_sans
-        if allowed is not None:
-            entries = (secure.getpeercert() or {}).get("subjectAltName", ())
-            sans = {_san(entry[1]) for entry in entries if isinstance(entry, tuple) and isinstance(entry[1], str)}
-            if not sans & allowed:
-                secure.close()
-                raise PermissionError(f"client certificate has none of client_allowed_sans (it has {sorted(sans)})")
-        return secure
+        if allowed is None:
+            return None
+        entries = (peercert or {}).get("subjectAltName", ())
+        sans = {_san(entry[1]) for entry in entries if isinstance(entry, tuple) and isinstance(entry[1], str)}
+        if sans & allowed:
+            return None
+        return f"client certificate has none of client_allowed_sans (it has {sorted(sans)})"
