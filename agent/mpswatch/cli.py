@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from zoneinfo import ZoneInfo
 
 import click
@@ -28,7 +29,7 @@ from mpswatch.config import DEFAULT_CONFIG_PATH, ENV_PREFIX, SETTINGS, Config, C
 from mpswatch.exporter import CachedExposition, serve
 from mpswatch.exposition import render
 from mpswatch.injection import Injected
-from mpswatch.logsetup import configure_logging
+from mpswatch.logsetup import configure_logging, flush_logs, lines_dropped
 from mpswatch.procfs import ProcFS
 from mpswatch.runner import kill_all_children
 from mpswatch.scheduler import Scheduler, SnapshotStore
@@ -70,14 +71,17 @@ def _setting_options(*, serving: bool) -> Callable[[Command], Command]:
     return decorate
 
 
-def _load(config_path: str | None, flags: dict[str, Any]) -> Config:
-    given = {
+def _given_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    return {
         _FLAG_SETTINGS[param][0].key: list(value) if isinstance(value, tuple) else value
         for param, value in flags.items()
         if value is not None and value != ()
     }
+
+
+def _load(config_path: str | None, flags: dict[str, Any]) -> Config:
     try:
-        return load_config(config_path, flags=given)
+        return load_config(config_path, flags=_given_flags(flags))
     except ConfigError as err:
         click.echo(f"mpswatch: {err}", err=True)
         sys.exit(EXIT_USAGE)
@@ -151,9 +155,19 @@ def cli() -> None:
 def run(injected: Injected, /, config_path: str | None, **flags: Any) -> None:
     """Run the agent: collect in the background, serve /metrics and /healthz."""
     config = _load(config_path, flags)
-    configure_logging(config.log_level, config.log_format)
+    configure_logging(config.log_level, config.log_format, background=True)
     log = structlog.get_logger()
-    store = SnapshotStore()
+    received: list[signal.Signals] = []
+    wake = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum))
+        wake.set()
+
+    for signum in _HANDLED_SIGNALS:
+        signal.signal(signum, on_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED_SIGNALS)  # blocked across a reload's exec
+    store = SnapshotStore(log_lines_dropped=lines_dropped)
     scheduler = Scheduler(build_collectors(config, injected), store)
     exposition = CachedExposition(store.current, lambda snapshot: render(snapshot, __version__))
     try:
@@ -161,22 +175,64 @@ def run(injected: Injected, /, config_path: str | None, **flags: Any) -> None:
     except OSError as err:
         log.error("listen_failed", listen=config.listen, error=err.strerror or str(err))
         sys.exit(1)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    scheduler.start()
-    log.info(
-        "agent_started",
-        version=__version__,
-        listen=config.listen,
-        config_file=config.file,
-        collectors=[loop.collector.name for loop in scheduler.loops],
-    )
-    stop.wait()
-    log.info("agent_stopping")
-    scheduler.stop()
-    kill_all_children()
-    httpd.shutdown()
+    reload = False
+    try:
+        scheduler.start()
+        log.info(
+            "agent_started",
+            version=__version__,
+            listen=config.listen,
+            config_file=config.file,
+            collectors=[loop.collector.name for loop in scheduler.loops],
+        )
+        reload = _wait_for_stop_or_reload(wake, received, config_path, flags, log)
+    finally:  # whatever ends the wait, no child outlives the agent
+        log.info("agent_stopping", reload=reload)
+        scheduler.stop()
+        kill_all_children()
+        httpd.shutdown()
+        httpd.server_close()
+    if reload:
+        _replace_process(log)
+
+
+# SIGHUP reloads (the config file re-read by the same command line), SIGTERM and SIGINT stop
+_HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+
+
+def _wait_for_stop_or_reload(
+    wake: threading.Event, received: list[signal.Signals], config_path: str | None, flags: dict[str, Any], log: Any
+) -> bool:
+    """Waits for a signal; True for a SIGHUP whose configuration loads, False for a stop. A SIGHUP
+    whose configuration does not load is logged and changes nothing."""
+    while True:
+        wake.wait()
+        wake.clear()
+        signums, received[:] = list(received), []
+        if any(signum != signal.SIGHUP for signum in signums):
+            return False
+        try:
+            load_config(config_path, flags=_given_flags(flags))
+        except ConfigError as err:
+            log.error("reload_failed", error=str(err), detail="still running with the configuration it started with")
+            continue
+        return True
+
+
+def _replace_process(log: Any) -> NoReturn:
+    """A reload is a fresh start in the same process (same PID for systemd and Kubernetes): every
+    collector, thread and NVML handle is rebuilt from the new configuration, none carried over.
+    The handled signals stay blocked across the exec until the new image handles them."""
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    log.info("agent_reloading")
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
+    flush_logs()
+    try:
+        os.execv(sys.executable, argv)
+    except OSError as err:
+        log.error("reload_failed", error=err.strerror or str(err), detail="exec failed; exiting")
+        flush_logs()
+        sys.exit(1)
 
 
 def _one_shot_scheduler(injected: Injected, config_path: str | None, flags: dict[str, Any]) -> Scheduler:
