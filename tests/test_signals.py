@@ -126,6 +126,7 @@ def test_sighup_reloads_the_config_in_the_same_process_and_kills_the_running_con
         assert agent.stop() == 0
     events = node.events()
     assert events.count("agent_started") == 2 and "agent_reloading" in events
+    assert "daemon_down" not in events  # the query the agent killed says nothing about the daemon
 
 
 def test_sighup_with_a_config_that_does_not_load_changes_nothing_and_sigterm_then_stops_cleanly(node):
@@ -152,4 +153,4 @@ def test_a_stop_signal_ends_the_agent_with_its_control_program(node, signum):
         agent.proc.send_signal(signum)
         assert agent.proc.wait(timeout=10) == 0
         assert _gone_within(blocked, 5), f"control program {blocked} outlived the agent"
-    assert "agent_stopping" in node.events()
+    assert "agent_stopping" in node.events() and "daemon_down" not in node.events()
