@@ -53,7 +53,7 @@ def test_no_second_call_starts_while_one_is_stuck_and_it_recovers_when_it_return
     loop.cycle()
     report = loop.cycle()
     assert collector.calls == 1 and "still in progress" in report.status.error_detail
-    assert report.status.errors_total == {"timeout": 2, "internal_error": 0}
+    assert report.status.errors_total == {"timeout": 2, "internal_error": 0, "stale": 0}
     collector.block = False
     collector.release.set()
     time.sleep(0.05)
@@ -77,7 +77,7 @@ def test_collector_errors_and_crashes_are_counted_by_reason():
     collector.crash = True
     report = loop.cycle()
     assert report.status.error_reason == "internal_error"
-    assert report.status.errors_total == {"exec_failed": 1, "internal_error": 1, "timeout": 0}
+    assert report.status.errors_total == {"exec_failed": 1, "internal_error": 1, "timeout": 0, "stale": 0}
 
 
 def test_the_loop_stays_alive_while_its_collector_is_stuck():

@@ -71,7 +71,7 @@ class CollectorLoop:
         self._generation = 0
         self._busy_since: float | None = None
         # known reasons start at 0, so that the first failure is an increase Prometheus can see
-        self._errors: dict[str, int] = {"timeout": 0, "internal_error": 0}
+        self._errors: dict[str, int] = {"timeout": 0, "internal_error": 0, "stale": 0}
         self._last_success: float | None = None
         self._last_failure: str | None = None  # logged once per change, not once per cycle
         # a healthy loop publishes at least every interval + deadline; twice that, and a second more
