@@ -6,7 +6,6 @@ from __future__ import annotations
 import fcntl
 import os
 import subprocess
-import time
 
 from tests.kit.agentproc import Agent, agent_env, free_port, key, mpswatch_cmd
 from tests.kit.fakedaemon import FAKE_CONTROL
