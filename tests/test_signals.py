@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.kit.agentproc import Agent, parse_exposition
+from tests.kit.fakedaemon import FAKE_CONTROL
 
 # a control program that never answers: it records its PID and blocks
 BLOCKING_CONTROL = """#!/bin/sh
@@ -38,6 +39,10 @@ def _gone_within(pid: int, seconds: float) -> bool:
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     return not _alive(pid)
+
+
+def events(log: Path) -> list[str]:
+    return [json.loads(line)["event"] for line in log.read_text().splitlines() if line.startswith("{")]
 
 
 class Node:
@@ -78,7 +83,7 @@ class Node:
         return pid
 
     def events(self) -> list[str]:
-        return [json.loads(line)["event"] for line in self.log.read_text().splitlines() if line.startswith("{")]
+        return events(self.log)
 
     def kill_leftovers(self) -> None:
         for pid in self.pids():
@@ -110,7 +115,7 @@ def node(tmp_path):
 
 
 def test_sighup_reloads_the_config_in_the_same_process_and_kills_the_running_control_program(node):
-    with Agent(["--config", str(node.config)], log_path=node.log, nvml="no_driver") as agent:
+    with Agent(["--config", str(node.config)], log_path=node.log, nvml="h200") as agent:
         first, second = (str(d) for d in node.log_dirs)
         assert watched_log_dirs(agent) == {first}
         blocked = node.blocked_control_program()
@@ -130,7 +135,7 @@ def test_sighup_reloads_the_config_in_the_same_process_and_kills_the_running_con
 
 
 def test_sighup_with_a_config_that_does_not_load_changes_nothing_and_sigterm_then_stops_cleanly(node):
-    with Agent(["--config", str(node.config)], log_path=node.log, nvml="no_driver") as agent:
+    with Agent(["--config", str(node.config)], log_path=node.log, nvml="h200") as agent:
         assert watched_log_dirs(agent) == {str(node.log_dirs[0])}
         blocked = node.blocked_control_program()
         node.config.write_text("[mps_logs\nlog_dirs = ")
@@ -148,9 +153,28 @@ def test_sighup_with_a_config_that_does_not_load_changes_nothing_and_sigterm_the
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_ends_the_agent_with_its_control_program(node, signum):
-    with Agent(["--config", str(node.config)], log_path=node.log, nvml="no_driver") as agent:
+    with Agent(["--config", str(node.config)], log_path=node.log, nvml="h200") as agent:
         blocked = node.blocked_control_program()
         agent.proc.send_signal(signum)
         assert agent.proc.wait(timeout=10) == 0
         assert _gone_within(blocked, 5), f"control program {blocked} outlived the agent"
     assert "agent_stopping" in node.events() and "daemon_down" not in node.events()
+
+
+def test_three_reloads_in_a_row_while_collecting(fake_daemon, tmp_path):
+    """With collectors busy (a daemon answering, NVML, engines) a signal may land on any thread;
+    the main thread acts on each (it waits with a timeout), and each reload is a fresh start."""
+    daemon = fake_daemon("healthy_two_clients_driver580")
+    args = ["--mps-control-bin", FAKE_CONTROL, "--interval", "0.5", "--pipe-dir", daemon.path, "--log-dir", str(tmp_path)]
+    log = tmp_path / "agent.log"
+    with Agent(args, log_path=log, nvml="h200") as agent:
+        up = ("mps_control_up", frozenset({("pipe_dir", daemon.path)}))
+        for reloads in range(1, 4):
+            agent.wait_for(lambda s: s.get(up) == 1)
+            agent.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while events(log).count("agent_started") < reloads + 1:
+                assert time.monotonic() < deadline, f"SIGHUP number {reloads} was not acted on"
+                time.sleep(0.05)
+            agent.wait_healthy()
+        assert agent.stop() == 0

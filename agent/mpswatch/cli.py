@@ -198,6 +198,7 @@ def run(injected: Injected, /, config_path: str | None, **flags: Any) -> None:
 
 # SIGHUP reloads (the config file re-read by the same command line), SIGTERM and SIGINT stop
 _HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+SIGNAL_POLL_SECONDS = 0.25
 
 
 def _wait_for_stop_or_reload(
@@ -206,7 +207,10 @@ def _wait_for_stop_or_reload(
     """Waits for a signal; True for a SIGHUP whose configuration loads, False for a stop. A SIGHUP
     whose configuration does not load is logged and changes nothing."""
     while True:
-        wake.wait()
+        # with a timeout: a signal taken by another thread runs its handler only once the main
+        # thread is back in Python, which a wait without one would never be
+        while not wake.wait(SIGNAL_POLL_SECONDS):
+            pass
         wake.clear()
         signums, received[:] = list(received), []
         if any(signum != signal.SIGHUP for signum in signums):
