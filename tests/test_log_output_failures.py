@@ -49,11 +49,16 @@ def assert_still_collecting(agent: Agent, daemon) -> dict:
     return samples
 
 
+def stops_cleanly(agent: Agent) -> None:
+    assert agent.stop() == 0  # no traceback, no exit status from a failed flush on the way out
+
+
 def test_stderr_on_a_full_disk(fake_daemon):
     daemon = fake_daemon("healthy_two_clients_driver580")
     with open("/dev/full", "wb") as full, AgentWithStderr(args_for(daemon), full) as agent:
         samples = assert_still_collecting(agent, daemon)
         assert samples[key("mpswatch_log_lines_dropped_total", reason="write_failed")] >= 3
+        stops_cleanly(agent)
 
 
 def test_stderr_a_pipe_closed_before_the_start(fake_daemon):
@@ -64,6 +69,7 @@ def test_stderr_a_pipe_closed_before_the_start(fake_daemon):
         with AgentWithStderr(args_for(daemon), write_end) as agent:
             samples = assert_still_collecting(agent, daemon)
             assert samples[key("mpswatch_log_lines_dropped_total", reason="write_failed")] >= 3
+            stops_cleanly(agent)
     finally:
         os.close(write_end)
 
@@ -77,6 +83,7 @@ def test_stderr_a_pipe_closed_mid_run(fake_daemon):
         agent.proc.stderr.close()
         samples = assert_still_collecting(agent, daemon)
         assert samples[key("mpswatch_log_lines_dropped_total", reason="write_failed")] >= 2
+        stops_cleanly(agent)
 
 
 def test_stderr_a_pipe_nobody_reads(fake_daemon):
@@ -90,6 +97,7 @@ def test_stderr_a_pipe_nobody_reads(fake_daemon):
             for _ in range(3):  # each flap logs two lines the blocked writer cannot take
                 assert_still_collecting(agent, daemon)
             assert agent.value("mpswatch_log_lines_dropped_total", reason="write_failed") == 0
+            stops_cleanly(agent)  # within the wait for a blocked writer (2 s)
     finally:
         os.close(read_end)
         os.close(write_end)
