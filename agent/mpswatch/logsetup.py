@@ -15,6 +15,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from typing import TextIO
 
@@ -62,12 +63,13 @@ class LineSink:
         """Waits, at most `timeout_seconds`, until the lines queued so far are written (or dropped)."""
         if self._queue is None:
             return
+        deadline = time.monotonic() + timeout_seconds
         done = threading.Event()
         try:
             self._queue.put(done, timeout=timeout_seconds)
         except queue.Full:
             return
-        done.wait(timeout_seconds)
+        done.wait(max(0.0, deadline - time.monotonic()))
 
     def _drain(self) -> None:
         assert self._queue is not None
@@ -102,10 +104,14 @@ def _fileno(stream: TextIO | None) -> int | None:
     if stream is None:
         return None
     try:
-        stream.flush()
-        return stream.fileno()
+        fd = stream.fileno()
     except (OSError, ValueError, AttributeError):
         return None
+    try:
+        stream.flush()  # what was written through the stream before goes out first
+    except (OSError, ValueError):
+        pass
+    return fd
 
 
 class _SinkLogger:
