@@ -68,7 +68,7 @@ def test_systemd_units_verify(tmp_path):
     """systemd-analyze verify in a root made for it: the units' programs as stubs, systemd's own units."""
     root = tmp_path / "root"
     for program in ("usr/bin/nvidia-cuda-mps-control", "usr/bin/nvidia-smi", "opt/mpswatch/bin/mpswatch",
-                    "opt/vllm/bin/vllm", "bin/sh"):
+                    "opt/vllm/bin/vllm", "bin/sh", "bin/kill"):
         (root / program).parent.mkdir(parents=True, exist_ok=True)
         (root / program).write_text("#!/bin/sh\n")
         (root / program).chmod(0o755)

@@ -27,6 +27,18 @@ _SPECS = [
         "Unix time of the collector's last successful run.",
     ),
     MetricSpec("mpswatch_collector_errors_total", "counter", ("collector", "reason"), "Failed collector runs by reason."),
+    MetricSpec(
+        "mpswatch_collector_stale_after_seconds",
+        "gauge",
+        ("collector",),
+        "Age of the last successful run past which the collector's data counts as stale (its loop stuck or gone).",
+    ),
+    MetricSpec(
+        "mpswatch_log_lines_dropped_total",
+        "counter",
+        ("reason",),
+        "Log lines the agent could not write (write_failed) or dropped with its writer too far behind (backlog_full).",
+    ),
     MetricSpec("mps_control_daemons", "gauge", (), "MPS control daemons watched on the node (found or configured); 0: none."),
     MetricSpec(
         "mps_control_expected",

@@ -386,6 +386,8 @@ class CollectorStatus:
     errors_total: Mapping[str, int]
     error_reason: str | None = None
     error_detail: str | None = None
+    # how old a successful run may be before its data counts as stale (mpswatch.scheduler)
+    stale_after_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -406,6 +408,7 @@ class NodeSnapshot:
     engines: EnginesData | None = None
     pods: PodsData | None = None
     derived: DerivedFacts = field(default_factory=lambda: DerivedFacts())
+    log_lines_dropped: Mapping[str, int] = field(default_factory=frozen_map)  # the agent's own, by reason
 
 
 EXPECTATION_REASONS = ("configured", "engine_pipe_dir", "no_engine_pipe_dir")

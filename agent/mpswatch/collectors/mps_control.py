@@ -719,8 +719,8 @@ class MpsControlCollector:
             daemon = MpsDaemon(pipe_dir, watched.found_by, DaemonState.GARBAGE, f"unexpected: {err!r}"[:200],
                                client_limit=self._client_limit,
                                command_failures=frozen_map({("get_server_list", "garbage_output"): 1}))
-        if stopping() and previous is not None:
-            return previous  # its command was killed by the agent shutting down: neither logged nor counted
+        if stopping():  # its command was killed by the agent stopping or reloading: neither logged nor counted
+            return previous if previous is not None else daemon
         if daemon.clients:
             daemon = replace(daemon, clients=tuple(replace(c, device=full_uuid(c.device, self._uuids)) for c in daemon.clients))
         daemon = replace(daemon, resource=watched.resource)
