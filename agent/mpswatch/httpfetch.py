@@ -44,8 +44,10 @@ def _credentials(url: str) -> tuple[str, str] | None:
 
 def scrub(text: str, url: str) -> str:
     """`text` without the URL's user name and password, raw or percent-decoded (error messages)."""
-    for secret in itertools.chain(*(((s, unquote(s)) for s in (urlsplit(url).username, urlsplit(url).password) if s))):
-        text = text.replace(secret, "***")
+    parts = urlsplit(url)
+    for secret in (parts.username, parts.password):
+        if secret:
+            text = text.replace(secret, "***").replace(unquote(secret), "***")
     return text
 
 
@@ -102,7 +104,7 @@ def fetch_metrics(url: str, timeout: float, max_bytes: int) -> bytes:
     try:
         connection.connect()
         reader = _DeadlineReader(connection.sock, deadline, MAX_HEADER_BYTES)
-        connection.response_class = lambda _sock, **kw: http.client.HTTPResponse(_SocketView(reader), **kw)  # type: ignore[assignment,arg-type,misc]
+        connection.response_class = lambda _sock, **kw: http.client.HTTPResponse(_SocketView(reader), **kw)  # type: ignore[assignment,arg-type]
         connection.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), headers=headers)
         response = connection.getresponse()
         reader.budget = None
@@ -137,13 +139,15 @@ class Pending(Generic[T]):
     value: T | None = None
     error: str | None = None
     fetched_at: float = 0.0  # time.monotonic() when the body had arrived
+    deadline: float = 0.0  # time.monotonic() by which it ends, counted from when it was asked for
 
 
 class BackgroundFetcher(Generic[T]):
     """Runs each GET, and parses its body, on one of at most `max_workers` daemon threads shared by
     every URL; a URL whose last request is still queued or in flight is not asked again until it
-    ends. URLs whose last request failed wait behind the others: hostile engines cannot take the
-    workers from one that answers."""
+    ends. The deadline counts from when the request is asked for, queued or not, so every request
+    of a cycle is over when the cycle's wait is; and URLs whose last request failed wait behind the
+    others: hostile engines cannot keep the workers from one that answers."""
 
     def __init__(self, parse: Callable[[str], T], timeout_seconds: float, max_body_bytes: int,
                  fetch: Fetch = fetch_metrics, max_workers: int = MAX_CONCURRENT_FETCHES) -> None:
@@ -164,7 +168,7 @@ class BackgroundFetcher(Generic[T]):
         pending = self._pending.get(url)
         if pending is not None and not pending.done.is_set():
             return pending
-        pending = self._pending[url] = Pending()
+        pending = self._pending[url] = Pending(deadline=time.monotonic() + self._timeout)
         with self._lock:
             self._queue.put((url in self._failed, next(self._order), url, pending))
             if self._queue.qsize() > self._idle and self._workers < self._max_workers:
@@ -186,13 +190,18 @@ class BackgroundFetcher(Generic[T]):
 
     def run(self, url: str, pending: Pending[T]) -> None:
         try:
-            body = self._fetch(url, self._timeout, self._max_body)
+            left = pending.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("waited for a free worker")
+            body = self._fetch(url, left, self._max_body)
             pending.fetched_at = time.monotonic()
             pending.value = self._parse(body.decode("utf-8", "replace"))
             with self._lock:
                 self._failed.discard(url)
         except Exception as err:  # down, refused, HTTP error, too big, too slow, garbage
-            pending.error = scrub(str(err), url)[:200] or type(err).__name__
+            timed_out = isinstance(err, TimeoutError)
+            pending.error = f"no answer within {self._timeout:g} s" if timed_out else \
+                scrub(str(err), url)[:200] or type(err).__name__
             with self._lock:
                 self._failed.add(url)
         finally:

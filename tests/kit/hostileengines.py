@@ -105,17 +105,17 @@ def _huge_headers(sock: socket.socket) -> None:
 
 def _bad_values(sock: socket.socket) -> None:
     body = (
-        "# TYPE vllm:num_requests_running gauge\n"
-        'vllm:num_requests_running{model_name="m"} NaN\n'
-        "# TYPE vllm:num_requests_waiting gauge\n"
-        'vllm:num_requests_waiting{model_name="m"} -4.0\n'
-        "# TYPE vllm:kv_cache_usage_perc gauge\n"
-        'vllm:kv_cache_usage_perc{model_name="m"} +Inf\n'
-        "# TYPE vllm:prompt_tokens counter\n"
-        'vllm:prompt_tokens_total{model_name="m"} 3.0\n'
-        "# TYPE vllm:prompt_tokens counter\n"
-        'vllm:prompt_tokens_total{model_name="m"} 3.0\n'
-    ).encode()
+        b"# TYPE vllm:num_requests_running gauge\n"
+        b'vllm:num_requests_running{model_name="m"} NaN\n'
+        b"# TYPE vllm:num_requests_waiting gauge\n"
+        b'vllm:num_requests_waiting{model_name="m"} -4.0\n'
+        b"# TYPE vllm:kv_cache_usage_perc gauge\n"
+        b'vllm:kv_cache_usage_perc{model_name="m"} +Inf\n'
+        b"# TYPE vllm:prompt_tokens counter\n"
+        b'vllm:prompt_tokens_total{model_name="m"} 3.0\n'
+        b"# TYPE vllm:prompt_tokens counter\n"
+        b'vllm:prompt_tokens_total{model_name="m"} 3.0\n'
+    )
     sock.sendall(_headers("200 OK", f"Content-Length: {len(body)}") + body)
 
 
