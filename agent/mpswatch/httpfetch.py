@@ -57,6 +57,7 @@ class _DeadlineReader(io.RawIOBase):
 
     def __init__(self, sock: socket.socket, deadline: float, budget: int | None) -> None:
         self._sock = sock
+        self._io = sock.makefile("rb", buffering=0)  # the socket stays open until this is closed
         self.deadline = deadline
         self.budget = budget
         self.total = 0
@@ -74,9 +75,13 @@ class _DeadlineReader(io.RawIOBase):
                 raise BadMetrics(f"headers larger than {MAX_HEADER_BYTES} bytes")
             view = view[: self.budget - self.total]
         self._sock.settimeout(left)
-        count = self._sock.recv_into(view)
+        count = self._io.readinto(view) or 0
         self.total += count
         return count
+
+    def close(self) -> None:
+        self._io.close()
+        super().close()
 
 
 class _SocketView:
@@ -117,7 +122,7 @@ def fetch_metrics(url: str, timeout: float, max_bytes: int) -> bytes:
         if response.length is not None and response.length > max_bytes:
             raise BadMetrics(f"body larger than {max_bytes} bytes ({response.length} announced)")
         chunks, size = [], 0
-        while chunk := response.read1(65536):  # b"" at the end of the body, chunked or not
+        while response.length != 0 and (chunk := response.read1(65536)):  # None: chunked or until closed
             size += len(chunk)
             if size > max_bytes:
                 raise BadMetrics(f"body larger than {max_bytes} bytes")
