@@ -2,7 +2,8 @@
 tests/kit/hostileengines.py: never answering, headers or body at a byte a second, 1 GiB bodies,
 endless chunked, a gzip bomb, redirects, huge headers, NaN and negative values) and a normal one,
 all configured; `mpswatch run` (through the test kit's launcher, no GPU) scrapes them every 2 s.
-Prints its VmRSS over time, its thread count, and whether the normal engine stayed up.
+Prints its VmRSS over time, its thread count, its malloc arenas at the end and whether the normal
+engine stayed up; each against a control run with the normal engine alone.
 
     python -m benchmarks.hostile_engines [--seconds 60] [--repo PATH ...]
         # each --repo: a checkout whose agent is run (default: this one), e.g. the code before
@@ -34,6 +35,22 @@ def status_field(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
+def malloc_arenas(pid: int) -> tuple[int, float]:
+    """glibc's per-thread malloc arenas: anonymous mappings that start on a 64 MiB boundary (arenas
+    reserve their heaps 64 MiB at a time, so aligned); how many and the MiB they hold resident."""
+    count, resident, arena = 0, 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 5 and "-" in fields[0] and fields[1].startswith("rw"):
+            arena = int(fields[0].split("-")[0], 16) % (64 << 20) == 0
+            count += arena
+        elif len(fields) >= 5 and "-" in fields[0]:
+            arena = False
+        elif fields[0] == "Rss:" and arena:
+            resident += int(fields[1])
+    return count, round(resident / 1024, 1)
+
+
 def normal_engine_up(metrics_url: str) -> bool | None:
     try:
         with urllib.request.urlopen(metrics_url, timeout=5) as response:
@@ -59,6 +76,7 @@ def run_agent(repo: Path, urls: dict[str, str], seconds: float, every: float) ->
             if elapsed > 5:
                 up.append(normal_engine_up(f"http://127.0.0.1:{port}/metrics"))
             time.sleep(max(0.0, every - (time.monotonic() - started - elapsed)))
+        arenas = malloc_arenas(agent.pid)
     finally:
         agent.terminate()
         agent.wait(timeout=20)
@@ -71,6 +89,7 @@ def run_agent(repo: Path, urls: dict[str, str], seconds: float, every: float) ->
         "rss_mib_median_second_half": round(statistics.median(last_half), 1),
         "rss_mib_last": round(rss[-1], 1),
         "threads_max": max(threads for _, _, threads in samples),
+        "malloc_arenas_at_end": {"count": arenas[0], "rss_mib": arenas[1]},
         "normal_engine_up_ratio": round(sum(1 for u in up if u) / len(up), 2) if up else None,
         "rss_mib_every_10s": [round(mib, 1) for _, mib, _ in samples[::max(1, round(10 / every))]],
     }
@@ -86,12 +105,14 @@ def main() -> None:
     normal = FakeVllm()
     try:
         urls = {"normal": normal.url, **json.loads(hostile.stdout.readline())}  # type: ignore[union-attr]
-        report = [run_agent(repo.resolve(), urls, args.seconds, 1.0) for repo in args.repo or [REPO]]
+        report = [{"engines": engines, **run_agent(repo.resolve(), chosen, args.seconds, 1.0)}
+                  for repo in args.repo or [REPO]
+                  for engines, chosen in (("normal only", {"normal": urls["normal"]}), ("normal and 18 hostile", urls))]
     finally:
         normal.close()
         hostile.terminate()
         hostile.wait(timeout=20)
-    print(json.dumps({"engines": len(urls), "seconds": args.seconds, "runs": report}, indent=1))
+    print(json.dumps({"seconds": args.seconds, "runs": report}, indent=1))
 
 
 if __name__ == "__main__":

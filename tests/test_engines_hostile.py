@@ -21,9 +21,9 @@ from mpswatch.exposition import render
 from mpswatch.httpfetch import MAX_CONCURRENT_FETCHES, fetch_metrics, redact_url
 from mpswatch.procfs import ProcFS
 
+from tests.kit import hostileengines
 from tests.kit.agentproc import Agent, agent_env, mpswatch_cmd
 from tests.kit.fakevllm import FakeVllm
-from tests.kit import hostileengines
 from tests.kit.hostileengines import KINDS
 from tests.kit.snapshots import snapshot_of
 
