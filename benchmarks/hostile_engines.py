@@ -5,9 +5,13 @@ all configured; `mpswatch run` (through the test kit's launcher, no GPU) scrapes
 Prints its VmRSS over time, its thread count, its malloc arenas at the end and whether the normal
 engine stayed up; each against a control run with the normal engine alone.
 
-    python -m benchmarks.hostile_engines [--seconds 60] [--repo PATH ...]
+    python -m benchmarks.hostile_engines [--seconds 60] [--repo PATH ...] [--kinds KIND,...]
+                                         [--malloc-arena-max N] [--tracemalloc]
         # each --repo: a checkout whose agent is run (default: this one), e.g. the code before
-        # issue 17 made with `git worktree add /tmp/eng17base aa65dc7`
+        # issue 17 made with `git worktree add /tmp/eng17base aa65dc7`;
+        # --kinds: only these hostile kinds (2 of each); --malloc-arena-max: glibc's MALLOC_ARENA_MAX
+        # for the agent; --tracemalloc: the engines collector alone, in a process of its own, traced
+        # by tracemalloc: its peak of Python allocations and where they were made at that peak
 """
 
 from __future__ import annotations
@@ -60,11 +64,64 @@ def normal_engine_up(metrics_url: str) -> bool | None:
     return 'mps_engine_up{engine="normal"} 1' in text
 
 
-def run_agent(repo: Path, urls: dict[str, str], seconds: float, every: float) -> dict[str, object]:
-    port = free_port()
+def trace_collector(urls: dict[str, str], seconds: float) -> None:
+    """In the child: the engines collector on its own, every 2 s, under tracemalloc; prints its peak
+    and the ten largest allocation sites of the largest of the snapshots taken every 0.2 s."""
+    import threading
+    import tracemalloc
+
+    from mpswatch.collectors.engines import EnginesCollector
+
+    tracemalloc.start(1)
+    collector = EnginesCollector(configured=[{"name": n, "url": u} for n, u in urls.items()], discover=False)
+    largest: list[tracemalloc.Snapshot] = []
+    largest_size = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.2):
+            current = tracemalloc.get_traced_memory()[0]
+            if current > largest_size[0]:
+                largest_size[0] = current
+                largest[:] = [tracemalloc.take_snapshot()]
+
+    threading.Thread(target=sample, daemon=True).start()
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        collector.collect()
+        time.sleep(2.0)
+    stop.set()
+    top = largest[0].statistics("lineno")[:10] if largest else []
+    print(json.dumps({
+        "traced_peak_mib": round(tracemalloc.get_traced_memory()[1] / 2**20, 1),
+        "largest_snapshot_mib": round(largest_size[0] / 2**20, 1),
+        "top_sites_mib": {f"{Path(stat.traceback[0].filename).name}:{stat.traceback[0].lineno}":
+                          round(stat.size / 2**20, 2) for stat in top},
+        "vm_rss_mib": round(status_field(os.getpid(), "VmRSS") / 1024, 1),
+    }))
+
+
+def child_env(repo: Path, urls: dict[str, str], arena_max: int | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MPSWATCH_")}
     env.update(PYTHONPATH=f"{repo / 'agent'}{os.pathsep}{repo}", MPSWATCH_ENGINE_SCRAPE_DISCOVER="false",
                MPSWATCH_ENGINES=",".join(f"{name}={url}" for name, url in urls.items()))
+    if arena_max is not None:
+        env["MALLOC_ARENA_MAX"] = str(arena_max)
+    return env
+
+
+def run_traced(repo: Path, urls: dict[str, str], seconds: float) -> dict[str, object]:
+    env = child_env(repo, urls, None)
+    env["PYTHONPATH"] = f"{repo / 'agent'}{os.pathsep}{REPO}"  # this checkout's benchmark, that one's agent
+    command = [sys.executable, "-m", "benchmarks.hostile_engines", "--trace-child", json.dumps(urls), str(seconds)]
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=seconds + 120, check=True)
+    return {"repo": str(repo), **json.loads(run.stdout.splitlines()[-1])}
+
+
+def run_agent(repo: Path, urls: dict[str, str], seconds: float, every: float, arena_max: int | None = None
+              ) -> dict[str, object]:
+    port = free_port()
+    env = child_env(repo, urls, arena_max)
     command = [sys.executable, "-m", "tests.kit.agent", "--nvml", "no_driver", "run", "--listen", f"127.0.0.1:{port}"]
     agent = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     samples: list[tuple[float, float, int]] = []
@@ -99,20 +156,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--repo", type=Path, action="append", help="a checkout whose agent runs (default: this one)")
+    parser.add_argument("--kinds", default="", help="comma-separated hostile kinds (default: all)")
+    parser.add_argument("--malloc-arena-max", type=int)
+    parser.add_argument("--tracemalloc", action="store_true")
+    parser.add_argument("--trace-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    hostile = subprocess.Popen([sys.executable, str(REPO / "tests" / "kit" / "hostileengines.py")],
+    if args.trace_child:
+        trace_collector(json.loads(args.trace_child[0]), float(args.trace_child[1]))
+        return
+    kinds = [kind for kind in args.kinds.split(",") if kind]
+    hostile = subprocess.Popen([sys.executable, str(REPO / "tests" / "kit" / "hostileengines.py"), *kinds],
                                stdout=subprocess.PIPE, text=True)
     normal = FakeVllm()
     try:
         urls = {"normal": normal.url, **json.loads(hostile.stdout.readline())}  # type: ignore[union-attr]
-        report = [{"engines": engines, **run_agent(repo.resolve(), chosen, args.seconds, 1.0)}
-                  for repo in args.repo or [REPO]
-                  for engines, chosen in (("normal only", {"normal": urls["normal"]}), ("normal and 18 hostile", urls))]
+        mix = f"normal and {len(urls) - 1} hostile"
+        if args.tracemalloc:
+            report = [{"engines": mix, **run_traced(repo.resolve(), urls, args.seconds)} for repo in args.repo or [REPO]]
+        else:
+            report = [{"engines": engines, **run_agent(repo.resolve(), chosen, args.seconds, 1.0, args.malloc_arena_max)}
+                      for repo in args.repo or [REPO]
+                      for engines, chosen in (("normal only", {"normal": urls["normal"]}), (mix, urls))]
     finally:
         normal.close()
         hostile.terminate()
         hostile.wait(timeout=20)
-    print(json.dumps({"seconds": args.seconds, "runs": report}, indent=1))
+    print(json.dumps({"seconds": args.seconds, "kinds": kinds or "all", "malloc_arena_max": args.malloc_arena_max,
+                      "runs": report}, indent=1))
 
 
 if __name__ == "__main__":
