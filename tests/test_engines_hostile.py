@@ -115,11 +115,14 @@ def test_credentials_never_reach_the_exposition_the_logs_or_status(servers, tmp_
     assert f'url="{guarded.url}"' in text and "s3cr3t" not in text and f"{USER}:" not in text
     logged = log.read_text()
     assert "engine_down" in logged and "HTTP 401" in logged and "s3cr3t" not in logged
-    run = subprocess.run(mpswatch_cmd("status", "--json", *flags, nvml="no_driver"), env=agent_env(env),
-                         capture_output=True, text=True, timeout=120)
-    report = json.loads(run.stdout)
-    assert "s3cr3t" not in run.stdout + run.stderr and f"{USER}:" not in run.stdout
-    assert guarded.url in run.stdout and report  # the engines are there, by their redacted URL
+    outputs = {}
+    for as_json in ("--json", ""):
+        run = subprocess.run(mpswatch_cmd("status", *filter(None, [as_json]), *flags, nvml="no_driver"),
+                             env=agent_env(env), capture_output=True, text=True, timeout=120)
+        assert "s3cr3t" not in run.stdout + run.stderr and f"{USER}:" not in run.stdout
+        outputs[as_json] = run.stdout
+    assert {e["url"] for e in json.loads(outputs["--json"])["engines"]} == {guarded.url}
+    assert "engine wrong" in outputs[""] and "HTTP 401" in outputs[""]
     bad = subprocess.run(mpswatch_cmd("status", "--engine", f"x=ftp://{USER}:s3cr3t@h/metrics", nvml="no_driver"),
                          env=agent_env(env), capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "ftp://h/metrics" in bad.stderr and "s3cr3t" not in bad.stderr
