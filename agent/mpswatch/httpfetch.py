@@ -106,6 +106,7 @@ def fetch_metrics(url: str, timeout: float, max_bytes: int) -> bytes:
     credentials = _credentials(url)
     if credentials is not None:
         headers["Authorization"] = "Basic " + base64.b64encode(":".join(credentials).encode()).decode("ascii")
+    reader = None
     try:
         connection.connect()
         reader = _DeadlineReader(connection.sock, deadline, MAX_HEADER_BYTES)
@@ -134,6 +135,8 @@ def fetch_metrics(url: str, timeout: float, max_bytes: int) -> bytes:
         raise BadMetrics(f"not an HTTP answer: {type(err).__name__} {err}"[:200]) from None
     finally:
         connection.close()
+        if reader is not None:  # it holds the socket open (an answer given up on before its end)
+            reader.close()
 
 
 @dataclass
