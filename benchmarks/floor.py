@@ -351,7 +351,7 @@ def profile_collectors(collectors: dict, scheduler: Scheduler, cycles: int = 30)
     profiler.enable()
     for _ in range(cycles):
         for url in urls:
-            engines.fetcher.run(url, Pending())
+            engines.fetcher.run(url, Pending(deadline=time.monotonic() + 2.0))
     profiler.disable()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
