@@ -13,6 +13,7 @@
   podnet.py       a pod network built as root (network namespaces on a bridge), for the engines' netns tests
   kubecgroups.py  kubelet-style cgroups (v1 and v2, both drivers) to place the test's processes in pods
   fakepodresources.py  a kubelet's PodResources gRPC API on a unix socket
+  stagednode.py   the benchmarks' reference and large nodes, staged on a CPU machine, and the agent's collectors for them
   snapshots.py    snapshots built as the agent builds them, for tests of what is derived from them
 """
 
