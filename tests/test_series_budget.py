@@ -98,5 +98,5 @@ def test_every_group_of_series_is_within_its_budget_on_the_large_node(large_node
 
 def test_no_series_has_more_labels_than_stated(large_node):
     _, max_labels = documented_budget()
-    widest = max(((len(s.labels), f.name) for f in render(large_node, "test") for s in f.samples))
+    widest = max((len(s.labels), f.name) for f in render(large_node, "test") for s in f.samples)
     assert widest[0] <= max_labels, widest
