@@ -127,7 +127,7 @@ class FleetStack:
         for i, (name, a) in enumerate(sorted(assignment.items())):
             groups.setdefault((ports[i % servers], a["cluster"]), []).append(name)
         (work / "prometheus.yml").write_text(yaml.safe_dump({
-            "global": {"scrape_interval": scrape_interval, "scrape_timeout": "10s" if scrape_interval != "1s" else "1s"},
+            "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval},
             "scrape_configs": [{
                 "job_name": "mpswatch",
                 "static_configs": [{"targets": names, "labels": {"__server__": f"127.0.0.1:{port}", "cluster": cluster}}
