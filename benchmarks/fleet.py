@@ -126,7 +126,7 @@ def measure(nodes: int, interval: str, warmup: float, window: float, rounds: int
         remote_pending = metric_sum(f"{stack.prometheus}/metrics", "prometheus_remote_storage_samples_pending")
         remote_failed = metric_sum(f"{stack.prometheus}/metrics", "prometheus_remote_storage_samples_failed_total")
         queries = timed_queries(stack, started, started + elapsed, int(interval.rstrip("s")), rounds)
-        rss = {name: max(values) for name, values in rss_samples.items()}
+        rss = {name: {"first": values[0], "max": max(values), "last": values[-1]} for name, values in rss_samples.items()}
         return {
             "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "nodes": nodes, "interval": interval,
             "warmup_seconds": warmup, "window_seconds": round(elapsed), "shares": SHARES, "series_per_state": per_node,
@@ -134,7 +134,7 @@ def measure(nodes: int, interval: str, warmup: float, window: float, rounds: int
             "targets_up": up, "prometheus_head_series": head_series,
             "prometheus_samples_per_second": appended / elapsed, "victoria_rows_per_second": rows / elapsed,
             "remote_write_samples_pending": remote_pending, "remote_write_samples_failed": remote_failed,
-            "rss_bytes_max": rss, "cpu_cores": cpu, "scrape_duration_seconds": scrape,
+            "rss_bytes": rss, "cpu_cores": cpu, "scrape_duration_seconds": scrape,
             "rule_evaluation_seconds_mean": rule_sum / rule_count if rule_count else None,
             "queries": queries,
         }

@@ -65,7 +65,7 @@ def capture_states(shape: tuple[int, int, int], name: str) -> dict[str, bytes]:
 
 def assign(nodes: int, states: dict[str, float], clusters: int) -> dict[str, dict[str, str]]:
     """Node name -> its state and cluster: each state its share of the nodes (deterministic, spread
-    evenly), clusters round robin."""
+    evenly), each cluster a block of consecutive nodes (so that each has every state)."""
     names = [f"node-{i:05d}" for i in range(nodes)]
     order: list[str] = []
     credit = dict.fromkeys(states, 0.0)
@@ -75,7 +75,7 @@ def assign(nodes: int, states: dict[str, float], clusters: int) -> dict[str, dic
         chosen = max(credit, key=lambda s: credit[s])
         credit[chosen] -= sum(states.values())
         order.append(chosen)
-    return {name: {"state": state, "cluster": f"cluster-{i % clusters}"} for i, (name, state) in enumerate(zip(names, order))}
+    return {name: {"state": state, "cluster": f"cluster-{i * clusters // nodes}"} for i, (name, state) in enumerate(zip(names, order))}
 
 
 class _Answer(http.server.BaseHTTPRequestHandler):
