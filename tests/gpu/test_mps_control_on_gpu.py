@@ -136,3 +136,19 @@ def test_real_daemon_clients_hang_and_recovery(mps, tmp_path):
         RESULTS["status_after_kill9"] = report
         assert code == 1 and report["daemons"][0]["state"] == "stale_pid_file"
     RESULTS["agent_log_tail"] = (tmp_path / "agent.log").read_text().splitlines()[-15:]
+
+
+def test_an_idle_daemon_is_healthy_and_counts_no_failed_command(mps, tmp_path):
+    """Issue 17, finding 14: a real daemon with no server answered `ps` with an error every cycle,
+    counted as a failure (17 in 30 s). Only what an idle daemon can answer is asked now."""
+    mps.start()
+    pipe = str(mps.pipe_dir)
+    with Agent(["--pipe-dir", pipe, "--log-dir", str(mps.log_dir)], log_path=tmp_path / "agent.log") as agent:
+        agent.wait_for(lambda s: s.get(("mps_control_up", frozenset({("pipe_dir", pipe)}))) == 1)
+        time.sleep(30)  # fifteen cycles at the default interval
+        samples = agent.scrape()
+    failures = {dict(labels)["command"] + "/" + dict(labels)["reason"]: value for (name, labels), value in samples.items()
+                if name == "mps_control_command_failures_total" and dict(labels).get("pipe_dir") == pipe and value}
+    RESULTS["idle_daemon_failed_commands_in_30s"] = failures
+    assert samples.get(("mps_control_up", frozenset({("pipe_dir", pipe)}))) == 1
+    assert failures == {}
