@@ -68,7 +68,6 @@ _PINNED_LIMIT = re.compile(r"^([0-9]{1,15}(?:\.[0-9]{1,6})?)\s*([KMGT]?)i?B?$", 
 # count; Python refuses to convert integers of thousands of digits)
 _DECIMAL = re.compile(r"[0-9]{1,10}")
 DEFAULT_PIPE_DIR = "/tmp/nvidia-mps"
-_log = structlog.get_logger().bind(collector="mps_control")
 _DAEMON_FLAGS = frozenset({"-d", "--daemon", "-f", "--foreground", "--forground"})
 _UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -331,14 +330,15 @@ class ControlChannel:
         self._lock = threading.Lock()
         self._env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": pipe_dir}
 
-    def ask(self, verb: str, *args: int | str, timeout_seconds: float | None = None) -> Reply:
+    def ask(self, verb: str, *args: int | str) -> Reply:
         line = read_only_command(verb, *args)
-        timeout = self.timeout_seconds if timeout_seconds is None else timeout_seconds
+        timeout = self.timeout_seconds
         with self._lock:
             result = self._runner([self.control_bin], (line + "\n").encode(), self._env, timeout)
         if result.grace_seconds:
-            _log.debug("command_starved", pipe_dir=self.pipe_dir, command=verb, grace_seconds=result.grace_seconds,
-                       seen=result.starved_detail, timed_out=result.timed_out)
+            structlog.get_logger().debug("command_starved", collector="mps_control", pipe_dir=self.pipe_dir, command=verb,
+                                         grace_seconds=result.grace_seconds, seen=result.starved_detail,
+                                         timed_out=result.timed_out)
         return classify(result, timeout)
 
 
@@ -413,8 +413,8 @@ def probe_daemon(
     settings_from: MpsDaemon | None = None,
 ) -> MpsDaemon:
     """One daemon's state, with this probe's command durations and failures (counted per command and
-    reason). Each command waits at most the command timeout, and the daemon as a whole at most twice
-    that, so a slow daemon cannot stall the others.
+    reason). Each command waits at most the command timeout (once more for a control program starved of
+    CPU: runner.py), and no command is started after twice that: a slow daemon answers less, not never.
 
     Every command the agent sends adds about five lines to the daemon's control.log, so the
     settings (active thread percentages, pinned memory limit), which change rarely and apply only
@@ -648,7 +648,7 @@ class MpsControlCollector:
         self.interval_seconds = interval_seconds
         self._expected = expected
         self._settings_refresh = settings_refresh_seconds
-        # every daemon is probed in parallel and given at most twice the command timeout
+        # a cycle waits for its probes at most twice the command timeout (the rest are deferred)
         self.deadline_seconds = command_timeout_seconds * 2 + 1.0
         self._control_bin = control_bin
         self._discovery = discovery
@@ -672,13 +672,13 @@ class MpsControlCollector:
         self._log = structlog.get_logger().bind(collector=self.name)
 
     def collect(self) -> MpsControlData:
+        cycle_ends = time.monotonic() + self._budget  # discovery included: the collector's deadline holds
         found, notes = discover_pipe_dirs(self._discovery, self._procfs)
         resolved = self._control_bin if "/" in self._control_bin else shutil.which(self._control_bin)
         if resolved is None or not os.access(resolved, os.X_OK):
             notes.append(f"control program {self._control_bin} not found or not executable (no NVIDIA driver here?)")
         self._control_resolved = resolved or self._control_bin
         self._uuids = self._procfs.gpu_uuids()
-        cycle_ends = time.monotonic() + self._budget
         with self._lock:
             self._remember(dict(found))
             self._start_cycle()
