@@ -60,10 +60,10 @@ def run(total: int, hung: int, live: int, cycles: int, interval: float, timeout:
     kinds = pipe_dirs(root, total, hung, live)
     (root / "proc").mkdir()
 
-    def runner(argv, stdin, env, command_timeout):
+    def runner(argv, stdin, env, command_timeout, **options):
         kind = kinds[env["CUDA_MPS_PIPE_DIRECTORY"]]
         if kind == "live":
-            return run_with_deadline(argv, stdin, env, command_timeout)
+            return run_with_deadline(argv, stdin, env, command_timeout, **options)
         if kind == "hung":
             time.sleep(command_timeout)
             return RunResult(None, "", command_timeout, timed_out=True)

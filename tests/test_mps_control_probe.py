@@ -46,7 +46,7 @@ class ScriptedRunner:
         self.exec_error = exec_error
         self.sent: list[str] = []
 
-    def __call__(self, argv, stdin, env, timeout):
+    def __call__(self, argv, stdin, env, timeout, give_up=None):
         line = stdin.decode().strip()
         self.sent.append(line)
         assert env["CUDA_MPS_PIPE_DIRECTORY"]
@@ -270,7 +270,7 @@ def test_never_two_commands_in_flight_to_one_daemon(tmp_path):
     in_flight, peak = [0], [0]
     lock = threading.Lock()
 
-    def slow_runner(argv, stdin, env, timeout):
+    def slow_runner(argv, stdin, env, timeout, give_up=None):
         with lock:
             in_flight[0] += 1
             peak[0] = max(peak[0], in_flight[0])
@@ -314,7 +314,7 @@ def test_one_daemon_s_surprise_costs_only_that_daemon(tmp_path):
     for d in (good, bad):
         d.mkdir()
 
-    def runner(argv, stdin, env, timeout):
+    def runner(argv, stdin, env, timeout, give_up=None):
         if env["CUDA_MPS_PIPE_DIRECTORY"] == str(bad):
             raise RuntimeError("surprise")
         return ScriptedRunner(HEALTHY)(argv, stdin, env, timeout)
@@ -535,10 +535,10 @@ def test_a_thousand_pipe_dirs_degrade_per_daemon_never_to_nothing(tmp_path):
                 fakecontrol.write_reply(d, command, text)
     assert sum(k == "hung" for k in dirs.values()) == 300
 
-    def runner(argv, stdin, env, timeout):
+    def runner(argv, stdin, env, timeout, give_up=None):
         kind = dirs[env["CUDA_MPS_PIPE_DIRECTORY"]]
         if kind == "live":
-            return run_with_deadline(argv, stdin, env, timeout)
+            return run_with_deadline(argv, stdin, env, timeout, give_up=give_up)
         if kind == "hung":
             time.sleep(timeout)  # as a control program blocked on a hung daemon's socket
             return RunResult(None, "", timeout, timed_out=True)
@@ -564,3 +564,19 @@ def test_a_thousand_pipe_dirs_degrade_per_daemon_never_to_nothing(tmp_path):
     assert report.data.not_yet_probed == () and len(report.data.daemons) == 1000
     hung = [d for d in report.data.daemons if dirs[d.pipe_dir] == "hung"]
     assert all(d.state is DaemonState.HUNG for d in hung)
+
+
+def test_a_starved_control_program_of_a_stopped_daemon_gets_no_second_deadline(fake_daemon):
+    """Busy nodes must not page, but a stopped daemon is still seen at the first deadline: its control
+    program, still runnable there (spinning 1.5 s), is not given more time when the daemon is stopped."""
+    import signal
+
+    daemon = fake_daemon("healthy_two_clients_driver580")
+    daemon.update(spin_seconds=1.5)
+    daemon.process.send_signal(signal.SIGSTOP)
+    try:
+        [state] = _collector_for(daemon).collect().daemons
+    finally:
+        daemon.process.send_signal(signal.SIGCONT)
+    assert state.state is DaemonState.HUNG and "stopped" in state.reason
+    assert state.commands_starved_total == 0 and state.command_durations["get_server_list"] < 1.5

@@ -105,3 +105,9 @@ def test_a_stopped_child_gets_no_more_time():
 def test_a_child_spinning_past_its_extended_deadline_times_out():
     result = run_with_deadline([sys.executable, "-I", "-S", "-c", "while True: pass"], b"", os.environ, 0.5)
     assert result.timed_out and result.grace_seconds == 0.5
+
+
+def test_a_starved_child_gets_no_second_deadline_when_waiting_cannot_help():
+    result = run_with_deadline([sys.executable, "-I", "-S", "-c", "while True: pass"], b"", os.environ, 0.5,
+                               give_up=lambda: True)
+    assert result.timed_out and result.grace_seconds == 0.0

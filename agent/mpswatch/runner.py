@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 MAX_OUTPUT_BYTES = 1 << 20
 
@@ -46,7 +47,11 @@ class RunResult:
     starved_detail: str = ""
 
 
-Runner = Callable[[Sequence[str], bytes, Mapping[str, str], float], RunResult]
+class Runner(Protocol):
+    """run_with_deadline's shape: what the MPS control collector calls, and what tests inject."""
+
+    def __call__(self, argv: Sequence[str], stdin: bytes, env: Mapping[str, str], timeout_seconds: float, /, *,
+                 give_up: Callable[[], bool] | None = None) -> RunResult: ...
 
 
 def run_with_deadline(
@@ -55,8 +60,12 @@ def run_with_deadline(
     env: Mapping[str, str],
     timeout_seconds: float,
     max_output_bytes: int = MAX_OUTPUT_BYTES,
+    *,
+    give_up: Callable[[], bool] | None = None,
 ) -> RunResult:
-    """Runs argv in its own process group; on deadline or excess output kills the whole group."""
+    """Runs argv in its own process group; on deadline or excess output kills the whole group.
+    `give_up`, asked at the deadline, says that more time cannot help (the daemon the child talks to
+    is stopped): then a starved child gets no second deadline either."""
     started = time.monotonic()
     try:
         child = subprocess.Popen(
@@ -75,7 +84,7 @@ def run_with_deadline(
         _live.add(child)
     finished = False
     try:
-        result = _communicate(child, stdin, started + timeout_seconds, timeout_seconds, max_output_bytes)
+        result = _communicate(child, stdin, started + timeout_seconds, timeout_seconds, max_output_bytes, give_up)
         finished = not (result.timed_out or result.truncated)
         return RunResult(
             child.returncode if finished else None,
@@ -157,7 +166,8 @@ def _cpu_pressure(proc_root: str) -> str:
 
 
 def _communicate(
-    child: subprocess.Popen[bytes], stdin: bytes, deadline: float, grace: float, cap: int
+    child: subprocess.Popen[bytes], stdin: bytes, deadline: float, grace: float, cap: int,
+    give_up: Callable[[], bool] | None,
 ) -> _Collected:
     assert child.stdin is not None and child.stdout is not None and child.stderr is not None
     try:
@@ -178,7 +188,7 @@ def _communicate(
             while len(selector.get_map()) > (0 if exit_fd is None or exited else 1):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    detail = None if grace_used else starved(child.pid)
+                    detail = None if grace_used or (give_up is not None and give_up()) else starved(child.pid)
                     if detail is None:
                         timed_out = True
                         break

@@ -322,8 +322,10 @@ def search_description(settings: DiscoverySettings) -> tuple[str, ...]:
 class ControlChannel:
     """Talks to one daemon: one command per child, never two in flight."""
 
-    def __init__(self, pipe_dir: str, control_bin: str, runner: Runner, timeout_seconds: float) -> None:
+    def __init__(self, pipe_dir: str, control_bin: str, runner: Runner, timeout_seconds: float,
+                 procfs: ProcFS | None = None) -> None:
         self.pipe_dir = pipe_dir
+        self._procfs = procfs or ProcFS()
         self.control_bin = control_bin
         self.timeout_seconds = timeout_seconds
         self._runner = runner
@@ -334,12 +336,19 @@ class ControlChannel:
         line = read_only_command(verb, *args)
         timeout = self.timeout_seconds
         with self._lock:
-            result = self._runner([self.control_bin], (line + "\n").encode(), self._env, timeout)
+            result = self._runner([self.control_bin], (line + "\n").encode(), self._env, timeout,
+                                  give_up=self._daemon_stopped)
         if result.grace_seconds:
             structlog.get_logger().debug("command_starved", collector="mps_control", pipe_dir=self.pipe_dir, command=verb,
                                          grace_seconds=result.grace_seconds, seen=result.starved_detail,
                                          timed_out=result.timed_out)
         return classify(result, timeout)
+
+    def _daemon_stopped(self) -> bool:
+        """At a command's deadline: a stopped daemon (SIGSTOP, a debugger) will not answer, however long
+        its starved control program is given."""
+        pid = read_pid_file(self.pipe_dir)
+        return pid is not None and self._procfs.state(pid) in ("T", "t")
 
 
 class _Hung(Exception):
@@ -763,7 +772,7 @@ class MpsControlCollector:
     def _probe(self, watched: _WatchedDaemon, control_bin: str) -> MpsDaemon:
         pipe_dir, previous = watched.pipe_dir, watched.previous
         if watched.channel is None or watched.channel.control_bin != control_bin:
-            watched.channel = ControlChannel(pipe_dir, control_bin, self._runner, self._timeout)
+            watched.channel = ControlChannel(pipe_dir, control_bin, self._runner, self._timeout, self._procfs)
         fresh = time.monotonic() - watched.settings_read_at < self._settings_refresh
         settings_from = previous if fresh and previous is not None and previous.up else None
         try:
