@@ -90,7 +90,7 @@ def run(total: int, hung: int, live: int, cycles: int, interval: float, timeout:
             all_probed_at = cycle
         rows.append({"cycle": cycle, "success": report.status.success, "reason": report.status.error_reason,
                      "duration_seconds": report.status.duration_seconds, "daemons_with_data": len(daemons),
-                     "live_up": up, "deferred": getattr(data, "probes_deferred", None) if data else None,
+                     "live_up": up, "deferred": len(getattr(data, "deferred", ())) if data else None,
                      "live_max_age_seconds": round(max(ages), 3) if ages else None})
         next_run += interval
         time.sleep(max(0.0, next_run - time.monotonic()))

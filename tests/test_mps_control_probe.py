@@ -580,3 +580,15 @@ def test_a_starved_control_program_of_a_stopped_daemon_gets_no_second_deadline(f
         daemon.process.send_signal(signal.SIGCONT)
     assert state.state is DaemonState.HUNG and "stopped" in state.reason
     assert state.commands_starved_total == 0 and state.command_durations["get_server_list"] < 1.5
+
+
+def test_status_says_how_old_a_deferred_daemon_s_data_is():
+    from mpswatch.collectors.mps_control import status
+    from mpswatch.snapshot import DerivedFacts, MpsControlData
+
+    daemon = MpsDaemon("/p", "configured", DaemonState.UP, "answering; 0 server(s), 0 client(s)", measured_at=1000.0)
+    section = status(MpsControlData(daemons=(daemon,), searched=("/p",), deferred=("/p",), not_yet_probed=("/q",)),
+                     DerivedFacts(), 1012.0)
+    [entry] = section.entries["daemons"]
+    assert entry["age_seconds"] == 12.0 and "as of 12s ago" in entry["reason"]
+    assert "1 more not probed yet" in section.summary

@@ -101,9 +101,9 @@ class MpsControlData:
     discovery_notes: tuple[str, ...] = ()
     configured_only: bool = False  # only the configured pipe dirs are watched (no discovery)
     expected: str = "auto"  # the mps_control.expected setting: true, false or auto (derived: MpsExpectation)
-    # watched daemons whose probe did not end within the cycle's budget (their entry in `daemons` is
-    # an earlier cycle's), and those never probed yet (no entry)
-    probes_deferred: int = 0
+    # pipe dirs of the watched daemons whose probe did not end within the cycle's budget (their entry
+    # in `daemons` is an earlier cycle's), and of those never probed yet (no entry; among the deferred)
+    deferred: tuple[str, ...] = ()
     not_yet_probed: tuple[str, ...] = ()
 
 

@@ -697,13 +697,13 @@ class MpsControlCollector:
             cycle = self._cycle
         daemons = tuple(w.previous for w in watched if w.previous is not None)
         unprobed = tuple(w.pipe_dir for w in watched if w.previous is None)
-        deferred = sum(1 for w in watched if w.completed_cycle != cycle)
+        deferred = tuple(w.pipe_dir for w in watched if w.completed_cycle != cycle)
         if deferred:
-            notes.append(f"{deferred} of {len(watched)} daemon(s) not probed within this cycle's {self._budget:g} s "
+            notes.append(f"{len(deferred)} of {len(watched)} daemon(s) not probed within this cycle's {self._budget:g} s "
                          f"budget ({len(unprobed)} never yet): their data is from an earlier cycle (age_seconds)")
         return MpsControlData(daemons=daemons, searched=search_description(self._discovery), discovery_notes=tuple(notes),
                               configured_only=bool(self._discovery.pipe_dirs), expected=self._expected,
-                              probes_deferred=deferred, not_yet_probed=unprobed)
+                              deferred=deferred, not_yet_probed=unprobed)
 
     def _start_cycle(self) -> None:
         """Under _lock: every watched daemon not being probed is due again, in each lane's order."""
@@ -813,7 +813,7 @@ class MpsControlCollector:
 
 def render(data: MpsControlData, facts: DerivedFacts, out: Families) -> None:
     out.add("mps_control_daemons", [], len(data.daemons) + len(data.not_yet_probed))
-    out.add("mps_control_probes_deferred", [], data.probes_deferred)
+    out.add("mps_control_probes_deferred", [], len(data.deferred))
     if facts.mps_expected is not None:
         out.add("mps_control_expected", [facts.mps_expected.reason], 1 if facts.mps_expected.expected else 0)
     for daemon in data.daemons:
@@ -865,7 +865,8 @@ def render(data: MpsControlData, facts: DerivedFacts, out: Families) -> None:
 
 
 def status(data: MpsControlData, facts: DerivedFacts, now: float) -> StatusSection:
-    daemons = [_daemon_entry(d, facts, now) for d in data.daemons]
+    deferred = set(data.deferred)
+    daemons = [_daemon_entry(d, facts, now, d.pipe_dir in deferred) for d in data.daemons]
     problems = []
     for d in daemons:
         if d["verdict"] != OK:
@@ -988,12 +989,14 @@ def _before_limits(daemon: MpsDaemon, server: MpsServer, started: LogEvent, limi
             f"{age(now - limits.time)} ago): it runs with the defaults of before{threads}{who}")
 
 
-def _daemon_entry(daemon: MpsDaemon, facts: DerivedFacts, now: float) -> dict[str, Any]:
+def _daemon_entry(daemon: MpsDaemon, facts: DerivedFacts, now: float, deferred: bool) -> dict[str, Any]:
     servers = [_server_entry(daemon, s, True, facts, now) for s in daemon.servers]
     listed = {s.pid for s in daemon.servers}
     for server_pid in sorted({c.server_pid for c in daemon.clients or ()} - listed):
         servers.append(_server_entry(daemon, MpsServer(server_pid, None, None, None), False, facts, now))
     reason = daemon.reason if daemon.resource is None else f"{daemon.reason}; device plugin resource {daemon.resource}"
+    if deferred and daemon.measured_at is not None:
+        reason += f"; as of {age(now - daemon.measured_at)} ago (its probe outlasted the cycle's budget)"
     return {
         "pipe_dir": daemon.pipe_dir,
         "found_by": daemon.found_by,
