@@ -1,14 +1,15 @@
 """Busy nodes must not page (issue 17): a real MPS control daemon, every core saturated with busy
 loops, the agent at its defaults (2 s interval, 1 s command timeout) scraped every 2 s as Prometheus
 would. Counts the scrapes that say the healthy daemon is down (`mps_control_up 0`, `state="timeout"`,
-no series) or the collector failed; then, with the cores still saturated, SIGSTOPs the daemon and
-times how long until `mps_control_up 0` (state `timeout`), and SIGCONT
-until it is up again. Writes one JSON result.
+no series) or the collector failed; then, with the cores still saturated, SIGSTOPs the daemon three
+times and times how long until `mps_control_up 0` (state `timeout`; passes at 3 s, one interval plus
+one command timeout, and 0.1 s of polling), and SIGCONT until it is up again. Writes one JSON result.
 
     python3 -m benchmarks.busy_node --seconds 540 --out busy-node.json    (on the GPU machine)
 
 --seconds (or MPSWATCH_BUSY_NODE_SECONDS, default 600) is how long the cores are saturated, the
-SIGSTOP phase included (its last ~15 s); about 15 s more go to start and stop. --out (or
+SIGSTOP phase included (its last ~25 s: three SIGSTOPs, each timed); about 15 s more go to start and
+stop (and nvcc with --client). --out (or
 MPSWATCH_BUSY_NODE_OUT) is rewritten every 30 s with the figures so far ("partial": true), so a run
 killed from outside keeps them. --loops (default os.cpu_count()) busy loops; --fake runs it against
 the fake control program (tests/kit/fakecontrol.py) instead of a real daemon: a check of the harness
@@ -33,7 +34,8 @@ from tests.kit.agentproc import Agent, key
 
 HERE = Path(__file__).resolve().parent
 SCRAPE_EVERY = 2.0
-STOP_PHASE_SECONDS = 15.0
+STOP_PHASE_SECONDS = 25.0
+STOP_TRIALS = 3
 
 
 def busy_loops(count: int) -> list[subprocess.Popen]:
@@ -151,17 +153,21 @@ def run(seconds: float, loops: int, out: Path, fake: bool, client: bool) -> dict
             result["cpu_pressure_saturated"] = cpu_pressure()
             up = key("mps_control_up", pipe_dir=pipe)
             stopped = key("mps_control_state", pipe_dir=pipe, state="timeout")
-            os.kill(daemon_pid, signal.SIGSTOP)
-            if fake:
-                daemon.update(mode="hang")  # the fake program does not talk to its stand-in daemon
-            try:
-                result["sigstop_to_timeout_seconds"] = time_until(
-                    agent, lambda s: s.get(up) == 0 and s.get(stopped) == 1, timeout=10)
-            finally:
-                os.kill(daemon_pid, signal.SIGCONT)
+            # a SIGSTOP lands anywhere in the agent's 2 s cycle: a few of them, each timed
+            result["sigstop_to_timeout_seconds"], result["sigcont_to_up_seconds"] = [], []
+            for _ in range(STOP_TRIALS):
+                os.kill(daemon_pid, signal.SIGSTOP)
                 if fake:
-                    daemon.update(mode="answer")
-            result["sigcont_to_up_seconds"] = time_until(agent, lambda s: s.get(up) == 1, timeout=10)
+                    daemon.update(mode="hang")  # the fake program does not talk to its stand-in daemon
+                try:
+                    result["sigstop_to_timeout_seconds"].append(time_until(
+                        agent, lambda s: s.get(up) == 0 and s.get(stopped) == 1, timeout=10))
+                finally:
+                    os.kill(daemon_pid, signal.SIGCONT)
+                    if fake:
+                        daemon.update(mode="answer")
+                result["sigcont_to_up_seconds"].append(time_until(agent, lambda s: s.get(up) == 1, timeout=10))
+                time.sleep(0.7)  # a new phase in the cycle for the next
             result["saturated_seconds"] = round(time.monotonic() - started, 1)
     finally:
         for process in spinning:
@@ -176,9 +182,10 @@ def run(seconds: float, loops: int, out: Path, fake: bool, client: bool) -> dict
             daemon.cleanup()
     result["false_states"] = result.get("false_up_0", 0) + result.get("false_timeout_state", 0) + result.get(
         "no_up_series", 0)
-    stop_seen = result.get("sigstop_to_timeout_seconds")
+    stops = result.get("sigstop_to_timeout_seconds") or [None]
+    # 3 s: one interval plus one command timeout; 0.1 s: how often the scrapes look
     result["passed"] = result["false_states"] == 0 and result.get("collector_failed", 1) == 0 and \
-        stop_seen is not None and stop_seen <= 3.0
+        all(seen is not None and seen <= 3.1 for seen in stops)
     out.write_text(json.dumps(result, indent=1))
     return result
 
