@@ -111,3 +111,15 @@ def test_a_starved_child_gets_no_second_deadline_when_waiting_cannot_help():
     result = run_with_deadline([sys.executable, "-I", "-S", "-c", "while True: pass"], b"", os.environ, 0.5,
                                give_up=lambda: True)
     assert result.timed_out and result.grace_seconds == 0.0
+
+
+def test_without_pidfds_the_child_s_exit_is_polled(monkeypatch, tmp_path):
+    """Kernels before 5.3 (or a seccomp filter) refuse pidfd_open: the reader polls the exit instead."""
+
+    def refused(pid):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", refused)
+    result = run_with_deadline(["sh", "-c", "sleep 60 & echo 476"], b"", os.environ, 5.0)
+    assert not result.timed_out and (result.returncode, result.output) == (0, "476\n")
+    assert run_with_deadline(["sh", "-c", "cat; exit 3"], b"ps\n", os.environ, 5.0).output == "ps\n"
