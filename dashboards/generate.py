@@ -106,6 +106,11 @@ def node_overview():
         .with_panel(timeseries.Panel().title("Agent collectors").span(12).height(8).unit(units.Seconds)
                     .description("Duration of each collector's last run; gaps mean the collector failed (MpswatchCollectorFailing).")
                     .with_target(q(f"mpswatch_collector_duration_seconds{{{NODE}}}", "{{instance}} {{collector}}")))
+        .with_panel(timeseries.Panel().title("Processes the agent cannot see into").span(12).height(8).unit(units.Short).min(0)
+                    .description("MPS daemons and engines whose environment the agent could not read (an unprivileged agent beside "
+                                 "other users' processes): their pipe and log dirs, MPS settings are unknown. README: Permissions.")
+                    .with_target(q(f"sum by (instance, kind, reason) (mps_discovery_unreadable_processes{{{NODE}}})",
+                                   "{{instance}} {{kind}} {{reason}}")))
         .with_row(dash.Row("Clients"))
         .with_panel(table.Panel().title("MPS clients").span(24).height(8).unit(units.Short)
                     .description("Every connected client: server, device, command and the engine it belongs to.")

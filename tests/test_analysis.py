@@ -151,7 +151,7 @@ def test_a_one_shot_reports_unknown_rates_once_and_says_why():
     text = render_text(r)
     assert text.count("needs two samples") == 1
     assert r["notes"] == ["? for tokens/s, load shares, imbalance, busiest thread: "
-                          "needs two samples, and `mpswatch status` looks once"]
+                          "needs two samples, and `mpswatch status` looks once (`--agent URL` asks the running agent)"]
     assert "engine a:8001: share ?, ? tok/s, running 1, waiting 0, MPS attachment unknown, busiest thread ?" in text
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from dataclasses import fields
 from pathlib import Path
@@ -147,3 +148,46 @@ def test_the_typed_config_has_a_place_for_every_setting_and_no_other():
     places = {f"{table}.{field.name}" for table, kind in SECTIONS.items() for field in fields(kind)}
     places |= {field.name for field in fields(Config)} - set(SECTIONS) - {"file", "sources"}
     assert places == set(BY_KEY)
+
+
+def run_cli(*args, env=None):
+    return subprocess.run(mpswatch_cmd(*args), env=agent_env(env), capture_output=True, text=True, timeout=60)
+
+
+def assert_one_line_exit_2(run, expected_start):
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith(expected_start) and run.stderr.count("\n") == 1, run.stderr
+
+
+@pytest.mark.parametrize("by_env", [False, True])
+def test_a_port_in_use_exits_2_naming_listen_and_its_source(by_env):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        run = run_cli("run", env={"MPSWATCH_LISTEN": listen}) if by_env else run_cli("run", "--listen", listen)
+    source = "environment MPSWATCH_LISTEN" if by_env else "command line"
+    assert_one_line_exit_2(run, f"mpswatch: invalid config: listen (from {source}): cannot listen on {listen}: Address already in use")
+
+
+def test_an_unresolvable_listen_host_exits_2():
+    run = run_cli("run", "--listen", "no-such-host.invalid:19863")
+    assert_one_line_exit_2(run, "mpswatch: invalid config: listen (from command line): cannot resolve the host of no-such-host.invalid:19863")
+
+
+@pytest.mark.parametrize("command", ["run", "status"])
+def test_a_config_path_from_the_environment_is_named_as_such(tmp_path, command):
+    run = run_cli(command, env={"MPSWATCH_CONFIG": str(tmp_path / "missing.toml")})
+    assert_one_line_exit_2(run, f"mpswatch: invalid config: MPSWATCH_CONFIG (from environment): file {tmp_path / 'missing.toml'} does not exist")
+    run = run_cli(command, "--config", str(tmp_path / "missing.toml"))
+    assert_one_line_exit_2(run, "mpswatch: invalid config: --config (from command line): file ")
+
+
+@pytest.mark.parametrize(
+    "text,key",
+    [("mps_control = 2\n", "mps_control"), ('gpu = "fast"\n', "gpu"), ("web = []\n", "web")],
+)
+def test_a_table_given_a_value_is_a_wrong_type_not_an_unknown_key(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=rf"{key} \(from .*\): must be a table \(\[{key}\]\) of {key}\.") as raised:
+        load_config(write(tmp_path, text), env={})
+    assert "unknown key" not in str(raised.value)

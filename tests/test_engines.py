@@ -225,7 +225,7 @@ def write_proc(root: Path, pid: int, ppid: int, argv: list[str], environ: str = 
 
 def write_net(root: Path, pid: int, netns: str, listeners: list[tuple[str, int]], addresses: list[str] = ()) -> None:
     """The process's network namespace as /proc shows it: its link, its listening sockets (inode
-    <pid><n>) and its own addresses; and the agent's namespace (AGENT_NS) at `self`."""
+    <pid><n>, held by the process: its fd <n>) and its own addresses; and the agent's namespace (AGENT_NS) at `self`."""
     if not (root / "self").exists():
         (root / "self" / "ns").mkdir(parents=True)
         os.symlink(AGENT_NS, root / "self" / "ns" / "net")
@@ -241,6 +241,10 @@ def write_net(root: Path, pid: int, netns: str, listeners: list[tuple[str, int]]
         lines.append(f"   {n}: {word:08X}:{port:04X} 00000000:0000 0A 00000000:00000000 00:00000000 00000000"
                      f"     0        0 {pid}{n} 1")
     (d / "net" / "tcp").write_text("\n".join(lines) + "\n")
+    (d / "fd").mkdir(exist_ok=True)
+    for n in range(len(listeners)):  # the process holds its sockets
+        if not (d / "fd" / str(n)).is_symlink():
+            os.symlink(f"socket:[{pid}{n}]", d / "fd" / str(n))
     (d / "net" / "fib_trie").write_text("Local:\n  +-- 0.0.0.0/0 3 0 5\n" + "".join(
         f"     |-- {address}\n        /32 host LOCAL\n" for address in ["127.0.0.1", *addresses]))
 

@@ -198,7 +198,8 @@ def test_discovery_finds_default_device_plugin_and_process_pipe_dirs(tmp_path):
               environ="CUDA_MPS_PIPE_DIRECTORY=/elsewhere\0")
     settings = DiscoverySettings(default_pipe_dirs=(str(default), str(empty_default)),
                                  device_plugin_root=str(tmp_path / "plugin"))
-    found, notes = discover_pipe_dirs(settings, ProcFS(tmp_path / "proc"))
+    discovered = discover_pipe_dirs(settings, ProcFS(tmp_path / "proc"))
+    found, notes = discovered.dirs, discovered.notes
     assert dict(found) == {str(default): "default", str(plugin): "device_plugin", "/srv/mps/pipe": "process"}
     assert notes == []
 
@@ -212,7 +213,7 @@ def test_a_device_plugin_daemons_own_view_of_its_dirs_is_not_a_second_daemon(tmp
     fake_proc(tmp_path / "proc", 61, "nvidia-cuda-mps-control", environ="CUDA_MPS_PIPE_DIRECTORY=/mps/nvidia.com/gpu/pipe\0")
     fake_proc(tmp_path / "proc", 62, "nvidia-cuda-mps-control", environ="CUDA_MPS_PIPE_DIRECTORY=/srv/gone/pipe\0")
     settings = DiscoverySettings(default_pipe_dirs=(), device_plugin_root=str(tmp_path / "plugin"))
-    found, _ = discover_pipe_dirs(settings, ProcFS(tmp_path / "proc"))
+    found = discover_pipe_dirs(settings, ProcFS(tmp_path / "proc")).dirs
     assert dict(found) == {str(plugin): "device_plugin", "/srv/gone/pipe": "process"}
 
 
@@ -223,16 +224,18 @@ def test_discovery_says_when_a_daemon_environment_cannot_be_read(tmp_path):
         def environ(self, pid):
             raise PermissionError(pid)
 
-    found, notes = discover_pipe_dirs(DiscoverySettings(default_pipe_dirs=(str(tmp_path / "x"),),
-                                                        device_plugin_root=str(tmp_path / "y")),
-                                      Unreadable(tmp_path / "proc"))
-    assert found == [] and "501" in notes[0] and "CAP_SYS_PTRACE" in notes[0]
+    discovered = discover_pipe_dirs(DiscoverySettings(default_pipe_dirs=(str(tmp_path / "x"),),
+                                                      device_plugin_root=str(tmp_path / "y")),
+                                    Unreadable(tmp_path / "proc"))
+    assert discovered.dirs == [] and "501" in discovered.notes[0] and "CAP_SYS_PTRACE" in discovered.notes[0]
+    assert discovered.unreadable == {"permission": 1}
 
 
 def test_configured_pipe_dirs_restrict_discovery(tmp_path):
     fake_proc(tmp_path / "proc", 501, "nvidia-cuda-mps-control", environ="CUDA_MPS_PIPE_DIRECTORY=/srv/a\0")
-    found, _ = discover_pipe_dirs(DiscoverySettings(pipe_dirs=("/only/this",)), ProcFS(tmp_path / "proc"))
-    assert found == [("/only/this", "configured")]
+    discovered = discover_pipe_dirs(DiscoverySettings(pipe_dirs=("/only/this",)), ProcFS(tmp_path / "proc"))
+    assert discovered.dirs == [("/only/this", "configured")]
+    assert discovered.unreadable is None  # no daemon looked at
 
 
 def _daemon(state=DaemonState.UP, servers=(), clients=()):
@@ -330,8 +333,8 @@ def test_one_daemon_s_surprise_costs_only_that_daemon(tmp_path):
 
 def test_a_daemon_without_pipe_directory_variable_uses_the_mps_default(tmp_path):
     fake_proc(tmp_path / "proc", 501, "nvidia-cuda-mps-control", environ="HOME=/root\0")
-    found, _ = discover_pipe_dirs(DiscoverySettings(default_pipe_dirs=(), device_plugin_root=str(tmp_path / "k")),
-                                  ProcFS(tmp_path / "proc"))
+    found = discover_pipe_dirs(DiscoverySettings(default_pipe_dirs=(), device_plugin_root=str(tmp_path / "k")),
+                               ProcFS(tmp_path / "proc")).dirs
     assert found == [("/tmp/nvidia-mps", "process")]
 
 
@@ -340,8 +343,8 @@ def test_one_off_client_runs_of_the_control_program_are_not_daemons(tmp_path):
     d.mkdir(parents=True)
     (d / "cmdline").write_bytes(b"nvidia-cuda-mps-control\0")  # `echo ps | nvidia-cuda-mps-control`
     (d / "environ").write_bytes(b"CUDA_MPS_PIPE_DIRECTORY=/srv/job-42\0")
-    found, _ = discover_pipe_dirs(DiscoverySettings(default_pipe_dirs=(), device_plugin_root=str(tmp_path / "k")),
-                                  ProcFS(tmp_path / "proc"))
+    found = discover_pipe_dirs(DiscoverySettings(default_pipe_dirs=(), device_plugin_root=str(tmp_path / "k")),
+                               ProcFS(tmp_path / "proc")).dirs
     assert found == []
 
 

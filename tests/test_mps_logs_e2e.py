@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from datetime import datetime
+from pathlib import Path
 
 from tests.kit.agentproc import Agent, agent_env, key, mpswatch_cmd
 from tests.kit.fakedaemon import FAKE_CONTROL
@@ -121,3 +123,100 @@ def test_a_line_dated_far_ahead_does_not_pin_the_last_event_time(tmp_path):
     [state] = collector.collect().dirs
     assert abs(state.last_event_time["client_disconnected"] - time.time()) < 5
     assert state.event_counts[("server", "client_disconnected")] == 2
+
+
+def test_an_invalid_byte_inside_a_fatal_error_or_refusal_line_keeps_the_event(tmp_path):
+    from mpswatch.collectors.mps_logs import MpsLogsCollector
+    from mpswatch.procfs import ProcFS
+
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    collector = MpsLogsCollector(log_dirs=(str(log_dir),), procfs=ProcFS(tmp_path / "proc"))
+    collector.collect()
+    with open(log_dir / "server.log", "ab") as handle:
+        handle.write(f"[{stamp()} Server   486] Client {{PID: 729, Context: 1}} encountered a fatal GPU error.\xff\n"
+                     .encode().replace(b"\xc3\xbf", b"\xff"))
+        handle.write(f"[{stamp()} Server   486] Server teardown in progress.\xfe Refusing to accept new client "
+                     f"{{PID: 752, Context ID: 0}}\n".encode().replace(b"\xc3\xbe", b"\xfe"))
+    data = collector.collect()
+    [state] = data.dirs
+    assert state.event_counts[("server", "fatal_gpu_error")] == 1
+    assert state.event_counts[("server", "new_client_refused")] == 1
+    assert data.fatal_errors[486][1].client_pid == 729
+    assert state.read_problems[("server", "undecodable")] == 2
+
+
+def test_logs_renamed_every_150_lines_between_two_reads_lose_no_refusal(tmp_path):
+    # issue 17 finding 6: a writer rotating faster than the agent reads lost all 24 refusals and the
+    # fatal error, and counted 1 rotation of 13
+    from mpswatch.collectors.mps_logs import MpsLogsCollector
+    from mpswatch.procfs import ProcFS
+
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    server = log_dir / "server.log"
+    write(server, "Client process 1 disconnected")
+    collector = MpsLogsCollector(log_dirs=(str(log_dir),), procfs=ProcFS(tmp_path / "proc"))
+    collector.collect()
+    written, rotations = 1, 0
+    for i in range(1999):
+        if written % 150 == 0:  # logrotate's numbered rename, then a new file
+            for number in range(rotations, 0, -1):
+                os.rename(log_dir / f"server.log.{number}", log_dir / f"server.log.{number + 1}")
+            os.rename(server, log_dir / "server.log.1")
+            rotations += 1
+        if i == 1000:
+            write(server, "Client {PID: 729, Context: 1} encountered a fatal GPU error.")
+        elif i % 80 == 40:
+            write(server, f"Server teardown in progress. Refusing to accept new client {{PID: {i}, Context ID: 0}}")
+        else:
+            write(server, f"Client process {i} disconnected")
+        written += 1
+    assert rotations == 13
+    [state] = collector.collect().dirs
+    assert state.event_counts[("server", "new_client_refused")] == 24
+    assert state.event_counts[("server", "fatal_gpu_error")] == 1
+    assert state.event_counts[("server", "client_disconnected")] == 1999 - 25
+    assert state.file_resets[("server", "rotated")] == 13
+    assert state.read_problems[("server", "rotation_lost")] == 0
+
+
+def test_accept_failures_are_counted_and_notable_only_when_more_than_a_burst_explains(tmp_path):
+    # issue 17 finding 13: five in a burst of 50 clients were listed among status's notable events
+    from mpswatch.collectors.mps_logs import ACCEPT_FAILED_REPEATS, MpsLogsCollector
+    from mpswatch.procfs import ProcFS
+
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    control = log_dir / "control.log"
+    collector = MpsLogsCollector(log_dirs=(str(log_dir),), procfs=ProcFS(tmp_path / "proc"))
+    collector.collect()
+    write(control, *["Accepting connection...", "Unable to accept connection"] * 5, tag="Control", pid=452, offset=-300)
+    data = collector.collect()
+    [state] = data.dirs
+    assert state.event_counts[("control", "accept_failed")] == 5
+    assert state.event_counts[("control", "unrecognised_error")] == 0
+    assert data.recent == ()
+    # twice as many as the burst within a minute: one notable entry saying how many
+    write(control, *["Unable to accept connection"] * (2 * ACCEPT_FAILED_REPEATS), tag="Control", pid=452)
+    data = collector.collect()
+    assert data.dirs[0].event_counts[("control", "accept_failed")] == 5 + 2 * ACCEPT_FAILED_REPEATS
+    [(_, noted)] = data.recent
+    assert noted.event == "accept_failed" and noted.detail == f"{ACCEPT_FAILED_REPEATS} in 0 s"
+
+
+def test_status_lists_no_notable_event_for_the_accept_failures_of_a_burst_of_clients(tmp_path):
+    # issue 17 finding 13: the five "Unable to accept connection" lines of a 50-client burst on the
+    # H200 were listed among status's notable events as unrecognised errors
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    fixture = Path(__file__).parent / "fixtures" / "mps-log-shapes" / "accept-failed-in-a-50-client-burst-h200-driver580-control.log"
+    shutil.copyfile(fixture, log_dir / "control.log")
+    run = subprocess.run(
+        mpswatch_cmd("status", "--json", "--pipe-dir", str(tmp_path / "no-pipe"), "--log-dir", str(log_dir),
+                     "--mps-control-bin", FAKE_CONTROL),
+        env=agent_env(), capture_output=True, text=True, timeout=60,
+    )
+    report = json.loads(run.stdout)
+    assert report["log_dirs"][0]["files"] == ["control.log"]
+    assert [e["event"] for e in report["recent_events"]] == []

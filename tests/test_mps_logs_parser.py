@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+import re
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -10,7 +13,14 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from mpswatch.collectors.mps_logs import MAX_SERVER_STARTS_KEPT, LineContext, parse_line, server_starts_after
+from mpswatch.collectors.mps_logs import (
+    KINDS,
+    MAX_SERVER_STARTS_KEPT,
+    LineContext,
+    parse_line,
+    read_line,
+    server_starts_after,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "h200-driver580"
 PLUGIN = Path(__file__).parent / "fixtures" / "device-plugin-mps"
@@ -266,10 +276,12 @@ def test_log_dirs_are_discovered_from_defaults_the_device_plugin_and_daemons(tmp
     proc.mkdir(parents=True)
     (proc / "cmdline").write_bytes(b"nvidia-cuda-mps-control\0-d\0")
     (proc / "environ").write_bytes(b"CUDA_MPS_LOG_DIRECTORY=/srv/mps/log\0")
-    found, notes = discover_log_dirs((), str(default), str(tmp_path / "mps"), ProcFS(tmp_path / "proc"))
-    assert dict(found) == {str(default): "default", str(plugin): "device_plugin", "/srv/mps/log": "process"}
-    assert notes == []
-    assert discover_log_dirs(("/only",), str(default), str(tmp_path / "mps"), ProcFS(tmp_path / "proc"))[0] == [
+    (proc / "status").write_text("Name:\tnvidia-cuda-mps\nUid:\t0\t0\t0\t0\n")  # root's daemon
+    discovered = discover_log_dirs((), str(default), str(tmp_path / "mps"), ProcFS(tmp_path / "proc"))
+    assert dict(discovered.dirs) == {str(default): "default", str(plugin): "device_plugin", "/srv/mps/log": "process"}
+    assert discovered.notes == []
+    assert discovered.owners == {"/srv/mps/log": frozenset({0})}  # its files are read when root's
+    assert discover_log_dirs(("/only",), str(default), str(tmp_path / "mps"), ProcFS(tmp_path / "proc")).dirs == [
         ("/only", "configured")
     ]
 
@@ -299,3 +311,49 @@ def test_a_zone_can_be_given_for_daemons_that_log_in_another_one():
                      LineContext(), UTC)[0]
     assert utc.time == datetime(2026, 11, 29, 19, 23, 50, tzinfo=UTC).timestamp()
     assert event.time == time.mktime(datetime(2026, 11, 29, 19, 23, 50).timetuple())
+
+
+SHAPES = Path(__file__).parent / "fixtures" / "mps-log-shapes"
+MATRIX = Path(__file__).parent / "fixtures" / "h200-matrix"
+
+
+def real_log_texts():
+    """(where, source, lines) for every log recorded on the H200: the sessions, the device plugin's
+    control log, and the tails of the logs the fault matrix's recordings keep in their notes."""
+    for path in sorted([*FIXTURES.glob("*.log"), *PLUGIN.glob("*.log"), *SHAPES.glob("*.log")]):
+        yield path.name, "control" if "control" in path.name else "server", path.read_text().splitlines()
+    for path in sorted(MATRIX.glob("*.json.gz")):
+        for number, case in enumerate(json.loads(gzip.decompress(path.read_bytes()))["cases"]):
+            for note in case["notes"]:
+                if not re.search(r"^\[\d{4}-", note, re.M):
+                    continue
+                lines = note.splitlines()[1:]  # a tail: its first line is cut
+                source = "control" if any("Control" in line for line in lines[:5]) else "server"
+                if source == "control":  # a tail can start inside a reply: read from the next connection
+                    start = next((i for i, line in enumerate(lines) if line.endswith("Accepting connection...")), 0)
+                    lines = lines[start:]
+                yield f"{path.name} case {number}", source, lines
+
+
+def test_every_line_of_the_real_h200_logs_is_known_for_what_it_is():
+    # issue 17 finding 13: MPS's own lines must not be counted as unrecognised errors
+    unknown, kinds, lines_read = [], Counter(), 0
+    for where, source, lines in real_log_texts():
+        context = LineContext()
+        for line in lines:
+            reading, context = read_line(line, source, context)
+            kinds[reading.kind] += 1
+            lines_read += 1
+            if reading.kind == "unrecognised":
+                unknown.append(f"{where}: {line}")
+    assert unknown == []
+    assert lines_read > 1800 and set(kinds) >= set(KINDS) - {"unrecognised"}
+
+
+def test_a_connection_the_control_daemon_could_not_accept_is_accept_failed_not_an_error():
+    events = Counter(e.event for e in parse_file("accept-failed-in-a-50-client-burst-h200-driver580-control.log",
+                                                 "control", SHAPES))
+    assert events["accept_failed"] == 5
+    assert events["unrecognised_error"] == 0
+    reading, _ = read_line(C + "Unable to accept connection: Resource temporarily unavailable", "control")
+    assert reading.kind == "transient" and reading.event is not None and reading.event.event == "accept_failed"

@@ -86,7 +86,8 @@ def listener(address: str, port: int = 8000, inode: int = 1) -> Listener:
     pytest.param(["127.0.0.1", "0.0.0.0"], False, "http://10.231.77.11:8000/metrics", id="loopback and all: the pod IP"),
 ])
 def test_the_address_the_agent_scrapes(listeners, shared, url):
-    reach = choose_endpoint(8000, [listener(a, inode=i) for i, a in enumerate(listeners)], None, shared,
+    reach = choose_endpoint(8000, [listener(a, inode=i) for i, a in enumerate(listeners)],
+                            frozenset(range(len(listeners))), shared,
                             [V4("127.0.0.1"), POD_IP], [V6("fd31:77::11")], f"network namespace {POD_NS}")
     assert (reach.url, reach.reason) == (url, None)
 
@@ -110,7 +111,11 @@ def test_an_ipv6_wildcard_in_a_pod_without_ipv6_is_tried_at_the_pod_s_ipv4_addre
     pytest.param(["0.0.0.0"], None, False, [V4("127.0.0.1")],
                  f"listens on 0.0.0.0:8000 inside network namespace {POD_NS}, which has no address but loopback",
                  id="a pod without an address"),
-    pytest.param(["127.0.0.1"], None, None, [POD_IP],
+    pytest.param(["127.0.0.5"], None, True, [],
+                 f"cannot tell whether the engine's processes hold the socket on port 8000 in network namespace "
+                 f"{POD_NS} (their fd tables are closed to this agent: another user's, without CAP_SYS_PTRACE); "
+                 "not scraped: name it with --engine", id="the agent's namespace, sockets' owners unknown"),
+    pytest.param(["127.0.0.1"], frozenset({1}), None, [POD_IP],
                  f"listens on 127.0.0.1:8000 only, inside network namespace {POD_NS}, which this agent cannot tell "
                  "from its own (neither namespace's link is readable, nor its own socket tables)", id="cannot tell"),
 ])
@@ -175,7 +180,10 @@ def test_an_unprivileged_agent_finds_an_engine_s_namespace_by_its_socket_in_the_
     assert reach.reason == ("listens on 127.0.0.1:8001 inside the network namespace of pid 100, which this agent "
                             "cannot reach; start it with --host 0.0.0.0")
     (proc / "self" / "net" / "tcp").write_text((NETNS / "tcp").read_text())  # the agent in the pod's namespace
-    assert find_endpoint(ProcFS(proc), 100, [100], 8001).url == "http://127.0.0.1:8001/metrics"
+    shared = find_endpoint(ProcFS(proc), 100, [100], 8001)
+    # there any process may hold the port the command line names: without the engine's fd table, not scraped
+    assert (shared.url, shared.shared) == (None, True)
+    assert shared.reason is not None and shared.reason.startswith("cannot tell whether the engine's processes hold")
 
 
 def test_unreadable_socket_tables_make_the_reason(tmp_path):

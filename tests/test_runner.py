@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 from mpswatch.runner import run_with_deadline
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _alive(pid: int) -> bool:
@@ -56,6 +60,41 @@ def test_a_very_long_deadline_is_accepted():
 def test_stderr_is_kept_apart_from_the_answer():
     result = run_with_deadline(["sh", "-c", "echo warning >&2; echo 476"], b"", os.environ, 5.0)
     assert (result.output, result.errors) == ("476\n", "warning\n")
+
+
+KEEPS_STARTING_CHILDREN = """
+import os, sys, threading, time
+from mpswatch.runner import kill_all_children, run_with_deadline
+
+pids = sys.argv[1]
+
+def keep_running():
+    while True:
+        run_with_deadline(["sh", "-c", f"echo $$ >> {pids}; exec sleep 60"], b"", os.environ, 60.0)
+
+for _ in range(4):
+    threading.Thread(target=keep_running, daemon=True).start()
+time.sleep(1.0)
+kill_all_children()
+time.sleep(1.0)  # the threads whose children were killed try again
+"""
+
+
+def test_no_child_outlives_kill_all_children_even_one_started_while_it_ran(tmp_path):
+    """Collector threads keep starting children while the agent stops: those killed return, and
+    their threads must not start new ones that would outlive the agent."""
+    pids = tmp_path / "pids"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "agent"), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", KEEPS_STARTING_CHILDREN, str(pids)], env=env, timeout=30, check=True)
+    started = [int(pid) for pid in pids.read_text().split()]
+    try:
+        assert len(started) >= 4
+        survivors = [pid for pid in started if _alive(pid)]
+        assert survivors == [], f"{len(survivors)} of {len(started)} children outlived kill_all_children"
+    finally:
+        for pid in started:
+            if _alive(pid):
+                os.kill(pid, 9)
 
 
 def test_a_grandchild_holding_the_output_does_not_hold_the_reader(tmp_path):

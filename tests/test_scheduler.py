@@ -53,7 +53,7 @@ def test_no_second_call_starts_while_one_is_stuck_and_it_recovers_when_it_return
     loop.cycle()
     report = loop.cycle()
     assert collector.calls == 1 and "still in progress" in report.status.error_detail
-    assert report.status.errors_total == {"timeout": 2, "internal_error": 0}
+    assert report.status.errors_total == {"timeout": 2, "internal_error": 0, "stale": 0}
     collector.block = False
     collector.release.set()
     time.sleep(0.05)
@@ -77,7 +77,7 @@ def test_collector_errors_and_crashes_are_counted_by_reason():
     collector.crash = True
     report = loop.cycle()
     assert report.status.error_reason == "internal_error"
-    assert report.status.errors_total == {"exec_failed": 1, "internal_error": 1, "timeout": 0}
+    assert report.status.errors_total == {"exec_failed": 1, "internal_error": 1, "timeout": 0, "stale": 0}
 
 
 def test_the_loop_stays_alive_while_its_collector_is_stuck():
@@ -104,3 +104,33 @@ def test_a_collector_without_a_snapshot_field_is_refused_when_its_loop_is_made()
         assert "nowhere" in str(err)
     else:
         raise AssertionError("a collector with no NodeSnapshot field was accepted")
+
+
+def test_a_loop_that_stops_publishing_turns_its_success_to_stale_and_the_agent_unhealthy():
+    """The loop's own thread stuck outside its collector (as one blocked writing a log line was):
+    its last success must not stand, its data must go, and /healthz must say so."""
+    collector = Blocking()
+    collector.block = False
+    scheduler = Scheduler([collector], store())
+    scheduler.start()
+    frozen = threading.Event()
+    try:
+        deadline = time.monotonic() + 5
+        while not (scheduler.store.current().statuses.get("gpu") and scheduler.store.current().statuses["gpu"].success):
+            assert time.monotonic() < deadline, "the collector never succeeded"
+            time.sleep(0.02)
+        scheduler.loops[0].cycle = frozen.wait  # every later cycle blocks; nothing is published
+        deadline = time.monotonic() + 8  # stale after 2 x (0.05 + 0.2) + 1 s, the watcher looks every 0.5 s
+        while scheduler.store.current().statuses["gpu"].success:
+            assert time.monotonic() < deadline, "a loop that stopped publishing still claims success"
+            time.sleep(0.05)
+        status = scheduler.store.current().statuses["gpu"]
+        assert status.error_reason == "stale" and status.errors_total["stale"] == 1
+        assert scheduler.store.current().gpu is None  # stale data is not served as fresh
+        alive, detail = scheduler.alive()
+        assert not alive and "gpu" in detail
+        time.sleep(1.0)
+        assert scheduler.store.current().statuses["gpu"].errors_total["stale"] == 1  # once per silence
+    finally:
+        frozen.set()
+        scheduler.stop()

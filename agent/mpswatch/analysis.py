@@ -148,7 +148,7 @@ def blast_entry(blast: BlastRadius, now: float) -> dict[str, Any]:
 
 
 # why a figure is `?` in a one-shot report, said once
-ONE_LOOK = "needs two samples, and `mpswatch status` looks once"
+ONE_LOOK = "needs two samples, and `mpswatch status` looks once (`--agent URL` asks the running agent)"
 
 
 def _who(event: dict[str, Any]) -> str:

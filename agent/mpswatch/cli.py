@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from zoneinfo import ZoneInfo
 
 import click
 import structlog
+from click.core import ParameterSource
 
 from mpswatch import __version__
 from mpswatch.advisor import LIKELY_SLOWER
+from mpswatch.agentstatus import AgentUnreachable, fetch_status
 from mpswatch.analysis import advice_report, health_report, render_advice, render_text
 from mpswatch.collectors import Collector
 from mpswatch.collectors.engines import EnginesCollector
@@ -24,15 +28,26 @@ from mpswatch.collectors.gpu import NVIDIA_ML_PY, GpuCollector
 from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector
 from mpswatch.collectors.mps_logs import MpsLogsCollector
 from mpswatch.collectors.pods import PodsCollector
-from mpswatch.config import DEFAULT_CONFIG_PATH, ENV_PREFIX, SETTINGS, Config, ConfigError, load_config
-from mpswatch.exporter import CachedExposition, serve
+from mpswatch.config import (
+    DEFAULT_CONFIG_PATH,
+    ENV_PREFIX,
+    FROM_ENV,
+    FROM_FLAG,
+    SETTINGS,
+    Config,
+    ConfigError,
+    load_config,
+)
+from mpswatch.exporter import cached_exposition, cached_status, health, serve
 from mpswatch.exposition import render
 from mpswatch.injection import Injected
-from mpswatch.logsetup import configure_logging
+from mpswatch.logsetup import configure_logging, flush_logs, lines_dropped
 from mpswatch.procfs import ProcFS
 from mpswatch.runner import kill_all_children
 from mpswatch.scheduler import Scheduler, SnapshotStore
+from mpswatch.sdnotify import start as notify_systemd
 from mpswatch.verdicts import OK
+from mpswatch.webconfig import WebConfig, WebConfigError, load_web_config
 
 EXIT_USAGE = 2
 
@@ -70,17 +85,40 @@ def _setting_options(*, serving: bool) -> Callable[[Command], Command]:
     return decorate
 
 
-def _load(config_path: str | None, flags: dict[str, Any]) -> Config:
-    given = {
+def _given_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    return {
         _FLAG_SETTINGS[param][0].key: list(value) if isinstance(value, tuple) else value
         for param, value in flags.items()
         if value is not None and value != ()
     }
+
+
+def _config_origin() -> tuple[str, str]:
+    """Where --config came from: the flag, or MPSWATCH_CONFIG."""
+    from_env = click.get_current_context().get_parameter_source("config_path") is ParameterSource.ENVIRONMENT
+    return FROM_ENV if from_env else FROM_FLAG
+
+
+def _load(config_path: str | None, flags: dict[str, Any]) -> Config:
     try:
-        return load_config(config_path, flags=given)
+        return load_config(config_path, flags=_given_flags(flags), config_origin=_config_origin())
     except ConfigError as err:
-        click.echo(f"mpswatch: {err}", err=True)
-        sys.exit(EXIT_USAGE)
+        _usage_error(err)
+
+
+def _usage_error(err: ConfigError) -> NoReturn:
+    """The user's mistake: one line that names the setting and where it came from, exit 2."""
+    click.echo(f"mpswatch: {err}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def _load_web_config(config: Config) -> WebConfig | None:
+    if not config.web.config_file:
+        return None
+    try:
+        return load_web_config(config.web.config_file)
+    except WebConfigError as err:
+        _usage_error(ConfigError("web.config_file", config.sources["web.config_file"], str(err)))
 
 
 def build_collectors(config: Config, injected: Injected | None = None) -> list[Collector[Any]]:
@@ -151,32 +189,98 @@ def cli() -> None:
 def run(injected: Injected, /, config_path: str | None, **flags: Any) -> None:
     """Run the agent: collect in the background, serve /metrics and /healthz."""
     config = _load(config_path, flags)
-    configure_logging(config.log_level, config.log_format)
+    web = _load_web_config(config)
+    configure_logging(config.log_level, config.log_format, background=True)
     log = structlog.get_logger()
-    store = SnapshotStore()
+    received: list[signal.Signals] = []
+    wake = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum))
+        wake.set()
+
+    for signum in _HANDLED_SIGNALS:
+        signal.signal(signum, on_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED_SIGNALS)  # blocked across a reload's exec
+    store = SnapshotStore(log_lines_dropped=lines_dropped)
     scheduler = Scheduler(build_collectors(config, injected), store)
-    exposition = CachedExposition(store.current, lambda snapshot: render(snapshot, __version__))
+    exposition = cached_exposition(store.current, lambda snapshot: render(snapshot, __version__))
+    status_report = cached_status(store.current, lambda snapshot: health_report(snapshot, __version__))
     try:
-        httpd = serve(config.listen, exposition, scheduler.alive)
+        httpd = serve(config.listen, exposition, scheduler.alive, status=status_report, web=web)
+    except OSError as err:  # in use, not this node's address, a name that does not resolve, a privileged port
+        what = "cannot resolve the host of" if isinstance(err, socket.gaierror) else "cannot listen on"
+        _usage_error(ConfigError("listen", config.sources["listen"], f"{what} {config.listen}: {err.strerror or err}"))
+    reload = False
+    stopping = threading.Event()
+    systemd = notify_systemd(lambda: health(scheduler.alive, exposition), stopping)  # READY=1, WATCHDOG=1 while /healthz says 200
+    try:
+        scheduler.start()
+        log.info(
+            "agent_started",
+            version=__version__,
+            listen=config.listen,
+            config_file=config.file,
+            tls=bool(web and web.tls),
+            basic_auth=bool(web and web.users),
+            collectors=[loop.collector.name for loop in scheduler.loops],
+        )
+        reload = _wait_for_stop_or_reload(wake, received, config_path, flags, log)
+    finally:  # whatever ends the wait, no child outlives the agent
+        log.info("agent_stopping", reload=reload)
+        stopping.set()
+        systemd.notify("RELOADING=1" if reload else "STOPPING=1")
+        scheduler.stop()
+        kill_all_children()
+        httpd.shutdown()
+        httpd.server_close()
+    if reload:
+        _replace_process(log)
+
+
+# SIGHUP reloads (the config file re-read by the same command line), SIGTERM and SIGINT stop
+_HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+SIGNAL_POLL_SECONDS = 0.25
+
+
+def _wait_for_stop_or_reload(
+    wake: threading.Event, received: list[signal.Signals], config_path: str | None, flags: dict[str, Any], log: Any
+) -> bool:
+    """Waits for a signal; True for a SIGHUP whose configuration loads, False for a stop. A SIGHUP
+    whose configuration does not load is logged and changes nothing."""
+    while True:
+        # with a timeout: a signal taken by another thread runs its handler only once the main
+        # thread is back in Python, which a wait without one would never be
+        while not wake.wait(SIGNAL_POLL_SECONDS):
+            pass
+        wake.clear()
+        signums, received[:] = list(received), []
+        if any(signum != signal.SIGHUP for signum in signums):
+            return False
+        try:
+            config = load_config(config_path, flags=_given_flags(flags))
+            if config.web.config_file:
+                load_web_config(config.web.config_file)
+        except (ConfigError, WebConfigError) as err:
+            log.error("reload_failed", error=str(err), detail="still running with the configuration it started with")
+            continue
+        return True
+
+
+def _replace_process(log: Any) -> NoReturn:
+    """A reload is a fresh start in the same process (same PID for systemd and Kubernetes): every
+    collector, thread and NVML handle is rebuilt from the new configuration, none carried over.
+    The handled signals stay blocked across the exec until the new image handles them."""
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    log.info("agent_reloading")
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
+    flush_logs()
+    try:
+        os.execv(sys.executable, argv)
     except OSError as err:
-        log.error("listen_failed", listen=config.listen, error=err.strerror or str(err))
+        log.error("reload_failed", error=err.strerror or str(err), detail="exec failed; exiting")
+        flush_logs()
         sys.exit(1)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    scheduler.start()
-    log.info(
-        "agent_started",
-        version=__version__,
-        listen=config.listen,
-        config_file=config.file,
-        collectors=[loop.collector.name for loop in scheduler.loops],
-    )
-    stop.wait()
-    log.info("agent_stopping")
-    scheduler.stop()
-    kill_all_children()
-    httpd.shutdown()
 
 
 def _one_shot_scheduler(injected: Injected, config_path: str | None, flags: dict[str, Any]) -> Scheduler:
@@ -192,14 +296,25 @@ def _one_shot_scheduler(injected: Injected, config_path: str | None, flags: dict
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the stable JSON schema (docs/status.md).")
+@click.option("--agent", "agent_url", metavar="URL",
+              help="Ask the agent running at URL (http://HOST:PORT) instead of looking once: it knows rates "
+                   "and remembers the clients of servers that faulted or died.")
 @_setting_options(serving=False)
 @click.pass_obj
-def status(injected: Injected, /, config_path: str | None, as_json: bool, **flags: Any) -> None:
-    """Run every collector once and print a verdict per daemon, server and client.
+def status(injected: Injected, /, config_path: str | None, as_json: bool, agent_url: str | None, **flags: Any) -> None:
+    """Run every collector once (or ask the running agent) and print a verdict per daemon, server and client.
 
-    Exit status: 0 all OK, 1 something degraded or down, 2 usage or config error.
+    Exit status: 0 all OK, 1 something degraded or down, 2 usage or config error, or the agent given by
+    --agent could not be asked.
     """
-    report = health_report(_one_shot_scheduler(injected, config_path, flags).run_once(), __version__)
+    if agent_url is not None:
+        try:
+            report = fetch_status(agent_url)
+        except AgentUnreachable as err:
+            click.echo(f"mpswatch status: {err}", err=True)
+            sys.exit(EXIT_USAGE)
+    else:
+        report = health_report(_one_shot_scheduler(injected, config_path, flags).run_once(), __version__)
     click.echo(json.dumps(report, indent=2) if as_json else render_text(report), nl=as_json)
     sys.exit(0 if report["verdict"] == OK else 1)
 

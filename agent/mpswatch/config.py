@@ -160,6 +160,13 @@ def _listen(value: Any) -> str:
     return text
 
 
+def _optional_text(value: Any) -> str:
+    """A string; empty means not set."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Flag:
     """A setting's command-line flag; its value is parsed and checked like the setting's other sources."""
@@ -191,7 +198,7 @@ class Setting:
             return str(self.default).lower()
         if isinstance(self.default, float):
             return f"{self.default:g}"
-        return str(self.default)
+        return str(self.default) or "none"
 
     @property
     def toml_default(self) -> str:
@@ -206,6 +213,14 @@ SETTINGS = [
         f"0.0.0.0:{DEFAULT_PORT}",
         "HOST:PORT for /metrics and /healthz.",
         Flag("--listen", "HOST:PORT", serving_only=True),
+    ),
+    Setting(
+        "web.config_file",
+        _optional_text,
+        "",
+        "Web configuration file for TLS and basic auth, in the Prometheus exporter toolkit's format "
+        "(docs/configuration.md#tls-and-basic-auth).",
+        Flag("--web.config.file", "PATH", serving_only=True),
     ),
     Setting(
         "log_level",
@@ -353,6 +368,11 @@ BY_KEY = {setting.key: setting for setting in SETTINGS}
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    config_file: str
+
+
+@dataclass(frozen=True)
 class MpsControlSettings:
     pipe_dirs: tuple[str, ...]
     default_pipe_dirs: tuple[str, ...]
@@ -397,6 +417,7 @@ class PodsSettings:
 
 # TOML table -> its settings' type; a setting `table.name` is `config.table.name`
 SECTIONS = {
+    "web": WebSettings,
     "mps_control": MpsControlSettings,
     "mps_logs": MpsLogsSettings,
     "gpu": GpuSettings,
@@ -415,6 +436,7 @@ class Config:
     proc_root: str
     device_plugin_root: str
     engines: tuple[EngineTarget, ...]
+    web: WebSettings
     mps_control: MpsControlSettings
     mps_logs: MpsLogsSettings
     gpu: GpuSettings
@@ -445,20 +467,30 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def read_config_file(path: str) -> dict[str, Any]:
+# where the config file's path came from, as errors name it: (the name given, its source)
+FROM_FLAG = ("--config", "command line")
+FROM_ENV = (ENV_PREFIX + "CONFIG", "environment")
+FROM_DEFAULT = ("config file", "default")
+
+
+def read_config_file(path: str, origin: tuple[str, str] = FROM_FLAG) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
             table = tomllib.load(handle)
     except FileNotFoundError:
-        raise ConfigError("--config", "command line", f"file {path} does not exist") from None
+        raise ConfigError(*origin, f"file {path} does not exist") from None
     except OSError as err:
-        raise ConfigError("--config", "command line", f"cannot read {path}: {err.strerror}") from None
+        raise ConfigError(*origin, f"cannot read {path}: {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError("--config", path, f"not valid TOML: {err}") from None
+        raise ConfigError(*origin, f"{path} is not valid TOML: {err}") from None
     flat = _flatten(table)
-    for key in flat:
-        if key not in BY_KEY:
-            raise ConfigError(key, path, f"unknown key; known keys: {', '.join(sorted(BY_KEY))}")
+    for key, value in flat.items():
+        if key in BY_KEY:
+            continue
+        inside = [known for known in BY_KEY if known.startswith(key + ".")]
+        if inside:  # a table's name given a value: a wrong type, not an unknown key
+            raise ConfigError(key, path, f"must be a table ([{key}]) of {', '.join(inside)}, got {value!r}")
+        raise ConfigError(key, path, f"unknown key; known keys: {', '.join(sorted(BY_KEY))}")
     return flat
 
 
@@ -466,13 +498,15 @@ def load_config(
     config_path: str | None,
     env: Mapping[str, str] = os.environ,
     flags: Mapping[str, Any] | None = None,
+    config_origin: tuple[str, str] = FROM_FLAG,
 ) -> Config:
-    """`config_path` None means the default file if it exists; a given path must exist."""
+    """`config_path` None means the default file if it exists; a given path must exist.
+    `config_origin`: FROM_FLAG or FROM_ENV, where `config_path` came from."""
     file_values: dict[str, Any] = {}
     file_used = None
     if config_path is not None or os.path.exists(DEFAULT_CONFIG_PATH):
         file_used = config_path or DEFAULT_CONFIG_PATH
-        file_values = read_config_file(file_used)
+        file_values = read_config_file(file_used, config_origin if config_path is not None else FROM_DEFAULT)
     known_env = {s.env for s in SETTINGS} | {ENV_PREFIX + "CONFIG"}
     for name in env:
         if name.startswith(ENV_PREFIX) and name not in known_env:

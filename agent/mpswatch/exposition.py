@@ -21,6 +21,10 @@ def render(snapshot: NodeSnapshot, version: str) -> list[Metric]:
             out.add("mpswatch_collector_last_success_timestamp_seconds", [name], status.last_success_time)
         for reason, count in sorted(status.errors_total.items()):
             out.add("mpswatch_collector_errors_total", [name, reason], count)
+        if status.stale_after_seconds is not None:
+            out.add("mpswatch_collector_stale_after_seconds", [name], status.stale_after_seconds)
+    for reason, count in sorted(snapshot.log_lines_dropped.items()):
+        out.add("mpswatch_log_lines_dropped_total", [reason], count)
     for unit in UNITS:
         data = getattr(snapshot, unit.name)
         if data is not None:

@@ -27,6 +27,18 @@ _SPECS = [
         "Unix time of the collector's last successful run.",
     ),
     MetricSpec("mpswatch_collector_errors_total", "counter", ("collector", "reason"), "Failed collector runs by reason."),
+    MetricSpec(
+        "mpswatch_collector_stale_after_seconds",
+        "gauge",
+        ("collector",),
+        "Age of the last successful run past which the collector's data counts as stale (its loop stuck or gone).",
+    ),
+    MetricSpec(
+        "mpswatch_log_lines_dropped_total",
+        "counter",
+        ("reason",),
+        "Log lines the agent could not write (write_failed) or dropped with its writer too far behind (backlog_full).",
+    ),
     MetricSpec("mps_control_daemons", "gauge", (), "MPS control daemons watched on the node (found or configured); 0: none."),
     MetricSpec(
         "mps_control_expected",
@@ -167,13 +179,13 @@ _SPECS += [
         "mps_log_read_errors_total",
         "counter",
         ("log_dir", "source", "reason"),
-        "Lines skipped or reads failed: line_too_long, undecodable, io_error, partial_line_lost.",
+        "Lines skipped or kept with bad bytes, reads failed, rotated files lost, by reason (see docs/metrics.md).",
     ),
     MetricSpec(
         "mps_log_file_resets_total",
         "counter",
         ("log_dir", "source", "reason"),
-        "The log file was rotated (renamed), truncated or deleted, and followed.",
+        "The log file was rotated (renamed; one per file that held its name), truncated or deleted, and followed.",
     ),
 ]
 
@@ -299,6 +311,19 @@ _SPECS += [
         "absent when unknown (not watched, or the daemon cannot be queried).",
     ),
     MetricSpec("mps_host_cpu_pressure_ratio", "gauge", ("window",), "PSI cpu 'some' average over avg10 / avg60."),
+    MetricSpec(
+        "mps_engine_owner_info",
+        "gauge",
+        ("engine", "uid"),
+        "Always 1 per engine with a process: the user its API server runs as (root or not: who may have named it).",
+    ),
+    MetricSpec(
+        "mps_discovery_unreadable_processes",
+        "gauge",
+        ("kind", "reason"),
+        "Processes found by name (kind: mps_control_daemon, engine) whose environment the agent could not read, "
+        "by reason (permission, io_error): what it cannot see. Absent when it looks at none (configured only).",
+    ),
 ]
 
 _POD = ("pod_uid", "namespace", "pod", "container")
@@ -340,7 +365,25 @@ class Families:
             spec = CATALOG[name]
             kind = CounterMetricFamily if spec.type == "counter" else GaugeMetricFamily
             family = self._families[name] = kind(name, spec.help, labels=spec.labels)
-        family.add_metric([str(label) for label in labels], value)
+        family.add_metric([label_text(label) for label in labels], value)
 
     def __iter__(self) -> Iterator[Metric]:
         return iter(self._families.values())
+
+
+def label_text(value: object) -> str:
+    """`value` as a label value the exposition can always encode as UTF-8: a byte that did not decode
+    (a surrogate from os.fsdecode, as in a directory name) is spelt `\\xfe`, any other lone surrogate
+    `\\udcfe`; without this one such label made every scrape fail."""
+    text = str(value)
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -140,7 +140,9 @@ def choose_endpoint(
 ) -> Reach:
     """The URL of the engine's metrics, from its namespace's listening sockets (`owned`: the inodes
     its processes hold, None when unknown), whether that namespace is the agent's, and the
-    namespace's addresses; or why the agent cannot reach it.
+    namespace's addresses; or why the agent cannot reach it. The address is always one the engine's
+    own socket listens on, never one its command line names; where the ownership of sockets cannot
+    be read, only a namespace other than the agent's is trusted to be the engine's (a pod's).
 
     In the agent's own namespace loopback reaches a socket bound to all addresses or to loopback.
     In another, only a socket bound to a non-loopback address can be reached: a specific one at that
@@ -152,6 +154,12 @@ def choose_endpoint(
         return Reach(None, f"no socket listens on port {port} in {namespace} (yet: still starting?)", shared)
     if not own:
         return Reach(None, f"port {port} in {namespace} is held by a socket of another process", shared)
+    if owned is None and shared is not False:
+        # in the agent's own namespace (or one it cannot tell from it) the port may be anyone's: the
+        # command line names it, so only the engine's own socket may be scraped (trust model, README)
+        return Reach(None, f"cannot tell whether the engine's processes hold the socket on port {port} in {namespace} "
+                           "(their fd tables are closed to this agent: another user's, without CAP_SYS_PTRACE); "
+                           "not scraped: name it with --engine", shared)
     v4 = [address for address in ipv4 if not (address.is_loopback or address.is_link_local)]
     for listener in own:
         host = _host(listener.address, shared, v4, ipv6)

@@ -30,6 +30,20 @@ def read_file(path: str, limit: int | None = None) -> bytes:
 
 
 @dataclass(frozen=True)
+class ProcessEnvironment:
+    """A process's environment and the user it runs as (None: its status is gone or unreadable)."""
+
+    pid: int
+    uid: int | None
+    env: dict[str, str]
+
+
+def unreadable_reason(err: OSError) -> str:
+    """Why a process's file could not be read, as a label value: permission or io_error."""
+    return "permission" if isinstance(err, PermissionError) else "io_error"
+
+
+@dataclass(frozen=True)
 class ProcFS:
     root: Path = Path("/proc")
     # which processes the agent may see; None: all. Injected by code (the test kit keeps an agent
@@ -80,17 +94,18 @@ class ProcFS:
 
     def environments_of(
         self, program: str, accept: Callable[[list[str]], bool] = lambda argv: True
-    ) -> tuple[list[dict[str, str]], list[int]]:
-        """Environments of the running `program`s, and the PIDs whose environment is unreadable."""
-        environments, unreadable = [], []
+    ) -> tuple[list[ProcessEnvironment], dict[int, str]]:
+        """Environments of the running `program`s, and the PIDs whose environment is unreadable with
+        why (`permission`: another user's process without the privileges, or `io_error`)."""
+        environments, unreadable = [], {}
         for pid in self.pids_running(program, accept):
             try:
                 env = self.environ(pid)
-            except PermissionError:
-                unreadable.append(pid)
+            except OSError as err:
+                unreadable[pid] = unreadable_reason(err)
                 continue
             if env is not None:
-                environments.append(env)
+                environments.append(ProcessEnvironment(pid, self.uid(pid), env))
         return environments, unreadable
 
     def read_text(self, relative: str, limit: int = 1 << 20) -> str | None:

@@ -26,8 +26,10 @@ from typing import Protocol
 MAX_OUTPUT_BYTES = 1 << 20
 
 _live: set[subprocess.Popen[bytes]] = set()
-_live_lock = threading.Lock()
+_live_lock = threading.Condition()
+_starting = 0  # children being started, not yet in _live: kill_all_children waits for them
 _stopping = threading.Event()
+STOP_WAIT_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,15 @@ def run_with_deadline(
     """Runs argv in its own process group; on deadline or excess output kills the whole group.
     `give_up`, asked at the deadline, says that more time cannot help (the daemon the child talks to
     is stopped): then a starved child gets no second deadline either."""
+    global _starting
     started = time.monotonic()
+    with _live_lock:
+        if _stopping.is_set():  # no child may start after kill_all_children looked
+            return RunResult(None, "", 0.0, exec_error=f"{argv[0]}: not run, the agent is stopping")
+        _starting += 1
+    spawned: list[subprocess.Popen[bytes]] = []
     try:
-        child = subprocess.Popen(
+        spawned.append(subprocess.Popen(
             list(argv),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -76,12 +84,16 @@ def run_with_deadline(
             env=dict(env),
             start_new_session=True,
             close_fds=True,
-        )
+        ))
     except (OSError, ValueError) as err:
         detail = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         return RunResult(None, "", time.monotonic() - started, exec_error=f"{argv[0]}: {detail}")
-    with _live_lock:
-        _live.add(child)
+    finally:
+        with _live_lock:
+            _starting -= 1
+            _live.update(spawned)
+            _live_lock.notify_all()
+    child = spawned[0]
     finished = False
     try:
         result = _communicate(child, stdin, started + timeout_seconds, timeout_seconds, max_output_bytes, give_up)
@@ -250,9 +262,12 @@ def stopping() -> bool:
 
 
 def kill_all_children() -> None:
-    """On shutdown: children run in their own sessions, so no signal of ours reaches them."""
-    _stopping.set()
+    """On shutdown or reload: children run in their own sessions, so no signal of ours reaches
+    them. Children being started are waited for (a moment at most) and killed with the rest; none
+    starts after this."""
     with _live_lock:
+        _stopping.set()
+        _live_lock.wait_for(lambda: _starting == 0, timeout=STOP_WAIT_SECONDS)
         children = list(_live)
     for child in children:
         _kill_group(child)

@@ -4,6 +4,10 @@ the facts derived from the latest data of every collector.
 A collector call that overruns its deadline cannot always be killed (NVML calls are
 in-process), so it is left to finish on its worker thread while the collector is reported
 failed with reason `timeout`; no second call is started until the stuck one returns.
+
+A loop that stops publishing altogether (its thread dead or stuck outside the collector) must not
+leave its last success standing: past `stale_after_seconds` without a publish, a watcher thread
+publishes the collector failed with reason `stale`, its data dropped, and /healthz turns unhealthy.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import dataclasses
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import structlog
@@ -21,16 +25,22 @@ from mpswatch.collectors import Collector, CollectorError
 from mpswatch.derive import Deriver
 from mpswatch.snapshot import CollectorReport, CollectorStatus, DerivedFacts, NodeSnapshot, frozen_map
 
-SNAPSHOT_FIELDS = frozenset(f.name for f in dataclasses.fields(NodeSnapshot)) - {"statuses", "derived"}
+SNAPSHOT_FIELDS = frozenset(f.name for f in dataclasses.fields(NodeSnapshot)) - {"statuses", "derived", "log_lines_dropped"}
+WATCH_PERIOD_SECONDS = 0.5
 
 
 class SnapshotStore:
     """Copy-on-write holder: readers take the current snapshot reference without locking. Each
     publish puts one collector's report in its field and derives the joined facts again."""
 
-    def __init__(self, derive: Callable[[NodeSnapshot], DerivedFacts] | None = None) -> None:
+    def __init__(
+        self,
+        derive: Callable[[NodeSnapshot], DerivedFacts] | None = None,
+        log_lines_dropped: Callable[[], Mapping[str, int]] | None = None,
+    ) -> None:
         self._lock = threading.Lock()
         self._derive = derive or Deriver()
+        self._log_lines_dropped = log_lines_dropped or frozen_map
         self._snapshot = NodeSnapshot()
 
     def current(self) -> NodeSnapshot:
@@ -40,7 +50,11 @@ class SnapshotStore:
         name = report.status.name
         with self._lock:
             statuses = {**self._snapshot.statuses, name: report.status}
-            changed: dict[str, Any] = {"statuses": frozen_map(statuses), name: report.data}
+            changed: dict[str, Any] = {
+                "statuses": frozen_map(statuses),
+                name: report.data,
+                "log_lines_dropped": frozen_map(self._log_lines_dropped()),
+            }
             snapshot = dataclasses.replace(self._snapshot, **changed)
             self._snapshot = dataclasses.replace(snapshot, derived=self._derive(snapshot))
 
@@ -57,12 +71,17 @@ class CollectorLoop:
         self._generation = 0
         self._busy_since: float | None = None
         # known reasons start at 0, so that the first failure is an increase Prometheus can see
-        self._errors: dict[str, int] = {"timeout": 0, "internal_error": 0}
+        self._errors: dict[str, int] = {"timeout": 0, "internal_error": 0, "stale": 0}
         self._last_success: float | None = None
         self._last_failure: str | None = None  # logged once per change, not once per cycle
+        # a healthy loop publishes at least every interval + deadline; twice that, and a second more
+        # for a busy machine, without a publish means the loop itself is stuck or gone
+        self.stale_after_seconds = 2 * (collector.interval_seconds + collector.deadline_seconds) + 1.0
+        self.published_at = time.monotonic()
+        self._stale_reported = False
+        self._publish_lock = threading.RLock()  # the loop's and the watcher's reports, one at a time
         self._worker = threading.Thread(target=self._work, name=f"collect-{collector.name}", daemon=True)
         self._worker.start()
-        self.heartbeat = time.monotonic()
         self._log = structlog.get_logger().bind(collector=collector.name)
 
     def _work(self) -> None:
@@ -77,7 +96,6 @@ class CollectorLoop:
 
     def cycle(self) -> CollectorReport:
         """One run with the collector's deadline; publishes and returns its report."""
-        self.heartbeat = time.monotonic()
         self._drain_late_results()
         if self._busy_since is not None:
             stuck_for = time.monotonic() - self._busy_since
@@ -87,9 +105,22 @@ class CollectorLoop:
             self._busy_since = time.monotonic()
             self._jobs.put(self._generation)
             report = self._await(self._generation)
-        self._store.publish(report)
-        self.heartbeat = time.monotonic()
+        with self._publish_lock:
+            self._store.publish(report)
+            self.published_at = time.monotonic()
+            self._stale_reported = False
         return report
+
+    def publish_if_stale(self) -> bool:
+        """Publishes the collector failed (`stale`, its data dropped) once per silence longer than
+        stale_after_seconds; True when it did."""
+        with self._publish_lock:
+            silent_for = time.monotonic() - self.published_at
+            if self._stale_reported or silent_for <= self.stale_after_seconds:
+                return False
+            self._store.publish(self._failure("stale", f"no run finished for {silent_for:.1f} s", None))
+            self._stale_reported = True
+            return True
 
     def _drain_late_results(self) -> None:
         """A run reported as timed out may have returned since; its result is stale, but the
@@ -126,36 +157,41 @@ class CollectorLoop:
             return self._report(outcome, duration)
 
     def _failure(self, reason: str, detail: str, duration: float | None) -> CollectorReport:
-        if reason != self._last_failure:
-            self._log.warning("collector_failed", reason=reason, detail=detail)
-        self._errors[reason] = self._errors.get(reason, 0) + 1
-        self._last_failure = reason
-        return self._report(None, duration, reason, detail)  # no stale data is ever served as fresh
+        with self._publish_lock:
+            if reason != self._last_failure:
+                self._log.warning("collector_failed", reason=reason, detail=detail)
+            self._errors[reason] = self._errors.get(reason, 0) + 1
+            self._last_failure = reason
+            return self._report(None, duration, reason, detail)  # no stale data is ever served as fresh
 
     def _report(
         self, data: object | None, duration: float | None, reason: str | None = None, detail: str | None = None
     ) -> CollectorReport:
-        status = CollectorStatus(
-            name=self.collector.name,
-            success=reason is None,
-            duration_seconds=duration,
-            last_success_time=self._last_success,
-            errors_total=frozen_map(self._errors),
-            error_reason=reason,
-            error_detail=detail,
-        )
+        with self._publish_lock:
+            status = CollectorStatus(
+                name=self.collector.name,
+                success=reason is None,
+                duration_seconds=duration,
+                last_success_time=self._last_success,
+                errors_total=frozen_map(self._errors),
+                error_reason=reason,
+                error_detail=detail,
+                stale_after_seconds=self.stale_after_seconds,
+            )
         return CollectorReport(status=status, data=data)
 
     def run_forever(self, stop: threading.Event) -> None:
         next_run = time.monotonic()
         while not stop.is_set():
-            self.cycle()
+            try:
+                self.cycle()
+            except Exception as err:  # a publish that failed (a derive bug): the next cycle tries again
+                self._log.error("collector_publish_failed", error=repr(err), exc_info=err)
             next_run += self.collector.interval_seconds
             now = time.monotonic()
             if next_run < now:  # overran: skip the missed ticks instead of bursting
                 next_run = now
             stop.wait(next_run - now)
-            self.heartbeat = time.monotonic()
 
 
 class Scheduler:
@@ -172,6 +208,17 @@ class Scheduler:
             )
             thread.start()
             self._threads.append(thread)
+        threading.Thread(target=self._watch, name="watch-staleness", daemon=True).start()
+
+    def _watch(self) -> None:
+        """Turns a loop's silence into a visible failure (success 0, reason `stale`)."""
+        log = structlog.get_logger()
+        while not self._stop.wait(WATCH_PERIOD_SECONDS):
+            for loop in self.loops:
+                try:
+                    loop.publish_if_stale()
+                except Exception as err:  # the same derive bug that silenced the loop
+                    log.error("collector_stale_publish_failed", collector=loop.collector.name, error=repr(err))
 
     def stop(self) -> None:
         self._stop.set()
@@ -190,9 +237,8 @@ class Scheduler:
         """The loops themselves, not what they found: a hung GPU must not make the agent look dead."""
         now = time.monotonic()
         for thread, loop in zip(self._threads, self.loops):
-            budget = 2 * (loop.collector.interval_seconds + loop.collector.deadline_seconds) + 1.0
             if not thread.is_alive():
                 return False, f"collection loop {loop.collector.name} has exited"
-            if now - loop.heartbeat > budget:
-                return False, f"collection loop {loop.collector.name} silent for {now - loop.heartbeat:.0f} s"
+            if now - loop.published_at > loop.stale_after_seconds:
+                return False, f"collection loop {loop.collector.name} has published nothing for {now - loop.published_at:.0f} s"
         return True, "collection loops alive"

@@ -101,6 +101,8 @@ class MpsControlData:
     discovery_notes: tuple[str, ...] = ()
     configured_only: bool = False  # only the configured pipe dirs are watched (no discovery)
     expected: str = "auto"  # the mps_control.expected setting: true, false or auto (derived: MpsExpectation)
+    # daemons whose environment (their pipe dir) could not be read, by reason; None: none looked for
+    unreadable_daemons: Mapping[str, int] | None = None
     # pipe dirs of the watched daemons whose probe did not end within the cycle's budget (their entry
     # in `daemons` is an earlier cycle's), and of those never probed yet (no entry; among the deferred)
     deferred: tuple[str, ...] = ()
@@ -209,6 +211,7 @@ class EngineState:
     model: str | None = None
     gpu_uuid: str | None = None
     pids: tuple[int, ...] = ()  # the engine's processes: API server and its descendants
+    owner_uid: int | None = None  # the user its API server runs as (None: no process, or gone)
     gpu_pids: tuple[int, ...] = ()  # those that hold a GPU context
     mps_attached: bool | None = None
     requests_running: float | None = None
@@ -262,6 +265,8 @@ class EnginesData:
     engines: tuple[EngineState, ...]
     cpu_pressure: Mapping[str, float]  # avg10 / avg60 -> ratio
     notes: tuple[str, ...] = ()
+    # engines whose environment (their MPS settings) could not be read, by reason
+    unreadable_environments: Mapping[str, int] = field(default_factory=frozen_map)
 
 
 @dataclass(frozen=True)
@@ -391,6 +396,8 @@ class CollectorStatus:
     errors_total: Mapping[str, int]
     error_reason: str | None = None
     error_detail: str | None = None
+    # how old a successful run may be before its data counts as stale (mpswatch.scheduler)
+    stale_after_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -411,6 +418,7 @@ class NodeSnapshot:
     engines: EnginesData | None = None
     pods: PodsData | None = None
     derived: DerivedFacts = field(default_factory=lambda: DerivedFacts())
+    log_lines_dropped: Mapping[str, int] = field(default_factory=frozen_map)  # the agent's own, by reason
 
 
 EXPECTATION_REASONS = ("configured", "engine_pipe_dir", "no_engine_pipe_dir")

@@ -11,6 +11,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from mpswatch.collectors.mps_logs import LineContext
+from mpswatch.collectors.mps_logs import read_line as read_log_line
+
 from tests.gpu.results import MATRIX, results_saver
 from tests.kit.agentproc import Agent, agent_env, key, mpswatch_cmd
 from tests.kit.realmps import read_line, rest_of_output
@@ -133,6 +136,23 @@ def test_refusals_fatal_error_and_teardown_are_counted(mps, mps_client, tmp_path
         }
     RESULTS["agent_warnings"] = [line for line in (tmp_path / "agent.log").read_text().splitlines()
                                  if '"warning"' in line][-20:]
+    # issue 17 finding 13: every line the real daemon wrote is known for what it is; the wording of
+    # any accept failure is kept (tests/fixtures/mps-log-shapes reconstructs it from the issue)
+    RESULTS["log_lines_not_known"], RESULTS["accept_failed_lines"] = _lines_not_known_and_accept_failures(mps.log_dir)
+    assert RESULTS["log_lines_not_known"] == []
+
+
+def _lines_not_known_and_accept_failures(log_dir: Path) -> tuple[list[str], list[str]]:
+    not_known, accept_failures = [], []
+    for source in ("control", "server"):
+        context = LineContext()
+        for line in (log_dir / f"{source}.log").read_text(errors="replace").splitlines():
+            reading, context = read_log_line(line, source, context)
+            if reading.kind == "unrecognised":
+                not_known.append(line)
+            if reading.event is not None and reading.event.event == "accept_failed":
+                accept_failures.append(line)
+    return not_known, accept_failures
 
 
 def _xid31(samples) -> float:

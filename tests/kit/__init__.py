@@ -13,7 +13,9 @@
   podnet.py       a pod network built as root (network namespaces on a bridge), for the engines' netns tests
   kubecgroups.py  kubelet-style cgroups (v1 and v2, both drivers) to place the test's processes in pods
   fakepodresources.py  a kubelet's PodResources gRPC API on a unix socket
+  nobody.py       processes of another user (nobody): hostile stand-ins, and agents run as nobody
   snapshots.py    snapshots built as the agent builds them, for tests of what is derived from them
+  tlscerts.py     a throwaway CA, server and client certificates (openssl) for the TLS tests
 """
 
 # Before anything starts a process: the session's marker goes into this process's environment,

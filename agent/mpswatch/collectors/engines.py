@@ -26,7 +26,16 @@ from mpswatch.engine_kinds.vllm import parse_vllm_command, parse_vllm_metrics
 from mpswatch.httpfetch import BackgroundFetcher, Fetch, Pending, fetch_metrics
 from mpswatch.metrics import Families
 from mpswatch.netns import find_endpoint
-from mpswatch.procfs import ProcessRow, ProcFS, descendants, parse_pressure, process_table, schedstat_wait_ns, stat_cpu_ticks
+from mpswatch.procfs import (
+    ProcessRow,
+    ProcFS,
+    descendants,
+    parse_pressure,
+    process_table,
+    schedstat_wait_ns,
+    stat_cpu_ticks,
+    unreadable_reason,
+)
 from mpswatch.snapshot import DerivedFacts, EnginesData, EngineState, MpsLimit, frozen_map
 from mpswatch.verdicts import DEGRADED, DOWN, OK, StatusSection, count, in_pod, percent, pod_name, problem
 
@@ -151,10 +160,18 @@ class EnginesCollector:
         for _, scrape in scrapes:
             if scrape is not None:
                 scrape.done.wait(max(0.0, deadline - time.monotonic()))
-        states = [self._with_processes(engine, self._scraped(engine, scrape), processes)
+        unreadable: dict[int, str] = {}  # engine PID -> why its environment could not be read
+        states = [self._with_processes(engine, self._scraped(engine, scrape), processes, unreadable)
                   for engine, scrape in sorted(scrapes, key=lambda pair: pair[0].name)]
         pressure = parse_pressure(self._procfs.read_text("pressure/cpu") or "")
-        return EnginesData(engines=tuple(states), cpu_pressure=frozen_map(pressure))
+        counts = {"permission": 0}
+        for reason in unreadable.values():
+            counts[reason] = counts.get(reason, 0) + 1
+        notes = (f"cannot read the environment of engine pid {', '.join(map(str, sorted(unreadable)))} to find its "
+                 "CUDA_MPS_* settings (needs root with CAP_SYS_PTRACE and, for another user's process, "
+                 "CAP_DAC_READ_SEARCH: deploy/README.md)",) if unreadable else ()
+        return EnginesData(engines=tuple(states), cpu_pressure=frozen_map(pressure), notes=notes,
+                           unreadable_environments=frozen_map(counts))
 
     def _find_engines(self, processes: Mapping[int, ProcessRow]) -> list[_Engine]:
         """The configured engines, each tied to its process, and (with discovery) every other vLLM
@@ -255,18 +272,24 @@ class EnginesCollector:
         engine.down = reason
         return replace(base, error=reason)
 
-    def _with_processes(self, engine: _Engine, state: EngineState, processes: Mapping[int, ProcessRow]) -> EngineState:
+    def _with_processes(self, engine: _Engine, state: EngineState, processes: Mapping[int, ProcessRow],
+                        unreadable: dict[int, str]) -> EngineState:
         if engine.root_pid is None:
             return state
         pids = descendants(engine.root_pid, processes)
         cpu = self._cpu(engine, pids, processes)
         busy = cpu.get("busiest")
         load = (state.requests_running or 0) + (state.requests_waiting or 0) if state.up else None
-        env = self._environ(engine.root_pid)
+        try:
+            env = self._procfs.environ(engine.root_pid)
+        except OSError as err:
+            env = None
+            unreadable[engine.root_pid] = unreadable_reason(err)
         pipe_dir = os.path.normpath(env.get("CUDA_MPS_PIPE_DIRECTORY") or DEFAULT_PIPE_DIR) if env is not None else None
         return replace(
             state,
             pids=tuple(pids),
+            owner_uid=self._procfs.uid(engine.root_pid),
             cpu_seconds_total=cpu.get("cpu_seconds"),
             busiest_thread_cpu_ratio=busy,
             runqueue_wait_seconds_total=cpu.get("wait_seconds"),
@@ -276,12 +299,6 @@ class EnginesCollector:
             mps_active_thread_percentage=env.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE") if env else None,
             mps_pinned_device_mem_limit=env.get("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT") if env else None,
         )
-
-    def _environ(self, pid: int) -> dict[str, str] | None:
-        try:
-            return self._procfs.environ(pid)
-        except PermissionError:
-            return None
 
     def _cpu(self, engine: _Engine, pids: list[int], processes: Mapping[int, ProcessRow]) -> dict[str, float]:
         """CPU seconds of every process; run-queue wait and the busiest thread's share of a core
@@ -349,6 +366,8 @@ def render(data: EnginesData, facts: DerivedFacts, out: Families) -> None:
     for e in facts.engines:
         out.add("mps_engine_info", [e.name, e.model or "", e.url or "", e.gpu_uuid or ""], 1)
         out.add("mps_engine_up", [e.name], 1 if e.up else 0)
+        if e.owner_uid is not None:
+            out.add("mps_engine_owner_info", [e.name, e.owner_uid], 1)
         for metric, attribute in _VALUES.items():
             value = getattr(e, attribute)
             if value is not None:
@@ -372,6 +391,8 @@ def render(data: EnginesData, facts: DerivedFacts, out: Families) -> None:
         out.add("mps_gpu_engine_imbalance_ratio", [gpu_uuid], ratio)
     for window, ratio in sorted(data.cpu_pressure.items()):
         out.add("mps_host_cpu_pressure_ratio", [window], ratio)
+    for reason, processes in sorted(data.unreadable_environments.items()):
+        out.add("mps_discovery_unreadable_processes", ["engine", reason], processes)
 
 
 def status(data: EnginesData, facts: DerivedFacts, now: float) -> StatusSection:
@@ -381,7 +402,7 @@ def status(data: EnginesData, facts: DerivedFacts, now: float) -> StatusSection:
                 for g in engine_gpus if g["verdict"] != OK]
     problems += [problem(e["verdict"], "engine", f"engine {e['name']}{in_pod(e['pod'])}", e["reason"])
                  for e in engines if e["verdict"] != OK]
-    return StatusSection({"engines": engines, "engine_gpus": engine_gpus}, tuple(problems),
+    return StatusSection({"engines": engines, "engine_gpus": engine_gpus}, tuple(problems), data.notes,
                          needs_two_samples=_needs_two_samples(facts.engines))
 
 
@@ -418,6 +439,8 @@ def _engine_entry(e: EngineState) -> dict[str, Any]:
             figures += f"; MPS pinned memory {e.pinned_memory_limit.detail}"
         verdict = DEGRADED if problems else OK
         reason = "; ".join([*problems, figures])
+    if e.owner_uid not in (None, 0):  # another user's claim: its name and figures are what it chose to show
+        reason += f"; runs as uid {e.owner_uid}"
     return {
         "name": e.name,
         "url": e.url,
@@ -425,6 +448,7 @@ def _engine_entry(e: EngineState) -> dict[str, Any]:
         "model": e.model,
         "gpu_uuid": e.gpu_uuid,
         "pids": list(e.pids),
+        "owner_uid": e.owner_uid,
         "up": e.up,
         "mps_attached": e.mps_attached,
         "load_share_ratio": e.load_share_ratio,

@@ -237,6 +237,26 @@ def is_daemon(argv: list[str]) -> bool:
     return any(arg in _DAEMON_FLAGS for arg in argv[1:])
 
 
+@dataclass(frozen=True)
+class DirsFound:
+    """One search for a kind of MPS directory (pipe or log).
+
+    dirs: (dir, found_by) pairs. owners: for a dir found only in daemons' environments, the users
+    those daemons run as: its files are read only when one of them owns them. refused: dirs a daemon
+    named that the agent does not trust, and why. unreadable: daemons whose environment could not be
+    read, counted by reason; None when no daemon was looked at (the dirs are configured)."""
+
+    dirs: list[tuple[str, str]]
+    notes: list[str] = field(default_factory=list)
+    owners: dict[str, frozenset[int]] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    unreadable: dict[str, int] | None = None
+
+
+def configured_dirs(dirs: Iterable[str]) -> DirsFound:
+    return DirsFound([(d, "configured") for d in dirs])
+
+
 def discover_mps_dirs(
     *,
     defaults: Iterable[str],
@@ -247,9 +267,10 @@ def discover_mps_dirs(
     accept: Callable[[Path], bool],
     procfs: ProcFS,
     hint: str,
-) -> tuple[list[tuple[str, str]], list[str]]:
-    """(dir, found_by) for one kind of MPS directory (pipe or log): the defaults, the device
-    plugin's per-resource dirs, and what running daemons were started with."""
+) -> DirsFound:
+    """The dirs of one kind (pipe or log): the defaults, the device plugin's per-resource dirs, and
+    what running daemons were started with. A daemon's dir is trusted only when the daemon runs as
+    root or as the dir's owner: another user cannot point the agent at what is not theirs."""
     found: dict[str, str] = {}
     for default in defaults:
         if accept(Path(default)):
@@ -262,14 +283,24 @@ def discover_mps_dirs(
                 found.setdefault(str(d), "device_plugin")
     plugin_dirs = [os.path.relpath(d, root) for d, by in found.items() if by == "device_plugin"]
     environments, unreadable = procfs.environments_of(CONTROL_PROGRAM, is_daemon)
-    for env in environments:
-        directory = env.get(env_var) or env_default
+    owners: dict[str, set[int]] = {}
+    refused: dict[str, str] = {}
+    for process in environments:
+        directory = process.env.get(env_var) or env_default
         if not os.path.isabs(directory):
             continue
         directory = os.path.normpath(directory)
         if not os.path.isdir(directory) and any(directory.endswith(f"/{d}") for d in plugin_dirs):
             continue  # a device plugin daemon's dir as its container mounts it (/mps/<resource>/...), found above
+        distrust = _distrust(process.uid, directory)
+        if distrust is not None:
+            refused.setdefault(directory, f"{CONTROL_PROGRAM} pid {process.pid} {distrust}")
+            continue
         found.setdefault(directory, "process")
+        if found[directory] == "process" and process.uid is not None:
+            owners.setdefault(directory, set()).add(process.uid)
+    for directory in found:
+        refused.pop(directory, None)  # another daemon, or a default, vouches for it
     notes = []
     if unreadable:
         notes.append(
@@ -277,13 +308,31 @@ def discover_mps_dirs(
             f"to find its {env_var} (needs root with CAP_SYS_PTRACE and, for another user's process, "
             f"CAP_DAC_READ_SEARCH: deploy/README.md); {hint}"
         )
-    return sorted(found.items()), notes
+    notes += [f"not watching {directory}, the {env_var} of {why}; {hint}" for directory, why in sorted(refused.items())]
+    counts = {"permission": 0}
+    for reason in unreadable.values():
+        counts[reason] = counts.get(reason, 0) + 1
+    return DirsFound(sorted(found.items()), notes, {d: frozenset(uids) for d, uids in owners.items()}, refused, counts)
 
 
-def discover_pipe_dirs(settings: DiscoverySettings, procfs: ProcFS) -> tuple[list[tuple[str, str]], list[str]]:
-    """(pipe_dir, found_by) pairs and notes on what could not be read."""
+def _distrust(uid: int | None, directory: str) -> str | None:
+    """Why a dir named by a daemon running as `uid` is not trusted; None when it is (the daemon
+    runs as root, or owns the dir)."""
+    if uid == 0:
+        return None
+    if uid is None:
+        return "runs as a user this agent cannot read"
+    try:
+        owner = os.stat(directory).st_uid
+    except OSError as err:
+        return f"runs as uid {uid} and its dir cannot be checked ({err.strerror})"
+    return None if owner == uid else f"runs as uid {uid}, and the dir is owned by uid {owner}"
+
+
+def discover_pipe_dirs(settings: DiscoverySettings, procfs: ProcFS) -> DirsFound:
+    """The pipe dirs to watch, and what could not be read or was refused."""
     if settings.pipe_dirs:
-        return [(d, "configured") for d in settings.pipe_dirs], []
+        return configured_dirs(settings.pipe_dirs)
     return discover_mps_dirs(
         defaults=settings.default_pipe_dirs,
         device_plugin_root=settings.device_plugin_root,
@@ -666,6 +715,7 @@ class MpsControlCollector:
         self._procfs = procfs or ProcFS()
         self._runner = runner
         self._daemons: dict[str, _WatchedDaemon] = {}  # by pipe dir
+        self._refused: dict[str, str] = {}  # pipe dirs named by daemons not trusted, and why (logged once)
         self._uuids: list[str] = []
         self._budget = 2 * command_timeout_seconds  # how long a cycle waits for its probes
         self._control_resolved = control_bin
@@ -682,14 +732,19 @@ class MpsControlCollector:
 
     def collect(self) -> MpsControlData:
         cycle_ends = time.monotonic() + self._budget  # discovery included: the collector's deadline holds
-        found, notes = discover_pipe_dirs(self._discovery, self._procfs)
+        discovered = discover_pipe_dirs(self._discovery, self._procfs)
+        notes = discovered.notes
+        for pipe_dir, why in discovered.refused.items():
+            if self._refused.get(pipe_dir) != why:
+                self._log.warning("pipe_dir_refused", pipe_dir=pipe_dir, reason=why)
+        self._refused = discovered.refused
         resolved = self._control_bin if "/" in self._control_bin else shutil.which(self._control_bin)
         if resolved is None or not os.access(resolved, os.X_OK):
             notes.append(f"control program {self._control_bin} not found or not executable (no NVIDIA driver here?)")
         self._control_resolved = resolved or self._control_bin
         self._uuids = self._procfs.gpu_uuids()
         with self._lock:
-            self._remember(dict(found))
+            self._remember(dict(discovered.dirs))
             self._start_cycle()
             while self._outstanding and self._lock.wait(max(0.0, cycle_ends - time.monotonic())):
                 pass
@@ -703,6 +758,7 @@ class MpsControlCollector:
                          f"budget ({len(unprobed)} never yet): their data is from an earlier cycle (age_seconds)")
         return MpsControlData(daemons=daemons, searched=search_description(self._discovery), discovery_notes=tuple(notes),
                               configured_only=bool(self._discovery.pipe_dirs), expected=self._expected,
+                              unreadable_daemons=None if discovered.unreadable is None else frozen_map(discovered.unreadable),
                               deferred=deferred, not_yet_probed=unprobed)
 
     def _start_cycle(self) -> None:
@@ -784,8 +840,8 @@ class MpsControlCollector:
             daemon = MpsDaemon(pipe_dir, watched.found_by, DaemonState.GARBAGE, f"unexpected: {err!r}"[:200],
                                client_limit=self._client_limit,
                                command_failures=frozen_map({("get_server_list", "garbage_output"): 1}))
-        if stopping() and previous is not None:
-            return previous  # its command was killed by the agent shutting down: neither logged nor counted
+        if stopping():  # its command was killed by the agent stopping or reloading: neither logged nor counted
+            return previous if previous is not None else daemon
         daemon = replace(daemon, measured_at=time.time())
         if daemon.clients:
             daemon = replace(daemon, clients=tuple(replace(c, device=full_uuid(c.device, self._uuids)) for c in daemon.clients))
@@ -814,6 +870,8 @@ class MpsControlCollector:
 def render(data: MpsControlData, facts: DerivedFacts, out: Families) -> None:
     out.add("mps_control_daemons", [], len(data.daemons) + len(data.not_yet_probed))
     out.add("mps_control_probes_deferred", [], len(data.deferred))
+    for reason, count in sorted((data.unreadable_daemons or {}).items()):
+        out.add("mps_discovery_unreadable_processes", ["mps_control_daemon", reason], count)
     if facts.mps_expected is not None:
         out.add("mps_control_expected", [facts.mps_expected.reason], 1 if facts.mps_expected.expected else 0)
     for daemon in data.daemons:

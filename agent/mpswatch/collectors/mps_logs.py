@@ -3,7 +3,8 @@
 The parser is pure: a line and the file's small context in, an event (or none) and the next
 context out. Patterns come from real H200 logs (driver 580, tests/fixtures), the older wordings
 NVIDIA documents and, for the commands that set a daemon's default limits, the Kubernetes device
-plugin's daemon log; error-like lines that match nothing count as `unrecognised_error`.
+plugin's daemon log. Each line gets a kind (KINDS), and every line of the real captures is known;
+error-like lines that match nothing count as `unrecognised_error`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import structlog
 
 from mpswatch.collectors import CollectorUnit
-from mpswatch.collectors.mps_control import discover_mps_dirs
+from mpswatch.collectors.mps_control import DirsFound, configured_dirs, discover_mps_dirs
 from mpswatch.logfollow import LogFollower
 from mpswatch.metrics import Families
 from mpswatch.procfs import ProcFS
@@ -48,6 +49,7 @@ EVENTS = (
     "control_started",
     "control_exited",
     "limits_set",
+    "accept_failed",
     "unrecognised_error",
 )
 # what `status` lists: what a person on call must know about
@@ -84,61 +86,92 @@ class LineContext:
     last_connected_pid: int | None = None  # the refusal line does not name the refused client
 
 
+# what each line of the logs is, so that every line seen on real hardware is known for what it is
+KINDS = (
+    "informational",  # banners, versions, settings a server starts with, devices it sees
+    "command",  # a control command's echo (`Cmd:`), its reply, the UI session around it
+    "client_lifecycle",  # clients connecting, their contexts, their exit
+    "server_lifecycle",  # the control daemon and servers starting, shutting down, exiting
+    "refusal",  # a client turned away: at the client limit, during a teardown
+    "fatal",  # a fatal GPU error, the teardown and device reset it brings
+    "transient",  # MPS's own hiccups that it recovers from by itself (a connection it could not accept)
+    "unrecognised",  # none of the above: an error-like one is the `unrecognised_error` event
+)
+
+
+@dataclass(frozen=True)
+class LineReading:
+    kind: str  # one of KINDS
+    event: LogEvent | None = None
+
+
 @dataclass(frozen=True)
 class _Rule:
     pattern: re.Pattern[str]
     event: str | None  # None: known and routine, not an event
+    kind: str
     build: Callable[[re.Match[str], int], dict[str, Any]] = lambda m, pid: {}
 
 
-def _rule(regex: str, event: str | None, build: Callable[[re.Match[str], int], dict[str, Any]] | None = None) -> _Rule:
-    return _Rule(re.compile(regex), event, build or (lambda m, pid: {}))
+def _rule(
+    regex: str, event: str | None, kind: str, build: Callable[[re.Match[str], int], dict[str, Any]] | None = None
+) -> _Rule:
+    return _Rule(re.compile(regex), event, kind, build or (lambda m, pid: {}))
 
 
 _RULES = [
     # control.log
-    _rule(r"^Starting new server (\d{1,10}) for user (\d{1,10})", "server_started",
+    _rule(r"^Starting new server (\d{1,10}) for user (\d{1,10})", "server_started", "server_lifecycle",
           lambda m, pid: {"server_pid": int(m[1]), "detail": f"uid {m[2]}"}),
     # status 0 is a server let go (quit, or idle); anything else killed its clients with it
-    _rule(r"^Server (\d{1,10}) exited with status (0)\b", "server_exited",
+    _rule(r"^Server (\d{1,10}) exited with status (0)\b", "server_exited", "server_lifecycle",
           lambda m, pid: {"server_pid": int(m[1]), "detail": f"status {m[2]}"}),
-    _rule(r"^Server (\d{1,10}) exited with status (-?\d{1,10})", "server_died",
+    _rule(r"^Server (\d{1,10}) exited with status (-?\d{1,10})", "server_died", "server_lifecycle",
           lambda m, pid: {"server_pid": int(m[1]), "detail": f"status {m[2]}"}),
-    _rule(r"^Server encountered a fatal exception", "server_fatal_exception"),
-    _rule(r"^Starting control daemon", "control_started"),
-    _rule(r"^Exit with status (-?\d{1,10})", "control_exited", lambda m, pid: {"detail": f"status {m[1]}"}),
+    _rule(r"^Server encountered a fatal exception", "server_fatal_exception", "fatal"),
+    _rule(r"^Starting control daemon", "control_started", "server_lifecycle"),
+    _rule(r"^Exit with status (-?\d{1,10})", "control_exited", "server_lifecycle",
+          lambda m, pid: {"detail": f"status {m[1]}"}),
+    # a connection the control daemon could not accept: five in a burst of 50 clients on the H200
+    # (issue 17), every client connected all the same
+    _rule(r"^Unable to accept connection", "accept_failed", "transient"),
     # server.log, driver 580 wording, then the older wordings
-    _rule(rf"^Client {_CLIENT} connected", "client_connected",
+    _rule(rf"^Client {_CLIENT} connected", "client_connected", "client_lifecycle",
           lambda m, pid: {"server_pid": pid, "client_pid": int(m[1])}),
-    _rule(r"^New client (\d{1,10}) connected", "client_connected",
+    _rule(r"^New client (\d{1,10}) connected", "client_connected", "client_lifecycle",
           lambda m, pid: {"server_pid": pid, "client_pid": int(m[1])}),
-    _rule(r"^Client (?:process )?(\d{1,10}) disconnected", "client_disconnected",
+    _rule(r"^Client (?:process )?(\d{1,10}) disconnected", "client_disconnected", "client_lifecycle",
           lambda m, pid: {"server_pid": pid, "client_pid": int(m[1])}),
-    _rule(r"Maximum number of clients \((\d{1,10})\) reached", "client_rejected_max_clients",
+    _rule(r"Maximum number of clients \((\d{1,10})\) reached", "client_rejected_max_clients", "refusal",
           lambda m, pid: {"server_pid": pid, "detail": f"limit {m[1]}"}),
-    _rule(rf"^(?:Volta MPS: )?Client {_CLIENT} encountered a fatal GPU error", "fatal_gpu_error",
+    _rule(rf"^(?:Volta MPS: )?Client {_CLIENT} encountered a fatal GPU error", "fatal_gpu_error", "fatal",
           lambda m, pid: {"server_pid": pid, "client_pid": int(m[1])}),
-    _rule(r"^(?:Volta MPS: )?Server is handling a fatal GPU error", "server_fault", lambda m, pid: {"server_pid": pid}),
-    _rule(rf"^Client {_CLIENT} on device (\d{{1,10}}) to be torn down", "client_torn_down",
+    _rule(r"^(?:Volta MPS: )?Server is handling a fatal GPU error", "server_fault", "fatal",
+          lambda m, pid: {"server_pid": pid}),
+    _rule(rf"^Client {_CLIENT} on device (\d{{1,10}}) to be torn down", "client_torn_down", "fatal",
           lambda m, pid: {"server_pid": pid, "client_pid": int(m[1]), "detail": f"device {m[3]}"}),
-    _rule(r"^(?:Volta MPS: )?status of client \{(\d{1,10}), \d+\} is INACTIVE", "client_torn_down",
+    _rule(r"^(?:Volta MPS: )?status of client \{(\d{1,10}), \d+\} is INACTIVE", "client_torn_down", "fatal",
           lambda m, pid: {"server_pid": pid, "client_pid": int(m[1])}),
-    _rule(rf"Refusing to accept new client {_CLIENT}", "new_client_refused",
+    _rule(rf"Refusing to accept new client {_CLIENT}", "new_client_refused", "refusal",
           lambda m, pid: {"server_pid": pid, "client_pid": int(m[1])}),
-    _rule(r"(?:^|MPS server )[Ff]ailed to start", "server_start_failed", lambda m, pid: {"server_pid": pid}),
+    _rule(r"(?:^|MPS server )[Ff]ailed to start", "server_start_failed", "server_lifecycle",
+          lambda m, pid: {"server_pid": pid}),
     # routine lines, some of which look like errors but only follow an event above
-    _rule(rf"^Failed to accept client {_CLIENT} with status 807", None),  # after "Refusing to accept"
-    _rule(r"^Server failed to rec\w+ command with status \d+, assuming client", None),  # sic "recevie"
-    _rule(r"^(?:Volta MPS: )?(?:Destroy|Creating) server context", None),
-    _rule(r"error.trigging process", None),
-    _rule(r"^(?:Accepting connection|NEW UI|UI closed|User did not send valid credentials|NEW CLIENT|NEW SERVER"
-          r"|To connect CUDA applications|CUDA MPS Control binary version|Try shutting down server"
-          r"|quit command issued|Startup|Connecting to control daemon|Initializing server process"
-          r"|Created (?:anonymous|named) shared memory region|CUDA MPS Server for Linux|Display Driver version"
-          r"|Active Threads Percentage set to|Server Priority set to|Device pinned memory limit|Server has started"
-          r"|Received new client request|Creating worker thread|Device .* is associated|Status of client"
-          r"|Received device query command|Server has been notified to shutdown|Waiting for current clients"
-          r"|Exiting|Client \{PID: -?\d+, Context(?: ID)?: \d+\} exiting)", None),
+    _rule(rf"^Failed to accept client {_CLIENT} with status 807", None, "refusal"),  # after "Refusing to accept"
+    _rule(r"^Server failed to rec\w+ command with status \d+, assuming client", None, "client_lifecycle"),  # sic
+    _rule(r"error.trigging process", None, "fatal"),
+    _rule(r"^(?:NEW UI|UI closed)", None, "command"),
+    _rule(r"^(?:Accepting connection|User did not send valid credentials|NEW CLIENT|Received new client request"
+          r"|Creating worker thread|Status of client|Client \{PID: -?\d+, Context(?: ID)?: \d+\} exiting)",
+          None, "client_lifecycle"),
+    _rule(r"^(?:Volta MPS: )?(?:Destroy|Creating) server context", None, "server_lifecycle"),
+    _rule(r"^(?:NEW SERVER|Try shutting down server|quit command issued|Startup|Connecting to control daemon"
+          r"|Initializing server process|Server has started|Server has been notified to shutdown"
+          r"|Waiting for current clients|Exiting)", None, "server_lifecycle"),
+    _rule(r"^(?:To connect CUDA applications|CUDA MPS Control binary version|Created (?:anonymous|named) shared memory"
+          r" region|CUDA MPS Server for Linux|Display Driver version|Active Threads Percentage set to"
+          r"|Server Priority set to|Device pinned memory limit|Device .* is associated|Received device query command)",
+          None, "informational"),
 ]
 # the commands that set the daemon's default limits for the servers it starts next, as control.log
 # echoes each command it receives (`Cmd:<command line>`): wording from the device plugin's daemon log
@@ -163,9 +196,17 @@ def parse_time(stamp: str, fraction: str | None, zone: tzinfo | None = None) -> 
 def parse_line(
     line: str, source: str, context: LineContext = LineContext(), zone: tzinfo | None = None
 ) -> tuple[LogEvent | None, LineContext]:
+    reading, context = read_line(line, source, context, zone)
+    return reading.event, context
+
+
+def read_line(
+    line: str, source: str, context: LineContext = LineContext(), zone: tzinfo | None = None
+) -> tuple[LineReading, LineContext]:
+    """What one line is (its kind) and the event it states, if any, with the context for the next."""
     match = _LINE.match(line)
-    if not match:
-        return None, context  # a continuation of a multi-line reply (device_query prints some)
+    if not match:  # a continuation of a multi-line reply (device_query prints some)
+        return LineReading("command" if context.in_reply else "unrecognised"), context
     stamp, fraction, _tag, pid_text, message = match.groups()
     pid = int(pid_text)
     message = message.strip()
@@ -173,50 +214,52 @@ def parse_line(
     if message.startswith("Cmd:"):
         context = replace(context, in_reply=True, listing=None)
         if limits is None:
-            return None, context
+            return LineReading("command"), context
     if _REPLY_OVER.match(message):  # `quit` has no `UI closed`; a restart starts afresh
         context = replace(context, in_reply=False)
     try:
         when = parse_time(stamp, fraction, zone)
     except (ValueError, OverflowError):
-        return None, context
+        return LineReading("unrecognised"), context
 
     def event(name: str, **fields: Any) -> LogEvent:
         return LogEvent(event=name, time=when, source=source, pid=pid, message=message[:300], **fields)
 
     if limits is not None:
-        return event("limits_set", detail=" ".join(limits[1].split())), context
+        return LineReading("command", event("limits_set", detail=" ".join(limits[1].split()))), context
 
     number = _NUMBER.match(message)
     if number and context.listing == "devices":
-        return event("device_reset", server_pid=pid, detail=f"device {number[1]}"), context
+        return LineReading("fatal", event("device_reset", server_pid=pid, detail=f"device {number[1]}")), context
     if number and context.listing == "sticky":
-        return None, context
+        return LineReading("fatal"), context
     if _DEVICES_HEADER.search(message):
-        return None, replace(context, listing="devices")
+        return LineReading("fatal"), replace(context, listing="devices")
     if _STICKY_HEADER.search(message):
-        return None, replace(context, listing="sticky")
+        return LineReading("fatal"), replace(context, listing="sticky")
     context = replace(context, listing=None)
     connected = _CONNECTED.match(message)
     if connected:
         # each CUDA context of a client connects; the process itself is context 0
         context = replace(context, last_connected_pid=int(connected[1]))
         if connected[2] != "0":
-            return None, context
+            return LineReading("client_lifecycle"), context
     for rule in _RULES:
         found = rule.pattern.search(message)
         if not found:
             continue
         if rule.event is None:
-            return None, context
+            return LineReading(rule.kind), context
         fields = rule.build(found, pid)
         if rule.event == "client_rejected_max_clients" and context.last_connected_pid is not None:
             fields["client_pid"] = context.last_connected_pid
             context = replace(context, last_connected_pid=None)
-        return event(rule.event, **fields), context
-    if _ERRORISH.search(message) and not context.in_reply:  # replies such as "Server 1 not found" are not errors
-        return event("unrecognised_error"), context
-    return None, context
+        return LineReading(rule.kind, event(rule.event, **fields)), context
+    if context.in_reply:  # replies such as "Server 1 not found" are not errors
+        return LineReading("command"), context
+    if _ERRORISH.search(message):
+        return LineReading("unrecognised", event("unrecognised_error")), context
+    return LineReading("unrecognised"), context
 
 
 MAX_SERVER_STARTS_KEPT = 256  # per log dir
@@ -249,11 +292,9 @@ def server_starts_after(
 # ---------------------------------------------------------------- discovery
 
 
-def discover_log_dirs(
-    configured: tuple[str, ...], default_dir: str, device_plugin_root: str, procfs: ProcFS
-) -> tuple[list[tuple[str, str]], list[str]]:
+def discover_log_dirs(configured: tuple[str, ...], default_dir: str, device_plugin_root: str, procfs: ProcFS) -> DirsFound:
     if configured:
-        return [(d, "configured") for d in configured], []
+        return configured_dirs(configured)
     return discover_mps_dirs(
         defaults=(default_dir,),
         device_plugin_root=device_plugin_root,
@@ -269,6 +310,11 @@ def discover_log_dirs(
 # ---------------------------------------------------------------- collector
 
 MAX_FATAL_ERRORS_KEPT = 256
+# a connection the control daemon could not accept is MPS's own hiccup: five in a burst of 50 clients on
+# the H200, every client served. Notable only when it repeats more than a burst explains: this many
+# within the window (log time), then at most once a window
+ACCEPT_FAILED_REPEATS = 10
+ACCEPT_FAILED_WINDOW_SECONDS = 60.0
 FUTURE_SLACK_SECONDS = 86400.0  # a line dated further ahead than this does not move the last-event time
 
 
@@ -281,6 +327,9 @@ class _WatchedDir:
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
     last_time: dict[str, float] = field(default_factory=dict)
     server_starts: Mapping[int, ServerStart] = field(default_factory=dict)  # see server_starts_after
+    refusals: dict[str, str | None] = field(default_factory=dict)  # source -> why its file is refused (logged once)
+    accept_failures: deque[float] = field(default_factory=lambda: deque(maxlen=ACCEPT_FAILED_REPEATS))
+    accept_failed_noted_at: float | None = None
 
 
 class MpsLogsCollector:
@@ -309,13 +358,18 @@ class MpsLogsCollector:
         self._zone = zone
         self._clock = clock
         self._dirs: dict[str, _WatchedDir] = {}
+        self._refused: dict[str, str] = {}  # log dirs named by daemons not trusted, and why (logged once)
         self._recent: deque[tuple[str, LogEvent]] = deque(maxlen=recent_events)
         self._fatal: dict[int, tuple[str, LogEvent]] = {}
         self._log = structlog.get_logger().bind(collector=self.name)
 
     def collect(self) -> MpsLogsData:
-        found, notes = discover_log_dirs(self._configured, self._default, self._plugin_root, self._procfs)
-        self._remember(dict(found))
+        discovered = discover_log_dirs(self._configured, self._default, self._plugin_root, self._procfs)
+        for log_dir, why in discovered.refused.items():
+            if self._refused.get(log_dir) != why:
+                self._log.warning("log_dir_refused", log_dir=log_dir, reason=why)
+        self._refused = discovered.refused
+        self._remember(dict(discovered.dirs), discovered.owners)
         states = tuple(self._read(watched) for _, watched in sorted(self._dirs.items()))
         starts: dict[int, ServerStart] = {}
         for watched in self._dirs.values():  # a PID reused by a later server: the later start
@@ -324,16 +378,18 @@ class MpsLogsCollector:
                     starts[pid] = start
         return MpsLogsData(
             dirs=states, recent=tuple(self._recent), fatal_errors=frozen_map(self._fatal),
-            discovery_notes=tuple(notes), server_starts=frozen_map(starts),
+            discovery_notes=tuple(discovered.notes), server_starts=frozen_map(starts),
         )
 
-    def _remember(self, found: dict[str, str]) -> None:
-        """Dirs found once stay followed while they exist; a removed one is forgotten."""
+    def _remember(self, found: dict[str, str], owners: Mapping[str, frozenset[int]]) -> None:
+        """Dirs found once stay followed while they exist; a removed one is forgotten. The files of a
+        dir found only in daemons' environments are read only when owned by those daemons' users."""
         for log_dir, found_by in found.items():
             if log_dir not in self._dirs:
                 self._log.info("log_dir_found", log_dir=log_dir, found_by=found_by)
                 followers = {
-                    source: LogFollower(os.path.join(log_dir, name), self._backfill) for source, name in SOURCES.items()
+                    source: LogFollower(os.path.join(log_dir, name), self._backfill, owners=owners.get(log_dir))
+                    for source, name in SOURCES.items()
                 }
                 self._dirs[log_dir] = _WatchedDir(log_dir, found_by, followers)
         for log_dir, watched in list(self._dirs.items()):
@@ -346,6 +402,10 @@ class MpsLogsCollector:
     def _read(self, watched: _WatchedDir) -> LogDirState:
         for source, follower in watched.followers.items():
             lines = follower.poll()
+            if follower.refusal != watched.refusals.get(source):
+                if follower.refusal is not None:
+                    self._log.warning("log_file_refused", path=follower.path, reason=follower.refusal)
+                watched.refusals[source] = follower.refusal
             generation, context = watched.contexts.get(source, (follower.generation, LineContext()))
             if generation != follower.generation:
                 context = LineContext()  # a new or truncated file: no command reply or list is open
@@ -391,10 +451,26 @@ class MpsLogsCollector:
             self._fatal[event.server_pid] = (watched.log_dir, event)
             while len(self._fatal) > MAX_FATAL_ERRORS_KEPT:
                 self._fatal.pop(next(iter(self._fatal)))
-        if event.event in NOTABLE:
+        if event.event == "accept_failed":
+            event = self._repeated_accept_failures(watched, event) or event
+        if event.event in NOTABLE or (event.event == "accept_failed" and event.detail is not None):
             self._recent.append((watched.log_dir, event))
             if announce and event.event != "unrecognised_error":
                 self._log.warning("log_event", log_dir=watched.log_dir, **_event_context(event))
+
+
+    def _repeated_accept_failures(self, watched: _WatchedDir, event: LogEvent) -> LogEvent | None:
+        """The accept failure that makes ACCEPT_FAILED_REPEATS within the window, saying so in its
+        detail; None while they are as few as a burst of clients explains."""
+        times = watched.accept_failures
+        times.append(event.time)
+        noted = watched.accept_failed_noted_at
+        if len(times) < ACCEPT_FAILED_REPEATS or event.time - times[0] > ACCEPT_FAILED_WINDOW_SECONDS:
+            return None
+        if noted is not None and event.time - noted < ACCEPT_FAILED_WINDOW_SECONDS:
+            return None
+        watched.accept_failed_noted_at = event.time
+        return replace(event, detail=f"{len(times)} in {event.time - times[0]:.0f} s")
 
 
 def _event_context(event: LogEvent) -> dict[str, Any]:
