@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector
+from mpswatch.logsetup import configure_logging
 from mpswatch.procfs import ProcFS
 from mpswatch.runner import RunResult, run_with_deadline
 from mpswatch.scheduler import CollectorLoop, SnapshotStore
@@ -120,6 +121,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1.0)
     parser.add_argument("--json")
     args = parser.parse_args()
+    configure_logging("error", "json")  # 300 hanging daemons warn once each
     result = run(args.dirs, args.hung, args.live, args.cycles, args.interval, args.timeout)
     summary = {k: v for k, v in result.items() if k != "rows"}
     print(json.dumps(summary, indent=1))
