@@ -18,10 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.node_cost import PS_HEADER, make_daemon, rss_mib
+from benchmarks.node_cost import rss_mib
 from tests.kit.agentproc import Agent
 from tests.kit.fakecontrol import write_reply
 from tests.kit.fakedaemon import FAKE_CONTROL, FakeDaemon
+from tests.kit.stagednode import PS_HEADER, make_daemon
 
 FAULT = [
     "Client {{PID: {pid}, Context: 1}} encountered a fatal GPU error.",

@@ -46,20 +46,18 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from mpswatch.cli import build_collectors
 from mpswatch.collectors.mps_logs import SOURCES
-from mpswatch.config import load_config
 from mpswatch.httpfetch import Pending
-from mpswatch.injection import Injected
 from mpswatch.logsetup import configure_logging
 from mpswatch.procfs import ProcFS
 from mpswatch.runner import run_with_deadline
 from mpswatch.scheduler import Scheduler, SnapshotStore
 
-from benchmarks.node_cost import NODES, children_cpu_seconds, node
+from benchmarks.node_cost import children_cpu_seconds
 from tests.kit import fakenvml
-from tests.kit.fakedaemon import FAKE_CONTROL
 from tests.kit.scope import SessionProcesses
+from tests.kit.stagednode import NODES, node
+from tests.kit.stagednode import collectors as staged_collectors
 
 PERIOD_SECONDS = 2.0  # the agent's default interval
 COLLECTORS = ("mps_control", "mps_logs", "gpu", "engines")
@@ -103,15 +101,8 @@ class CountingNvml:
 
 
 def agent(setup: dict, visible: SessionProcesses) -> tuple[Scheduler, dict, RecordingRunner]:
-    os.environ["FAKENVML_LAYOUT"] = setup["env"]["FAKENVML_LAYOUT"]  # read by the fake when loaded
-    config = load_config(
-        None,
-        env={},
-        flags={"mps_control.pipe_dirs": [str(setup["pipe"])], "mps_control.control_bin": FAKE_CONTROL,
-               "mps_logs.log_dirs": [str(setup["log_dir"])]},
-    )
     store = SnapshotStore()
-    collectors = build_collectors(config, Injected(nvml_loader=fakenvml.from_layout, process_filter=lambda root: visible))
+    collectors = staged_collectors(setup, visible)
     by_name = {c.name: c for c in collectors}
     recorder = RecordingRunner()
     by_name["mps_control"]._runner = recorder  # before its first cycle, which makes the channels
@@ -351,7 +342,7 @@ def profile_collectors(collectors: dict, scheduler: Scheduler, cycles: int = 30)
     profiler.enable()
     for _ in range(cycles):
         for url in urls:
-            engines.fetcher.run(url, Pending())
+            engines.fetcher.run(url, Pending(deadline=time.monotonic() + 2.0))
     profiler.disable()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)

@@ -27,20 +27,15 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from tests.kit import fakevllm
-from tests.kit.agentproc import REPO, Agent, free_port
-from tests.kit.fakecontrol import write_reply
+from tests.kit.agentproc import Agent
 from tests.kit.fakedaemon import FAKE_CONTROL
+from tests.kit.stagednode import NODES, node
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-PS_HEADER = "PID       ID        SERVER         DEVICE                    NAMESPACE      COMMAND        \n"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -59,33 +54,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def make_daemon(root: Path, gpus: int, clients: list[list[int]]) -> Path:
-    """A pipe dir the fake control program answers in replay mode."""
-    pipe = root / "pipe"
-    pipe.mkdir(parents=True)
-    (pipe / "control").touch()
-    replies = {
-        "get_server_list": "476\n",
-        "get_server_status 476": "ACTIVE\n",
-        "get_active_thread_percentage 476": "100.0\n",
-        "get_default_active_thread_percentage": "100.0\n",
-        "get_default_device_pinned_mem_limit 0": "",
-        "ps": PS_HEADER + "".join(
-            f"{pid:<10}{i + 1:<10}{476:<15}{f'GPU-{gpu:08x}-2b6d-037a':<26}{4026531836:<15}{'python3':<15}\n"
-            for gpu in range(gpus) for i, pid in enumerate(clients[gpu])),
-    }
-    for command, text in replies.items():
-        write_reply(pipe, command, text)
-    return pipe
-
-
-def start_engines(count: int, full_bodies: bool = False) -> list[subprocess.Popen]:
-    options = ["--full-size-body"] if full_bodies else []
-    engines = [subprocess.Popen(fakevllm.command(free_port(), f"engine-{i}", *options), stdout=subprocess.PIPE, text=True)
-               for i in range(count)]
-    return [fakevllm.wait_ready(engine) for engine in engines]
 
 
 _SCRAPER = """
@@ -119,35 +87,6 @@ def scrapers(url: str, seconds: float, workers: int = 10) -> list[float]:
             raise RuntimeError(f"a scraper failed with {process.returncode}")
         latencies += [float(x) for x in out.split()]
     return latencies
-
-
-NODES = {"reference": (1, 2, 2), "large": (8, 48, 16)}  # GPUs, MPS clients per GPU, engines
-
-
-@contextmanager
-def node(name: str, gpus: int, clients_per_gpu: int, engine_count: int, full_bodies: bool = False) -> Iterator[dict]:
-    """A node's stand-ins, shared with benchmarks/floor.py: the engine processes (the first MPS
-    clients of each GPU), the control program's replies, a real server.log, the fake NVML's layout
-    (FAKENVML_LAYOUT in `env`, read by tests.kit.fakenvml.from_layout)."""
-    work = Path(tempfile.mkdtemp(prefix=f"mpswatch-bench-{name}-"))
-    engines = start_engines(engine_count, full_bodies)
-    try:
-        engine_pids = [e.pid for e in engines]
-        clients = []
-        for gpu in range(gpus):
-            mine = engine_pids[gpu * engine_count // gpus:(gpu + 1) * engine_count // gpus]
-            clients.append(mine + [100000 + gpu * 1000 + i for i in range(clients_per_gpu - len(mine))])
-        pipe = make_daemon(work, gpus, clients)
-        log_dir = work / "log"
-        log_dir.mkdir()
-        server_log = REPO / "tests/fixtures/h200-driver580/session3-50-clients-then-fault-server.log"
-        (log_dir / "server.log").write_text(server_log.read_text())
-        env = {"FAKENVML_LAYOUT": json.dumps({"gpus": gpus, "clients": clients})}
-        yield {"work": work, "pipe": pipe, "log_dir": log_dir, "env": env, "engines": engines}
-    finally:
-        for engine in engines:
-            engine.kill()
-            engine.wait()
 
 
 def measure(name: str, gpus: int, clients_per_gpu: int, engine_count: int, seconds: float,

@@ -16,7 +16,8 @@ from mpswatch.metrics import CATALOG
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
-RECORDED = {rule["record"] for group in yaml.safe_load((ROOT / "alerts" / "mpswatch.rules.yml").read_text())["groups"]
+RECORDED = {rule["record"] for rules in ("mpswatch.rules.yml", "mpswatch-fleet.rules.yml")
+            for group in yaml.safe_load((ROOT / "alerts" / rules).read_text())["groups"]
             for rule in group["rules"] if "record" in rule}
 
 
@@ -39,7 +40,7 @@ def test_the_committed_json_is_what_the_code_generates():
     run = subprocess.run([sys.executable, str(ROOT / "dashboards" / "generate.py"), "--check"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert {p.name for p in DASHBOARDS} == {"node-overview.json", "gpus.json", "engines.json"}
+    assert {p.name for p in DASHBOARDS} == {"node-overview.json", "gpus.json", "engines.json", "fleet.json"}
 
 
 def test_every_panel_has_a_unit_a_description_and_queries():
@@ -49,11 +50,11 @@ def test_every_panel_has_a_unit_a_description_and_queries():
         assert panel.get("targets"), (name, panel["title"])
 
 
-def test_dashboards_have_the_datasource_and_node_variables_and_a_runbook_link():
+def test_dashboards_have_the_datasource_and_node_or_cluster_variables_and_a_runbook_link():
     for path in DASHBOARDS:
         dashboard = json.loads(path.read_text())
         names = {v["name"] for v in dashboard["templating"]["list"]}
-        assert {"datasource", "instance"} <= names, path.name
+        assert {"datasource", "cluster" if path.name == "fleet.json" else "instance"} <= names, path.name
         assert any("runbooks" in link.get("url", "") for link in dashboard["links"]), path.name
     gpu = json.loads((ROOT / "dashboards" / "gpus.json").read_text())
     assert "gpu" in {v["name"] for v in gpu["templating"]["list"]}
@@ -64,7 +65,7 @@ def test_queries_use_only_documented_metrics_and_recording_rules():
     known = set(CATALOG) | RECORDED
     for name, title, expr in queries():
         stripped = re.sub(r'"[^"]*"', '""', expr)
-        used = set(re.findall(r"\b(mps[a-z_:]*|mpswatch_[a-z_]+)\b", stripped))
+        used = set(re.findall(r"\b((?:instance:|cluster:)?(?:mps[a-z0-9_:]*|mpswatch_[a-z0-9_:]+))", stripped))
         assert used and used <= known, (name, title, used - known)
 
 
@@ -75,3 +76,12 @@ def test_queries_parse_as_promql(tmp_path):
     rule_file.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": records}]}))
     run = subprocess.run(["promtool", "check", "rules", str(rule_file)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_the_fleet_tables_link_each_row_to_its_node_overview():
+    fleet = json.loads((ROOT / "dashboards" / "fleet.json").read_text())
+    tables = [p for p in fleet["panels"] if p["type"] == "table"]
+    assert tables and all("var-instance=${__data.fields.instance}" in p["fieldConfig"]["defaults"]["links"][0]["url"]
+                          for p in tables)
+    node = json.loads((ROOT / "dashboards" / "node-overview.json").read_text())
+    assert node["uid"] in tables[0]["fieldConfig"]["defaults"]["links"][0]["url"]

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from mpswatch.exporter import parse_listen
+from mpswatch.httpfetch import redact_url
 
 DEFAULT_CONFIG_PATH = "/etc/mpswatch/config.toml"
 DEFAULT_PORT = 19863
@@ -119,7 +120,7 @@ def _url(value: Any) -> str:
     text = _text(value)
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"must be an http(s) URL such as http://127.0.0.1:8000/metrics, got {value!r}")
+        raise ValueError(f"must be an http(s) URL such as http://127.0.0.1:8000/metrics, got {redact_url(text)!r}")
     return text
 
 
@@ -141,10 +142,12 @@ def _engines(value: Any) -> tuple[EngineTarget, ...]:
         if isinstance(item, str):
             name, sep, url = item.partition("=")
             if not sep:
-                raise ValueError(f"an engine is NAME=URL, got {item!r}")
+                raise ValueError(f"an engine is NAME=URL, got {redact_url(item)!r}")
             item = {"name": name.strip(), "url": url.strip()}
         if not isinstance(item, dict) or set(item) - {"name", "url", "gpu_uuid"} or "name" not in item or "url" not in item:
-            raise ValueError(f"an engine has a name, a url and optionally a gpu_uuid, got {item!r}")
+            shown = {k: redact_url(v) if k == "url" and isinstance(v, str) else v for k, v in item.items()} \
+                if isinstance(item, dict) else item
+            raise ValueError(f"an engine has a name, a url and optionally a gpu_uuid, got {shown!r}")
         gpu_uuid = _text(item["gpu_uuid"]) if "gpu_uuid" in item else None
         engine = EngineTarget(_text(item["name"]), _url(item["url"]), gpu_uuid)
         if engine.name in names:

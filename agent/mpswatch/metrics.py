@@ -217,6 +217,13 @@ _SPECS += [
     MetricSpec("mps_engine_info", "gauge", ("engine", "model", "url", "gpu_uuid"), "Always 1 per engine."),
     MetricSpec("mps_engine_up", "gauge", _ENGINE, "1 if the engine's metrics endpoint answered with vLLM metrics."),
     MetricSpec(
+        "mps_engine_scrape_rejected_samples_total",
+        "counter",
+        ("engine", "reason"),
+        "Samples of the engine's answers refused (their figure left unknown); reason: not_finite, negative, "
+        "duplicate_series.",
+    ),
+    MetricSpec(
         "mps_engine_mps_attached",
         "gauge",
         _ENGINE,

@@ -241,6 +241,10 @@ class EngineState:
     # watched daemon's server
     active_thread_limit: MpsLimit | None = None
     pinned_memory_limit: MpsLimit | None = None
+    # samples of its answers refused since the agent started, by reason (engine_kinds.REJECT_REASONS);
+    # and why samples of its last answer were (their figures are then unknown)
+    rejected_samples_total: Mapping[str, int] = field(default_factory=frozen_map)
+    rejected_reasons: tuple[str, ...] = ()
 
 
 LIMIT_SOURCES = ("client_env", "server", "daemon_default")

@@ -14,6 +14,7 @@
   kubecgroups.py  kubelet-style cgroups (v1 and v2, both drivers) to place the test's processes in pods
   fakepodresources.py  a kubelet's PodResources gRPC API on a unix socket
   nobody.py       processes of another user (nobody): hostile stand-ins, and agents run as nobody
+  stagednode.py   the benchmarks' reference and large nodes, staged on a CPU machine, and the agent's collectors for them
   snapshots.py    snapshots built as the agent builds them, for tests of what is derived from them
   tlscerts.py     a throwaway CA, server and client certificates (openssl) for the TLS tests
 """

@@ -21,6 +21,7 @@ Standard library only: the script runs without the repository on its path.
 from __future__ import annotations
 
 import argparse
+import base64
 import subprocess
 import sys
 import threading
@@ -116,19 +117,29 @@ def full_size_body(template: bool = False) -> str:
 class FakeVllm:
     def __init__(self, body: str = "metrics-v0.10-names.txt", tokens_per_request: float = 100.0,
                  port: int = 0, mode: str = "ok", model_label: str | None = None, host: str = "127.0.0.1",
-                 full_size: bool = False) -> None:
+                 full_size: bool = False, basic_auth: tuple[str, str] | None = None) -> None:
         self.template = full_size_body(template=True) if full_size else (FIXTURES / body).read_text()
         if model_label:  # vLLM labels its metrics with the served model name, when one is given
             self.template = self.template.replace('model_name="Qwen/Qwen2.5-1.5B-Instruct"', f'model_name="{model_label}"')
         self.tokens_per_request = tokens_per_request
         self.mode = mode  # ok | slow | trickle | garbage | huge
         self.requests = 0
+        # with basic_auth (user, password): 401 to a request without them, as a proxy in front of vLLM
+        self.authorization = None if basic_auth is None else "Basic " + base64.b64encode(":".join(basic_auth).encode()).decode()
+        self.refused = 0
         self.running, self.waiting = 3, 1
         self._lock = threading.Lock()
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                if fake.authorization is not None and self.headers.get("Authorization") != fake.authorization:
+                    fake.refused += 1
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="vllm"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if fake.mode == "slow":
                     time.sleep(5)
                 if fake.mode == "trickle":  # headers at once, then a byte every 0.1 s for 10 s

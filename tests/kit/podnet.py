@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mpswatch.collectors.engines import EnginesCollector
@@ -157,7 +157,7 @@ def collect(out: Path, roots: set[int]) -> None:
     time.sleep(0.3)
     engines = collector.collect().engines
     keys = ("name", "url", "up", "error", "pids", "prompt_tokens_total", "model")
-    out.write_text(json.dumps([{k: v for k, v in asdict(e).items() if k in keys} for e in engines]))
+    out.write_text(json.dumps([{k: getattr(e, k) for k in keys} for e in engines]))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ import structlog
 
 from mpswatch.collectors import CollectorUnit
 from mpswatch.collectors.mps_control import DEFAULT_PIPE_DIR
-from mpswatch.engine_kinds import EngineSample, parameters_from_model_name
+from mpswatch.engine_kinds import REJECT_REASONS, EngineSample, parameters_from_model_name
 from mpswatch.engine_kinds.vllm import parse_vllm_command, parse_vllm_metrics
-from mpswatch.httpfetch import BackgroundFetcher, Fetch, Pending, fetch_metrics
+from mpswatch.httpfetch import BackgroundFetcher, Fetch, Pending, fetch_metrics, redact_url
 from mpswatch.metrics import Families
 from mpswatch.netns import find_endpoint
 from mpswatch.procfs import (
@@ -80,7 +80,7 @@ class _Accumulator:
 @dataclass
 class _Engine:
     name: str  # the `engine` label; "" until a discovered engine is first reported
-    url: str | None  # where it is scraped: configured, or chosen from its sockets (None: unreachable)
+    url: str | None  # where it is scraped: configured (userinfo and all), or chosen from its sockets (None: unreachable)
     found_by: str
     gpu_uuid: str | None = None  # as configured
     root_pid: int | None = None
@@ -96,6 +96,8 @@ class _Engine:
     cpu: _Accumulator = field(default_factory=_Accumulator)
     wait: _Accumulator = field(default_factory=_Accumulator)
     thread_ticks: dict[tuple[int, int], tuple[float, int]] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REJECT_REASONS, 0))  # samples refused, ever
+    rejecting: tuple[str, ...] = ()  # why samples of its last answer were refused
 
     @property
     def local_port(self) -> int | None:
@@ -109,6 +111,11 @@ def _port(url: str) -> int | None:
         return parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         return None
+
+
+def _shown(url: str | None) -> str | None:
+    """A URL as exported, logged and shown: without its userinfo (credentials)."""
+    return None if url is None else redact_url(url)
 
 
 def _endpoint(url: str | None) -> tuple[str, int | None] | None:
@@ -206,7 +213,7 @@ class EnginesCollector:
         for engine in sorted(unclaimed, key=lambda e: (not e.name, e.start_time or 0, e.root_pid or 0)):
             if not engine.name or engine.name in taken:
                 engine.name = next(engine_labels(taken, engine.base_name, engine.root_pid or 0))
-                self._log.info("engine_discovered", engine=engine.name, url=engine.url, pid=engine.root_pid)
+                self._log.info("engine_discovered", engine=engine.name, url=_shown(engine.url), pid=engine.root_pid)
             taken.add(engine.name)
         return [*self._configured, *unclaimed]
 
@@ -233,8 +240,8 @@ class EnginesCollector:
         return claimed
 
     def _scraped(self, engine: _Engine, scrape: Pending[EngineSample] | None) -> EngineState:
-        base = EngineState(name=engine.name, url=engine.url, found_by=engine.found_by, up=False,
-                           gpu_uuid=engine.gpu_uuid, model=engine.model)
+        base = EngineState(name=engine.name, url=_shown(engine.url), found_by=engine.found_by, up=False,
+                           gpu_uuid=engine.gpu_uuid, model=engine.model, rejected_samples_total=frozen_map(engine.rejected))
         if scrape is None:
             return self._down_state(engine, base, engine.unreachable or "no address to scrape")
         if not scrape.done.is_set():
@@ -245,6 +252,7 @@ class EnginesCollector:
         if engine.down is not None:
             self._log.info("engine_up", engine=engine.name)
             engine.down = None
+        self._count_rejected(engine, sample.rejected)
         tokens = (scrape.fetched_at, sample.token_series) if sample.token_series else None
         tps = tokens_per_second(engine.previous_tokens, tokens)
         if tokens is not None and (engine.previous_tokens is None or tokens[0] > engine.previous_tokens[0]):
@@ -253,6 +261,8 @@ class EnginesCollector:
         return replace(
             base,
             up=True,
+            rejected_samples_total=frozen_map(engine.rejected),
+            rejected_reasons=engine.rejecting,
             model=engine.model,
             requests_running=sample.requests_running,
             requests_waiting=sample.requests_waiting,
@@ -265,6 +275,19 @@ class EnginesCollector:
             generation_tokens_per_request=sample.generation_tokens_per_request,
             model_parameters=parameters_from_model_name(engine.command_model) or parameters_from_model_name(engine.model),
         )
+
+    def _count_rejected(self, engine: _Engine, rejected: Mapping[str, int]) -> None:
+        """Adds up the samples an answer had refused; says so when the reasons change, not every scrape."""
+        for reason, samples in rejected.items():
+            engine.rejected[reason] = engine.rejected.get(reason, 0) + samples
+        reasons = tuple(sorted(reason for reason, samples in rejected.items() if samples))
+        if reasons != engine.rejecting:
+            if reasons:
+                self._log.warning("engine_samples_rejected", engine=engine.name, reasons=",".join(reasons),
+                                  samples=sum(rejected.values()))
+            else:
+                self._log.info("engine_samples_accepted", engine=engine.name)
+        engine.rejecting = reasons
 
     def _down_state(self, engine: _Engine, base: EngineState, reason: str) -> EngineState:
         if engine.down != reason:
@@ -368,6 +391,8 @@ def render(data: EnginesData, facts: DerivedFacts, out: Families) -> None:
         out.add("mps_engine_up", [e.name], 1 if e.up else 0)
         if e.owner_uid is not None:
             out.add("mps_engine_owner_info", [e.name, e.owner_uid], 1)
+        for reason, samples in sorted(e.rejected_samples_total.items()):
+            out.add("mps_engine_scrape_rejected_samples_total", [e.name, reason], samples)
         for metric, attribute in _VALUES.items():
             value = getattr(e, attribute)
             if value is not None:
@@ -425,6 +450,8 @@ def _engine_entry(e: EngineState) -> dict[str, Any]:
             problems.append("runs on the GPU without MPS")
         if e.pipe_dir_served is False:
             problems.append(f"its CUDA_MPS_PIPE_DIRECTORY {e.mps_pipe_dir} is {e.pipe_dir_served_detail}")
+        if e.rejected_reasons:
+            problems.append(f"its metrics had values refused ({', '.join(e.rejected_reasons)}): those figures are unknown")
         if e.cpu_bound:
             problems.append(f"CPU-bound: busiest thread at {percent(e.busiest_thread_cpu_ratio)} of a core")
         attached = {True: "MPS attached", False: "not under MPS", None: "MPS attachment unknown"}[e.mps_attached]

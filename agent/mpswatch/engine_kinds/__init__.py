@@ -8,6 +8,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+# why a sample read from an engine was refused: NaN or an infinity; below zero (every value read is a
+# count, a total or a ratio); a series (name and labels) given a second time in the same body
+REJECT_REASONS = ("not_finite", "negative", "duplicate_series")
+
 
 class BadMetrics(ValueError):
     """An answer that is not an engine's metrics: an HTTP error, too big, not Prometheus text."""
@@ -27,6 +31,7 @@ class EngineSample:
     token_series: Mapping[tuple[Any, ...], float] = field(default_factory=dict)  # each token counter series on its own
     prompt_tokens_per_request: float | None = None
     generation_tokens_per_request: float | None = None
+    rejected: Mapping[str, int] = field(default_factory=dict)  # samples refused, by reason (REJECT_REASONS)
 
 
 @dataclass(frozen=True)

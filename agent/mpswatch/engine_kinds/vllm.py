@@ -3,6 +3,7 @@ models behind one server) and its command lines (`vllm serve`, the OpenAI API-se
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -15,12 +16,23 @@ DEFAULT_PORT = 8000
 
 def parse_vllm_metrics(text: str) -> EngineSample:
     """Sums over vLLM's label sets (several engines or models behind one server). Knows the
-    current names and the older `vllm:gpu_cache_usage_perc`; refuses text with no vLLM metric."""
+    current names and the older `vllm:gpu_cache_usage_perc`; refuses text with no vLLM metric.
+    Every value read is a count, a total or a ratio: a NaN, an infinity, a negative value or a
+    series given twice (which a sum would double) makes that metric unknown, and is counted in
+    `rejected` by reason (REJECT_REASONS)."""
     sums: dict[str, float] = {}
     kv_values: list[float] = []
     series: dict[tuple[Any, ...], float] = {}
+    seen: set[tuple[Any, ...]] = set()
+    refused: set[str] = set()  # sample names with a rejected sample: their value is unknown
+    rejected: dict[str, int] = {}
     model = gpu_memory_utilization = None
     found = False
+
+    def reject(reason: str, name: str) -> None:
+        rejected[reason] = rejected.get(reason, 0) + 1
+        refused.add(name)
+
     try:
         # only the lines read below; a body with none of them is parsed whole, to say what is wrong
         for family in text_string_to_metric_families(_lines_read(text) or text):
@@ -31,21 +43,35 @@ def parse_vllm_metrics(text: str) -> EngineSample:
                 model = model or sample.labels.get("model_name")
                 if sample.name == "vllm:cache_config_info" and "gpu_memory_utilization" in sample.labels:
                     try:
-                        gpu_memory_utilization = float(sample.labels["gpu_memory_utilization"])
+                        utilization = float(sample.labels["gpu_memory_utilization"])
                     except ValueError:
-                        pass
+                        utilization = None
+                    reason = None if utilization is None else _unfit(utilization)
+                    if reason is not None:
+                        reject(reason, "gpu_memory_utilization")
+                    elif utilization is not None:
+                        gpu_memory_utilization = utilization
                 if sample.name.endswith("_created"):
+                    continue
+                key = (sample.name, *sorted(sample.labels.items()))
+                reason = "duplicate_series" if key in seen else _unfit(sample.value)
+                seen.add(key)
+                if reason is not None:
+                    reject(reason, sample.name)
                     continue
                 sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
                 if sample.name in _TOKEN_COUNTERS:
-                    series[(sample.name, *sorted(sample.labels.items()))] = sample.value
+                    series[key] = sample.value
                 if sample.name in _KV_USAGE:
                     kv_values.append(sample.value)
     except Exception as err:  # the parser raises several kinds on malformed text
         raise BadMetrics(f"not Prometheus text: {err}"[:200]) from None
     if not found:
         raise BadMetrics("no vllm: metric in the body")
-    kv = sum(kv_values) / len(kv_values) if kv_values else None  # a ratio: averaged over engines, not summed
+    for name in refused:
+        sums.pop(name, None)
+    series = {key: value for key, value in series.items() if key[0] not in refused}
+    kv = None if refused & set(_KV_USAGE) or not kv_values else sum(kv_values) / len(kv_values)  # a ratio: averaged
     return EngineSample(
         model=model,
         requests_running=sums.get("vllm:num_requests_running"),
@@ -53,11 +79,19 @@ def parse_vllm_metrics(text: str) -> EngineSample:
         prompt_tokens_total=sums.get("vllm:prompt_tokens_total"),
         generation_tokens_total=sums.get("vllm:generation_tokens_total"),
         kv_cache_usage_ratio=kv,
-        gpu_memory_utilization=gpu_memory_utilization,
+        gpu_memory_utilization=None if "gpu_memory_utilization" in refused else gpu_memory_utilization,
         token_series=series,
         prompt_tokens_per_request=_mean(sums, "vllm:request_prompt_tokens"),
         generation_tokens_per_request=_mean(sums, "vllm:request_generation_tokens"),
+        rejected=rejected,
     )
+
+
+def _unfit(value: float) -> str | None:
+    """Why a value read cannot be a count, a total or a ratio; None when it can."""
+    if not math.isfinite(value):
+        return "not_finite"
+    return "negative" if value < 0 else None
 
 
 def _mean(sums: dict[str, float], histogram: str) -> float | None:
