@@ -72,9 +72,9 @@ class RecordingRunner:
     def __init__(self) -> None:
         self.sent: list[tuple[tuple[str, ...], bytes, dict[str, str]]] = []
 
-    def __call__(self, argv, stdin, env, timeout):
+    def __call__(self, argv, stdin, env, timeout, **options):
         self.sent.append((tuple(argv), stdin, dict(env)))
-        return run_with_deadline(argv, stdin, env, timeout)
+        return run_with_deadline(argv, stdin, env, timeout, **options)
 
     def take(self) -> list:
         sent, self.sent = self.sent, []

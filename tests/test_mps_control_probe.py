@@ -46,7 +46,7 @@ class ScriptedRunner:
         self.exec_error = exec_error
         self.sent: list[str] = []
 
-    def __call__(self, argv, stdin, env, timeout):
+    def __call__(self, argv, stdin, env, timeout, give_up=None):
         line = stdin.decode().strip()
         self.sent.append(line)
         assert env["CUDA_MPS_PIPE_DIRECTORY"]
@@ -273,7 +273,7 @@ def test_never_two_commands_in_flight_to_one_daemon(tmp_path):
     in_flight, peak = [0], [0]
     lock = threading.Lock()
 
-    def slow_runner(argv, stdin, env, timeout):
+    def slow_runner(argv, stdin, env, timeout, give_up=None):
         with lock:
             in_flight[0] += 1
             peak[0] = max(peak[0], in_flight[0])
@@ -317,7 +317,7 @@ def test_one_daemon_s_surprise_costs_only_that_daemon(tmp_path):
     for d in (good, bad):
         d.mkdir()
 
-    def runner(argv, stdin, env, timeout):
+    def runner(argv, stdin, env, timeout, give_up=None):
         if env["CUDA_MPS_PIPE_DIRECTORY"] == str(bad):
             raise RuntimeError("surprise")
         return ScriptedRunner(HEALTHY)(argv, stdin, env, timeout)
@@ -455,3 +455,143 @@ def test_servers_without_clients_and_servers_gone_with_their_daemon_are_not_lost
     _, serving = servers_lost(frozenset(), _serving(servers=[476], clients=[(437, 476)]))
     _, serving = servers_lost(serving, _serving(state=DaemonState.NOT_RUNNING))  # quit
     assert servers_lost(serving, _serving(servers=[900], clients=[(901, 900)]))[0] == []
+
+
+# ---------------------------------------------------------------- issue 17: idle, descendants, busy nodes, many dirs
+
+
+def _collector_for(daemon, *, timeout=1.0, **kw):
+    from tests.kit.fakedaemon import FAKE_CONTROL
+
+    return MpsControlCollector(control_bin=FAKE_CONTROL, discovery=DiscoverySettings(pipe_dirs=(daemon.path,)),
+                               command_timeout_seconds=timeout, **kw)
+
+
+def test_an_idle_daemon_counts_no_failure_cycle_after_cycle(fake_daemon):
+    """Finding 14: with no server, `ps` has nothing to answer (`Server not found`): it is not asked."""
+    daemon = fake_daemon("idle_daemon_driver580")
+    collector = _collector_for(daemon)
+    for _ in range(3):
+        [state] = collector.collect().daemons
+        assert state.up and state.servers == () and state.clients == ()
+        assert state.command_failures == {}
+    assert "ps" not in daemon.commands()
+
+
+def test_a_control_program_leaving_a_grandchild_on_its_stdout_is_not_hung(fake_daemon):
+    """Finding 15: the reader ends at the program's exit, not when every descendant closed stdout."""
+    daemon = fake_daemon("healthy_two_clients_driver580")
+    daemon.update(grandchild_seconds=30)
+    [state] = _collector_for(daemon).collect().daemons
+    assert state.state is DaemonState.UP and len(state.clients) == 2 and state.command_failures == {}
+
+
+def test_a_control_program_slow_to_start_on_a_busy_node_is_not_a_timeout(fake_daemon):
+    """Busy nodes must not page: a program still runnable at the 1 s deadline (spinning 1.1 s, as one
+    starved of CPU would) gets the deadline once more; the daemon answers, and is up."""
+    daemon = fake_daemon("healthy_two_clients_driver580")
+    daemon.update(spin_seconds=1.1)
+    collector = _collector_for(daemon)
+    seen = collector.collect().daemons  # the probe outlasts the cycle's 2 s budget: deferred to the next
+    [state] = seen or collector.collect().daemons
+    assert state.state is DaemonState.UP and state.command_failures == {}
+    assert state.commands_starved_total >= 1
+    assert "answering slowly" in state.reason  # its share was used up: the rest is asked next cycle
+
+
+def test_a_stopped_daemon_is_still_seen_within_3_s(fake_daemon):
+    """The control program blocked waiting on a stopped daemon is not starved: no second deadline."""
+    import signal
+
+    daemon = fake_daemon("hung_daemon")
+    daemon.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        [state] = _collector_for(daemon).collect().daemons
+        elapsed = time.monotonic() - started
+    finally:
+        daemon.process.send_signal(signal.SIGCONT)
+    assert state.state is DaemonState.HUNG and "stopped" in state.reason
+    assert elapsed < 3.0
+
+
+def test_a_thousand_pipe_dirs_degrade_per_daemon_never_to_nothing(tmp_path):
+    """Finding 11: 1,000 pipe dirs, 300 whose daemon hangs (each holds a worker for the whole command
+    timeout), 696 with no daemon, 4 live ones sorted last. No cycle overruns the collector's deadline;
+    the live daemons' data is there by cycle 8 (the hanging ones need 300 × 0.5 s / 32 workers ≈ 5
+    budgets of 1 s to be probed once) and fresh every cycle after that; every daemon is probed within
+    those cycles."""
+    from mpswatch.runner import run_with_deadline
+    from mpswatch.scheduler import CollectorLoop, SnapshotStore
+
+    from tests.kit import fakecontrol
+    from tests.kit.fakedaemon import FAKE_CONTROL
+
+    dirs = {}
+    for i in range(1000):
+        kind = "live" if i >= 996 else "hung" if i % 10 < 3 else "dead"
+        d = tmp_path / f"{'z' if kind == 'live' else 'a'}-{i:04d}"
+        d.mkdir()
+        dirs[str(d)] = kind
+        if kind == "live":
+            for command, text in HEALTHY.items():
+                fakecontrol.write_reply(d, command, text)
+    assert sum(k == "hung" for k in dirs.values()) == 300
+
+    def runner(argv, stdin, env, timeout, give_up=None):
+        kind = dirs[env["CUDA_MPS_PIPE_DIRECTORY"]]
+        if kind == "live":
+            return run_with_deadline(argv, stdin, env, timeout, give_up=give_up)
+        if kind == "hung":
+            time.sleep(timeout)  # as a control program blocked on a hung daemon's socket
+            return RunResult(None, "", timeout, timed_out=True)
+        return RunResult(1, "Cannot find MPS control daemon process\n", 0.002)
+
+    (tmp_path / "proc").mkdir()
+    collector = MpsControlCollector(control_bin=FAKE_CONTROL, discovery=DiscoverySettings(pipe_dirs=tuple(dirs)),
+                                    command_timeout_seconds=0.5, procfs=ProcFS(tmp_path / "proc"), runner=runner)
+    loop = CollectorLoop(collector, SnapshotStore())
+    live = [d for d, kind in dirs.items() if kind == "live"]
+    first_seen = None
+    for cycle in range(1, 11):
+        report = loop.cycle()
+        assert report.status.success, report.status.error_detail
+        daemons = {d.pipe_dir: d for d in report.data.daemons}
+        if first_seen is None and all(d in daemons and daemons[d].up for d in live):
+            first_seen = cycle
+            assert len(daemons[live[0]].clients) == 1
+        if first_seen is not None and cycle > first_seen:
+            ages = [time.time() - daemons[d].measured_at for d in live]
+            assert max(ages) < 2.0  # probed again within this cycle or the one before
+    assert first_seen is not None and first_seen <= 8
+    assert report.data.not_yet_probed == () and len(report.data.daemons) == 1000
+    hung = [d for d in report.data.daemons if dirs[d.pipe_dir] == "hung"]
+    assert all(d.state is DaemonState.HUNG for d in hung)
+
+
+def test_a_starved_control_program_of_a_stopped_daemon_gets_no_second_deadline(fake_daemon):
+    """Busy nodes must not page, but a stopped daemon is still seen at the first deadline: its control
+    program, still runnable there (spinning 1.5 s), is not given more time when the daemon is stopped."""
+    import signal
+
+    daemon = fake_daemon("healthy_two_clients_driver580")
+    daemon.update(spin_seconds=1.5)
+    daemon.process.send_signal(signal.SIGSTOP)
+    try:
+        [state] = _collector_for(daemon).collect().daemons
+    finally:
+        daemon.process.send_signal(signal.SIGCONT)
+    assert state.state is DaemonState.HUNG and "stopped" in state.reason
+    assert state.commands_starved_total == 0 and state.command_durations["get_server_list"] < 1.5
+
+
+def test_status_says_how_old_a_deferred_daemon_s_data_is():
+    from mpswatch.collectors.mps_control import status
+    from mpswatch.snapshot import DerivedFacts, MpsControlData
+
+    daemon = MpsDaemon("/p", "configured", DaemonState.UP, "answering; 0 server(s), 0 client(s)", measured_at=1000.0)
+    section = status(MpsControlData(daemons=(daemon,), searched=("/p",), deferred=("/p",), not_yet_probed=("/q",)),
+                     DerivedFacts(), 1012.0)
+    [entry] = section.entries["daemons"]
+    assert entry["age_seconds"] == 12.0 and "as of 12s ago" in entry["reason"]
+    assert "1 more not probed yet" in section.summary

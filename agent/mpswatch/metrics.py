@@ -75,6 +75,26 @@ _SPECS = [
         "Failed control commands by reason (timeout, not_running, error_reply, exec_failed, garbage_output).",
     ),
     MetricSpec(
+        "mps_control_commands_starved_total",
+        "counter",
+        ("pipe_dir",),
+        "Control commands given their deadline once more because the control program was runnable but starved "
+        "of CPU at the deadline (a busy node, not a hung daemon).",
+    ),
+    MetricSpec(
+        "mps_control_probe_timestamp_seconds",
+        "gauge",
+        ("pipe_dir",),
+        "Unix time the daemon's exported series were measured; older than a cycle when its probe was deferred.",
+    ),
+    MetricSpec(
+        "mps_control_probes_deferred",
+        "gauge",
+        (),
+        "Watched daemons whose probe did not complete within this cycle's budget: their series are from an earlier "
+        "cycle (or absent, never probed yet).",
+    ),
+    MetricSpec(
         "mps_servers_lost_total",
         "counter",
         ("pipe_dir",),

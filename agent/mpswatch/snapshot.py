@@ -75,6 +75,12 @@ class MpsDaemon:
     command_durations: Mapping[str, float] = field(default_factory=frozen_map)  # the last probe's, by command
     # (command, reason) -> count: since the agent started, as exported; a single probe's own in probe_daemon
     command_failures: Mapping[tuple[str, str], int] = field(default_factory=frozen_map)
+    # commands not sent in the last probe: the daemon's share of the cycle was used up (a slow daemon)
+    commands_not_asked: tuple[str, ...] = ()
+    # commands whose deadline was given once more because the control program was starved of CPU, since
+    # the agent started (a single probe's own in probe_daemon)
+    commands_starved_total: int = 0
+    measured_at: float | None = None  # unix time its probe ended
 
     @property
     def up(self) -> bool:
@@ -97,6 +103,10 @@ class MpsControlData:
     expected: str = "auto"  # the mps_control.expected setting: true, false or auto (derived: MpsExpectation)
     # daemons whose environment (their pipe dir) could not be read, by reason; None: none looked for
     unreadable_daemons: Mapping[str, int] | None = None
+    # pipe dirs of the watched daemons whose probe did not end within the cycle's budget (their entry
+    # in `daemons` is an earlier cycle's), and of those never probed yet (no entry; among the deferred)
+    deferred: tuple[str, ...] = ()
+    not_yet_probed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,10 @@ answers from $CUDA_MPS_PIPE_DIRECTORY (default /tmp/nvidia-mps), one of two ways
             answers from scenario.json.
 
 Scenario keys: "mode" (answer | not_running | hang | garbage | crash), "replies" (command line ->
-reply text), "hang_seconds", "delay_seconds" (a slow but live daemon). Every command received is
+reply text), "hang_seconds", "delay_seconds" (a slow but live daemon), "spin_seconds" (busy-spins
+that long before answering: a control program that stays runnable, as one starved of CPU on a
+saturated node does), "grandchild_seconds" (leaves a grandchild sleeping that long with its stdout
+open, then answers and exits; the real program never does). Every command received is
 appended to commands.log beside it, so tests can prove what the agent sent. Unknown commands answer
 as the real daemon does (exit 0).
 
@@ -96,6 +99,12 @@ def answer(command: str) -> int:
         sys.stdout.write("Segmentation fault\n")
         return 139
     time.sleep(scenario.get("delay_seconds", 0))
+    spin_until = time.monotonic() + scenario.get("spin_seconds", 0)
+    while time.monotonic() < spin_until:
+        pass
+    if scenario.get("grandchild_seconds") and os.fork() == 0:
+        time.sleep(scenario["grandchild_seconds"])
+        os._exit(0)
     replies = scenario.get("replies", {})
     if command in replies:
         sys.stdout.write(replies[command])

@@ -13,7 +13,6 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
@@ -185,11 +184,17 @@ class Reply:
     reason: str | None
     detail: str
     duration_seconds: float
+    grace_seconds: float = 0.0  # extra time the control program got once, being starved of CPU (runner.py)
 
 
 def classify(result: RunResult, timeout_seconds: float) -> Reply:
     """Tells apart: answered, error reply (exit 0 with error text), not running (exit 1),
     hung (deadline), a program that could not run, and anything else (garbage)."""
+    reply = _classified(result, timeout_seconds)
+    return replace(reply, grace_seconds=result.grace_seconds) if result.grace_seconds else reply
+
+
+def _classified(result: RunResult, timeout_seconds: float) -> Reply:
     text = (result.output + result.errors).strip()
     first_line = text.splitlines()[0][:120] if text else ""
     if result.exec_error:
@@ -366,20 +371,33 @@ def search_description(settings: DiscoverySettings) -> tuple[str, ...]:
 class ControlChannel:
     """Talks to one daemon: one command per child, never two in flight."""
 
-    def __init__(self, pipe_dir: str, control_bin: str, runner: Runner, timeout_seconds: float) -> None:
+    def __init__(self, pipe_dir: str, control_bin: str, runner: Runner, timeout_seconds: float,
+                 procfs: ProcFS | None = None) -> None:
         self.pipe_dir = pipe_dir
+        self._procfs = procfs or ProcFS()
         self.control_bin = control_bin
         self.timeout_seconds = timeout_seconds
         self._runner = runner
         self._lock = threading.Lock()
         self._env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": pipe_dir}
 
-    def ask(self, verb: str, *args: int | str, timeout_seconds: float | None = None) -> Reply:
+    def ask(self, verb: str, *args: int | str) -> Reply:
         line = read_only_command(verb, *args)
-        timeout = self.timeout_seconds if timeout_seconds is None else timeout_seconds
+        timeout = self.timeout_seconds
         with self._lock:
-            result = self._runner([self.control_bin], (line + "\n").encode(), self._env, timeout)
+            result = self._runner([self.control_bin], (line + "\n").encode(), self._env, timeout,
+                                  give_up=self._daemon_stopped)
+        if result.grace_seconds:
+            structlog.get_logger().debug("command_starved", collector="mps_control", pipe_dir=self.pipe_dir, command=verb,
+                                         grace_seconds=result.grace_seconds, seen=result.starved_detail,
+                                         timed_out=result.timed_out)
         return classify(result, timeout)
+
+    def _daemon_stopped(self) -> bool:
+        """At a command's deadline: a stopped daemon (SIGSTOP, a debugger) will not answer, however long
+        its starved control program is given."""
+        pid = read_pid_file(self.pipe_dir)
+        return pid is not None and self._procfs.state(pid) in ("T", "t")
 
 
 class _Hung(Exception):
@@ -388,19 +406,26 @@ class _Hung(Exception):
 
 @dataclass
 class _DaemonProbe:
-    """Queries one daemon once, within its share of the cycle; collects durations and failures."""
+    """Queries one daemon once, within its share of the cycle; collects durations and failures.
+
+    Each command gets the whole command timeout. Once the share is used up no further command is
+    sent: a daemon that answers, however slowly (as on a node whose CPUs are saturated), is slow, not
+    hung; what was not asked is unknown this cycle (`not_asked`)."""
 
     channel: ControlChannel
-    deadline: float  # time.monotonic() by which this daemon's cycle must be over
+    deadline: float  # time.monotonic() after which no further command is sent
     durations: dict[str, float] = field(default_factory=dict)
     failures: list[tuple[str, str]] = field(default_factory=list)
+    not_asked: list[str] = field(default_factory=list)
+    starved: int = 0  # commands that got their deadline once more, starved of CPU
 
     def ask(self, verb: str, *args: int | str) -> Reply:
-        left = self.deadline - time.monotonic()
-        if left <= 0.01:
-            raise _Hung(f"{verb}: the daemon used up its {2 * self.channel.timeout_seconds:g} s share of the cycle")
-        reply = self.channel.ask(verb, *args, timeout_seconds=min(self.channel.timeout_seconds, left))
+        if self.durations and time.monotonic() >= self.deadline:
+            self.not_asked.append(verb)
+            return Reply(None, None, "not asked: the daemon's share of the cycle was used up", 0.0)
+        reply = self.channel.ask(verb, *args)
         self.durations[verb] = reply.duration_seconds
+        self.starved += 1 if reply.grace_seconds else 0
         if reply.reason:
             self.failures.append((verb, reply.reason))
         return reply
@@ -446,8 +471,8 @@ def probe_daemon(
     settings_from: MpsDaemon | None = None,
 ) -> MpsDaemon:
     """One daemon's state, with this probe's command durations and failures (counted per command and
-    reason). Each command waits at most the command timeout, and the daemon as a whole at most twice
-    that, so a slow daemon cannot stall the others.
+    reason). Each command waits at most the command timeout (once more for a control program starved of
+    CPU: runner.py), and no command is started after twice that: a slow daemon answers less, not never.
 
     Every command the agent sends adds about five lines to the daemon's control.log, so the
     settings (active thread percentages, pinned memory limit), which change rarely and apply only
@@ -457,7 +482,10 @@ def probe_daemon(
     failures: dict[tuple[str, str], int] = {}
     for key in probe.failures:
         failures[key] = failures.get(key, 0) + 1
-    return replace(daemon, command_durations=frozen_map(probe.durations), command_failures=frozen_map(failures))
+    if probe.not_asked and daemon.up:
+        daemon = replace(daemon, reason=f"{daemon.reason}; answering slowly: not asked this cycle: {', '.join(probe.not_asked)}")
+    return replace(daemon, command_durations=frozen_map(probe.durations), command_failures=frozen_map(failures),
+                   commands_not_asked=tuple(probe.not_asked), commands_starved_total=probe.starved)
 
 
 def _probed(
@@ -506,7 +534,8 @@ def _probed(
             )
             for spid in server_pids
         )
-        clients = probe.parsed("ps", parse_ps)
+        # an idle daemon (no server) answers `ps` with `Server not found` (H200, driver 580): a fact, not a failure
+        clients = probe.parsed("ps", parse_ps) if server_pids else []
         if settings_from is not None:
             default_atp = settings_from.default_active_thread_percentage
             pinned = settings_from.default_pinned_memory_limit_bytes
@@ -515,7 +544,7 @@ def _probed(
             default_atp = probe.parsed("get_default_active_thread_percentage", parse_percentage)
             failed_before = len(probe.failures)
             pinned = probe.parsed("get_default_device_pinned_mem_limit", parse_pinned_memory_limit, 0)
-            pinned_known = len(probe.failures) == failed_before
+            pinned_known = len(probe.failures) == failed_before and not probe.not_asked
     except _Hung as hung:
         state, why = DaemonState.HUNG, f"answered get_server_list, then hung: {hung}{_stopped_note(procfs, pid)}"
         return replace(base, state=state, reason=why)
@@ -635,12 +664,30 @@ class _WatchedDaemon:
     channel: ControlChannel | None = None
     failures: dict[tuple[str, str], int] = field(default_factory=dict)  # totals since the agent started
     servers_lost: int = 0
+    starved: int = 0  # commands given their deadline once more, starved of CPU, since the agent started
     serving: frozenset[int] = frozenset()  # servers that had clients, for servers_lost()
     previous: MpsDaemon | None = None
     settings_read_at: float = float("-inf")  # time.monotonic()
+    started_at: float = float("-inf")  # time.monotonic() its last probe started: the rotation's order
+    slow: bool = False  # its last probe took longer than one command timeout (hung, or answering slowly)
+    completed_cycle: int = 0  # the cycle in which its last probe ended
+
+
+PROBE_WORKERS = 32  # control programs run at once, at most
+ROTATION_WORKERS = PROBE_WORKERS // 4  # of which these always take the daemon probed longest ago
 
 
 class MpsControlCollector:
+    """Probes every watched daemon once a cycle on a bounded pool of workers, within a per-cycle budget.
+
+    A cycle waits for its probes at most `2 × command timeout` (one daemon's share) and then returns
+    what it has: a daemon whose probe has not ended (many daemons, hanging ones) keeps its last result,
+    with the time it was measured, and is counted as deferred; its probe goes on into the next cycle.
+    So a large or hostile set of pipe dirs costs each daemon freshness, never the collector its data.
+    Workers take daemons in the order of their last probe's start (oldest first); all but
+    ROTATION_WORKERS of them take daemons whose last probe was quick first, so that hanging daemons
+    cannot hold back answering ones, while the rotation workers ensure each daemon is probed in turn."""
+
     name = "mps_control"
 
     def __init__(
@@ -659,7 +706,7 @@ class MpsControlCollector:
         self.interval_seconds = interval_seconds
         self._expected = expected
         self._settings_refresh = settings_refresh_seconds
-        # every daemon is probed in parallel and given at most twice the command timeout
+        # a cycle waits for its probes at most twice the command timeout (the rest are deferred)
         self.deadline_seconds = command_timeout_seconds * 2 + 1.0
         self._control_bin = control_bin
         self._discovery = discovery
@@ -670,10 +717,21 @@ class MpsControlCollector:
         self._daemons: dict[str, _WatchedDaemon] = {}  # by pipe dir
         self._refused: dict[str, str] = {}  # pipe dirs named by daemons not trusted, and why (logged once)
         self._uuids: list[str] = []
-        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="mps-control")
+        self._budget = 2 * command_timeout_seconds  # how long a cycle waits for its probes
+        self._control_resolved = control_bin
+        # the work queue, under _lock: the cycle, daemons waiting for a worker, in each lane's order
+        self._lock = threading.Condition()
+        self._cycle = 0
+        self._pending: set[str] = set()
+        self._in_flight: set[str] = set()
+        self._outstanding = 0  # daemons watched at the cycle's start whose probe has not ended in it
+        self._rotation_order: list[str] = []  # reversed: pop() takes the next
+        self._quick_first_order: list[str] = []
+        self._workers: list[threading.Thread] = []
         self._log = structlog.get_logger().bind(collector=self.name)
 
     def collect(self) -> MpsControlData:
+        cycle_ends = time.monotonic() + self._budget  # discovery included: the collector's deadline holds
         discovered = discover_pipe_dirs(self._discovery, self._procfs)
         notes = discovered.notes
         for pipe_dir, why in discovered.refused.items():
@@ -683,13 +741,76 @@ class MpsControlCollector:
         resolved = self._control_bin if "/" in self._control_bin else shutil.which(self._control_bin)
         if resolved is None or not os.access(resolved, os.X_OK):
             notes.append(f"control program {self._control_bin} not found or not executable (no NVIDIA driver here?)")
-        self._remember(dict(discovered.dirs))
+        self._control_resolved = resolved or self._control_bin
         self._uuids = self._procfs.gpu_uuids()
-        watched = [self._daemons[pipe_dir] for pipe_dir in sorted(self._daemons)]
-        daemons = tuple(self._pool.map(lambda w: self._probe(w, resolved or self._control_bin), watched))
+        with self._lock:
+            self._remember(dict(discovered.dirs))
+            self._start_cycle()
+            while self._outstanding and self._lock.wait(max(0.0, cycle_ends - time.monotonic())):
+                pass
+            watched = [self._daemons[pipe_dir] for pipe_dir in sorted(self._daemons)]
+            cycle = self._cycle
+        daemons = tuple(w.previous for w in watched if w.previous is not None)
+        unprobed = tuple(w.pipe_dir for w in watched if w.previous is None)
+        deferred = tuple(w.pipe_dir for w in watched if w.completed_cycle != cycle)
+        if deferred:
+            notes.append(f"{len(deferred)} of {len(watched)} daemon(s) not probed within this cycle's {self._budget:g} s "
+                         f"budget ({len(unprobed)} never yet): their data is from an earlier cycle (age_seconds)")
         return MpsControlData(daemons=daemons, searched=search_description(self._discovery), discovery_notes=tuple(notes),
                               configured_only=bool(self._discovery.pipe_dirs), expected=self._expected,
-                              unreadable_daemons=None if discovered.unreadable is None else frozen_map(discovered.unreadable))
+                              unreadable_daemons=None if discovered.unreadable is None else frozen_map(discovered.unreadable),
+                              deferred=deferred, not_yet_probed=unprobed)
+
+    def _start_cycle(self) -> None:
+        """Under _lock: every watched daemon not being probed is due again, in each lane's order."""
+        self._cycle += 1
+        self._pending = set(self._daemons) - self._in_flight
+        self._outstanding = len(self._daemons)
+        due = sorted(self._pending, key=lambda d: (self._daemons[d].started_at, d))
+        self._rotation_order = due[::-1]
+        self._quick_first_order = sorted(due, key=lambda d: self._daemons[d].slow)[::-1]
+        wanted = min(PROBE_WORKERS, len(self._pending) + len(self._in_flight))
+        while len(self._workers) < wanted:
+            rotation = len(self._workers) < ROTATION_WORKERS
+            worker = threading.Thread(target=self._work, args=(rotation,), daemon=True,
+                                      name=f"mps-control-{len(self._workers)}")
+            worker.start()
+            self._workers.append(worker)
+        self._lock.notify_all()
+
+    def _take(self, rotation: bool) -> _WatchedDaemon | None:
+        """Under _lock: the next due daemon in this worker's lane, marked in flight."""
+        order = self._rotation_order if rotation else self._quick_first_order
+        while order:
+            pipe_dir = order.pop()
+            if pipe_dir in self._pending and pipe_dir in self._daemons:
+                self._pending.discard(pipe_dir)
+                self._in_flight.add(pipe_dir)
+                watched = self._daemons[pipe_dir]
+                watched.started_at = time.monotonic()
+                return watched
+        return None
+
+    def _work(self, rotation: bool) -> None:
+        """One worker: probes due daemons, one at a time, for as long as the agent runs."""
+        while True:
+            with self._lock:
+                watched = self._take(rotation)
+                while watched is None:
+                    self._lock.wait()
+                    watched = self._take(rotation)
+            started = time.monotonic()
+            try:
+                self._probe(watched, self._control_resolved)
+            except Exception as err:  # the worker must live on; the daemon keeps its last result
+                self._log.error("daemon_probe_failed", pipe_dir=watched.pipe_dir, error=repr(err), exc_info=err)
+            with self._lock:
+                self._in_flight.discard(watched.pipe_dir)
+                watched.slow = time.monotonic() - started > self._timeout
+                if watched.completed_cycle != self._cycle and self._daemons.get(watched.pipe_dir) is watched:
+                    self._outstanding -= 1
+                watched.completed_cycle = self._cycle
+                self._lock.notify_all()
 
     def _remember(self, found: dict[str, str]) -> None:
         """A daemon once found stays watched while its pipe dir is there, so that one that dies shows
@@ -707,7 +828,7 @@ class MpsControlCollector:
     def _probe(self, watched: _WatchedDaemon, control_bin: str) -> MpsDaemon:
         pipe_dir, previous = watched.pipe_dir, watched.previous
         if watched.channel is None or watched.channel.control_bin != control_bin:
-            watched.channel = ControlChannel(pipe_dir, control_bin, self._runner, self._timeout)
+            watched.channel = ControlChannel(pipe_dir, control_bin, self._runner, self._timeout, self._procfs)
         fresh = time.monotonic() - watched.settings_read_at < self._settings_refresh
         settings_from = previous if fresh and previous is not None and previous.up else None
         try:
@@ -721,16 +842,19 @@ class MpsControlCollector:
                                command_failures=frozen_map({("get_server_list", "garbage_output"): 1}))
         if stopping():  # its command was killed by the agent stopping or reloading: neither logged nor counted
             return previous if previous is not None else daemon
+        daemon = replace(daemon, measured_at=time.time())
         if daemon.clients:
             daemon = replace(daemon, clients=tuple(replace(c, device=full_uuid(c.device, self._uuids)) for c in daemon.clients))
         daemon = replace(daemon, resource=watched.resource)
-        if daemon.up and settings_from is None:
+        if daemon.up and settings_from is None and not daemon.commands_not_asked:
             watched.settings_read_at = time.monotonic()
         for key, count in daemon.command_failures.items():
             watched.failures[key] = watched.failures.get(key, 0) + count
+        watched.starved += daemon.commands_starved_total
         lost, watched.serving = servers_lost(watched.serving, daemon)
         watched.servers_lost += len(lost)
-        daemon = replace(daemon, command_failures=frozen_map(watched.failures), servers_lost_total=watched.servers_lost)
+        daemon = replace(daemon, command_failures=frozen_map(watched.failures), servers_lost_total=watched.servers_lost,
+                         commands_starved_total=watched.starved)
         log = self._log.bind(pipe_dir=pipe_dir)
         for server_pid in lost:
             log.warning("server_lost", server_pid=server_pid, reason="no longer listed while its clients were connected")
@@ -744,7 +868,8 @@ class MpsControlCollector:
 
 
 def render(data: MpsControlData, facts: DerivedFacts, out: Families) -> None:
-    out.add("mps_control_daemons", [], len(data.daemons))
+    out.add("mps_control_daemons", [], len(data.daemons) + len(data.not_yet_probed))
+    out.add("mps_control_probes_deferred", [], len(data.deferred))
     for reason, count in sorted((data.unreadable_daemons or {}).items()):
         out.add("mps_discovery_unreadable_processes", ["mps_control_daemon", reason], count)
     if facts.mps_expected is not None:
@@ -756,6 +881,8 @@ def render(data: MpsControlData, facts: DerivedFacts, out: Families) -> None:
             out.add("mps_control_state", [d, state.value], 1 if daemon.state is state else 0)
         if daemon.pid is not None:
             out.add("mps_control_info", [d, daemon.pid], 1)
+        if daemon.measured_at is not None:
+            out.add("mps_control_probe_timestamp_seconds", [d], daemon.measured_at)
         if daemon.resource is not None:
             out.add("mps_control_resource_info", [d, daemon.resource], 1)
         for command, seconds in sorted(daemon.command_durations.items()):
@@ -764,6 +891,7 @@ def render(data: MpsControlData, facts: DerivedFacts, out: Families) -> None:
             out.add("mps_control_command_failures_total", [d, command, reason], count)
         out.add("mps_client_limit", [d], daemon.client_limit)
         out.add("mps_servers_lost_total", [d], daemon.servers_lost_total)
+        out.add("mps_control_commands_starved_total", [d], daemon.commands_starved_total)
         if daemon.orphaned_server_pids is not None:
             out.add("mps_orphaned_servers", [d], len(daemon.orphaned_server_pids))
         if not daemon.up:
@@ -795,7 +923,8 @@ def render(data: MpsControlData, facts: DerivedFacts, out: Families) -> None:
 
 
 def status(data: MpsControlData, facts: DerivedFacts, now: float) -> StatusSection:
-    daemons = [_daemon_entry(d, facts, now) for d in data.daemons]
+    deferred = set(data.deferred)
+    daemons = [_daemon_entry(d, facts, now, d.pipe_dir in deferred) for d in data.daemons]
     problems = []
     for d in daemons:
         if d["verdict"] != OK:
@@ -807,11 +936,13 @@ def status(data: MpsControlData, facts: DerivedFacts, now: float) -> StatusSecti
             problems += [problem(c["verdict"], "client",
                                  f"client {c['pid']}{in_pod(c['pod'])} {c['command']} of server {s['pid']}", c["reason"])
                          for c in s["clients"] if c["verdict"] != OK]
-    if daemons:
+    if daemons or data.not_yet_probed:
         servers = sum(len(d["servers"]) for d in daemons)
         clients = sum(len(s["clients"]) for d in daemons for s in d["servers"])
         up = sum(1 for d in daemons if d["state"] == "up")
         summary = f"{len(daemons)} control daemon(s), {up} answering; {servers} server(s); {clients} client(s)"
+        if data.not_yet_probed:
+            summary += f"; {len(data.not_yet_probed)} more not probed yet"
     else:
         summary = f"no MPS control daemon found; looked in {', '.join(data.searched)}"
         missing = _no_daemon_problem(facts.mps_expected, data.searched)
@@ -916,12 +1047,14 @@ def _before_limits(daemon: MpsDaemon, server: MpsServer, started: LogEvent, limi
             f"{age(now - limits.time)} ago): it runs with the defaults of before{threads}{who}")
 
 
-def _daemon_entry(daemon: MpsDaemon, facts: DerivedFacts, now: float) -> dict[str, Any]:
+def _daemon_entry(daemon: MpsDaemon, facts: DerivedFacts, now: float, deferred: bool) -> dict[str, Any]:
     servers = [_server_entry(daemon, s, True, facts, now) for s in daemon.servers]
     listed = {s.pid for s in daemon.servers}
     for server_pid in sorted({c.server_pid for c in daemon.clients or ()} - listed):
         servers.append(_server_entry(daemon, MpsServer(server_pid, None, None, None), False, facts, now))
     reason = daemon.reason if daemon.resource is None else f"{daemon.reason}; device plugin resource {daemon.resource}"
+    if deferred and daemon.measured_at is not None:
+        reason += f"; as of {age(now - daemon.measured_at)} ago (its probe outlasted the cycle's budget)"
     return {
         "pipe_dir": daemon.pipe_dir,
         "found_by": daemon.found_by,
@@ -930,6 +1063,7 @@ def _daemon_entry(daemon: MpsDaemon, facts: DerivedFacts, now: float) -> dict[st
         "state": daemon.state.value,
         "client_limit": daemon.client_limit,
         "orphaned_server_pids": None if daemon.orphaned_server_pids is None else list(daemon.orphaned_server_pids),
+        "age_seconds": None if daemon.measured_at is None else round(max(0.0, now - daemon.measured_at), 3),
         "default_active_thread_percentage": daemon.default_active_thread_percentage,
         "default_pinned_memory_limit_bytes": daemon.default_pinned_memory_limit_bytes,
         "verdict": OK if daemon.up else DOWN,
