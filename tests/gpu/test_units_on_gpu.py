@@ -26,10 +26,15 @@ def directives(unit: str, key: str) -> list[str]:
             if line.startswith(key + "=")]
 
 
-def char_majors() -> dict[int, str]:
-    """/proc/devices' character devices: major -> name (what DeviceAllow=char-<name> looks up)."""
+def char_majors() -> dict[int, set[str]]:
+    """/proc/devices' character devices: major -> its names (what DeviceAllow=char-<name> looks up: a
+    class allows every major one of whose names matches, all its minors; the H200's driver lists 195
+    as both `nvidia` and `nvidiactl`)."""
     text = Path("/proc/devices").read_text().split("Block devices:")[0]
-    return {int(major): name for major, name in re.findall(r"^\s*(\d+) (\S+)$", text, re.M)}
+    majors: dict[int, set[str]] = {}
+    for major, name in re.findall(r"^\s*(\d+) (\S+)$", text, re.M):
+        majors.setdefault(int(major), set()).add(name)
+    return majors
 
 
 def nvidia_nodes() -> list[Path]:
@@ -49,9 +54,9 @@ def test_the_units_device_classes_cover_the_nodes_they_need(unit, needed):
     assert any(re.fullmatch(r"nvidia\d+", p.name) for p in nodes), f"no /dev/nvidia<N> here: {nvidia_nodes()}"
     uncovered = {}
     for node in nodes:
-        name = majors.get(os.major(node.stat().st_rdev), "?")
-        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in classes):
-            uncovered[str(node)] = name
+        names = majors.get(os.major(node.stat().st_rdev), set())
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names for pattern in classes):
+            uncovered[str(node)] = sorted(names)
     assert not uncovered, f"{unit}: DeviceAllow={classes} misses {uncovered} (/proc/devices: {majors})"
 
 
