@@ -178,7 +178,9 @@ def test_every_dashboard_query_returns_series_on_a_healthy_node(stack):
 
     replay, _ = stack
     prometheus = replay.prometheus
-    pending = {(name, title, expr) for name, title, expr in queries()}
+    # the fleet dashboard reads the fleet rules' roll-ups, and ranks problems a healthy node has none
+    # of: tests/test_fleet.py runs its queries against a fleet
+    pending = {(name, title, expr) for name, title, expr in queries() if name != "fleet.json"}
     deadline = time.monotonic() + 90
     while pending and time.monotonic() < deadline:
         pending = {(n, t, e) for n, t, e in pending if not _query(prometheus, e)}
