@@ -17,6 +17,21 @@ class BadMetrics(ValueError):
     """An answer that is not an engine's metrics: an HTTP error, too big, not Prometheus text."""
 
 
+# the latencies an engine may measure for itself, normalised across kinds: time to first token,
+# inter-token latency, time queued, end to end (each a histogram in seconds, where the engine has one)
+LATENCIES = ("time_to_first_token", "inter_token", "queue", "end_to_end")
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """A cumulative histogram as an engine exports it, summed over its label sets: upper bounds in
+    seconds (the last +Inf) with the count of observations at or below each, and their sum."""
+
+    buckets: tuple[tuple[float, float], ...]
+    sum: float
+    count: float
+
+
 @dataclass(frozen=True)
 class EngineSample:
     """One scrape, normalised; None where the body does not say."""
@@ -32,6 +47,8 @@ class EngineSample:
     prompt_tokens_per_request: float | None = None
     generation_tokens_per_request: float | None = None
     rejected: Mapping[str, int] = field(default_factory=dict)  # samples refused, by reason (REJECT_REASONS)
+    kind: str = "vllm"  # which engine kind's names the body had (vllm, sglang, llamacpp, tgi)
+    latencies: Mapping[str, Histogram] = field(default_factory=dict)  # by LATENCIES name; absent: unknown
 
 
 @dataclass(frozen=True)
