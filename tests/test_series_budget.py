@@ -5,18 +5,15 @@ with more labels than the stated maximum."""
 from __future__ import annotations
 
 import re
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from mpswatch.exposition import render
 from mpswatch.logsetup import configure_logging
-from mpswatch.scheduler import Scheduler, SnapshotStore
 from mpswatch.snapshot import NodeSnapshot
 
-from tests.kit.scope import SessionProcesses
-from tests.kit.stagednode import NODES, collectors, node
+from tests.kit.stagednode import NODES, node, settled_scheduler
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
 
@@ -68,15 +65,7 @@ def members(snapshot: NodeSnapshot) -> Counter[str]:
 def large_node() -> NodeSnapshot:
     configure_logging("error", "json")  # 48 clients on each GPU: the limit, warned about every cycle
     with node("large", *NODES["large"]) as setup:
-        scheduler = Scheduler(collectors(setup, SessionProcesses()), SnapshotStore())
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            snapshot = scheduler.run_once()
-            if snapshot.engines is not None and all(e.up for e in snapshot.engines.engines):
-                break
-            time.sleep(0.5)
-        time.sleep(1.0)
-        return scheduler.run_once()  # a second sample of everything: the rates' series too
+        return settled_scheduler(setup).store.current()
 
 
 def test_every_group_of_series_is_within_its_budget_on_the_large_node(large_node):

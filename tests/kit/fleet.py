@@ -14,7 +14,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -23,13 +22,11 @@ from typing import Any
 import yaml
 from mpswatch.exporter import cached_exposition
 from mpswatch.exposition import render
-from mpswatch.scheduler import Scheduler, SnapshotStore
 from mpswatch.snapshot import NodeSnapshot
 
 from tests.kit.agentproc import REPO, free_port
 from tests.kit.fakecontrol import write_reply
-from tests.kit.scope import SessionProcesses
-from tests.kit.stagednode import collectors, node
+from tests.kit.stagednode import node, settled_scheduler
 
 PROMETHEUS = shutil.which("prometheus")
 VICTORIA_METRICS = shutil.which("victoria-metrics")
@@ -46,15 +43,8 @@ def capture_states(shape: tuple[int, int, int], name: str) -> dict[str, bytes]:
     healthy; its MPS server in FAULT; the control daemon killed (the control program says none
     runs); `name` prefixes each state's key."""
     with node(name, *shape) as setup:
-        scheduler = Scheduler(collectors(setup, SessionProcesses()), SnapshotStore())
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            snapshot = scheduler.run_once()
-            if snapshot.engines is not None and all(e.up for e in snapshot.engines.engines):
-                break
-            time.sleep(0.5)
-        time.sleep(1.0)
-        states = {f"{name}-healthy": _exposition(scheduler.run_once())}
+        scheduler = settled_scheduler(setup)
+        states = {f"{name}-healthy": _exposition(scheduler.store.current())}
         write_reply(setup["pipe"], "get_server_status 476", "FAULT\n")
         states[f"{name}-fault"] = _exposition(scheduler.run_once())
         shutil.rmtree(setup["pipe"] / "replies")

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,11 +22,13 @@ from mpswatch.cli import build_collectors
 from mpswatch.collectors import Collector
 from mpswatch.config import load_config
 from mpswatch.injection import Injected
+from mpswatch.scheduler import Scheduler, SnapshotStore
 
 from tests.kit import fakenvml, fakevllm
 from tests.kit.agentproc import REPO, free_port
 from tests.kit.fakecontrol import write_reply
 from tests.kit.fakedaemon import FAKE_CONTROL
+from tests.kit.scope import SessionProcesses
 
 PS_HEADER = "PID       ID        SERVER         DEVICE                    NAMESPACE      COMMAND        \n"
 
@@ -97,3 +100,18 @@ def collectors(setup: dict, visible: Callable[[int], bool]) -> list[Collector[An
                "mps_logs.log_dirs": [str(setup["log_dir"])]},
     )
     return build_collectors(config, Injected(nvml_loader=fakenvml.from_layout, process_filter=lambda root: visible))
+
+
+def settled_scheduler(setup: dict) -> Scheduler:
+    """The agent's collectors for a staged node, run until every engine is up, then once more a
+    second later: each figure taken over two samples is there too (rates, GPM)."""
+    scheduler = Scheduler(collectors(setup, SessionProcesses()), SnapshotStore())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        snapshot = scheduler.run_once()
+        if snapshot.engines is not None and all(e.up for e in snapshot.engines.engines):
+            break
+        time.sleep(0.5)
+    time.sleep(1.0)
+    scheduler.run_once()
+    return scheduler
