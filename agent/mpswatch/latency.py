@@ -86,6 +86,8 @@ def quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
         start = merged[b - 1][0]
         count -= merged[b - 1][1]
         rank -= merged[b - 1][1]
+    if count == 0:  # q = 0 with an empty first bucket: 0/0, NaN in Prometheus
+        return None
     return start + (end - start) * (rank / count)
 
 
