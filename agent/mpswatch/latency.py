@@ -109,8 +109,9 @@ def figures(before: Histogram, after: Histogram) -> LatencyFigures | None:
 class LatencyWindow:
     """One engine's histograms scraped in the last `seconds`: figures are computed from the oldest
     kept sample to the newest, so they cover a little less than the window (`span_seconds` says how
-    much), and nothing when the engine is scraped less often than that. A histogram that went back or changed its buckets (a restart, an upgrade)
-    starts the window anew at that sample, so no figure mixes two runs of the engine."""
+    much), and nothing when the engine is scraped less often than that. A histogram that went back
+    or changed its buckets (a restart, an upgrade) starts the window anew at that sample, so no
+    figure mixes two runs of the engine."""
 
     def __init__(self, seconds: float = DEFAULT_WINDOW_SECONDS) -> None:
         self.seconds = seconds

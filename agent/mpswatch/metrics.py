@@ -239,6 +239,12 @@ _SPECS += [
                "Mean prompt length of the engine's finished requests (vLLM's request_prompt_tokens histogram)."),
     MetricSpec("mps_engine_generation_tokens_per_request", "gauge", _ENGINE,
                "Mean generated length of the engine's finished requests (vLLM's request_generation_tokens)."),
+    MetricSpec("mps_engine_latency_seconds", "gauge", ("engine", "latency", "quantile"),
+               "Quantile of the engine's latency over the latency window, from its own histograms (histogram_quantile)."),
+    MetricSpec("mps_engine_latency_mean_seconds", "gauge", ("engine", "latency"),
+               "Mean of the engine's latency over the latency window (histogram sum over count)."),
+    MetricSpec("mps_engine_latency_window_seconds", "gauge", _ENGINE,
+               "Time the engine's latency figures cover: between the oldest and newest scrape kept in the window."),
     MetricSpec("mps_engine_model_parameters", "gauge", _ENGINE,
                "Parameter count stated by the served model's name or path (e.g. Qwen2.5-1.5B: 1.5e9); absent when none."),
     MetricSpec(
