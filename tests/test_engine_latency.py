@@ -127,8 +127,8 @@ def test_a_running_agent_exports_each_engines_latency_over_its_window(tmp_path):
         steady.close()
     assert samples[key("mps_engine_latency_window_seconds", engine="a")] <= 5
     for latency, (p50, p99, mean) in EXPECTED.items():
-        assert samples[key("mps_engine_latency_seconds", engine="a", latency=latency, quantile="0.5")] == pytest.approx(p50)
-        assert samples[key("mps_engine_latency_seconds", engine="a", latency=latency, quantile="0.99")] == pytest.approx(p99)
+        assert samples[key("mps_engine_latency_p50_seconds", engine="a", latency=latency)] == pytest.approx(p50)
+        assert samples[key("mps_engine_latency_p99_seconds", engine="a", latency=latency)] == pytest.approx(p99)
         assert samples[key("mps_engine_latency_mean_seconds", engine="a", latency=latency)] == pytest.approx(mean)
     # the steady engine has a TTFT histogram and a window, but no request in it: no figure, no zero
     assert key("mps_engine_latency_window_seconds", engine="steady") in samples

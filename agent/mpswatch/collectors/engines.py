@@ -415,7 +415,7 @@ def render(data: EnginesData, facts: DerivedFacts, out: Families) -> None:
             out.add("mps_engine_latency_window_seconds", [e.name], e.latency_window_seconds)
         for latency, found in sorted(e.latencies.items()):
             for q, seconds in sorted(found.quantiles.items()):
-                out.add("mps_engine_latency_seconds", [e.name, latency, f"{q:g}"], seconds)
+                out.add(f"mps_engine_latency_p{q * 100:g}_seconds", [e.name, latency], seconds)
             if found.mean is not None:
                 out.add("mps_engine_latency_mean_seconds", [e.name, latency], found.mean)
         if e.load_share_ratio is not None:
