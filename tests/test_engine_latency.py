@@ -122,6 +122,7 @@ def test_a_running_agent_exports_each_engines_latency_over_its_window(tmp_path):
                 span = samples.get(key("mps_engine_latency_window_seconds", engine="a"))
                 return samples if span is not None and span > 0.5 else None
             samples = agent.wait_for(window_of_two_scrapes, timeout=30)
+            report = json.loads(agent.get("/status")[1])  # what `mpswatch status --agent URL` shows
     finally:
         fake.close()
         steady.close()
@@ -130,6 +131,9 @@ def test_a_running_agent_exports_each_engines_latency_over_its_window(tmp_path):
         assert samples[key("mps_engine_latency_p50_seconds", engine="a", latency=latency)] == pytest.approx(p50)
         assert samples[key("mps_engine_latency_p99_seconds", engine="a", latency=latency)] == pytest.approx(p99)
         assert samples[key("mps_engine_latency_mean_seconds", engine="a", latency=latency)] == pytest.approx(mean)
+    [entry] = [e for e in report["engines"] if e["name"] == "a"]
+    assert entry["latencies"]["inter_token"]["p99"] == pytest.approx(EXPECTED["inter_token"][1])
+    assert "ITL p50/p99 19/99 ms over " in entry["reason"]  # 19.375 and 98.75 ms
     # the steady engine has a TTFT histogram and a window, but no request in it: no figure, no zero
     assert key("mps_engine_latency_window_seconds", engine="steady") in samples
     assert not [k for k in samples if k[0].startswith("mps_engine_latency_") and ("engine", "steady") in k[1]
