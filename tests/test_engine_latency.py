@@ -149,3 +149,18 @@ def test_a_one_shot_status_shows_latency_as_unknown_and_why(fake_with_latencies,
     assert engine["latencies"] == {} and engine["latency_window_seconds"] is None
     assert "TTFT p50/p99 ?/? ms, ITL p50/p99 ?/? ms" in engine["reason"]
     assert any(note.startswith("? for ") and "latency" in note for note in report["notes"])
+
+
+def test_an_engine_without_latency_histograms_says_so_and_needs_no_second_look(tmp_path):
+    """`?` and "needs two samples" would promise figures a second look cannot give."""
+    old = FakeVllm(body="metrics-v0.6-names.txt")
+    try:
+        args = ["status", "--json", "--engine", f"old={old.url}", "--pipe-dir", str(tmp_path / "none")]
+        env = agent_env({"MPSWATCH_ENGINE_SCRAPE_DISCOVER": "false"})
+        done = subprocess.run(mpswatch_cmd(*args), env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        old.close()
+    report = json.loads(done.stdout)
+    [engine] = [e for e in report["engines"] if e["name"] == "old"]
+    assert engine["up"] and "no latency histograms" in engine["reason"] and "TTFT" not in engine["reason"]
+    assert not any("latency" in note for note in report["notes"])

@@ -167,7 +167,7 @@ def test_a_restart_within_the_window_starts_it_anew():
     an increase that mixes its two runs."""
     window = LatencyWindow(seconds=60)
     window.add(0.0, ttft([1, 1, 0], 1.0))
-    window.add(2.0, ttft([0, 0, 0], 0.0))  # restarted
+    assert window.add(2.0, ttft([0, 0, 0], 0.0))  # restarted
     window.add(4.0, ttft([5, 5, 0], 3.0))
     assert window.span_seconds == 2.0
     assert window.figures()["time_to_first_token"].mean == pytest.approx(0.3)

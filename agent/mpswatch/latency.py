@@ -117,15 +117,18 @@ class LatencyWindow:
         self.seconds = seconds
         self._samples: deque[tuple[float, Mapping[str, Histogram]]] = deque(maxlen=MAX_SAMPLES_KEPT)
 
-    def add(self, at: float, latencies: Mapping[str, Histogram]) -> None:
-        """`at`: monotonic time of the scrape. Older or equal times than the newest are ignored."""
+    def add(self, at: float, latencies: Mapping[str, Histogram]) -> bool:
+        """`at`: monotonic time of the scrape. Older or equal times than the newest are ignored.
+        True when this sample started the window anew (a restart, an upgrade)."""
         if self._samples and at <= self._samples[-1][0]:
-            return
-        if self._samples and _restarted(self._samples[-1][1], latencies):
+            return False
+        restarted = bool(self._samples) and _restarted(self._samples[-1][1], latencies)
+        if restarted:
             self._samples.clear()
         self._samples.append((at, latencies))
         while self._samples[0][0] < at - self.seconds:
             self._samples.popleft()
+        return restarted
 
     @property
     def span_seconds(self) -> float | None:

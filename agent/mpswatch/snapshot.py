@@ -250,6 +250,7 @@ class EngineState:
     # and the time that window spans; None and absent: fewer than two scrapes with histograms in it
     latencies: Mapping[str, LatencyFigures] = field(default_factory=frozen_map)
     latency_window_seconds: float | None = None
+    latency_histograms: tuple[str, ...] = ()  # the latencies its last answer has histograms for
 
 
 LIMIT_SOURCES = ("client_env", "server", "daemon_default")

@@ -264,7 +264,9 @@ class EnginesCollector:
         if tokens is not None and (engine.previous_tokens is None or tokens[0] > engine.previous_tokens[0]):
             engine.previous_tokens = tokens
         engine.model = sample.model or engine.model
-        engine.latency.add(scrape.fetched_at, sample.latencies)
+        if engine.latency.add(scrape.fetched_at, sample.latencies):
+            self._log.info("engine_latency_window_restarted", engine=engine.name,
+                           reason="a latency histogram went back or changed its buckets")
         latencies = engine.latency.figures()
         return replace(
             base,
@@ -284,6 +286,7 @@ class EnginesCollector:
             model_parameters=parameters_from_model_name(engine.command_model) or parameters_from_model_name(engine.model),
             latencies=frozen_map(latencies),
             latency_window_seconds=engine.latency.span_seconds if latencies else None,
+            latency_histograms=tuple(sorted(sample.latencies)),
         )
 
     def _count_rejected(self, engine: _Engine, rejected: Mapping[str, int]) -> None:
@@ -455,7 +458,7 @@ def _needs_two_samples(engines: tuple[EngineState, ...]) -> tuple[str, ...]:
         figures += ["tokens/s", "load shares", "imbalance"]
     if any(e.pids and e.busiest_thread_cpu_ratio is None for e in engines):
         figures.append("busiest thread")
-    if any(e.up and e.latency_window_seconds is None for e in engines):
+    if any(e.up and e.latency_histograms and e.latency_window_seconds is None for e in engines):
         figures.append("latency")
     return tuple(figures)
 
@@ -520,6 +523,8 @@ def _engine_entry(e: EngineState) -> dict[str, Any]:
 def _latency_text(e: EngineState) -> str:
     """TTFT and ITL p50/p99 in milliseconds over the window; `?` where unknown: before two scrapes
     (a one-shot status), without the histogram, or with no request observed in the window."""
+    if not e.latency_histograms:
+        return "no latency histograms"
     parts = []
     for label, latency in (("TTFT", "time_to_first_token"), ("ITL", "inter_token")):
         found = e.latencies.get(latency)
