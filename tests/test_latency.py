@@ -178,3 +178,14 @@ def test_a_latency_missing_at_either_end_is_unknown():
     window.add(0.0, {})
     window.add(2.0, ttft([1, 0, 0], 0.05))
     assert window.figures() == {}
+
+
+def test_a_histogram_of_too_many_buckets_is_not_kept():
+    """Another user's engine may serve a histogram of 100,000 buckets within the body cap: every
+    sample of the window would keep them all."""
+    window = LatencyWindow(seconds=60)
+    bounds = [i / 1000 for i in range(1, 100_001)] + [INF]
+    for at in (0.0, 2.0):
+        window.add(at, {"inter_token": histogram(bounds, [1.0] * len(bounds), at),
+                        **ttft([at, 0, 0], at / 10)})
+    assert set(window.figures()) == {"time_to_first_token"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from array import array
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from mpswatch.engine_kinds import Histogram
 QUANTILES = (0.5, 0.99)
 DEFAULT_WINDOW_SECONDS = 60.0
 MAX_SAMPLES_KEPT = 4096  # a window of samples is bounded by the scrape interval; this bounds it whatever they are
+MAX_BUCKETS = 256  # vLLM's largest layout has 23; a hostile engine's thousands would be kept by every sample
 
 
 @dataclass(frozen=True)
@@ -111,21 +113,26 @@ class LatencyWindow:
     kept sample to the newest, so they cover a little less than the window (`span_seconds` says how
     much), and nothing when the engine is scraped less often than that. A histogram that went back
     or changed its buckets (a restart, an upgrade) starts the window anew at that sample, so no
-    figure mixes two runs of the engine."""
+    figure mixes two runs of the engine. Kept compact (counts in an array, bounds shared between
+    samples): 30 scrapes of vLLM's four histograms are some 64 KiB, not 320 (docs/benchmarks.md)."""
 
     def __init__(self, seconds: float = DEFAULT_WINDOW_SECONDS) -> None:
         self.seconds = seconds
-        self._samples: deque[tuple[float, Mapping[str, Histogram]]] = deque(maxlen=MAX_SAMPLES_KEPT)
+        self._samples: deque[tuple[float, dict[str, _Kept]]] = deque(maxlen=MAX_SAMPLES_KEPT)
 
     def add(self, at: float, latencies: Mapping[str, Histogram]) -> bool:
-        """`at`: monotonic time of the scrape. Older or equal times than the newest are ignored.
-        True when this sample started the window anew (a restart, an upgrade)."""
+        """`at`: monotonic time of the scrape. Older or equal times than the newest are ignored, and
+        so is a histogram of more than MAX_BUCKETS buckets (unknown: no engine has that many, and
+        the window would keep them all). True when this sample started the window anew."""
         if self._samples and at <= self._samples[-1][0]:
             return False
-        restarted = bool(self._samples) and _restarted(self._samples[-1][1], latencies)
+        previous = self._samples[-1][1] if self._samples else {}
+        kept = {name: _Kept.of(histogram, previous.get(name)) for name, histogram in latencies.items()
+                if len(histogram.buckets) <= MAX_BUCKETS}
+        restarted = any(name in previous and not previous[name].grows_to(histogram) for name, histogram in kept.items())
         if restarted:
             self._samples.clear()
-        self._samples.append((at, latencies))
+        self._samples.append((at, kept))
         while self._samples[0][0] < at - self.seconds:
             self._samples.popleft()
         return restarted
@@ -145,11 +152,32 @@ class LatencyWindow:
         out = {}
         for name, after in newest.items():
             before = oldest.get(name)
-            found = None if before is None else figures(before, after)
+            found = None if before is None else figures(before.histogram(), after.histogram())
             if found is not None:
                 out[name] = found
         return out
 
 
-def _restarted(previous: Mapping[str, Histogram], current: Mapping[str, Histogram]) -> bool:
-    return any(name in previous and increase(previous[name], histogram) is None for name, histogram in current.items())
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    """A histogram as the window keeps it."""
+
+    bounds: tuple[float, ...]
+    counts: array[float]
+    sum: float
+    count: float
+
+    @classmethod
+    def of(cls, histogram: Histogram, previous: _Kept | None) -> _Kept:
+        bounds = tuple(bound for bound, _ in histogram.buckets)
+        if previous is not None and previous.bounds == bounds:
+            bounds = previous.bounds  # one tuple for every sample of an unchanged layout
+        return cls(bounds, array("d", (count for _, count in histogram.buckets)), histogram.sum, histogram.count)
+
+    def histogram(self) -> Histogram:
+        return Histogram(tuple(zip(self.bounds, self.counts, strict=True)), self.sum, self.count)
+
+    def grows_to(self, later: _Kept) -> bool:
+        """Whether `later` can be this histogram some observations on: same bounds, nothing went back."""
+        return (self.bounds == later.bounds and later.count >= self.count and later.sum >= self.sum
+                and all(now >= then for then, now in zip(self.counts, later.counts, strict=True)))
