@@ -195,6 +195,14 @@ def engines():
                     .with_target(q(f"rate(mps_engine_cpu_seconds_total{{{NODE}}}[$__rate_interval])", "{{engine}} CPU", "A"))
                     .with_target(q(f"rate(mps_engine_runqueue_wait_seconds_total{{{NODE}}}[$__rate_interval])", "{{engine}} waiting", "B"))
                     .with_target(q(f"mps_host_cpu_pressure_ratio{{{NODE}}}", "{{instance}} pressure {{window}}", "C")))
+        .with_row(dash.Row("Latency"))
+        .with_panel(timeseries.Panel().title("Time to first token and inter-token latency, p99").span(24).height(8)
+                    .unit(units.Seconds).min(0)
+                    .description("Each engine's p99 over mpswatch's latency window (mps_engine_latency_window_seconds, 60 s by "
+                                 "default), from the engine's own histograms, as histogram_quantile computes it; a value equal to "
+                                 "a bucket bound may stand for anything above it. Gaps: no request in the window. docs/engines.md#latency.")
+                    .with_target(q(f'mps_engine_latency_p99_seconds{{{NODE},latency="time_to_first_token"}}', "{{engine}} TTFT", "A"))
+                    .with_target(q(f'mps_engine_latency_p99_seconds{{{NODE},latency="inter_token"}}', "{{engine}} ITL", "B")))
     )
 
 

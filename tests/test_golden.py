@@ -12,7 +12,8 @@ The node (tests/fixtures/golden/README.md says where each input's shape comes fr
     lines (a fault) appended once the agent has read them, as a restarted daemon appends;
   - the NVML recording of an H200 (tests.kit.fakenvml.h200);
   - two configured vLLM engines on the H200 (tests/kit/fakevllm.py): `busy`, whose token counters
-    advance by 100 on every scrape, and `idle`, whose counters stay at 0;
+    advance by 100 on every scrape and whose latency histograms by one set of observations, and
+    `idle`, whose counters stay at 0 (and whose one histogram, TTFT, does not move);
   - no kubelet: the node is off Kubernetes, and the pods collector finds no process in a pod.
 
 The exposition is taken once every collector has completed at least two cycles after the appended
@@ -35,7 +36,7 @@ from pathlib import Path
 
 from tests.kit.agentproc import Agent, agent_env, mpswatch_cmd
 from tests.kit.fakedaemon import FAKE_CONTROL, FakeDaemon
-from tests.kit.fakevllm import FakeVllm
+from tests.kit.fakevllm import LATENCY_OBSERVATIONS, FakeVllm
 
 HERE = Path(__file__).resolve().parent
 GOLDEN = HERE / "fixtures" / "golden"
@@ -56,6 +57,11 @@ METRICS_NORMALISATION = [
     # the busy engine's counters grow by 100 tokens a scrape, and the agent's scrapes are not counted
     (rf'^(mps_engine_(?:prompt|generation)_tokens_total\{{engine="busy"\}}) (?:{NUMBER})$', r"\1 <tokens>"),
     (rf'^(mps_engine_tokens_per_second\{{engine="busy"\}}) (?:{NUMBER})$', r"\1 <tokens/s>"),
+    # the latency window spans the scrapes' times; the busy engine's figures are those of one set of its
+    # observations (tests/test_engine_latency.py checks them), but from as many sets as it served,
+    # so their last digits vary
+    (rf"^(mps_engine_latency_window_seconds\{{.*\}}) (?:{NUMBER})$", r"\1 <seconds>"),
+    (rf'^(mps_engine_latency_(?:p50|p99|mean)_seconds\{{engine="busy",.*\}}) (?:{NUMBER})$', r"\1 <seconds>"),
 ]
 STATUS_NORMALISATION = [
     (r'"generated_at": "[^"]+"', '"generated_at": "<time>"'),
@@ -168,7 +174,8 @@ def test_the_fixture_node_exports_and_reports_exactly_the_golden_files(tmp_path)
     log_dir.mkdir()
     for source in ("control", "server"):
         shutil.copy(LOGS / f"session1-{source}.log", log_dir / f"{source}.log")
-    engines = {"busy": FakeVllm(tokens_per_request=100.0, model_label="Qwen/Qwen2.5-1.5B-Instruct"),
+    engines = {"busy": FakeVllm(tokens_per_request=100.0, model_label="Qwen/Qwen2.5-1.5B-Instruct",
+                                latencies=LATENCY_OBSERVATIONS),
                "idle": FakeVllm(tokens_per_request=0.0, model_label="Qwen/Qwen2.5-7B-Instruct")}
     ports = {fake.port: name for name, fake in engines.items()}
     config = tmp_path / "config.toml"

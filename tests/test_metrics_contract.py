@@ -25,7 +25,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "h200-driver580"
 
 
 def documented() -> dict[str, tuple[str, tuple[str, ...]]]:
-    rows = re.findall(r"^\| `((?:mps|mpswatch)_[a-z_:]+)` \| (gauge|counter) \| ([^|]*) \|", DOCS.read_text(), re.MULTILINE)
+    rows = re.findall(r"^\| `((?:mps|mpswatch)_[a-z0-9_:]+)` \| (gauge|counter) \| ([^|]*) \|", DOCS.read_text(), re.MULTILINE)
     return {name: (kind, tuple(l.strip() for l in labels.split(",") if l.strip())) for name, kind, labels in rows}
 
 
@@ -64,7 +64,7 @@ def test_a_running_agent_exports_exactly_the_declared_set(fake_daemon, tmp_path)
         "[2026-12-02 09:14:05.402 Control   476] Starting new server 476 for user 0\n"
     )
     engine = wait_ready(subprocess.Popen(
-        fakevllm.command(free_port(), "qwen-a"),
+        fakevllm.command(free_port(), "qwen-a", "--latencies"),
         env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": full.path, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"},
         stdout=subprocess.PIPE, text=True,
     ))

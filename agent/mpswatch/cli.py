@@ -165,6 +165,7 @@ def build_collectors(config: Config, injected: Injected | None = None) -> list[C
             interval_seconds=engine_scrape.interval_seconds,
             timeout_seconds=engine_scrape.timeout_seconds,
             max_body_bytes=engine_scrape.max_body_bytes,
+            latency_window_seconds=engine_scrape.latency_window_seconds,
             procfs=procfs,
         ),
         PodsCollector(

@@ -331,6 +331,12 @@ SETTINGS = [
         "A /metrics body larger than this marks the engine down.",
     ),
     Setting(
+        "engine_scrape.latency_window_seconds",
+        _seconds(1, 3600),
+        60.0,
+        "Engines' latency quantiles and means cover the scrapes of this many last seconds.",
+    ),
+    Setting(
         "mps_logs.log_dirs",
         _path_list,
         (),
@@ -408,6 +414,7 @@ class EngineScrapeSettings:
     interval_seconds: float
     timeout_seconds: float
     max_body_bytes: int
+    latency_window_seconds: float
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mpswatch.advisor import Advice
+    from mpswatch.latency import LatencyFigures
 
 
 def frozen_map(items: Mapping[Any, Any] | None = None) -> Mapping[Any, Any]:
@@ -245,6 +246,11 @@ class EngineState:
     # and why samples of its last answer were (their figures are then unknown)
     rejected_samples_total: Mapping[str, int] = field(default_factory=frozen_map)
     rejected_reasons: tuple[str, ...] = ()
+    # its latencies (engine_kinds.LATENCIES) over the last latency window, from its own histograms,
+    # and the time that window spans; None and absent: fewer than two scrapes with histograms in it
+    latencies: Mapping[str, LatencyFigures] = field(default_factory=frozen_map)
+    latency_window_seconds: float | None = None
+    latency_histograms: tuple[str, ...] = ()  # the latencies its last answer has histograms for
 
 
 LIMIT_SOURCES = ("client_env", "server", "daemon_default")

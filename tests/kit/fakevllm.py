@@ -5,7 +5,7 @@ garbage or a huge body.
 As a script it runs as its own process with a vLLM-like command line, so that discovery finds it
 (`command` builds that line, `wait_ready` waits for the server):
     python tests/kit/fakevllm.py vllm serve MODEL [--port PORT] [--host HOST] [--served-model-name NAME]
-                                 [--tokens N] [--full-size-body] [--spin-file PATH]
+                                 [--tokens N] [--full-size-body] [--spin-file PATH] [--latencies]
 (--port 8000 as vLLM's default; --host 127.0.0.1, unlike vLLM's all addresses, so that a test on a
 shared machine serves nothing beyond it unless it asks, as a test inside a network namespace does.)
 
@@ -14,6 +14,11 @@ and a full-size one (full_size_body), synthetic: every family vLLM v1 (about v0.
 /metrics with its buckets, plus prometheus_client's process/python families and
 prometheus_fastapi_instrumentator's http families (shared/reference/anchors-notes.md §3), one engine,
 one model. Not a recording: vLLM cannot run on this project's machines.
+
+With latencies (`--latencies`, or FakeVllm(latencies=...)), the body's latency histograms advance
+in a controlled way: every body served adds the same observations (LATENCY_OBSERVATIONS) to each,
+so between any two bodies a histogram's increase is a whole multiple of one set, and its quantiles
+and mean over any window are those of one set, whoever else scraped in between.
 
 Standard library only: the script runs without the repository on its path.
 """
@@ -52,6 +57,15 @@ HISTOGRAMS = {
     "vllm:request_max_num_generation_tokens": ONE_TWO_FIVE,
     "vllm:request_params_n": [1, 2, 5, 10, 20],
     "vllm:request_params_max_tokens": ONE_TWO_FIVE,
+}
+# observations (seconds) added to each latency histogram by every body served with latencies; chosen
+# so that each set's p50 and p99 fall inside buckets of the layouts above (tests/test_engine_latency.py
+# works them out by hand)
+LATENCY_OBSERVATIONS = {
+    "vllm:time_to_first_token_seconds": [0.03] * 4 + [0.05] * 4 + [0.3] * 2,
+    "vllm:inter_token_latency_seconds": [0.02] * 8 + [0.09] * 2,
+    "vllm:request_queue_time_seconds": [0.1] * 3 + [1.2],
+    "vllm:e2e_request_latency_seconds": [2.2] * 2 + [4.0] * 2,
 }
 HANDLERS = ("/v1/chat/completions", "/v1/completions", "/metrics", "/health")
 HTTP_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5, 7.5, 10, 30, 60]
@@ -117,8 +131,14 @@ def full_size_body(template: bool = False) -> str:
 class FakeVllm:
     def __init__(self, body: str = "metrics-v0.10-names.txt", tokens_per_request: float = 100.0,
                  port: int = 0, mode: str = "ok", model_label: str | None = None, host: str = "127.0.0.1",
-                 full_size: bool = False, basic_auth: tuple[str, str] | None = None) -> None:
+                 full_size: bool = False, basic_auth: tuple[str, str] | None = None,
+                 latencies: dict[str, list[float]] | None = None) -> None:
         self.template = full_size_body(template=True) if full_size else (FIXTURES / body).read_text()
+        self.latencies = latencies or {}
+        if self.latencies:  # the body's own lines of these histograms give way to the advancing ones
+            self.template = "".join(line for line in self.template.splitlines(keepends=True)
+                                    if _family_of(line) not in self.latencies)
+        self.model_label = model_label or "Qwen/Qwen2.5-1.5B-Instruct"
         if model_label:  # vLLM labels its metrics with the served model name, when one is given
             self.template = self.template.replace('model_name="Qwen/Qwen2.5-1.5B-Instruct"', f'model_name="{model_label}"')
         self.tokens_per_request = tokens_per_request
@@ -191,13 +211,38 @@ class FakeVllm:
         with self._lock:
             self.requests += 1
             tokens = self.requests * self.tokens_per_request
+            served = self.requests
         return (self.template.replace("{running}", f"{self.running}.0").replace("{waiting}", f"{self.waiting}.0")
                 .replace("{kv}", "0.42").replace("{prompt}", f"{tokens * 0.75:.1f}")
-                .replace("{generation}", f"{tokens * 0.25:.1f}"))
+                .replace("{generation}", f"{tokens * 0.25:.1f}") + self._latency_histograms(served))
+
+    def _latency_histograms(self, served: int) -> str:
+        """Each histogram with `served` times its observations (LATENCY_OBSERVATIONS' shape)."""
+        out = []
+        labels = f'engine="0",model_name="{self.model_label}"'
+        for name, observations in self.latencies.items():
+            out += [f"# HELP {name} {name.split(':')[-1].replace('_', ' ')}.", f"# TYPE {name} histogram"]
+            for bound in [*map(float, HISTOGRAMS[name]), float("inf")]:
+                below = served * sum(1 for seconds in observations if seconds <= bound)
+                le = "+Inf" if bound == float("inf") else str(bound)
+                out.append(f'{name}_bucket{{{labels},le="{le}"}} {float(below)}')
+            out.append(f"{name}_count{{{labels}}} {float(served * len(observations))}")
+            out.append(f"{name}_sum{{{labels}}} {served * sum(observations)!r}")
+        return "\n".join(out) + "\n" if out else ""
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _family_of(line: str) -> str:
+    """The histogram family a line of a body belongs to (its name without _bucket, _sum, _count, _created)."""
+    words = line.split()
+    name = (words[2] if len(words) > 2 else "") if line.startswith("#") else (words[0].split("{", 1)[0] if words else "")
+    for suffix in ("_bucket", "_sum", "_count", "_created"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def command(port: int | None, served_model_name: str | None = None, *options: str,
@@ -229,9 +274,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--tokens", type=float, default=100.0)
     parser.add_argument("--spin-file", help="keep one thread busy on a core while this file exists")
     parser.add_argument("--full-size-body", action="store_true", help="serve full_size_body instead of the tests' body")
+    parser.add_argument("--latencies", action="store_true", help="latency histograms that advance (LATENCY_OBSERVATIONS)")
     args = parser.parse_args(argv)
     FakeVllm(port=args.port, tokens_per_request=args.tokens, model_label=args.served_model_name or args.model,
-             host=args.host, full_size=args.full_size_body)
+             host=args.host, full_size=args.full_size_body, latencies=LATENCY_OBSERVATIONS if args.latencies else None)
     print("ready", flush=True)
     while True:
         if args.spin_file and Path(args.spin_file).exists():

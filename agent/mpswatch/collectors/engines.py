@@ -24,6 +24,7 @@ from mpswatch.collectors.mps_control import DEFAULT_PIPE_DIR
 from mpswatch.engine_kinds import REJECT_REASONS, EngineSample, parameters_from_model_name
 from mpswatch.engine_kinds.vllm import parse_vllm_command, parse_vllm_metrics
 from mpswatch.httpfetch import BackgroundFetcher, Fetch, Pending, fetch_metrics, redact_url
+from mpswatch.latency import DEFAULT_WINDOW_SECONDS, QUANTILES, LatencyFigures, LatencyWindow
 from mpswatch.metrics import Families
 from mpswatch.netns import find_endpoint
 from mpswatch.procfs import (
@@ -98,6 +99,7 @@ class _Engine:
     thread_ticks: dict[tuple[int, int], tuple[float, int]] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REJECT_REASONS, 0))  # samples refused, ever
     rejecting: tuple[str, ...] = ()  # why samples of its last answer were refused
+    latency: LatencyWindow = field(default_factory=LatencyWindow)  # its latency histograms, last window
 
     @property
     def local_port(self) -> int | None:
@@ -143,6 +145,7 @@ class EnginesCollector:
         interval_seconds: float = 2.0,
         timeout_seconds: float = 2.0,
         max_body_bytes: int = 4 << 20,
+        latency_window_seconds: float = DEFAULT_WINDOW_SECONDS,
         procfs: ProcFS | None = None,
         fetch: Fetch = fetch_metrics,
     ) -> None:
@@ -150,9 +153,11 @@ class EnginesCollector:
         self.deadline_seconds = timeout_seconds + 3.0
         self._discover = discover
         self._timeout = timeout_seconds
+        self._latency_window = latency_window_seconds
         self._procfs = procfs or ProcFS()
         self.fetcher = BackgroundFetcher(parse_vllm_metrics, timeout_seconds, max_body_bytes, fetch)
-        self._configured = [_Engine(e["name"], e["url"], "configured", e.get("gpu_uuid")) for e in configured]
+        self._configured = [_Engine(e["name"], e["url"], "configured", e.get("gpu_uuid"),
+                                    latency=LatencyWindow(latency_window_seconds)) for e in configured]
         self._processes: dict[tuple[int, int | None], _Engine] = {}  # vLLM API servers by PID and start time
         self._log = structlog.get_logger().bind(collector=self.name)
 
@@ -199,7 +204,8 @@ class EnginesCollector:
             if engine is None:
                 engine = self._processes[(pid, start_time)] = _Engine(
                     "", None, "discovered", root_pid=pid, start_time=start_time, port=command.port,
-                    base_name=command.name, command_model=command.model)
+                    base_name=command.name, command_model=command.model,
+                    latency=LatencyWindow(self._latency_window))
             if engine.url is None or engine.down is not None:  # its address is kept while it answers
                 self._reach(engine, pid, command.port, processes)
         claimed = {id(engine): engine for engine in map(self._claim, self._configured) if engine is not None}
@@ -258,6 +264,10 @@ class EnginesCollector:
         if tokens is not None and (engine.previous_tokens is None or tokens[0] > engine.previous_tokens[0]):
             engine.previous_tokens = tokens
         engine.model = sample.model or engine.model
+        if engine.latency.add(scrape.fetched_at, sample.latencies):
+            self._log.info("engine_latency_window_restarted", engine=engine.name,
+                           reason="a latency histogram went back or changed its buckets")
+        latencies = engine.latency.figures()
         return replace(
             base,
             up=True,
@@ -274,6 +284,9 @@ class EnginesCollector:
             prompt_tokens_per_request=sample.prompt_tokens_per_request,
             generation_tokens_per_request=sample.generation_tokens_per_request,
             model_parameters=parameters_from_model_name(engine.command_model) or parameters_from_model_name(engine.model),
+            latencies=frozen_map(latencies),
+            latency_window_seconds=engine.latency.span_seconds if latencies else None,
+            latency_histograms=tuple(sorted(sample.latencies)),
         )
 
     def _count_rejected(self, engine: _Engine, rejected: Mapping[str, int]) -> None:
@@ -401,6 +414,13 @@ def render(data: EnginesData, facts: DerivedFacts, out: Families) -> None:
                              ("mps_engine_pipe_dir_served", e.pipe_dir_served)):
             if flag is not None:
                 out.add(metric, [e.name], 1 if flag else 0)
+        if e.latency_window_seconds is not None:
+            out.add("mps_engine_latency_window_seconds", [e.name], e.latency_window_seconds)
+        for latency, found in sorted(e.latencies.items()):
+            for q, seconds in sorted(found.quantiles.items()):
+                out.add(f"mps_engine_latency_p{q * 100:g}_seconds", [e.name, latency], seconds)
+            if found.mean is not None:
+                out.add("mps_engine_latency_mean_seconds", [e.name, latency], found.mean)
         if e.load_share_ratio is not None:
             out.add("mps_engine_load_share_ratio", [e.name, e.gpu_uuid or ""], e.load_share_ratio)
         if e.gpu_memory_utilization is not None:
@@ -438,6 +458,8 @@ def _needs_two_samples(engines: tuple[EngineState, ...]) -> tuple[str, ...]:
         figures += ["tokens/s", "load shares", "imbalance"]
     if any(e.pids and e.busiest_thread_cpu_ratio is None for e in engines):
         figures.append("busiest thread")
+    if any(e.up and e.latency_histograms and e.latency_window_seconds is None for e in engines):
+        figures.append("latency")
     return tuple(figures)
 
 
@@ -458,6 +480,7 @@ def _engine_entry(e: EngineState) -> dict[str, Any]:
         tps = "?" if e.tokens_per_second is None else f"{e.tokens_per_second:.0f}"
         figures = (f"share {percent(e.load_share_ratio)}, {tps} tok/s, running {count(e.requests_running)}, "
                    f"waiting {count(e.requests_waiting)}, {attached}, busiest thread {percent(e.busiest_thread_cpu_ratio)}")
+        figures += f", {_latency_text(e)}"
         if e.pipe_dir_served is None and e.pipe_dir_served_detail is not None:
             figures += f"; pipe dir {e.mps_pipe_dir} served? {e.pipe_dir_served_detail}"
         if e.active_thread_limit is not None:
@@ -488,11 +511,32 @@ def _engine_entry(e: EngineState) -> dict[str, Any]:
         "pipe_dir_served": e.pipe_dir_served,
         "pipe_dir_served_detail": e.pipe_dir_served_detail,
         "gpu_memory_utilization": e.gpu_memory_utilization,
+        "latency_window_seconds": e.latency_window_seconds,
+        "latencies": {name: _latency_entry(found) for name, found in sorted(e.latencies.items())},
         "active_thread_limit": _limit_entry(e.active_thread_limit, "ratio"),
         "pinned_memory_limit": _limit_entry(e.pinned_memory_limit, "bytes"),
         "verdict": verdict,
         "reason": reason,
     }
+
+
+def _latency_text(e: EngineState) -> str:
+    """TTFT and ITL p50/p99 in milliseconds over the window; `?` where unknown: before two scrapes
+    (a one-shot status), without the histogram, or with no request observed in the window."""
+    if not e.latency_histograms:
+        return "no latency histograms"
+    parts = []
+    for label, latency in (("TTFT", "time_to_first_token"), ("ITL", "inter_token")):
+        found = e.latencies.get(latency)
+        quantiles = found.quantiles if found is not None else {}
+        shown = "/".join("?" if q not in quantiles else f"{quantiles[q] * 1000:.0f}" for q in QUANTILES)
+        parts.append(f"{label} p50/p99 {shown} ms")
+    window = "" if e.latency_window_seconds is None else f" over {e.latency_window_seconds:.0f} s"
+    return ", ".join(parts) + window
+
+
+def _latency_entry(found: LatencyFigures) -> dict[str, float | None]:
+    return {**{f"p{q * 100:g}": found.quantiles.get(q) for q in QUANTILES}, "mean": found.mean}
 
 
 def _limit_entry(limit: MpsLimit | None, unit: str) -> dict[str, Any] | None:

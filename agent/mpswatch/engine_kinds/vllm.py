@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from typing import Any
 
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from mpswatch.engine_kinds import BadMetrics, EngineCommand, EngineSample
+from mpswatch.engine_kinds import BadMetrics, EngineCommand, EngineSample, Histogram
 
 DEFAULT_PORT = 8000
 
@@ -35,7 +37,8 @@ def parse_vllm_metrics(text: str) -> EngineSample:
 
     try:
         # only the lines read below; a body with none of them is parsed whole, to say what is wrong
-        for family in text_string_to_metric_families(_lines_read(text) or text):
+        families = list(text_string_to_metric_families(_lines_read(text) or text))
+        for family in families:
             if not family.name.startswith("vllm:"):
                 continue
             found = True
@@ -84,7 +87,52 @@ def parse_vllm_metrics(text: str) -> EngineSample:
         prompt_tokens_per_request=_mean(sums, "vllm:request_prompt_tokens"),
         generation_tokens_per_request=_mean(sums, "vllm:request_generation_tokens"),
         rejected=rejected,
+        latencies=_latencies(families, refused),
     )
+
+
+# vLLM's latency histograms by LATENCIES name, the first name a body has taken: V1 0.10+ names its
+# inter-token latency `inter_token_latency_seconds`, earlier versions `time_per_output_token_seconds`
+# (the same per-token observations; `request_time_per_output_token_seconds` is a per-request mean)
+_LATENCY_HISTOGRAMS = {
+    "time_to_first_token": ("vllm:time_to_first_token_seconds",),
+    "inter_token": ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
+    "queue": ("vllm:request_queue_time_seconds",),
+    "end_to_end": ("vllm:e2e_request_latency_seconds",),
+}
+
+
+def _latencies(families: Iterable[Metric], refused: set[str]) -> dict[str, Histogram]:
+    """vLLM's latency histograms, each summed over its label sets (engines, models) bound by bound;
+    a histogram with a refused sample, or a bucket whose `le` is no number, is unknown."""
+    found: dict[str, Histogram] = {}
+    by_name = {family.name: family for family in families}
+    for latency, names in _LATENCY_HISTOGRAMS.items():
+        for name in names:
+            family = by_name.get(name)
+            if family is None or not family.samples:  # HELP and TYPE only until a first request: absent
+                continue
+            if {f"{name}_bucket", f"{name}_sum", f"{name}_count"} & refused:
+                break
+            buckets: dict[float, float] = {}
+            total = count = 0.0
+            try:
+                for sample in family.samples:
+                    if sample.name == f"{name}_bucket":
+                        bound = float(sample.labels["le"])
+                        if math.isnan(bound):
+                            raise ValueError(bound)
+                        buckets[bound] = buckets.get(bound, 0.0) + sample.value
+                    elif sample.name == f"{name}_sum":
+                        total += sample.value
+                    elif sample.name == f"{name}_count":
+                        count += sample.value
+            except (KeyError, ValueError):
+                break
+            if buckets:
+                found[latency] = Histogram(tuple(sorted(buckets.items())), total, count)
+            break
+    return found
 
 
 def _unfit(value: float) -> str | None:
@@ -120,6 +168,8 @@ _READ_NAMES = frozenset(
         "vllm:request_prompt_tokens_sum",
         "vllm:request_generation_tokens_count",
         "vllm:request_generation_tokens_sum",
+        *(f"{name}{suffix}" for names in _LATENCY_HISTOGRAMS.values() for name in names
+          for suffix in ("", "_bucket", "_sum", "_count")),
     }
 )
 
