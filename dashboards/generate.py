@@ -63,7 +63,7 @@ def base(title: str, uid: str, description: str):
         .link(dash.DashboardLink("mpswatch").type(DashboardLinkType.DASHBOARDS).tags(["mpswatch"]).as_dropdown(True))
         .with_variable(dash.DatasourceVariable("datasource").label("Data source").type("prometheus"))
         .with_variable(dash.QueryVariable("instance").label("Node").datasource(DS)
-                       .query("label_values(mpswatch_build_info, instance)")
+                       .query("label_values(mps_exporter_build_info, instance)")
                        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(VariableSort.ALPHABETICAL_ASC)
                        .multi(True).include_all(True))
     )
@@ -105,7 +105,7 @@ def node_overview():
                     .with_target(q(f"max by (instance, pipe_dir) (mps_control_command_duration_seconds{{{NODE}}})", "{{instance}} {{pipe_dir}}")))
         .with_panel(timeseries.Panel().title("Agent collectors").span(12).height(8).unit(units.Seconds)
                     .description("Duration of each collector's last run; gaps mean the collector failed (MpswatchCollectorFailing).")
-                    .with_target(q(f"mpswatch_collector_duration_seconds{{{NODE}}}", "{{instance}} {{collector}}")))
+                    .with_target(q(f"mps_exporter_collector_duration_seconds{{{NODE}}}", "{{instance}} {{collector}}")))
         .with_panel(timeseries.Panel().title("Processes the agent cannot see into").span(12).height(8).unit(units.Short).min(0)
                     .description("MPS daemons and engines whose environment the agent could not read (an unprivileged agent beside "
                                  "other users' processes): their pipe and log dirs, MPS settings are unknown. README: Permissions.")
@@ -228,13 +228,13 @@ def fleet():
         .link(dash.DashboardLink("mpswatch").type(DashboardLinkType.DASHBOARDS).tags(["mpswatch"]).as_dropdown(True))
         .with_variable(dash.DatasourceVariable("datasource").label("Data source").type("prometheus"))
         .with_variable(dash.QueryVariable("cluster").label("Cluster").datasource(DS)
-                       .query("label_values(cluster:mpswatch_nodes:count, cluster)")
+                       .query("label_values(cluster:mps_exporter_nodes:count, cluster)")
                        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(VariableSort.ALPHABETICAL_ASC)
                        .multi(True).include_all(True).all_value(".*"))
         .with_row(dash.Row("Now"))
         .with_panel(stat.Panel().title("Nodes watched").span(3).height(4).unit(units.Short)
                     .description("Nodes whose mpswatch the store has series of.")
-                    .with_target(q(f"sum(cluster:mpswatch_nodes:count{{{CLUSTER}}})", instant=True)))
+                    .with_target(q(f"sum(cluster:mps_exporter_nodes:count{{{CLUSTER}}})", instant=True)))
         .with_panel(fleet_stat("Nodes with problems", "mps_nodes_with_problems:count",
                                "Nodes with a daemon down, a server in FAULT, a device at its client limit, an engine down or without MPS, "
                                "or a failing collector; the table below names them."))

@@ -47,8 +47,8 @@ def test_healthy_daemon_with_two_clients(fake_daemon):
         assert s[key("mps_client_limit", pipe_dir=d)] == 48
         assert sorted(dict(l)["pid"] for l in series(s, "mps_client_info")) == ["437", "438"]
         assert series(s, "mps_default_device_pinned_memory_limit_bytes") == {}  # unset: absent, not 0
-        assert s[key("mpswatch_collector_success", collector="mps_control")] == 1
-        assert s[key("mpswatch_build_info", version=__version__)] == 1
+        assert s[key("mps_exporter_collector_success", collector="mps_control")] == 1
+        assert s[key("mps_exporter_build_info", version=__version__)] == 1
 
 
 def test_48_clients_fill_the_device(fake_daemon):
@@ -119,7 +119,7 @@ def test_garbage_output(fake_daemon):
         s = agent.wait_for(lambda s: s if state_of(s, d) == ["garbage_output"] else None)
         assert s[key("mps_control_up", pipe_dir=d)] == 0
         assert s[key("mps_control_command_failures_total", pipe_dir=d, command="get_server_list", reason="garbage_output")] >= 1
-        assert s[key("mpswatch_collector_success", collector="mps_control")] == 1
+        assert s[key("mps_exporter_collector_success", collector="mps_control")] == 1
 
 
 def test_stale_pid_file_and_the_orphaned_server_after_the_daemon_was_killed(fake_daemon):
@@ -191,7 +191,7 @@ def test_a_slow_daemon_is_slow_not_hung_and_costs_only_its_own_freshness(fake_da
         while time.monotonic() < ends:
             s = agent.scrape()
             assert state_of(s, slow.path) == ["up"] and state_of(s, healthy.path) == ["up"]
-            assert s[key("mpswatch_collector_success", collector="mps_control")] == 1
+            assert s[key("mps_exporter_collector_success", collector="mps_control")] == 1
             time.sleep(0.2)
         slow.update(delay_seconds=0)
         agent.wait_for(lambda s: s.get(key("mps_control_probes_deferred")) == 0, timeout=15)
@@ -230,12 +230,12 @@ def test_http_endpoints(fake_daemon, path, code):
 
 def test_without_a_driver_the_agent_runs_on_and_reports_the_gpu_collector_state(fake_daemon):
     with agent_for(fake_daemon("healthy_two_clients_driver580"), extra=["--log-level", "info"], nvml="no_driver") as agent:
-        s = agent.wait_for(lambda s: s if key("mpswatch_collector_success", collector="gpu") in s
-                           and key("mpswatch_collector_success", collector="mps_control") in s else None)
-        assert s[key("mpswatch_collector_success", collector="gpu")] == 0
-        assert s[key("mpswatch_collector_errors_total", collector="gpu", reason="nvml_unavailable")] >= 1
+        s = agent.wait_for(lambda s: s if key("mps_exporter_collector_success", collector="gpu") in s
+                           and key("mps_exporter_collector_success", collector="mps_control") in s else None)
+        assert s[key("mps_exporter_collector_success", collector="gpu")] == 0
+        assert s[key("mps_exporter_collector_errors_total", collector="gpu", reason="nvml_unavailable")] >= 1
         assert not [k for k in s if k[0].startswith("mps_gpu_")]
-        assert s[key("mpswatch_collector_success", collector="mps_control")] == 1
+        assert s[key("mps_exporter_collector_success", collector="mps_control")] == 1
         assert agent.get("/healthz")[0] == 200
         time.sleep(1.0)
         assert agent.proc.poll() is None

@@ -140,7 +140,7 @@ def test_a_hanging_call_marks_the_collector_stale_drops_its_series_and_it_recove
         assert not report.status.success and report.status.error_reason == "timeout"
         exported = render(store.current(), "test")
         assert samples(exported, "mps_gpu_utilization_ratio") == {}
-        assert samples(exported, "mpswatch_collector_success") == {(("collector", "gpu"),): 0.0}
+        assert samples(exported, "mps_exporter_collector_success") == {(("collector", "gpu"),): 0.0}
         assert not loop.cycle().status.success  # still stuck: no second call piles up
         fake.hang_in = None
         fake.release.set()

@@ -17,24 +17,24 @@ class MetricSpec:
 
 
 _SPECS = [
-    MetricSpec("mpswatch_build_info", "gauge", ("version",), "Always 1; the agent's version."),
-    MetricSpec("mpswatch_collector_success", "gauge", ("collector",), "1 if the collector's last run succeeded."),
-    MetricSpec("mpswatch_collector_duration_seconds", "gauge", ("collector",), "Duration of the collector's last run."),
+    MetricSpec("mps_exporter_build_info", "gauge", ("version",), "Always 1; the agent's version."),
+    MetricSpec("mps_exporter_collector_success", "gauge", ("collector",), "1 if the collector's last run succeeded."),
+    MetricSpec("mps_exporter_collector_duration_seconds", "gauge", ("collector",), "Duration of the collector's last run."),
     MetricSpec(
-        "mpswatch_collector_last_success_timestamp_seconds",
+        "mps_exporter_collector_last_success_timestamp_seconds",
         "gauge",
         ("collector",),
         "Unix time of the collector's last successful run.",
     ),
-    MetricSpec("mpswatch_collector_errors_total", "counter", ("collector", "reason"), "Failed collector runs by reason."),
+    MetricSpec("mps_exporter_collector_errors_total", "counter", ("collector", "reason"), "Failed collector runs by reason."),
     MetricSpec(
-        "mpswatch_collector_stale_after_seconds",
+        "mps_exporter_collector_stale_after_seconds",
         "gauge",
         ("collector",),
         "Age of the last successful run past which the collector's data counts as stale (its loop stuck or gone).",
     ),
     MetricSpec(
-        "mpswatch_log_lines_dropped_total",
+        "mps_exporter_log_lines_dropped_total",
         "counter",
         ("reason",),
         "Log lines the agent could not write (write_failed) or dropped with its writer too far behind (backlog_full).",
@@ -354,6 +354,16 @@ _SPECS += [
         ("reason",),
         "Failed PodResources List calls by gRPC status (unavailable, deadline_exceeded, permission_denied, ...).",
     ),
+]
+
+# the agent's own process, named as prometheus_client's ProcessCollector (and node_exporter) name them
+_SPECS += [
+    MetricSpec("process_cpu_seconds_total", "counter", (), "User and system CPU time of the agent's process."),
+    MetricSpec("process_resident_memory_bytes", "gauge", (), "Resident memory of the agent's process."),
+    MetricSpec("process_virtual_memory_bytes", "gauge", (), "Virtual memory of the agent's process."),
+    MetricSpec("process_open_fds", "gauge", (), "Open file descriptors of the agent's process."),
+    MetricSpec("process_max_fds", "gauge", (), "Open file descriptors the agent's process may have (its limit)."),
+    MetricSpec("process_start_time_seconds", "gauge", (), "Unix time the agent's process started."),
 ]
 
 CATALOG: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}

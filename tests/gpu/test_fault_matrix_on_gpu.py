@@ -342,11 +342,11 @@ def test_the_agent_as_an_unprivileged_user(mps_client, tmp_path):
                     samples = parse_exposition(r.read().decode())
             except OSError:
                 continue
-            if len(of(samples, "mpswatch_collector_success")) >= 4 and time.monotonic() > deadline - 12:
+            if len(of(samples, "mps_exporter_collector_success")) >= 4 and time.monotonic() > deadline - 12:
                 break  # every collector has run at least twice
         assert agent.poll() is None, (tmp_path / "agent-as-nobody.log").read_text()[-2000:]
         case.reported["families exported as nobody"] = sorted({n for n, _ in samples})
-        case.reported["collector success as nobody"] = {dict(l)["collector"]: v for l, v in of(samples, "mpswatch_collector_success").items()}
+        case.reported["collector success as nobody"] = {dict(l)["collector"]: v for l, v in of(samples, "mps_exporter_collector_success").items()}
         case.reported["mps_control_state as nobody"] = [dict(l)["state"] for l, v in of(samples, "mps_control_state").items() if v == 1]
         case.reported["mps_clients as nobody"] = sum(of(samples, "mps_clients").values())
         case.reported["gpu process kinds as nobody"] = sorted({dict(l)["kind"] for l in of(samples, "mps_gpu_process_memory_bytes")})

@@ -80,5 +80,5 @@ def test_load_memory_roles_and_xid_on_a_real_gpu(mps, mps_client, tmp_path):
         RESULTS["xid_31_count"] = after
         s = agent.scrape()
         RESULTS["collector_duration_seconds"] = [v for (n, l), v in s.items()
-                                                 if n == "mpswatch_collector_duration_seconds" and dict(l)["collector"] == "gpu"]
+                                                 if n == "mps_exporter_collector_duration_seconds" and dict(l)["collector"] == "gpu"]
     RESULTS["agent_log_tail"] = (tmp_path / "agent.log").read_text().splitlines()[-10:]

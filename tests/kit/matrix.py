@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tests.kit.agentproc import parse_exposition
 
-RECORDED_PREFIXES = ("mps_", "mpswatch_collector_success")
+RECORDED_PREFIXES = ("mps_", "mps_exporter_collector_success")
 
 
 class Recorder:
