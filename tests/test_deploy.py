@@ -241,7 +241,7 @@ def test_the_monitors_scrape_the_agents_pods_and_keep_their_pod_labels():
     ports = {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
     service = manifest("service.yaml")
     rules = yaml.safe_load((ROOT / "alerts/mpswatch.rules.yml").read_text())
-    [target_down] = [r["expr"] for g in rules["groups"] for r in g["rules"] if r.get("alert") == "MpswatchTargetDown"]
+    [target_down] = [r["expr"] for g in rules["groups"] for r in g["rules"] if r.get("alert") == "MPSWatchTargetDown"]
     [job_pattern] = re.findall(r'up\{job=~"([^"]+)"\}', target_down)
     monitors = {"servicemonitor.yaml": ("ServiceMonitor", "endpoints"), "podmonitor.yaml": ("PodMonitor", "podMetricsEndpoints")}
     for name, (kind, endpoints) in monitors.items():
@@ -260,7 +260,7 @@ def test_the_monitors_scrape_the_agents_pods_and_keep_their_pod_labels():
             [service_port] = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
             assert service_port["targetPort"] in ports
             job = service["metadata"]["name"]
-        assert re.fullmatch(job_pattern, job), f"{name}: job {job} is not what MpswatchTargetDown watches"
+        assert re.fullmatch(job_pattern, job), f"{name}: job {job} is not what MPSWatchTargetDown watches"
     resources = manifest("kustomization.yaml")["resources"]
     assert len(set(monitors) & set(resources)) == 1, "one monitor, or every agent is scraped twice"
 

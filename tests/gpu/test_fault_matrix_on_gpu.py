@@ -178,7 +178,7 @@ def test_a_client_exhausting_gpu_memory_beside_another(mps, mps_client, tmp_path
     with Agent(["--pipe-dir", pipe, "--log-dir", logs], log_path=tmp_path / "agent.log") as agent:
         case.record(agent)
         agent.wait_for(lambda s: of(s, "mps_gpu_memory_used_bytes") and sum(of(s, "mps_clients").values()) == 1, timeout=15)
-        case.expect_quiet("GPUMemoryNearlyFull")
+        case.expect_quiet("MPSGPUMemoryNearlyFull")
         hog_at = time.monotonic()
         hog = ready(start(mps_client, mps, "hog", "12"))
         hogged = int(read_line(hog, 120).split()[1])
@@ -190,7 +190,7 @@ def test_a_client_exhausting_gpu_memory_beside_another(mps, mps_client, tmp_path
 
         ratio, case.detect_seconds["memory used > 95%"] = timed(agent, full, 15, hog_at)
         case.reported["memory used ratio"] = round(ratio[0], 4)
-        case.expect_alert("GPUMemoryNearlyFull")
+        case.expect_alert("MPSGPUMemoryNearlyFull")
         s = agent.scrape()
         per_process = {dict(l)["pid"]: (dict(l)["kind"], v) for l, v in of(s, "mps_gpu_process_memory_bytes").items()}
         case.reported["hog process memory"] = per_process.get(str(hog.pid))
