@@ -7,8 +7,8 @@ from __future__ import annotations
 from mpswatch.exposition import render
 from mpswatch.snapshot import (
     DaemonState,
-    EngineState,
     EnginesData,
+    EngineState,
     GpuData,
     GpuProcess,
     GpuState,

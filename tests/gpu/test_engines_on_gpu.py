@@ -85,8 +85,8 @@ def test_shares_attachment_and_an_engine_restarted_without_mps(mps, tmp_path):
             RESULTS["after_restart"] = {
                 "mps_engine_mps_attached": by_engine(s, "mps_engine_mps_attached"),
                 "mps_engine_pipe_dir_served": by_engine(s, "mps_engine_pipe_dir_served"),
-                "process_kinds": {dict(l)["pid"]: dict(l)["kind"] for (n, l), v in s.items()
-                                  if n == "mps_gpu_process_memory_bytes"},
+                "memory_by_kind": {f"{dict(l)['gpu_uuid']} {dict(l)['kind']}": v for (n, l), v in s.items()
+                                   if n == "mps_gpu_memory_by_kind_bytes"},
             }
             RESULTS["after_restart"]["mps_processes"] = subprocess.run(
                 ["nvidia-smi", "--query-compute-apps=pid,process_name", "--format=csv,noheader"],
