@@ -281,6 +281,18 @@ def test_the_prometheusrule_is_generated_from_the_shipped_rules():
     assert rule["spec"] == yaml.safe_load((ROOT / "alerts/mpswatch.rules.yml").read_text())
 
 
+def test_a_prometheusrule_with_the_runbooks_where_the_cluster_publishes_them():
+    """On Kubernetes `instance` is the node's name and the agent is not on the host's network: the
+    default runbook link (the node's agent) does not resolve, so the generator takes a base."""
+    made = run(sys.executable, DEPLOY / "kubernetes/generate_prometheusrule.py", "--runbook-base",
+               "https://wiki.example.com/mpswatch/runbooks", "--dcgm-exporter")
+    assert made.returncode == 0, made.stderr
+    alerts = [r for g in yaml.safe_load(made.stdout)["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    assert alerts and all(r["annotations"]["runbook_url"] == f"https://wiki.example.com/mpswatch/runbooks#{r['alert'].lower()}"
+                          for r in alerts)
+    assert "MPSGPUCriticalXid" not in {r["alert"] for r in alerts}
+
+
 @needs("docker-compose")
 def test_the_reference_compose_file_is_valid():
     checked = run("docker-compose", "-f", DEPLOY / "reference/compose.yaml", "config", "-q")
