@@ -327,7 +327,7 @@ def test_grafana_provisioning_points_at_the_shipped_dashboards():
     path = provider["providers"][0]["options"]["path"]
     source = next(src for src, dst in mounts.items() if dst == path)
     assert sorted(p.name for p in (DEPLOY / "reference" / source).resolve().glob("*.json")) == [
-        "engines.json", "gpus.json", "node-overview.json"]
+        "engines.json", "fleet.json", "gpus.json", "node-overview.json"]
     datasource = yaml.safe_load((DEPLOY / "reference/grafana/provisioning/datasources/prometheus.yaml").read_text())
     assert datasource["datasources"][0]["type"] == "prometheus"
 
