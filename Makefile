@@ -1,6 +1,6 @@
 PYTHON ?= .venv/bin/python
 
-.PHONY: demo test dashboards
+.PHONY: demo test dashboards rules
 
 # A replay of real H200 captures with Prometheus and Alertmanager on loopback (no GPU needed).
 demo:
@@ -11,3 +11,8 @@ test:
 
 dashboards:
 	$(PYTHON) dashboards/generate.py
+
+# alerts/mpswatch.rules.yml and the agent's copy of the runbooks, then the Kubernetes PrometheusRule
+rules:
+	$(PYTHON) alerts/rules.py
+	$(PYTHON) deploy/kubernetes/generate_prometheusrule.py

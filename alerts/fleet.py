@@ -42,12 +42,12 @@ _PER_NODE = [
     ("engines down", "mps_engines_down:sum", "sum by ({by}, instance) (1 - mps_engine_up{s})"),
     ("worst engine imbalance of a GPU", "mps_gpu_engine_imbalance:max", "max by ({by}, instance) (mps_gpu_engine_imbalance_ratio{s})"),
     ("mean estimated MPS gain of the GPUs", "mps_gpu_mps_gain_estimate:avg", "avg by ({by}, instance) (mps_gpu_mps_gain_estimate_ratio{s})"),
-    ("collectors failing", "mpswatch_collectors_failing:sum", "sum by ({by}, instance) (1 - mpswatch_collector_success{s})"),
+    ("collectors failing", "mps_exporter_collectors_failing:sum", "sum by ({by}, instance) (1 - mps_exporter_collector_success{s})"),
 ]
 # what counts as a problem on a node, for ranking nodes: each a count of broken things
 _PROBLEMS = ["mps_control_daemons_down:sum", "mps_expected_without_daemon:sum", "mps_servers_fault:sum",
              "mps_devices_near_client_limit:sum", "mps_engines_without_mps:sum", "mps_engines_down:sum",
-             "mpswatch_collectors_failing:sum"]
+             "mps_exporter_collectors_failing:sum"]
 
 
 def selector(matchers: str) -> tuple[str, str]:
@@ -64,11 +64,11 @@ def rules(by: str = DEFAULT_BY, matchers: str = "") -> dict:
         node_rules.append({"record": f"instance:{name}", "expr": expr.format(by=by, s=whole, ss=opening)})
         aggregate = "max" if name.endswith(":max") else "avg" if name.endswith(":avg") else "sum"
         fleet_rules.append({"record": f"{by}:{name}", "expr": f"{aggregate} by ({by}) (instance:{name})"})
-    problems = " + ".join(f"(instance:{name} or on ({by}, instance) (instance:mpswatch_collectors_failing:sum * 0))"
+    problems = " + ".join(f"(instance:{name} or on ({by}, instance) (instance:mps_exporter_collectors_failing:sum * 0))"
                           for name in _PROBLEMS)
     node_rules.append({"record": "instance:mps_problems:sum", "expr": problems})
     fleet_rules.append({"record": f"{by}:mps_nodes_with_problems:count", "expr": f"count by ({by}) (instance:mps_problems:sum > 0)"})
-    fleet_rules.append({"record": f"{by}:mpswatch_nodes:count", "expr": f"count by ({by}) (instance:mpswatch_collectors_failing:sum)"})
+    fleet_rules.append({"record": f"{by}:mps_exporter_nodes:count", "expr": f"count by ({by}) (instance:mps_exporter_collectors_failing:sum)"})
     return {"groups": [{"name": "mpswatch.fleet.nodes", "rules": node_rules},
                        {"name": f"mpswatch.fleet.{by}", "rules": fleet_rules}]}
 

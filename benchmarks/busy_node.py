@@ -82,7 +82,7 @@ class Tally:
         if timeout == 1:
             f["false_timeout_state"] += 1
             false = "state timeout"
-        if samples.get(key("mpswatch_collector_success", collector="mps_control")) == 0:
+        if samples.get(key("mps_exporter_collector_success", collector="mps_control")) == 0:
             f["collector_failed"] += 1
             false = false or "collector failed"
         if false and f["first_false"] is None:

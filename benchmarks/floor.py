@@ -16,7 +16,7 @@ this run's processes (tests.kit.scope.SessionProcesses). Each round, one every 2
   1. the whole cycle as the agent runs it (Scheduler.run_once: the four collectors in parallel,
      each publish followed by the derive step), its wall time, its CPU time (this
      process's threads, and with the control program runs it waited for), and each collector's own
-     duration in it (what the agent exports as mpswatch_collector_duration_seconds);
+     duration in it (what the agent exports as mps_exporter_collector_duration_seconds);
   2. each collector alone (`collect()`), then its floor done bare, or the floor first in odd rounds:
        mps_control: the same commands the collector sent this cycle (recorded by wrapping its
                     runner), each a subprocess.run of the same program with the same stdin and env;

@@ -1,7 +1,7 @@
 """What the agent costs on a node, measured on the agent as a real process:
 
   - CPU as a share of one core at the default 2 s interval (from /proc/<pid>/stat over the run),
-  - each collector's cycle (median of mpswatch_collector_duration_seconds over the run),
+  - each collector's cycle (median of mps_exporter_collector_duration_seconds over the run),
   - /metrics latency p50/p99 with one scraper (as Prometheus scrapes) and with 10 concurrent ones,
     and the series count,
   - RSS after start and at the end.
@@ -103,7 +103,7 @@ def measure(name: str, gpus: int, clients_per_gpu: int, engine_count: int, secon
             while time.monotonic() < deadline:
                 samples = agent.scrape()
                 for (metric, labels), value in samples.items():
-                    if metric == "mpswatch_collector_duration_seconds":
+                    if metric == "mps_exporter_collector_duration_seconds":
                         durations.setdefault(dict(labels)["collector"], []).append(value)
                 time.sleep(2)
             cpu_share = (cpu_seconds(agent.proc.pid) - cpu_start) / (time.monotonic() - wall_start)

@@ -40,7 +40,7 @@ def all_published(body: str | None, pipe_dir: str) -> bool:
         return False
     samples = parse_exposition(body)
     return samples.get(key("mps_control_up", pipe_dir=pipe_dir)) == 1 and all(
-        key("mpswatch_collector_success", collector=name) in samples for name in COLLECTORS
+        key("mps_exporter_collector_success", collector=name) in samples for name in COLLECTORS
     )
 
 

@@ -38,17 +38,17 @@ def test_healthy_daemon_with_two_clients(fake_daemon):
     with agent_for(daemon) as agent:
         s = agent.wait_for(lambda s: s if s.get(key("mps_control_up", pipe_dir=d)) == 1 else None)
         assert s[key("mps_control_info", pipe_dir=d, pid=str(daemon.process.pid))] == 1
-        assert s[key("mps_clients", pipe_dir=d, server_pid="476", gpu_uuid="GPU-2ea0ea17-0206-eb44")] == 2
-        assert s[key("mps_server_clients", pipe_dir=d, server_pid="476")] == 2
-        assert s[key("mps_server_status", pipe_dir=d, server_pid="476", status="ACTIVE")] == 1
-        assert s[key("mps_server_status", pipe_dir=d, server_pid="476", status="FAULT")] == 0
-        assert s[key("mps_server_active_thread_percentage", pipe_dir=d, server_pid="476")] == 100
-        assert s[key("mps_default_active_thread_percentage", pipe_dir=d)] == 100
+        assert s[key("mps_clients", pipe_dir=d, uid="", gpu_uuid="GPU-2ea0ea17-0206-eb44")] == 2
+        assert s[key("mps_server_clients", pipe_dir=d, uid="")] == 2
+        assert s[key("mps_server_status", pipe_dir=d, uid="", status="ACTIVE")] == 1
+        assert s[key("mps_server_status", pipe_dir=d, uid="", status="FAULT")] == 0
+        assert s[key("mps_server_active_thread_ratio", pipe_dir=d, uid="")] == 1
+        assert s[key("mps_default_active_thread_ratio", pipe_dir=d)] == 1
         assert s[key("mps_client_limit", pipe_dir=d)] == 48
         assert sorted(dict(l)["pid"] for l in series(s, "mps_client_info")) == ["437", "438"]
         assert series(s, "mps_default_device_pinned_memory_limit_bytes") == {}  # unset: absent, not 0
-        assert s[key("mpswatch_collector_success", collector="mps_control")] == 1
-        assert s[key("mpswatch_build_info", version=__version__)] == 1
+        assert s[key("mps_exporter_collector_success", collector="mps_control")] == 1
+        assert s[key("mps_exporter_build_info", version=__version__)] == 1
 
 
 def test_48_clients_fill_the_device(fake_daemon):
@@ -56,10 +56,10 @@ def test_48_clients_fill_the_device(fake_daemon):
     d = daemon.path
     with agent_for(daemon) as agent:
         s = agent.wait_for(lambda s: s if s.get(key("mps_control_up", pipe_dir=d)) == 1 else None)
-        assert s[key("mps_clients", pipe_dir=d, server_pid="476", gpu_uuid="GPU-2ea0ea17-0206-eb44")] == 48
+        assert s[key("mps_clients", pipe_dir=d, uid="", gpu_uuid="GPU-2ea0ea17-0206-eb44")] == 48
         assert len(series(s, "mps_client_info")) == 48
         assert s[key("mps_default_device_pinned_memory_limit_bytes", pipe_dir=d)] == 3 * 1024**3
-        assert s[key("mps_server_active_thread_percentage", pipe_dir=d, server_pid="476")] == 50
+        assert s[key("mps_server_active_thread_ratio", pipe_dir=d, uid="")] == 0.5
 
 
 def test_server_in_fault(fake_daemon):
@@ -67,9 +67,9 @@ def test_server_in_fault(fake_daemon):
     d = daemon.path
     with agent_for(daemon) as agent:
         s = agent.wait_for(lambda s: s if s.get(key("mps_control_up", pipe_dir=d)) == 1 else None)
-        assert s[key("mps_server_status", pipe_dir=d, server_pid="632", status="FAULT")] == 1
-        assert s[key("mps_server_status", pipe_dir=d, server_pid="632", status="ACTIVE")] == 0
-        assert s[key("mps_clients", pipe_dir=d, server_pid="632", gpu_uuid="GPU-9ce49c92-f91f-680e")] == 2
+        assert s[key("mps_server_status", pipe_dir=d, uid="", status="FAULT")] == 1
+        assert s[key("mps_server_status", pipe_dir=d, uid="", status="ACTIVE")] == 0
+        assert s[key("mps_clients", pipe_dir=d, uid="", gpu_uuid="GPU-9ce49c92-f91f-680e")] == 2
 
 
 def test_hung_daemon_goes_down_within_two_cycles_while_metrics_keep_answering(fake_daemon, tmp_path):
@@ -119,7 +119,7 @@ def test_garbage_output(fake_daemon):
         s = agent.wait_for(lambda s: s if state_of(s, d) == ["garbage_output"] else None)
         assert s[key("mps_control_up", pipe_dir=d)] == 0
         assert s[key("mps_control_command_failures_total", pipe_dir=d, command="get_server_list", reason="garbage_output")] >= 1
-        assert s[key("mpswatch_collector_success", collector="mps_control")] == 1
+        assert s[key("mps_exporter_collector_success", collector="mps_control")] == 1
 
 
 def test_stale_pid_file_and_the_orphaned_server_after_the_daemon_was_killed(fake_daemon):
@@ -148,7 +148,7 @@ def test_a_server_that_vanishes_while_serving_clients_is_counted_lost_once(fake_
     daemon = fake_daemon("healthy_two_clients_driver580")
     d = daemon.path
     with agent_for(daemon) as agent:
-        agent.wait_for(lambda s: s.get(key("mps_clients", pipe_dir=d, server_pid="476", gpu_uuid="GPU-2ea0ea17-0206-eb44")) == 2)
+        agent.wait_for(lambda s: s.get(key("mps_clients", pipe_dir=d, uid="", gpu_uuid="GPU-2ea0ea17-0206-eb44")) == 2)
         assert agent.value("mps_servers_lost_total", pipe_dir=d) == 0
         # what an H200 daemon answered after its server was killed: no server, and `ps` cannot find it
         replies = {**daemon.scenario["replies"], "get_server_list": "", "ps": "Server not found\n"}
@@ -191,7 +191,7 @@ def test_a_slow_daemon_is_slow_not_hung_and_costs_only_its_own_freshness(fake_da
         while time.monotonic() < ends:
             s = agent.scrape()
             assert state_of(s, slow.path) == ["up"] and state_of(s, healthy.path) == ["up"]
-            assert s[key("mpswatch_collector_success", collector="mps_control")] == 1
+            assert s[key("mps_exporter_collector_success", collector="mps_control")] == 1
             time.sleep(0.2)
         slow.update(delay_seconds=0)
         agent.wait_for(lambda s: s.get(key("mps_control_probes_deferred")) == 0, timeout=15)
@@ -202,7 +202,7 @@ def test_one_hung_daemon_does_not_hide_another(fake_daemon):
     with agent_for(healthy, hung) as agent:
         s = agent.wait_for(lambda s: s if s.get(key("mps_control_up", pipe_dir=hung.path)) == 0 else None)
         assert s[key("mps_control_up", pipe_dir=healthy.path)] == 1
-        assert s[key("mps_server_clients", pipe_dir=healthy.path, server_pid="476")] == 2
+        assert s[key("mps_server_clients", pipe_dir=healthy.path, uid="")] == 2
 
 
 def test_daemons_are_discovered_from_running_processes(fake_daemon):
@@ -230,12 +230,12 @@ def test_http_endpoints(fake_daemon, path, code):
 
 def test_without_a_driver_the_agent_runs_on_and_reports_the_gpu_collector_state(fake_daemon):
     with agent_for(fake_daemon("healthy_two_clients_driver580"), extra=["--log-level", "info"], nvml="no_driver") as agent:
-        s = agent.wait_for(lambda s: s if key("mpswatch_collector_success", collector="gpu") in s
-                           and key("mpswatch_collector_success", collector="mps_control") in s else None)
-        assert s[key("mpswatch_collector_success", collector="gpu")] == 0
-        assert s[key("mpswatch_collector_errors_total", collector="gpu", reason="nvml_unavailable")] >= 1
+        s = agent.wait_for(lambda s: s if key("mps_exporter_collector_success", collector="gpu") in s
+                           and key("mps_exporter_collector_success", collector="mps_control") in s else None)
+        assert s[key("mps_exporter_collector_success", collector="gpu")] == 0
+        assert s[key("mps_exporter_collector_errors_total", collector="gpu", reason="nvml_unavailable")] >= 1
         assert not [k for k in s if k[0].startswith("mps_gpu_")]
-        assert s[key("mpswatch_collector_success", collector="mps_control")] == 1
+        assert s[key("mps_exporter_collector_success", collector="mps_control")] == 1
         assert agent.get("/healthz")[0] == 200
         time.sleep(1.0)
         assert agent.proc.poll() is None

@@ -33,7 +33,8 @@ def queries():
     for name, panel in panels():
         for target in panel.get("targets", []):
             expr = target["expr"].replace("$__rate_interval", "1m")
-            yield name, panel["title"], re.sub(r"\$\w+", ".*", expr)
+            # a variable starts with a letter: `$1` is label_replace's group, left to Prometheus (as Grafana does)
+            yield name, panel["title"], re.sub(r"\$[A-Za-z_]\w*", ".*", expr)
 
 
 def test_the_committed_json_is_what_the_code_generates():
@@ -50,12 +51,32 @@ def test_every_panel_has_a_unit_a_description_and_queries():
         assert panel.get("targets"), (name, panel["title"])
 
 
-def test_dashboards_have_the_datasource_and_node_or_cluster_variables_and_a_runbook_link():
+def test_dashboards_have_the_datasource_job_and_node_or_cluster_variables_and_a_runbook_link():
     for path in DASHBOARDS:
         dashboard = json.loads(path.read_text())
         names = {v["name"] for v in dashboard["templating"]["list"]}
-        assert {"datasource", "cluster" if path.name == "fleet.json" else "instance"} <= names, path.name
-        assert any("runbooks" in link.get("url", "") for link in dashboard["links"]), path.name
+        assert {"datasource", "job", "cluster" if path.name == "fleet.json" else "instance"} <= names, path.name
+        if path.name == "fleet.json":  # no one node: each row links its node's runbooks
+            tables = [p for p in dashboard["panels"] if p["type"] == "table"]
+            assert all(any(link["url"] == "http://${__data.fields.instance}/runbooks"
+                           for link in p["fieldConfig"]["defaults"]["links"]) for p in tables)
+        else:  # the alerts' default runbook base: the node's agent
+            assert any(link.get("url") == "http://${instance}/runbooks" for link in dashboard["links"]), path.name
+    engines = json.loads((ROOT / "dashboards" / "engines.json").read_text())
+    assert "engine" in {v["name"] for v in engines["templating"]["list"]}
+
+
+def test_every_legend_of_node_series_names_the_node():
+    for name, panel in panels():
+        if name == "fleet.json" or panel["type"] != "timeseries":
+            continue
+        for target in panel["targets"]:
+            assert "{{instance}}" in target["legendFormat"], (name, panel["title"], target["expr"])
+
+
+def test_a_panel_joins_dcgm_exporters_uuid_to_our_gpu_uuid():
+    joined = [expr for name, _, expr in queries() if "DCGM_FI_DEV_GPU_UTIL" in expr]
+    assert joined and all('label_replace(DCGM_FI_DEV_GPU_UTIL, "gpu_uuid", "$1", "UUID", "(.+)")' in e for e in joined)
     gpu = json.loads((ROOT / "dashboards" / "gpus.json").read_text())
     assert "gpu" in {v["name"] for v in gpu["templating"]["list"]}
     assert any(p.get("repeat") == "gpu" for p in gpu["panels"] if p["type"] == "row")

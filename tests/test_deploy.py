@@ -241,7 +241,7 @@ def test_the_monitors_scrape_the_agents_pods_and_keep_their_pod_labels():
     ports = {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
     service = manifest("service.yaml")
     rules = yaml.safe_load((ROOT / "alerts/mpswatch.rules.yml").read_text())
-    [target_down] = [r["expr"] for g in rules["groups"] for r in g["rules"] if r.get("alert") == "MpswatchTargetDown"]
+    [target_down] = [r["expr"] for g in rules["groups"] for r in g["rules"] if r.get("alert") == "MPSWatchTargetDown"]
     [job_pattern] = re.findall(r'up\{job=~"([^"]+)"\}', target_down)
     monitors = {"servicemonitor.yaml": ("ServiceMonitor", "endpoints"), "podmonitor.yaml": ("PodMonitor", "podMetricsEndpoints")}
     for name, (kind, endpoints) in monitors.items():
@@ -260,7 +260,7 @@ def test_the_monitors_scrape_the_agents_pods_and_keep_their_pod_labels():
             [service_port] = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
             assert service_port["targetPort"] in ports
             job = service["metadata"]["name"]
-        assert re.fullmatch(job_pattern, job), f"{name}: job {job} is not what MpswatchTargetDown watches"
+        assert re.fullmatch(job_pattern, job), f"{name}: job {job} is not what MPSWatchTargetDown watches"
     resources = manifest("kustomization.yaml")["resources"]
     assert len(set(monitors) & set(resources)) == 1, "one monitor, or every agent is scraped twice"
 
@@ -279,6 +279,18 @@ def test_the_prometheusrule_is_generated_from_the_shipped_rules():
     assert checked.returncode == 0, "deploy/kubernetes/prometheusrule.yaml is stale: run its generator"
     rule = yaml.safe_load((DEPLOY / "kubernetes/prometheusrule.yaml").read_text())
     assert rule["spec"] == yaml.safe_load((ROOT / "alerts/mpswatch.rules.yml").read_text())
+
+
+def test_a_prometheusrule_with_the_runbooks_where_the_cluster_publishes_them():
+    """On Kubernetes `instance` is the node's name and the agent is not on the host's network: the
+    default runbook link (the node's agent) does not resolve, so the generator takes a base."""
+    made = run(sys.executable, DEPLOY / "kubernetes/generate_prometheusrule.py", "--runbook-base",
+               "https://wiki.example.com/mpswatch/runbooks", "--dcgm-exporter")
+    assert made.returncode == 0, made.stderr
+    alerts = [r for g in yaml.safe_load(made.stdout)["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    assert alerts and all(r["annotations"]["runbook_url"] == f"https://wiki.example.com/mpswatch/runbooks#{r['alert'].lower()}"
+                          for r in alerts)
+    assert "MPSGPUCriticalXid" not in {r["alert"] for r in alerts}
 
 
 @needs("docker-compose")

@@ -41,7 +41,7 @@ def problems_of(exposition: bytes) -> dict[str, float]:
         "servers_fault": sum(values("mps_server_status", status="FAULT")),
         "engines_down": sum(1 - v for v in values("mps_engine_up")),
         "engines_without_mps": sum(1 - v for v in values("mps_engine_mps_attached")),
-        "collectors_failing": sum(1 - v for v in values("mpswatch_collector_success")),
+        "collectors_failing": sum(1 - v for v in values("mps_exporter_collector_success")),
     }
 
 
@@ -79,7 +79,7 @@ def test_the_fleet_rules_roll_each_cluster_up_as_its_nodes_expositions_say(stack
     for cluster in sorted({a["cluster"] for a in assignment.values()}):
         mine = [per_node[n] for n, a in assignment.items() if a["cluster"] == cluster]
         expected[cluster] = {
-            "cluster:mpswatch_nodes:count": len(mine),
+            "cluster:mps_exporter_nodes:count": len(mine),
             "cluster:mps_control_daemons_down:sum": sum(p["daemons_down"] for p in mine),
             "cluster:mps_servers_fault:sum": sum(p["servers_fault"] for p in mine),
             "cluster:mps_nodes_with_problems:count": sum(1 for p in mine if sum(p.values()) > 0),
@@ -109,7 +109,7 @@ def test_every_fleet_dashboard_query_answers_from_the_central_store(stack):
             empty.append(title)
     # the healthy states have no imbalance above 1.5 and no GPU where MPS likely costs throughput
     assert set(empty) <= {"Most imbalanced GPUs", "GPUs where MPS likely costs throughput"}, empty
-    [watched] = stack.query(stack.victoria, 'sum(cluster:mpswatch_nodes:count{cluster=~".*"})')
+    [watched] = stack.query(stack.victoria, 'sum(cluster:mps_exporter_nodes:count{cluster=~".*"})')
     assert float(watched["value"][1]) == 20
 
 

@@ -44,14 +44,16 @@ LOGS = HERE / "fixtures" / "h200-driver580"
 UPDATE = os.environ.get("MPSWATCH_UPDATE_GOLDEN") == "1"
 H200 = "GPU-b0364874-2b6d-037a-0496-f04da35f2f2d"  # the NVML recording's GPU
 DAEMON_PIDS = {"healthy_two_clients_driver580": 4101, "server_fault_driver580": 4102}
-COLLECTORS = ("engines", "gpu", "mps_control", "mps_logs", "pods")
+COLLECTORS = ("engines", "gpu", "mps_control", "mps_logs", "pods", "process")
 NUMBER = r"[-+0-9.e]+|NaN|[+-]Inf"
 
 # What cannot be the same from one run to the next, and only that: (pattern, replacement).
 METRICS_NORMALISATION = [
     # how long a collector run or a control command took, and when a collector last succeeded
-    (rf"^(mpswatch_collector_duration_seconds\{{.*\}}) (?:{NUMBER})$", r"\1 <duration>"),
-    (rf"^(mpswatch_collector_last_success_timestamp_seconds\{{.*\}}) (?:{NUMBER})$", r"\1 <timestamp>"),
+    (rf"^(mps_exporter_collector_duration_seconds\{{.*\}}) (?:{NUMBER})$", r"\1 <duration>"),
+    (rf"^(mps_exporter_collector_last_success_timestamp_seconds\{{.*\}}) (?:{NUMBER})$", r"\1 <timestamp>"),
+    # the agent's own process: its CPU time, memory, descriptors and start
+    (rf"^(process_[a-z_]+) (?:{NUMBER})$", r"\1 <process>"),
     (rf"^(mps_control_command_duration_seconds\{{.*\}}) (?:{NUMBER})$", r"\1 <duration>"),
     (rf"^(mps_control_probe_timestamp_seconds\{{.*\}}) (?:{NUMBER})$", r"\1 <timestamp>"),
     # the busy engine's counters grow by 100 tokens a scrape, and the agent's scrapes are not counted
@@ -150,7 +152,7 @@ interval_seconds = 0.5
 
 def successes(samples) -> dict[str, float]:
     return {dict(labels)["collector"]: value for (name, labels), value in samples.items()
-            if name == "mpswatch_collector_last_success_timestamp_seconds"}
+            if name == "mps_exporter_collector_last_success_timestamp_seconds"}
 
 
 def lines_read(samples, log_dir: Path) -> dict[str, float]:

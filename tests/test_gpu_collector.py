@@ -72,7 +72,7 @@ def test_a_gpu_without_gpm_has_no_gpm_series_and_status_says_so(tmp_path):
     store.publish(_report(data))
     exported = render(store.current(), "test")
     assert samples(exported, "mps_gpu_sm_active_ratio") == {}
-    assert samples(exported, "mps_gpu_gpm_supported") == {(("gpu", "0"), ("uuid", UUID)): 0.0}
+    assert samples(exported, "mps_gpu_gpm_supported") == {(("gpu_uuid", UUID),): 0.0}
     assert "no GPM on this GPU: coarse utilisation only" in render_text(health_report(store.current(), "test"))
 
 
@@ -111,9 +111,9 @@ def test_a_lost_gpu_costs_only_its_own_series(tmp_path):
     store = SnapshotStore()
     store.publish(_report(data))
     exported = render(store.current(), "test")
-    assert {dict(k)["gpu"] for k in samples(exported, "mps_gpu_utilization_ratio")} == {"0"}
+    assert {dict(k)["gpu_uuid"] for k in samples(exported, "mps_gpu_utilization_ratio")} == {good.uuid}
     assert samples(exported, "mps_gpu_up") == {
-        (("gpu", "0"), ("uuid", good.uuid)): 1.0, (("gpu", "1"), ("uuid", lost.uuid)): 0.0,
+        (("gpu_uuid", good.uuid),): 1.0, (("gpu_uuid", lost.uuid),): 0.0,
     }
     report = health_report(store.current(), "test")
     assert [g["verdict"] for g in report["gpus"]] == ["DEGRADED", "DOWN"]
@@ -140,7 +140,7 @@ def test_a_hanging_call_marks_the_collector_stale_drops_its_series_and_it_recove
         assert not report.status.success and report.status.error_reason == "timeout"
         exported = render(store.current(), "test")
         assert samples(exported, "mps_gpu_utilization_ratio") == {}
-        assert samples(exported, "mpswatch_collector_success") == {(("collector", "gpu"),): 0.0}
+        assert samples(exported, "mps_exporter_collector_success") == {(("collector", "gpu"),): 0.0}
         assert not loop.cycle().status.success  # still stuck: no second call piles up
         fake.hang_in = None
         fake.release.set()
@@ -173,8 +173,8 @@ def test_an_xid_event_is_counted_per_gpu_and_code_and_explained(tmp_path):
     text = render_text(health_report(store.current(), "test"))
     assert "XID 31, GPU memory page fault (an application's illegal address)" in text
     exported = render(store.current(), "test")
-    assert samples(exported, "mps_gpu_xid_errors_total")[(("gpu", "0"), ("uuid", UUID), ("xid", "31"))] == 1
-    assert samples(exported, "mps_gpu_xid_errors_total")[(("gpu", "0"), ("uuid", UUID), ("xid", "79"))] == 0
+    assert samples(exported, "mps_gpu_xid_errors_total")[(("gpu_uuid", UUID), ("xid", "31"))] == 1
+    assert samples(exported, "mps_gpu_xid_errors_total")[(("gpu_uuid", UUID), ("xid", "79"))] == 0
 
 
 def wait_for_xid(gpus, index, xid):

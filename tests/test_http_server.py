@@ -42,7 +42,7 @@ def test_metrics_with_a_query_string_is_still_the_exposition(server):
     assert response.getheader("Content-Type") == CONTENT_TYPE_LATEST
     assert int(response.getheader("Content-Length")) == len(body)
     names = {f.name for f in text_string_to_metric_families(body.decode())}
-    assert "mpswatch_build_info" in names
+    assert "mps_exporter_build_info" in names
 
 
 def test_head_answers_the_headers_of_get_without_a_body(server):

@@ -320,5 +320,5 @@ def test_engines_asking_for_mps_with_no_daemon_page_through_prometheus_and_alert
     labels = firing[0]["labels"]
     assert (labels["severity"], labels["reason"]) == ("critical", "engine_pipe_dir")
     assert labels["instance"] == f"127.0.0.1:{agent.port}"
-    assert firing[0]["annotations"]["runbook_url"] == "alerts/runbooks.md#mpsexpectedbutnodaemon"
+    assert firing[0]["annotations"]["runbook_url"] == f"http://127.0.0.1:{agent.port}/runbooks#mpsexpectedbutnodaemon"
     assert rule["expr"] == "mps_control_expected == 1 and on (instance) mps_control_daemons == 0"

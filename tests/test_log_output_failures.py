@@ -11,8 +11,8 @@ from tests.kit.agentproc import Agent, agent_env, free_port, key, mpswatch_cmd
 from tests.kit.fakedaemon import FAKE_CONTROL
 
 F_SETPIPE_SZ = 1031  # Linux fcntl: a pipe's capacity
-SUCCESS = key("mpswatch_collector_success", collector="mps_control")
-LAST_SUCCESS = key("mpswatch_collector_last_success_timestamp_seconds", collector="mps_control")
+SUCCESS = key("mps_exporter_collector_success", collector="mps_control")
+LAST_SUCCESS = key("mps_exporter_collector_last_success_timestamp_seconds", collector="mps_control")
 
 
 class AgentWithStderr(Agent):
@@ -50,7 +50,7 @@ def assert_still_collecting(agent: Agent, daemon) -> None:
 
 def assert_counted(agent: Agent, at_least: int) -> None:
     """Lines written by the writer thread are counted in the next snapshot published after them."""
-    lost = key("mpswatch_log_lines_dropped_total", reason="write_failed")
+    lost = key("mps_exporter_log_lines_dropped_total", reason="write_failed")
     agent.wait_for(lambda s: s.get(lost, 0) >= at_least)
 
 
@@ -101,7 +101,7 @@ def test_stderr_a_pipe_nobody_reads(fake_daemon):
         with AgentWithStderr(args_for(daemon), write_end) as agent:
             for _ in range(3):  # each flap logs two lines the blocked writer cannot take
                 assert_still_collecting(agent, daemon)
-            assert agent.value("mpswatch_log_lines_dropped_total", reason="write_failed") == 0
+            assert agent.value("mps_exporter_log_lines_dropped_total", reason="write_failed") == 0
             stops_cleanly(agent)  # within the wait for a blocked writer (2 s)
     finally:
         os.close(read_end)

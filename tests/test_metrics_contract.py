@@ -25,7 +25,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "h200-driver580"
 
 
 def documented() -> dict[str, tuple[str, tuple[str, ...]]]:
-    rows = re.findall(r"^\| `((?:mps|mpswatch)_[a-z0-9_:]+)` \| (gauge|counter) \| ([^|]*) \|", DOCS.read_text(), re.MULTILINE)
+    rows = re.findall(r"^\| `((?:mps|process)_[a-z0-9_:]+)` \| (gauge|counter) \| ([^|]*) \|", DOCS.read_text(), re.MULTILINE)
     return {name: (kind, tuple(l.strip() for l in labels.split(",") if l.strip())) for name, kind, labels in rows}
 
 

@@ -102,11 +102,13 @@ def test_combine_sums_the_engines_and_leaves_out_a_case_one_engine_missed():
 
 AGENT_METRICS = """\
 # TYPE mps_gpu_sm_active_ratio gauge
-mps_gpu_sm_active_ratio{gpu="0",uuid="GPU-1"} 0.61
+mps_gpu_sm_active_ratio{gpu_uuid="GPU-1"} 0.61
 # TYPE mps_gpu_dram_bandwidth_ratio gauge
-mps_gpu_dram_bandwidth_ratio{gpu="0",uuid="GPU-1"} 0.42
+mps_gpu_dram_bandwidth_ratio{gpu_uuid="GPU-1"} 0.42
 # TYPE mps_gpu_memory_used_bytes gauge
-mps_gpu_memory_used_bytes{gpu="0",uuid="GPU-1"} 6.4e10
+mps_gpu_memory_used_bytes{gpu_uuid="GPU-1"} 6.4e10
+# TYPE mps_gpu_info gauge
+mps_gpu_info{gpu="0",gpu_uuid="GPU-1",name="NVIDIA H200",driver_version="580.159.04",compute_mode="Default"} 1
 # TYPE mps_engine_info gauge
 mps_engine_info{engine="mpsgain-0:8001",model="Qwen/Qwen2.5-7B-Instruct",url="http://127.0.0.1:8001/metrics",gpu_uuid="GPU-1"} 1
 mps_engine_info{engine="qwen-a:9000",model="Qwen/Qwen2.5-1.5B-Instruct",url="http://127.0.0.1:9000/metrics",gpu_uuid=""} 1
@@ -119,9 +121,10 @@ mps_engine_busiest_thread_cpu_ratio{engine="mpsgain-0:8001"} 0.93
 mps_engine_cpu_bound{engine="mpsgain-0:8001"} 1
 # TYPE mps_engine_mps_attached gauge
 mps_engine_mps_attached{engine="mpsgain-0:8001"} 1
-# TYPE mps_gpu_process_memory_bytes gauge
-mps_gpu_process_memory_bytes{gpu="0",uuid="GPU-1",pid="41",kind="mps_client",engine="mpsgain-0:8001"} 3.0e10
-mps_gpu_process_memory_bytes{gpu="0",uuid="GPU-1",pid="40",kind="mps_server",engine=""} 5.0e8
+# TYPE mps_engine_gpu_memory_bytes gauge
+mps_engine_gpu_memory_bytes{engine="mpsgain-0:8001",gpu_uuid="GPU-1"} 3.0e10
+# TYPE mps_gpu_memory_by_kind_bytes gauge
+mps_gpu_memory_by_kind_bytes{gpu_uuid="GPU-1",kind="mps_server"} 5.0e8
 """
 
 
@@ -135,7 +138,7 @@ def test_signals_keep_the_gpu_and_our_engines_only():
     assert signals["engines"] == [{
         "engine": "mpsgain-0:8001", "model": "Qwen/Qwen2.5-7B-Instruct", "url": "http://127.0.0.1:8001/metrics",
         "gpu_uuid": "GPU-1", "mps_engine_tokens_per_second": 812.5, "mps_engine_busiest_thread_cpu_ratio": 0.93,
-        "mps_engine_cpu_bound": 1.0, "mps_engine_mps_attached": 1.0, "mps_gpu_process_memory_bytes": 3.0e10,
+        "mps_engine_cpu_bound": 1.0, "mps_engine_mps_attached": 1.0, "mps_engine_gpu_memory_bytes": 3.0e10,
     }]
 
 

@@ -97,7 +97,7 @@ def test_a_server_the_log_shows_started_before_the_limits_is_a_problem_naming_it
         pod_resources=PodResourcesState("/var/lib/kubelet/pod-resources/kubelet.sock", up=True),
     )
     s = snapshot(daemon(server_atp=100.0), mps_logs=logs(ServerStart(LOG, STARTED, LIMITS)), pods=pods)
-    assert families(s)["mps_server_started_before_limits"] == [({"pipe_dir": PIPE, "server_pid": "2215"}, 1.0)]
+    assert families(s)["mps_server_started_before_limits"] == [({"pipe_dir": PIPE, "uid": "0"}, 1.0)]
     report = health_report(s, "test", now=NOW)
     assert report["verdict"] == "DEGRADED"
     [server] = report["daemons"][0]["servers"]
@@ -109,7 +109,7 @@ def test_a_server_the_log_shows_started_before_the_limits_is_a_problem_naming_it
 
 def test_a_server_started_after_the_limits_is_ok_and_says_so_with_a_zero():
     s = snapshot(daemon(), mps_logs=logs(ServerStart(LOG, STARTED)))
-    assert families(s)["mps_server_started_before_limits"] == [({"pipe_dir": PIPE, "server_pid": "2215"}, 0.0)]
+    assert families(s)["mps_server_started_before_limits"] == [({"pipe_dir": PIPE, "uid": "0"}, 0.0)]
     report = health_report(s, "test", now=NOW)
     assert report["verdict"] == "OK" and report["daemons"][0]["servers"][0]["started_before_limits"] is False
 

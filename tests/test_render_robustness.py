@@ -26,7 +26,7 @@ def test_a_pipe_dir_named_with_an_undecodable_byte_leaves_every_other_series(tmp
     with Agent(args, log_path=tmp_path / "agent.log") as agent:
         samples = agent.wait_for(lambda s: s if s.get(key("mps_control_up", pipe_dir=daemon.path)) == 1
                                  and key("mps_control_up", pipe_dir=shown) in s else None)
-        assert samples[key("mps_clients", pipe_dir=daemon.path, server_pid="476",
+        assert samples[key("mps_clients", pipe_dir=daemon.path, uid="",
                            gpu_uuid="GPU-2ea0ea17-0206-eb44")] == 2
         assert samples[key("mps_control_up", pipe_dir=shown)] == 0
         assert agent.get("/healthz")[0] == 200

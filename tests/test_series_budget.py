@@ -40,11 +40,11 @@ def group_of(family: str, labels: set[str]) -> str:
         return "engine"
     if "log_dir" in labels:
         return "log dir"
-    if "server_pid" in labels:
+    if "server_pid" in labels or {"pipe_dir", "uid"} <= labels:
         return "server"
     if "pipe_dir" in labels:
         return "daemon"
-    if labels & {"gpu", "uuid", "gpu_uuid"}:
+    if labels & {"gpu", "gpu_uuid"}:
         return "gpu"
     return "node"
 

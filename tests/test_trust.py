@@ -98,7 +98,7 @@ def listener_at_127_0_0_5():
 
 def cycles_later(agent: Agent, collector: str, cycles: int = 3) -> dict:
     """A scrape taken after `collector` has run `cycles` more times."""
-    stamp = key("mpswatch_collector_last_success_timestamp_seconds", collector=collector)
+    stamp = key("mps_exporter_collector_last_success_timestamp_seconds", collector=collector)
     first = agent.wait_for(lambda s: s.get(stamp))
     return agent.wait_for(lambda s: s if s.get(stamp, 0) >= first + cycles * INTERVAL else None, timeout=30)
 

@@ -132,7 +132,7 @@ def test_prometheus_scrapes_over_tls_with_basic_auth_and_is_refused_without(tmp_
             return values if set(values) == expected_jobs else None
 
         values = wait_until(up, 30, "up for every job")
-        with urllib.request.urlopen(f"{api}/query?query=mpswatch_build_info", timeout=5) as response:
+        with urllib.request.urlopen(f"{api}/query?query=mps_exporter_build_info", timeout=5) as response:
             build_info = json.loads(response.read())["data"]["result"]
     finally:
         for process in (prometheus, node_exporter):

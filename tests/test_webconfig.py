@@ -227,7 +227,7 @@ def test_every_path_needs_the_password_over_tls(served, pki):
         assert response.getheader("WWW-Authenticate") == 'Basic realm="mpswatch"'
         assert get(port, path, context, basic("prometheus", "wrong"))[0].status == 401
     response, body = get(port, "/metrics", context, basic("prometheus", PASSWORD))
-    assert response.status == 200 and b"mpswatch_build_info" in body
+    assert response.status == 200 and b"mps_exporter_build_info" in body
     assert response.getheader("X-Content-Type-Options") == "nosniff"
     assert get(port, "/healthz", context, basic("prometheus", PASSWORD))[0].status == 200
 

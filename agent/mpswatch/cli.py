@@ -28,6 +28,7 @@ from mpswatch.collectors.gpu import NVIDIA_ML_PY, GpuCollector
 from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector
 from mpswatch.collectors.mps_logs import MpsLogsCollector
 from mpswatch.collectors.pods import PodsCollector
+from mpswatch.collectors.process import ProcessCollector
 from mpswatch.config import (
     DEFAULT_CONFIG_PATH,
     ENV_PREFIX,
@@ -175,6 +176,7 @@ def build_collectors(config: Config, injected: Injected | None = None) -> list[C
             max_processes=config.pods.max_processes,
             procfs=procfs,
         ),
+        ProcessCollector(),
     ]
 
 

@@ -1,5 +1,5 @@
 """Serves /metrics, /status and /healthz: the exposition and the status report of the latest snapshot,
-each rendered once per snapshot.
+each rendered once per snapshot; and /runbooks, the alerts' runbooks.
 
 A scrape only reads the current immutable snapshot: no I/O, no locks held by collectors.
 
@@ -22,6 +22,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
 from typing import Any
 
 import structlog
@@ -117,7 +118,16 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 _INDEX = (b"<html><body><h1>mpswatch</h1><p><a href='/metrics'>/metrics</a> <a href='/status'>/status</a> "
-          b"<a href='/healthz'>/healthz</a></p></body></html>\n")
+          b"<a href='/healthz'>/healthz</a> <a href='/runbooks'>/runbooks</a></p></body></html>\n")
+RUNBOOKS_CONTENT_TYPE = "text/markdown; charset=utf-8"
+
+
+@functools.cache
+def runbooks() -> bytes:
+    """The alerts' runbooks (alerts/runbooks.md, shipped in the package), served at /runbooks: the
+    rules' default runbook_url is the alerting node's own agent, so the link works wherever the
+    agent is reachable, with no copy to publish."""
+    return resources.files("mpswatch").joinpath("runbooks.md").read_bytes()
 _INTERNAL_ERROR = ("500 Internal Server Error", "text/plain", b"internal error\n")
 
 
@@ -147,6 +157,8 @@ def respond(path: str, exposition: CachedBody, status: CachedBody | None,
         return code, "text/plain", f"{'ok' if ok else 'unhealthy'}: {detail}\n".encode()
     if path == "/":
         return "200 OK", "text/html", _INDEX
+    if path == "/runbooks":
+        return "200 OK", RUNBOOKS_CONTENT_TYPE, runbooks()
     return "404 Not Found", "text/plain", b"not found\n"
 
 

@@ -12,19 +12,19 @@ from mpswatch.units import UNITS
 
 def render(snapshot: NodeSnapshot, version: str) -> list[Metric]:
     out = Families()
-    out.add("mpswatch_build_info", [version], 1)
+    out.add("mps_exporter_build_info", [version], 1)
     for name, status in sorted(snapshot.statuses.items()):
-        out.add("mpswatch_collector_success", [name], 1 if status.success else 0)
+        out.add("mps_exporter_collector_success", [name], 1 if status.success else 0)
         if status.duration_seconds is not None:
-            out.add("mpswatch_collector_duration_seconds", [name], status.duration_seconds)
+            out.add("mps_exporter_collector_duration_seconds", [name], status.duration_seconds)
         if status.last_success_time is not None:
-            out.add("mpswatch_collector_last_success_timestamp_seconds", [name], status.last_success_time)
+            out.add("mps_exporter_collector_last_success_timestamp_seconds", [name], status.last_success_time)
         for reason, count in sorted(status.errors_total.items()):
-            out.add("mpswatch_collector_errors_total", [name, reason], count)
+            out.add("mps_exporter_collector_errors_total", [name, reason], count)
         if status.stale_after_seconds is not None:
-            out.add("mpswatch_collector_stale_after_seconds", [name], status.stale_after_seconds)
+            out.add("mps_exporter_collector_stale_after_seconds", [name], status.stale_after_seconds)
     for reason, count in sorted(snapshot.log_lines_dropped.items()):
-        out.add("mpswatch_log_lines_dropped_total", [reason], count)
+        out.add("mps_exporter_log_lines_dropped_total", [reason], count)
     for unit in UNITS:
         data = getattr(snapshot, unit.name)
         if data is not None:

@@ -1,7 +1,7 @@
 """structlog set-up: JSON lines for journald and containers, readable lines on a terminal.
 
 Logging never takes collection down: a log line that cannot be written (a full disk, a closed
-pipe, no stderr at all) is dropped and counted (`mpswatch_log_lines_dropped_total`), never raised
+pipe, no stderr at all) is dropped and counted (`mps_exporter_log_lines_dropped_total`), never raised
 into the thread that logged. The agent (`background=True`) hands its lines to a writer thread
 through a bounded queue, so a stream that blocks (a pipe nobody reads, a stalled journald) holds
 up only that thread: the lines past the queue's capacity are dropped and counted.

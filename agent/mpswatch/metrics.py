@@ -17,24 +17,24 @@ class MetricSpec:
 
 
 _SPECS = [
-    MetricSpec("mpswatch_build_info", "gauge", ("version",), "Always 1; the agent's version."),
-    MetricSpec("mpswatch_collector_success", "gauge", ("collector",), "1 if the collector's last run succeeded."),
-    MetricSpec("mpswatch_collector_duration_seconds", "gauge", ("collector",), "Duration of the collector's last run."),
+    MetricSpec("mps_exporter_build_info", "gauge", ("version",), "Always 1; the agent's version."),
+    MetricSpec("mps_exporter_collector_success", "gauge", ("collector",), "1 if the collector's last run succeeded."),
+    MetricSpec("mps_exporter_collector_duration_seconds", "gauge", ("collector",), "Duration of the collector's last run."),
     MetricSpec(
-        "mpswatch_collector_last_success_timestamp_seconds",
+        "mps_exporter_collector_last_success_timestamp_seconds",
         "gauge",
         ("collector",),
         "Unix time of the collector's last successful run.",
     ),
-    MetricSpec("mpswatch_collector_errors_total", "counter", ("collector", "reason"), "Failed collector runs by reason."),
+    MetricSpec("mps_exporter_collector_errors_total", "counter", ("collector", "reason"), "Failed collector runs by reason."),
     MetricSpec(
-        "mpswatch_collector_stale_after_seconds",
+        "mps_exporter_collector_stale_after_seconds",
         "gauge",
         ("collector",),
         "Age of the last successful run past which the collector's data counts as stale (its loop stuck or gone).",
     ),
     MetricSpec(
-        "mpswatch_log_lines_dropped_total",
+        "mps_exporter_log_lines_dropped_total",
         "counter",
         ("reason",),
         "Log lines the agent could not write (write_failed) or dropped with its writer too far behind (backlog_full).",
@@ -110,28 +110,28 @@ _SPECS = [
     MetricSpec(
         "mps_server_status",
         "gauge",
-        ("pipe_dir", "server_pid", "status"),
+        ("pipe_dir", "uid", "status"),
         "State set: 1 for the server's current status (INITIALIZING, ACTIVE, FAULT), 0 for the others.",
     ),
     MetricSpec(
-        "mps_server_active_thread_percentage",
+        "mps_server_active_thread_ratio",
         "gauge",
-        ("pipe_dir", "server_pid"),
-        "Active thread percentage of the server.",
+        ("pipe_dir", "uid"),
+        "Share of the GPU's threads the server's clients may use (0-1; MPS's active thread percentage / 100).",
     ),
-    MetricSpec("mps_server_clients", "gauge", ("pipe_dir", "server_pid"), "Clients connected to the server, all devices."),
+    MetricSpec("mps_server_clients", "gauge", ("pipe_dir", "uid"), "Clients connected to the server, all devices."),
     MetricSpec(
         "mps_server_started_before_limits",
         "gauge",
-        ("pipe_dir", "server_pid"),
+        ("pipe_dir", "uid"),
         "1 if the control log shows the server started before the daemon's default limits were last set (it runs "
         "with the defaults of before, and so do its clients), else 0; absent when its start is not in a watched log.",
     ),
     MetricSpec(
-        "mps_default_active_thread_percentage",
+        "mps_default_active_thread_ratio",
         "gauge",
         ("pipe_dir",),
-        "Default active thread percentage for new servers.",
+        "Default share of the GPU's threads for new servers (0-1; MPS's percentage / 100).",
     ),
     MetricSpec(
         "mps_default_device_pinned_memory_limit_bytes",
@@ -142,7 +142,7 @@ _SPECS = [
     MetricSpec(
         "mps_clients",
         "gauge",
-        ("pipe_dir", "server_pid", "gpu_uuid"),
+        ("pipe_dir", "uid", "gpu_uuid"),
         "Connected clients per server and device (full GPU UUID where the driver's /proc files name it).",
     ),
     MetricSpec("mps_client_limit", "gauge", ("pipe_dir",), "Clients allowed per device (48 on Volta and later)."),
@@ -189,9 +189,15 @@ _SPECS += [
     ),
 ]
 
-_GPU = ("gpu", "uuid")
+_GPU = ("gpu_uuid",)
 _SPECS += [
-    MetricSpec("mps_gpu_info", "gauge", ("gpu", "uuid", "name", "driver_version", "compute_mode"), "Always 1 per GPU."),
+    MetricSpec("mps_gpu_info", "gauge", ("gpu", "gpu_uuid", "name", "driver_version", "compute_mode"), "Always 1 per GPU."),
+    MetricSpec(
+        "mps_gpus_without_uuid",
+        "gauge",
+        (),
+        "GPUs NVML lists whose UUID it has not given: they have no per-GPU series (a GPU is named by its UUID).",
+    ),
     MetricSpec("mps_gpu_up", "gauge", _GPU, "1 if NVML answered for this GPU this cycle, 0 if its calls failed (e.g. GPU lost)."),
     MetricSpec("mps_gpu_gpm_supported", "gauge", _GPU, "1 if the GPU has GPM (Hopper and later), else 0."),
     MetricSpec("mps_gpu_sm_active_ratio", "gauge", _GPU, "GPM SM activity over the last interval."),
@@ -204,12 +210,19 @@ _SPECS += [
     MetricSpec("mps_gpu_power_watts", "gauge", _GPU, "Power draw."),
     MetricSpec("mps_gpu_temperature_celsius", "gauge", _GPU, "GPU temperature."),
     MetricSpec(
-        "mps_gpu_process_memory_bytes",
+        "mps_gpu_memory_by_kind_bytes",
         "gauge",
-        ("gpu", "uuid", "pid", "kind", "engine"),
-        "GPU memory of one process; kind: mps_client, mps_server or exclusive (a compute process not under MPS).",
+        ("gpu_uuid", "kind"),
+        "GPU memory of the GPU's processes of a kind: mps_client, mps_server or exclusive (a compute process not "
+        "under MPS).",
     ),
-    MetricSpec("mps_gpu_xid_errors_total", "counter", ("gpu", "uuid", "xid"), "XID errors reported by NVML events."),
+    MetricSpec(
+        "mps_engine_gpu_memory_bytes",
+        "gauge",
+        ("engine", "gpu_uuid"),
+        "GPU memory of the engine's processes on this GPU.",
+    ),
+    MetricSpec("mps_gpu_xid_errors_total", "counter", ("gpu_uuid", "xid"), "XID errors reported by NVML events."),
 ]
 
 _ENGINE = ("engine",)
@@ -362,6 +375,16 @@ _SPECS += [
         ("reason",),
         "Failed PodResources List calls by gRPC status (unavailable, deadline_exceeded, permission_denied, ...).",
     ),
+]
+
+# the agent's own process, named as prometheus_client's ProcessCollector (and node_exporter) name them
+_SPECS += [
+    MetricSpec("process_cpu_seconds_total", "counter", (), "User and system CPU time of the agent's process."),
+    MetricSpec("process_resident_memory_bytes", "gauge", (), "Resident memory of the agent's process."),
+    MetricSpec("process_virtual_memory_bytes", "gauge", (), "Virtual memory of the agent's process."),
+    MetricSpec("process_open_fds", "gauge", (), "Open file descriptors of the agent's process."),
+    MetricSpec("process_max_fds", "gauge", (), "Open file descriptors the agent's process may have (its limit)."),
+    MetricSpec("process_start_time_seconds", "gauge", (), "Unix time the agent's process started."),
 ]
 
 CATALOG: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}

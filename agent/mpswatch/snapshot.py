@@ -417,6 +417,14 @@ class CollectorReport:
 
 
 @dataclass(frozen=True)
+class ProcessData:
+    """The agent's own process figures read this cycle, by metric name (process_*); one left out is
+    one /proc could not give."""
+
+    values: Mapping[str, float]
+
+
+@dataclass(frozen=True)
 class NodeSnapshot:
     """Every collector's latest data in a typed field named after the collector (None: unknown,
     failed or not run yet), their run statuses, and the facts derived from them together."""
@@ -427,6 +435,7 @@ class NodeSnapshot:
     gpu: GpuData | None = None
     engines: EnginesData | None = None
     pods: PodsData | None = None
+    process: ProcessData | None = None
     derived: DerivedFacts = field(default_factory=lambda: DerivedFacts())
     log_lines_dropped: Mapping[str, int] = field(default_factory=frozen_map)  # the agent's own, by reason
 

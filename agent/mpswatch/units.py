@@ -5,6 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from mpswatch.collectors import CollectorUnit, engines, gpu, mps_control, mps_logs, pods
+from mpswatch.collectors import CollectorUnit, engines, gpu, mps_control, mps_logs, pods, process
 
-UNITS: tuple[CollectorUnit[Any], ...] = (mps_control.UNIT, mps_logs.UNIT, gpu.UNIT, engines.UNIT, pods.UNIT)
+UNITS: tuple[CollectorUnit[Any], ...] = (mps_control.UNIT, mps_logs.UNIT, gpu.UNIT, engines.UNIT, pods.UNIT, process.UNIT)

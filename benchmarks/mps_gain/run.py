@@ -59,7 +59,7 @@ SCRAPE_BEFORE_END_S = 0.3  # the agent is scraped this long before the measureme
 GPU_SIGNALS = ("mps_gpu_sm_active_ratio", "mps_gpu_dram_bandwidth_ratio", "mps_gpu_sm_occupancy_ratio",
                "mps_gpu_tensor_active_ratio", "mps_gpu_utilization_ratio", "mps_gpu_memory_used_bytes")
 ENGINE_SIGNALS = ("mps_engine_tokens_per_second", "mps_engine_busiest_thread_cpu_ratio", "mps_engine_cpu_bound",
-                  "mps_engine_mps_attached", "mps_gpu_process_memory_bytes")
+                  "mps_engine_mps_attached", "mps_engine_gpu_memory_bytes")
 
 _started = time.monotonic()
 
@@ -144,16 +144,20 @@ def signals_from_metrics(text: str) -> dict:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             name, labels = sample.name, sample.labels
-            if name in GPU_SIGNALS:
-                gpu = gpus.setdefault(labels.get("uuid", ""), {"gpu": labels.get("gpu"), "uuid": labels.get("uuid")})
-                gpu[name] = sample.value
+            # a GPU's series name it by gpu_uuid only; its index is on mps_gpu_info (results keep "gpu", "uuid")
+            if name in GPU_SIGNALS or name == "mps_gpu_info":
+                uuid = labels.get("gpu_uuid", "")
+                gpu = gpus.setdefault(uuid, {"gpu": None, "uuid": uuid})
+                if name == "mps_gpu_info":
+                    gpu["gpu"] = labels.get("gpu")
+                else:
+                    gpu[name] = sample.value
             elif name == "mps_engine_info":
                 engine(labels["engine"]).update(model=labels.get("model"), url=labels.get("url"),
                                                 gpu_uuid=labels.get("gpu_uuid") or None)
-            elif name == "mps_gpu_process_memory_bytes":
-                if labels.get("engine"):  # the MPS server and foreign processes name no engine
-                    entry = engine(labels["engine"])
-                    entry[name] = (entry.get(name) or 0.0) + sample.value
+            elif name == "mps_engine_gpu_memory_bytes":  # on each GPU it uses: added up
+                entry = engine(labels["engine"])
+                entry[name] = (entry.get(name) or 0.0) + sample.value
             elif name in ENGINE_SIGNALS:
                 engine(labels["engine"])[name] = sample.value
     ours = sorted(name for name in engines if name.startswith(f"{ENGINE_NAME}-"))

@@ -140,7 +140,7 @@ def soak(seconds: float, churn_every: float, fault_every: float, out: Path) -> d
                 "read_errors": {f"{dict(l)['source']}/{dict(l)['reason']}": v for (n, l), v in final.items()
                                 if n == "mps_log_read_errors_total" and v},
                 "collector_errors": {f"{dict(l)['collector']}/{dict(l)['reason']}": v for (n, l), v in final.items()
-                                     if n == "mpswatch_collector_errors_total" and v},
+                                     if n == "mps_exporter_collector_errors_total" and v},
             })
     finally:
         stop.set()

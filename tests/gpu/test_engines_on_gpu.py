@@ -63,7 +63,7 @@ def test_shares_attachment_and_an_engine_restarted_without_mps(mps, tmp_path):
             RESULTS["tokens_per_second"] = by_engine(s, "mps_engine_tokens_per_second")
             RESULTS["busiest_thread"] = by_engine(s, "mps_engine_busiest_thread_cpu_ratio")
             RESULTS["collector_seconds"] = [v for (n, l), v in s.items()
-                                            if n == "mpswatch_collector_duration_seconds" and dict(l)["collector"] == "engines"]
+                                            if n == "mps_exporter_collector_duration_seconds" and dict(l)["collector"] == "engines"]
             assert shares[a] == pytest.approx(2 / 3, abs=0.08) and shares[b] == pytest.approx(1 / 3, abs=0.08)
             assert imbalance[0] == pytest.approx(4 / 3, abs=0.15)
             assert by_engine(s, "mps_engine_pipe_dir_served") == {a: 1.0, b: 1.0}
@@ -85,8 +85,8 @@ def test_shares_attachment_and_an_engine_restarted_without_mps(mps, tmp_path):
             RESULTS["after_restart"] = {
                 "mps_engine_mps_attached": by_engine(s, "mps_engine_mps_attached"),
                 "mps_engine_pipe_dir_served": by_engine(s, "mps_engine_pipe_dir_served"),
-                "process_kinds": {dict(l)["pid"]: dict(l)["kind"] for (n, l), v in s.items()
-                                  if n == "mps_gpu_process_memory_bytes"},
+                "memory_by_kind": {f"{dict(l)['gpu_uuid']} {dict(l)['kind']}": v for (n, l), v in s.items()
+                                   if n == "mps_gpu_memory_by_kind_bytes"},
             }
             RESULTS["after_restart"]["mps_processes"] = subprocess.run(
                 ["nvidia-smi", "--query-compute-apps=pid,process_name", "--format=csv,noheader"],

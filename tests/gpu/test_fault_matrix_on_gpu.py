@@ -24,7 +24,7 @@ import pytest
 import structlog
 
 from tests.gpu.results import MATRIX
-from tests.kit.agentproc import REPO, Agent, agent_env, free_port, key, mpswatch_cmd, parse_exposition
+from tests.kit.agentproc import REPO, Agent, agent_env, free_port, gpu_uuid, key, mpswatch_cmd, parse_exposition
 from tests.kit.realmps import MpsDaemon, read_line, rest_of_output
 
 NOBODY = 65534
@@ -126,8 +126,10 @@ def _running(pid: int) -> bool:
         return False
 
 
-def gpu0_processes(samples) -> dict[str, str]:
-    return {dict(l)["pid"]: dict(l)["kind"] for l in of(samples, "mps_gpu_process_memory_bytes") if dict(l)["gpu"] == "0"}
+def gpu0_processes(samples) -> dict[str, float]:
+    """GPU 0's memory by process kind (mps_client, mps_server, exclusive): series name no PIDs."""
+    gpu0 = gpu_uuid(samples, 0)
+    return {dict(l)["kind"]: v for l, v in of(samples, "mps_gpu_memory_by_kind_bytes").items() if dict(l)["gpu_uuid"] == gpu0}
 
 
 def test_server_killed_while_clients_run(mps, mps_client, tmp_path):
@@ -158,8 +160,10 @@ def test_server_killed_while_clients_run(mps, mps_client, tmp_path):
             again_at = time.monotonic()
             newcomer = start(mps_client, mps, "hold", "3")
             case.reported["new client"] = read_line(newcomer)
-            active = lambda s: [dict(l)["server_pid"] for l, v in of(s, "mps_server_status").items()  # noqa: E731
-                                if v == 1 and dict(l)["status"] == "ACTIVE" and dict(l)["server_pid"] != server_pid]
+            # the new server (a new PID on mps_server_info) ACTIVE: its status series is its user's, as the old one's was
+            active = lambda s: [dict(l)["server_pid"] for l in of(s, "mps_server_info")  # noqa: E731
+                                if dict(l)["server_pid"] != server_pid
+                                and s.get(key("mps_server_status", pipe_dir=pipe, uid=dict(l)["uid"], status="ACTIVE")) == 1]
             _, case.detect_seconds["new server ACTIVE"] = timed(agent, active, 15, again_at)
             rest_of_output(newcomer, 30)
             case.finish_recording()
@@ -178,7 +182,7 @@ def test_a_client_exhausting_gpu_memory_beside_another(mps, mps_client, tmp_path
     with Agent(["--pipe-dir", pipe, "--log-dir", logs], log_path=tmp_path / "agent.log") as agent:
         case.record(agent)
         agent.wait_for(lambda s: of(s, "mps_gpu_memory_used_bytes") and sum(of(s, "mps_clients").values()) == 1, timeout=15)
-        case.expect_quiet("GPUMemoryNearlyFull")
+        case.expect_quiet("MPSGPUMemoryNearlyFull")
         hog_at = time.monotonic()
         hog = ready(start(mps_client, mps, "hog", "12"))
         hogged = int(read_line(hog, 120).split()[1])
@@ -190,11 +194,11 @@ def test_a_client_exhausting_gpu_memory_beside_another(mps, mps_client, tmp_path
 
         ratio, case.detect_seconds["memory used > 95%"] = timed(agent, full, 15, hog_at)
         case.reported["memory used ratio"] = round(ratio[0], 4)
-        case.expect_alert("GPUMemoryNearlyFull")
+        case.expect_alert("MPSGPUMemoryNearlyFull")
         s = agent.scrape()
-        per_process = {dict(l)["pid"]: (dict(l)["kind"], v) for l, v in of(s, "mps_gpu_process_memory_bytes").items()}
-        case.reported["hog process memory"] = per_process.get(str(hog.pid))
-        assert per_process[str(hog.pid)][0] == "mps_client" and per_process[str(hog.pid)][1] >= 0.9 * hogged
+        by_kind = gpu0_processes(s)
+        case.reported["GPU 0 memory by kind"] = by_kind
+        assert by_kind.get("mps_client", 0) >= 0.9 * hogged  # the hog counted as an MPS client
         assert all(dict(l)["status"] != "FAULT" or v == 0 for l, v in of(s, "mps_server_status").items())
         code, report = status(pipe, logs)
         case.status_verdict = report["verdict"]
@@ -342,14 +346,14 @@ def test_the_agent_as_an_unprivileged_user(mps_client, tmp_path):
                     samples = parse_exposition(r.read().decode())
             except OSError:
                 continue
-            if len(of(samples, "mpswatch_collector_success")) >= 4 and time.monotonic() > deadline - 12:
+            if len(of(samples, "mps_exporter_collector_success")) >= 4 and time.monotonic() > deadline - 12:
                 break  # every collector has run at least twice
         assert agent.poll() is None, (tmp_path / "agent-as-nobody.log").read_text()[-2000:]
         case.reported["families exported as nobody"] = sorted({n for n, _ in samples})
-        case.reported["collector success as nobody"] = {dict(l)["collector"]: v for l, v in of(samples, "mpswatch_collector_success").items()}
+        case.reported["collector success as nobody"] = {dict(l)["collector"]: v for l, v in of(samples, "mps_exporter_collector_success").items()}
         case.reported["mps_control_state as nobody"] = [dict(l)["state"] for l, v in of(samples, "mps_control_state").items() if v == 1]
         case.reported["mps_clients as nobody"] = sum(of(samples, "mps_clients").values())
-        case.reported["gpu process kinds as nobody"] = sorted({dict(l)["kind"] for l in of(samples, "mps_gpu_process_memory_bytes")})
+        case.reported["gpu process kinds as nobody"] = sorted({dict(l)["kind"] for l in of(samples, "mps_gpu_memory_by_kind_bytes")})
         # what must hold without privileges: the agent runs, serves, and says what it cannot see
         assert samples and case.reported["collector success as nobody"]
         rest_of_output(client)

@@ -75,8 +75,10 @@ def test_real_daemon_clients_hang_and_recovery(mps, tmp_path):
         samples = agent.scrape()
         clients_series = {k: v for k, v in samples.items() if k[0] == "mps_clients"}
         assert list(clients_series.values()) == [2.0]
-        server_pid = str(server["pid"])
-        assert samples[("mps_server_status", frozenset({("pipe_dir", pipe), ("server_pid", server_pid), ("status", "ACTIVE")}))] == 1
+        # a server's series are named by its user, its PID is on mps_server_info
+        uid = str(server["uid"])
+        assert samples[("mps_server_status", frozenset({("pipe_dir", pipe), ("uid", uid), ("status", "ACTIVE")}))] == 1
+        assert samples[("mps_server_info", frozenset({("pipe_dir", pipe), ("server_pid", str(server["pid"])), ("uid", uid)}))] == 1
         assert samples[("mps_client_limit", frozenset({("pipe_dir", pipe)}))] == 48
         RESULTS["command_duration_seconds"] = {
             dict(k[1])["command"]: v for k, v in samples.items() if k[0] == "mps_control_command_duration_seconds"

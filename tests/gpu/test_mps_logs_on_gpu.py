@@ -15,7 +15,7 @@ from mpswatch.collectors.mps_logs import LineContext
 from mpswatch.collectors.mps_logs import read_line as read_log_line
 
 from tests.gpu.results import MATRIX, results_saver
-from tests.kit.agentproc import Agent, agent_env, key, mpswatch_cmd
+from tests.kit.agentproc import Agent, agent_env, gpu_uuid, key, mpswatch_cmd
 from tests.kit.realmps import read_line, rest_of_output
 
 RESULTS: dict = {}
@@ -89,7 +89,7 @@ def test_refusals_fatal_error_and_teardown_are_counted(mps, mps_client, tmp_path
             s = agent.wait_for(lambda s, fatal_before=fatal_before: s if count(s, logs, "fatal_gpu_error") == fatal_before + 1 else None, timeout=10)
             case.detect_seconds["fatal_gpu_error counted"] = round(time.monotonic() - faulted_at, 3)
             fault = agent.wait_for(
-                lambda s: [dict(k[1])["server_pid"] for k, v in s.items()
+                lambda s: [dict(k[1])["uid"] for k, v in s.items()
                            if k[0] == "mps_server_status" and dict(k[1])["status"] == "FAULT" and v == 1],
                 timeout=10,
             )
@@ -97,7 +97,7 @@ def test_refusals_fatal_error_and_teardown_are_counted(mps, mps_client, tmp_path
             case.expect_alert("MPSServerFault")
             case.expect_alert("MPSFatalGPUError")
             code, report = _status(pipe, logs)
-            [server] = [sv for d in report["daemons"] for sv in d["servers"] if str(sv["pid"]) == fault[0]]
+            [server] = [sv for d in report["daemons"] for sv in d["servers"] if ("" if sv["uid"] is None else str(sv["uid"])) == fault[0]]
             logged = [line for line in (mps.log_dir / "server.log").read_text().splitlines()
                       if "encountered a fatal GPU error" in line][-1]
             logged_pid = int(re.search(r"PID: (\d+)", logged)[1])
@@ -121,7 +121,7 @@ def test_refusals_fatal_error_and_teardown_are_counted(mps, mps_client, tmp_path
                 RESULTS[variant][f"exit_{'culprit' if client is culprit else 'innocent'}"] = rest_of_output(client)
             recovered_after = time.monotonic()
             agent.wait_for(
-                lambda s, fault=fault: s.get(key("mps_server_status", pipe_dir=pipe, server_pid=fault[0], status="ACTIVE")) == 1,
+                lambda s, fault=fault: s.get(key("mps_server_status", pipe_dir=pipe, uid=fault[0], status="ACTIVE")) == 1,
                 timeout=30,
             )
             RESULTS[variant]["active_again_after_clients_exited_seconds"] = round(time.monotonic() - recovered_after, 2)
@@ -158,7 +158,7 @@ def _lines_not_known_and_accept_failures(log_dir: Path) -> tuple[list[str], list
 def _xid31(samples) -> float:
     """On the GPU the tests run on (NVML index 0: the command sets CUDA_DEVICE_ORDER=PCI_BUS_ID)."""
     return sum(v for (n, l), v in samples.items()
-               if n == "mps_gpu_xid_errors_total" and dict(l)["xid"] == "31" and dict(l)["gpu"] == "0")
+               if n == "mps_gpu_xid_errors_total" and dict(l)["xid"] == "31" and dict(l)["gpu_uuid"] == gpu_uuid(samples, 0))
 
 
 def _torn_down_lines(log_dir: Path) -> int:

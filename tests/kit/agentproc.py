@@ -46,6 +46,12 @@ def key(name: str, **labels: str) -> tuple[str, frozenset]:
     return (name, frozenset(labels.items()))
 
 
+def gpu_uuid(samples: dict[tuple[str, frozenset], float], index: int = 0) -> str | None:
+    """The UUID of the GPU with this NVML index: the index is on mps_gpu_info only."""
+    return next((dict(labels)["gpu_uuid"] for name, labels in samples
+                 if name == "mps_gpu_info" and dict(labels)["gpu"] == str(index)), None)
+
+
 def parse_exposition(text: str) -> dict[tuple[str, frozenset], float]:
     samples = {}
     for family in text_string_to_metric_families(text):

@@ -49,7 +49,7 @@ class ReplayStack:
         env = {"MPSWATCH_GPU_INTERVAL_SECONDS": agent_interval, "MPSWATCH_ENGINE_SCRAPE_INTERVAL_SECONDS": agent_interval}
         if self.daemon is not None:
             engine = wait_ready(self._spawn(
-                fakevllm.command(free_port(), "qwen-a"),
+                fakevllm.command(free_port(), "qwen-a", "--latencies"),
                 env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": self.daemon.path}, stdout=subprocess.PIPE, text=True,
             ))
             args += ["--pipe-dir", self.daemon.path]

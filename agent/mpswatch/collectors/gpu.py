@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -482,12 +482,15 @@ _GPU_VALUES = {
 
 
 def render(data: GpuData, facts: DerivedFacts, out: Families) -> None:
+    """Each GPU's series are named by its UUID alone (its index and other facts are on mps_gpu_info);
+    a GPU whose UUID NVML never gave is only counted."""
+    out.add("mps_gpus_without_uuid", [], sum(1 for gpu in data.gpus if gpu.uuid is None))
     for gpu in data.gpus:
-        ids = [gpu.index, gpu.uuid or ""]
+        if gpu.uuid is None:
+            continue
+        ids = [gpu.uuid]
         out.add("mps_gpu_up", ids, 1 if gpu.up else 0)
-        if gpu.uuid is not None:
-            info = [*ids, gpu.name or "", data.driver_version or "", gpu.compute_mode or ""]
-            out.add("mps_gpu_info", info, 1)
+        out.add("mps_gpu_info", [gpu.index, gpu.uuid, gpu.name or "", data.driver_version or "", gpu.compute_mode or ""], 1)
         for xid, count in sorted(gpu.xid_counts.items()):
             out.add("mps_gpu_xid_errors_total", [*ids, xid], count)
         if not gpu.up:
@@ -498,10 +501,24 @@ def render(data: GpuData, facts: DerivedFacts, out: Families) -> None:
             value = getattr(gpu, attribute)
             if value is not None:
                 out.add(metric, ids, value)
-        for process in gpu.processes or ():
-            if process.memory_bytes is not None:
-                engine = facts.engine_of_pid.get(process.pid, "")
-                out.add("mps_gpu_process_memory_bytes", [*ids, process.pid, process.kind, engine], process.memory_bytes)
+        _render_process_memory(gpu.uuid, gpu.processes or (), facts, out)
+
+
+def _render_process_memory(uuid: str, processes: Iterable[GpuProcess], facts: DerivedFacts, out: Families) -> None:
+    """Memory by process kind and by engine, not by PID: a PID label makes new series at every restart."""
+    by_kind: dict[str, int] = {}
+    by_engine: dict[str, int] = {}
+    for process in processes:
+        if process.memory_bytes is None:
+            continue
+        by_kind[process.kind] = by_kind.get(process.kind, 0) + process.memory_bytes
+        engine = facts.engine_of_pid.get(process.pid)
+        if engine is not None:
+            by_engine[engine] = by_engine.get(engine, 0) + process.memory_bytes
+    for kind, memory in sorted(by_kind.items()):
+        out.add("mps_gpu_memory_by_kind_bytes", [uuid, kind], memory)
+    for engine, memory in sorted(by_engine.items()):
+        out.add("mps_engine_gpu_memory_bytes", [engine, uuid], memory)
 
 
 def status(data: GpuData, facts: DerivedFacts, now: float) -> StatusSection:

@@ -897,29 +897,57 @@ def render(data: MpsControlData, facts: DerivedFacts, out: Families) -> None:
         if not daemon.up:
             continue
         if daemon.default_active_thread_percentage is not None:
-            out.add("mps_default_active_thread_percentage", [d], daemon.default_active_thread_percentage)
+            out.add("mps_default_active_thread_ratio", [d], daemon.default_active_thread_percentage / 100)
         if daemon.default_pinned_memory_limit_bytes is not None:
             out.add("mps_default_device_pinned_memory_limit_bytes", [d], daemon.default_pinned_memory_limit_bytes)
-        per_server: dict[int, int] = {}
-        for client in daemon.clients or ():
-            per_server[client.server_pid] = per_server.get(client.server_pid, 0) + 1
         for server in daemon.servers:
-            out.add("mps_server_info", [d, server.pid, "" if server.uid is None else server.uid], 1)
-            if server.status is not None:
-                for status in SERVER_STATUSES:
-                    out.add("mps_server_status", [d, server.pid, status], 1 if server.status == status else 0)
-            if server.active_thread_percentage is not None:
-                out.add("mps_server_active_thread_percentage", [d, server.pid], server.active_thread_percentage)
-            if daemon.clients is not None:
-                out.add("mps_server_clients", [d, server.pid], per_server.get(server.pid, 0))
-            start = facts.server_starts.get((d, server.pid))
-            if start is not None:
-                out.add("mps_server_started_before_limits", [d, server.pid], 1 if start.before_limits else 0)
-        for (server_pid, device), count in sorted(daemon.clients_per_device().items()):
-            out.add("mps_clients", [d, server_pid, device], count)
+            out.add("mps_server_info", [d, server.pid, _uid_label(server.uid)], 1)
+        _render_servers(daemon, facts, out)
         for client in daemon.clients or ():
             engine = facts.engine_of_pid.get(client.pid, "")
             out.add("mps_client_info", [d, client.server_pid, client.pid, client.device, client.command, engine], 1)
+
+
+def _uid_label(uid: int | None) -> str:
+    return "" if uid is None else str(uid)
+
+
+# worst first: the status a (pipe_dir, uid) shows when several servers share it
+_STATUS_SEVERITY = ("FAULT", "INITIALIZING", "ACTIVE")
+
+
+def _render_servers(daemon: MpsDaemon, facts: DerivedFacts, out: Families) -> None:
+    """A server's series are named by (pipe_dir, uid), not its PID, so a restart makes no new series:
+    MPS runs one server per user per daemon. Servers that share a uid (a new one started while the
+    old one is still listed, or several whose owner /proc hides: uid empty) are shown as one: the
+    worst status, the lowest thread share, the clients of all, started before the limits if any was."""
+    d = daemon.pipe_dir
+    by_uid: dict[str, list[MpsServer]] = {}
+    for server in daemon.servers:
+        by_uid.setdefault(_uid_label(server.uid), []).append(server)
+    uid_of_server = {server.pid: _uid_label(server.uid) for server in daemon.servers}
+    per_uid: dict[str, int] = {}
+    per_device: dict[tuple[str, str], int] = {}
+    for client in daemon.clients or ():
+        uid = uid_of_server.get(client.server_pid, "")
+        per_uid[uid] = per_uid.get(uid, 0) + 1
+        per_device[(uid, client.device)] = per_device.get((uid, client.device), 0) + 1
+    for uid, servers in sorted(by_uid.items()):
+        statuses = {server.status for server in servers if server.status is not None}
+        if statuses:
+            shown = next(status for status in _STATUS_SEVERITY if status in statuses)
+            for status in SERVER_STATUSES:
+                out.add("mps_server_status", [d, uid, status], 1 if status == shown else 0)
+        shares = [server.active_thread_percentage for server in servers if server.active_thread_percentage is not None]
+        if shares:
+            out.add("mps_server_active_thread_ratio", [d, uid], min(shares) / 100)
+        if daemon.clients is not None:
+            out.add("mps_server_clients", [d, uid], per_uid.get(uid, 0))
+        starts = [facts.server_starts[(d, s.pid)] for s in servers if (d, s.pid) in facts.server_starts]
+        if starts:
+            out.add("mps_server_started_before_limits", [d, uid], 1 if any(s.before_limits for s in starts) else 0)
+    for (uid, device), count in sorted(per_device.items()):
+        out.add("mps_clients", [d, uid, device], count)
 
 
 def status(data: MpsControlData, facts: DerivedFacts, now: float) -> StatusSection:
