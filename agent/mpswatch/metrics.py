@@ -214,7 +214,7 @@ _SPECS += [
 
 _ENGINE = ("engine",)
 _SPECS += [
-    MetricSpec("mps_engine_info", "gauge", ("engine", "model", "url", "gpu_uuid"), "Always 1 per engine."),
+    MetricSpec("mps_engine_info", "gauge", ("engine", "model", "url", "gpu_uuid", "kind"), "Always 1 per engine."),
     MetricSpec("mps_engine_up", "gauge", _ENGINE, "1 if the engine's metrics endpoint answered with vLLM metrics."),
     MetricSpec(
         "mps_engine_scrape_rejected_samples_total",

@@ -207,6 +207,7 @@ class EngineState:
     url: str | None  # where it is scraped; None while a discovered engine cannot be reached
     found_by: str  # configured | discovered
     up: bool
+    kind: str | None = None  # engine_kinds.KINDS: as its last answer was read, configured, or its command line's
     error: str | None = None
     model: str | None = None
     gpu_uuid: str | None = None

@@ -9,6 +9,7 @@ pipe dir, its share of the GPU's load) is joined by mpswatch.derive.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import time
@@ -21,8 +22,8 @@ import structlog
 
 from mpswatch.collectors import CollectorUnit
 from mpswatch.collectors.mps_control import DEFAULT_PIPE_DIR
-from mpswatch.engine_kinds import REJECT_REASONS, EngineSample, parameters_from_model_name
-from mpswatch.engine_kinds.vllm import parse_vllm_command, parse_vllm_metrics
+from mpswatch.engine_kinds import AUTO, KINDS, REJECT_REASONS, EngineSample, parameters_from_model_name
+from mpswatch.engine_kinds.kinds import parse_engine_command, parse_engine_metrics
 from mpswatch.httpfetch import BackgroundFetcher, Fetch, Pending, fetch_metrics, redact_url
 from mpswatch.metrics import Families
 from mpswatch.netns import find_endpoint
@@ -83,6 +84,8 @@ class _Engine:
     url: str | None  # where it is scraped: configured (userinfo and all), or chosen from its sockets (None: unreachable)
     found_by: str
     gpu_uuid: str | None = None  # as configured
+    kind: str = AUTO  # configured, or its command line's; AUTO: recognised from its body
+    kind_seen: str | None = None  # the kind its last answer was read as
     root_pid: int | None = None
     start_time: int | None = None  # of a discovered engine's API server: with its PID, its identity
     port: int | None = None  # a discovered engine's port, from its command line
@@ -151,8 +154,10 @@ class EnginesCollector:
         self._discover = discover
         self._timeout = timeout_seconds
         self._procfs = procfs or ProcFS()
-        self.fetcher = BackgroundFetcher(parse_vllm_metrics, timeout_seconds, max_body_bytes, fetch)
-        self._configured = [_Engine(e["name"], e["url"], "configured", e.get("gpu_uuid")) for e in configured]
+        self.fetcher = BackgroundFetcher(parse_engine_metrics, timeout_seconds, max_body_bytes, fetch)
+        self._configured = [_Engine(e["name"], e["url"], "configured", e.get("gpu_uuid"), e.get("kind", AUTO))
+                            for e in configured]
+        self._parsers = {kind: functools.partial(parse_engine_metrics, kind=kind) for kind in KINDS}
         self._processes: dict[tuple[int, int | None], _Engine] = {}  # vLLM API servers by PID and start time
         self._log = structlog.get_logger().bind(collector=self.name)
 
@@ -162,7 +167,8 @@ class EnginesCollector:
         processes = process_table(self._procfs)
         engines = self._find_engines(processes)
         self.fetcher.forget({engine.url for engine in engines if engine.url})
-        scrapes = [(engine, self.fetcher.start(engine.url) if engine.url else None) for engine in engines]
+        scrapes = [(engine, self.fetcher.start(engine.url, self._parsers.get(engine.kind)) if engine.url else None)
+                   for engine in engines]
         deadline = time.monotonic() + self._timeout + 0.2
         for _, scrape in scrapes:
             if scrape is not None:
@@ -181,13 +187,13 @@ class EnginesCollector:
                            unreadable_environments=frozen_map(counts))
 
     def _find_engines(self, processes: Mapping[int, ProcessRow]) -> list[_Engine]:
-        """The configured engines, each tied to its process, and (with discovery) every other vLLM
-        API server, each by its own process: never two merged for a shared name or port."""
+        """The configured engines, each tied to its process, and (with discovery) every other engine's
+        API server (engine_kinds), each by its own process: never two merged for a shared name or port."""
         if not self._discover and not self._configured:
             return []
         found = {}
         for pid, row in sorted(processes.items()):
-            command = parse_vllm_command(row.argv)
+            command = parse_engine_command(row.argv)
             if command is not None:
                 found[(pid, row.start_time)] = command
         for key in set(self._processes) - set(found):  # exited, or its PID now runs something else
@@ -198,7 +204,7 @@ class EnginesCollector:
             engine = self._processes.get((pid, start_time))
             if engine is None:
                 engine = self._processes[(pid, start_time)] = _Engine(
-                    "", None, "discovered", root_pid=pid, start_time=start_time, port=command.port,
+                    "", None, "discovered", kind=command.kind, root_pid=pid, start_time=start_time, port=command.port,
                     base_name=command.name, command_model=command.model)
             if engine.url is None or engine.down is not None:  # its address is kept while it answers
                 self._reach(engine, pid, command.port, processes)
@@ -241,6 +247,7 @@ class EnginesCollector:
 
     def _scraped(self, engine: _Engine, scrape: Pending[EngineSample] | None) -> EngineState:
         base = EngineState(name=engine.name, url=_shown(engine.url), found_by=engine.found_by, up=False,
+                           kind=engine.kind_seen or (None if engine.kind == AUTO else engine.kind),
                            gpu_uuid=engine.gpu_uuid, model=engine.model, rejected_samples_total=frozen_map(engine.rejected))
         if scrape is None:
             return self._down_state(engine, base, engine.unreachable or "no address to scrape")
@@ -257,10 +264,12 @@ class EnginesCollector:
         tps = tokens_per_second(engine.previous_tokens, tokens)
         if tokens is not None and (engine.previous_tokens is None or tokens[0] > engine.previous_tokens[0]):
             engine.previous_tokens = tokens
-        engine.model = sample.model or engine.model
+        engine.model = sample.model or engine.model or engine.command_model  # llama.cpp's and TGI's name none
+        engine.kind_seen = sample.kind
         return replace(
             base,
             up=True,
+            kind=sample.kind,
             rejected_samples_total=frozen_map(engine.rejected),
             rejected_reasons=engine.rejecting,
             model=engine.model,
@@ -387,7 +396,7 @@ _VALUES = {
 def render(data: EnginesData, facts: DerivedFacts, out: Families) -> None:
     """From the joined engines (facts.engines): their GPU and MPS attachment are labels and values here."""
     for e in facts.engines:
-        out.add("mps_engine_info", [e.name, e.model or "", e.url or "", e.gpu_uuid or ""], 1)
+        out.add("mps_engine_info", [e.name, e.model or "", e.url or "", e.gpu_uuid or "", e.kind or ""], 1)
         out.add("mps_engine_up", [e.name], 1 if e.up else 0)
         if e.owner_uid is not None:
             out.add("mps_engine_owner_info", [e.name, e.owner_uid], 1)

@@ -167,3 +167,12 @@ def latencies(read: BodySamples, families: Mapping[str, tuple[str, ...]]) -> dic
         if histogram is not None:
             out[latency] = histogram
     return out
+
+
+def check_text(text: str) -> None:
+    """Raises BadMetrics when the text is not Prometheus text."""
+    try:
+        for _ in text_string_to_metric_families(text):
+            pass
+    except Exception as err:  # the parser raises several kinds on malformed text
+        raise BadMetrics(f"not Prometheus text: {err}"[:200]) from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from mpswatch.engine_kinds import EngineCommand, EngineSample
+from mpswatch.engine_kinds.commandline import option, port, positional
 from mpswatch.engine_kinds.reading import counter_names, histogram_names, latencies, read_samples, unfit
 
 DEFAULT_PORT = 8000
@@ -77,49 +78,18 @@ _READ_NAMES = frozenset(
 )
 
 
-def _option(argv: list[str], name: str) -> str | None:
-    """The last value given, as argparse takes it."""
-    value = None
-    for i, arg in enumerate(argv):
-        if arg == name and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith(name + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
-def _positional(args: list[str]) -> str | None:
-    """The first argument that is not an option or an option's value (`--opt value`)."""
-    skip = False
-    for arg in args:
-        if skip:
-            skip = False
-            continue
-        if arg.startswith("-"):
-            skip = "=" not in arg
-            continue
-        return arg
-    return None
-
-
 def parse_vllm_command(argv: list[str]) -> EngineCommand | None:
     """`vllm serve MODEL ...` or `python -m vllm.entrypoints.openai.api_server --model M ...`;
     None for anything else (including vLLM's own EngineCore children)."""
     model = None
     if "vllm.entrypoints.openai.api_server" in argv:
-        model = _option(argv, "--model")
+        model = option(argv, "--model")
     else:
         for i, arg in enumerate(argv[:-1]):
             if os.path.basename(arg) == "vllm" and argv[i + 1] == "serve":
-                model = _positional(argv[i + 2 :]) or _option(argv, "--model")
+                model = positional(argv[i + 2 :]) or option(argv, "--model")
                 break
         else:
             return None
-    port_text = _option(argv, "--port")
-    try:
-        port = int(port_text) if port_text is not None else DEFAULT_PORT
-    except ValueError:
-        return None
-    if not 0 < port < 65536:
-        return None
-    return EngineCommand(port, model, _option(argv, "--served-model-name"))
+    at = port(argv, DEFAULT_PORT, "--port")
+    return None if at is None else EngineCommand(at, model, option(argv, "--served-model-name"), "vllm")
