@@ -78,7 +78,7 @@ _READ_NAMES = frozenset({
 
 def parse_sglang_command(argv: list[str]) -> EngineCommand | None:
     """`python -m sglang.launch_server --model-path M [--port P] [--served-model-name N]`."""
-    if "sglang.launch_server" not in argv[1:4]:
+    if not any(argv[i : i + 2] == ["-m", "sglang.launch_server"] for i in (1, 2)):  # after the interpreter (or a script)
         return None
     at = port(argv, DEFAULT_PORT, "--port")
     if at is None:
