@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 from mpswatch.collectors.engines import CPU_BOUND_THREAD_RATIO, EnginesCollector, tokens_per_second
 from mpswatch.derive import load_balance
-from mpswatch.engine_kinds import BadMetrics, parameters_from_model_name
-from mpswatch.engine_kinds import reading
+from mpswatch.engine_kinds import BadMetrics, parameters_from_model_name, reading
 from mpswatch.engine_kinds.vllm import parse_vllm_command, parse_vllm_metrics
 from mpswatch.exposition import render
 from mpswatch.procfs import ProcFS, parse_pressure, schedstat_wait_ns, stat_cpu_ticks

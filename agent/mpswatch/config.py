@@ -146,7 +146,8 @@ def _engines(value: Any) -> tuple[EngineTarget, ...]:
             if not sep:
                 raise ValueError(f"an engine is NAME=URL, got {redact_url(item)!r}")
             item = {"name": name.strip(), "url": url.strip()}
-        if not isinstance(item, dict) or set(item) - {"name", "url", "gpu_uuid", "kind"} or "name" not in item or "url" not in item:
+        keys = {"name", "url", "gpu_uuid", "kind"}
+        if not isinstance(item, dict) or set(item) - keys or "name" not in item or "url" not in item:
             shown = {k: redact_url(v) if k == "url" and isinstance(v, str) else v for k, v in item.items()} \
                 if isinstance(item, dict) else item
             raise ValueError(f"an engine has a name, a url and optionally a gpu_uuid and a kind, got {shown!r}")

@@ -7,8 +7,8 @@ import re
 from collections.abc import Callable
 
 from mpswatch.engine_kinds import AUTO, KINDS, BadMetrics, EngineCommand, EngineSample
-from mpswatch.engine_kinds.reading import check_text
 from mpswatch.engine_kinds.llamacpp import parse_llamacpp_command, parse_llamacpp_metrics
+from mpswatch.engine_kinds.reading import check_text
 from mpswatch.engine_kinds.sglang import parse_sglang_command, parse_sglang_metrics
 from mpswatch.engine_kinds.tgi import parse_tgi_command, parse_tgi_metrics
 from mpswatch.engine_kinds.vllm import parse_vllm_command, parse_vllm_metrics
