@@ -284,3 +284,10 @@ class _Families:
 
     def add(self, name: str, labels: list[object], value: float) -> None:
         self.added.append((name, labels))
+
+
+def test_vllm_current_kv_name_wins_over_the_older_one_beside_it():
+    """Around v0.8–0.9 both names can be served; they are one measure, not two engines to average."""
+    sample = parse_engine_metrics('vllm:kv_cache_usage_perc{model_name="m"} 0.5\n'
+                                  'vllm:gpu_cache_usage_perc{model_name="m"} 0.1\n')
+    assert sample.kv_cache_usage_ratio == 0.5
