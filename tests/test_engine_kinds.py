@@ -291,3 +291,11 @@ def test_vllm_current_kv_name_wins_over_the_older_one_beside_it():
     sample = parse_engine_metrics('vllm:kv_cache_usage_perc{model_name="m"} 0.5\n'
                                   'vllm:gpu_cache_usage_perc{model_name="m"} 0.1\n')
     assert sample.kv_cache_usage_ratio == 0.5
+
+
+@pytest.mark.parametrize("name, preemptions", [
+    ("vllm-0.6.3-v0.txt", 0.0), ("vllm-0.8.4-v1.txt", 2.0), ("vllm-0.11.0-v1-dp2.txt", 1.0),
+    ("sglang-0.5.6-tp2.txt", None), ("llamacpp-b5600.txt", None), ("tgi-2.4.0.txt", None),
+])
+def test_preemptions_are_vllms_counter_and_unknown_for_the_kinds_without_one(name, preemptions):
+    assert parse_engine_metrics(fixture(name)).preemptions_total == preemptions

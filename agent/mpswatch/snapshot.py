@@ -219,6 +219,7 @@ class EngineState:
     requests_waiting: float | None = None
     prompt_tokens_total: float | None = None
     generation_tokens_total: float | None = None
+    preemptions_total: float | None = None
     tokens_per_second: float | None = None
     kv_cache_usage_ratio: float | None = None
     gpu_memory_utilization: float | None = None

@@ -53,6 +53,7 @@ class EngineSample:
     generation_tokens_per_request: float | None = None
     rejected: Mapping[str, int] = field(default_factory=dict)  # samples refused, by reason (REJECT_REASONS)
     kind: str = "vllm"  # which engine kind's names the body had (vllm, sglang, llamacpp, tgi)
+    preemptions_total: float | None = None  # requests the engine preempted (vLLM's counter; other kinds have none)
     latencies: Mapping[str, Histogram] = field(default_factory=dict)  # by LATENCIES name; absent: unknown
 
 

@@ -48,6 +48,7 @@ def parse_vllm_metrics(text: str) -> EngineSample:
         rejected=read.rejected,
         kind="vllm",
         latencies=latencies(read, _LATENCIES),
+        preemptions_total=read.total("vllm:num_preemptions_total"),
     )
 
 
@@ -68,7 +69,7 @@ _READ_NAMES = frozenset(
         "vllm:num_requests_waiting",
         *_KV_USAGE,
         "vllm:cache_config_info",
-        *counter_names("vllm:prompt_tokens_total", "vllm:generation_tokens_total"),
+        *counter_names("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:num_preemptions_total"),
         "vllm:request_prompt_tokens_count",
         "vllm:request_prompt_tokens_sum",
         "vllm:request_generation_tokens_count",
