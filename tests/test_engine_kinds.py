@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from mpswatch.collectors.engines import EnginesCollector, render
+from mpswatch.collectors.engines import status as engines_status
 from mpswatch.engine_kinds import BadMetrics, EngineCommand
 from mpswatch.engine_kinds import reading as reading_module
 from mpswatch.engine_kinds.kinds import parse_engine_command, parse_engine_metrics, recognise_kind
@@ -274,6 +275,8 @@ def test_an_sglang_and_a_llamacpp_engine_beside_a_vllm_one_are_each_read_with_th
     render(data, snapshot.derived, out)
     assert sorted(labels[-1] for name, labels in out.added if name == "mps_engine_info") == [
         "llamacpp", "sglang", "sglang", "vllm"]
+    shown = {entry["name"]: entry["kind"] for entry in engines_status(data, snapshot.derived, 0.0).entries["engines"]}
+    assert shown["configured"] == "sglang" and shown[f"qwen-a:{ports['vllm']}"] == "vllm"
 
 
 class _Families:

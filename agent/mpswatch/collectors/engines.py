@@ -483,6 +483,7 @@ def _engine_entry(e: EngineState) -> dict[str, Any]:
         "name": e.name,
         "url": e.url,
         "found_by": e.found_by,
+        "kind": e.kind,
         "model": e.model,
         "gpu_uuid": e.gpu_uuid,
         "pids": list(e.pids),
