@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from mpswatch.collectors.engines import EnginesCollector, render
 from mpswatch.collectors.engines import status as engines_status
+from mpswatch.config import ConfigError, load_config
 from mpswatch.engine_kinds import BadMetrics, EngineCommand
 from mpswatch.engine_kinds import reading as reading_module
 from mpswatch.engine_kinds.kinds import parse_engine_command, parse_engine_metrics, recognise_kind
@@ -302,3 +303,39 @@ def test_vllm_current_kv_name_wins_over_the_older_one_beside_it():
 ])
 def test_preemptions_are_vllms_counter_and_unknown_for_the_kinds_without_one(name, preemptions):
     assert parse_engine_metrics(fixture(name)).preemptions_total == preemptions
+
+
+# ---------------------------------------------------------------- configuration, and families without samples
+
+def test_a_configured_engine_may_name_its_kind_and_a_kind_not_known_is_refused(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text('[[engines]]\nname = "a"\nurl = "http://127.0.0.1:30000/metrics"\nkind = "sglang"\n'
+                    '[[engines]]\nname = "b"\nurl = "http://127.0.0.1:8000/metrics"\n')
+    assert [(e.name, e.kind) for e in load_config(path, env={}).engines] == [("a", "sglang"), ("b", "auto")]
+    path.write_text('[[engines]]\nname = "a"\nurl = "http://127.0.0.1:30000/metrics"\nkind = "ollama"\n')
+    with pytest.raises(ConfigError, match="an engine's kind is one of auto, vllm, sglang, llamacpp, tgi"):
+        load_config(path, env={})
+
+
+def test_a_configured_kind_is_how_its_answers_are_read(tmp_path):
+    configured = [{"name": "says-sglang", "url": "http://x:1/metrics", "kind": "sglang"},
+                  {"name": "auto", "url": "http://y:1/metrics"}]
+    collector = EnginesCollector(configured=configured, discover=False, procfs=ProcFS(tmp_path),
+                                 fetch=lambda url, timeout, cap: fixture("vllm-0.8.4-v1.txt").encode())
+    engines = {e.name: e for e in collector.collect().engines}
+    assert not engines["says-sglang"].up and "no sglang: metric" in engines["says-sglang"].error
+    assert engines["auto"].up and engines["auto"].kind == "vllm"
+
+
+@pytest.mark.parametrize("text", [
+    "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+    "# TYPE vllm:num_requests_running gauge\n",
+    "# TYPE sglang:num_running_reqs gauge\n",
+    "# TYPE llamacpp:requests_processing gauge\n",
+    "# TYPE tgi_queue_size gauge\n",
+])
+def test_families_with_no_samples_yet_are_unknown_not_zero(text):
+    """Some servers give HELP and TYPE lines before their first request: the engine is up, its figures unknown."""
+    sample = parse_engine_metrics(text)
+    assert (sample.requests_running, sample.requests_waiting, sample.prompt_tokens_total) == (None, None, None)
+    assert sample.latencies == {} and sample.rejected == {}
