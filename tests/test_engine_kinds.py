@@ -12,7 +12,8 @@ import pytest
 from mpswatch.collectors.engines import EnginesCollector, render
 from mpswatch.collectors.engines import status as engines_status
 from mpswatch.config import ConfigError, load_config
-from mpswatch.engine_kinds import BadMetrics, EngineCommand
+from mpswatch.engine_kinds import KINDS, BadMetrics, EngineCommand
+from mpswatch.engine_kinds import kinds as kinds_module
 from mpswatch.engine_kinds import reading as reading_module
 from mpswatch.engine_kinds.kinds import parse_engine_command, parse_engine_metrics, recognise_kind
 from mpswatch.procfs import ProcFS
@@ -53,6 +54,12 @@ EXPECTED = {
     "llamacpp-b4600-kv-gauges.txt": ("llamacpp", None, 2.0, 1.0, 6886.0, 3469.0, None, {}),
     "tgi-2.4.0.txt": ("tgi", None, 16.0, 7.0, 126000.0, 41500.0, None, {"queue": 415, "end_to_end": 415}),
 }
+
+
+def test_every_kind_has_a_parser_and_is_recognised_by_its_names():
+    assert tuple(kinds_module.PARSERS) == KINDS
+    assert [recognise_kind(f"# TYPE {prefix}x gauge\n") for prefix in ("vllm:", "sglang:", "sglang_", "llamacpp:", "tgi_")] \
+        == ["vllm", "sglang", "sglang", "llamacpp", "tgi"]
 
 
 def test_every_fixture_has_its_expectation():

@@ -24,7 +24,6 @@ _COMMANDS: tuple[Callable[[list[str]], EngineCommand | None], ...] = (
 # a sample, HELP or TYPE line whose name starts with the kind's prefix
 _MARKS = {kind: re.compile(rf"^(?:# (?:HELP|TYPE) )?{prefix}", re.MULTILINE) for kind, prefix in
           (("vllm", "vllm:"), ("sglang", "sglang[:_]"), ("llamacpp", "llamacpp:"), ("tgi", "tgi_"))}
-assert tuple(PARSERS) == KINDS == tuple(_MARKS)
 
 
 def recognise_kind(text: str) -> str | None:

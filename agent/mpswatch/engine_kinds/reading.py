@@ -36,7 +36,7 @@ class BodySamples:
         """Summed over label sets; None when absent or refused."""
         if name in self.refused or name not in self.accepted:
             return None
-        return sum(value for _, value in self.accepted[name])
+        return float(sum(value for _, value in self.accepted[name]))
 
     def mean(self, name: str) -> float | None:
         """Averaged over label sets (a ratio); None when absent or refused."""
