@@ -4,6 +4,7 @@ kind, and reading only the lines used giving what the whole body gives."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 from pathlib import Path
@@ -19,6 +20,7 @@ from mpswatch.engine_kinds.kinds import parse_engine_command, parse_engine_metri
 from mpswatch.procfs import ProcFS
 
 from tests.kit import fakevllm
+from tests.kit.agentproc import agent_env, mpswatch_cmd
 from tests.kit.fakevllm import FakeVllm, full_size_body, wait_ready
 from tests.kit.scope import SessionProcesses
 from tests.kit.snapshots import snapshot_of
@@ -346,3 +348,22 @@ def test_families_with_no_samples_yet_are_unknown_not_zero(text):
     sample = parse_engine_metrics(text)
     assert (sample.requests_running, sample.requests_waiting, sample.prompt_tokens_total) == (None, None, None)
     assert sample.latencies == {} and sample.rejected == {}
+
+
+def test_the_agent_reports_each_engine_with_its_kind(kind_processes, tmp_path):
+    """Through the whole agent (`mpswatch status --json`, the test kit's launcher): discovered engines
+    of three kinds and a configured one whose kind the configuration names."""
+    ports = {kind: kind_processes(kind) for kind in ("vllm", "sglang", "llamacpp")}
+    configured = FakeVllm(body=str(FIXTURES / "tgi-2.4.0.txt"))
+    config = tmp_path / "config.toml"
+    config.write_text(f'[[engines]]\nname = "tgi"\nurl = "{configured.url}"\nkind = "tgi"\n')
+    try:
+        run = subprocess.run(mpswatch_cmd("status", "--json", "--config", str(config), nvml="no_driver"),
+                             env=agent_env(), capture_output=True, text=True, timeout=60)
+    finally:
+        configured.close()
+    engines = {e["name"]: (e["kind"], e["up"], e["requests_running"]) for e in json.loads(run.stdout)["engines"]}
+    assert engines == {f"qwen-a:{ports['vllm']}": ("vllm", True, 3.0),
+                       f"Qwen2.5-1.5B-Instruct:{ports['sglang']}": ("sglang", True, 12.0),
+                       f"Qwen2.5-1.5B-Instruct:{ports['llamacpp']}": ("llamacpp", True, 2.0),
+                       "tgi": ("tgi", True, 16.0)}, run.stderr[-2000:]
