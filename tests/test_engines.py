@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 from mpswatch.collectors.engines import CPU_BOUND_THREAD_RATIO, EnginesCollector, tokens_per_second
 from mpswatch.derive import load_balance
-from mpswatch.engine_kinds import BadMetrics, parameters_from_model_name
-from mpswatch.engine_kinds import vllm as vllm_module
+from mpswatch.engine_kinds import BadMetrics, parameters_from_model_name, reading
 from mpswatch.engine_kinds.vllm import parse_vllm_command, parse_vllm_metrics
 from mpswatch.exposition import render
 from mpswatch.procfs import ProcFS, parse_pressure, schedstat_wait_ns, stat_cpu_ticks
@@ -424,7 +423,7 @@ def test_an_engine_served_by_prometheus_client_s_own_http_server_is_read(tmp_pat
 def test_reading_only_the_lines_used_gives_what_parsing_the_whole_body_gives(text, monkeypatch):
     text = text()
     filtered = parse_vllm_metrics(text)
-    monkeypatch.setattr(vllm_module, "_lines_read", lambda body: body)
+    monkeypatch.setattr(reading, "lines_read", lambda body, *_: body)
     assert parse_vllm_metrics(text) == filtered
     assert filtered.prompt_tokens_total is not None and filtered.requests_running is not None
 

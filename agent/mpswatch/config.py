@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from mpswatch.engine_kinds import AUTO, KINDS
 from mpswatch.exporter import parse_listen
 from mpswatch.httpfetch import redact_url
 
@@ -129,6 +130,7 @@ class EngineTarget:
     name: str
     url: str
     gpu_uuid: str | None = None
+    kind: str = AUTO  # which engine's names its body has (engine_kinds.KINDS), or recognised from the body
 
 
 def _engines(value: Any) -> tuple[EngineTarget, ...]:
@@ -144,12 +146,16 @@ def _engines(value: Any) -> tuple[EngineTarget, ...]:
             if not sep:
                 raise ValueError(f"an engine is NAME=URL, got {redact_url(item)!r}")
             item = {"name": name.strip(), "url": url.strip()}
-        if not isinstance(item, dict) or set(item) - {"name", "url", "gpu_uuid"} or "name" not in item or "url" not in item:
+        keys = {"name", "url", "gpu_uuid", "kind"}
+        if not isinstance(item, dict) or set(item) - keys or "name" not in item or "url" not in item:
             shown = {k: redact_url(v) if k == "url" and isinstance(v, str) else v for k, v in item.items()} \
                 if isinstance(item, dict) else item
-            raise ValueError(f"an engine has a name, a url and optionally a gpu_uuid, got {shown!r}")
+            raise ValueError(f"an engine has a name, a url and optionally a gpu_uuid and a kind, got {shown!r}")
         gpu_uuid = _text(item["gpu_uuid"]) if "gpu_uuid" in item else None
-        engine = EngineTarget(_text(item["name"]), _url(item["url"]), gpu_uuid)
+        kind = item.get("kind", AUTO)
+        if kind not in (AUTO, *KINDS):
+            raise ValueError(f"an engine's kind is one of {', '.join((AUTO, *KINDS))}, got {kind!r}")
+        engine = EngineTarget(_text(item["name"]), _url(item["url"]), gpu_uuid, kind)
         if engine.name in names:
             raise ValueError(f"engine name {engine.name!r} is used twice")
         names.add(engine.name)
@@ -318,10 +324,12 @@ SETTINGS = [
         "engines",
         _engines,
         (),
-        "A vLLM engine to scrape besides those discovered (TOML: [[engines]] name, url, optional gpu_uuid).",
+        "An engine to scrape besides those discovered (TOML: [[engines]] name, url, optional gpu_uuid, optional "
+        "kind: auto (the default: from its metrics' names), vllm, sglang, llamacpp or tgi).",
         Flag("--engine", "NAME=URL", repeatable=True),
     ),
-    Setting("engine_scrape.discover", _boolean, True, "Find vLLM engines from the processes on the node."),
+    Setting("engine_scrape.discover", _boolean, True,
+            "Find engines (vLLM, SGLang, llama.cpp's server, TGI) from the processes on the node."),
     Setting("engine_scrape.interval_seconds", _seconds(0.2, 3600), 2.0, "Seconds between two scrapes of each engine."),
     Setting("engine_scrape.timeout_seconds", _seconds(0.05, 60), 2.0, "Deadline of one engine's /metrics request."),
     Setting(

@@ -148,6 +148,7 @@ class Pending(Generic[T]):
     error: str | None = None
     fetched_at: float = 0.0  # time.monotonic() when the body had arrived
     deadline: float = 0.0  # time.monotonic() by which it ends, counted from when it was asked for
+    parse: Callable[[str], T] | None = None  # how its body is read, where not the fetcher's own
 
 
 class BackgroundFetcher(Generic[T]):
@@ -172,11 +173,11 @@ class BackgroundFetcher(Generic[T]):
         self._idle = 0
         self._lock = threading.Lock()
 
-    def start(self, url: str) -> Pending[T]:
+    def start(self, url: str, parse: Callable[[str], T] | None = None) -> Pending[T]:
         pending = self._pending.get(url)
         if pending is not None and not pending.done.is_set():
             return pending
-        pending = self._pending[url] = Pending(deadline=time.monotonic() + self._timeout)
+        pending = self._pending[url] = Pending(deadline=time.monotonic() + self._timeout, parse=parse)
         with self._lock:
             self._queue.put((url in self._failed, next(self._order), url, pending))
             if self._queue.qsize() > self._idle and self._workers < self._max_workers:
@@ -203,7 +204,7 @@ class BackgroundFetcher(Generic[T]):
                 raise TimeoutError("waited for a free worker")
             body = self._fetch(url, left, self._max_body)
             pending.fetched_at = time.monotonic()
-            pending.value = self._parse(body.decode("utf-8", "replace"))
+            pending.value = (pending.parse or self._parse)(body.decode("utf-8", "replace"))
             with self._lock:
                 self._failed.discard(url)
         except Exception as err:  # down, refused, HTTP error, too big, too slow, garbage

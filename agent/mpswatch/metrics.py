@@ -227,8 +227,8 @@ _SPECS += [
 
 _ENGINE = ("engine",)
 _SPECS += [
-    MetricSpec("mps_engine_info", "gauge", ("engine", "model", "url", "gpu_uuid"), "Always 1 per engine."),
-    MetricSpec("mps_engine_up", "gauge", _ENGINE, "1 if the engine's metrics endpoint answered with vLLM metrics."),
+    MetricSpec("mps_engine_info", "gauge", ("engine", "model", "url", "gpu_uuid", "kind"), "Always 1 per engine."),
+    MetricSpec("mps_engine_up", "gauge", _ENGINE, "1 if the engine's metrics endpoint answered with its kind's metrics."),
     MetricSpec(
         "mps_engine_scrape_rejected_samples_total",
         "counter",
@@ -242,12 +242,13 @@ _SPECS += [
         _ENGINE,
         "1 if the engine's GPU process is an MPS client, 0 if it runs on the GPU without MPS; absent when unknown.",
     ),
-    MetricSpec("mps_engine_requests_running", "gauge", _ENGINE, "Requests in the engine's batches (vLLM)."),
-    MetricSpec("mps_engine_requests_waiting", "gauge", _ENGINE, "Requests waiting for the engine (vLLM)."),
-    MetricSpec("mps_engine_prompt_tokens_total", "counter", _ENGINE, "Prompt tokens processed (vLLM's counter)."),
-    MetricSpec("mps_engine_generation_tokens_total", "counter", _ENGINE, "Tokens generated (vLLM's counter)."),
+    MetricSpec("mps_engine_requests_running", "gauge", _ENGINE, "Requests in the engine's running batch."),
+    MetricSpec("mps_engine_requests_waiting", "gauge", _ENGINE, "Requests waiting for the engine."),
+    MetricSpec("mps_engine_prompt_tokens_total", "counter", _ENGINE, "Prompt tokens processed (the engine's own total)."),
+    MetricSpec("mps_engine_generation_tokens_total", "counter", _ENGINE, "Tokens generated (the engine's own total)."),
+    MetricSpec("mps_engine_preemptions_total", "counter", _ENGINE, "Requests the engine preempted (vLLM)."),
     MetricSpec("mps_engine_tokens_per_second", "gauge", _ENGINE, "Prompt + generation tokens per second, last interval."),
-    MetricSpec("mps_engine_kv_cache_usage_ratio", "gauge", _ENGINE, "KV-cache usage (vLLM)."),
+    MetricSpec("mps_engine_kv_cache_usage_ratio", "gauge", _ENGINE, "KV-cache usage, 0 to 1."),
     MetricSpec("mps_engine_prompt_tokens_per_request", "gauge", _ENGINE,
                "Mean prompt length of the engine's finished requests (vLLM's request_prompt_tokens histogram)."),
     MetricSpec("mps_engine_generation_tokens_per_request", "gauge", _ENGINE,

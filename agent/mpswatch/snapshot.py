@@ -208,6 +208,7 @@ class EngineState:
     url: str | None  # where it is scraped; None while a discovered engine cannot be reached
     found_by: str  # configured | discovered
     up: bool
+    kind: str | None = None  # engine_kinds.KINDS: as its last answer was read, configured, or its command line's
     error: str | None = None
     model: str | None = None
     gpu_uuid: str | None = None
@@ -219,6 +220,7 @@ class EngineState:
     requests_waiting: float | None = None
     prompt_tokens_total: float | None = None
     generation_tokens_total: float | None = None
+    preemptions_total: float | None = None
     tokens_per_second: float | None = None
     kv_cache_usage_ratio: float | None = None
     gpu_memory_utilization: float | None = None

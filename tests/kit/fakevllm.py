@@ -6,6 +6,9 @@ As a script it runs as its own process with a vLLM-like command line, so that di
 (`command` builds that line, `wait_ready` waits for the server):
     python tests/kit/fakevllm.py vllm serve MODEL [--port PORT] [--host HOST] [--served-model-name NAME]
                                  [--tokens N] [--full-size-body] [--spin-file PATH] [--latencies]
+or with another kind's command line, serving that kind's body (tests/fixtures/engines; `command(kind=...)`):
+    python tests/kit/fakevllm.py -m sglang.launch_server --model-path MODEL [--port PORT]
+    python <a link named llama-server to this script> -m MODEL [--port PORT] --metrics
 (--port 8000 as vLLM's default; --host 127.0.0.1, unlike vLLM's all addresses, so that a test on a
 shared machine serves nothing beyond it unless it asks, as a test inside a network namespace does.)
 
@@ -35,6 +38,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "vllm"
+ENGINE_FIXTURES = FIXTURES.parent / "engines"
+KIND_BODIES = {"sglang": ENGINE_FIXTURES / "sglang-0.5.6-tp2.txt", "llamacpp": ENGINE_FIXTURES / "llamacpp-b5600.txt"}
 FULL_SIZE_LABELS = 'engine="0",model_name="Qwen/Qwen2.5-1.5B-Instruct"'
 REQUEST_LATENCY = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                    480.0, 960.0, 1920.0, 7680.0]
@@ -246,12 +251,22 @@ def _family_of(line: str) -> str:
 
 
 def command(port: int | None, served_model_name: str | None = None, *options: str,
-            model: str = "Qwen/Qwen2.5-1.5B-Instruct") -> list[str]:
+            model: str = "Qwen/Qwen2.5-1.5B-Instruct", kind: str = "vllm", link_dir: Path | None = None) -> list[str]:
     """The command line of a fake engine process, run by this interpreter; `port` None: vLLM's
-    default, as an engine started without --port."""
+    default, as an engine started without --port. `kind` sglang or llamacpp: that engine's command
+    line (llamacpp: through a link named llama-server made in `link_dir`)."""
     at_port = ["--port", str(port)] if port is not None else []
-    named = ["--served-model-name", served_model_name] if served_model_name else []
     script = str(Path(__file__).resolve())
+    if kind == "sglang":
+        return [sys.executable, script, "-m", "sglang.launch_server", "--model-path", model, *at_port, *options]
+    if kind == "llamacpp":
+        if link_dir is None:
+            raise ValueError("a llama-server command line needs a link_dir for its link")
+        link = link_dir / "llama-server"
+        if not link.exists():
+            link.symlink_to(script)
+        return [sys.executable, str(link), "-m", model, *at_port, "--metrics", *options]
+    named = ["--served-model-name", served_model_name] if served_model_name else []
     return [sys.executable, script, "vllm", "serve", model, *at_port, *named, *options]
 
 
@@ -263,7 +278,22 @@ def wait_ready(process: subprocess.Popen) -> subprocess.Popen:
     return process
 
 
+def serve_kind(kind: str, argv: list[str]) -> None:
+    """Another kind's engine: its fixture body, on the port its command line gives."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=8080)
+    args, _ = parser.parse_known_args(argv)
+    FakeVllm(body=str(KIND_BODIES[kind]), port=args.port)
+    print("ready", flush=True)
+    while True:
+        time.sleep(1.0)
+
+
 def main(argv: list[str]) -> None:
+    if "sglang.launch_server" in argv:
+        serve_kind("sglang", argv)
+    if Path(sys.argv[0]).name == "llama-server":
+        serve_kind("llamacpp", argv)
     parser = argparse.ArgumentParser()
     parser.add_argument("vllm")
     parser.add_argument("serve")

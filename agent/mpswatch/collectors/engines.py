@@ -9,6 +9,7 @@ pipe dir, its share of the GPU's load) is joined by mpswatch.derive.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import time
@@ -21,8 +22,8 @@ import structlog
 
 from mpswatch.collectors import CollectorUnit
 from mpswatch.collectors.mps_control import DEFAULT_PIPE_DIR
-from mpswatch.engine_kinds import REJECT_REASONS, EngineSample, parameters_from_model_name
-from mpswatch.engine_kinds.vllm import parse_vllm_command, parse_vllm_metrics
+from mpswatch.engine_kinds import AUTO, KINDS, REJECT_REASONS, EngineSample, parameters_from_model_name
+from mpswatch.engine_kinds.kinds import parse_engine_command, parse_engine_metrics
 from mpswatch.httpfetch import BackgroundFetcher, Fetch, Pending, fetch_metrics, redact_url
 from mpswatch.latency import DEFAULT_WINDOW_SECONDS, QUANTILES, LatencyFigures, LatencyWindow
 from mpswatch.metrics import Families
@@ -84,6 +85,8 @@ class _Engine:
     url: str | None  # where it is scraped: configured (userinfo and all), or chosen from its sockets (None: unreachable)
     found_by: str
     gpu_uuid: str | None = None  # as configured
+    kind: str = AUTO  # configured, or its command line's; AUTO: recognised from its body
+    kind_seen: str | None = None  # the kind its last answer was read as
     root_pid: int | None = None
     start_time: int | None = None  # of a discovered engine's API server: with its PID, its identity
     port: int | None = None  # a discovered engine's port, from its command line
@@ -155,9 +158,10 @@ class EnginesCollector:
         self._timeout = timeout_seconds
         self._latency_window = latency_window_seconds
         self._procfs = procfs or ProcFS()
-        self.fetcher = BackgroundFetcher(parse_vllm_metrics, timeout_seconds, max_body_bytes, fetch)
-        self._configured = [_Engine(e["name"], e["url"], "configured", e.get("gpu_uuid"),
+        self.fetcher = BackgroundFetcher(parse_engine_metrics, timeout_seconds, max_body_bytes, fetch)
+        self._configured = [_Engine(e["name"], e["url"], "configured", e.get("gpu_uuid"), e.get("kind", AUTO),
                                     latency=LatencyWindow(latency_window_seconds)) for e in configured]
+        self._parsers = {kind: functools.partial(parse_engine_metrics, kind=kind) for kind in KINDS}
         self._processes: dict[tuple[int, int | None], _Engine] = {}  # vLLM API servers by PID and start time
         self._log = structlog.get_logger().bind(collector=self.name)
 
@@ -167,7 +171,8 @@ class EnginesCollector:
         processes = process_table(self._procfs)
         engines = self._find_engines(processes)
         self.fetcher.forget({engine.url for engine in engines if engine.url})
-        scrapes = [(engine, self.fetcher.start(engine.url) if engine.url else None) for engine in engines]
+        scrapes = [(engine, self.fetcher.start(engine.url, self._parsers.get(engine.kind)) if engine.url else None)
+                   for engine in engines]
         deadline = time.monotonic() + self._timeout + 0.2
         for _, scrape in scrapes:
             if scrape is not None:
@@ -186,13 +191,13 @@ class EnginesCollector:
                            unreadable_environments=frozen_map(counts))
 
     def _find_engines(self, processes: Mapping[int, ProcessRow]) -> list[_Engine]:
-        """The configured engines, each tied to its process, and (with discovery) every other vLLM
-        API server, each by its own process: never two merged for a shared name or port."""
+        """The configured engines, each tied to its process, and (with discovery) every other engine's
+        API server (engine_kinds), each by its own process: never two merged for a shared name or port."""
         if not self._discover and not self._configured:
             return []
         found = {}
         for pid, row in sorted(processes.items()):
-            command = parse_vllm_command(row.argv)
+            command = parse_engine_command(row.argv)
             if command is not None:
                 found[(pid, row.start_time)] = command
         for key in set(self._processes) - set(found):  # exited, or its PID now runs something else
@@ -203,9 +208,8 @@ class EnginesCollector:
             engine = self._processes.get((pid, start_time))
             if engine is None:
                 engine = self._processes[(pid, start_time)] = _Engine(
-                    "", None, "discovered", root_pid=pid, start_time=start_time, port=command.port,
-                    base_name=command.name, command_model=command.model,
-                    latency=LatencyWindow(self._latency_window))
+                    "", None, "discovered", kind=command.kind, root_pid=pid, start_time=start_time, port=command.port,
+                    base_name=command.name, command_model=command.model, latency=LatencyWindow(self._latency_window))
             if engine.url is None or engine.down is not None:  # its address is kept while it answers
                 self._reach(engine, pid, command.port, processes)
         claimed = {id(engine): engine for engine in map(self._claim, self._configured) if engine is not None}
@@ -247,6 +251,7 @@ class EnginesCollector:
 
     def _scraped(self, engine: _Engine, scrape: Pending[EngineSample] | None) -> EngineState:
         base = EngineState(name=engine.name, url=_shown(engine.url), found_by=engine.found_by, up=False,
+                           kind=engine.kind_seen or (None if engine.kind == AUTO else engine.kind),
                            gpu_uuid=engine.gpu_uuid, model=engine.model, rejected_samples_total=frozen_map(engine.rejected))
         if scrape is None:
             return self._down_state(engine, base, engine.unreachable or "no address to scrape")
@@ -263,7 +268,8 @@ class EnginesCollector:
         tps = tokens_per_second(engine.previous_tokens, tokens)
         if tokens is not None and (engine.previous_tokens is None or tokens[0] > engine.previous_tokens[0]):
             engine.previous_tokens = tokens
-        engine.model = sample.model or engine.model
+        engine.model = sample.model or engine.model or engine.command_model  # llama.cpp's and TGI's name none
+        engine.kind_seen = sample.kind
         if engine.latency.add(scrape.fetched_at, sample.latencies):
             self._log.info("engine_latency_window_restarted", engine=engine.name,
                            reason="a latency histogram went back or changed its buckets")
@@ -271,6 +277,7 @@ class EnginesCollector:
         return replace(
             base,
             up=True,
+            kind=sample.kind,
             rejected_samples_total=frozen_map(engine.rejected),
             rejected_reasons=engine.rejecting,
             model=engine.model,
@@ -278,6 +285,7 @@ class EnginesCollector:
             requests_waiting=sample.requests_waiting,
             prompt_tokens_total=sample.prompt_tokens_total,
             generation_tokens_total=sample.generation_tokens_total,
+            preemptions_total=sample.preemptions_total,
             tokens_per_second=tps,
             kv_cache_usage_ratio=sample.kv_cache_usage_ratio,
             gpu_memory_utilization=sample.gpu_memory_utilization,
@@ -386,6 +394,7 @@ _VALUES = {
     "mps_engine_requests_waiting": "requests_waiting",
     "mps_engine_prompt_tokens_total": "prompt_tokens_total",
     "mps_engine_generation_tokens_total": "generation_tokens_total",
+    "mps_engine_preemptions_total": "preemptions_total",
     "mps_engine_tokens_per_second": "tokens_per_second",
     "mps_engine_kv_cache_usage_ratio": "kv_cache_usage_ratio",
     "mps_engine_cpu_seconds_total": "cpu_seconds_total",
@@ -400,7 +409,7 @@ _VALUES = {
 def render(data: EnginesData, facts: DerivedFacts, out: Families) -> None:
     """From the joined engines (facts.engines): their GPU and MPS attachment are labels and values here."""
     for e in facts.engines:
-        out.add("mps_engine_info", [e.name, e.model or "", e.url or "", e.gpu_uuid or ""], 1)
+        out.add("mps_engine_info", [e.name, e.model or "", e.url or "", e.gpu_uuid or "", e.kind or ""], 1)
         out.add("mps_engine_up", [e.name], 1 if e.up else 0)
         if e.owner_uid is not None:
             out.add("mps_engine_owner_info", [e.name, e.owner_uid], 1)
@@ -495,6 +504,7 @@ def _engine_entry(e: EngineState) -> dict[str, Any]:
         "name": e.name,
         "url": e.url,
         "found_by": e.found_by,
+        "kind": e.kind,
         "model": e.model,
         "gpu_uuid": e.gpu_uuid,
         "pids": list(e.pids),

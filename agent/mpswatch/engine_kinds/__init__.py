@@ -1,4 +1,4 @@
-"""Engine kinds: one module per kind of inference engine (vLLM today), each reading that engine's
+"""Engine kinds: one module per kind of inference engine (vLLM, SGLang, llama.cpp's server, TGI), each reading that engine's
 metrics text and command line into the one normalised view the engines collector works with."""
 
 from __future__ import annotations
@@ -16,6 +16,11 @@ REJECT_REASONS = ("not_finite", "negative", "duplicate_series")
 class BadMetrics(ValueError):
     """An answer that is not an engine's metrics: an HTTP error, too big, not Prometheus text."""
 
+
+# the kinds of engine known, in the order a body is recognised by (vLLM first: some vLLM forks also
+# export TGI's names, so `tgi_` alone is the weakest sign)
+KINDS = ("vllm", "sglang", "llamacpp", "tgi")
+AUTO = "auto"  # a configured engine's kind when not named: the one its body's names say
 
 # the latencies an engine may measure for itself, normalised across kinds: time to first token,
 # inter-token latency, time queued, end to end (each a histogram in seconds, where the engine has one)
@@ -48,6 +53,7 @@ class EngineSample:
     generation_tokens_per_request: float | None = None
     rejected: Mapping[str, int] = field(default_factory=dict)  # samples refused, by reason (REJECT_REASONS)
     kind: str = "vllm"  # which engine kind's names the body had (vllm, sglang, llamacpp, tgi)
+    preemptions_total: float | None = None  # requests the engine preempted (vLLM's counter; other kinds have none)
     latencies: Mapping[str, Histogram] = field(default_factory=dict)  # by LATENCIES name; absent: unknown
 
 
@@ -59,10 +65,11 @@ class EngineCommand:
     port: int
     model: str | None
     served_name: str | None
+    kind: str = "vllm"  # the engine kind its command line runs (KINDS)
 
     @property
     def name(self) -> str:
-        base = self.served_name or (self.model.rstrip("/").rsplit("/", 1)[-1] if self.model else "vllm")
+        base = self.served_name or (self.model.rstrip("/").rsplit("/", 1)[-1] if self.model else self.kind)
         return f"{base}:{self.port}"
 
 
