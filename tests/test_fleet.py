@@ -1,7 +1,7 @@
 """The fleet rules and the fleet dashboard against real components, small: 20 simulated nodes
 (real expositions of a staged node, healthy, with its MPS server in FAULT, with its daemon killed)
 scraped by Prometheus, remote-written to VictoriaMetrics, rolled up there by vmalert with
-alerts/mpswatch-fleet.rules.yml. benchmarks/fleet.py runs the same with 1,000 nodes."""
+alerts/mpswatch-fleet.rules.yml, and by Prometheus itself with the same file. benchmarks/fleet.py runs the same with 1,000 nodes."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def problems_of(exposition: bytes) -> dict[str, float]:
 def stack(tmp_path_factory):
     templates = fleet.capture_states(NODES["reference"], "reference")
     assignment = fleet.assign(20, SHARES, clusters=2)
-    stack = fleet.FleetStack(tmp_path_factory.mktemp("fleet"), templates, assignment, scrape_interval="1s", rule_interval="1s")
+    stack = fleet.FleetStack(tmp_path_factory.mktemp("fleet"), templates, assignment, scrape_interval="1s", rule_interval="1s",
+                             prometheus_rules=True)
     try:
         yield stack, templates, assignment
     finally:
@@ -87,29 +88,32 @@ def test_the_fleet_rules_roll_each_cluster_up_as_its_nodes_expositions_say(stack
     assert all(e["cluster:mps_servers_fault:sum"] == 2 and e["cluster:mps_control_daemons_down:sum"] == 2
                for e in expected.values())  # the states are what they claim to be
 
-    def rolled_up():
+    def rolled_up(store: str):
         found = {cluster: {record: None for record in records} for cluster, records in expected.items()}
         for record in expected["cluster-0"]:
-            for series in stack.query(stack.victoria, record):
+            for series in stack.query(store, record):
                 found[series["metric"]["cluster"]][record] = float(series["value"][1])
         return True if found == expected else found
 
-    wait_for(rolled_up)
+    wait_for(lambda: rolled_up(stack.victoria))  # vmalert's evaluation, in the central store
+    wait_for(lambda: rolled_up(stack.prometheus))  # Prometheus's own evaluation of the same file
 
 
-def test_every_fleet_dashboard_query_answers_from_the_central_store(stack):
+@pytest.mark.parametrize("store", ["victoria", "prometheus"])
+def test_every_fleet_dashboard_query_answers_from_the_central_store_and_from_prometheus(stack, store):
     stack, _, _ = stack
+    base = getattr(stack, store)
     dashboard = json.loads((ROOT / "dashboards" / "fleet.json").read_text())
     queries = [(p["title"], t["expr"]) for p in dashboard["panels"] if p["type"] != "row" for t in p["targets"]]
-    wait_for(lambda: stack.query(stack.victoria, "cluster:mps_nodes_with_problems:count") != [] or None)
+    wait_for(lambda: stack.query(base, "cluster:mps_nodes_with_problems:count") != [] or None)
     empty = []
     for title, expr in queries:
         expr = re.sub(r"\$\w+", ".*", expr)
-        if not stack.query(stack.victoria, expr):
+        if not stack.query(base, expr):
             empty.append(title)
     # the healthy states have no imbalance above 1.5 and no GPU where MPS likely costs throughput
     assert set(empty) <= {"Most imbalanced GPUs", "GPUs where MPS likely costs throughput"}, empty
-    [watched] = stack.query(stack.victoria, 'sum(cluster:mps_exporter_nodes:count{cluster=~".*"})')
+    [watched] = stack.query(base, 'sum(cluster:mps_exporter_nodes:count{cluster=~".*"})')
     assert float(watched["value"][1]) == 20
 
 

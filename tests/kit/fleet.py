@@ -97,7 +97,10 @@ class FleetStack:
     """The servers, Prometheus, VictoriaMetrics and vmalert of one run, all on loopback under `work`."""
 
     def __init__(self, work: Path, templates: dict[str, bytes], assignment: dict[str, dict[str, str]],
-                 servers: int = 2, scrape_interval: str = "15s", rule_interval: str = "15s") -> None:
+                 servers: int = 2, scrape_interval: str = "15s", rule_interval: str = "15s",
+                 prometheus_rules: bool = False) -> None:
+        """`prometheus_rules`: Prometheus evaluates the fleet rules too (their results kept out of its
+        remote write, so that the central store has vmalert's only)."""
         self.work = work
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         serving = work / "serving"
@@ -117,7 +120,8 @@ class FleetStack:
         for i, (name, a) in enumerate(sorted(assignment.items())):
             groups.setdefault((ports[i % servers], a["cluster"]), []).append(name)
         (work / "prometheus.yml").write_text(yaml.safe_dump({
-            "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval},
+            "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval,
+                       "evaluation_interval": rule_interval},
             "scrape_configs": [{
                 "job_name": "mpswatch",
                 "static_configs": [{"targets": names, "labels": {"__server__": f"127.0.0.1:{port}", "cluster": cluster}}
@@ -128,7 +132,9 @@ class FleetStack:
                     {"source_labels": ["__server__"], "target_label": "__address__"},
                 ],
             }],
-            "remote_write": [{"url": f"{self.victoria}/api/v1/write"}],
+            "remote_write": [{"url": f"{self.victoria}/api/v1/write", "write_relabel_configs": [
+                {"source_labels": ["__name__"], "regex": "[a-z_]+:.+", "action": "drop"}]}],
+            **({"rule_files": [str(FLEET_RULES)]} if prometheus_rules else {}),
         }))
         self._spawn([str(PROMETHEUS), f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'tsdb'}",
                      f"--web.listen-address=127.0.0.1:{self.prometheus_port}"], "prometheus")
