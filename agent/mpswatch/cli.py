@@ -25,7 +25,7 @@ from mpswatch.analysis import advice_report, health_report, render_advice, rende
 from mpswatch.collectors import Collector
 from mpswatch.collectors.engines import EnginesCollector
 from mpswatch.collectors.gpu import NVIDIA_ML_PY, GpuCollector
-from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector
+from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector, cheap_signals
 from mpswatch.collectors.mps_logs import MpsLogsCollector
 from mpswatch.collectors.pods import PodsCollector
 from mpswatch.config import (
@@ -46,6 +46,7 @@ from mpswatch.procfs import ProcFS
 from mpswatch.runner import kill_all_children
 from mpswatch.scheduler import Scheduler, SnapshotStore
 from mpswatch.sdnotify import start as notify_systemd
+from mpswatch.snapshot import NodeSnapshot
 from mpswatch.verdicts import OK
 from mpswatch.webconfig import WebConfig, WebConfigError, load_web_config
 
@@ -121,9 +122,12 @@ def _load_web_config(config: Config) -> WebConfig | None:
         _usage_error(ConfigError("web.config_file", config.sources["web.config_file"], str(err)))
 
 
-def build_collectors(config: Config, injected: Injected | None = None) -> list[Collector[Any]]:
+def build_collectors(
+    config: Config, injected: Injected | None = None, snapshot: Callable[[], NodeSnapshot] | None = None
+) -> list[Collector[Any]]:
     """The typed settings onto each collector's keyword arguments; `injected` replaces NVML and narrows
-    the processes seen, for tests."""
+    the processes seen, for tests. `snapshot` (the store's latest) tells the MPS control collector what the
+    logs and NVML saw, so that it asks the daemons only on a change; without it, every cycle."""
     injected = injected or Injected()
     visible = injected.process_filter(config.proc_root) if injected.process_filter else None
     procfs = ProcFS(root=Path(config.proc_root), visible=visible)
@@ -143,6 +147,9 @@ def build_collectors(config: Config, injected: Injected | None = None) -> list[C
             procfs=procfs,
             settings_refresh_seconds=mps_control.settings_interval_seconds,
             expected=mps_control.expected,
+            signals=None if snapshot is None else lambda: cheap_signals(snapshot().mps_logs, snapshot().gpu),
+            heartbeat_seconds=mps_control.heartbeat_seconds,
+            liveness_seconds=mps_control.liveness_seconds,
         ),
         MpsLogsCollector(
             log_dirs=mps_logs.log_dirs,
@@ -203,7 +210,7 @@ def run(injected: Injected, /, config_path: str | None, **flags: Any) -> None:
         signal.signal(signum, on_signal)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED_SIGNALS)  # blocked across a reload's exec
     store = SnapshotStore(log_lines_dropped=lines_dropped)
-    scheduler = Scheduler(build_collectors(config, injected), store)
+    scheduler = Scheduler(build_collectors(config, injected, store.current), store)
     exposition = cached_exposition(store.current, lambda snapshot: render(snapshot, __version__))
     status_report = cached_status(store.current, lambda snapshot: health_report(snapshot, __version__))
     try:

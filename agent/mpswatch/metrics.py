@@ -88,6 +88,14 @@ _SPECS = [
         "Unix time the daemon's exported series were measured; older than a cycle when its probe was deferred.",
     ),
     MetricSpec(
+        "mps_control_poll_mode",
+        "gauge",
+        ("pipe_dir", "mode"),
+        "1 for how the daemon is asked: on_change (when its logs, processes or GPU clients show a change, a "
+        "liveness query and a heartbeat) or every_cycle (its logs cannot be read, or mps_control.heartbeat_seconds "
+        "is 0).",
+    ),
+    MetricSpec(
         "mps_control_probes_deferred",
         "gauge",
         (),

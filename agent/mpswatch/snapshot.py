@@ -81,6 +81,9 @@ class MpsDaemon:
     # the agent started (a single probe's own in probe_daemon)
     commands_starved_total: int = 0
     measured_at: float | None = None  # unix time its probe ended
+    # how the daemon is asked (mps_control.CHANGE_POLL_MODES): on_change (cheap signals, a liveness query and
+    # a heartbeat) or every_cycle (its logs cannot be read, or configured so); None: not decided yet
+    poll_mode: str | None = None
 
     @property
     def up(self) -> bool:
