@@ -815,7 +815,7 @@ class MpsControlCollector:
         self._control_resolved = resolved or self._control_bin
         self._uuids = self._procfs.gpu_uuids()
         signals = self._signals() if self._signals is not None else CheapSignals()
-        if self._heartbeat > 0 and signals.log_events is None:
+        if self._signals is not None and self._heartbeat > 0 and signals.log_events is None:  # an agent, not one look
             notes.append("no MPS control.log can be read (an unprivileged agent, or another log dir: --log-dir): "
                          "every daemon is asked every cycle, and each command grows its control.log")
         self._current_signals = signals
