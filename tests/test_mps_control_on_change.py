@@ -3,6 +3,7 @@ query and a heartbeat, so that the agent's own commands stop growing its control
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -201,3 +202,13 @@ def test_cheap_signals_need_a_readable_control_log_and_every_gpu_s_process_list(
     assert cheap_signals(MpsLogsData(dirs=(_log_dir(("server",), 3),), recent=()), None) == CheapSignals(None, None)
     hidden = GpuData("580", (GpuState(0, "GPU-1", "H200", True, processes=None),))
     assert cheap_signals(None, hidden) == CheapSignals(None, None)
+
+
+def test_the_cpu_of_the_control_program_runs_is_exported(tmp_path):
+    runner = ScriptedRunner(HEALTHY)
+    data = collector_for(tmp_path, runner, Signals()).collect()
+    out = Families()
+    render(data, DerivedFacts(), out)
+    [family] = [f for f in out if f.name == "mps_control_program_cpu_seconds"]
+    reaped = os.times()
+    assert family.type == "counter" and 0 <= family.samples[0].value <= reaped.children_user + reaped.children_system

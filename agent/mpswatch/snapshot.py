@@ -110,6 +110,9 @@ class MpsControlData:
     # in `daemons` is an earlier cycle's), and of those never probed yet (no entry; among the deferred)
     deferred: tuple[str, ...] = ()
     not_yet_probed: tuple[str, ...] = ()
+    # user + system CPU of the control-program runs the agent started and reaped (its only children), since
+    # it started: what its own CPU figure leaves out (issue 19); None: not measured (one look)
+    control_program_cpu_seconds: float | None = None
 
 
 @dataclass(frozen=True)

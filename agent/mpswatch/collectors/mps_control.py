@@ -832,7 +832,9 @@ class MpsControlCollector:
         if deferred:
             notes.append(f"{len(deferred)} of {len(watched)} daemon(s) not probed within this cycle's {self._budget:g} s "
                          f"budget ({len(unprobed)} never yet): their data is from an earlier cycle (age_seconds)")
+        reaped = os.times()  # the agent's children are its control-program runs (mpswatch.runner), once reaped
         return MpsControlData(daemons=daemons, searched=search_description(self._discovery), discovery_notes=tuple(notes),
+                              control_program_cpu_seconds=reaped.children_user + reaped.children_system,
                               configured_only=bool(self._discovery.pipe_dirs), expected=self._expected,
                               unreadable_daemons=None if discovered.unreadable is None else frozen_map(discovered.unreadable),
                               deferred=deferred, not_yet_probed=unprobed)
@@ -981,6 +983,8 @@ class MpsControlCollector:
 def render(data: MpsControlData, facts: DerivedFacts, out: Families) -> None:
     out.add("mps_control_daemons", [], len(data.daemons) + len(data.not_yet_probed))
     out.add("mps_control_probes_deferred", [], len(data.deferred))
+    if data.control_program_cpu_seconds is not None:
+        out.add("mps_control_program_cpu_seconds_total", [], data.control_program_cpu_seconds)
     for reason, count in sorted((data.unreadable_daemons or {}).items()):
         out.add("mps_discovery_unreadable_processes", ["mps_control_daemon", reason], count)
     if facts.mps_expected is not None:
