@@ -212,3 +212,12 @@ def test_the_cpu_of_the_control_program_runs_is_exported(tmp_path):
     [family] = [f for f in out if f.name == "mps_control_program_cpu_seconds"]
     reaped = os.times()
     assert family.type == "counter" and 0 <= family.samples[0].value <= reaped.children_user + reaped.children_system
+
+
+def test_a_daemon_whose_children_proc_does_not_list_is_asked_every_cycle(tmp_path):
+    runner = ScriptedRunner(HEALTHY)
+    collector = collector_for(tmp_path, runner, Signals())
+    (tmp_path / "proc" / str(DAEMON) / "task" / str(DAEMON) / "children").unlink()  # a kernel without the file
+    collector.collect()
+    assert sent_by(collector, runner) == ["get_server_list", "get_server_status 476", "ps"]
+    assert collector.collect().daemons[0].poll_mode == "every_cycle"

@@ -702,9 +702,11 @@ def daemon_process(pipe_dir: str, procfs: ProcFS) -> DaemonProcess:
     pid = read_pid_file(pipe_dir)
     if pid is None:
         return DaemonProcess(None, False, None)
-    state = procfs.state(pid)
+    state, tasks = procfs.state(pid), procfs.tasks(pid)
+    if not tasks:  # gone, or its threads hidden
+        return DaemonProcess(pid, state in _LIVE_STATES, None)
     children: set[int] = set()
-    for task in procfs.tasks(pid):  # a child is listed under the thread that forked it
+    for task in tasks:  # a child is listed under the thread that forked it
         text = procfs.read_text(f"{pid}/task/{task}/children", limit=1 << 16)
         if text is None:
             return DaemonProcess(pid, state in _LIVE_STATES, None)
@@ -910,13 +912,14 @@ class MpsControlCollector:
         A daemon is asked in full when it is new or was not up, when /proc shows its process or its servers
         change, when the logs or NVML show a client or server event, and at the heartbeat; a daemon whose
         process looks alive gets get_server_list every `liveness_seconds`, so that one that hangs is seen
-        within that and a command's deadline. Without readable logs, every cycle."""
+        within that and a command's deadline. Without readable logs, or where /proc does not list the
+        daemon's children (a kernel without /proc/PID/task/TID/children), every cycle."""
         now, previous = time.monotonic(), watched.previous
         process, signals = seen
-        if self._heartbeat <= 0 or signals.log_events is None:
-            return "every_cycle", "probe"
+        if self._heartbeat <= 0 or signals.log_events is None or (process.live and process.children is None):
+            return "every_cycle", "probe"  # no log to show a change, or no server processes to watch in /proc
         if (previous is None or not previous.up or previous.commands_not_asked or not process.live
-                or process.children is None or watched.seen != seen or now - watched.probed_at >= self._heartbeat):
+                or watched.seen != seen or now - watched.probed_at >= self._heartbeat):
             return "on_change", "probe"
         if now - watched.answered_at >= self._liveness:
             return "on_change", "liveness"
