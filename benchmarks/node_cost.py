@@ -37,7 +37,7 @@ import urllib.parse
 from pathlib import Path
 
 from tests.kit.agentproc import Agent
-from tests.kit.fakedaemon import FAKE_CONTROL
+from tests.kit.fakedaemon import FAKE_CONTROL, stand_in
 from tests.kit.stagednode import NODES, node
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -101,31 +101,37 @@ def measure(name: str, gpus: int, clients_per_gpu: int, engine_count: int, secon
     with node(name, gpus, clients_per_gpu, engine_count, full_bodies) as setup:
         work, pipe, log_dir, env = setup["work"], setup["pipe"], setup["log_dir"], setup["env"]
         (log_dir / "control.log").touch()
+        daemon = stand_in("nvidia-cuda-mps-control", "-d", env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe)})
+        (pipe / "nvidia-cuda-mps-control.pid").write_text(f"{daemon.pid}\n")  # a live daemon, as /proc shows it
         env = {**env, **({"MPSWATCH_MPS_CONTROL_HEARTBEAT_SECONDS": "0"} if every_cycle else {})}
-        with Agent(["--mps-control-bin", FAKE_CONTROL, "--pipe-dir", str(pipe), "--log-dir", str(log_dir)], env=env,
-                   log_path=work / "agent.log", nvml="from_layout") as agent:
-            time.sleep(5)  # first cycles, GPM's second sample, backfill
-            rss_start = rss_mib(agent.proc.pid)
-            cpu_start, wall_start = cpu_seconds(agent.proc.pid), time.monotonic()
-            cpu_all_start = cpu_seconds(agent.proc.pid, children=True)
-            durations: dict[str, list[float]] = {}
-            deadline = wall_start + seconds
-            while time.monotonic() < deadline:
+        try:
+            with Agent(["--mps-control-bin", FAKE_CONTROL, "--pipe-dir", str(pipe), "--log-dir", str(log_dir)], env=env,
+                       log_path=work / "agent.log", nvml="from_layout") as agent:
+                time.sleep(5)  # first cycles, GPM's second sample, backfill
+                rss_start = rss_mib(agent.proc.pid)
+                cpu_start, wall_start = cpu_seconds(agent.proc.pid), time.monotonic()
+                cpu_all_start = cpu_seconds(agent.proc.pid, children=True)
+                durations: dict[str, list[float]] = {}
+                deadline = wall_start + seconds
+                while time.monotonic() < deadline:
+                    samples = agent.scrape()
+                    for (metric, labels), value in samples.items():
+                        if metric == "mpswatch_collector_duration_seconds":
+                            durations.setdefault(dict(labels)["collector"], []).append(value)
+                    time.sleep(2)
+                elapsed = time.monotonic() - wall_start
+                cpu_share = (cpu_seconds(agent.proc.pid) - cpu_start) / elapsed
+                cpu_all_share = (cpu_seconds(agent.proc.pid, children=True) - cpu_all_start) / elapsed
                 samples = agent.scrape()
-                for (metric, labels), value in samples.items():
-                    if metric == "mpswatch_collector_duration_seconds":
-                        durations.setdefault(dict(labels)["collector"], []).append(value)
-                time.sleep(2)
-            elapsed = time.monotonic() - wall_start
-            cpu_share = (cpu_seconds(agent.proc.pid) - cpu_start) / elapsed
-            cpu_all_share = (cpu_seconds(agent.proc.pid, children=True) - cpu_all_start) / elapsed
-            samples = agent.scrape()
-            series = len(samples)
-            assert samples[("mps_control_up", frozenset({("pipe_dir", str(pipe))}))] == 1
-            engines_up = sum(v for (m, _), v in samples.items() if m == "mps_engine_up")
-            alone = sorted(scrapers(agent.url + "/metrics", min(30.0, seconds), workers=1))
-            latencies = sorted(scrapers(agent.url + "/metrics", min(30.0, seconds)))
-            rss_end = rss_mib(agent.proc.pid)
+                series = len(samples)
+                assert samples[("mps_control_up", frozenset({("pipe_dir", str(pipe))}))] == 1
+                engines_up = sum(v for (m, _), v in samples.items() if m == "mps_engine_up")
+                alone = sorted(scrapers(agent.url + "/metrics", min(30.0, seconds), workers=1))
+                latencies = sorted(scrapers(agent.url + "/metrics", min(30.0, seconds)))
+                rss_end = rss_mib(agent.proc.pid)
+        finally:
+            daemon.kill()
+            daemon.wait()
     return {
         "node": name,
         "cpu_share_of_one_core": cpu_share,

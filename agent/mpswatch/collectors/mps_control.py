@@ -912,12 +912,13 @@ class MpsControlCollector:
         A daemon is asked in full when it is new or was not up, when /proc shows its process or its servers
         change, when the logs or NVML show a client or server event, and at the heartbeat; a daemon whose
         process looks alive gets get_server_list every `liveness_seconds`, so that one that hangs is seen
-        within that and a command's deadline. Without readable logs, or where /proc does not list the
-        daemon's children (a kernel without /proc/PID/task/TID/children), every cycle."""
+        within that and a command's deadline. Every cycle without readable logs, or without a daemon
+        process whose children /proc lists (no pid file, a dead daemon: asking it writes nothing; a kernel
+        without /proc/PID/task/TID/children)."""
         now, previous = time.monotonic(), watched.previous
         process, signals = seen
-        if self._heartbeat <= 0 or signals.log_events is None or (process.live and process.children is None):
-            return "every_cycle", "probe"  # no log to show a change, or no server processes to watch in /proc
+        if self._heartbeat <= 0 or signals.log_events is None or process.children is None:
+            return "every_cycle", "probe"  # no log to show a change, or no daemon process to watch in /proc
         if (previous is None or not previous.up or previous.commands_not_asked or not process.live
                 or watched.seen != seen or now - watched.probed_at >= self._heartbeat):
             return "on_change", "probe"
