@@ -99,8 +99,8 @@ _SPECS = [
         "gauge",
         ("pipe_dir", "mode"),
         "1 for how the daemon is asked: on_change (when its logs, processes or GPU clients show a change, a "
-        "liveness query and a heartbeat) or every_cycle (its logs cannot be read, or mps_control.heartbeat_seconds "
-        "is 0).",
+        "liveness query and a heartbeat) or every_cycle (its logs cannot be read, no daemon process whose children /proc "
+        "lists, or mps_control.heartbeat_seconds is 0).",
     ),
     MetricSpec(
         "mps_control_probes_deferred",
