@@ -14,7 +14,7 @@ loopback serving a real vLLM body. The collectors are the agent's own, built fro
 this run's processes (tests.kit.scope.SessionProcesses). Each round, one every 2 s:
 
   1. the whole cycle as the agent runs it (Scheduler.run_once: the four collectors in parallel,
-     each publish followed by the derive step), its wall time, its CPU time (this
+     the derive step once for their publishes, as the agent's store batches them), its wall time, its CPU time (this
      process's threads, and with the control program runs it waited for), and each collector's own
      duration in it (what the agent exports as mps_exporter_collector_duration_seconds);
   2. each collector alone (`collect()`), then its floor done bare, or the floor first in odd rounds:
@@ -46,6 +46,7 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from mpswatch.cli import DERIVE_AFTER_SECONDS
 from mpswatch.collectors.mps_logs import SOURCES
 from mpswatch.httpfetch import Pending
 from mpswatch.logsetup import configure_logging
@@ -101,7 +102,7 @@ class CountingNvml:
 
 
 def agent(setup: dict, visible: SessionProcesses) -> tuple[Scheduler, dict, RecordingRunner]:
-    store = SnapshotStore()
+    store = SnapshotStore(derive_after_seconds=DERIVE_AFTER_SECONDS)
     collectors = staged_collectors(setup, visible)
     by_name = {c.name: c for c in collectors}
     recorder = RecordingRunner()

@@ -1,6 +1,8 @@
 """What the agent costs on a node, measured on the agent as a real process:
 
-  - CPU as a share of one core at the default 2 s interval (from /proc/<pid>/stat over the run),
+  - CPU as a share of one core at the default 2 s interval (from /proc/<pid>/stat over the run), the agent's
+    own and with its children (cutime and cstime: the control-program runs it started and reaped), also as
+    milliseconds a 2 s cycle,
   - each collector's cycle (median of mps_exporter_collector_duration_seconds over the run),
   - /metrics latency p50/p99 with one scraper (as Prometheus scrapes) and with 10 concurrent ones,
     and the series count,
@@ -14,9 +16,12 @@ run's processes.
   reference: 1 GPU, 1 control daemon, 2 engines
   large:     8 GPUs, 48 MPS clients per GPU, 16 engines
 
-    python -m benchmarks.node_cost [--quick] [--full-bodies] [--node reference|large]
+    python -m benchmarks.node_cost [--quick] [--full-bodies] [--node reference|large] [--every-cycle]
         # --quick: 20 s a node instead of 120 s; --full-bodies: the engines serve a full-size vLLM
-        # body (tests.kit.fakevllm.full_size_body, 407 samples) instead of the tests' abridged one (26)
+        # body (tests.kit.fakevllm.full_size_body, 407 samples) instead of the tests' abridged one (26);
+        # --every-cycle: the MPS daemon asked every cycle (mps_control.heartbeat_seconds 0), as before
+        # issue 19. The log dir holds an empty control.log beside the real server.log, so the agent
+        # asks on change otherwise
 """
 
 from __future__ import annotations
@@ -32,15 +37,17 @@ import urllib.parse
 from pathlib import Path
 
 from tests.kit.agentproc import Agent
-from tests.kit.fakedaemon import FAKE_CONTROL
+from tests.kit.fakedaemon import FAKE_CONTROL, stand_in
 from tests.kit.stagednode import NODES, node
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """utime + stime; with `children`, also cutime + cstime (the children it has waited for)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
+    return ticks / CLOCK_TICKS
 
 
 def children_cpu_seconds() -> float:
@@ -90,33 +97,47 @@ def scrapers(url: str, seconds: float, workers: int = 10) -> list[float]:
 
 
 def measure(name: str, gpus: int, clients_per_gpu: int, engine_count: int, seconds: float,
-            full_bodies: bool = False) -> dict:
+            full_bodies: bool = False, every_cycle: bool = False) -> dict:
     with node(name, gpus, clients_per_gpu, engine_count, full_bodies) as setup:
         work, pipe, log_dir, env = setup["work"], setup["pipe"], setup["log_dir"], setup["env"]
-        with Agent(["--mps-control-bin", FAKE_CONTROL, "--pipe-dir", str(pipe), "--log-dir", str(log_dir)], env=env,
-                   log_path=work / "agent.log", nvml="from_layout") as agent:
-            time.sleep(5)  # first cycles, GPM's second sample, backfill
-            rss_start = rss_mib(agent.proc.pid)
-            cpu_start, wall_start = cpu_seconds(agent.proc.pid), time.monotonic()
-            durations: dict[str, list[float]] = {}
-            deadline = wall_start + seconds
-            while time.monotonic() < deadline:
+        (log_dir / "control.log").touch()
+        daemon = stand_in("nvidia-cuda-mps-control", "-d", env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe)})
+        (pipe / "nvidia-cuda-mps-control.pid").write_text(f"{daemon.pid}\n")  # a live daemon, as /proc shows it
+        env = {**env, **({"MPSWATCH_MPS_CONTROL_HEARTBEAT_SECONDS": "0"} if every_cycle else {})}
+        try:
+            with Agent(["--mps-control-bin", FAKE_CONTROL, "--pipe-dir", str(pipe), "--log-dir", str(log_dir)], env=env,
+                       log_path=work / "agent.log", nvml="from_layout") as agent:
+                time.sleep(5)  # first cycles, GPM's second sample, backfill
+                rss_start = rss_mib(agent.proc.pid)
+                cpu_start, wall_start = cpu_seconds(agent.proc.pid), time.monotonic()
+                cpu_all_start = cpu_seconds(agent.proc.pid, children=True)
+                durations: dict[str, list[float]] = {}
+                deadline = wall_start + seconds
+                while time.monotonic() < deadline:
+                    samples = agent.scrape()
+                    for (metric, labels), value in samples.items():
+                        if metric == "mps_exporter_collector_duration_seconds":
+                            durations.setdefault(dict(labels)["collector"], []).append(value)
+                    time.sleep(2)
+                elapsed = time.monotonic() - wall_start
+                cpu_share = (cpu_seconds(agent.proc.pid) - cpu_start) / elapsed
+                cpu_all_share = (cpu_seconds(agent.proc.pid, children=True) - cpu_all_start) / elapsed
                 samples = agent.scrape()
-                for (metric, labels), value in samples.items():
-                    if metric == "mps_exporter_collector_duration_seconds":
-                        durations.setdefault(dict(labels)["collector"], []).append(value)
-                time.sleep(2)
-            cpu_share = (cpu_seconds(agent.proc.pid) - cpu_start) / (time.monotonic() - wall_start)
-            samples = agent.scrape()
-            series = len(samples)
-            assert samples[("mps_control_up", frozenset({("pipe_dir", str(pipe))}))] == 1
-            engines_up = sum(v for (m, _), v in samples.items() if m == "mps_engine_up")
-            alone = sorted(scrapers(agent.url + "/metrics", min(30.0, seconds), workers=1))
-            latencies = sorted(scrapers(agent.url + "/metrics", min(30.0, seconds)))
-            rss_end = rss_mib(agent.proc.pid)
+                series = len(samples)
+                assert samples[("mps_control_up", frozenset({("pipe_dir", str(pipe))}))] == 1
+                engines_up = sum(v for (m, _), v in samples.items() if m == "mps_engine_up")
+                alone = sorted(scrapers(agent.url + "/metrics", min(30.0, seconds), workers=1))
+                latencies = sorted(scrapers(agent.url + "/metrics", min(30.0, seconds)))
+                rss_end = rss_mib(agent.proc.pid)
+        finally:
+            daemon.kill()
+            daemon.wait()
     return {
         "node": name,
         "cpu_share_of_one_core": cpu_share,
+        "cpu_with_children_share_of_one_core": cpu_all_share,
+        "cpu_with_children_ms_per_2s_cycle": cpu_all_share * 2000,
+        "every_cycle": every_cycle,
         "cycle_median_ms": {k: statistics.median(v) * 1e3 for k, v in sorted(durations.items())},
         "cycle_p90_ms": {k: sorted(v)[int(len(v) * 0.9)] * 1e3 for k, v in sorted(durations.items())},
         "scrape_one_p50_ms": alone[len(alone) // 2] * 1e3,
@@ -138,18 +159,20 @@ def measure(name: str, gpus: int, clients_per_gpu: int, engine_count: int, secon
 def main() -> None:
     seconds = 20.0 if "--quick" in sys.argv else 120.0
     names = [sys.argv[sys.argv.index("--node") + 1]] if "--node" in sys.argv else list(NODES)
-    results = [measure(name, *NODES[name], seconds, "--full-bodies" in sys.argv) for name in names]
+    results = [measure(name, *NODES[name], seconds, "--full-bodies" in sys.argv, "--every-cycle" in sys.argv)
+               for name in names]
     print(json.dumps(results, indent=2))
-    print("\n| node | CPU (share of one core) | cycle median / p90 (ms): mps_control, mps_logs, gpu, engines | "
+    print("\n| node | CPU (share of one core) | with children (ms a 2 s cycle) | cycle median / p90 (ms): mps_control, mps_logs, gpu, engines | "
           "scrape p50 / p99, one scraper (scrapes) | scrape p50 / p99, 10 scrapers (scrapes) | series | RSS start → end |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         if r["engines_up"] != r["engines_expected"]:
             print(f"WARNING {r['node']}: the agent saw {r['engines_up']:.0f} engines up, not {r['engines_expected']}",
                   file=sys.stderr)
         cycles = ", ".join(f"{r['cycle_median_ms'][c]:.1f}/{r['cycle_p90_ms'][c]:.1f}"
                            for c in ("mps_control", "mps_logs", "gpu", "engines"))
-        print(f"| {r['node']} | {r['cpu_share_of_one_core'] * 100:.2f} % | {cycles} | "
+        print(f"| {r['node']} | {r['cpu_share_of_one_core'] * 100:.2f} % | {r['cpu_with_children_share_of_one_core'] * 100:.2f} % "
+              f"({r['cpu_with_children_ms_per_2s_cycle']:.1f} ms) | {cycles} | "
               f"{r['scrape_one_p50_ms']:.1f} / {r['scrape_one_p99_ms']:.1f} ms ({r['scrapes_one']}) | "
               f"{r['scrape_p50_ms']:.1f} / {r['scrape_p99_ms']:.1f} ms ({r['scrapes']}) | {r['series']} | "
               f"{r['rss_start_mib']:.0f} → {r['rss_end_mib']:.0f} MiB |")

@@ -56,6 +56,7 @@ METRICS_NORMALISATION = [
     (rf"^(process_[a-z_]+) (?:{NUMBER})$", r"\1 <process>"),
     (rf"^(mps_control_command_duration_seconds\{{.*\}}) (?:{NUMBER})$", r"\1 <duration>"),
     (rf"^(mps_control_probe_timestamp_seconds\{{.*\}}) (?:{NUMBER})$", r"\1 <timestamp>"),
+    (rf"^(mps_control_program_cpu_seconds_total) (?:{NUMBER})$", r"\1 <cpu seconds>"),
     # the busy engine's counters grow by 100 tokens a scrape, and the agent's scrapes are not counted
     (rf'^(mps_engine_(?:prompt|generation)_tokens_total\{{engine="busy"\}}) (?:{NUMBER})$', r"\1 <tokens>"),
     (rf'^(mps_engine_tokens_per_second\{{engine="busy"\}}) (?:{NUMBER})$', r"\1 <tokens/s>"),

@@ -25,7 +25,7 @@ from mpswatch.analysis import advice_report, health_report, render_advice, rende
 from mpswatch.collectors import Collector
 from mpswatch.collectors.engines import EnginesCollector
 from mpswatch.collectors.gpu import NVIDIA_ML_PY, GpuCollector
-from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector
+from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector, cheap_signals
 from mpswatch.collectors.mps_logs import MpsLogsCollector
 from mpswatch.collectors.pods import PodsCollector
 from mpswatch.collectors.process import ProcessCollector
@@ -47,10 +47,14 @@ from mpswatch.procfs import ProcFS
 from mpswatch.runner import kill_all_children
 from mpswatch.scheduler import Scheduler, SnapshotStore
 from mpswatch.sdnotify import start as notify_systemd
+from mpswatch.snapshot import NodeSnapshot
 from mpswatch.verdicts import OK
 from mpswatch.webconfig import WebConfig, WebConfigError, load_web_config
 
 EXIT_USAGE = 2
+# the agent derives the joined facts once for a cycle's publishes (they come within tens of milliseconds of
+# each other), not after each: facts lag their data by at most this and a derive
+DERIVE_AFTER_SECONDS = 0.1
 
 # click parameter name -> the setting its flag gives
 _FLAG_SETTINGS = {setting.key.replace(".", "__"): (setting, setting.flag) for setting in SETTINGS if setting.flag}
@@ -122,9 +126,12 @@ def _load_web_config(config: Config) -> WebConfig | None:
         _usage_error(ConfigError("web.config_file", config.sources["web.config_file"], str(err)))
 
 
-def build_collectors(config: Config, injected: Injected | None = None) -> list[Collector[Any]]:
+def build_collectors(
+    config: Config, injected: Injected | None = None, snapshot: Callable[[], NodeSnapshot] | None = None
+) -> list[Collector[Any]]:
     """The typed settings onto each collector's keyword arguments; `injected` replaces NVML and narrows
-    the processes seen, for tests."""
+    the processes seen, for tests. `snapshot` (the store's latest) tells the MPS control collector what the
+    logs and NVML saw, so that it asks the daemons only on a change; without it, every cycle."""
     injected = injected or Injected()
     visible = injected.process_filter(config.proc_root) if injected.process_filter else None
     procfs = ProcFS(root=Path(config.proc_root), visible=visible)
@@ -144,6 +151,9 @@ def build_collectors(config: Config, injected: Injected | None = None) -> list[C
             procfs=procfs,
             settings_refresh_seconds=mps_control.settings_interval_seconds,
             expected=mps_control.expected,
+            signals=None if snapshot is None else lambda: cheap_signals(snapshot().mps_logs, snapshot().gpu),
+            heartbeat_seconds=mps_control.heartbeat_seconds,
+            liveness_seconds=mps_control.liveness_seconds,
         ),
         MpsLogsCollector(
             log_dirs=mps_logs.log_dirs,
@@ -205,8 +215,8 @@ def run(injected: Injected, /, config_path: str | None, **flags: Any) -> None:
     for signum in _HANDLED_SIGNALS:
         signal.signal(signum, on_signal)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED_SIGNALS)  # blocked across a reload's exec
-    store = SnapshotStore(log_lines_dropped=lines_dropped)
-    scheduler = Scheduler(build_collectors(config, injected), store)
+    store = SnapshotStore(log_lines_dropped=lines_dropped, derive_after_seconds=DERIVE_AFTER_SECONDS)
+    scheduler = Scheduler(build_collectors(config, injected, store.current), store)
     exposition = cached_exposition(store.current, lambda snapshot: render(snapshot, __version__))
     status_report = cached_status(store.current, lambda snapshot: health_report(snapshot, __version__))
     try:

@@ -313,6 +313,19 @@ SETTINGS = [
         30.0,
         "Seconds between two reads of the thread-percentage and pinned-memory settings.",
     ),
+    Setting(
+        "mps_control.heartbeat_seconds",
+        _seconds(0, 86400),
+        60.0,
+        "Seconds between two full queries of a daemon whose logs, processes and GPU clients show no change "
+        "(each command grows its control.log); 0: every cycle.",
+    ),
+    Setting(
+        "mps_control.liveness_seconds",
+        _seconds(0, 86400),
+        8.0,
+        "Seconds between two get_server_list of a daemon queried on change, so that one that hangs is seen.",
+    ),
     Setting("gpu.interval_seconds", _seconds(0.2, 3600), 2.0, "Seconds between two NVML reads (GPM needs 0.1 s or more)."),
     Setting(
         "gpu.deadline_seconds",
@@ -399,6 +412,8 @@ class MpsControlSettings:
     timeout_seconds: float
     client_limit: int
     settings_interval_seconds: float
+    heartbeat_seconds: float
+    liveness_seconds: float
 
 
 @dataclass(frozen=True)

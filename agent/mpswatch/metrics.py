@@ -88,6 +88,21 @@ _SPECS = [
         "Unix time the daemon's exported series were measured; older than a cycle when its probe was deferred.",
     ),
     MetricSpec(
+        "mps_control_program_cpu_seconds_total",
+        "counter",
+        (),
+        "User and system CPU of the control-program runs the agent started and reaped (its only child processes), "
+        "since it started: add it to the agent's own process CPU for its whole cost.",
+    ),
+    MetricSpec(
+        "mps_control_poll_mode",
+        "gauge",
+        ("pipe_dir", "mode"),
+        "1 for how the daemon is asked: on_change (when its logs, processes or GPU clients show a change, a "
+        "liveness query and a heartbeat) or every_cycle (its logs cannot be read, no daemon process whose children /proc "
+        "lists, or mps_control.heartbeat_seconds is 0).",
+    ),
+    MetricSpec(
         "mps_control_probes_deferred",
         "gauge",
         (),

@@ -31,17 +31,26 @@ WATCH_PERIOD_SECONDS = 0.5
 
 class SnapshotStore:
     """Copy-on-write holder: readers take the current snapshot reference without locking. Each
-    publish puts one collector's report in its field and derives the joined facts again."""
+    publish puts one collector's report in its field and derives the joined facts again: at once, or,
+    with `derive_after_seconds`, once for every publish of that window (a cycle's collectors publish
+    within a few tens of milliseconds of each other), on a thread of its own; until then the snapshot
+    carries the facts derived before, older than its data by at most the window and a derive."""
 
     def __init__(
         self,
         derive: Callable[[NodeSnapshot], DerivedFacts] | None = None,
         log_lines_dropped: Callable[[], Mapping[str, int]] | None = None,
+        derive_after_seconds: float = 0.0,
     ) -> None:
         self._lock = threading.Lock()
         self._derive = derive or Deriver()
         self._log_lines_dropped = log_lines_dropped or frozen_map
         self._snapshot = NodeSnapshot()
+        self._derive_after = derive_after_seconds
+        self._underived = False  # under _lock: a publish since the last derive
+        self._published = threading.Event()
+        if derive_after_seconds > 0:
+            threading.Thread(target=self._derive_batches, name="derive", daemon=True).start()
 
     def current(self) -> NodeSnapshot:
         return self._snapshot
@@ -56,7 +65,30 @@ class SnapshotStore:
                 "log_lines_dropped": frozen_map(self._log_lines_dropped()),
             }
             snapshot = dataclasses.replace(self._snapshot, **changed)
-            self._snapshot = dataclasses.replace(snapshot, derived=self._derive(snapshot))
+            if self._derive_after > 0:
+                self._snapshot, self._underived = snapshot, True
+                self._published.set()
+            else:
+                self._snapshot = dataclasses.replace(snapshot, derived=self._derive(snapshot))
+
+    def settle(self) -> None:
+        """Derives now what was published since the last derive, if anything was."""
+        with self._lock:
+            if self._underived:
+                self._underived = False
+                self._snapshot = dataclasses.replace(self._snapshot, derived=self._derive(self._snapshot))
+
+    def _derive_batches(self) -> None:
+        """The first publish of a batch starts the window; every publish within it is derived at once."""
+        log = structlog.get_logger()
+        while True:
+            self._published.wait()
+            time.sleep(self._derive_after)
+            self._published.clear()
+            try:
+                self.settle()
+            except Exception as err:  # a derive bug: the data stays published, the facts are those derived before
+                log.error("derive_failed", error=repr(err), exc_info=err)
 
 
 class CollectorLoop:
@@ -231,6 +263,7 @@ class Scheduler:
             thread.start()
         for thread, loop in zip(threads, self.loops):
             thread.join(loop.collector.deadline_seconds + 1.0)
+        self.store.settle()
         return self.store.current()
 
     def alive(self) -> tuple[bool, str]:

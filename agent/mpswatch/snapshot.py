@@ -82,6 +82,9 @@ class MpsDaemon:
     # the agent started (a single probe's own in probe_daemon)
     commands_starved_total: int = 0
     measured_at: float | None = None  # unix time its probe ended
+    # how the daemon is asked (mps_control.CHANGE_POLL_MODES): on_change (cheap signals, a liveness query and
+    # a heartbeat) or every_cycle (its logs cannot be read, or configured so); None: not decided yet
+    poll_mode: str | None = None
 
     @property
     def up(self) -> bool:
@@ -108,6 +111,9 @@ class MpsControlData:
     # in `daemons` is an earlier cycle's), and of those never probed yet (no entry; among the deferred)
     deferred: tuple[str, ...] = ()
     not_yet_probed: tuple[str, ...] = ()
+    # user + system CPU of the control-program runs the agent started and reaped (its only children), since
+    # it started: what its own CPU figure leaves out (issue 19); None: not measured (one look)
+    control_program_cpu_seconds: float | None = None
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,13 @@ from mpswatch.snapshot import (
     SERVER_STATUSES,
     DaemonState,
     DerivedFacts,
+    GpuData,
     LogEvent,
     MpsClient,
     MpsControlData,
     MpsDaemon,
     MpsExpectation,
+    MpsLogsData,
     MpsServer,
     frozen_map,
 )
@@ -469,6 +471,7 @@ def probe_daemon(
     procfs: ProcFS,
     client_limit: int,
     settings_from: MpsDaemon | None = None,
+    unchanged_from: MpsDaemon | None = None,
 ) -> MpsDaemon:
     """One daemon's state, with this probe's command durations and failures (counted per command and
     reason). Each command waits at most the command timeout (once more for a control program starved of
@@ -476,9 +479,11 @@ def probe_daemon(
 
     Every command the agent sends adds about five lines to the daemon's control.log, so the
     settings (active thread percentages, pinned memory limit), which change rarely and apply only
-    to new servers and clients, are taken from `settings_from` when given; a new server's are asked."""
+    to new servers and clients, are taken from `settings_from` when given; a new server's are asked.
+    With `unchanged_from` (a liveness query), only get_server_list is sent when it lists the same servers
+    as that earlier probe, whose servers and clients are kept."""
     probe = _DaemonProbe(channel, deadline=time.monotonic() + 2 * channel.timeout_seconds)
-    daemon = _probed(probe, pipe_dir, found_by, channel, procfs, client_limit, settings_from)
+    daemon = _probed(probe, pipe_dir, found_by, channel, procfs, client_limit, settings_from, unchanged_from)
     failures: dict[tuple[str, str], int] = {}
     for key in probe.failures:
         failures[key] = failures.get(key, 0) + 1
@@ -496,6 +501,7 @@ def _probed(
     procfs: ProcFS,
     client_limit: int,
     settings_from: MpsDaemon | None,
+    unchanged_from: MpsDaemon | None = None,
 ) -> MpsDaemon:
     base = MpsDaemon(pipe_dir=pipe_dir, found_by=found_by, state=DaemonState.UP, reason="", client_limit=client_limit)
     if not Path(pipe_dir).is_dir():
@@ -520,6 +526,8 @@ def _probed(
     except ParseError as err:
         probe.failures.append(("get_server_list", "garbage_output"))
         return replace(base, state=DaemonState.GARBAGE, reason=f"get_server_list: {err}")
+    if unchanged_from is not None and sorted(server_pids) == sorted(s.pid for s in unchanged_from.servers):
+        return replace(unchanged_from, pid=base.pid)
 
     try:
         known_atp = {s.pid: s.active_thread_percentage for s in settings_from.servers} if settings_from else {}
@@ -651,6 +659,61 @@ def servers_lost(serving: frozenset[int], cur: MpsDaemon) -> tuple[list[int], fr
     return sorted(serving - listed), now
 
 
+# ---------------------------------------------------------------- what changed, without asking
+
+CHANGE_POLL_MODES = ("on_change", "every_cycle")
+_LIVE_STATES = frozenset("RSDI")  # running, sleeping, disk wait, idle: a daemon that may answer
+
+
+@dataclass(frozen=True)
+class CheapSignals:
+    """What the agent knows of MPS without asking a daemon (every command is a control.log entry), taken
+    from the other collectors' latest data. A change in either sends the daemons a full probe.
+
+    log_events: MPS log events counted so far in the followed logs (clients connecting and leaving,
+    servers starting and exiting, faults); None when no control.log can be read: the daemons are then
+    asked every cycle. gpu_clients: the MPS client PIDs NVML lists; None: unknown."""
+
+    log_events: int | None = None
+    gpu_clients: frozenset[int] | None = None
+
+
+def cheap_signals(logs: MpsLogsData | None, gpu: GpuData | None) -> CheapSignals:
+    log_events = None
+    if logs is not None and any("control" in d.sources_present for d in logs.dirs):
+        log_events = sum(sum(d.event_counts.values()) for d in logs.dirs)
+    gpu_clients = None
+    if gpu is not None and gpu.gpus and all(g.processes is not None for g in gpu.gpus):
+        gpu_clients = frozenset(p.pid for g in gpu.gpus for p in g.processes or () if p.kind == "mps_client")
+    return CheapSignals(log_events, gpu_clients)
+
+
+@dataclass(frozen=True)
+class DaemonProcess:
+    """The daemon as /proc shows it, read every cycle without a command: its PID (pid file), whether it can
+    answer (`live`: not gone, stopped or a zombie) and its children, the MPS servers it started."""
+
+    pid: int | None
+    live: bool
+    children: frozenset[int] | None
+
+
+def daemon_process(pipe_dir: str, procfs: ProcFS) -> DaemonProcess:
+    pid = read_pid_file(pipe_dir)
+    if pid is None:
+        return DaemonProcess(None, False, None)
+    state, tasks = procfs.state(pid), procfs.tasks(pid)
+    if not tasks:  # gone, or its threads hidden
+        return DaemonProcess(pid, state in _LIVE_STATES, None)
+    children: set[int] = set()
+    for task in tasks:  # a child is listed under the thread that forked it
+        text = procfs.read_text(f"{pid}/task/{task}/children", limit=1 << 16)
+        if text is None:
+            return DaemonProcess(pid, state in _LIVE_STATES, None)
+        children.update(int(word) for word in text.split() if _DECIMAL.fullmatch(word))
+    return DaemonProcess(pid, state in _LIVE_STATES, frozenset(children))
+
+
 # ---------------------------------------------------------------- collector
 
 
@@ -671,6 +734,9 @@ class _WatchedDaemon:
     started_at: float = float("-inf")  # time.monotonic() its last probe started: the rotation's order
     slow: bool = False  # its last probe took longer than one command timeout (hung, or answering slowly)
     completed_cycle: int = 0  # the cycle in which its last probe ended
+    probed_at: float = float("-inf")  # time.monotonic() of its last full probe
+    answered_at: float = float("-inf")  # time.monotonic() of its last answer (a full probe or a liveness query)
+    seen: tuple[DaemonProcess, CheapSignals] | None = None  # what the cheap signals showed at its last full probe
 
 
 PROBE_WORKERS = 32  # control programs run at once, at most
@@ -702,8 +768,14 @@ class MpsControlCollector:
         runner: Runner = run_with_deadline,
         settings_refresh_seconds: float = 30.0,
         expected: str = "auto",
+        signals: Callable[[], CheapSignals] | None = None,
+        heartbeat_seconds: float = 60.0,
+        liveness_seconds: float = 8.0,
     ) -> None:
         self.interval_seconds = interval_seconds
+        self._signals = signals
+        self._heartbeat = heartbeat_seconds
+        self._liveness = liveness_seconds
         self._expected = expected
         self._settings_refresh = settings_refresh_seconds
         # a cycle waits for its probes at most twice the command timeout (the rest are deferred)
@@ -728,6 +800,7 @@ class MpsControlCollector:
         self._rotation_order: list[str] = []  # reversed: pop() takes the next
         self._quick_first_order: list[str] = []
         self._workers: list[threading.Thread] = []
+        self._current_signals = CheapSignals()
         self._log = structlog.get_logger().bind(collector=self.name)
 
     def collect(self) -> MpsControlData:
@@ -743,6 +816,11 @@ class MpsControlCollector:
             notes.append(f"control program {self._control_bin} not found or not executable (no NVIDIA driver here?)")
         self._control_resolved = resolved or self._control_bin
         self._uuids = self._procfs.gpu_uuids()
+        signals = self._signals() if self._signals is not None else CheapSignals()
+        if self._signals is not None and self._heartbeat > 0 and signals.log_events is None:  # an agent, not one look
+            notes.append("no MPS control.log can be read (an unprivileged agent, or another log dir: --log-dir): "
+                         "every daemon is asked every cycle, and each command grows its control.log")
+        self._current_signals = signals
         with self._lock:
             self._remember(dict(discovered.dirs))
             self._start_cycle()
@@ -756,7 +834,9 @@ class MpsControlCollector:
         if deferred:
             notes.append(f"{len(deferred)} of {len(watched)} daemon(s) not probed within this cycle's {self._budget:g} s "
                          f"budget ({len(unprobed)} never yet): their data is from an earlier cycle (age_seconds)")
+        reaped = os.times()  # the agent's children are its control-program runs (mpswatch.runner), once reaped
         return MpsControlData(daemons=daemons, searched=search_description(self._discovery), discovery_notes=tuple(notes),
+                              control_program_cpu_seconds=reaped.children_user + reaped.children_system,
                               configured_only=bool(self._discovery.pipe_dirs), expected=self._expected,
                               unreadable_daemons=None if discovered.unreadable is None else frozen_map(discovered.unreadable),
                               deferred=deferred, not_yet_probed=unprobed)
@@ -825,15 +905,44 @@ class MpsControlCollector:
                 self._log.info("daemon_forgotten", pipe_dir=pipe_dir, reason="pipe dir removed")
                 del self._daemons[pipe_dir]
 
+    def _asking(self, watched: _WatchedDaemon, seen: tuple[DaemonProcess, CheapSignals]) -> tuple[str, str | None]:
+        """(poll mode, what to send): "probe" (every command), "liveness" (get_server_list alone) or None
+        (nothing: the cheap signals show no change, and the last answer is recent).
+
+        A daemon is asked in full when it is new or was not up, when /proc shows its process or its servers
+        change, when the logs or NVML show a client or server event, and at the heartbeat; a daemon whose
+        process looks alive gets get_server_list every `liveness_seconds`, so that one that hangs is seen
+        within that and a command's deadline. Every cycle without readable logs, or without a daemon
+        process whose children /proc lists (no pid file, a dead daemon: asking it writes nothing; a kernel
+        without /proc/PID/task/TID/children)."""
+        now, previous = time.monotonic(), watched.previous
+        process, signals = seen
+        if self._heartbeat <= 0 or signals.log_events is None or process.children is None:
+            return "every_cycle", "probe"  # no log to show a change, or no daemon process to watch in /proc
+        if (previous is None or not previous.up or previous.commands_not_asked or not process.live
+                or watched.seen != seen or now - watched.probed_at >= self._heartbeat):
+            return "on_change", "probe"
+        if now - watched.answered_at >= self._liveness:
+            return "on_change", "liveness"
+        return "on_change", None
+
     def _probe(self, watched: _WatchedDaemon, control_bin: str) -> MpsDaemon:
         pipe_dir, previous = watched.pipe_dir, watched.previous
         if watched.channel is None or watched.channel.control_bin != control_bin:
             watched.channel = ControlChannel(pipe_dir, control_bin, self._runner, self._timeout, self._procfs)
+        seen = (daemon_process(pipe_dir, self._procfs), self._current_signals)
+        mode, send = self._asking(watched, seen)
+        if send is None and previous is not None:
+            watched.previous = replace(previous, poll_mode=mode)
+            return watched.previous
         fresh = time.monotonic() - watched.settings_read_at < self._settings_refresh
         settings_from = previous if fresh and previous is not None and previous.up else None
+        unchanged_from = previous if send == "liveness" else None
+        asked_at = time.monotonic()
         try:
             daemon = probe_daemon(
-                pipe_dir, watched.found_by, watched.channel, self._procfs, self._client_limit, settings_from
+                pipe_dir, watched.found_by, watched.channel, self._procfs, self._client_limit, settings_from,
+                unchanged_from,
             )
         except Exception as err:  # one daemon's surprise must not cost the others their data
             self._log.error("daemon_probe_failed", pipe_dir=pipe_dir, error=repr(err), exc_info=err)
@@ -842,11 +951,19 @@ class MpsControlCollector:
                                command_failures=frozen_map({("get_server_list", "garbage_output"): 1}))
         if stopping():  # its command was killed by the agent stopping or reloading: neither logged nor counted
             return previous if previous is not None else daemon
-        daemon = replace(daemon, measured_at=time.time())
+        daemon = replace(daemon, measured_at=time.time(), poll_mode=mode)
+        full = unchanged_from is None or daemon.servers is not unchanged_from.servers
+        if full:
+            watched.probed_at, watched.seen = asked_at, seen
+        elif unchanged_from is not None:  # the liveness query alone: the other commands' last durations stand
+            daemon = replace(daemon, command_durations=frozen_map({**unchanged_from.command_durations,
+                                                                   **daemon.command_durations}))
+        if daemon.up:
+            watched.answered_at = asked_at
         if daemon.clients:
             daemon = replace(daemon, clients=tuple(replace(c, device=full_uuid(c.device, self._uuids)) for c in daemon.clients))
         daemon = replace(daemon, resource=watched.resource)
-        if daemon.up and settings_from is None and not daemon.commands_not_asked:
+        if daemon.up and settings_from is None and not daemon.commands_not_asked and full:
             watched.settings_read_at = time.monotonic()
         for key, count in daemon.command_failures.items():
             watched.failures[key] = watched.failures.get(key, 0) + count
@@ -870,6 +987,8 @@ class MpsControlCollector:
 def render(data: MpsControlData, facts: DerivedFacts, out: Families) -> None:
     out.add("mps_control_daemons", [], len(data.daemons) + len(data.not_yet_probed))
     out.add("mps_control_probes_deferred", [], len(data.deferred))
+    if data.control_program_cpu_seconds is not None:
+        out.add("mps_control_program_cpu_seconds_total", [], data.control_program_cpu_seconds)
     for reason, count in sorted((data.unreadable_daemons or {}).items()):
         out.add("mps_discovery_unreadable_processes", ["mps_control_daemon", reason], count)
     if facts.mps_expected is not None:
@@ -883,6 +1002,9 @@ def render(data: MpsControlData, facts: DerivedFacts, out: Families) -> None:
             out.add("mps_control_info", [d, daemon.pid], 1)
         if daemon.measured_at is not None:
             out.add("mps_control_probe_timestamp_seconds", [d], daemon.measured_at)
+        if daemon.poll_mode is not None:
+            for mode in CHANGE_POLL_MODES:
+                out.add("mps_control_poll_mode", [d, mode], 1 if daemon.poll_mode == mode else 0)
         if daemon.resource is not None:
             out.add("mps_control_resource_info", [d, daemon.resource], 1)
         for command, seconds in sorted(daemon.command_durations.items()):

@@ -1,0 +1,88 @@
+"""Issue 19 on a real daemon: the bytes the agent adds to control.log, per client count, before (every
+cycle: mps_control.heartbeat_seconds = 0) and after (on change, the defaults), counted from the file;
+then, on change, how fast a new client and a stopped daemon reach /metrics.
+
+One real daemon; for 0, 2 and 48 idle clients (`mps_client idle`, connected before counting starts),
+an agent of each mode in turn watches it for BEFORE_SECONDS and AFTER_SECONDS (one heartbeat and some) and
+the growth of control.log over that time is extrapolated to a day. Nothing else sends the daemon a
+command while counting. About 7 minutes on an H200. Figures go to $MPSWATCH_GPU_RESULTS as JSON:
+
+    MPSWATCH_GPU_RESULTS=$OUT/control_log_growth.json python -m pytest tests/gpu/test_control_log_growth_on_gpu.py -q -s
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+from tests.gpu.results import results_saver
+from tests.kit.agentproc import Agent, key
+from tests.kit.realmps import read_line
+
+BEFORE_SECONDS = 30.0
+AFTER_SECONDS = 70.0
+CLIENT_COUNTS = (0, 2, 48)
+RESULTS: dict = {}
+_save_results = results_saver("MPSWATCH_GPU_RESULTS", RESULTS)
+
+
+def _idle_client(binary: str, mps) -> subprocess.Popen:
+    client = subprocess.Popen([binary, "idle", "3600"], env=mps.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    line = read_line(client)
+    assert line.startswith("ready"), line or "no line within 30 s"
+    return client
+
+
+def _grown(mps, heartbeat: float | None, seconds: float) -> dict[str, float]:
+    """control.log's growth while one agent of that mode watches (from its first answer on)."""
+    pipe, log = str(mps.pipe_dir), mps.log_dir / "control.log"
+    env = {} if heartbeat is None else {"MPSWATCH_MPS_CONTROL_HEARTBEAT_SECONDS": str(heartbeat)}
+    with Agent(["--pipe-dir", pipe, "--log-dir", str(mps.log_dir)], env=env) as agent:
+        agent.wait_for(lambda s: s.get(key("mps_control_up", pipe_dir=pipe)) == 1, timeout=20)
+        time.sleep(5.0)  # the first full queries (the logs' back-fill is a change) are not the steady cost
+        size, started = log.stat().st_size, time.monotonic()
+        time.sleep(seconds)
+        grown, elapsed = log.stat().st_size - size, time.monotonic() - started
+    return {"bytes": grown, "seconds": round(elapsed, 1), "mb_per_day": round(grown * 86400 / elapsed / 1e6, 3)}
+
+
+def test_control_log_growth_before_and_after_and_freshness_on_change(mps, mps_client):
+    mps.start()
+    pipe = str(mps.pipe_dir)
+    clients: list[subprocess.Popen] = []
+    try:
+        for count in CLIENT_COUNTS:
+            while len(clients) < count:
+                clients.append(_idle_client(mps_client, mps))
+            time.sleep(1.0)
+            before = _grown(mps, 0, BEFORE_SECONDS)
+            after = _grown(mps, None, AFTER_SECONDS)
+            RESULTS[f"clients_{count}"] = {"before": before, "after": after,
+                                           "ratio": round(before["mb_per_day"] / max(after["mb_per_day"], 1e-9), 1)}
+            print(f"{count} clients: {RESULTS[f'clients_{count}']}", flush=True)
+        with Agent(["--pipe-dir", pipe, "--log-dir", str(mps.log_dir)]) as agent:
+            agent.wait_for(lambda s: any(n == "mps_server_clients" for n, _ in s), timeout=20)
+            time.sleep(4.0)
+            clients.append(_idle_client(mps_client, mps))
+            started = time.monotonic()  # its context exists: it has connected
+            agent.wait_for(lambda s: sum(v for (n, _), v in s.items() if n == "mps_server_clients") == len(clients),
+                           timeout=30, interval=0.05)
+            RESULTS["new_client_on_metrics_seconds"] = round(time.monotonic() - started, 2)
+            daemon_pid = int(mps.pid_file.read_text())
+            os.kill(daemon_pid, signal.SIGSTOP)
+            stopped = time.monotonic()
+            try:
+                agent.wait_for(lambda s: s.get(key("mps_control_up", pipe_dir=pipe)) == 0, timeout=30, interval=0.05)
+                RESULTS["stopped_daemon_down_seconds"] = round(time.monotonic() - stopped, 2)
+            finally:
+                os.kill(daemon_pid, signal.SIGCONT)
+    finally:
+        for client in clients:
+            client.kill()
+            client.wait()
+    for count in CLIENT_COUNTS:
+        row = RESULTS[f"clients_{count}"]
+        assert row["after"]["mb_per_day"] < row["before"]["mb_per_day"]
