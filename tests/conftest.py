@@ -4,6 +4,7 @@ import pytest
 import structlog
 
 from tests.kit.fakedaemon import FakeDaemon
+from tests.kit.fakevllm import FakeVllm
 
 
 @pytest.fixture(autouse=True)
@@ -27,3 +28,18 @@ def fake_daemon(tmp_path):
     yield make
     for daemon in made:
         daemon.close()
+
+
+@pytest.fixture
+def servers():
+    """Fake vLLM servers on loopback, made by the test (`servers(body=...)`), closed after it."""
+    made = []
+
+    def make(**kw) -> FakeVllm:
+        server = FakeVllm(**kw)
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.close()

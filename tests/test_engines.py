@@ -30,7 +30,7 @@ from mpswatch.snapshot import (
 )
 
 from tests.kit import fakevllm
-from tests.kit.fakevllm import FIXTURES, FakeVllm, full_size_body, wait_ready
+from tests.kit.fakevllm import FIXTURES, full_size_body, wait_ready
 from tests.kit.scope import SessionProcesses
 from tests.kit.snapshots import snapshot_of
 
@@ -155,20 +155,6 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture
-def servers():
-    made = []
-
-    def make(**kw) -> FakeVllm:
-        server = FakeVllm(**kw)
-        made.append(server)
-        return server
-
-    yield make
-    for server in made:
-        server.close()
 
 
 def collector_for(engines: dict[str, str], tmp_path, **kw) -> EnginesCollector:

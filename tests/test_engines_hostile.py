@@ -23,7 +23,6 @@ from mpswatch.procfs import ProcFS
 
 from tests.kit import hostileengines
 from tests.kit.agentproc import Agent, agent_env, mpswatch_cmd
-from tests.kit.fakevllm import FakeVllm
 from tests.kit.hostileengines import KINDS
 from tests.kit.snapshots import snapshot_of
 
@@ -33,20 +32,6 @@ USER = "admin"
 
 def with_credentials(url: str, password: str = PASSWORD) -> str:
     return url.replace("http://", f"http://{USER}:{password.replace('@', '%40')}@")
-
-
-@pytest.fixture
-def servers():
-    made = []
-
-    def make(**kw) -> FakeVllm:
-        server = FakeVllm(**kw)
-        made.append(server)
-        return server
-
-    yield make
-    for server in made:
-        server.close()
 
 
 @pytest.fixture(scope="module")
