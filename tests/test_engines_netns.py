@@ -95,19 +95,9 @@ def run_agent_in(agent: Pod, pids: dict[str, int], out_dir: Path, as_user: list[
     return json.loads(out.read_text())
 
 
-def agent_pod(network: PodNetwork, pods: dict[str, Pod]) -> Pod:
-    agent = network.add_pod("agent")
-    probe = subprocess.run(["ip", "netns", "exec", agent.netns, sys.executable, "-c",
-                            f"import socket; socket.create_connection(('{pods['a'].address}', 8000), 5).close()"],
-                           capture_output=True, text=True, timeout=30)
-    if probe.returncode != 0:
-        pytest.skip(f"this machine filters traffic between bridged namespaces: {probe.stderr.strip()[-200:]}")
-    return agent
-
-
 def test_an_agent_in_a_pod_namespace_of_its_own_still_scrapes_both_pods_through_their_ips(node, tmp_path):
     network, pods, pids = node
-    agent = agent_pod(network, pods)
+    agent = network.add_agent_pod(pods["a"])
     assert found(run_agent_in(agent, pids, tmp_path)) == expected(pods, pids)
 
 
@@ -124,7 +114,7 @@ def test_an_unprivileged_agent_in_a_pod_namespace_tells_the_pods_apart_by_their_
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=30)
     if runs.returncode != 0:
         pytest.skip(f"uid 65534 cannot run this test's interpreter and checkout: {runs.stderr.strip()[-200:]}")
-    agent = agent_pod(network, pods)
+    agent = network.add_agent_pod(pods["a"])
     with tempfile.TemporaryDirectory(prefix="mpswatch-netns-") as out_dir:  # pytest's tmp_path is root's alone
         os.chmod(out_dir, 0o777)
         assert found(run_agent_in(agent, pids, Path(out_dir), NOBODY)) == expected(pods, pids, privileged=False)

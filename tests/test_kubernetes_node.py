@@ -24,7 +24,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -209,19 +208,8 @@ def test_a_running_agent_exports_each_engine_up_with_its_pod(node):
     assert samples[key("mps_control_expected", reason="engine_pipe_dir")] == 1
 
 
-def agent_pod(node: Node) -> Pod:
-    """A pod network namespace for the agent on the same bridge, once it reaches pod A's engine."""
-    agent = node.network.add_pod("agent")
-    probe = subprocess.run(["ip", "netns", "exec", agent.netns, sys.executable, "-c",
-                            f"import socket; socket.create_connection(('{node.pods['a'].address}', 8000), 5).close()"],
-                           capture_output=True, text=True, timeout=30)
-    if probe.returncode != 0:
-        pytest.skip(f"this machine filters traffic between bridged namespaces: {probe.stderr.strip()[-200:]}")
-    return agent
-
-
 def test_an_agent_in_a_pod_network_of_its_own_finds_the_same_engines_pods_and_blamed_pod(node):
-    agent = agent_pod(node)
+    agent = node.network.add_agent_pod(node.pods["a"])
 
     def check(report):
         assert engines_of(report) == expected_engines(node)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from mpswatch.collectors.engines import EnginesCollector
 from mpswatch.procfs import ProcFS, ppid_of, stat_fields
 
@@ -95,6 +96,17 @@ class PodNetwork:
         ip("-n", pod.netns, "link", "set", "eth0", "up")
         ip("-n", pod.netns, "route", "add", "default", "via", f"{self.subnet}.1")
         return pod
+
+    def add_agent_pod(self, reaching: Pod, port: int = 8000) -> Pod:
+        """A pod for an agent without hostNetwork, once it reaches `reaching`'s engine on `port`;
+        skips the test where the machine filters traffic between bridged namespaces."""
+        agent = self.add_pod("agent")
+        probe = subprocess.run(["ip", "netns", "exec", agent.netns, sys.executable, "-c",
+                                f"import socket; socket.create_connection(('{reaching.address}', {port}), 5).close()"],
+                               capture_output=True, text=True, timeout=30)
+        if probe.returncode != 0:
+            pytest.skip(f"this machine filters traffic between bridged namespaces: {probe.stderr.strip()[-200:]}")
+        return agent
 
     def start(self, pod: Pod, argv: list[str], timeout: float = 30.0) -> subprocess.Popen[str]:
         """Runs argv inside the pod (`ip netns exec` execs it: the PID is argv's) and waits for the
