@@ -34,7 +34,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.kit.agentproc import Agent, agent_env, mpswatch_cmd
+from tests.kit.agentproc import Agent, agent_env, key, mpswatch_cmd
 from tests.kit.fakedaemon import FAKE_CONTROL, FakeDaemon
 from tests.kit.fakevllm import LATENCY_OBSERVATIONS, FakeVllm
 
@@ -65,6 +65,9 @@ METRICS_NORMALISATION = [
     # so their last digits vary
     (rf"^(mps_engine_latency_window_seconds\{{.*\}}) (?:{NUMBER})$", r"\1 <seconds>"),
     (rf'^(mps_engine_latency_(?:p50|p99|mean)_seconds\{{engine="busy",.*\}}) (?:{NUMBER})$', r"\1 <seconds>"),
+    # likewise its inter-token baseline and slowdown (tests/test_interference.py checks the rule)
+    (rf'^(mps_engine_inter_token_latency_(?:baseline_seconds|slowdown_ratio)\{{engine="busy"\}}) (?:{NUMBER})$',
+     r"\1 <from its histograms>"),
 ]
 STATUS_NORMALISATION = [
     (r'"generated_at": "[^"]+"', '"generated_at": "<time>"'),
@@ -186,6 +189,9 @@ def test_the_fixture_node_exports_and_reports_exactly_the_golden_files(tmp_path)
     try:
         with Agent(["--config", str(config)], log_path=tmp_path / "agent.log", nvml="h200") as agent:
             agent.wait_for(lambda s: set(successes(s)) == set(COLLECTORS))
+            # the busy engine's quiet inter-token baseline (mpswatch.interference) needs ten scrapes or so
+            baseline = key("mps_engine_inter_token_latency_baseline_seconds", engine="busy")
+            agent.wait_for(lambda s: baseline in s, timeout=30)
             for source in ("control", "server"):  # the daemon restarts and appends to the same files
                 append(LOGS / f"session2-fault-{source}.log", log_dir / f"{source}.log")
             expected = {source: line_count(LOGS / f"session1-{source}.log", LOGS / f"session2-fault-{source}.log")

@@ -4,7 +4,8 @@ the node, the load balance between the engines of a GPU, the advisor's verdicts,
 explains a server's FAULT, the Kubernetes pod of every MPS client, GPU process and engine, the
 blast radius of a server's fault or death (the client MPS blames, every client that shared the
 server, and whether each came back on another server), the servers whose start a control log
-recorded (before or after their daemon's limits), and the MPS limits each engine's client runs under.
+recorded (before or after their daemon's limits), the MPS limits each engine's client runs under,
+and who slows whom on a shared GPU (mpswatch.interference).
 
 Runs after every collector publish (mpswatch.scheduler), without I/O, on the latest data of each.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from mpswatch.advisor import VERDICTS, Advice, advise_node
 from mpswatch.collectors.mps_control import ParseError, parse_percentage, parse_pinned_limits_env
+from mpswatch.interference import InterferenceMemory
 from mpswatch.metrics import Families
 from mpswatch.snapshot import (
     BlastRadius,
@@ -53,12 +55,14 @@ class Deriver:
     """Stateful only in what it remembers: each engine's GPU (an engine that goes down keeps its GPU
     label, so its series do not churn while it restarts), the names of pods and containers once
     resolved (a pod UID's name and a container ID's name never change), and the clients of each MPS
-    server, kept a while after it faulted or died (FaultMemory)."""
+    server, kept a while after it faulted or died (FaultMemory); and each engine's recent and usual
+    figures for the noisy-neighbour rule (InterferenceMemory)."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._engine_gpu: dict[str, str] = {}
         self._pod_names = PodNames()
         self._faults = FaultMemory(clock)
+        self._interference = InterferenceMemory()
 
     def __call__(self, snapshot: NodeSnapshot) -> DerivedFacts:
         engines: tuple[EngineState, ...] = ()
@@ -104,6 +108,7 @@ class Deriver:
             engine_pods=frozen_map(engine_pods(engines, pod_of_pid)),
             mps_expected=mps_expectation(snapshot.mps_control, snapshot.engines),
             server_starts=frozen_map(starts),
+            interference=frozen_map(self._interference.update(engines)),
         )
 
 

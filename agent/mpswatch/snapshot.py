@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mpswatch.advisor import Advice
+    from mpswatch.interference import Interference
     from mpswatch.latency import LatencyFigures
 
 
@@ -259,6 +260,9 @@ class EngineState:
     latencies: Mapping[str, LatencyFigures] = field(default_factory=frozen_map)
     latency_window_seconds: float | None = None
     latency_histograms: tuple[str, ...] = ()  # the latencies its last answer has histograms for
+    # (sum, count) of each latency histogram in its last answer, for figures over other windows (interference)
+    latency_totals: Mapping[str, tuple[float, float]] = field(default_factory=frozen_map)
+    scraped_at: float | None = None  # monotonic time its last answer arrived; None: down
 
 
 LIMIT_SOURCES = ("client_env", "server", "daemon_default")
@@ -481,3 +485,5 @@ class DerivedFacts:
     # (pipe_dir, server_pid) -> the server's start as its daemon's control log recorded it, for the
     # listed servers whose start is in the log
     server_starts: Mapping[tuple[str, int], ServerStart] = field(default_factory=frozen_map)
+    # engine name -> what the noisy-neighbour rule makes of it (mpswatch.interference), for up engines on a GPU
+    interference: Mapping[str, Interference] = field(default_factory=frozen_map)

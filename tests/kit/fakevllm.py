@@ -240,6 +240,54 @@ class FakeVllm:
         self.server.server_close()
 
 
+
+class PacedVllm(FakeVllm):
+    """A fake vLLM whose counters advance with time at rates the test sets (`pace`): generated tokens
+    at `tokens_per_second`, each observed at `inter_token_seconds` in vllm:inter_token_latency_seconds
+    (an engine decoding steadily), and prompt tokens at `prompt_tokens_per_second` (a prefill burst)."""
+
+    ITL = "vllm:inter_token_latency_seconds"
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(latencies={self.ITL: [0.0]}, **kwargs)  # the template's own ITL lines give way
+        self.inter_token_seconds, self.tokens_per_second, self.prompt_tokens_per_second = 0.01, 100.0, 0.0
+        self._at = time.monotonic()
+        self._prompt = self._generated = self._itl_sum = 0.0
+        self._itl_buckets = [0.0] * (len(HISTOGRAMS[self.ITL]) + 1)  # the last: +Inf
+
+    def pace(self, **rates: float) -> None:
+        """Sets inter_token_seconds, tokens_per_second, prompt_tokens_per_second, running (from now on)."""
+        with self._lock:
+            self._advance()
+            for name, value in rates.items():
+                if not hasattr(self, name):
+                    raise AttributeError(name)
+                setattr(self, name, value)
+
+    def _advance(self) -> None:
+        now = time.monotonic()
+        elapsed, self._at = now - self._at, now
+        tokens = self.tokens_per_second * elapsed
+        self._prompt += self.prompt_tokens_per_second * elapsed
+        self._generated += tokens
+        self._itl_sum += tokens * self.inter_token_seconds
+        for i, bound in enumerate([*HISTOGRAMS[self.ITL], float("inf")]):
+            if self.inter_token_seconds <= bound:
+                self._itl_buckets[i] += tokens
+
+    def body(self) -> str:
+        with self._lock:
+            self._advance()
+            labels = f'engine="0",model_name="{self.model_label}"'
+            lines = [f"# HELP {self.ITL} Histogram of inter-token latency in seconds.", f"# TYPE {self.ITL} histogram"]
+            for bound, below in zip([*HISTOGRAMS[self.ITL], "+Inf"], self._itl_buckets, strict=True):
+                lines.append(f'{self.ITL}_bucket{{{labels},le="{bound}"}} {below!r}')
+            lines += [f"{self.ITL}_count{{{labels}}} {self._generated!r}", f"{self.ITL}_sum{{{labels}}} {self._itl_sum!r}"]
+            return (self.template.replace("{running}", f"{self.running}.0").replace("{waiting}", "0.0")
+                    .replace("{kv}", "0.42").replace("{prompt}", f"{self._prompt:.1f}")
+                    .replace("{generation}", f"{self._generated:.1f}") + "\n".join(lines) + "\n")
+
+
 def _family_of(line: str) -> str:
     """The histogram family a line of a body belongs to (its name without _bucket, _sum, _count, _created)."""
     words = line.split()

@@ -25,6 +25,7 @@ from mpswatch.collectors.mps_control import DEFAULT_PIPE_DIR
 from mpswatch.engine_kinds import AUTO, KINDS, REJECT_REASONS, EngineSample, parameters_from_model_name
 from mpswatch.engine_kinds.kinds import parse_engine_command, parse_engine_metrics
 from mpswatch.httpfetch import BackgroundFetcher, Fetch, Pending, fetch_metrics, redact_url
+from mpswatch.interference import Interference
 from mpswatch.latency import DEFAULT_WINDOW_SECONDS, QUANTILES, LatencyFigures, LatencyWindow
 from mpswatch.metrics import Families
 from mpswatch.netns import find_endpoint
@@ -295,6 +296,8 @@ class EnginesCollector:
             latencies=frozen_map(latencies),
             latency_window_seconds=engine.latency.span_seconds if latencies else None,
             latency_histograms=tuple(sorted(sample.latencies)),
+            latency_totals=frozen_map({name: (h.sum, h.count) for name, h in sample.latencies.items()}),
+            scraped_at=scrape.fetched_at,
         )
 
     def _count_rejected(self, engine: _Engine, rejected: Mapping[str, int]) -> None:
@@ -430,6 +433,8 @@ def render(data: EnginesData, facts: DerivedFacts, out: Families) -> None:
                 out.add(f"mps_engine_latency_p{q * 100:g}_seconds", [e.name, latency], seconds)
             if found.mean is not None:
                 out.add("mps_engine_latency_mean_seconds", [e.name, latency], found.mean)
+        if (found_interference := facts.interference.get(e.name)) is not None:
+            _render_interference(e.name, found_interference, out)
         if e.load_share_ratio is not None:
             out.add("mps_engine_load_share_ratio", [e.name, e.gpu_uuid or ""], e.load_share_ratio)
         if e.gpu_memory_utilization is not None:
@@ -449,8 +454,20 @@ def render(data: EnginesData, facts: DerivedFacts, out: Families) -> None:
         out.add("mps_discovery_unreadable_processes", ["engine", reason], processes)
 
 
+def _render_interference(engine: str, found: Interference, out: Families) -> None:
+    if found.baseline_seconds is not None:
+        out.add("mps_engine_inter_token_latency_baseline_seconds", [engine], found.baseline_seconds)
+    if found.slowdown_ratio is not None:
+        out.add("mps_engine_inter_token_latency_slowdown_ratio", [engine], found.slowdown_ratio)
+    if found.bursting is not None:
+        out.add("mps_engine_burst", [engine], 1 if found.bursting else 0)
+    if found.neighbour is not None and found.slowdown_ratio is not None:
+        out.add("mps_engine_interference_slowdown_ratio", [engine, found.neighbour], found.slowdown_ratio)
+
+
 def status(data: EnginesData, facts: DerivedFacts, now: float) -> StatusSection:
-    engines = [{**_engine_entry(e), "pod": pod_name(facts.engine_pods.get(e.name))} for e in facts.engines]
+    engines = [{**_engine_entry(e, facts.interference.get(e.name)), "pod": pod_name(facts.engine_pods.get(e.name))}
+               for e in facts.engines]
     engine_gpus = _engine_gpus(facts.imbalance, engines)
     problems = [problem(g["verdict"], "engine_gpu", f"engines on {g['gpu_uuid'] or 'an unknown GPU'}", g["reason"])
                 for g in engine_gpus if g["verdict"] != OK]
@@ -472,7 +489,7 @@ def _needs_two_samples(engines: tuple[EngineState, ...]) -> tuple[str, ...]:
     return tuple(figures)
 
 
-def _engine_entry(e: EngineState) -> dict[str, Any]:
+def _engine_entry(e: EngineState, interference: Interference | None) -> dict[str, Any]:
     if not e.up:
         verdict, reason = DOWN, f"metrics endpoint: {e.error}"
     else:
@@ -485,11 +502,15 @@ def _engine_entry(e: EngineState) -> dict[str, Any]:
             problems.append(f"its metrics had values refused ({', '.join(e.rejected_reasons)}): those figures are unknown")
         if e.cpu_bound:
             problems.append(f"CPU-bound: busiest thread at {percent(e.busiest_thread_cpu_ratio)} of a core")
+        if interference is not None and interference.neighbour is not None:
+            problems.append(f"slowed by a noisy neighbour: {interference.detail}")
         attached = {True: "MPS attached", False: "not under MPS", None: "MPS attachment unknown"}[e.mps_attached]
         tps = "?" if e.tokens_per_second is None else f"{e.tokens_per_second:.0f}"
         figures = (f"share {percent(e.load_share_ratio)}, {tps} tok/s, running {count(e.requests_running)}, "
                    f"waiting {count(e.requests_waiting)}, {attached}, busiest thread {percent(e.busiest_thread_cpu_ratio)}")
         figures += f", {_latency_text(e)}"
+        if interference is not None and interference.neighbour is None:
+            figures += f"; {interference.detail}"
         if e.pipe_dir_served is None and e.pipe_dir_served_detail is not None:
             figures += f"; pipe dir {e.mps_pipe_dir} served? {e.pipe_dir_served_detail}"
         if e.active_thread_limit is not None:
@@ -523,6 +544,7 @@ def _engine_entry(e: EngineState) -> dict[str, Any]:
         "gpu_memory_utilization": e.gpu_memory_utilization,
         "latency_window_seconds": e.latency_window_seconds,
         "latencies": {name: _latency_entry(found) for name, found in sorted(e.latencies.items())},
+        "interference": _interference_entry(interference),
         "active_thread_limit": _limit_entry(e.active_thread_limit, "ratio"),
         "pinned_memory_limit": _limit_entry(e.pinned_memory_limit, "bytes"),
         "verdict": verdict,
@@ -547,6 +569,15 @@ def _latency_text(e: EngineState) -> str:
 
 def _latency_entry(found: LatencyFigures) -> dict[str, float | None]:
     return {**{f"p{q * 100:g}": found.quantiles.get(q) for q in QUANTILES}, "mean": found.mean}
+
+
+def _interference_entry(found: Interference | None) -> dict[str, Any] | None:
+    if found is None:
+        return None
+    return {"inter_token_seconds": found.inter_token_seconds, "baseline_seconds": found.baseline_seconds,
+            "slowdown_ratio": found.slowdown_ratio, "bursting": found.bursting,
+            "prompt_tokens_per_second": found.prompt_tokens_per_second, "neighbour": found.neighbour,
+            "neighbour_prompt_tokens_per_second": found.neighbour_prompt_tokens_per_second, "detail": found.detail}
 
 
 def _limit_entry(limit: MpsLimit | None, unit: str) -> dict[str, Any] | None:
