@@ -40,6 +40,9 @@ _PER_NODE = [
      'sum by ({by}, instance) (increase(mps_log_events_total{ss}event="fatal_gpu_error"}}[10m]))'),
     ("engines on a GPU without MPS", "mps_engines_without_mps:sum", "sum by ({by}, instance) (1 - mps_engine_mps_attached{s})"),
     ("engines down", "mps_engines_down:sum", "sum by ({by}, instance) (1 - mps_engine_up{s})"),
+    ("engines slowed 1.5 times or more while a neighbour on their GPU bursts", "mps_engines_slowed_by_neighbour:sum",
+     "count by ({by}, instance) (mps_engine_interference_slowdown_ratio{s} >= 1.5)"
+     " or on ({by}, instance) (sum by ({by}, instance) (mps_engine_up{s}) * 0)"),
     ("worst engine imbalance of a GPU", "mps_gpu_engine_imbalance:max", "max by ({by}, instance) (mps_gpu_engine_imbalance_ratio{s})"),
     ("mean estimated MPS gain of the GPUs", "mps_gpu_mps_gain_estimate:avg", "avg by ({by}, instance) (mps_gpu_mps_gain_estimate_ratio{s})"),
     ("collectors failing", "mps_exporter_collectors_failing:sum", "sum by ({by}, instance) (1 - mps_exporter_collector_success{s})"),

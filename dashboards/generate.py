@@ -248,6 +248,17 @@ def engines():
                                  "a bucket bound may stand for anything above it. Gaps: no request in the window. docs/engines.md#latency.")
                     .with_target(q(f'mps_engine_latency_p99_seconds{{{ENGINE},latency="time_to_first_token"}}', "{{instance}} {{engine}} TTFT", "A"))
                     .with_target(q(f'mps_engine_latency_p99_seconds{{{ENGINE},latency="inter_token"}}', "{{instance}} {{engine}} ITL", "B")))
+        .with_panel(timeseries.Panel().title("Who slows whom: inter-token slowdown and bursts").span(24).height(8)
+                    .unit(units.Short).min(0)
+                    .description("Each engine's inter-token latency over the last 10 s against its quiet baseline (1 = as usual); "
+                                 "'slowed by' lines while a neighbour on its GPU bursts and it is slowed 1.25 times or more "
+                                 "(MPSEngineNoisyNeighbour at 1.5); 'bursting' is 1 while an engine's prompt tokens or running "
+                                 "requests burst above its usual. The engine's own load rising looks the same: docs/engines.md, Interference.")
+                    .thresholds(thresholds((None, "green"), (1.5, "red")))
+                    .with_target(q(f"mps_engine_inter_token_latency_slowdown_ratio{{{ENGINE}}}", "{{instance}} {{engine}} slowdown", "A"))
+                    .with_target(q(f"mps_engine_interference_slowdown_ratio{{{ENGINE}}}",
+                                   "{{instance}} {{engine}} slowed by {{neighbour}}", "B"))
+                    .with_target(q(f"mps_engine_burst{{{ENGINE}}}", "{{instance}} {{engine}} bursting", "C")))
     )
 
 
@@ -264,9 +275,9 @@ def fleet_stat(title: str, record: str, description: str, red_from: float = 1):
             .color_mode(BigValueColorMode.BACKGROUND).thresholds(thresholds((None, "green"), (red_from, "red"))))
 
 
-def ranked(title: str, expr: str, unit: str, description: str):
+def ranked(title: str, expr: str, unit: str, description: str, span: int = 12):
     """A table of the worst nodes or GPUs, each row linking to the node's dashboard."""
-    return (table.Panel().title(title).span(12).height(9).unit(unit).description(description)
+    return (table.Panel().title(title).span(span).height(9).unit(unit).description(description)
             .with_target(q(expr, instant=True).format(PromQueryFormat.TABLE))
             .data_links([dash.DashboardLink("Node overview").url(NODE_LINK),
                          dash.DashboardLink("Node's runbooks").url(NODE_RUNBOOKS).target_blank(True)]))
@@ -315,6 +326,10 @@ def fleet():
                            "Busiest engine's share of its GPU's tokens over the fair share (MPSEngineLoadImbalance at 1.5 and more)."))
         .with_panel(ranked("GPUs where MPS likely costs throughput", f"bottomk(20, mps_gpu_mps_gain_estimate_ratio{{{CLUSTER_JOB}}} < 0)",
                            units.PercentUnit, "mpswatch's estimate of MPS's gain for each GPU's engines, below 0 (MPSLikelySlower)."))
+        .with_panel(ranked("Engines slowed by a noisy neighbour",
+                           f"topk(20, mps_engine_interference_slowdown_ratio{{{CLUSTER_JOB}}} >= 1.5)", units.Short,
+                           "Inter-token latency over the engine's quiet baseline, with the neighbour on its GPU that bursts "
+                           "(MPSEngineNoisyNeighbour when it lasts); the engine's own load rising looks the same.", span=24))
         .with_row(dash.Row("Over time"))
         .with_panel(timeseries.Panel().title("Problems per cluster").span(12).height(8).unit(units.Short).min(0)
                     .description("Nodes with problems, servers in FAULT and clients refused per cluster.")
@@ -325,6 +340,11 @@ def fleet():
                     .description("The mean of the GPUs' estimated gain from MPS and the worst engine imbalance of a GPU, per cluster.")
                     .with_target(q(f"cluster:mps_gpu_mps_gain_estimate:avg{{{CLUSTER}}}", "{{cluster}} gain", "A"))
                     .with_target(q(f"cluster:mps_gpu_engine_imbalance:max{{{CLUSTER}}}", "{{cluster}} worst imbalance", "B")))
+        .with_panel(timeseries.Panel().title("Engines slowed by a noisy neighbour per cluster").span(24).height(8)
+                    .unit(units.Short).min(0)
+                    .description("Engines whose inter-token latency is 1.5 times their usual or more while a neighbour on their "
+                                 "GPU bursts, per cluster.")
+                    .with_target(q(f"cluster:mps_engines_slowed_by_neighbour:sum{{{CLUSTER}}}", "{{cluster}}", "A")))
     )
 
 

@@ -16,13 +16,15 @@ import subprocess
 import sys
 import urllib.parse
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 from mpswatch.exporter import cached_exposition
 from mpswatch.exposition import render
-from mpswatch.snapshot import NodeSnapshot
+from mpswatch.interference import Interference
+from mpswatch.snapshot import NodeSnapshot, frozen_map
 
 from tests.kit.agentproc import REPO, free_port
 from tests.kit.fakecontrol import write_reply
@@ -40,17 +42,38 @@ def _exposition(snapshot: NodeSnapshot) -> bytes:
 
 def capture_states(shape: tuple[int, int, int], name: str) -> dict[str, bytes]:
     """The expositions of one staged node (GPUs, MPS clients per GPU, engines) in four states:
-    healthy; its MPS server in FAULT; the control daemon killed (the control program says none
-    runs); `name` prefixes each state's key."""
+    healthy; a noisy neighbour (with two engines or more on a GPU); its MPS server in FAULT; the
+    control daemon killed (the control program says none runs); `name` prefixes each state's key."""
     with node(name, *shape) as setup:
         scheduler = settled_scheduler(setup)
-        states = {f"{name}-healthy": _exposition(scheduler.store.current())}
+        healthy = scheduler.store.current()
+        states = {f"{name}-healthy": _exposition(healthy)}
+        noisy = _with_noisy_neighbour(healthy)
+        if noisy is not None:
+            states[f"{name}-noisy"] = _exposition(noisy)
         write_reply(setup["pipe"], "get_server_status 476", "FAULT\n")
         states[f"{name}-fault"] = _exposition(scheduler.run_once())
         shutil.rmtree(setup["pipe"] / "replies")
         (setup["pipe"] / "scenario.json").write_text(json.dumps({"mode": "not_running"}))
         states[f"{name}-daemon-down"] = _exposition(scheduler.run_once())
         return states
+
+
+def _with_noisy_neighbour(snapshot: NodeSnapshot) -> NodeSnapshot | None:
+    """The node as the agent renders it when the first engine of a GPU shared by two is slowed 2x
+    while the second bursts (the staged engines' figures do not move, so the rule itself cannot
+    find it there: tests/test_interference.py proves the rule)."""
+    by_gpu: dict[str, list[str]] = {}
+    for engine in snapshot.derived.engines:
+        if engine.gpu_uuid is not None:
+            by_gpu.setdefault(engine.gpu_uuid, []).append(engine.name)
+    shared = next(((gpu, names) for gpu, names in sorted(by_gpu.items()) if len(names) >= 2), None)
+    if shared is None:
+        return None
+    gpu, (slowed, bursting, *_) = shared
+    interference = {slowed: Interference(gpu, 0.02, 0.01, 2.0, False, 0.0, bursting, 40_000.0),
+                    bursting: Interference(gpu, None, None, None, True, 40_000.0)}
+    return replace(snapshot, derived=replace(snapshot.derived, interference=frozen_map(interference)))
 
 
 def assign(nodes: int, states: dict[str, float], clusters: int) -> dict[str, dict[str, str]]:
