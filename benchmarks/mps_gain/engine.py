@@ -463,6 +463,7 @@ class PhaseLog:
         self.written: set[str] = set()
 
     def add(self, wall: float, tokens: int, value: float) -> None:
+        """A step in the phase `wall` (time.time()) falls in."""
         phase = phase_at(self.phases, wall - self.origin)
         if phase is not None:
             self.values[phase.name].append(value)
@@ -577,12 +578,13 @@ def run_bursting(model: Model, args: argparse.Namespace, device: torch.device, m
             time.sleep(max(0.0, min(0.05, phase_end - now)))
             continue
         metrics.busy(batch)
+        started = time.time()  # a step counts in the phase that started it
         begin = time.perf_counter()
         tokens = workload.step()
         end = time.perf_counter()
         last_step_s = end - begin
         account.step(workload, last_step_s, end)
-        log.add(time.time(), tokens, last_step_s)
+        log.add(started, tokens, last_step_s)
     metrics.idle()
     log.flush(time.time())
     log.summarise()
