@@ -59,6 +59,8 @@ from benchmarks.mps_gain.cases import (
     marker,
     parse_cases,
 )
+from benchmarks.mps_gain.histograms import LatencyHistograms
+from benchmarks.mps_gain.timing import Phase, figures, parse_timetable, phase_at
 
 DTYPE = torch.bfloat16
 RMS_EPS = 1e-6
@@ -226,6 +228,8 @@ class VllmMetrics:
                                         buckets=TOKEN_BUCKETS, registry=registry).labels(**labels)
         self.request_generation = Histogram("vllm:request_generation_tokens", "Number of generation tokens processed.",
                                             names, buckets=TOKEN_BUCKETS, registry=registry).labels(**labels)
+        self.latency = LatencyHistograms(model_name)
+        registry.register(self.latency)
         Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", ["engine", "gpu_memory_utilization"],
               registry=registry).labels(engine="0", gpu_memory_utilization=gpu_memory_utilization).set(1)
         self.waiting.set(0)
@@ -247,29 +251,33 @@ class VllmMetrics:
 
 
 class DecodeHeavy:
-    """32 sequences decoding over a cache full of `context` tokens. Requests "finish" every 256
-    tokens (histograms only: their next prompts are taken as already in the cache, never prefilled,
-    so the prompt token counter stays put)."""
+    """`batch` sequences (32 unless given) decoding over a cache full of `context` tokens. Requests
+    "finish" every 256 tokens (histograms only: their next prompts are taken as already in the cache,
+    never prefilled, so the prompt token counter stays put and no time to first token is observed)."""
 
-    def __init__(self, model: Model, case: Case, device: torch.device, metrics: VllmMetrics) -> None:
+    def __init__(self, model: Model, case: Case, device: torch.device, metrics: VllmMetrics,
+                 batch: int | None = None) -> None:
         self.case, self.metrics = case, metrics
-        self.cache = KVCache(model.shape, case.batch, case.cache_tokens, device)
-        self.tokens = torch.randint(model.shape.vocab, (case.batch,), device=device)
+        self.batch = batch or case.batch
+        self.cache = KVCache(model.shape, self.batch, case.cache_tokens, device)
+        self.tokens = torch.randint(model.shape.vocab, (self.batch,), device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.decode, self.graph = captured(lambda: model.decode(self.cache, self.tokens, self.position), device)
         self.wait = step_waiter(device)
         self.generated = 0
+        self.last, self.finished = "decode", False  # what the last step was, and whether it ended requests
 
     def step(self) -> int:
         """One synchronised step; the tokens it counts."""
         self.decode()
         self.wait()
-        self.metrics.generation.inc(self.case.batch)
+        self.metrics.generation.inc(self.batch)
         self.generated += 1
-        if self.generated == DECODE_REQUEST_TOKENS:
-            self.metrics.finished(self.case.batch, self.case.context, DECODE_REQUEST_TOKENS)
+        self.finished = self.generated == DECODE_REQUEST_TOKENS
+        if self.finished:
+            self.metrics.finished(self.batch, self.case.context, DECODE_REQUEST_TOKENS)
             self.generated = 0
-        return self.case.batch
+        return self.batch
 
 
 class PrefillHeavy:
@@ -278,6 +286,7 @@ class PrefillHeavy:
 
     def __init__(self, model: Model, case: Case, device: torch.device, metrics: VllmMetrics) -> None:
         self.model, self.case, self.metrics = model, case, metrics
+        self.batch = case.batch
         self.cache = KVCache(model.shape, case.batch, case.cache_tokens, device)
         self.prompts = torch.randint(model.shape.vocab, (case.batch, case.context), device=device)
         self.tokens = torch.zeros(case.batch, dtype=torch.long, device=device)
@@ -285,6 +294,7 @@ class PrefillHeavy:
         self.decode, self.graph = captured(lambda: model.decode(self.cache, self.tokens, self.position), device)
         self.wait = step_waiter(device)
         self.generated = 0  # per sequence, this round; 0: the next step prefills
+        self.last, self.finished = "prefill", False
 
     def step(self) -> int:
         batch, context = self.case.batch, self.case.context
@@ -295,18 +305,97 @@ class PrefillHeavy:
             self.metrics.prompt.inc(batch * context)
             self.metrics.generation.inc(batch)
             self.generated = 1
+            self.last, self.finished = "prefill", False
             return batch * context + batch
         self.decode()
         self.wait()
         self.metrics.generation.inc(batch)
         self.generated += 1
-        if self.generated == TOKENS_AFTER_PREFILL:
+        self.last, self.finished = "decode", self.generated == TOKENS_AFTER_PREFILL
+        if self.finished:
             self.metrics.finished(batch, context, TOKENS_AFTER_PREFILL)
             self.generated = 0
         return batch
 
 
+class PrefillOnly:
+    """The interference proof's bursting engine: every step prefills `batch` prompts of `context`
+    tokens (eager, `batch * context` prompt tokens a step) and ends them with the prefill's token,
+    so a step is one time to first token per prompt and no decode runs."""
+
+    def __init__(self, model: Model, case: Case, device: torch.device, metrics: VllmMetrics, batch: int) -> None:
+        self.model, self.case, self.metrics, self.batch = model, case, metrics, batch
+        self.cache = KVCache(model.shape, batch, case.context, device)
+        self.prompts = torch.randint(model.shape.vocab, (batch, case.context), device=device)
+        self.wait = step_waiter(device)
+        self.graph = None
+        self.last, self.finished = "prefill", True
+
+    def step(self) -> int:
+        self.model.prefill(self.cache, self.prompts)
+        self.wait()
+        self.metrics.prompt.inc(self.batch * self.case.context)
+        self.metrics.generation.inc(self.batch)
+        self.metrics.finished(self.batch, self.case.context, 1)
+        return self.batch * self.case.context + self.batch
+
+
+Workload = DecodeHeavy | PrefillHeavy | PrefillOnly
 WORKLOAD_CLASSES = {"decode": DecodeHeavy, "prefill": PrefillHeavy}
+
+
+class StepAccount:
+    """A step's latencies, from its interval (the end of the step before, or the end of a pacing
+    sleep, to the end of this one: CPU work included, as vLLM's scheduler time is): a decode step is
+    one inter-token latency per sequence, a prefill step one time to first token per prompt (its
+    prompts arrived when the step's interval began: the closed loop takes a new round at once, so
+    the queue time observed is 0), and a step that ends requests one end-to-end latency each, since
+    their arrival. Always into the engine's histograms; into the raw lists while `recording`."""
+
+    def __init__(self, histograms: LatencyHistograms) -> None:
+        self.histograms = histograms
+        self.recording = False
+        self.itl: list[float] = []
+        self.ttft: list[float] = []
+        self.arrival: float | None = None  # of the requests running now, perf_counter seconds
+
+    def step(self, workload: Workload, interval: float, end: float) -> None:
+        batch = workload.batch
+        if self.arrival is None:
+            self.arrival = end - interval
+        if workload.last == "prefill":
+            self.histograms.observe("ttft", interval, batch)
+            if self.recording:
+                self.ttft.append(interval)
+        else:
+            self.histograms.observe("itl", interval, batch)
+            if self.recording:
+                self.itl.append(interval)
+        if workload.finished:
+            self.histograms.observe("e2e", end - self.arrival, batch)
+            self.histograms.observe("queue", 0.0, batch)
+            self.arrival = None
+
+    def figures(self) -> dict:
+        """Exact figures of the raw lists: every step of a case has the same batch, so the per-step
+        distribution is the per-token (per-prompt) one."""
+        return {**figures("itl", self.itl), **figures("ttft", self.ttft)}
+
+
+class Stepper:
+    """Steps a workload with its CPU work and accounts each step's latencies."""
+
+    def __init__(self, workload: Workload, cpu_work_s: float, account: StepAccount) -> None:
+        self.workload, self.cpu_work_s, self.account = workload, cpu_work_s, account
+        self.previous = time.perf_counter()  # the end of the last step
+
+    def step(self) -> int:
+        busy_cpu(self.cpu_work_s)
+        tokens = self.workload.step()
+        end = time.perf_counter()
+        self.account.step(self.workload, end - self.previous, end)
+        self.previous = end
+        return tokens
 
 
 def busy_cpu(seconds: float) -> None:
@@ -316,15 +405,14 @@ def busy_cpu(seconds: float) -> None:
         pass
 
 
-def run_for(workload: DecodeHeavy | PrefillHeavy, seconds: float, cpu_work_s: float) -> tuple[int, int, float]:
+def run_for(stepper: Stepper, seconds: float) -> tuple[int, int, float]:
     """Steps until `seconds` have passed; (tokens, steps, seconds up to the end of the last step)."""
     tokens = steps = 0
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        busy_cpu(cpu_work_s)
-        tokens += workload.step()
+    started = stepper.previous = time.perf_counter()
+    while stepper.previous - started < seconds:
+        tokens += stepper.step()
         steps += 1
-    return tokens, steps, time.perf_counter() - started
+    return tokens, steps, stepper.previous - started
 
 
 class Meeting:
@@ -350,14 +438,159 @@ class Meeting:
             self.check(started, f"case {case_index} {stage}")
             time.sleep(0.005)
 
-    def run_until_all(self, case_index: int, stage: str, workload: DecodeHeavy | PrefillHeavy,
-                      cpu_work_s: float) -> None:
+    def run_until_all(self, case_index: int, stage: str, stepper: Stepper) -> None:
         """Keeps the GPU loaded as in the measurement until every engine has reached `stage`."""
         started = time.monotonic()
         while not all_marked(self.run_dir, case_index, stage, self.engines):
             self.check(started, f"case {case_index} {stage}")
-            busy_cpu(cpu_work_s)
-            workload.step()
+            stepper.step()
+
+
+# ---------------------------------------------------------------- the interference proof (issue 18)
+
+READY_FILE, START_FILE = "ready.{index}", "start"  # in the run dir: engine built / the timetable's origin
+
+
+class PhaseLog:
+    """Per phase of the timetable: the steps taken and their raw latencies; one JSON line a phase,
+    written as soon as it ends, then one summary line per phase kind (and `calm`: quiet and idle)."""
+
+    def __init__(self, role: str, phases: list[Phase], origin: float, results: Path, key: str) -> None:
+        self.role, self.phases, self.origin, self.results, self.key = role, phases, origin, results, key
+        self.values: dict[str, list[float]] = {phase.name: [] for phase in phases}
+        self.steps = dict.fromkeys(self.values, 0)
+        self.tokens = dict.fromkeys(self.values, 0)
+        self.written: set[str] = set()
+
+    def add(self, wall: float, tokens: int, value: float) -> None:
+        """A step in the phase `wall` (time.time()) falls in."""
+        phase = phase_at(self.phases, wall - self.origin)
+        if phase is not None:
+            self.values[phase.name].append(value)
+            self.steps[phase.name] += 1
+            self.tokens[phase.name] += tokens
+        self.flush(wall)
+
+    def flush(self, wall: float) -> None:
+        """Writes every phase over by `wall` not written yet."""
+        for phase in self.phases:
+            if phase.name not in self.written and self.origin + phase.end <= wall:
+                self.written.add(phase.name)
+                self._write({"role": self.role, "phase": phase.name, "kind": phase.kind,
+                             "start": self.origin + phase.start, "end": self.origin + phase.end,
+                             "steps": self.steps[phase.name], "tokens": self.tokens[phase.name],
+                             **figures(self.key, self.values[phase.name])})
+
+    def summarise(self) -> None:
+        kinds = {kind: [name for name in self.values if name.rstrip("0123456789") == kind]
+                 for kind in ("quiet", "burst", "idle")}
+        kinds["calm"] = kinds["quiet"] + kinds["idle"]
+        for kind, names in kinds.items():
+            values = [value for name in names for value in self.values[name]]
+            self._write({"role": self.role, "summary": kind, "steps": sum(self.steps[name] for name in names),
+                         **figures(self.key, values)})
+
+    def _write(self, line: dict) -> None:
+        with self.results.open("a") as out:
+            out.write(json.dumps(line) + "\n")
+
+
+def wait_for_start(run_dir: Path, index: int, parent: int, idle_step: Callable[[], None]) -> float:
+    """Marks this engine ready and returns the timetable's origin (time.time()) once the orchestrator
+    has written it; `idle_step` runs meanwhile (a paced decode step, or a short sleep)."""
+    (run_dir / READY_FILE.format(index=index)).touch()
+    started = time.monotonic()
+    start_file = run_dir / START_FILE
+    while True:
+        try:
+            return float(start_file.read_text())
+        except (OSError, ValueError):
+            pass
+        if os.getppid() != parent:
+            raise SystemExit(f"engine {index}: the orchestrator is gone")
+        if time.monotonic() - started > WAIT_TIMEOUT_S:
+            raise SystemExit(f"engine {index}: no start after {WAIT_TIMEOUT_S:g} s")
+        idle_step()
+
+
+def run_steady(model: Model, args: argparse.Namespace, device: torch.device, metrics: VllmMetrics,
+               phases: list[Phase]) -> None:
+    """A light steady decoder: `--batch` sequences at `--context`, one step every 1/--steps-per-second
+    seconds (a late step is followed at once, never by a catch-up burst), for the whole timetable.
+    Its inter-token latency is a step's own wall time, from the end of the pacing sleep to its tokens:
+    the pacing stands for a light load leaving the GPU idle between steps, not for time its sequences
+    wait, so a neighbour's slowing of the GPU shows undiluted."""
+    workload = DecodeHeavy(model, Case(args.context, "decode"), device, metrics, batch=args.batch)
+    account = StepAccount(metrics.latency)
+    period = 1.0 / args.steps_per_second
+    state = {"next": time.perf_counter()}
+
+    def paced_step() -> tuple[int, float]:
+        pause = state["next"] - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+        begin = time.perf_counter()
+        tokens = workload.step()
+        end = time.perf_counter()
+        account.step(workload, end - begin, end)
+        state["next"] = max(state["next"] + period, end)
+        return tokens, end - begin
+
+    workload.step()
+    metrics.busy(args.batch)
+    origin = wait_for_start(args.run_dir, args.engine_index, os.getppid(), paced_step)
+    log = PhaseLog("steady", phases, origin, args.results, "itl")
+    parent = os.getppid()
+    while (now := time.time()) < origin + phases[-1].end:
+        if os.getppid() != parent:
+            raise SystemExit("steady engine: the orchestrator is gone")
+        tokens, interval = paced_step()
+        if now < origin:
+            continue  # warm, not logged
+        log.add(time.time(), tokens, interval)
+    log.flush(time.time())
+    log.summarise()
+    metrics.idle()
+
+
+def run_bursting(model: Model, args: argparse.Namespace, device: torch.device, metrics: VllmMetrics,
+                 phases: list[Phase]) -> None:
+    """Idle (nothing on the GPU, running 0, prompt counter flat) but in burst phases, where it runs
+    back-to-back prefill steps of --prefill-tokens (prompts of --context), running = their prompts.
+    A step that would end past its burst (by the last step's time) is not started."""
+    batch = max(1, args.prefill_tokens // args.context)
+    workload = PrefillOnly(model, Case(args.context, "prefill"), device, metrics, batch)
+    account = StepAccount(metrics.latency)
+    workload.step()
+    metrics.idle()
+    origin = wait_for_start(args.run_dir, args.engine_index, os.getppid(), lambda: time.sleep(0.01))
+    log = PhaseLog("bursting", phases, origin, args.results, "ttft")
+    parent = os.getppid()
+    last_step_s = 0.0
+    while (now := time.time()) < origin + phases[-1].end:
+        if os.getppid() != parent:
+            raise SystemExit("bursting engine: the orchestrator is gone")
+        phase = phase_at(phases, now - origin)
+        phase_end = origin + (phase.end if phase is not None else phases[0].start)
+        if phase is None or phase.kind != "burst" or now + last_step_s > phase_end:
+            metrics.idle()
+            log.flush(now)
+            time.sleep(max(0.0, min(0.05, phase_end - now)))
+            continue
+        metrics.busy(batch)
+        started = time.time()  # a step counts in the phase that started it
+        begin = time.perf_counter()
+        tokens = workload.step()
+        end = time.perf_counter()
+        last_step_s = end - begin
+        account.step(workload, last_step_s, end)
+        log.add(started, tokens, last_step_s)
+    metrics.idle()
+    log.flush(time.time())
+    log.summarise()
+
+
+# ---------------------------------------------------------------- command line
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -371,64 +604,89 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--run-dir", type=Path, required=True, help="where the engines' marker files meet")
     parser.add_argument("--engines", type=int, default=1, help="engines of this launch, this one included")
     parser.add_argument("--engine-index", type=int, default=0)
-    parser.add_argument("--cases", required=True, help="CONTEXT:WORKLOAD[:CPU_WORK_MS],... (workload decode|prefill)")
+    parser.add_argument("--cases", help="CONTEXT:WORKLOAD[:CPU_WORK_MS],... (workload decode|prefill)")
     parser.add_argument("--cpu-work-ms", type=float, default=0.0, help="busy CPU work per step, for cases without their own")
     parser.add_argument("--seconds", type=float, default=3.0, help="measurement window per case")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds run before the window")
-    parser.add_argument("--results", type=Path, required=True, help="JSON lines, one per case, appended")
+    parser.add_argument("--results", type=Path, required=True, help="JSON lines, one per case (or phase), appended")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: checks the engine's logic without a GPU (no graphs, no events; slow)")
-    return parser.parse_args(argv)
+    proof = parser.add_argument_group("the interference proof (benchmarks/interference.py), instead of --cases")
+    proof.add_argument("--role", choices=["steady", "bursting"],
+                       help="steady: a paced light decoder; bursting: idle, and prefill bursts on the timetable")
+    proof.add_argument("--timetable", default="30,25,25,2", help="QUIET,BURST,IDLE,CYCLES seconds (cycles whole)")
+    proof.add_argument("--context", type=int, default=512, help="steady: tokens in cache; bursting: prompt length")
+    proof.add_argument("--batch", type=int, default=4, help="steady: sequences decoding")
+    proof.add_argument("--steps-per-second", type=float, default=50.0, help="steady: the pacing")
+    proof.add_argument("--prefill-tokens", type=int, default=8192, help="bursting: prompt tokens a prefill step")
+    args = parser.parse_args(argv)
+    if (args.cases is None) == (args.role is None):
+        parser.error("give --cases or --role")
+    return args
+
+
+def run_cases(model: Model, args: argparse.Namespace, device: torch.device, metrics: VllmMetrics) -> None:
+    on_gpu = device.type == "cuda"
+    meeting = Meeting(args.run_dir, args.engines, args.engine_index)
+    for index, case in enumerate(parse_cases(args.cases, args.cpu_work_ms)):
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        workload = WORKLOAD_CLASSES[case.workload](model, case, device, metrics)
+        workload.step()  # the first prefill and replay happen before the warm-up
+        meeting.mark(index, "ready")
+        meeting.wait_all(index, "ready")
+        metrics.busy(case.batch)
+        account = StepAccount(metrics.latency)
+        stepper = Stepper(workload, case.cpu_work_ms / 1000, account)
+        run_for(stepper, args.warmup)
+        meeting.mark(index, "measuring")
+        account.recording = True
+        tokens, steps, seconds = run_for(stepper, args.seconds)
+        account.recording = False
+        meeting.mark(index, "measured")
+        meeting.run_until_all(index, "measured", stepper)
+        metrics.idle()
+        if workload.graph is not None:
+            workload.graph.reset()
+        del workload, stepper
+        gc.collect()
+        peak = 0
+        if on_gpu:
+            peak = torch.cuda.max_memory_allocated()
+            torch.cuda.empty_cache()
+        latency = account.figures()
+        line = {"case": index, "context": case.context, "workload": case.workload, "cpu_work_ms": case.cpu_work_ms,
+                "batch": case.batch, "tokens": tokens, "steps": steps, "seconds": seconds,
+                "peak_memory_bytes": peak, **latency}
+        with args.results.open("a") as out:
+            out.write(json.dumps(line) + "\n")
+        itl = latency["itl_p50_s"]
+        print(f"engine {args.engine_index}: {case.spec} {tokens / seconds:.0f} tok/s, {steps} steps, "
+              f"ITL p50 {'-' if itl is None else f'{itl * 1000:.2f} ms'}, peak {peak / 2**30:.1f} GiB", flush=True)
 
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
-    on_gpu = device.type == "cuda"
-    if on_gpu:
+    if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("engine: no CUDA device")
         torch.backends.cuda.enable_cudnn_sdp(False)  # FlashAttention, as vLLM uses, not the cuDNN attention
         # newer PyTorch may prefer on Hopper
     shape = SHAPES_BY_MODEL[args.model]
-    cases = parse_cases(args.cases, args.cpu_work_ms)
+    phases = parse_timetable(args.timetable) if args.role else []
     metrics = VllmMetrics(args.model, args.gpu_memory_utilization, args.port)
-    meeting = Meeting(args.run_dir, args.engines, args.engine_index)
     settle = step_waiter(device)  # sleeps until the device is done, where torch.cuda.synchronize() may spin
     with torch.inference_mode():
         model = Model(shape, device)
         settle()
         print(f"engine {args.engine_index}: pid {os.getpid()}, {shape.model} built", flush=True)
-        for index, case in enumerate(cases):
-            if on_gpu:
-                torch.cuda.reset_peak_memory_stats()
-            workload = WORKLOAD_CLASSES[case.workload](model, case, device, metrics)
-            workload.step()  # the first prefill and replay happen before the warm-up
-            meeting.mark(index, "ready")
-            meeting.wait_all(index, "ready")
-            metrics.busy(case.batch)
-            cpu_work_s = case.cpu_work_ms / 1000
-            run_for(workload, args.warmup, cpu_work_s)
-            meeting.mark(index, "measuring")
-            tokens, steps, seconds = run_for(workload, args.seconds, cpu_work_s)
-            meeting.mark(index, "measured")
-            meeting.run_until_all(index, "measured", workload, cpu_work_s)
-            metrics.idle()
-            if workload.graph is not None:
-                workload.graph.reset()
-            del workload
-            gc.collect()
-            peak = 0
-            if on_gpu:
-                peak = torch.cuda.max_memory_allocated()
-                torch.cuda.empty_cache()
-            line = {"case": index, "context": case.context, "workload": case.workload, "cpu_work_ms": case.cpu_work_ms,
-                    "batch": case.batch, "tokens": tokens, "steps": steps, "seconds": seconds,
-                    "peak_memory_bytes": peak}
-            with args.results.open("a") as out:
-                out.write(json.dumps(line) + "\n")
-            print(f"engine {args.engine_index}: {case.spec} {tokens / seconds:.0f} tok/s, {steps} steps, "
-                  f"peak {peak / 2**30:.1f} GiB", flush=True)
+        if args.role == "steady":
+            run_steady(model, args, device, metrics, phases)
+        elif args.role == "bursting":
+            run_bursting(model, args, device, metrics, phases)
+        else:
+            run_cases(model, args, device, metrics)
 
 
 if __name__ == "__main__":

@@ -265,7 +265,7 @@ class Agent:
     """`mpswatch run` as a real process beside the engines. The benchmark never depends on it:
     if it does not start, cases are measured all the same with signals null."""
 
-    def __init__(self, run_dir: Path, daemon: MpsDaemon | None) -> None:
+    def __init__(self, run_dir: Path, daemon: MpsDaemon | None, extra_env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.log_path = run_dir / "agent.log"
         command = [sys.executable, "-m", "mpswatch", "run", "--listen", f"127.0.0.1:{self.port}",
@@ -275,6 +275,7 @@ class Agent:
         env = {key: value for key, value in os.environ.items() if not key.startswith("MPSWATCH_")}
         env.update(MPSWATCH_GPU_INTERVAL_SECONDS="1", MPSWATCH_ENGINE_SCRAPE_INTERVAL_SECONDS="1",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "agent"), env.get("PYTHONPATH")])))
+        env.update(extra_env or {})
         with self.log_path.open("wb") as out:
             self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         self.up = False
@@ -293,27 +294,48 @@ class Agent:
         log(f"agent not up (exit status {self.process.poll()}): signals will be null\n{tail(self.log_path)}")
         return False
 
-    def signals(self) -> dict | None:
+    def metrics_text(self, timeout: float = 3.0) -> str | None:
+        """The agent's /metrics; None when it is not up or does not answer in time."""
         if not self.up:
             return None
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=3) as response:
-                return signals_from_metrics(response.read().decode())
-        except Exception as err:  # down, slow, or text the parser refuses: this case has no signals
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=timeout) as response:
+                return response.read().decode()
+        except Exception as err:  # down or slow: no signals this time
             log(f"agent scrape failed: {err}")
+            return None
+
+    def signals(self) -> dict | None:
+        text = self.metrics_text()
+        if text is None:
+            return None
+        try:
+            return signals_from_metrics(text)
+        except Exception as err:  # text the parser refuses: this case has no signals
+            log(f"agent metrics not parsed: {err}")
             return None
 
     def stop(self) -> None:
         stop_process(self.process)
 
 
-def engine_env(daemon: MpsDaemon | None) -> dict[str, str]:
+def engine_env(daemon: MpsDaemon | None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Our environment without MPS's variables but the daemon's (none: time-sliced), plus `extra`
+    (e.g. CUDA_MPS_ACTIVE_THREAD_PERCENTAGE)."""
     env = {key: value for key, value in os.environ.items()
-           if key not in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")}
+           if key not in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")}
     env["PYTHONUNBUFFERED"] = "1"
     if daemon is not None:
         env.update(CUDA_MPS_PIPE_DIRECTORY=str(daemon.pipe_dir), CUDA_MPS_LOG_DIRECTORY=str(daemon.log_dir))
+    env.update(extra or {})
     return env
+
+
+def mps_control_missing() -> str | None:
+    """Why the MPS mode cannot run here (no nvidia-cuda-mps-control on PATH), else None."""
+    if shutil.which("nvidia-cuda-mps-control") is None:
+        return "nvidia-cuda-mps-control is not on PATH"
+    return None
 
 
 def engine_command(launch: Launch, index: int, port: int, run_dir: Path, args: argparse.Namespace) -> list[str]:
@@ -328,10 +350,11 @@ def engine_command(launch: Launch, index: int, port: int, run_dir: Path, args: a
 
 
 def start_engine(launch: Launch, index: int, run_dir: Path, daemon: MpsDaemon | None,
-                 args: argparse.Namespace) -> subprocess.Popen:
+                 args: argparse.Namespace, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     command = engine_command(launch, index, free_port(), run_dir, args)
     with (run_dir / f"engine{index}.log").open("wb") as out:
-        return subprocess.Popen(command, cwd=ROOT, env=engine_env(daemon), stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, cwd=ROOT, env=engine_env(daemon, extra_env), stdout=out,
+                                stderr=subprocess.STDOUT)
 
 
 def wait_for_stage(run_dir: Path, case_index: int, stage: str, engines: list[subprocess.Popen]) -> float | None:
@@ -373,9 +396,11 @@ def summary(signals: dict | None) -> str:
     return " | ".join(parts)
 
 
-def run_launch(launch: Launch, args: argparse.Namespace, tmp: Path, results: dict) -> None:
-    """Runs one launch and adds its cases to `results`, written to --out even when cut short."""
-    run_dir = tmp / launch.name
+def run_engines(launch: Launch, args: argparse.Namespace, run_dir: Path,
+                engine_extra_env: list[dict[str, str]] | None = None) -> tuple[list[list[dict]], dict[int, dict | None]]:
+    """Runs one launch's daemon (mps), agent and engines in `run_dir` (made here) until its last case,
+    and always stops them; returns each engine's result lines and the agent's signals per case.
+    `engine_extra_env`: per engine index, variables added to its environment."""
     run_dir.mkdir()
     log(f"{launch.name}: {launch.engines} engine(s) of {SHAPES[launch.size].model}, cases {format_cases(launch.cases)}")
     daemon = MpsDaemon(run_dir / "mps") if launch.mode == "mps" else None
@@ -388,7 +413,8 @@ def run_launch(launch: Launch, args: argparse.Namespace, tmp: Path, results: dic
         elif default_daemon_running():
             raise SystemExit(f"an MPS daemon serves {DEFAULT_PIPE_DIR}: engines meant to run without MPS would attach")
         agent = Agent(run_dir, daemon)
-        engines = [start_engine(launch, index, run_dir, daemon, args) for index in range(launch.engines)]
+        engines = [start_engine(launch, index, run_dir, daemon, args,
+                                (engine_extra_env or [{}] * launch.engines)[index]) for index in range(launch.engines)]
         agent.wait_healthy()
         for index, case in enumerate(launch.cases):
             began = wait_for_stage(run_dir, index, "measuring", engines)
@@ -415,21 +441,36 @@ def run_launch(launch: Launch, args: argparse.Namespace, tmp: Path, results: dic
         for index, engine in enumerate(engines):
             if engine.returncode != 0:
                 log(f"engine {index} exit status {engine.returncode}:\n{tail(run_dir / f'engine{index}.log')}")
-        lines = [read_lines(run_dir / f"engine{index}.jsonl") for index in range(len(engines))]
-        for index, case in enumerate(launch.cases):
-            reported = [line for engine_lines in lines for line in engine_lines if line["case"] == index]
-            if reported:
-                log(f"{launch.name} {case.spec}: " + ", ".join(
-                    f"{line['tokens'] / line['seconds']:.0f} tok/s ({line['steps']} steps, "
-                    f"{line['peak_memory_bytes'] / 2**30:.1f} GiB)" for line in reported))
+    lines = [read_lines(run_dir / f"engine{index}.jsonl") for index in range(len(engines))]
+    for index, case in enumerate(launch.cases):
+        reported = [line for engine_lines in lines for line in engine_lines if line["case"] == index]
+        if reported:
+            log(f"{launch.name} {case.spec}: " + ", ".join(
+                f"{line['tokens'] / line['seconds']:.0f} tok/s ({line['steps']} steps, "
+                f"{line['peak_memory_bytes'] / 2**30:.1f} GiB)" for line in reported))
+    return lines, signals
+
+
+def keep_logs(run_dir: Path, logs: Path | None, name: str) -> None:
+    if logs:
+        try:
+            shutil.copytree(run_dir, logs / name, ignore=shutil.ignore_patterns("pipe", "case*"), dirs_exist_ok=True)
+        except OSError as err:
+            log(f"logs of {name} not kept: {err}")
+
+
+def run_launch(launch: Launch, args: argparse.Namespace, tmp: Path, results: dict) -> None:
+    """Runs one launch and adds its cases to `results`, written to --out even when cut short."""
+    run_dir = tmp / launch.name
+    lines: list[list[dict]] = []
+    signals: dict[int, dict | None] = {}
+    try:
+        lines, signals = run_engines(launch, args, run_dir)
+    finally:
+        lines = lines or [read_lines(run_dir / f"engine{index}.jsonl") for index in range(launch.engines)]
         results["cases"] += combine(launch, lines, signals)
         write_results(args.out, results)
-        if args.logs:
-            try:
-                shutil.copytree(run_dir, args.logs / launch.name, ignore=shutil.ignore_patterns("pipe", "case*"),
-                                dirs_exist_ok=True)
-            except OSError as err:
-                log(f"logs of {launch.name} not kept: {err}")
+        keep_logs(run_dir, args.logs, launch.name)
 
 
 def gpu_identity() -> tuple[str, str]:
