@@ -168,15 +168,18 @@ def measure(binding: str, bytecode: str, seconds: float, runs: int, with_floor: 
 
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("bindings", nargs="*", default=[REAL_NVML], choices=[REAL_NVML, *NVML_FAKES])
+    parser.add_argument("bindings", nargs="*", help=f"{', '.join([REAL_NVML, *NVML_FAKES])}; default: {REAL_NVML}")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--bytecode", nargs="+", default=["with", "without"], choices=["with", "without", "installed"])
     parser.add_argument("--floor", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    for binding in args.bindings:
+        if binding not in (REAL_NVML, *NVML_FAKES):
+            parser.error(f"no such binding: {binding}")
     report = [measure(binding, bytecode, args.seconds, args.runs, args.floor)
-              for binding in args.bindings for bytecode in args.bytecode]
+              for binding in args.bindings or [REAL_NVML] for bytecode in args.bytecode]
     print(json.dumps(report, indent=1))
     for r in report:
         print(f"{r['binding']}, bytecode {r['bytecode']}: median {r['rss_mib_median']} MiB of {r['rss_mib_runs']}")
