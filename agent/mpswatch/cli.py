@@ -48,6 +48,7 @@ from mpswatch.runner import kill_all_children
 from mpswatch.scheduler import Scheduler, SnapshotStore
 from mpswatch.sdnotify import start as notify_systemd
 from mpswatch.snapshot import NodeSnapshot
+from mpswatch.startmemory import release_after_first_cycles
 from mpswatch.verdicts import OK
 from mpswatch.webconfig import WebConfig, WebConfigError, load_web_config
 
@@ -229,6 +230,7 @@ def run(injected: Injected, /, config_path: str | None, **flags: Any) -> None:
     systemd = notify_systemd(lambda: health(scheduler.alive, exposition), stopping)  # READY=1, WATCHDOG=1 while /healthz says 200
     try:
         scheduler.start()
+        release_after_first_cycles(store.current, [loop.collector.name for loop in scheduler.loops], stopping)
         log.info(
             "agent_started",
             version=__version__,
