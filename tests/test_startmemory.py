@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import gc
 import threading
 
 from mpswatch import startmemory
 from mpswatch.snapshot import NodeSnapshot
 
 
-def test_release_collects_freezes_and_trims():
-    try:
-        result = startmemory.release()
-        assert gc.get_freeze_count() > 0
-    finally:
-        gc.unfreeze()
+def test_release_collects_and_trims():
+    result = startmemory.release()
     assert result["malloc_trim"] is True  # glibc, as on every node the agent ships for
     assert result["rss_kib_before"] and result["rss_kib_after"]
 
