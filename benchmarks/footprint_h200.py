@@ -5,8 +5,8 @@ polling the same facts:
      with two clients and two engines (tests.kit.fakevllm): its CPU with its children (utime, stime,
      cutime, cstime of /proc/PID/stat: the control-program runs it starts) over `--seconds`, as a
      share of one core and as ms a 2 s cycle;
-  b. `nvidia-smi --query-gpu=… --query-compute-apps=…` (one process, the two queries) every 2 s over
-     the same time: CPU a poll and a share of one core;
+  b. `nvidia-smi --query-gpu=…` and `nvidia-smi --query-compute-apps=…` (two processes: it takes one
+     query a run) every 2 s over the same time: CPU a poll and a share of one core;
   c. nvitop's Python API (Device: utilisation, memory, power, temperature, processes) every 2 s in
      a process of its own, over the same time: CPU a poll (after its first) and a share of one core;
   d. one poll of the same facts, in this process: the agent's GPU and MPS collectors against
@@ -18,7 +18,7 @@ A part whose tool is missing (no nvidia-smi, no nvitop, no MPS control program, 
 with its reason in the JSON. The MPS daemon runs in a temporary pipe and log dir and is always told
 to quit at the end, also on a failure; the whole run has a hard deadline (`--deadline`, SIGALRM).
 
-    python -m benchmarks.footprint_h200 --out OUT.json [--seconds 50] [--rounds 30] [--deadline 340]
+    python -m benchmarks.footprint_h200 --out OUT.json [--seconds 50] [--rounds 30] [--deadline 340] [--parts abcde]
         [--fake-nvml h200]   # a CPU machine's smoke run: the fake NVML, no daemon (parts a, d, e only)
 """
 
@@ -47,8 +47,9 @@ from tests.kit.stagednode import start_engines
 
 CYCLE_SECONDS = 2.0
 GPU_FIELDS = "index,uuid,name,utilization.gpu,utilization.memory,memory.used,memory.total,power.draw,temperature.gpu"
-SMI = ["nvidia-smi", f"--query-gpu={GPU_FIELDS}", "--query-compute-apps=gpu_uuid,pid,process_name,used_memory",
-       "--format=csv,noheader,nounits"]
+# nvidia-smi takes one --query-* a run (both in one exit with status 2): a poll of the same facts is two runs
+SMI_QUERIES = (["nvidia-smi", f"--query-gpu={GPU_FIELDS}", "--format=csv,noheader,nounits"],
+               ["nvidia-smi", "--query-compute-apps=gpu_uuid,pid,process_name,used_memory", "--format=csv,noheader,nounits"])
 SMI_TIMEOUT_SECONDS = 20.0
 
 _NVITOP_POLLER = """
@@ -139,7 +140,8 @@ def agent_cpu(mps: MpsDaemon | None, seconds: float, fake_nvml: str | None) -> d
 
 
 def smi_poll() -> None:
-    subprocess.run(SMI, capture_output=True, check=True, timeout=SMI_TIMEOUT_SECONDS)
+    for query in SMI_QUERIES:
+        subprocess.run(query, capture_output=True, check=True, timeout=SMI_TIMEOUT_SECONDS)
 
 
 def nvidia_smi_cycles(seconds: float) -> dict[str, Any]:
@@ -154,7 +156,7 @@ def nvidia_smi_cycles(seconds: float) -> dict[str, Any]:
         cpus.append(children_cpu_seconds() - before)
         time.sleep(max(0.0, start + len(cpus) * CYCLE_SECONDS - time.monotonic()))
     elapsed = time.monotonic() - start
-    return {"command": SMI, "polls": len(cpus), "cpu_ms_a_poll_median": statistics.median(cpus) * 1e3,
+    return {"commands": SMI_QUERIES, "polls": len(cpus), "cpu_ms_a_poll_median": statistics.median(cpus) * 1e3,
             "cpu_share_of_one_core": sum(cpus) / elapsed}
 
 
@@ -258,7 +260,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rss-runs", type=int, default=3)
     parser.add_argument("--deadline", type=int, default=340, help="seconds for the whole run")
     parser.add_argument("--fake-nvml", choices=["h200"], help="a smoke run on a CPU machine")
+    parser.add_argument("--parts", default="abcde", help="which of the parts a to e to run")
     args = parser.parse_args(argv)
+    if not set(args.parts) <= set("abcde"):
+        parser.error(f"--parts takes letters of abcde, not {args.parts!r}")
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(args.deadline)
     result: dict[str, Any] = {"argv": sys.argv, "python": sys.version, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -277,15 +282,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 mps = MpsDaemon(Path(tmp) / "mps")  # before it starts: a failed start is cleaned up too
                 start_mps(mps)
                 result["mps_daemon"] = {"pipe_dir": str(mps.pipe_dir), "clients": len(mps.clients)}
-            part(result, "a_agent_cpu", lambda: agent_cpu(mps, args.seconds, args.fake_nvml))
-            part(result, "b_nvidia_smi_every_2s", lambda: nvidia_smi_cycles(args.seconds))
-            part(result, "c_nvitop_every_2s", lambda: nvitop_cycles(args.seconds))
-            part(result, "d_one_poll", lambda: one_poll(mps, args.rounds, args.fake_nvml))
+            if "a" in args.parts:
+                part(result, "a_agent_cpu", lambda: agent_cpu(mps, args.seconds, args.fake_nvml))
+            if "b" in args.parts:
+                part(result, "b_nvidia_smi_every_2s", lambda: nvidia_smi_cycles(args.seconds))
+            if "c" in args.parts:
+                part(result, "c_nvitop_every_2s", lambda: nvitop_cycles(args.seconds))
+            if "d" in args.parts:
+                part(result, "d_one_poll", lambda: one_poll(mps, args.rounds, args.fake_nvml))
             if mps is not None:  # memory with no daemon and no clients: the agent alone, as it starts
                 quit_mps(mps)
                 signal.alarm(max(1, args.deadline - int(time.monotonic() - started)))
                 mps = None
-            part(result, "e_memory", lambda: memory(args.rss_seconds, args.rss_runs, args.fake_nvml))
+            if "e" in args.parts:
+                part(result, "e_memory", lambda: memory(args.rss_seconds, args.rss_runs, args.fake_nvml))
         except Deadline as err:
             result["stopped"] = str(err)
         finally:
