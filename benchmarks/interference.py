@@ -257,8 +257,9 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path) -> dict:
                     log(f"agent metrics not parsed: {err}")
             phase = next((p for p in phases if origin + p.start <= now < origin + p.end), None)
             if phase is not None and phase.name != reported:
+                ended = f"; agent as {reported} ended: {short(samples[-1] if samples else None)}" if reported else ""
                 reported = phase.name
-                log(f"{mode}: {phase.name} ({phase.end - phase.start:g} s); agent: {short(samples[-1] if samples else None)}")
+                log(f"{mode}: {phase.name} begins ({phase.end - phase.start:g} s){ended}")
             if any(engine.poll() not in (None, 0) for engine in engines):
                 raise RuntimeError("an engine failed during the timetable")
             next_poll += POLL_S
