@@ -1,6 +1,8 @@
 """Issue 19 on a real daemon: the bytes the agent adds to control.log, per client count, before (every
 cycle: mps_control.heartbeat_seconds = 0) and after (on change, the defaults), counted from the file;
-then, on change, how fast a new client and a stopped daemon reach /metrics.
+then, on change, how fast a new client, a stopped daemon, a daemon that looks alive but does not
+answer (frozen in a cgroup of its own: /proc shows it sleeping, not stopped) and a killed one reach
+/metrics.
 
 One real daemon; for 0, 2 and 48 idle clients (`mps_client idle`, connected before counting starts),
 an agent of each mode in turn watches it for BEFORE_SECONDS and AFTER_SECONDS (one heartbeat and some) and
@@ -8,14 +10,21 @@ the growth of control.log over that time is extrapolated to a day. Nothing else 
 command while counting. About 7 minutes on an H200. Figures go to $MPSWATCH_GPU_RESULTS as JSON:
 
     MPSWATCH_GPU_RESULTS=$OUT/control_log_growth.json python -m pytest tests/gpu/test_control_log_growth_on_gpu.py -q -s
+
+MPSWATCH_GPU_CLIENT_COUNTS= (empty) leaves out the growth part: the detection times alone, under a
+minute. The frozen daemon needs a writable cgroup v2 hierarchy; without one that part records why
+it was skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 from tests.gpu.results import results_saver
 from tests.kit.agentproc import Agent, key
@@ -24,7 +33,8 @@ from tests.kit.realmps import read_line
 BEFORE_SECONDS = 30.0
 AFTER_SECONDS = 70.0
 # MPSWATCH_GPU_CLIENT_COUNTS=2 runs one count (and the freshness part) in about 2 minutes
-CLIENT_COUNTS = tuple(int(c) for c in os.environ.get("MPSWATCH_GPU_CLIENT_COUNTS", "0,2,48").split(","))
+CLIENT_COUNTS = tuple(int(c) for c in os.environ.get("MPSWATCH_GPU_CLIENT_COUNTS", "0,2,48").split(",") if c.strip())
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 RESULTS: dict = {}
 _save_results = results_saver("MPSWATCH_GPU_RESULTS", RESULTS)
 
@@ -35,6 +45,32 @@ def _idle_client(binary: str, mps) -> subprocess.Popen:
     line = read_line(client)
     assert line.startswith("ready"), line or "no line within 30 s"
     return client
+
+
+@contextlib.contextmanager
+def _frozen(pid: int) -> Iterator[None]:
+    """The process frozen in a cgroup v2 of its own, then thawed and moved back, also on failure."""
+    home = next(line.split("::", 1)[1] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+                if line.startswith("0::"))
+    cgroup = CGROUP_ROOT / f"mpswatch-test-freeze-{os.getpid()}"
+    cgroup.mkdir()
+    try:
+        (cgroup / "cgroup.procs").write_text(str(pid))
+        try:
+            (cgroup / "cgroup.freeze").write_text("1")
+            deadline = time.monotonic() + 5
+            while "frozen 1" not in (cgroup / "cgroup.events").read_text() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            yield
+        finally:
+            (cgroup / "cgroup.freeze").write_text("0")
+            (CGROUP_ROOT / home.lstrip("/") / "cgroup.procs").write_text(str(pid))
+    finally:
+        cgroup.rmdir()
+
+
+def _proc_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
 def _grown(mps, heartbeat: float | None, seconds: float) -> dict[str, float]:
@@ -69,6 +105,8 @@ def test_control_log_growth_before_and_after_and_freshness_on_change(mps, mps_cl
             gone.kill()
             gone.wait()
             time.sleep(2.0)
+        if not clients:  # the growth part left out: a server to count the new client on
+            clients.append(_idle_client(mps_client, mps))
         with Agent(["--pipe-dir", pipe, "--log-dir", str(mps.log_dir)]) as agent:
             agent.wait_for(lambda s: any(n == "mps_server_clients" for n, _ in s), timeout=20)
             time.sleep(4.0)
@@ -85,6 +123,20 @@ def test_control_log_growth_before_and_after_and_freshness_on_change(mps, mps_cl
                 RESULTS["stopped_daemon_down_seconds"] = round(time.monotonic() - stopped, 2)
             finally:
                 os.kill(daemon_pid, signal.SIGCONT)
+            agent.wait_for(lambda s: s.get(key("mps_control_up", pipe_dir=pipe)) == 1, timeout=30, interval=0.05)
+            try:
+                with _frozen(daemon_pid):
+                    frozen = time.monotonic()
+                    state = _proc_state(daemon_pid)
+                    agent.wait_for(lambda s: s.get(key("mps_control_up", pipe_dir=pipe)) == 0, timeout=30, interval=0.05)
+                    RESULTS["frozen_daemon"] = {"proc_state": state, "down_seconds": round(time.monotonic() - frozen, 2)}
+            except (OSError, StopIteration) as err:  # no writable cgroup v2 here: say so, go on
+                RESULTS["frozen_daemon"] = {"skipped": f"{type(err).__name__}: {err}"}
+            agent.wait_for(lambda s: s.get(key("mps_control_up", pipe_dir=pipe)) == 1, timeout=30, interval=0.05)
+            os.kill(daemon_pid, signal.SIGKILL)
+            killed = time.monotonic()
+            agent.wait_for(lambda s: s.get(key("mps_control_up", pipe_dir=pipe)) == 0, timeout=30, interval=0.05)
+            RESULTS["killed_daemon_down_seconds"] = round(time.monotonic() - killed, 2)
     finally:
         for client in clients:
             client.kill()
