@@ -12,34 +12,21 @@ Needs: an NVIDIA GPU, nvidia-cuda-mps-control, PyTorch (tests/kit/cuda_client.py
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from mpswatch.collectors.gpu import GpuCollector
 from mpswatch.collectors.mps_control import DiscoverySettings, MpsControlCollector
 
+from benchmarks.footprint_h200 import timed
 from benchmarks.h200_effect import run_blocks
-from benchmarks.node_cost import children_cpu_seconds
 from tests.kit.realmps import MpsDaemon
 
 SMI = ["nvidia-smi", "--query-gpu=index,uuid,utilization.gpu,memory.used,memory.total,power.draw,temperature.gpu",
        "--format=csv,noheader,nounits"]
 SMI_APPS = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
-
-
-def timed(poll, rounds: int) -> dict:
-    walls, cpus = [], []
-    for _ in range(rounds):
-        wall, cpu, child = time.perf_counter(), time.process_time(), children_cpu_seconds()
-        poll()
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu + children_cpu_seconds() - child)
-    return {"wall_ms_median": statistics.median(walls) * 1e3, "wall_ms_p90": sorted(walls)[int(rounds * 0.9)] * 1e3,
-            "cpu_ms_median": statistics.median(cpus) * 1e3}
 
 
 def main() -> None:

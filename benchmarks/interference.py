@@ -63,8 +63,7 @@ from benchmarks.mps_gain.run import (
     log,
     mps_control_missing,
     read_lines,
-    stop_process,
-    tail,
+    stop_launch,
     write_results,
 )
 from benchmarks.mps_gain.timing import parse_timetable
@@ -273,15 +272,7 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path) -> dict:
         error = repr(err)
         log(f"{mode} failed: {err!r}")
     finally:
-        for engine in engines:
-            stop_process(engine)
-        if agent is not None:
-            agent.stop()
-        if daemon is not None:
-            daemon.stop()
-        for index, engine in enumerate(engines):
-            if engine.returncode != 0:
-                log(f"engine {index} exit status {engine.returncode}:\n{tail(run_dir / f'engine{index}.log')}")
+        stop_launch(engines, agent, daemon, run_dir)
         keep_logs(run_dir, args.logs, f"interference-{mode}")
     steady_lines, bursting_lines = (read_lines(run_dir / f"engine{index}.jsonl") for index in range(2))
     names = {role: agent_name(samples, SERVED[role], ports[role]) for role in SERVED}

@@ -200,6 +200,19 @@ def stop_process(process: subprocess.Popen) -> None:
             process.wait()
 
 
+def stop_launch(engines: list[subprocess.Popen], agent: Agent | None, daemon: MpsDaemon | None, run_dir: Path) -> None:
+    """Engines, agent and daemon stopped, also after a failure; an engine that failed has its log's tail printed."""
+    for engine in engines:
+        stop_process(engine)
+    if agent is not None:
+        agent.stop()
+    if daemon is not None:
+        daemon.stop()
+    for index, engine in enumerate(engines):
+        if engine.returncode != 0:
+            log(f"engine {index} exit status {engine.returncode}:\n{tail(run_dir / f'engine{index}.log')}")
+
+
 class MpsDaemon:
     """A control daemon of our own in a directory of our own; stop() always ends it and its server."""
 
@@ -432,15 +445,7 @@ def run_engines(launch: Launch, args: argparse.Namespace, run_dir: Path,
     except Exception as err:  # this launch is lost, not the run: the next launches still measure
         log(f"{launch.name} failed: {err!r}")
     finally:
-        for engine in engines:
-            stop_process(engine)
-        if agent is not None:
-            agent.stop()
-        if daemon is not None:
-            daemon.stop()
-        for index, engine in enumerate(engines):
-            if engine.returncode != 0:
-                log(f"engine {index} exit status {engine.returncode}:\n{tail(run_dir / f'engine{index}.log')}")
+        stop_launch(engines, agent, daemon, run_dir)
     lines = [read_lines(run_dir / f"engine{index}.jsonl") for index in range(len(engines))]
     for index, case in enumerate(launch.cases):
         reported = [line for engine_lines in lines for line in engine_lines if line["case"] == index]
