@@ -203,6 +203,7 @@ def test_a_thread_split_is_offered_only_where_one_was_measured_to_beat_the_defau
     assert split.split == "50/50" and split.gain == pytest.approx(gpu_bound[MPS].gain + 0.1)
     assert split.itl_p50_ratio == pytest.approx(1.8 * 0.9) and split.itl_p99_ratio == pytest.approx(1.85 * 1.04)
     assert MPS_THREAD_SPLIT not in {o.mode for o in compare(0.5, 512, 0.0, 0.55, TOY, TOY_TS, PRICES, SPLITS)}
+    assert MPS_THREAD_SPLIT not in {o.mode for o in compare(0.5, 512, 0.0, 0.78, TOY, TOY_TS, PRICES, SPLITS)}  # unmeasured
     assert MPS_THREAD_SPLIT not in {o.mode for o in compare(1.5, 512, 0.0, 0.95, TOY, TOY_TS, PRICES, SPLITS)}
 
 

@@ -168,7 +168,8 @@ SPLITS: tuple[SplitResult, ...] = (
 )
 # the largest absolute error of each mode's estimate over the held-out rows, in points (the fit's)
 HELD_OUT_ERROR_PP: dict[str, float] = {"mps": 11.4, "time_sliced": 10.6}
-SPLIT_SIZE_RANGE = 2.0  # a split measured for one model size is applied within this factor of it
+SPLIT_SIZE_RANGE = 2.0  # a split measured for one model size is applied within this factor of it,
+SPLIT_BUSY_RANGE = 0.1  # and this far from the busy share it was measured at: only in that regime
 
 
 @dataclass(frozen=True)
@@ -196,9 +197,10 @@ def nearest_price(params_billion: float, busy: float | None,
 
 def measured_split(params_billion: float, busy: float | None,
                    splits: tuple[SplitResult, ...] = SPLITS) -> SplitResult | None:
-    """The split measured in the nearest regime (busy share) for a model within SPLIT_SIZE_RANGE of
-    the measured one, if it beat the default there; None otherwise: no split is advised unmeasured."""
-    near = [s for s in splits if busy is not None
+    """The split measured in the nearest regime (busy share within SPLIT_BUSY_RANGE) for a model within
+    SPLIT_SIZE_RANGE of the measured one, if it beat the default there; None otherwise: no split is
+    advised where none was measured."""
+    near = [s for s in splits if busy is not None and abs(s.busy_alone - busy) <= SPLIT_BUSY_RANGE
             and abs(math.log2(s.params_billion / params_billion)) <= math.log2(SPLIT_SIZE_RANGE)]
     if not near:
         return None

@@ -248,7 +248,7 @@ def render_advice(report: dict[str, Any]) -> str:
         lines.append(f"{g['verdict'] or 'unknown':<14}{g['gpu_uuid']}:{estimate}{best}")
         lines += [f"{'':<14}  because {r}" for r in g["reasons"]]
         for o in g["options"]:
-            error = "" if o["held_out_error_pp"] is None else f" (±{o['held_out_error_pp']:g} pp)"
+            error = "" if o["held_out_error_pp"] is None else f" (held-out error up to {o['held_out_error_pp']:g} pp)"
             latency = ("ITL price not measured" if o["itl_p50_ratio"] is None or o["itl_p99_ratio"] is None
                        else f"ITL x{o['itl_p50_ratio']:.2f} p50, x{o['itl_p99_ratio']:.2f} p99")
             name = o["mode"] + (f" {o['split']}" if o["split"] else "")
