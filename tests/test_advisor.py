@@ -260,3 +260,13 @@ def test_mpswatch_advise_reports_the_engine_s_gpu_and_exports_the_same_estimate(
     finally:
         fake.kill()
         fake.wait()
+
+
+def test_an_imbalance_split_is_said_to_be_for_fairness_where_the_measured_regime_s_default_won():
+    half_idle_pair = replace(GPU, utilization_ratio=0.75)  # one alone: busy 0.5, the shipped 1.5 ms regime
+    pair = [engine("a", params=0.5e9), engine("b", params=0.5e9)]
+    [split] = [r for r in advise(half_idle_pair, pair, imbalance=1.6).recommendations if "THREAD_PERCENTAGE" in r]
+    assert split.endswith("for fairness; in the nearest measured regime no split beat the default's throughput")
+    [plain] = [r for r in advise(GPU, [engine("a", params=7e9), engine("b", params=7e9)], imbalance=1.6).recommendations
+               if "THREAD_PERCENTAGE" in r]
+    assert plain.endswith("so the busiest engine cannot take the SMs from the others")  # 7B: nothing measured

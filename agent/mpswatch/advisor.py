@@ -323,8 +323,8 @@ def advise(gpu: GpuState, engines: list[EngineState], imbalance: float | None = 
         recommendations.append(f"set CUDA_MPS_ACTIVE_THREAD_PERCENTAGE {best.split} per engine: measured "
                                f"{best.gain - gain:+.0%} of throughput over the default in the nearest regime")
     elif len(attached) >= 2 and imbalance is not None and imbalance > 1.3:
-        measured = measured_split(params, busy, SPLITS) is not None or any(
-            abs(math.log2(s.params_billion / params)) <= math.log2(SPLIT_SIZE_RANGE) for s in SPLITS)
+        measured = any(s.split is None and busy is not None and abs(s.busy_alone - busy) <= SPLIT_BUSY_RANGE
+                       and abs(math.log2(s.params_billion / params)) <= math.log2(SPLIT_SIZE_RANGE) for s in SPLITS)
         recommendations.append("set CUDA_MPS_ACTIVE_THREAD_PERCENTAGE per engine (e.g. 100/number of engines) "
                                "so the busiest engine cannot take the SMs from the others"
                                + (": for fairness; in the nearest measured regime no split beat the default's "
