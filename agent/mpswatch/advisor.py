@@ -1,10 +1,14 @@
-"""Does MPS pay off on this GPU? A verdict from what the agent already sees.
+"""Does MPS pay off on this GPU, and is it the best way to run a second engine? A verdict from what
+the agent already sees.
 
-The estimate is the throughput of two engines sharing the GPU under MPS over one engine alone,
-minus 1, for the workload the GPU's engines run: model size (from the model's name), prompt length
-and prefill share (from vLLM's counters), and whether the engines are CPU-bound. Its coefficients
-are fitted by benchmarks/mps_gain/fit.py on measurements from an H200 (docs/mps-gain.md), and
-checked there on configurations the fit did not see.
+The estimates are the throughput of two engines sharing the GPU, under MPS and time-sliced (no MPS),
+over one engine alone, minus 1, for the workload the GPU's engines run: model size (from the model's
+name), prompt length and prefill share (from vLLM's counters), and how much of the time one engine
+leaves the GPU idle. The ways to run a second engine (none, time-sliced, MPS, and MPS with a thread
+split where a measured split beat the default) are compared; the best for throughput is given with
+its latency price, measured in the nearest regime. The coefficients are fitted by
+benchmarks/mps_gain/fit.py on measurements from an H200 and an H100 (docs/mps-gain.md), and checked
+there on configurations the fit did not see.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from typing import TypeGuard
 from mpswatch.snapshot import EngineState, GpuState
 
 PAYS_OFF, MARGINAL, LIKELY_SLOWER = "pays_off", "marginal", "likely_slower"
+# the ways to run a second engine on the GPU, as the advisor compares them
+NONE, TIME_SLICED, MPS, MPS_THREAD_SPLIT = "none", "time_sliced", "mps", "mps_thread_split"
+MODES = (NONE, TIME_SLICED, MPS, MPS_THREAD_SPLIT)
 VERDICTS = (PAYS_OFF, MARGINAL, LIKELY_SLOWER)
 PAYS_OFF_FROM = 0.20  # at least +20 % throughput: worth a second engine's memory and operations
 SLOWER_BELOW = 0.0
@@ -50,6 +57,77 @@ class GainModel:
         return min(max(gain, self.floor), self.ceiling)
 
 
+@dataclass(frozen=True)
+class TimeSlicedModel:
+    """Two engines time-sliced (no MPS) gain in the same two ways, each smaller or larger than under
+    MPS: GPU overlap, here the cost or gain of switching contexts, in the same form as GainModel's;
+    idle-time overlap, one engine's kernels running while the other does CPU work, whose share of
+    the ideal (+100 %) falls with model size (measured: about all of it for 0.5B, half for 1.5B, whose
+    steps outlast a time slice): (idle_overlap + idle_per_log2_params·log2(B params)), held to [0, 1],
+    times min(1, (1 − g)/g). Without MPS's submission path a step costs no extra time, which is why it
+    beats MPS for small engines held back by CPU work."""
+
+    intercept: float
+    per_log2_params: float
+    per_log2_context: float
+    prefill: float
+    idle_overlap: float
+    idle_per_log2_params: float
+    floor: float = -0.5
+    ceiling: float = 1.5
+
+    def idle_share(self, params_billion: float) -> float:
+        return min(max(self.idle_overlap + self.idle_per_log2_params * math.log2(params_billion), 0.0), 1.0)
+
+    def estimate(self, params_billion: float, prompt_tokens: float, prefill_share: float,
+                 busy_alone: float | None) -> float:
+        gain = (self.intercept + self.per_log2_params * math.log2(params_billion)
+                + self.per_log2_context * math.log2(max(prompt_tokens, 1.0) / 128) + self.prefill * prefill_share)
+        if busy_alone is not None and busy_alone < 1:
+            gain = max(gain, self.idle_share(params_billion) * min(1.0, (1 - busy_alone) / max(busy_alone, 1e-3)))
+        return min(max(gain, self.floor), self.ceiling)
+
+
+@dataclass(frozen=True)
+class LatencyPrice:
+    """Measured in one regime (H100 sweep, docs/mps-gain.md): engine 0's inter-token latency p50 and
+    p99 with two engines, over its own alone, time-sliced and under MPS (mean over repeats)."""
+
+    params_billion: float
+    busy_alone: float
+    cpu_work_ms: float
+    time_sliced_p50: float
+    time_sliced_p99: float
+    mps_p50: float
+    mps_p99: float
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    """Measured in one regime: the MPS thread split (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE per engine)
+    that beat the default 100/100 outside the spread of both over repeats, by how much (gain of the
+    total throughput over one engine alone, in ratio), and the worse of its two engines' ITL p50 and
+    p99 over the default's worse; split None (and the rest 0 and None) where no split beat it."""
+
+    params_billion: float
+    busy_alone: float
+    cpu_work_ms: float
+    split: str | None
+    gain_over_default: float
+    itl_p50_ratio: float | None
+    itl_p99_ratio: float | None
+
+
+@dataclass(frozen=True)
+class ModeEstimate:
+    mode: str
+    gain: float  # throughput of the two engines (one for none) over one alone, minus 1
+    itl_p50_ratio: float | None  # the engines' inter-token latency over one engine alone's, measured
+    itl_p99_ratio: float | None  # in the nearest regime; None: not measured
+    split: str | None = None  # MPS_THREAD_SPLIT only: the thread percentages, e.g. 50/50
+    error_pp: float | None = None  # the largest held-out error of this mode's estimate, points
+
+
 def busy_alone(utilization: float | None, engines: int) -> float | None:
     """Share of time one engine alone would keep the GPU busy, from the share of time any kernel ran
     with `engines` engines on it, taking their idle times as independent: idle = idle_alone^engines."""
@@ -58,10 +136,40 @@ def busy_alone(utilization: float | None, engines: int) -> float | None:
     return 1 - float((1 - utilization) ** (1 / engines))
 
 
-# fitted by `python3 -m benchmarks.mps_gain.fit` on the training configurations of the H200 run
-# (docs/mps-gain.md; tests/test_advisor.py checks that these are what the fit gives)
-MODEL = GainModel(intercept=0.187, per_log2_params=-0.0131, per_log2_context=-0.0097, prefill=-0.023,
-                  idle_overlap=0.9721)
+# fitted by `python3 -m benchmarks.mps_gain.fit` on the training configurations of the H200 run and
+# the H100 sweep (docs/mps-gain.md; tests/test_advisor.py checks that these are what the fit gives)
+MODEL = GainModel(intercept=0.1706, per_log2_params=-0.01, per_log2_context=-0.009,
+                  prefill=-0.012, idle_overlap=0.889)
+TIME_SLICED_MODEL = TimeSlicedModel(intercept=0.0629, per_log2_params=-0.0303,
+                                    per_log2_context=-0.0074, prefill=-0.0283,
+                                    idle_overlap=0.6878, idle_per_log2_params=-0.3324)
+# measured in the H100 sweep, derived by the fit from its rows (checked likewise):
+# params, busy share alone, CPU ms a step, ITL p50 and p99 over alone's time-sliced, then under MPS
+LATENCY_PRICES: tuple[LatencyPrice, ...] = (
+    LatencyPrice(0.494, 0.94, 0.0, 1.867, 1.803, 1.845, 1.84),
+    LatencyPrice(0.494, 0.72, 0.5, 1.43, 1.372, 1.467, 1.724),
+    LatencyPrice(0.494, 0.58, 1.0, 1.156, 0.78, 1.237, 0.918),
+    LatencyPrice(0.494, 0.495, 1.5, 0.999, 0.791, 1.08, 0.947),
+    LatencyPrice(0.494, 0.43, 2.0, 0.999, 1.006, 1.052, 1.117),
+    LatencyPrice(0.494, 0.335, 3.0, 0.997, 1.011, 1.046, 1.148),
+    LatencyPrice(0.494, 0.27, 4.0, 0.995, 0.953, 1.035, 1.067),
+    LatencyPrice(1.544, 0.95, 0.0, 2.024, 2.008, 1.843, 2.21),
+    LatencyPrice(1.544, 0.815, 0.5, 1.739, 1.732, 1.625, 1.621),
+    LatencyPrice(1.544, 0.705, 1.0, 1.625, 1.796, 1.452, 1.467),
+    LatencyPrice(1.544, 0.63, 1.5, 1.547, 1.403, 1.326, 1.292),
+    LatencyPrice(1.544, 0.565, 2.0, 1.499, 1.529, 1.223, 1.436),
+    LatencyPrice(1.544, 0.47, 3.0, 1.413, 1.469, 1.095, 1.389),
+    LatencyPrice(1.544, 0.41, 4.0, 1.353, 1.38, 1.091, 1.639),
+)
+# params, busy share alone, CPU ms a step, the split that beat 100/100, by how much, its ITL p50 and p99 ratios
+SPLITS: tuple[SplitResult, ...] = (
+    SplitResult(0.494, 0.495, 1.5, None, 0.0, None, None),
+    SplitResult(0.494, 0.94, 0.0, "50/50", 0.1047, 0.897, 1.038),
+)
+# the largest absolute error of each mode's estimate over the held-out rows, in points (the fit's)
+HELD_OUT_ERROR_PP: dict[str, float] = {"mps": 11.4, "time_sliced": 10.6}
+SPLIT_SIZE_RANGE = 2.0  # a split measured for one model size is applied within this factor of it,
+SPLIT_BUSY_RANGE = 0.1  # and this far from the busy share it was measured at: only in that regime
 
 
 @dataclass(frozen=True)
@@ -72,6 +180,61 @@ class Advice:
     gain_estimate: float | None
     reasons: tuple[str, ...]
     recommendations: tuple[str, ...]
+    best_mode: str | None = None  # MODES: the best way to run a second engine for throughput; None: unknown
+    options: tuple[ModeEstimate, ...] = ()  # every way compared, best first
+
+
+def nearest_price(params_billion: float, busy: float | None,
+                  prices: tuple[LatencyPrice, ...] = LATENCY_PRICES) -> LatencyPrice | None:
+    """The measured regime nearest in model size (log scale), then in busy share; None when the busy
+    share is unknown or nothing was measured."""
+    if busy is None or not prices:
+        return None
+    size = min(abs(math.log2(p.params_billion / params_billion)) for p in prices)
+    same = [p for p in prices if abs(math.log2(p.params_billion / params_billion)) == size]
+    return min(same, key=lambda p: abs(p.busy_alone - busy))
+
+
+def measured_split(params_billion: float, busy: float | None,
+                   splits: tuple[SplitResult, ...] = SPLITS) -> SplitResult | None:
+    """The split measured in the nearest regime (busy share within SPLIT_BUSY_RANGE) for a model within
+    SPLIT_SIZE_RANGE of the measured one, if it beat the default there; None otherwise: no split is
+    advised where none was measured."""
+    near = [s for s in splits if busy is not None and abs(s.busy_alone - busy) <= SPLIT_BUSY_RANGE
+            and abs(math.log2(s.params_billion / params_billion)) <= math.log2(SPLIT_SIZE_RANGE)]
+    if not near:
+        return None
+    found = min(near, key=lambda s: abs(s.busy_alone - busy))  # type: ignore[operator]
+    return found if found.split is not None else None
+
+
+def compare(params_billion: float, prompt_tokens: float, prefill_share: float, busy: float | None,
+            model: GainModel = MODEL, ts_model: TimeSlicedModel = TIME_SLICED_MODEL,
+            prices: tuple[LatencyPrice, ...] = LATENCY_PRICES, splits: tuple[SplitResult, ...] = SPLITS,
+            errors: dict[str, float] | None = None) -> tuple[ModeEstimate, ...]:
+    """The ways to run a second engine, best for throughput first: none (one engine: gain 0, its own
+    latency), time-sliced, MPS, and MPS with a thread split where one was measured to beat the default.
+    Latency ratios are the nearest measured regime's; on a tie the simpler way comes first."""
+    errors = HELD_OUT_ERROR_PP if errors is None else errors
+    price = nearest_price(params_billion, busy, prices)
+    ts_p50, ts_p99, mps_p50, mps_p99 = ((None, None, None, None) if price is None else
+                                        (price.time_sliced_p50, price.time_sliced_p99, price.mps_p50, price.mps_p99))
+    mps = model.estimate(params_billion, prompt_tokens, prefill_share, busy)
+    options = [ModeEstimate(NONE, 0.0, 1.0, 1.0),
+               ModeEstimate(TIME_SLICED, ts_model.estimate(params_billion, prompt_tokens, prefill_share, busy),
+                            ts_p50, ts_p99, error_pp=errors.get(TIME_SLICED)),
+               ModeEstimate(MPS, mps, mps_p50, mps_p99, error_pp=errors.get(MPS))]
+    split = measured_split(params_billion, busy, splits)
+    if split is not None:
+        options.append(ModeEstimate(
+            MPS_THREAD_SPLIT, min(mps + split.gain_over_default, model.ceiling),
+            _times(mps_p50, split.itl_p50_ratio), _times(mps_p99, split.itl_p99_ratio),
+            split.split, errors.get(MPS)))
+    return tuple(sorted(options, key=lambda o: -o.gain))  # stable: none, time-sliced, MPS on a tie
+
+
+def _times(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a * b
 
 
 def verdict_of(gain: float) -> str:
@@ -108,7 +271,7 @@ def _weighted(pairs: list[tuple[float, float]]) -> float | None:
 
 
 def advise(gpu: GpuState, engines: list[EngineState], imbalance: float | None = None,
-           model: GainModel = MODEL) -> Advice:
+           model: GainModel = MODEL, ts_model: TimeSlicedModel = TIME_SLICED_MODEL) -> Advice:
     uuid = gpu.uuid or str(gpu.index)
     up = [e for e in engines if e.up]
     if not up:
@@ -122,31 +285,66 @@ def advise(gpu: GpuState, engines: list[EngineState], imbalance: float | None = 
     busy = busy_alone(gpu.utilization_ratio, len(up))
     gain = model.estimate(params, prompt, share, busy)
     verdict = verdict_of(gain)
+    options = compare(params, prompt, share, busy, model, ts_model)
+    best = options[0]
+    by_mode = {o.mode: o for o in options}
     idle = "GPU busy time unknown" if busy is None else f"one engine alone keeps the GPU busy {busy:.0%} of the time"
     reasons = [f"{params:g}B parameters, {prompt:.0f}-token prompts, {share:.0%} of tokens in prefill, {idle}"
-               f": two engines under MPS estimated at {gain:+.0%} over one alone"]
+               f": two engines under MPS estimated at {gain:+.0%} over one alone, "
+               f"time-sliced at {by_mode[TIME_SLICED].gain:+.0%}"]
+    reasons.append(f"best for throughput: {describe(best)}")
     if gpu.sm_active_ratio is not None:
         reasons.append(f"SM active {gpu.sm_active_ratio:.0%}, DRAM bandwidth {_pct(gpu.dram_bandwidth_ratio)} now")
     attached = [e for e in up if e.mps_attached]
     alone = [e for e in up if e.mps_attached is False]
+    mps_best = best.mode in (MPS, MPS_THREAD_SPLIT)
     recommendations = []
     if any(e.cpu_bound for e in up):
         recommendations.append("an engine is CPU-bound: enable vLLM's async scheduling (--async-scheduling), "
                                "which overlaps its CPU work with its own GPU work")
-    if len(up) == 1 and verdict == PAYS_OFF:
+    if len(up) == 1 and best.gain >= PAYS_OFF_FROM:
         memory = up[0].gpu_memory_utilization
         room = "" if memory is None or memory <= 0.5 else (
             f" (its gpu_memory_utilization is {memory:g}: give each engine at most 0.45)")
-        recommendations.append("add a second engine on this GPU under MPS" + room)
-    if len(up) >= 2 and verdict == LIKELY_SLOWER:
+        how = {MPS: "under MPS", TIME_SLICED: f"without MPS (time-sliced: {best.gain:+.0%} against {gain:+.0%} under MPS)",
+               MPS_THREAD_SPLIT: f"under MPS with CUDA_MPS_ACTIVE_THREAD_PERCENTAGE {best.split} "
+                                 f"({best.gain:+.0%} against {gain:+.0%} with the default)"}[best.mode]
+        recommendations.append(f"add a second engine on this GPU {how}" + room)
+    if len(up) >= 2 and (verdict == LIKELY_SLOWER or best.mode == NONE):
         recommendations.append("drop to one engine on this GPU: sharing it costs throughput for this workload")
-    if len(up) >= 2 and alone and verdict != LIKELY_SLOWER:
+    if len(up) >= 2 and attached and best.mode == TIME_SLICED:
+        recommendations.append(f"run the engines on this GPU without MPS (time-sliced, CUDA_MPS_PIPE_DIRECTORY unset "
+                               f"and no daemon on the default pipe dir): {best.gain:+.0%} estimated against "
+                               f"{gain:+.0%} under MPS")
+    if len(up) >= 2 and alone and mps_best:
         recommendations.append(f"{len(alone)} engine(s) run without MPS: start them with the control daemon's "
                                "CUDA_MPS_PIPE_DIRECTORY so they overlap instead of time-slicing")
-    if len(attached) >= 2 and imbalance is not None and imbalance > 1.3:
+    if len(up) >= 2 and best.mode == MPS_THREAD_SPLIT:
+        recommendations.append(f"set CUDA_MPS_ACTIVE_THREAD_PERCENTAGE {best.split} per engine: measured "
+                               f"{best.gain - gain:+.0%} of throughput over the default in the nearest regime")
+    elif len(attached) >= 2 and imbalance is not None and imbalance > 1.3:
+        measured = any(s.split is None and busy is not None and abs(s.busy_alone - busy) <= SPLIT_BUSY_RANGE
+                       and abs(math.log2(s.params_billion / params)) <= math.log2(SPLIT_SIZE_RANGE) for s in SPLITS)
         recommendations.append("set CUDA_MPS_ACTIVE_THREAD_PERCENTAGE per engine (e.g. 100/number of engines) "
-                               "so the busiest engine cannot take the SMs from the others")
-    return Advice(uuid, len(up), verdict, gain, tuple(reasons), tuple(recommendations))
+                               "so the busiest engine cannot take the SMs from the others"
+                               + (": for fairness; in the nearest measured regime no split beat the default's "
+                                  "throughput" if measured else ""))
+    return Advice(uuid, len(up), verdict, gain, tuple(reasons), tuple(recommendations), best.mode, options)
+
+
+def describe(option: ModeEstimate) -> str:
+    """One mode's estimate, error and latency price, as `advise` says it."""
+    name = {NONE: "one engine alone", TIME_SLICED: "two engines time-sliced (no MPS)", MPS: "two engines under MPS",
+            MPS_THREAD_SPLIT: f"two engines under MPS with thread split {option.split}"}[option.mode]
+    if option.mode == NONE:
+        return f"{name} (every way of sharing is estimated to lose throughput)"
+    error = "" if option.error_pp is None else f" (held-out error up to {option.error_pp:.0f} points)"
+    if option.itl_p50_ratio is None or option.itl_p99_ratio is None:
+        price = "latency price not measured for this regime"
+    else:
+        price = (f"inter-token latency x{option.itl_p50_ratio:.2f} p50, x{option.itl_p99_ratio:.2f} p99 "
+                 "against one engine alone (measured in the nearest regime)")
+    return f"{name}, {option.gain:+.0%}{error}; {price}"
 
 
 def _pct(value: float | None) -> str:

@@ -10,6 +10,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from mpswatch.advisor import ModeEstimate
 from mpswatch.snapshot import BlastRadius, FaultClient, NodeSnapshot
 from mpswatch.units import UNITS
 from mpswatch.verdicts import (
@@ -219,22 +220,39 @@ def advice_report(snapshot: NodeSnapshot) -> dict[str, Any]:
     if snapshot.engines is not None and any(e.gpu_uuid is None for e in snapshot.derived.engines):
         notes.append("engines on an unknown GPU are left out (their GPU process is not seen)")
     return {
-        "schema": "mpswatch.advise/v1",
+        "schema": "mpswatch.advise/v2",
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "gpus": [{"gpu_uuid": a.gpu_uuid, "engines": a.engines, "verdict": a.verdict,
                   "gain_estimate": None if a.gain_estimate is None else round(a.gain_estimate, 4),
+                  "best_mode": a.best_mode, "options": [_option(o) for o in a.options],
                   "reasons": list(a.reasons), "recommendations": list(a.recommendations)}
                  for a in snapshot.derived.advice],
         "notes": notes,
     }
 
 
+def _option(option: ModeEstimate) -> dict[str, Any]:
+    def rounded(value: float | None) -> float | None:
+        return None if value is None else round(value, 4)
+
+    return {"mode": option.mode, "gain_estimate": rounded(option.gain), "held_out_error_pp": option.error_pp,
+            "itl_p50_ratio": rounded(option.itl_p50_ratio), "itl_p99_ratio": rounded(option.itl_p99_ratio),
+            "split": option.split}
+
+
 def render_advice(report: dict[str, Any]) -> str:
     lines = []
     for g in report["gpus"]:
         estimate = "" if g["gain_estimate"] is None else f" {g['gain_estimate']:+.0%} estimated for two engines under MPS"
-        lines.append(f"{g['verdict'] or 'unknown':<14}{g['gpu_uuid']}:{estimate}")
+        best = "" if g["best_mode"] is None else f"; best for throughput: {g['best_mode']}"
+        lines.append(f"{g['verdict'] or 'unknown':<14}{g['gpu_uuid']}:{estimate}{best}")
         lines += [f"{'':<14}  because {r}" for r in g["reasons"]]
+        for o in g["options"]:
+            error = "" if o["held_out_error_pp"] is None else f" (held-out error up to {o['held_out_error_pp']:g} pp)"
+            latency = ("ITL price not measured" if o["itl_p50_ratio"] is None or o["itl_p99_ratio"] is None
+                       else f"ITL x{o['itl_p50_ratio']:.2f} p50, x{o['itl_p99_ratio']:.2f} p99")
+            name = o["mode"] + (f" {o['split']}" if o["split"] else "")
+            lines.append(f"{'':<14}  {name:<24} {o['gain_estimate']:+.0%}{error}, {latency}")
         lines += [f"{'':<14}  -> {r}" for r in g["recommendations"]]
     lines += [f"{'NOTE':<14}{n}" for n in report["notes"]]
     return "\n".join(lines or ["no GPU with engines"]) + "\n"

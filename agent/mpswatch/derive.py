@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from mpswatch.advisor import VERDICTS, Advice, advise_node
+from mpswatch.advisor import MODES, TIME_SLICED, VERDICTS, Advice, advise_node
 from mpswatch.collectors.mps_control import ParseError, parse_percentage, parse_pinned_limits_env
 from mpswatch.interference import InterferenceMemory
 from mpswatch.metrics import Families
@@ -618,6 +618,12 @@ def render(facts: DerivedFacts, out: Families) -> None:
         out.add("mps_gpu_mps_gain_estimate_ratio", [a.gpu_uuid], a.gain_estimate)
         for verdict in VERDICTS:
             out.add("mps_gpu_mps_verdict", [a.gpu_uuid, verdict], 1 if a.verdict == verdict else 0)
+        for option in a.options:
+            if option.mode == TIME_SLICED:
+                out.add("mps_gpu_timesliced_gain_estimate_ratio", [a.gpu_uuid], option.gain)
+        if a.best_mode is not None:
+            for mode in MODES:
+                out.add("mps_gpu_best_sharing_mode", [a.gpu_uuid, mode], 1 if a.best_mode == mode else 0)
     for blast in facts.blast_radius:
         if blast.fatal_error is not None and blast.fatal_error[1].client_pid is not None:
             log_dir, event = blast.fatal_error

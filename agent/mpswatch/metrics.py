@@ -299,6 +299,18 @@ _SPECS += [
         "State set over pays_off, marginal, likely_slower: whether MPS pays off on this GPU (mpswatch advise).",
     ),
     MetricSpec(
+        "mps_gpu_timesliced_gain_estimate_ratio",
+        "gauge",
+        ("gpu_uuid",),
+        "Estimated throughput of two engines time-sliced (no MPS) over one alone, minus 1, for this GPU's workload.",
+    ),
+    MetricSpec(
+        "mps_gpu_best_sharing_mode",
+        "gauge",
+        ("gpu_uuid", "mode"),
+        "State set over none, time_sliced, mps, mps_thread_split: the best way to share this GPU for throughput (advise).",
+    ),
+    MetricSpec(
         "mps_engine_load_share_ratio",
         "gauge",
         ("engine", "gpu_uuid"),

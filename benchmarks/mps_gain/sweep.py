@@ -2,7 +2,7 @@
 agent's signals, and MPS thread shares; one GPU call, then a report anywhere.
 
     python3 -m benchmarks.mps_gain.sweep --out sweep.json --logs logs     # on the GPU, 9 min at most
-    python3 -m benchmarks.mps_gain.sweep --report sweep.json              # the markdown tables
+    python3 -m benchmarks.mps_gain.sweep --report sweep.json[.gz]         # the markdown tables
     python3 -m benchmarks.mps_gain.sweep --device cpu --quick --out /tmp/s.json   # a smoke test, no GPU
 
 1. CPU work per step (the engine's --cpu-work-ms: 0, 0.5, 1, 1.5, 2, 3, 4 ms, up to past the GPU's
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gzip
 import json
 import signal
 import statistics
@@ -155,6 +156,21 @@ def _engine(measured: dict[int, dict], index: int, key: str) -> float | None:
                   if row["per_engine_latency"][index].get(key) is not None])
 
 
+def _signal(rows: dict[int, dict], key: str) -> str:
+    """A GPU signal (or an engine's, the busiest of the engines) as the agent saw it, mean over repeats."""
+    values = []
+    for row in rows.values():
+        if key.startswith("mps_gpu_"):
+            value = gpu_signal(row, key)
+        else:
+            seen = [e[key] for e in ((row.get("signals") or {}).get("engines") or []) if e.get(key) is not None]
+            value = max(seen) if seen else None
+        if value is not None:
+            values.append(value)
+    mean = _mean(values)
+    return "–" if mean is None else f"{mean:.2f}"
+
+
 def render(results: dict) -> str:
     """Markdown: per configuration, gains MPS and time-sliced vs alone with their spread over repeats,
     the agent's view alone; engine 0's ITL p50/p99 per mode; then the thread shares."""
@@ -188,6 +204,15 @@ def render(results: dict) -> str:
                          f"{_gain_text(_gains(modes['timesliced'], alone))} | {_gain_text(_gains(modes['mps'], alone))} | "
                          f"{'–' if util is None else f'{util:.2f}'} | {'–' if threads is None else f'{threads:.2f}'} | "
                          f"{_itl(modes, 'itl_p50_s')} | {_itl(modes, 'itl_p99_s')} |")
+        lines += ["", f"The agent's signals, {size} decode at {context} (mean over repeats; alone / time-sliced / MPS):", "",
+                  "| CPU ms/step | GPU util | SM active | DRAM bandwidth | busiest thread |",
+                  "|---:|---|---|---|---|"]
+        for ms in levels:
+            modes = {mode: by.get((size, context, ms, mode, DEFAULT_SPLIT), {}) for mode in run.MODES}
+            lines.append(f"| {ms:g} | " + " | ".join(
+                " / ".join(_signal(modes[mode], key) for mode in run.MODES)
+                for key in ("mps_gpu_utilization_ratio", "mps_gpu_sm_active_ratio", "mps_gpu_dram_bandwidth_ratio",
+                            "mps_engine_busiest_thread_cpu_ratio")) + " |")
         lines.append("")
     shares = sorted({(row["cpu_work_ms"], row["split"]) for row in results["rows"]
                      if (row["size"], row["context"], row["mode"]) == (SHARE_SIZE, SHARE_CONTEXT, "mps")
@@ -259,7 +284,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.report is not None:
-        print(render(json.loads(args.report.read_text())), end="", flush=True)
+        opener = gzip.open if args.report.name.endswith(".gz") else open
+        with opener(args.report, "rt") as handle:
+            print(render(json.load(handle)), end="", flush=True)
         return
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # finally blocks stop MPS
     missing = run.mps_control_missing() or ("--device cpu" if args.device == "cpu" else None)
