@@ -206,13 +206,15 @@ def engines():
         .with_panel(timeseries.Panel().title("Imbalance per GPU").span(12).height(8).unit(units.Short).min(1)
                     .description("Busiest engine's share over the fair share: 1 balanced, the engine count when one engine does all the work.")
                     .with_target(q(f"mps_gpu_engine_imbalance_ratio{{{NODE}}}", "{{instance}} {{gpu_uuid}}")))
-        .with_panel(timeseries.Panel().title("Does MPS pay off? Estimated gain per GPU").span(12).height(8)
+        .with_panel(timeseries.Panel().title("Does MPS pay off? Estimated gain per GPU, under MPS and time-sliced").span(12).height(8)
                     .unit(units.PercentUnit).min(-0.5)
-                    .description("mpswatch's estimate of two engines under MPS over one alone, for the workload of each GPU's engines: "
-                                 "at least +20 % pays off, below 0 MPS likely costs throughput (MPSLikelySlower). "
-                                 "`mpswatch advise` on the node gives the reasons and what to do; docs/mps-gain.md the measured error.")
+                    .description("mpswatch's estimates of two engines under MPS and time-sliced (no MPS) over one alone, for the "
+                                 "workload of each GPU's engines: at least +20 % pays off, below 0 MPS likely costs throughput "
+                                 "(MPSLikelySlower); time-sliced above MPS: MPSTimeSlicingBetter. `mpswatch advise` on the node "
+                                 "gives the reasons, the latency price and what to do; docs/mps-gain.md the measured error.")
                     .thresholds(thresholds((None, "red"), (0, "yellow"), (0.2, "green")))
-                    .with_target(q(f"mps_gpu_mps_gain_estimate_ratio{{{NODE}}}", "{{instance}} {{gpu_uuid}}")))
+                    .with_target(q(f"mps_gpu_mps_gain_estimate_ratio{{{NODE}}}", "{{instance}} {{gpu_uuid}} MPS", "A"))
+                    .with_target(q(f"mps_gpu_timesliced_gain_estimate_ratio{{{NODE}}}", "{{instance}} {{gpu_uuid}} time-sliced", "B")))
         .with_row(dash.Row("Work"))
         .with_panel(timeseries.Panel().title("Tokens per second").span(12).height(8).unit("short").min(0)
                     .description("Prompt plus generation tokens per second per engine, and per GPU (recording rule).")
