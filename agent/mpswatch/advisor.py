@@ -200,12 +200,17 @@ def measured_split(params_billion: float, busy: float | None,
     """The split measured in the nearest regime (busy share within SPLIT_BUSY_RANGE) for a model within
     SPLIT_SIZE_RANGE of the measured one, if it beat the default there; None otherwise: no split is
     advised where none was measured."""
-    near = [s for s in splits if busy is not None and abs(s.busy_alone - busy) <= SPLIT_BUSY_RANGE
-            and abs(math.log2(s.params_billion / params_billion)) <= math.log2(SPLIT_SIZE_RANGE)]
+    near = [s for s in splits if _in_regime(s, params_billion, busy)]
     if not near:
         return None
     found = min(near, key=lambda s: abs(s.busy_alone - busy))  # type: ignore[operator]
     return found if found.split is not None else None
+
+
+def _in_regime(split: SplitResult, params_billion: float, busy: float | None) -> bool:
+    """Whether a split was measured near enough to this workload to speak for it."""
+    return (busy is not None and abs(split.busy_alone - busy) <= SPLIT_BUSY_RANGE
+            and abs(math.log2(split.params_billion / params_billion)) <= math.log2(SPLIT_SIZE_RANGE))
 
 
 def compare(params_billion: float, prompt_tokens: float, prefill_share: float, busy: float | None,
@@ -283,11 +288,11 @@ def advise(gpu: GpuState, engines: list[EngineState], imbalance: float | None = 
     if params is None or prompt is None or share is None:
         return Advice(uuid, len(up), None, None, tuple(f"unknown: {m}" for m in missing), ())
     busy = busy_alone(gpu.utilization_ratio, len(up))
-    gain = model.estimate(params, prompt, share, busy)
-    verdict = verdict_of(gain)
     options = compare(params, prompt, share, busy, model, ts_model)
     best = options[0]
     by_mode = {o.mode: o for o in options}
+    gain = by_mode[MPS].gain
+    verdict = verdict_of(gain)
     idle = "GPU busy time unknown" if busy is None else f"one engine alone keeps the GPU busy {busy:.0%} of the time"
     reasons = [f"{params:g}B parameters, {prompt:.0f}-token prompts, {share:.0%} of tokens in prefill, {idle}"
                f": two engines under MPS estimated at {gain:+.0%} over one alone, "
@@ -323,8 +328,7 @@ def advise(gpu: GpuState, engines: list[EngineState], imbalance: float | None = 
         recommendations.append(f"set CUDA_MPS_ACTIVE_THREAD_PERCENTAGE {best.split} per engine: measured "
                                f"{best.gain - gain:+.0%} of throughput over the default in the nearest regime")
     elif len(attached) >= 2 and imbalance is not None and imbalance > 1.3:
-        measured = any(s.split is None and busy is not None and abs(s.busy_alone - busy) <= SPLIT_BUSY_RANGE
-                       and abs(math.log2(s.params_billion / params)) <= math.log2(SPLIT_SIZE_RANGE) for s in SPLITS)
+        measured = any(s.split is None and _in_regime(s, params, busy) for s in SPLITS)
         recommendations.append("set CUDA_MPS_ACTIVE_THREAD_PERCENTAGE per engine (e.g. 100/number of engines) "
                                "so the busiest engine cannot take the SMs from the others"
                                + (": for fairness; in the nearest measured regime no split beat the default's "

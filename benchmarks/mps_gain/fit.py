@@ -16,8 +16,6 @@ engine's vLLM metrics state them.
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import math
 import statistics
 import sys
@@ -39,6 +37,8 @@ from mpswatch.advisor import (
 from mpswatch.engine_kinds import parameters_from_model_name
 from mpswatch.snapshot import EngineState, GpuState
 
+from benchmarks.mps_gain.report import load_results
+
 ROOT = Path(__file__).resolve().parents[2]
 
 RESULTS = ROOT / "benchmarks" / "mps_gain" / "mps-gain.json.gz"  # the H200 run docs/mps-gain.md reports
@@ -49,13 +49,6 @@ PREFILL_GENERATED = 16  # tokens generated per prompt in the prefill-heavy workl
 TIE = 0.03  # measured time-sliced and MPS gains this close: either mode counts as the right one
 SWEEP_HELD_OUT_MS = (0.5, 1.5, 3.0)
 DEFAULT_SPLIT = "100/100"
-
-
-def load_results(path: str | Path) -> dict:
-    """A results file (report.py --merged, or sweep.py --out), gzipped when the name ends in .gz."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt") as handle:
-        return json.load(handle)
 
 
 def held_out(config: dict) -> bool:
@@ -277,40 +270,45 @@ def proof(configs: list[dict], model: GainModel, ts_model: TimeSlicedModel, pric
         row = {k: c[k] for k in ("card", "size", "context", "workload", "cpu_work_ms", "measured", "measured_ts")}
         row["set"] = "held out" if held_out(c) else "training"
         row["spread"] = {m: max(g) - min(g) for m, g in c["gains"].items()}
-        estimates: dict[str, list[float]] = {}
-        row["split_offered"] = False
-        for signals in c["alone"]:
-            seen = engines_seen(c, signals)
-            if seen is None:
-                continue
-            advice = advise(*seen, model=model, ts_model=ts_model)
-            row["split_offered"] |= advice.best_mode == MPS_THREAD_SPLIT
-            for option in advice.options:
-                estimates.setdefault(option.mode, []).append(option.gain)
-        mean = {mode: statistics.fmean(v) for mode, v in estimates.items()}
+        mean, row["split_offered"] = _mean_estimates(c, c["alone"], model, ts_model)
         row["estimate_mps"], row["estimate_ts"] = mean.get(MPS), mean.get(TIME_SLICED)
         row["estimate_alone"] = row["estimate_mps"]
-        chosen = max((m for m in (NONE, TIME_SLICED, MPS) if m in mean), key=lambda m: mean[m], default=None)
-        row["chosen"] = chosen
+        row["chosen"] = chosen = _best_of(mean)
         row["best"], row["tie"] = measured_best(c)
-        row["right"] = chosen == row["best"] or (row["tie"] and chosen in (MPS, TIME_SLICED))
+        row["right"] = _right(chosen, row["best"], row["tie"])
         measured_of = {MPS: c["measured"], TIME_SLICED: c["measured_ts"], NONE: 0.0}
         row["error_chosen"] = None if chosen is None else mean[chosen] - measured_of[chosen]
-        row["chosen_under_mps"] = _chosen(c, c["mps"], model, ts_model)
+        # the view with two engines under MPS: what MPSTimeSlicingBetter sees
+        row["chosen_under_mps"] = _best_of(_mean_estimates(c, c["mps"], model, ts_model)[0])
+        row["right_under_mps"] = _right(row["chosen_under_mps"], row["best"], row["tie"])
         rows.append(row)
     return rows
 
 
-def _chosen(config: dict, views: list[dict | None], model: GainModel, ts_model: TimeSlicedModel) -> str | None:
-    """The mode the advisor chooses from another view (two engines under MPS: what MPSTimeSlicingBetter sees)."""
+def _mean_estimates(config: dict, views: list[dict | None], model: GainModel,
+                    ts_model: TimeSlicedModel) -> tuple[dict[str, float], bool]:
+    """Each mode's estimate through the advisor, the mean over the views (one per repeat), and whether
+    any view made a measured thread split the best mode."""
     estimates: dict[str, list[float]] = {}
+    split_offered = False
     for signals in views:
         seen = engines_seen(config, signals)
-        if seen is not None:
-            for option in advise(*seen, model=model, ts_model=ts_model).options:
-                estimates.setdefault(option.mode, []).append(option.gain)
-    mean = {mode: statistics.fmean(v) for mode, v in estimates.items() if mode in (NONE, TIME_SLICED, MPS)}
-    return max(mean, key=lambda m: mean[m], default=None)
+        if seen is None:
+            continue
+        advice = advise(*seen, model=model, ts_model=ts_model)
+        split_offered |= advice.best_mode == MPS_THREAD_SPLIT
+        for option in advice.options:
+            estimates.setdefault(option.mode, []).append(option.gain)
+    return {mode: statistics.fmean(v) for mode, v in estimates.items()}, split_offered
+
+
+def _best_of(mean: dict[str, float]) -> str | None:
+    """The mode the mean estimates make best, the split scored as MPS (its estimate is MPS's plus a measured step)."""
+    return max((m for m in (NONE, TIME_SLICED, MPS) if m in mean), key=lambda m: mean[m], default=None)
+
+
+def _right(chosen: str | None, best: str, tie: bool) -> bool:
+    return chosen == best or (tie and chosen in (MPS, TIME_SLICED))
 
 
 def held_out_errors(rows: list[dict]) -> dict[str, float]:
@@ -355,7 +353,7 @@ def table(rows: list[dict], model: GainModel, ts_model: TimeSlicedModel) -> str:
               f"the right mode in {right} of {len(held)}. A constant estimate of the best gain (the training mean, "
               f"{constant:+.1%}) would score median {statistics.median(constant_errors):.1f} pp, largest "
               f"{constant_errors[-1]:.1f} pp. From the view with two engines under MPS the right mode is chosen in "
-              f"{sum(r['chosen_under_mps'] == r['best'] or (r['tie'] and r['chosen_under_mps'] in (MPS, TIME_SLICED)) for r in held)}"
+              f"{sum(r['right_under_mps'] for r in held)}"
               f" of {len(held)}.",
               "", f"MPS with a measured thread split is the advisor's best mode in {len(offered)} rows "
               f"({sum(r['set'] == 'held out' for r in offered)} held out), marked \"+ 50/50 split\"; the split itself was "

@@ -23,6 +23,13 @@ MODE_ORDER = {"alone": 0, "timesliced": 1, "mps": 2}
 WORKLOAD_ORDER = {"decode": 0, "prefill": 1}
 
 
+def load_results(path: str | Path) -> dict:
+    """A results file (run.py's, this module's --merged, or sweep.py --out), gzipped when the name ends in .gz."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as handle:
+        return json.load(handle)
+
+
 def row_of(case: dict) -> tuple[str, int, str, float]:
     """The table row a case belongs to: its modes side by side."""
     return case["size"], case["context"], case["workload"], case["cpu_work_ms"]
@@ -116,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "mps-gain.md")
     parser.add_argument("--merged", type=Path, help="also write the merged results here (gzipped if it ends in .gz)")
     args = parser.parse_args(argv)
-    merged = merge([json.loads(path.read_text()) for path in args.results])
+    merged = merge([load_results(path) for path in args.results])
     table = render_table(merged)
     write_table(args.doc, table)
     if args.merged:

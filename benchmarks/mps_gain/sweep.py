@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gzip
-import json
 import signal
 import statistics
 import sys
@@ -41,7 +39,7 @@ from pathlib import Path
 
 from benchmarks.mps_gain import run
 from benchmarks.mps_gain.cases import SHAPES, Case
-from benchmarks.mps_gain.report import gpu_signal
+from benchmarks.mps_gain.report import gpu_signal, load_results
 from benchmarks.mps_gain.run import Launch, estimate_seconds, keep_logs, log, run_engines, write_results
 
 CONFIGS = (("0.5B", 512), ("1.5B", 1024))
@@ -284,9 +282,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.report is not None:
-        opener = gzip.open if args.report.name.endswith(".gz") else open
-        with opener(args.report, "rt") as handle:
-            print(render(json.load(handle)), end="", flush=True)
+        print(render(load_results(args.report)), end="", flush=True)
         return
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # finally blocks stop MPS
     missing = run.mps_control_missing() or ("--device cpu" if args.device == "cpu" else None)
