@@ -183,17 +183,29 @@ def test_sweep_repeats_alternate_their_order():
 
 def test_sweep_plan_groups_and_thread_shares():
     launches = sweep.plan(list(sweep.CONFIGS), list(sweep.CPU_WORK_MS), ["alone", "timesliced", "mps"], 2,
-                          list(sweep.SPLITS), list(sweep.SHARE_CPU_WORK_MS))
+                          list(sweep.SPLITS), list(sweep.SHARE_CONFIGS), list(sweep.SHARE_CPU_WORK_MS))
     assert [(s.group, s.launch.mode, s.split_text) for s in launches] == [
         ("0.5B@512", "alone", "100/100"), ("0.5B@512", "timesliced", "100/100"), ("0.5B@512", "mps", "100/100"),
         ("1.5B@1024", "alone", "100/100"), ("1.5B@1024", "timesliced", "100/100"), ("1.5B@1024", "mps", "100/100"),
-        ("shares-70-30", "mps", "70/30"), ("shares-50-50", "mps", "50/50")]
+        ("shares-0.5B@512-70-30", "mps", "70/30"), ("shares-0.5B@512-50-50", "mps", "50/50")]
     assert len(launches[0].launch.cases) == 14 and launches[3].launch.cases[0] == Case(1024, "decode", 0.0)
     assert launches[6].engine_env() == [{"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "70"},
                                         {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "30"}]
     assert launches[0].engine_env() is None
-    assert not any(s.split for s in sweep.plan([("0.5B", 512)], [0.0], ["alone", "timesliced"], 1, [(70, 30)], [1.5]))
+    assert not any(s.split for s in sweep.plan([sweep.Config("0.5B", 512)], [0.0], ["alone", "timesliced"], 1,
+                                               [(70, 30)], [sweep.Config("0.5B", 512)], [1.5]))
     assert sweep.calibrated(100.0, 50.0, 25.0) == 50.0 and sweep.calibrated(100.0, 0.0, 0.0) == 100.0
+
+
+def test_sweep_plans_prefill_configurations_and_shares_of_other_sizes():
+    prefill, shares = sweep.Config("1.5B", 1024, "prefill"), sweep.Config("1.5B", 1024)
+    launches = sweep.plan([prefill], [0.0, 2.0], ["alone", "mps"], 1, [(50, 50)], [shares], [3.0])
+    assert [(s.group, s.launch.mode, s.launch.size, s.split_text) for s in launches] == [
+        ("1.5B@1024:prefill", "alone", "1.5B", "100/100"), ("1.5B@1024:prefill", "mps", "1.5B", "100/100"),
+        ("shares-1.5B@1024-50-50", "mps", "1.5B", "50/50")]
+    assert ":" not in "".join(s.launch.name for s in launches)  # launch names name folders
+    assert launches[0].launch.cases == (Case(1024, "prefill", 0.0), Case(1024, "prefill", 2.0))
+    assert launches[2].launch.cases == (Case(1024, "decode", 3.0),)
 
 
 def engine_line(case: int, tokens: float, itl: float) -> dict:
@@ -222,12 +234,27 @@ def test_sweep_rows_and_their_report():
 
 
 def test_sweep_arguments(tmp_path):
-    args = sweep.parse_args(["--out", str(tmp_path / "s.json"), "--configs", "0.5B@512", "--splits", ""])
-    assert args.configs == [("0.5B", 512)] and args.splits == [] and args.seconds == 2.0
+    args = sweep.parse_args(["--out", str(tmp_path / "s.json"), "--configs", "0.5B@512,3B@512:prefill", "--splits", ""])
+    assert args.configs == [sweep.Config("0.5B", 512), sweep.Config("3B", 512, "prefill")]
+    assert args.splits == [] and args.seconds == 2.0 and args.share_configs == [sweep.Config("0.5B", 512)]
     quick = sweep.parse_args(["--out", str(tmp_path / "s.json"), "--quick", "--device", "cpu"])
-    assert quick.configs == [("0.5B", 128)] and quick.cpu_work_ms == [0.0, 1.0]
-    with pytest.raises(SystemExit):
-        sweep.parse_args([])
-    with pytest.raises(SystemExit):
-        sweep.parse_args(["--out", "x", "--splits", "120/30"])
+    assert quick.configs == [sweep.Config("0.5B", 128)] and quick.cpu_work_ms == [0.0, 1.0]
+    for wrong in ([], ["--out", "x", "--splits", "120/30"], ["--out", "x", "--configs", "9B@512"],
+                  ["--out", "x", "--configs", "0.5B@512:chat"], ["--out", "x", "--share-configs", "0.5B"]):
+        with pytest.raises(SystemExit):
+            sweep.parse_args(wrong)
     assert isinstance(args, argparse.Namespace)
+
+
+def test_sweep_report_gives_time_to_first_token_for_prefill_configurations():
+    def launch(mode: str) -> sweep.SweepLaunch:
+        return sweep.SweepLaunch("g", sweep.Launch("g", "1.5B", mode, (Case(1024, "prefill", 0.0),)), (0,))
+
+    def line(tokens: float, ttft: float) -> dict:
+        return {**engine_line(0, tokens, 0.004), "ttft_p50_s": ttft, "ttft_p99_s": 1.5 * ttft}
+
+    rows = (sweep.rows(launch("alone"), [[line(1000, 0.1)]], {})
+            + sweep.rows(launch("mps"), [[line(600, 0.18)], [line(600, 0.2)]], {}))
+    text = sweep.render({"gpu": "NVIDIA H100", "driver": "1", "date": "d", "seconds": 2.0, "warmup": 0.5, "rows": rows})
+    assert "**1.5B prefill at 1024**" in text
+    assert "| 0 | 1,000 | – | +20% | – | – | 4.00 / – / 4.00 | 8.00 / – / 8.00 | 100.00 / – / 180.00 | 150.00 / – / 270.00 |" in text

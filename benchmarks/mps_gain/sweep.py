@@ -2,22 +2,26 @@
 agent's signals, and MPS thread shares; one GPU call, then a report anywhere.
 
     python3 -m benchmarks.mps_gain.sweep --out sweep.json --logs logs     # on the GPU, 9 min at most
-    python3 -m benchmarks.mps_gain.sweep --report sweep.json[.gz]         # the markdown tables
+    python3 -m benchmarks.mps_gain.sweep --report sweep.json[.gz] [more.json ...]  # the markdown tables
     python3 -m benchmarks.mps_gain.sweep --device cpu --quick --out /tmp/s.json   # a smoke test, no GPU
 
-1. CPU work per step (the engine's --cpu-work-ms: 0, 0.5, 1, 1.5, 2, 3, 4 ms, up to past the GPU's
-   step time) for issue 21's two counter-examples, 0.5B decode at context 512 and 1.5B decode at
-   context 1024, each alone, time-sliced and under MPS. A launch (one model build) runs every level
-   twice, the second time in reverse order, so that the spread between repeats is stated and drift
-   over a launch does not fall on one end of the range. Windows are short (2 s measured after 0.5 s).
-2. MPS thread shares: two 0.5B decode engines at 512 with 1.5 ms and 0 ms of CPU work under MPS with
+1. CPU work per step (the engine's --cpu-work-ms: 0, 0.5, 1, 1.5, 2, 3, 4 ms by default, up to past
+   the GPU's step time) for each configuration (SIZE@CONTEXT[:WORKLOAD], decode unless said; by
+   default issue 21's two counter-examples, 0.5B decode at context 512 and 1.5B decode at context
+   1024), each alone, time-sliced and under MPS. A launch (one model build) runs every level twice,
+   the second time in reverse order, so that the spread between repeats is stated and drift over a
+   launch does not fall on one end of the range. Windows are short (2 s measured after 0.5 s). The
+   prefill workload gives each engine's time to first token as well as its inter-token latency.
+2. MPS thread shares: for each share configuration (--share-configs, 0.5B decode at 512 by default),
+   two engines with the --share-cpu-work-ms levels (1.5 and 0 ms) under MPS with
    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE 70/30 and 50/50 in their environments (MPS takes a client's
-   value at context creation when it is at most the server's); 100/100 is the sweep's own MPS
-   launch. Engine 0 is the latency-sensitive one (the larger share).
+   value at context creation when it is at most the server's); 100/100 is that configuration's own
+   MPS launch in part 1, which must measure the same levels. Engine 0 is the latency-sensitive one
+   (the larger share).
 
-A row per case and repeat: size, context, CPU work, mode, repeat, split, per-engine tokens/s and the
-total, the engines' own exact inter-token latency (and time to first token where a workload has
-prefills) p50/p99/mean from their step times (engine 0's also at the top level), and the agent's
+A row per case and repeat: size, context, workload, CPU work, mode, repeat, split, per-engine tokens/s
+and the total, the engines' own exact inter-token latency (and time to first token where a workload
+has prefills) p50/p99/mean from their step times (engine 0's also at the top level), and the agent's
 signals as run.py stores them (GPU utilisation and SM activity, busiest thread, ...). Gains against
 alone are the report's. The estimate printed first uses run.py's guesses (a launch's start and a
 case's overhead) and is recalibrated from each launch's measured time; a group of launches whose
@@ -38,14 +42,39 @@ from itertools import groupby
 from pathlib import Path
 
 from benchmarks.mps_gain import run
-from benchmarks.mps_gain.cases import SHAPES, Case
+from benchmarks.mps_gain.cases import SHAPES, WORKLOADS, Case
 from benchmarks.mps_gain.report import gpu_signal, load_results
 from benchmarks.mps_gain.run import Launch, estimate_seconds, keep_logs, log, run_engines, write_results
 
-CONFIGS = (("0.5B", 512), ("1.5B", 1024))
+
+
+@dataclass(frozen=True, order=True)
+class Config:
+    """A model at a prompt length with a workload: what the CPU levels and modes are measured for."""
+
+    size: str
+    context: int
+    workload: str = "decode"
+
+    @property
+    def name(self) -> str:
+        return f"{self.size}@{self.context}" + ("" if self.workload == "decode" else f":{self.workload}")
+
+    @classmethod
+    def parse(cls, spec: str) -> Config:
+        """`SIZE@CONTEXT[:WORKLOAD]`."""
+        size, _, rest = spec.partition("@")
+        context, _, workload = rest.partition(":")
+        config = cls(size, int(context), workload or "decode")
+        if config.size not in SHAPES or config.workload not in WORKLOADS or config.context < 1:
+            raise ValueError(f"not SIZE@CONTEXT[:WORKLOAD] with a known size and workload: {spec!r}")
+        return config
+
+
+CONFIGS = (Config("0.5B", 512), Config("1.5B", 1024))
 CPU_WORK_MS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 SPLITS = ((70, 30), (50, 50))
-SHARE_SIZE, SHARE_CONTEXT = "0.5B", 512
+SHARE_CONFIGS = (Config("0.5B", 512),)
 SHARE_CPU_WORK_MS = (1.5, 0.0)
 LATENCY_KEYS = ("itl_p50_s", "itl_p99_s", "itl_mean_s", "ttft_p50_s", "ttft_p99_s")
 DEFAULT_SPLIT = "100/100"
@@ -78,19 +107,21 @@ def repeated(cases: list[Case], repeats: int) -> tuple[tuple[Case, ...], tuple[i
     return tuple(out), tuple(which)
 
 
-def plan(configs: list[tuple[str, int]], cpu_work_ms: list[float], modes: list[str], repeats: int,
-         splits: list[tuple[int, int]], share_cpu_work_ms: list[float]) -> list[SweepLaunch]:
-    """Each configuration in every mode (a group), then each thread split under MPS (a group each)."""
+def plan(configs: list[Config], cpu_work_ms: list[float], modes: list[str], repeats: int,
+         splits: list[tuple[int, int]], share_configs: list[Config], share_cpu_work_ms: list[float]) -> list[SweepLaunch]:
+    """Each configuration in every mode (a group), then each share configuration's thread splits under
+    MPS (a group each)."""
     launches = []
-    for size, context in configs:
-        cases, which = repeated([Case(context, "decode", ms) for ms in cpu_work_ms], repeats)
-        group = f"{size}@{context}"
-        launches += [SweepLaunch(group, Launch(group, size, mode, cases), which) for mode in modes]
+    for config in configs:
+        cases, which = repeated([Case(config.context, config.workload, ms) for ms in cpu_work_ms], repeats)
+        launches += [SweepLaunch(config.name, Launch(config.name.replace(":", "-"), config.size, mode, cases), which)
+                     for mode in modes]
     if "mps" in modes:
-        for split in splits:
-            cases, which = repeated([Case(SHARE_CONTEXT, "decode", ms) for ms in share_cpu_work_ms], repeats)
-            group = f"shares-{split[0]}-{split[1]}"
-            launches.append(SweepLaunch(group, Launch(group, SHARE_SIZE, "mps", cases), which, split))
+        for config in share_configs:
+            for split in splits:
+                cases, which = repeated([Case(config.context, config.workload, ms) for ms in share_cpu_work_ms], repeats)
+                group = f"shares-{config.name.replace(':', '-')}-{split[0]}-{split[1]}"
+                launches.append(SweepLaunch(group, Launch(group, config.size, "mps", cases), which, split))
     return launches
 
 
@@ -169,27 +200,33 @@ def _signal(rows: dict[int, dict], key: str) -> str:
     return "–" if mean is None else f"{mean:.2f}"
 
 
+def _config(row: dict) -> Config:
+    return Config(row["size"], row["context"], row.get("workload", "decode"))
+
+
 def render(results: dict) -> str:
     """Markdown: per configuration, gains MPS and time-sliced vs alone with their spread over repeats,
-    the agent's view alone; engine 0's ITL p50/p99 per mode; then the thread shares."""
+    the agent's view alone; engine 0's ITL (and TTFT where it prefills) p50/p99 per mode; then each
+    configuration's thread shares."""
     by: dict[tuple, dict[int, dict]] = {}
     for row in results["rows"]:
-        key = (row["size"], row["context"], row["cpu_work_ms"], row["mode"], row["split"])
-        by.setdefault(key, {})[row["repeat"]] = row
+        by.setdefault((_config(row), row["cpu_work_ms"], row["mode"], row["split"]), {})[row["repeat"]] = row
     lines = [f"{results['gpu']}, driver {results['driver']}, run {results['date']}; "
              f"{results['seconds']:g} s measured per case after {results['warmup']:g} s; "
              f"gains: mean over repeats (min … max).", ""]
-    configs = sorted({(row["size"], row["context"]) for row in results["rows"] if row["split"] == DEFAULT_SPLIT},
-                     key=lambda config: (SHAPES[config[0]].params, config[1]))
-    for size, context in configs:
+    configs = sorted({_config(row) for row in results["rows"] if row["split"] == DEFAULT_SPLIT},
+                     key=lambda config: (config.workload, SHAPES[config.size].params, config.context))
+    for config in configs:
         levels = sorted({row["cpu_work_ms"] for row in results["rows"]
-                         if (row["size"], row["context"], row["split"]) == (size, context, DEFAULT_SPLIT)})
-        lines += [f"**{size} decode at {context}**", "",
+                         if (_config(row), row["split"]) == (config, DEFAULT_SPLIT)})
+        prefills = config.workload == "prefill"
+        lines += [f"**{config.size} {config.workload} at {config.context}**", "",
                   "| CPU ms/step | alone tok/s | time-sliced | MPS | GPU util alone | busiest thread alone "
-                  "| ITL p50 alone / TS / MPS ms | ITL p99 alone / TS / MPS ms |",
-                  "|---:|---:|---:|---:|---:|---:|---|---|"]
+                  "| ITL p50 alone / TS / MPS ms | ITL p99 alone / TS / MPS ms |"
+                  + (" TTFT p50 alone / TS / MPS ms | TTFT p99 alone / TS / MPS ms |" if prefills else ""),
+                  "|---:|---:|---:|---:|---:|---:|---|---|" + ("---|---|" if prefills else "")]
         for ms in levels:
-            modes = {mode: by.get((size, context, ms, mode, DEFAULT_SPLIT), {}) for mode in run.MODES}
+            modes = {mode: by.get((config, ms, mode, DEFAULT_SPLIT), {}) for mode in run.MODES}
             alone = modes["alone"]
             alone_tps = _mean([row["tokens_per_second"] for row in alone.values()])
             util = _mean([v for row in alone.values()
@@ -201,29 +238,35 @@ def render(results: dict) -> str:
             lines.append(f"| {ms:g} | {'–' if alone_tps is None else f'{alone_tps:,.0f}'} | "
                          f"{_gain_text(_gains(modes['timesliced'], alone))} | {_gain_text(_gains(modes['mps'], alone))} | "
                          f"{'–' if util is None else f'{util:.2f}'} | {'–' if threads is None else f'{threads:.2f}'} | "
-                         f"{_itl(modes, 'itl_p50_s')} | {_itl(modes, 'itl_p99_s')} |")
-        lines += ["", f"The agent's signals, {size} decode at {context} (mean over repeats; alone / time-sliced / MPS):", "",
+                         f"{_itl(modes, 'itl_p50_s')} | {_itl(modes, 'itl_p99_s')} |"
+                         + (f" {_itl(modes, 'ttft_p50_s')} | {_itl(modes, 'ttft_p99_s')} |" if prefills else ""))
+        lines += ["", f"The agent's signals, {config.size} {config.workload} at {config.context} "
+                  "(mean over repeats; alone / time-sliced / MPS):", "",
                   "| CPU ms/step | GPU util | SM active | DRAM bandwidth | busiest thread |",
                   "|---:|---|---|---|---|"]
         for ms in levels:
-            modes = {mode: by.get((size, context, ms, mode, DEFAULT_SPLIT), {}) for mode in run.MODES}
+            modes = {mode: by.get((config, ms, mode, DEFAULT_SPLIT), {}) for mode in run.MODES}
             lines.append(f"| {ms:g} | " + " | ".join(
                 " / ".join(_signal(modes[mode], key) for mode in run.MODES)
                 for key in ("mps_gpu_utilization_ratio", "mps_gpu_sm_active_ratio", "mps_gpu_dram_bandwidth_ratio",
                             "mps_engine_busiest_thread_cpu_ratio")) + " |")
         lines.append("")
-    shares = sorted({(row["cpu_work_ms"], row["split"]) for row in results["rows"]
-                     if (row["size"], row["context"], row["mode"]) == (SHARE_SIZE, SHARE_CONTEXT, "mps")
-                     and row["cpu_work_ms"] in SHARE_CPU_WORK_MS},
-                    key=lambda item: (-item[0], [-int(part) for part in item[1].split("/")]))
-    if any(split != DEFAULT_SPLIT for _, split in shares):
-        lines += [f"**MPS thread shares, two {SHARE_SIZE} decode engines at {SHARE_CONTEXT}** (engine 0: the larger share)", "",
+    share_configs = sorted({_config(row) for row in results["rows"] if row["split"] != DEFAULT_SPLIT},
+                           key=lambda config: (config.workload, SHAPES[config.size].params, config.context))
+    for config in share_configs:
+        split_levels = {row["cpu_work_ms"] for row in results["rows"]
+                        if _config(row) == config and row["split"] != DEFAULT_SPLIT}
+        shares = sorted({(row["cpu_work_ms"], row["split"]) for row in results["rows"]
+                         if _config(row) == config and row["mode"] == "mps" and row["cpu_work_ms"] in split_levels},
+                        key=lambda item: (-item[0], [-int(part) for part in item[1].split("/")]))
+        lines += [f"**MPS thread shares, two {config.size} {config.workload} engines at {config.context}** "
+                  "(engine 0: the larger share)", "",
                   "| CPU ms/step | split | engine 0 ITL p50 / p99 ms | engine 1 ITL p50 / p99 ms "
                   "| tok/s engine 0 / 1 | total tok/s | gain vs alone |",
                   "|---:|---|---|---|---|---:|---:|"]
         for ms, split in shares:
-            measured = by.get((SHARE_SIZE, SHARE_CONTEXT, ms, "mps", split), {})
-            alone = by.get((SHARE_SIZE, SHARE_CONTEXT, ms, "alone", DEFAULT_SPLIT), {})
+            measured = by.get((config, ms, "mps", split), {})
+            alone = by.get((config, ms, "alone", DEFAULT_SPLIT), {})
 
             per_engine = [_mean([row["per_engine_tokens_per_second"][i] for row in measured.values()]) for i in (0, 1)]
             total = _mean([row["tokens_per_second"] for row in measured.values()])
@@ -232,6 +275,7 @@ def render(results: dict) -> str:
                          f"{_ms(_engine(measured, 1, 'itl_p99_s'))} | "
                          + " / ".join("–" if v is None else f"{v:,.0f}" for v in per_engine)
                          + f" | {'–' if total is None else f'{total:,.0f}'} | {_gain_text(_gains(measured, alone))} |")
+        lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -242,8 +286,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     def listed(kind):
         return lambda text: [kind(item) for item in text.split(",") if item]
 
-    def configs(text: str) -> list[tuple[str, int]]:
-        return [(item.split("@")[0], int(item.split("@")[1])) for item in text.split(",") if item]
+    def configs(text: str) -> list[Config]:
+        try:
+            return [Config.parse(item) for item in text.split(",") if item]
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
 
     def splits(text: str) -> list[tuple[int, int]]:
         return [(int(item.split("/")[0]), int(item.split("/")[1])) for item in text.split(",") if item]
@@ -252,12 +299,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      epilog="GPU: python3 -m benchmarks.mps_gain.sweep --out sweep.json --logs logs; "
                                             "then: python3 -m benchmarks.mps_gain.sweep --report sweep.json")
     parser.add_argument("--out", type=Path, help="the results, JSON, written after every launch")
-    parser.add_argument("--report", type=Path, metavar="RESULTS", help="print the markdown tables of a results file")
-    parser.add_argument("--configs", type=configs, default=list(CONFIGS), help="SIZE@CONTEXT,... (0.5B@512,1.5B@1024)")
+    parser.add_argument("--report", type=Path, nargs="+", metavar="RESULTS",
+                        help="print the markdown tables of results files (one card's, each file's own rows)")
+    parser.add_argument("--configs", type=configs, default=list(CONFIGS),
+                        help="SIZE@CONTEXT[:WORKLOAD],... (0.5B@512,1.5B@1024; workload decode or prefill)")
     parser.add_argument("--cpu-work-ms", type=listed(float), default=list(CPU_WORK_MS))
     parser.add_argument("--modes", type=listed(str), default=list(run.MODES))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--splits", type=splits, default=list(SPLITS), help="MPS thread shares E0/E1,... ('' for none)")
+    parser.add_argument("--share-configs", type=configs, default=list(SHARE_CONFIGS),
+                        help="SIZE@CONTEXT[:WORKLOAD],... whose thread shares are measured (0.5B@512)")
     parser.add_argument("--share-cpu-work-ms", type=listed(float), default=list(SHARE_CPU_WORK_MS))
     parser.add_argument("--seconds", type=float, default=2.0, help="measured window of a case")
     parser.add_argument("--warmup", type=float, default=0.5)
@@ -269,9 +320,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.report is None and args.out is None:
         parser.error("give --out (to measure) or --report (to print tables)")
     if args.quick:
-        args.configs, args.cpu_work_ms, args.splits = [("0.5B", 128)], [0.0, 1.0], []
+        args.configs, args.cpu_work_ms, args.splits = [Config("0.5B", 128)], [0.0, 1.0], []
         args.seconds, args.warmup = 1.0, 0.2
-    unknown = ({size for size, _ in args.configs} - set(SHAPES)) | (set(args.modes) - set(run.MODES))
+    unknown = set(args.modes) - set(run.MODES)
     if unknown:
         parser.error(f"unknown: {', '.join(sorted(unknown))}")
     if any(a > 100 or b > 100 or a < 1 or b < 1 for a, b in args.splits):
@@ -282,14 +333,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.report is not None:
-        print(render(load_results(args.report)), end="", flush=True)
+        print("\n".join(render(load_results(path)) for path in args.report), end="", flush=True)
         return
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # finally blocks stop MPS
     missing = run.mps_control_missing() or ("--device cpu" if args.device == "cpu" else None)
     if missing and "mps" in args.modes:
         log(f"mps mode and thread shares skipped: {missing}")
         args.modes = [mode for mode in args.modes if mode != "mps"]
-    launches = plan(args.configs, args.cpu_work_ms, args.modes, args.repeats, args.splits, args.share_cpu_work_ms)
+    launches = plan(args.configs, args.cpu_work_ms, args.modes, args.repeats, args.splits, args.share_configs,
+                    args.share_cpu_work_ms)
     total = estimate_seconds([sweep.launch for sweep in launches], args.seconds, args.warmup)
     log(f"{len(launches)} launches, {sum(len(s.launch.cases) for s in launches)} case runs, estimated "
         f"{total / 60:.1f} min (run.py's guesses; recalibrated after each launch), budget {args.budget_s:g} s")
