@@ -128,11 +128,11 @@ def test_no_verdict_and_no_estimate_when_an_input_is_unknown(missing, says):
 
 
 def test_the_shipped_models_prices_and_splits_are_the_fit_of_the_committed_results_and_score_as_documented():
-    from benchmarks.mps_gain.fit import RESULTS, SWEEP, configurations, held_out, load_results, proof, shipped
+    from benchmarks.mps_gain.fit import RESULTS, SWEEPS, configurations, held_out, load_results, proof, shipped
 
-    sweep = load_results(SWEEP)
-    configs = configurations(load_results(RESULTS), sweep)
-    fitted = shipped(configs, sweep)
+    sweeps = tuple(load_results(path) for path in SWEEPS)
+    configs = configurations(load_results(RESULTS), sweeps)
+    fitted = shipped(configs, sweeps)
     assert fitted == {name: getattr(advisor, name) for name in fitted}
     held = [r for r in proof(configs, advisor.MODEL, advisor.TIME_SLICED_MODEL) if r["set"] == "held out"]
     assert len(held) == sum(held_out(c) for c in configs) == 21
@@ -181,9 +181,12 @@ def test_none_is_best_when_every_way_of_sharing_loses():
     assert "every way of sharing is estimated to lose throughput" in advice.reasons[1]
 
 
-PRICES = (LatencyPrice(0.5, 0.9, 0.0, 1.9, 1.8, 1.8, 1.85), LatencyPrice(0.5, 0.5, 1.5, 1.0, 0.8, 1.1, 0.95),
-          LatencyPrice(1.5, 0.5, 3.0, 1.4, 1.5, 1.1, 1.4))
-SPLITS = (SplitResult(0.5, 0.5, 1.5, None, 0.0, None, None), SplitResult(0.5, 0.9, 0.0, "50/50", 0.1, 0.9, 1.04))
+PRICES = (LatencyPrice(0.5, 512, False, 0.9, 0.0, 1.9, 1.8, 1.8, 1.85),
+          LatencyPrice(0.5, 512, False, 0.5, 1.5, 1.0, 0.8, 1.1, 0.95),
+          LatencyPrice(1.5, 512, False, 0.5, 3.0, 1.4, 1.5, 1.1, 1.4),
+          LatencyPrice(1.5, 1024, True, 0.9, 0.0, 1.3, 1.6, 1.2, 1.7, 2.0, 2.2, 1.5, 1.9))
+SPLITS = (SplitResult(0.5, 512, 0.5, 1.5, None, 0.0, None, None),
+          SplitResult(0.5, 512, 0.9, 0.0, "50/50", 0.1, 0.9, 1.04))
 
 
 def test_the_latency_price_is_the_nearest_measured_regime_s_and_unknown_without_a_busy_share():
@@ -195,6 +198,20 @@ def test_the_latency_price_is_the_nearest_measured_regime_s_and_unknown_without_
     assert larger[MPS].itl_p99_ratio == 1.4
     unknown = {o.mode: o for o in compare(0.5, 512, 0.0, None, TOY, TOY_TS, PRICES, SPLITS)}
     assert unknown[MPS].itl_p50_ratio is None and MPS_THREAD_SPLIT not in unknown
+    assert options[MPS].ttft_p50_ratio is None and options[NONE].ttft_p50_ratio is None  # decode: no TTFT measured
+
+
+def test_a_prefill_heavy_engine_gets_the_prefill_regime_s_time_to_first_token_price():
+    prefilling = {o.mode: o for o in compare(0.5, 512, 0.97, 0.9, TOY, TOY_TS, PRICES, SPLITS)}
+    # the only prefill-heavy regime measured, though a decode one lies nearer in size and prompt length
+    assert (prefilling[MPS].itl_p50_ratio, prefilling[MPS].ttft_p50_ratio, prefilling[MPS].ttft_p99_ratio) == (1.2, 1.5, 1.9)
+    assert (prefilling[TIME_SLICED].ttft_p50_ratio, prefilling[TIME_SLICED].ttft_p99_ratio) == (2.0, 2.2)
+    assert prefilling[NONE].ttft_p50_ratio == 1.0
+    assert "time to first token x1.50 p50, x1.90 p99" in advisor.describe(prefilling[MPS])
+    decoding = {o.mode: o for o in compare(1.5, 1024, 0.1, 0.9, TOY, TOY_TS, PRICES, SPLITS)}
+    assert decoding[MPS].itl_p50_ratio == 1.1 and decoding[MPS].ttft_p50_ratio is None  # 1.5B at 512, decode
+    only_prefill = {o.mode: o for o in compare(0.5, 512, 0.0, 0.9, TOY, TOY_TS, PRICES[3:], SPLITS)}
+    assert only_prefill[MPS].itl_p50_ratio == 1.2  # no decode regime measured: the nearest of any kind
 
 
 def test_a_thread_split_is_offered_only_where_one_was_measured_to_beat_the_default():
@@ -239,7 +256,7 @@ def test_mpswatch_advise_reports_the_engine_s_gpu_and_exports_the_same_estimate(
         assert {NONE, TIME_SLICED, MPS} <= set(modes) and modes[MPS]["gain_estimate"] == gpu["gain_estimate"]
         assert modes[MPS]["held_out_error_pp"] == advisor.HELD_OUT_ERROR_PP[MPS]
         assert set(modes[TIME_SLICED]) == {"mode", "gain_estimate", "held_out_error_pp", "itl_p50_ratio", "itl_p99_ratio",
-                                           "split"}
+                                           "ttft_p50_ratio", "ttft_p99_ratio", "split"}
         assert "1.5B parameters, 180-token prompts" in gpu["reasons"][0]
         assert run.returncode == (1 if gpu["verdict"] == LIKELY_SLOWER else 0)
         text = subprocess.run(advise, env=on_the_gpu, capture_output=True, text=True, timeout=60).stdout

@@ -90,16 +90,23 @@ class TimeSlicedModel:
 
 @dataclass(frozen=True)
 class LatencyPrice:
-    """Measured in one regime (H100 sweep, docs/mps-gain.md): engine 0's inter-token latency p50 and
-    p99 with two engines, over its own alone, time-sliced and under MPS (mean over repeats)."""
+    """Measured in one regime (the H100 sweeps, docs/mps-gain.md): engine 0's inter-token latency p50
+    and p99 with two engines, over its own alone, time-sliced and under MPS (mean over repeats); and
+    its time to first token likewise where the workload prefills (None where it does not)."""
 
     params_billion: float
+    context: int
+    prefill: bool  # the prefill-heavy workload (prompts prefilled every 16 tokens); else decode-heavy
     busy_alone: float
     cpu_work_ms: float
     time_sliced_p50: float
     time_sliced_p99: float
     mps_p50: float
     mps_p99: float
+    ttft_time_sliced_p50: float | None = None
+    ttft_time_sliced_p99: float | None = None
+    ttft_mps_p50: float | None = None
+    ttft_mps_p99: float | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,7 @@ class SplitResult:
     p99 over the default's worse; split None (and the rest 0 and None) where no split beat it."""
 
     params_billion: float
+    context: int
     busy_alone: float
     cpu_work_ms: float
     split: str | None
@@ -126,6 +134,8 @@ class ModeEstimate:
     itl_p99_ratio: float | None  # in the nearest regime; None: not measured
     split: str | None = None  # MPS_THREAD_SPLIT only: the thread percentages, e.g. 50/50
     error_pp: float | None = None  # the largest held-out error of this mode's estimate, points
+    ttft_p50_ratio: float | None = None  # time to first token over one engine alone's, measured in the
+    ttft_p99_ratio: float | None = None  # nearest prefill-heavy regime; None: not measured
 
 
 def busy_alone(utilization: float | None, engines: int) -> float | None:
@@ -143,28 +153,30 @@ MODEL = GainModel(intercept=0.1706, per_log2_params=-0.01, per_log2_context=-0.0
 TIME_SLICED_MODEL = TimeSlicedModel(intercept=0.0629, per_log2_params=-0.0303,
                                     per_log2_context=-0.0074, prefill=-0.0283,
                                     idle_overlap=0.6878, idle_per_log2_params=-0.3324)
-# measured in the H100 sweep, derived by the fit from its rows (checked likewise):
-# params, busy share alone, CPU ms a step, ITL p50 and p99 over alone's time-sliced, then under MPS
+# measured in the sweeps, derived by the fit from their rows (checked likewise): params, prompt length,
+# prefill-heavy, busy share alone, CPU ms a step, ITL p50 and p99 over alone's time-sliced, then under
+# MPS, and where it prefills TTFT p50 and p99 over alone's likewise
 LATENCY_PRICES: tuple[LatencyPrice, ...] = (
-    LatencyPrice(0.494, 0.94, 0.0, 1.867, 1.803, 1.845, 1.84),
-    LatencyPrice(0.494, 0.72, 0.5, 1.43, 1.372, 1.467, 1.724),
-    LatencyPrice(0.494, 0.58, 1.0, 1.156, 0.78, 1.237, 0.918),
-    LatencyPrice(0.494, 0.495, 1.5, 0.999, 0.791, 1.08, 0.947),
-    LatencyPrice(0.494, 0.43, 2.0, 0.999, 1.006, 1.052, 1.117),
-    LatencyPrice(0.494, 0.335, 3.0, 0.997, 1.011, 1.046, 1.148),
-    LatencyPrice(0.494, 0.27, 4.0, 0.995, 0.953, 1.035, 1.067),
-    LatencyPrice(1.544, 0.95, 0.0, 2.024, 2.008, 1.843, 2.21),
-    LatencyPrice(1.544, 0.815, 0.5, 1.739, 1.732, 1.625, 1.621),
-    LatencyPrice(1.544, 0.705, 1.0, 1.625, 1.796, 1.452, 1.467),
-    LatencyPrice(1.544, 0.63, 1.5, 1.547, 1.403, 1.326, 1.292),
-    LatencyPrice(1.544, 0.565, 2.0, 1.499, 1.529, 1.223, 1.436),
-    LatencyPrice(1.544, 0.47, 3.0, 1.413, 1.469, 1.095, 1.389),
-    LatencyPrice(1.544, 0.41, 4.0, 1.353, 1.38, 1.091, 1.639),
+    LatencyPrice(0.494, 512, False, 0.94, 0.0, 1.867, 1.803, 1.845, 1.84),
+    LatencyPrice(0.494, 512, False, 0.72, 0.5, 1.43, 1.372, 1.467, 1.724),
+    LatencyPrice(0.494, 512, False, 0.58, 1.0, 1.156, 0.78, 1.237, 0.918),
+    LatencyPrice(0.494, 512, False, 0.495, 1.5, 0.999, 0.791, 1.08, 0.947),
+    LatencyPrice(0.494, 512, False, 0.43, 2.0, 0.999, 1.006, 1.052, 1.117),
+    LatencyPrice(0.494, 512, False, 0.335, 3.0, 0.997, 1.011, 1.046, 1.148),
+    LatencyPrice(0.494, 512, False, 0.27, 4.0, 0.995, 0.953, 1.035, 1.067),
+    LatencyPrice(1.544, 1024, False, 0.95, 0.0, 2.024, 2.008, 1.843, 2.21),
+    LatencyPrice(1.544, 1024, False, 0.815, 0.5, 1.739, 1.732, 1.625, 1.621),
+    LatencyPrice(1.544, 1024, False, 0.705, 1.0, 1.625, 1.796, 1.452, 1.467),
+    LatencyPrice(1.544, 1024, False, 0.63, 1.5, 1.547, 1.403, 1.326, 1.292),
+    LatencyPrice(1.544, 1024, False, 0.565, 2.0, 1.499, 1.529, 1.223, 1.436),
+    LatencyPrice(1.544, 1024, False, 0.47, 3.0, 1.413, 1.469, 1.095, 1.389),
+    LatencyPrice(1.544, 1024, False, 0.41, 4.0, 1.353, 1.38, 1.091, 1.639),
 )
-# params, busy share alone, CPU ms a step, the split that beat 100/100, by how much, its ITL p50 and p99 ratios
+# params, prompt length, busy share alone, CPU ms a step, the split that beat 100/100, by how much, its
+# ITL p50 and p99 ratios
 SPLITS: tuple[SplitResult, ...] = (
-    SplitResult(0.494, 0.495, 1.5, None, 0.0, None, None),
-    SplitResult(0.494, 0.94, 0.0, "50/50", 0.1047, 0.897, 1.038),
+    SplitResult(0.494, 512, 0.495, 1.5, None, 0.0, None, None),
+    SplitResult(0.494, 512, 0.94, 0.0, "50/50", 0.1047, 0.897, 1.038),
 )
 # the largest absolute error of each mode's estimate over the held-out rows, in points (the fit's)
 HELD_OUT_ERROR_PP: dict[str, float] = {"mps": 11.4, "time_sliced": 10.6}
@@ -184,26 +196,37 @@ class Advice:
     options: tuple[ModeEstimate, ...] = ()  # every way compared, best first
 
 
-def nearest_price(params_billion: float, busy: float | None,
+PREFILL_HEAVY_FROM = 0.5  # a prefill share from which an engine's regime is the prefill-heavy workload's
+
+
+def nearest_price(params_billion: float, prompt_tokens: float, prefill_share: float, busy: float | None,
                   prices: tuple[LatencyPrice, ...] = LATENCY_PRICES) -> LatencyPrice | None:
-    """The measured regime nearest in model size (log scale), then in busy share; None when the busy
-    share is unknown or nothing was measured."""
+    """The measured regime of the engine's workload (prefill-heavy or decode-heavy, where measured)
+    nearest in model size and prompt length (log scale, summed), then in busy share; None when the
+    busy share is unknown or nothing was measured."""
     if busy is None or not prices:
         return None
-    size = min(abs(math.log2(p.params_billion / params_billion)) for p in prices)
-    same = [p for p in prices if abs(math.log2(p.params_billion / params_billion)) == size]
+    kind = [p for p in prices if p.prefill == (prefill_share >= PREFILL_HEAVY_FROM)] or list(prices)
+    nearest = min(_distance(p, params_billion, prompt_tokens) for p in kind)
+    same = [p for p in kind if _distance(p, params_billion, prompt_tokens) == nearest]
     return min(same, key=lambda p: abs(p.busy_alone - busy))
 
 
-def measured_split(params_billion: float, busy: float | None,
+def _distance(regime: LatencyPrice | SplitResult, params_billion: float, prompt_tokens: float) -> float:
+    """How far a measured regime's model and prompt length lie from an engine's: doublings of each, summed."""
+    return round(abs(math.log2(regime.params_billion / params_billion))
+                 + abs(math.log2(regime.context / max(prompt_tokens, 1.0))), 6)
+
+
+def measured_split(params_billion: float, prompt_tokens: float, busy: float | None,
                    splits: tuple[SplitResult, ...] = SPLITS) -> SplitResult | None:
     """The split measured in the nearest regime (busy share within SPLIT_BUSY_RANGE) for a model within
-    SPLIT_SIZE_RANGE of the measured one, if it beat the default there; None otherwise: no split is
-    advised where none was measured."""
+    SPLIT_SIZE_RANGE of the measured one (nearest in model size and prompt length, then busy share), if
+    it beat the default there; None otherwise: no split is advised where none was measured."""
     near = [s for s in splits if _in_regime(s, params_billion, busy)]
     if not near:
         return None
-    found = min(near, key=lambda s: abs(s.busy_alone - busy))  # type: ignore[operator]
+    found = min(near, key=lambda s: (_distance(s, params_billion, prompt_tokens), abs(s.busy_alone - busy)))  # type: ignore[operator]
     return found if found.split is not None else None
 
 
@@ -221,21 +244,33 @@ def compare(params_billion: float, prompt_tokens: float, prefill_share: float, b
     latency), time-sliced, MPS, and MPS with a thread split where one was measured to beat the default.
     Latency ratios are the nearest measured regime's; on a tie the simpler way comes first."""
     errors = HELD_OUT_ERROR_PP if errors is None else errors
-    price = nearest_price(params_billion, busy, prices)
-    ts_p50, ts_p99, mps_p50, mps_p99 = ((None, None, None, None) if price is None else
-                                        (price.time_sliced_p50, price.time_sliced_p99, price.mps_p50, price.mps_p99))
+    price = nearest_price(params_billion, prompt_tokens, prefill_share, busy, prices)
+    ts_itl, ts_ttft, mps_itl, mps_ttft = _ratios(price)
     mps = model.estimate(params_billion, prompt_tokens, prefill_share, busy)
-    options = [ModeEstimate(NONE, 0.0, 1.0, 1.0),
+    alone_ttft = 1.0 if price is not None and price.prefill else None
+    options = [ModeEstimate(NONE, 0.0, 1.0, 1.0, ttft_p50_ratio=alone_ttft, ttft_p99_ratio=alone_ttft),
                ModeEstimate(TIME_SLICED, ts_model.estimate(params_billion, prompt_tokens, prefill_share, busy),
-                            ts_p50, ts_p99, error_pp=errors.get(TIME_SLICED)),
-               ModeEstimate(MPS, mps, mps_p50, mps_p99, error_pp=errors.get(MPS))]
-    split = measured_split(params_billion, busy, splits)
+                            *ts_itl, error_pp=errors.get(TIME_SLICED), ttft_p50_ratio=ts_ttft[0], ttft_p99_ratio=ts_ttft[1]),
+               ModeEstimate(MPS, mps, *mps_itl, error_pp=errors.get(MPS), ttft_p50_ratio=mps_ttft[0],
+                            ttft_p99_ratio=mps_ttft[1])]
+    split = measured_split(params_billion, prompt_tokens, busy, splits)
     if split is not None:
         options.append(ModeEstimate(
             MPS_THREAD_SPLIT, min(mps + split.gain_over_default, model.ceiling),
-            _times(mps_p50, split.itl_p50_ratio), _times(mps_p99, split.itl_p99_ratio),
+            _times(mps_itl[0], split.itl_p50_ratio), _times(mps_itl[1], split.itl_p99_ratio),
             split.split, errors.get(MPS)))
     return tuple(sorted(options, key=lambda o: -o.gain))  # stable: none, time-sliced, MPS on a tie
+
+
+Pair = tuple[float | None, float | None]
+
+
+def _ratios(price: LatencyPrice | None) -> tuple[Pair, Pair, Pair, Pair]:
+    """ITL and TTFT (p50, p99) over alone's, time-sliced then under MPS; None where not measured."""
+    if price is None:
+        return (None, None), (None, None), (None, None), (None, None)
+    return ((price.time_sliced_p50, price.time_sliced_p99), (price.ttft_time_sliced_p50, price.ttft_time_sliced_p99),
+            (price.mps_p50, price.mps_p99), (price.ttft_mps_p50, price.ttft_mps_p99))
 
 
 def _times(a: float | None, b: float | None) -> float | None:
@@ -346,7 +381,9 @@ def describe(option: ModeEstimate) -> str:
     if option.itl_p50_ratio is None or option.itl_p99_ratio is None:
         price = "latency price not measured for this regime"
     else:
-        price = (f"inter-token latency x{option.itl_p50_ratio:.2f} p50, x{option.itl_p99_ratio:.2f} p99 "
+        ttft = ("" if option.ttft_p50_ratio is None or option.ttft_p99_ratio is None else
+                f", time to first token x{option.ttft_p50_ratio:.2f} p50, x{option.ttft_p99_ratio:.2f} p99")
+        price = (f"inter-token latency x{option.itl_p50_ratio:.2f} p50, x{option.itl_p99_ratio:.2f} p99{ttft} "
                  "against one engine alone (measured in the nearest regime)")
     return f"{name}, {option.gain:+.0%}{error}; {price}"
 

@@ -237,6 +237,7 @@ def _option(option: ModeEstimate) -> dict[str, Any]:
 
     return {"mode": option.mode, "gain_estimate": rounded(option.gain), "held_out_error_pp": option.error_pp,
             "itl_p50_ratio": rounded(option.itl_p50_ratio), "itl_p99_ratio": rounded(option.itl_p99_ratio),
+            "ttft_p50_ratio": rounded(option.ttft_p50_ratio), "ttft_p99_ratio": rounded(option.ttft_p99_ratio),
             "split": option.split}
 
 
@@ -251,6 +252,8 @@ def render_advice(report: dict[str, Any]) -> str:
             error = "" if o["held_out_error_pp"] is None else f" (held-out error up to {o['held_out_error_pp']:g} pp)"
             latency = ("ITL price not measured" if o["itl_p50_ratio"] is None or o["itl_p99_ratio"] is None
                        else f"ITL x{o['itl_p50_ratio']:.2f} p50, x{o['itl_p99_ratio']:.2f} p99")
+            if o["ttft_p50_ratio"] is not None and o["ttft_p99_ratio"] is not None:
+                latency += f", TTFT x{o['ttft_p50_ratio']:.2f} p50, x{o['ttft_p99_ratio']:.2f} p99"
             name = o["mode"] + (f" {o['split']}" if o["split"] else "")
             lines.append(f"{'':<14}  {name:<24} {o['gain_estimate']:+.0%}{error}, {latency}")
         lines += [f"{'':<14}  -> {r}" for r in g["recommendations"]]

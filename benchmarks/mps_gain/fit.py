@@ -3,7 +3,7 @@ time-sliced, and holds their estimates and the mode they choose against the meas
 rest, through the advisor's own code; derives the latency prices and thread splits it ships from the
 H100 sweep.
 
-    python3 -m benchmarks.mps_gain.fit [--results H200.json[.gz]] [--sweep H100.json[.gz]] [--write-doc] [--check]
+    python3 -m benchmarks.mps_gain.fit [--results H200.json[.gz]] [--sweeps H100.json[.gz] ...] [--write-doc] [--check]
 
 Held out (docs/mps-gain.md states them, committed before this fit was first run): in the H200 run
 every 1.5B configuration, every other one at context 512, and the CPU-bound one at 3 ms a step; in the
@@ -42,17 +42,32 @@ from benchmarks.mps_gain.report import load_results
 ROOT = Path(__file__).resolve().parents[2]
 
 RESULTS = ROOT / "benchmarks" / "mps_gain" / "mps-gain.json.gz"  # the H200 run docs/mps-gain.md reports
-SWEEP = ROOT / "docs" / "validation" / "2026-12-05-h100-mps-gain-sweep.json.gz"  # issue 21's H100 sweep
+SWEEPS = (ROOT / "docs" / "validation" / "2026-12-05-h100-mps-gain-sweep.json.gz",)  # issue 21's sweeps
 DOC = ROOT / "docs" / "mps-gain.md"
 START, END = "<!-- mps-gain-proof:start -->", "<!-- mps-gain-proof:end -->"
 PREFILL_GENERATED = 16  # tokens generated per prompt in the prefill-heavy workload (cases.py)
 TIE = 0.03  # measured time-sliced and MPS gains this close: either mode counts as the right one
-SWEEP_HELD_OUT_MS = (0.5, 1.5, 3.0)
+SWEEP_HELD_OUT_MS = (0.5, 1.5, 3.0)  # round two: both configurations at these CPU levels
+# round three (docs/mps-gain.md states them, committed before its run): per configuration, the CPU
+# levels held out; None: every level
+ROUND_THREE_HELD_OUT: dict[tuple[str, int, str], tuple[float, ...] | None] = {
+    ("3B", 512, "decode"): None,
+    ("1.5B", 512, "decode"): (2.0,),
+    ("0.5B", 2048, "decode"): (2.0,),
+    ("0.5B", 128, "decode"): (1.0,),
+    ("7B", 512, "decode"): (4.0,),
+    ("0.5B", 512, "prefill"): (2.0,),
+    ("1.5B", 1024, "prefill"): (2.0,),
+}
 DEFAULT_SPLIT = "100/100"
 
 
 def held_out(config: dict) -> bool:
-    if config["card"] == "H100":
+    if config["source"] == "sweep":
+        key = (config["size"], config["context"], config["workload"])
+        if key in ROUND_THREE_HELD_OUT:
+            levels = ROUND_THREE_HELD_OUT[key]
+            return levels is None or config["cpu_work_ms"] in levels
         return config["cpu_work_ms"] in SWEEP_HELD_OUT_MS
     if config["cpu_work_ms"]:
         return config["cpu_work_ms"] == 3
@@ -63,21 +78,25 @@ def _card(name: str) -> str:
     return next((card for card in ("H100", "H200") if card in name), name)
 
 
-def configurations(results: dict, sweep: dict | None = None) -> list[dict]:
-    """One entry per (card, size, context, workload, CPU work) with its measured gains under MPS and
-    time-sliced (the mean over repeats, and each repeat's) and what the agent saw in each repeat."""
+def configurations(results: dict, sweeps: tuple[dict, ...] = ()) -> list[dict]:
+    """One entry per (card, source, size, context, workload, CPU work) with its measured gains under MPS
+    and time-sliced (the mean over repeats, and each repeat's) and what the agent saw in each repeat.
+    The source is the first round's run or a sweep (each sweep file apart: a configuration measured in
+    two is two entries)."""
     by_key: dict[tuple, dict[str, dict[int, dict]]] = {}
     for case in results["cases"]:
-        key = (_card(results["gpu"]), case["size"], case["context"], case["workload"], case["cpu_work_ms"])
+        key = (_card(results["gpu"]), "run", case["size"], case["context"], case["workload"], case["cpu_work_ms"])
         by_key.setdefault(key, {}).setdefault(case["mode"], {})[0] = case
-    for row in (sweep or {}).get("rows", []):
-        if row["split"] != DEFAULT_SPLIT:
-            continue
-        key = (_card(sweep["gpu"]), row["size"], row["context"], row["workload"], row["cpu_work_ms"])  # type: ignore[index]
-        by_key.setdefault(key, {}).setdefault(row["mode"], {})[row["repeat"]] = row
+    for index, sweep in enumerate(sweeps):
+        for row in sweep["rows"]:
+            if row["split"] != DEFAULT_SPLIT:
+                continue
+            key = (_card(sweep["gpu"]), f"sweep{index}", row["size"], row["context"], row["workload"], row["cpu_work_ms"])
+            by_key.setdefault(key, {}).setdefault(row["mode"], {})[row["repeat"]] = row
     out = []
-    order = sorted(by_key.items(), key=lambda kv: (kv[0][0], kv[0][4], float(kv[0][1][:-1]), kv[0][3], kv[0][2]))
-    for (card, size, context, workload, cpu_ms), modes in order:
+    order = sorted(by_key.items(),
+                   key=lambda kv: (kv[0][0], kv[0][5], float(kv[0][2][:-1]), kv[0][4], kv[0][3], kv[0][1]))
+    for (card, source, size, context, workload, cpu_ms), modes in order:
         if not {"alone", "mps", "timesliced"} <= set(modes):
             continue
         alone = modes["alone"]
@@ -85,7 +104,8 @@ def configurations(results: dict, sweep: dict | None = None) -> list[dict]:
         gains = {mode: [modes[mode][r]["tokens_per_second"] / alone[r]["tokens_per_second"] - 1 for r in repeats]
                  for mode in ("mps", "timesliced")}
         out.append({
-            "card": card, "size": size, "context": context, "workload": workload, "cpu_work_ms": cpu_ms,
+            "card": card, "source": "run" if source == "run" else "sweep", "size": size, "context": context,
+            "workload": workload, "cpu_work_ms": cpu_ms,
             "measured": statistics.fmean(gains["mps"]), "measured_ts": statistics.fmean(gains["timesliced"]),
             "gains": gains, "alone": [alone[r].get("signals") for r in repeats],
             "mps": [modes["mps"][r].get("signals") for r in repeats],
@@ -186,10 +206,15 @@ def fit(configs: list[dict]) -> tuple[GainModel, TimeSlicedModel]:
                             idle_per_log2_params=round(ts_idle[1], 4)))
 
 
-def _sweep_groups(sweep: dict) -> dict[tuple, dict[int, dict]]:
+def _sweep_groups(sweeps: tuple[dict, ...]) -> dict[tuple, dict[int, dict]]:
+    """Rows by (size, context, workload, CPU ms, mode, split), then repeat; a later sweep's repeats of
+    the same key are numbered after an earlier one's."""
     by: dict[tuple, dict[int, dict]] = {}
-    for row in sweep["rows"]:
-        by.setdefault((row["size"], row["cpu_work_ms"], row["mode"], row["split"]), {})[row["repeat"]] = row
+    for sweep in sweeps:
+        base = {key: len(rows) for key, rows in by.items()}
+        for row in sweep["rows"]:
+            key = (row["size"], row["context"], row["workload"], row["cpu_work_ms"], row["mode"], row["split"])
+            by.setdefault(key, {})[base.get(key, 0) + row["repeat"]] = row
     return by
 
 
@@ -199,21 +224,28 @@ def _sweep_busy(row: dict) -> float | None:
     return busy_alone(gpu.get("mps_gpu_utilization_ratio"), len(signals.get("engines") or []) or 1)
 
 
-def latency_prices(sweep: dict) -> tuple[LatencyPrice, ...]:
-    """Per size and CPU level of the sweep: engine 0's ITL p50/p99 time-sliced and under MPS over
-    alone's, each the mean over repeats, with the busy share the agent saw alone."""
-    by = _sweep_groups(sweep)
+def latency_prices(sweeps: tuple[dict, ...]) -> tuple[LatencyPrice, ...]:
+    """Per configuration and CPU level of the sweeps: engine 0's ITL (and TTFT where it prefills) p50/p99
+    time-sliced and under MPS over alone's, each the mean over repeats, with the busy share the agent
+    saw alone."""
+    by = _sweep_groups(sweeps)
     out = []
-    for (size, ms, mode, split), alone in sorted(by.items(), key=lambda kv: (float(kv[0][0][:-1]), kv[0][1])):
+    for (size, context, workload, ms, mode, split), alone in sorted(
+            by.items(), key=lambda kv: (kv[0][2], float(kv[0][0][:-1]), kv[0][1], kv[0][3])):
         if mode != "alone" or split != DEFAULT_SPLIT:
             continue
         shares = [b for row in alone.values() if (b := _sweep_busy(row)) is not None]
-        if not shares:
+        ts, mps = by.get((size, context, workload, ms, "timesliced", DEFAULT_SPLIT)), \
+            by.get((size, context, workload, ms, "mps", DEFAULT_SPLIT))
+        if not shares or not ts or not mps:
             continue
-        ts, mps = by[(size, ms, "timesliced", DEFAULT_SPLIT)], by[(size, ms, "mps", DEFAULT_SPLIT)]
-        out.append(LatencyPrice(alone[0]["params_billion"], round(statistics.fmean(shares), 3), ms,
+        prefill = workload == "prefill"
+        ttft = [_ratio(rows, alone, key) if prefill else None
+                for rows in (ts, mps) for key in ("ttft_p50_s", "ttft_p99_s")]
+        out.append(LatencyPrice(next(iter(alone.values()))["params_billion"], context, prefill,
+                                round(statistics.fmean(shares), 3), ms,
                                 _ratio(ts, alone, "itl_p50_s"), _ratio(ts, alone, "itl_p99_s"),
-                                _ratio(mps, alone, "itl_p50_s"), _ratio(mps, alone, "itl_p99_s")))
+                                _ratio(mps, alone, "itl_p50_s"), _ratio(mps, alone, "itl_p99_s"), *ttft))
     return tuple(out)
 
 
@@ -228,28 +260,31 @@ def _worst(rows: dict[int, dict], key: str) -> float:
     return max(statistics.fmean(row["per_engine_latency"][i][key] for row in rows.values()) for i in (0, 1))
 
 
-def measured_splits(sweep: dict) -> tuple[SplitResult, ...]:
-    """Per CPU level where splits were measured: the split with the highest total throughput, if it beat
-    the default outside the spread of both over repeats (its lowest repeat above the default's highest)."""
-    by = _sweep_groups(sweep)
+def measured_splits(sweeps: tuple[dict, ...]) -> tuple[SplitResult, ...]:
+    """Per configuration and CPU level where splits were measured: the split with the highest total
+    throughput, if it beat the default outside the spread of both over repeats (its lowest repeat above
+    the default's highest)."""
+    by = _sweep_groups(sweeps)
     out = []
-    for size, ms in sorted({(k[0], k[1]) for k in by if k[3] != DEFAULT_SPLIT}, key=lambda k: -k[1]):
-        alone = by[(size, ms, "alone", DEFAULT_SPLIT)]
-        default = by[(size, ms, "mps", DEFAULT_SPLIT)]
+    for config in sorted({k[:4] for k in by if k[5] != DEFAULT_SPLIT},
+                         key=lambda k: (float(k[0][:-1]), k[1], k[2], -k[3])):
+        alone = by[(*config, "alone", DEFAULT_SPLIT)]
+        default = by[(*config, "mps", DEFAULT_SPLIT)]
         alone_tps = statistics.fmean(row["tokens_per_second"] for row in alone.values())
         shares = [b for row in alone.values() if (b := _sweep_busy(row)) is not None]
         params = next(iter(alone.values()))["params_billion"]
-        tried = {k[3]: rows for k, rows in by.items() if k[:3] == (size, ms, "mps") and k[3] != DEFAULT_SPLIT}
+        regime = (params, config[1], round(statistics.fmean(shares), 3), config[3])
+        tried = {k[5]: rows for k, rows in by.items() if k[:5] == (*config, "mps") and k[5] != DEFAULT_SPLIT}
         best = max(tried, key=lambda split: statistics.fmean(r["tokens_per_second"] for r in tried[split].values()))
         rows = tried[best]
         if min(r["tokens_per_second"] for r in rows.values()) > max(r["tokens_per_second"] for r in default.values()):
             gain = (statistics.fmean(r["tokens_per_second"] for r in rows.values())
                     - statistics.fmean(r["tokens_per_second"] for r in default.values())) / alone_tps
-            out.append(SplitResult(params, round(statistics.fmean(shares), 3), ms, best, round(gain, 4),
+            out.append(SplitResult(*regime, best, round(gain, 4),
                                    round(_worst(rows, "itl_p50_s") / _worst(default, "itl_p50_s"), 3),
                                    round(_worst(rows, "itl_p99_s") / _worst(default, "itl_p99_s"), 3)))
         else:
-            out.append(SplitResult(params, round(statistics.fmean(shares), 3), ms, None, 0.0, None, None))
+            out.append(SplitResult(*regime, None, 0.0, None, None))
     return tuple(out)
 
 
@@ -362,10 +397,10 @@ def table(rows: list[dict], model: GainModel, ts_model: TimeSlicedModel) -> str:
     return "\n".join(lines) + "\n"
 
 
-def shipped(configs: list[dict], sweep: dict) -> dict:
+def shipped(configs: list[dict], sweeps: tuple[dict, ...]) -> dict:
     """What advisor.py ships, as this fit gives it."""
     model, ts_model = fit(configs)
-    prices, splits = latency_prices(sweep), measured_splits(sweep)
+    prices, splits = latency_prices(sweeps), measured_splits(sweeps)
     return {"MODEL": model, "TIME_SLICED_MODEL": ts_model, "LATENCY_PRICES": prices, "SPLITS": splits,
             "HELD_OUT_ERROR_PP": held_out_errors(proof(configs, model, ts_model))}
 
@@ -373,13 +408,14 @@ def shipped(configs: list[dict], sweep: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--results", default=str(RESULTS), help="the H200 run (report.py --merged)")
-    parser.add_argument("--sweep", default=str(SWEEP), help="issue 21's H100 sweep (sweep.py --out)")
+    parser.add_argument("--sweeps", nargs="+", default=[str(path) for path in SWEEPS],
+                        help="issue 21's sweeps (sweep.py --out)")
     parser.add_argument("--write-doc", action="store_true", help=f"write the proof table into {DOC.relative_to(ROOT)}")
     parser.add_argument("--check", action="store_true", help="exit 1 unless the advisor ships exactly this fit")
     args = parser.parse_args(argv)
-    sweep = load_results(args.sweep)
-    configs = configurations(load_results(args.results), sweep)
-    fitted = shipped(configs, sweep)
+    sweeps = tuple(load_results(path) for path in args.sweeps)
+    configs = configurations(load_results(args.results), sweeps)
+    fitted = shipped(configs, sweeps)
     text = table(proof(configs, fitted["MODEL"], fitted["TIME_SLICED_MODEL"]), fitted["MODEL"], fitted["TIME_SLICED_MODEL"])
     print(text)
     for name, value in fitted.items():
