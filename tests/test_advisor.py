@@ -21,7 +21,6 @@ from mpswatch.advisor import (
     GainModel,
     LatencyPrice,
     SplitResult,
-    TimeSlicedModel,
     advise,
     busy_alone,
     compare,
@@ -39,7 +38,7 @@ GPU = GpuState(index=0, uuid="GPU-a", name="NVIDIA H200", up=True, sm_active_rat
 # GPU overlap 1.0 - 0.2·log2(params) - 0.1·log2(prompt/128) - 0.3·prefill share; idle-time overlap 0.9 at most
 TOY = GainModel(intercept=1.0, per_log2_params=-0.2, per_log2_context=-0.1, prefill=-0.3, idle_overlap=0.9)
 # time-sliced: 0.05 GPU-bound whatever the workload; idle overlap 0.8 of the ideal at 1B, 0.3 less per doubling
-TOY_TS = TimeSlicedModel(intercept=0.05, per_log2_params=0.0, per_log2_context=0.0, prefill=0.0, idle_overlap=0.8,
+TOY_TS = GainModel(intercept=0.05, per_log2_params=0.0, per_log2_context=0.0, prefill=0.0, idle_overlap=0.8,
                          idle_per_log2_params=-0.3)
 
 

@@ -30,61 +30,43 @@ SLOWER_BELOW = 0.0
 
 @dataclass(frozen=True)
 class GainModel:
-    """Two engines gain from sharing a GPU in two ways, and the larger one counts:
-    GPU overlap, one engine's kernels filling SMs the other leaves idle, which shrinks with model
+    """Two engines gain from sharing a GPU in two ways, and the larger one counts; one model for each
+    way of sharing (MPS, time-sliced), with its own coefficients:
+    GPU overlap, one engine's kernels filling SMs the other leaves idle (under MPS), or the cost or
+    gain of switching contexts between two GPU-bound engines (time-sliced), which changes with model
     size and context and differs for prefill:
         intercept + per_log2_params·log2(B params) + per_log2_context·log2(prompt/128) + prefill·share;
     idle-time overlap, one engine's kernels running while the other leaves the GPU idle (CPU work:
     scheduling, sampling), from the share g of time one engine alone keeps the GPU busy:
-        idle_overlap·min(1, (1 − g)/g).
-    The second is read from the GPU (NVML's coarse utilisation), not from the engine's threads, which
-    spin while they wait for the GPU in some engines. The estimate is clamped to [floor, ceiling]."""
+        idle_share·min(1, (1 − g)/g), idle_share = idle_overlap + idle_per_log2_params·log2(B params)
+        + idle_per_log2_context·log2(prompt/128), held to [0, 1]:
+    the share of the ideal (+100 %) a second engine fills, which falls with the length of a GPU step
+    (measured time-sliced: about all of it for 0.5B at 512, half for 1.5B at 1024). The idle time is
+    read from the GPU (NVML's coarse utilisation), not from the engine's threads, which spin while
+    they wait for the GPU in some engines. The estimate is clamped to [floor, ceiling]."""
 
     intercept: float
     per_log2_params: float
     per_log2_context: float
     prefill: float
     idle_overlap: float
+    idle_per_log2_params: float = 0.0
+    idle_per_log2_context: float = 0.0
     floor: float = -0.5
     ceiling: float = 1.5
+
+    def idle_share(self, params_billion: float, prompt_tokens: float) -> float:
+        share = (self.idle_overlap + self.idle_per_log2_params * math.log2(params_billion)
+                 + self.idle_per_log2_context * math.log2(max(prompt_tokens, 1.0) / 128))
+        return min(max(share, 0.0), 1.0)
 
     def estimate(self, params_billion: float, prompt_tokens: float, prefill_share: float,
                  busy_alone: float | None) -> float:
         gain = (self.intercept + self.per_log2_params * math.log2(params_billion)
                 + self.per_log2_context * math.log2(max(prompt_tokens, 1.0) / 128) + self.prefill * prefill_share)
         if busy_alone is not None and busy_alone < 1:
-            gain = max(gain, self.idle_overlap * min(1.0, (1 - busy_alone) / max(busy_alone, 1e-3)))
-        return min(max(gain, self.floor), self.ceiling)
-
-
-@dataclass(frozen=True)
-class TimeSlicedModel:
-    """Two engines time-sliced (no MPS) gain in the same two ways, each smaller or larger than under
-    MPS: GPU overlap, here the cost or gain of switching contexts, in the same form as GainModel's;
-    idle-time overlap, one engine's kernels running while the other does CPU work, whose share of
-    the ideal (+100 %) falls with model size (measured: about all of it for 0.5B, half for 1.5B, whose
-    steps outlast a time slice): (idle_overlap + idle_per_log2_params·log2(B params)), held to [0, 1],
-    times min(1, (1 − g)/g). Without MPS's submission path a step costs no extra time, which is why it
-    beats MPS for small engines held back by CPU work."""
-
-    intercept: float
-    per_log2_params: float
-    per_log2_context: float
-    prefill: float
-    idle_overlap: float
-    idle_per_log2_params: float
-    floor: float = -0.5
-    ceiling: float = 1.5
-
-    def idle_share(self, params_billion: float) -> float:
-        return min(max(self.idle_overlap + self.idle_per_log2_params * math.log2(params_billion), 0.0), 1.0)
-
-    def estimate(self, params_billion: float, prompt_tokens: float, prefill_share: float,
-                 busy_alone: float | None) -> float:
-        gain = (self.intercept + self.per_log2_params * math.log2(params_billion)
-                + self.per_log2_context * math.log2(max(prompt_tokens, 1.0) / 128) + self.prefill * prefill_share)
-        if busy_alone is not None and busy_alone < 1:
-            gain = max(gain, self.idle_share(params_billion) * min(1.0, (1 - busy_alone) / max(busy_alone, 1e-3)))
+            idle = min(1.0, (1 - busy_alone) / max(busy_alone, 1e-3))
+            gain = max(gain, self.idle_share(params_billion, prompt_tokens) * idle)
         return min(max(gain, self.floor), self.ceiling)
 
 
@@ -150,7 +132,7 @@ def busy_alone(utilization: float | None, engines: int) -> float | None:
 # the H100 sweep (docs/mps-gain.md; tests/test_advisor.py checks that these are what the fit gives)
 MODEL = GainModel(intercept=0.1706, per_log2_params=-0.01, per_log2_context=-0.009,
                   prefill=-0.012, idle_overlap=0.889)
-TIME_SLICED_MODEL = TimeSlicedModel(intercept=0.0629, per_log2_params=-0.0303,
+TIME_SLICED_MODEL = GainModel(intercept=0.0629, per_log2_params=-0.0303,
                                     per_log2_context=-0.0074, prefill=-0.0283,
                                     idle_overlap=0.6878, idle_per_log2_params=-0.3324)
 # measured in the sweeps, derived by the fit from their rows (checked likewise): params, prompt length,
@@ -237,7 +219,7 @@ def _in_regime(split: SplitResult, params_billion: float, busy: float | None) ->
 
 
 def compare(params_billion: float, prompt_tokens: float, prefill_share: float, busy: float | None,
-            model: GainModel = MODEL, ts_model: TimeSlicedModel = TIME_SLICED_MODEL,
+            model: GainModel = MODEL, ts_model: GainModel = TIME_SLICED_MODEL,
             prices: tuple[LatencyPrice, ...] = LATENCY_PRICES, splits: tuple[SplitResult, ...] = SPLITS,
             errors: dict[str, float] | None = None) -> tuple[ModeEstimate, ...]:
     """The ways to run a second engine, best for throughput first: none (one engine: gain 0, its own
@@ -311,7 +293,7 @@ def _weighted(pairs: list[tuple[float, float]]) -> float | None:
 
 
 def advise(gpu: GpuState, engines: list[EngineState], imbalance: float | None = None,
-           model: GainModel = MODEL, ts_model: TimeSlicedModel = TIME_SLICED_MODEL) -> Advice:
+           model: GainModel = MODEL, ts_model: GainModel = TIME_SLICED_MODEL) -> Advice:
     uuid = gpu.uuid or str(gpu.index)
     up = [e for e in engines if e.up]
     if not up:

@@ -30,7 +30,6 @@ from mpswatch.advisor import (
     GainModel,
     LatencyPrice,
     SplitResult,
-    TimeSlicedModel,
     advise,
     busy_alone,
 )
@@ -173,12 +172,14 @@ def idle(config: dict) -> float:
 
 
 def least_squares(rows: list[tuple[float, ...]], targets: list[float]) -> list[float]:
-    """Normal equations solved by Gauss-Jordan elimination: four unknowns, no numpy needed."""
+    """Normal equations solved by Gauss-Jordan elimination: a few unknowns, no numpy needed."""
     n = len(rows[0])
     a = [[sum(r[i] * r[j] for r in rows) for j in range(n)] + [sum(r[i] * t for r, t in zip(rows, targets))]
          for i in range(n)]
     for col in range(n):
         pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
+        if abs(a[pivot][col]) < 1e-9:
+            raise SystemExit(f"the training rows do not determine coefficient {col} (two features move together)")
         a[col], a[pivot] = a[pivot], a[col]
         for r in range(n):
             if r != col:
@@ -187,23 +188,22 @@ def least_squares(rows: list[tuple[float, ...]], targets: list[float]) -> list[f
     return [a[i][n] / a[i][i] for i in range(n)]
 
 
-def fit(configs: list[dict]) -> tuple[GainModel, TimeSlicedModel]:
-    """Both models on the training rows: GPU overlap by least squares on those without CPU work; MPS's
-    idle-time overlap as the mean ratio of gain to its argument on those with, time-slicing's as a
-    least-squares line of that ratio in log2(params)."""
+def fit(configs: list[dict]) -> tuple[GainModel, GainModel]:
+    """Both models on the training rows: GPU overlap by least squares on those without CPU work; each
+    idle share (gain over the idle-time term's argument) by least squares on those with, in log2(params)
+    and log2(prompt/128)."""
     train = [c for c in configs if not held_out(c) and c["alone"][0]]
     gpu_bound = [c for c in train if c["cpu_work_ms"] == 0]
     cpu_held = [c for c in train if c["cpu_work_ms"] > 0]
     if not cpu_held:
         raise SystemExit("no CPU-bound configuration to fit the idle-time overlap on")
-    mps = least_squares([features(c) for c in gpu_bound], [c["measured"] for c in gpu_bound])
-    overlap = [c["measured"] / idle(c) for c in cpu_held]
-    ts = least_squares([features(c) for c in gpu_bound], [c["measured_ts"] for c in gpu_bound])
-    ts_idle = least_squares([(1.0, math.log2(params_billion(c))) for c in cpu_held],
-                            [c["measured_ts"] / idle(c) for c in cpu_held])
-    return (GainModel(*(round(x, 4) for x in mps), idle_overlap=round(statistics.fmean(overlap), 4)),
-            TimeSlicedModel(*(round(x, 4) for x in ts), idle_overlap=round(ts_idle[0], 4),
-                            idle_per_log2_params=round(ts_idle[1], 4)))
+    shape = [(1.0, math.log2(params_billion(c)), math.log2(c["context"] / 128)) for c in cpu_held]
+    models = []
+    for measured in ("measured", "measured_ts"):
+        overlap = least_squares([features(c) for c in gpu_bound], [c[measured] for c in gpu_bound])
+        idle_share = least_squares(shape, [c[measured] / idle(c) for c in cpu_held])
+        models.append(GainModel(*(round(x, 4) for x in overlap), *(round(x, 4) for x in idle_share)))
+    return models[0], models[1]
 
 
 def _sweep_groups(sweeps: tuple[dict, ...]) -> dict[tuple, dict[int, dict]]:
@@ -296,7 +296,7 @@ def measured_best(config: dict) -> tuple[str, bool]:
     return (MPS if mps >= ts else TIME_SLICED), abs(mps - ts) < TIE
 
 
-def proof(configs: list[dict], model: GainModel, ts_model: TimeSlicedModel, prices: tuple[LatencyPrice, ...] = (),
+def proof(configs: list[dict], model: GainModel, ts_model: GainModel, prices: tuple[LatencyPrice, ...] = (),
           splits: tuple[SplitResult, ...] = ()) -> list[dict]:
     """Each configuration through the advisor with one engine alone (mean of the repeats' estimates;
     the chosen mode is the one the mean estimates make best)."""
@@ -321,7 +321,7 @@ def proof(configs: list[dict], model: GainModel, ts_model: TimeSlicedModel, pric
 
 
 def _mean_estimates(config: dict, views: list[dict | None], model: GainModel,
-                    ts_model: TimeSlicedModel) -> tuple[dict[str, float], bool]:
+                    ts_model: GainModel) -> tuple[dict[str, float], bool]:
     """Each mode's estimate through the advisor, the mean over the views (one per repeat), and whether
     any view made a measured thread split the best mode."""
     estimates: dict[str, list[float]] = {}
@@ -353,7 +353,7 @@ def held_out_errors(rows: list[dict]) -> dict[str, float]:
             for mode, key, measured in ((MPS, "mps", "measured"), (TIME_SLICED, "ts", "measured_ts"))}
 
 
-def table(rows: list[dict], model: GainModel, ts_model: TimeSlicedModel) -> str:
+def table(rows: list[dict], model: GainModel, ts_model: GainModel) -> str:
     """The proof: every configuration's estimates against its measured gains, the chosen mode against
     the measured best, and the held-out summary beside what a constant would have scored."""
     def pct(x):

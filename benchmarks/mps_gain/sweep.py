@@ -47,7 +47,6 @@ from benchmarks.mps_gain.report import gpu_signal, load_results
 from benchmarks.mps_gain.run import Launch, estimate_seconds, keep_logs, log, run_engines, write_results
 
 
-
 @dataclass(frozen=True, order=True)
 class Config:
     """A model at a prompt length with a workload: what the CPU levels and modes are measured for."""
