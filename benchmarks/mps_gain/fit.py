@@ -321,17 +321,18 @@ def proof(configs: list[dict], model: GainModel, ts_model: GainModel, prices: tu
 
 
 def _mean_estimates(config: dict, views: list[dict | None], model: GainModel,
-                    ts_model: GainModel) -> tuple[dict[str, float], bool]:
-    """Each mode's estimate through the advisor, the mean over the views (one per repeat), and whether
-    any view made a measured thread split the best mode."""
+                    ts_model: GainModel) -> tuple[dict[str, float], str | None]:
+    """Each mode's estimate through the advisor, the mean over the views (one per repeat), and the
+    measured thread split a view made the best mode, if any did."""
     estimates: dict[str, list[float]] = {}
-    split_offered = False
+    split_offered = None
     for signals in views:
         seen = engines_seen(config, signals)
         if seen is None:
             continue
         advice = advise(*seen, model=model, ts_model=ts_model)
-        split_offered |= advice.best_mode == MPS_THREAD_SPLIT
+        if advice.best_mode == MPS_THREAD_SPLIT:
+            split_offered = advice.options[0].split
         for option in advice.options:
             estimates.setdefault(option.mode, []).append(option.gain)
     return {mode: statistics.fmean(v) for mode, v in estimates.items()}, split_offered
@@ -353,7 +354,7 @@ def held_out_errors(rows: list[dict]) -> dict[str, float]:
             for mode, key, measured in ((MPS, "mps", "measured"), (TIME_SLICED, "ts", "measured_ts"))}
 
 
-def table(rows: list[dict], model: GainModel, ts_model: GainModel) -> str:
+def table(rows: list[dict], model: GainModel, ts_model: GainModel, splits: tuple[SplitResult, ...]) -> str:
     """The proof: every configuration's estimates against its measured gains, the chosen mode against
     the measured best, and the held-out summary beside what a constant would have scored."""
     def pct(x):
@@ -371,7 +372,7 @@ def table(rows: list[dict], model: GainModel, ts_model: GainModel) -> str:
     for r in sorted(rows, key=lambda r: (r["set"] != "held out", r["card"], r["cpu_work_ms"], float(r["size"][:-1]),
                                          r["workload"], r["context"])):
         best = names[r["best"]] + (" (tie)" if r["tie"] else "")
-        split = " + 50/50 split" if r["split_offered"] and r["chosen"] == MPS else ""
+        split = f" + {r['split_offered']} split" if r["split_offered"] and r["chosen"] == MPS else ""
         lines.append(f"| {r['set']} | {r['card']} | {r['size']} | {r['context']} | {r['workload']} | {r['cpu_work_ms']:g} | "
                      f"{pct(r['measured'])} | {pct(r['measured_ts'])} | {pct(r['estimate_mps'])} | {pct(r['estimate_ts'])} | "
                      f"{names[r['chosen']]}{split} | {best} | {'yes' if r['right'] else '**no**'} | {pp(r['error_chosen'])} | "
@@ -391,9 +392,12 @@ def table(rows: list[dict], model: GainModel, ts_model: GainModel) -> str:
               f"{sum(r['right_under_mps'] for r in held)}"
               f" of {len(held)}.",
               "", f"MPS with a measured thread split is the advisor's best mode in {len(offered)} rows "
-              f"({sum(r['set'] == 'held out' for r in offered)} held out), marked \"+ 50/50 split\"; the split itself was "
-              "measured only for 0.5B at 512 on the H100, so its rows are scored as MPS, the split's estimate being the "
-              "MPS estimate plus the measured difference (+10.5 points)."]
+              f"({sum(r['set'] == 'held out' for r in offered)} held out), marked \"+ split\"; splits were measured only "
+              "in the regimes " + "; ".join(
+                  f"{s.params_billion:g}B at {s.context}, busy {s.busy_alone:g} alone: "
+                  + (f"{s.split}, {s.gain_over_default * 100:+.1f} points" if s.split else "none beat 100/100")
+                  for s in splits) + ", so its rows are scored as MPS, the split's estimate being the MPS estimate "
+              "plus the measured difference."]
     return "\n".join(lines) + "\n"
 
 
@@ -416,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     sweeps = tuple(load_results(path) for path in args.sweeps)
     configs = configurations(load_results(args.results), sweeps)
     fitted = shipped(configs, sweeps)
-    text = table(proof(configs, fitted["MODEL"], fitted["TIME_SLICED_MODEL"]), fitted["MODEL"], fitted["TIME_SLICED_MODEL"])
+    text = table(proof(configs, fitted["MODEL"], fitted["TIME_SLICED_MODEL"]), fitted["MODEL"], fitted["TIME_SLICED_MODEL"],
+                 fitted["SPLITS"])
     print(text)
     for name, value in fitted.items():
         print(f"{name} = {value!r}")
