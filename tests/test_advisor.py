@@ -134,12 +134,14 @@ def test_the_shipped_models_prices_and_splits_are_the_fit_of_the_committed_resul
     fitted = shipped(configs, sweeps)
     assert fitted == {name: getattr(advisor, name) for name in fitted}
     held = [r for r in proof(configs, advisor.MODEL, advisor.TIME_SLICED_MODEL) if r["set"] == "held out"]
-    assert len(held) == sum(held_out(c) for c in configs) == 21
-    assert sum(r["card"] == "H100" and r["cpu_work_ms"] > 0 for r in held) == 6  # the sweep's CPU-held rows
+    assert len(held) == sum(held_out(c) for c in configs) == 24
+    assert sum(r["card"] == "H100" and r["cpu_work_ms"] > 0 for r in held) == 9  # the sweeps' CPU-held rows
     assert all(r["right"] for r in held)  # as docs/mps-gain.md reports: the right mode in every held-out row,
-    misses = sorted((r["card"], r["size"], r["context"], r["cpu_work_ms"]) for r in held if abs(r["error_chosen"]) > 0.10)
-    assert misses == [("H100", "1.5B", 1024, 3.0), ("H200", "1.5B", 512, 0)]  # and the 10-point goal missed in two
-    assert [r["chosen"] for r in held if r["card"] == "H100" and r["size"] == "0.5B"] == [TIME_SLICED] * 3
+    misses = sorted((r["card"], r["size"], r["context"], r["workload"], r["cpu_work_ms"])
+                    for r in held if abs(r["error_chosen"]) > 0.10)
+    assert misses == [("H100", "0.5B", 512, "prefill", 2.0), ("H100", "1.5B", 512, "decode", 2.0),
+                      ("H200", "1.5B", 512, "decode", 0)]  # and the 10-point goal missed in three
+    assert [r["chosen"] for r in held if r["card"] == "H100" and r["size"] == "0.5B"] == [TIME_SLICED] * 5
 
 
 def test_time_slicing_is_chosen_for_a_small_engine_held_back_by_cpu_work_and_mps_for_a_larger_one():

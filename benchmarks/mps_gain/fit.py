@@ -41,7 +41,8 @@ from benchmarks.mps_gain.report import load_results
 ROOT = Path(__file__).resolve().parents[2]
 
 RESULTS = ROOT / "benchmarks" / "mps_gain" / "mps-gain.json.gz"  # the H200 run docs/mps-gain.md reports
-SWEEPS = (ROOT / "docs" / "validation" / "2026-12-05-h100-mps-gain-sweep.json.gz",)  # issue 21's sweeps
+SWEEPS = tuple(ROOT / "docs" / "validation" / f"2026-12-05-h100-mps-gain-sweep{part}.json.gz"
+               for part in ("", "-r3-decode", "-r3-prefill"))  # issue 21: round two, round three
 DOC = ROOT / "docs" / "mps-gain.md"
 START, END = "<!-- mps-gain-proof:start -->", "<!-- mps-gain-proof:end -->"
 PREFILL_GENERATED = 16  # tokens generated per prompt in the prefill-heavy workload (cases.py)
