@@ -1,13 +1,14 @@
 """Fits the advisor's gain models (agent/mpswatch/advisor.py) on part of the measurements, MPS and
 time-sliced, and holds their estimates and the mode they choose against the measured gains of the
 rest, through the advisor's own code; derives the latency prices and thread splits it ships from the
-H100 sweep.
+H100 sweeps (rounds two and three).
 
     python3 -m benchmarks.mps_gain.fit [--results H200.json[.gz]] [--sweeps H100.json[.gz] ...] [--write-doc] [--check]
 
 Held out (docs/mps-gain.md states them, committed before this fit was first run): in the H200 run
 every 1.5B configuration, every other one at context 512, and the CPU-bound one at 3 ms a step; in the
-H100 sweep CPU work 0.5, 1.5 and 3 ms a step for both of its configurations. The advisor is given what
+round-two sweep CPU work 0.5, 1.5 and 3 ms a step for both of its configurations; in round three the
+rows ROUND_THREE_HELD_OUT names (committed before its run). The advisor is given what
 the agent saw while one engine ran alone (the GPU's utilisation, the engine's busiest thread, from
 the case's recorded signals), the model's name, the prompt length and the prefill share as the
 engine's vLLM metrics state them.
