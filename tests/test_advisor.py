@@ -4,6 +4,7 @@ metrics, and `mpswatch advise` against a fake GPU and a loopback vLLM engine."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from dataclasses import replace
 
@@ -80,6 +81,8 @@ def test_idle_time_overlap_takes_over_when_one_engine_leaves_the_gpu_idle():
     assert advise(GPU, [spinning], model=TOY).gain_estimate == pytest.approx(-0.2365, abs=1e-3)
     idle_half = replace(GPU, utilization_ratio=0.5)  # 0.9 · min(1, 0.5 / 0.5)
     assert advise(idle_half, [engine(**large)], model=TOY).gain_estimate == pytest.approx(0.9)
+    prefill_lumps = replace(TOY, idle_per_prefill=-0.4)  # 0.9 - 0.4 · the engine's prefill share, 0.25
+    assert advise(idle_half, [engine(**large)], model=prefill_lumps).gain_estimate == pytest.approx(0.8)
     idle_tenth = replace(GPU, utilization_ratio=0.9)  # 0.9 · 0.1 / 0.9
     assert advise(idle_tenth, [engine(**large)], model=TOY).gain_estimate == pytest.approx(0.1)
     held_back = advise(replace(GPU, utilization_ratio=0.3), [spinning], model=TOY)
@@ -142,6 +145,46 @@ def test_the_shipped_models_prices_and_splits_are_the_fit_of_the_committed_resul
     assert misses == [("H100", "0.5B", 512, "prefill", 2.0), ("H100", "1.5B", 512, "decode", 2.0),
                       ("H200", "1.5B", 512, "decode", 0)]  # and the 10-point goal missed in three
     assert [r["chosen"] for r in held if r["card"] == "H100" and r["size"] == "0.5B"] == [TIME_SLICED] * 5
+
+
+def test_the_fit_gives_prefill_its_own_idle_share_only_where_cpu_held_prefill_rows_are_trained_on():
+    from benchmarks.mps_gain.fit import (
+        RESULTS,
+        SWEEPS,
+        configurations,
+        fit,
+        held_out,
+        idle,
+        load_results,
+        params_billion,
+        prefill_share,
+        without_prefill_term,
+    )
+
+    configs = configurations(load_results(RESULTS), tuple(load_results(path) for path in SWEEPS))
+    assert not any(prefill_share(c) and c["cpu_work_ms"] and not held_out(c) for c in configs)
+    assert fit(configs)[0].idle_per_prefill == fit(configs)[1].idle_per_prefill == 0.0  # nothing to fit it on
+    held = next(c for c in configs if c["workload"] == "prefill" and c["cpu_work_ms"] == 2.0)
+    decode_only = fit(configs)
+    # two CPU-held prefill training rows whose idle shares lie 0.4 per unit of prefill share below the
+    # decode plane: the prefill coefficient takes the difference, the plane stays the decode rows'
+    trained = []
+    for ms in (1.0, 4.0):
+        row = dict(held, cpu_work_ms=ms)
+        share = prefill_share(row)
+        for key, model in (("measured", decode_only[0]), ("measured_ts", decode_only[1])):
+            plane = (model.idle_overlap + model.idle_per_log2_params * math.log2(params_billion(row))
+                     + model.idle_per_log2_context * math.log2(row["context"] / 128))
+            row[key] = (plane - 0.4 * share) * idle(row)
+        trained.append(row)
+    assert not any(held_out(row) for row in trained)
+    with_term = fit(configs + trained)
+    for with_prefill, without in zip(with_term, decode_only):
+        assert with_prefill.idle_per_prefill == pytest.approx(-0.4, abs=2e-3)
+        assert replace(with_prefill, idle_per_prefill=0.0) == without
+    # round four's promise: the held-out score without the term beside the fit's, only where there is one
+    assert without_prefill_term(configs, *decode_only) == ""
+    assert "prefill term set to 0, held out: 24 configurations;" in without_prefill_term(configs + trained, *with_term)
 
 
 def test_time_slicing_is_chosen_for_a_small_engine_held_back_by_cpu_work_and_mps_for_a_larger_one():

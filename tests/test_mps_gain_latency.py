@@ -208,6 +208,21 @@ def test_sweep_plans_prefill_configurations_and_shares_of_other_sizes():
     assert launches[2].launch.cases == (Case(1024, "decode", 3.0),)
 
 
+def test_sweep_configurations_with_their_own_cpu_levels_keep_them_and_others_take_the_sweeps():
+    args = sweep.parse_args(["--out", "x", "--configs", "3B@512=0+1.5+3,1.5B@1024:prefill", "--cpu-work-ms", "0,2",
+                             "--share-configs", "1.5B@512=2+0"])
+    own, default = args.configs
+    assert own == sweep.Config("3B", 512) and own.cpu_work_ms == (0.0, 1.5, 3.0) and default.cpu_work_ms == ()
+    launches = sweep.plan(args.configs, args.cpu_work_ms, ["alone", "mps"], 1, [(70, 30)], args.share_configs,
+                          args.share_cpu_work_ms)
+    assert [[case.cpu_work_ms for case in s.launch.cases] for s in launches] == [
+        [0.0, 1.5, 3.0], [0.0, 1.5, 3.0], [0.0, 2.0], [0.0, 2.0], [2.0, 0.0]]
+    assert launches[0].group == "3B@512" and launches[4].group == "shares-1.5B@512-70-30"
+    for wrong in ("3B@512=", "3B@512=1+x", "3B@512=-1", "3B@512=nan", "3B@512=inf", "3B@512=1,5"):
+        with pytest.raises(ValueError, match="SIZE@CONTEXT"):
+            sweep.Config.parse(wrong)
+
+
 def engine_line(case: int, tokens: float, itl: float) -> dict:
     return {"case": case, "tokens": tokens, "seconds": 1.0, "itl_p50_s": itl, "itl_p99_s": 2 * itl,
             "itl_mean_s": itl, "ttft_p50_s": None, "ttft_p99_s": None}

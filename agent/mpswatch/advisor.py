@@ -39,9 +39,11 @@ class GainModel:
     idle-time overlap, one engine's kernels running while the other leaves the GPU idle (CPU work:
     scheduling, sampling), from the share g of time one engine alone keeps the GPU busy:
         idle_share·min(1, (1 − g)/g), idle_share = idle_overlap + idle_per_log2_params·log2(B params)
-        + idle_per_log2_context·log2(prompt/128), held to [0, 1]:
+        + idle_per_log2_context·log2(prompt/128) + idle_per_prefill·share, held to [0, 1]:
     the share of the ideal (+100 %) a second engine fills, which falls with the length of a GPU step
-    (measured time-sliced: about all of it for 0.5B at 512, half for 1.5B at 1024). The idle time is
+    (measured time-sliced: about all of it for 0.5B at 512, half for 1.5B at 1024) and, for engines
+    that prefill, with the long prefill steps that hold the GPU while the other engine waits (issue 21,
+    round four: fitted only where CPU-held prefill rows were trained on, else 0). The idle time is
     read from the GPU (NVML's coarse utilisation), not from the engine's threads, which spin while
     they wait for the GPU in some engines. The estimate is clamped to [floor, ceiling]."""
 
@@ -52,12 +54,14 @@ class GainModel:
     idle_overlap: float
     idle_per_log2_params: float = 0.0
     idle_per_log2_context: float = 0.0
+    idle_per_prefill: float = 0.0
     floor: float = -0.5
     ceiling: float = 1.5
 
-    def idle_share(self, params_billion: float, prompt_tokens: float) -> float:
+    def idle_share(self, params_billion: float, prompt_tokens: float, prefill_share: float) -> float:
         share = (self.idle_overlap + self.idle_per_log2_params * math.log2(params_billion)
-                 + self.idle_per_log2_context * math.log2(max(prompt_tokens, 1.0) / 128))
+                 + self.idle_per_log2_context * math.log2(max(prompt_tokens, 1.0) / 128)
+                 + self.idle_per_prefill * prefill_share)
         return min(max(share, 0.0), 1.0)
 
     def estimate(self, params_billion: float, prompt_tokens: float, prefill_share: float,
@@ -66,7 +70,7 @@ class GainModel:
                 + self.per_log2_context * math.log2(max(prompt_tokens, 1.0) / 128) + self.prefill * prefill_share)
         if busy_alone is not None and busy_alone < 1:
             idle = min(1.0, (1 - busy_alone) / max(busy_alone, 1e-3))
-            gain = max(gain, self.idle_share(params_billion, prompt_tokens) * idle)
+            gain = max(gain, self.idle_share(params_billion, prompt_tokens, prefill_share) * idle)
         return min(max(gain, self.floor), self.ceiling)
 
 
@@ -129,11 +133,13 @@ def busy_alone(utilization: float | None, engines: int) -> float | None:
 
 
 # fitted by `python3 -m benchmarks.mps_gain.fit` on the training configurations of the H200 run and
-# the H100 sweep (docs/mps-gain.md; tests/test_advisor.py checks that these are what the fit gives)
+# the H100 sweeps (docs/mps-gain.md; tests/test_advisor.py checks that these are what the fit gives);
+# idle_per_prefill is 0 until a CPU-held prefill row is trained on (none is yet: round four's plan)
 MODEL = GainModel(intercept=0.1778, per_log2_params=-0.0091, per_log2_context=-0.0113, prefill=-0.0069,
-                  idle_overlap=1.2237, idle_per_log2_params=0.0349, idle_per_log2_context=-0.1274)
+                  idle_overlap=1.2237, idle_per_log2_params=0.0349, idle_per_log2_context=-0.1274, idle_per_prefill=0.0)
 TIME_SLICED_MODEL = GainModel(intercept=0.0688, per_log2_params=-0.033, per_log2_context=-0.0064, prefill=-0.0362,
-                              idle_overlap=0.845, idle_per_log2_params=-0.288, idle_per_log2_context=-0.0505)
+                              idle_overlap=0.845, idle_per_log2_params=-0.288, idle_per_log2_context=-0.0505,
+                              idle_per_prefill=0.0)
 # measured in the sweeps, derived by the fit from their rows (checked likewise): params, prompt length,
 # prefill-heavy, busy share alone, CPU ms a step, ITL p50 and p99 over alone's time-sliced, then under
 # MPS, and where it prefills TTFT p50 and p99 over alone's likewise

@@ -8,10 +8,10 @@ H100 sweeps (rounds two and three).
 Held out (docs/mps-gain.md states them, committed before this fit was first run): in the H200 run
 every 1.5B configuration, every other one at context 512, and the CPU-bound one at 3 ms a step; in the
 round-two sweep CPU work 0.5, 1.5 and 3 ms a step for both of its configurations; in round three the
-rows ROUND_THREE_HELD_OUT names (committed before its run). The advisor is given what
-the agent saw while one engine ran alone (the GPU's utilisation, the engine's busiest thread, from
-the case's recorded signals), the model's name, the prompt length and the prefill share as the
-engine's vLLM metrics state them.
+rows ROUND_THREE_HELD_OUT names (committed before its run; round four's plan keeps them). The advisor
+is given what the agent saw while one engine ran alone (the GPU's utilisation, the engine's busiest
+thread, from the case's recorded signals), the model's name, the prompt length and the prefill share
+as the engine's vLLM metrics state them.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import argparse
 import math
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from mpswatch import advisor
@@ -192,18 +193,21 @@ def least_squares(rows: list[tuple[float, ...]], targets: list[float]) -> list[f
 
 def fit(configs: list[dict]) -> tuple[GainModel, GainModel]:
     """Both models on the training rows: GPU overlap by least squares on those without CPU work; each
-    idle share (gain over the idle-time term's argument) by least squares on those with, in log2(params)
-    and log2(prompt/128)."""
+    idle share (gain over the idle-time term's argument) by least squares on those with, in log2(params),
+    log2(prompt/128) and, where a CPU-held training row prefills, the prefill share (else that
+    coefficient is 0: nothing measured says how prefill changes it)."""
     train = [c for c in configs if not held_out(c) and c["alone"][0]]
     gpu_bound = [c for c in train if c["cpu_work_ms"] == 0]
     cpu_held = [c for c in train if c["cpu_work_ms"] > 0]
     if not cpu_held:
         raise SystemExit("no CPU-bound configuration to fit the idle-time overlap on")
-    shape = [(1.0, math.log2(params_billion(c)), math.log2(c["context"] / 128)) for c in cpu_held]
+    prefills = any(prefill_share(c) for c in cpu_held)
+    shape = [(1.0, math.log2(params_billion(c)), math.log2(c["context"] / 128))
+             + ((prefill_share(c),) if prefills else ()) for c in cpu_held]
     models = []
     for measured in ("measured", "measured_ts"):
         overlap = least_squares([features(c) for c in gpu_bound], [c[measured] for c in gpu_bound])
-        idle_share = least_squares(shape, [c[measured] / idle(c) for c in cpu_held])
+        idle_share = least_squares(shape, [c[measured] / idle(c) for c in cpu_held]) + ([] if prefills else [0.0])
         models.append(GainModel(*(round(x, 4) for x in overlap), *(round(x, 4) for x in idle_share)))
     return models[0], models[1]
 
@@ -356,6 +360,23 @@ def held_out_errors(rows: list[dict]) -> dict[str, float]:
             for mode, key, measured in ((MPS, "mps", "measured"), (TIME_SLICED, "ts", "measured_ts"))}
 
 
+def held_out_score(rows: list[dict]) -> str:
+    held = [r for r in rows if r["set"] == "held out" and r["error_chosen"] is not None]
+    errors = sorted(abs(r["error_chosen"]) * 100 for r in held)
+    return (f"{len(held)} configurations; absolute error of the chosen mode's estimate: median "
+            f"{statistics.median(errors):.1f} pp, largest {errors[-1]:.1f} pp; {sum(e <= 10 for e in errors)} of "
+            f"{len(held)} within 10 pp; the right mode in {sum(r['right'] for r in held)} of {len(held)}")
+
+
+def without_prefill_term(configs: list[dict], model: GainModel, ts_model: GainModel) -> str:
+    """The held-out score with the idle share's prefill term set to 0, which round four declared it
+    would report beside the fit's (docs/mps-gain.md); nothing where the fit has no such term."""
+    if not (model.idle_per_prefill or ts_model.idle_per_prefill):
+        return ""
+    rows = proof(configs, replace(model, idle_per_prefill=0.0), replace(ts_model, idle_per_prefill=0.0))
+    return f"\nThe same models with the idle share's prefill term set to 0, held out: {held_out_score(rows)}.\n"
+
+
 def table(rows: list[dict], model: GainModel, ts_model: GainModel, splits: tuple[SplitResult, ...]) -> str:
     """The proof: every configuration's estimates against its measured gains, the chosen mode against
     the measured best, and the held-out summary beside what a constant would have scored."""
@@ -380,15 +401,10 @@ def table(rows: list[dict], model: GainModel, ts_model: GainModel, splits: tuple
                      f"{names[r['chosen']]}{split} | {best} | {'yes' if r['right'] else '**no**'} | {pp(r['error_chosen'])} | "
                      f"{names[r['chosen_under_mps']]} |")
     held = [r for r in rows if r["set"] == "held out" and r["error_chosen"] is not None]
-    errors = sorted(abs(r["error_chosen"]) * 100 for r in held)
-    within = sum(e <= 10 for e in errors)
-    right = sum(r["right"] for r in held)
     trained = [max(r["measured"], r["measured_ts"]) for r in rows if r["set"] == "training"]
     constant = statistics.fmean(trained)
     constant_errors = sorted(abs(constant - max(r["measured"], r["measured_ts"])) * 100 for r in held)
-    lines += ["", f"Held out: {len(held)} configurations; absolute error of the chosen mode's estimate: median "
-              f"{statistics.median(errors):.1f} pp, largest {errors[-1]:.1f} pp; {within} of {len(held)} within 10 pp; "
-              f"the right mode in {right} of {len(held)}. A constant estimate of the best gain (the training mean, "
+    lines += ["", f"Held out: {held_out_score(rows)}. A constant estimate of the best gain (the training mean, "
               f"{constant:+.1%}) would score median {statistics.median(constant_errors):.1f} pp, largest "
               f"{constant_errors[-1]:.1f} pp. From the view with two engines under MPS the right mode is chosen in "
               f"{sum(r['right_under_mps'] for r in held)}"
@@ -422,8 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     sweeps = tuple(load_results(path) for path in args.sweeps)
     configs = configurations(load_results(args.results), sweeps)
     fitted = shipped(configs, sweeps)
-    text = table(proof(configs, fitted["MODEL"], fitted["TIME_SLICED_MODEL"]), fitted["MODEL"], fitted["TIME_SLICED_MODEL"],
-                 fitted["SPLITS"])
+    model, ts_model = fitted["MODEL"], fitted["TIME_SLICED_MODEL"]
+    text = (table(proof(configs, model, ts_model), model, ts_model, fitted["SPLITS"])
+            + without_prefill_term(configs, model, ts_model))
     print(text)
     for name, value in fitted.items():
         print(f"{name} = {value!r}")

@@ -6,14 +6,15 @@ agent's signals, and MPS thread shares; one GPU call, then a report anywhere.
     python3 -m benchmarks.mps_gain.sweep --device cpu --quick --out /tmp/s.json   # a smoke test, no GPU
 
 1. CPU work per step (the engine's --cpu-work-ms: 0, 0.5, 1, 1.5, 2, 3, 4 ms by default, up to past
-   the GPU's step time) for each configuration (SIZE@CONTEXT[:WORKLOAD], decode unless said; by
-   default issue 21's two counter-examples, 0.5B decode at context 512 and 1.5B decode at context
-   1024), each alone, time-sliced and under MPS. A launch (one model build) runs every level twice,
-   the second time in reverse order, so that the spread between repeats is stated and drift over a
-   launch does not fall on one end of the range. Windows are short (2 s measured after 0.5 s). The
-   prefill workload gives each engine's time to first token as well as its inter-token latency.
+   the GPU's step time) for each configuration (SIZE@CONTEXT[:WORKLOAD], decode unless said, with
+   =MS+MS... for levels of its own; by default issue 21's two counter-examples, 0.5B decode at
+   context 512 and 1.5B decode at context 1024), each alone, time-sliced and under MPS. A launch (one
+   model build) runs every level twice, the second time in reverse order, so that the spread between
+   repeats is stated and drift over a launch does not fall on one end of the range. Windows are short
+   (2 s measured after 0.5 s). The prefill workload gives each engine's time to first token as well as
+   its inter-token latency.
 2. MPS thread shares: for each share configuration (--share-configs, 0.5B decode at 512 by default),
-   two engines with the --share-cpu-work-ms levels (1.5 and 0 ms) under MPS with
+   two engines with the --share-cpu-work-ms levels (1.5 and 0 ms, or its own) under MPS with
    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE 70/30 and 50/50 in their environments (MPS takes a client's
    value at context creation when it is at most the server's); 100/100 is that configuration's own
    MPS launch in part 1, which must measure the same levels. Engine 0 is the latency-sensitive one
@@ -32,12 +33,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import signal
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 
@@ -49,11 +51,14 @@ from benchmarks.mps_gain.run import Launch, estimate_seconds, keep_logs, log, ru
 
 @dataclass(frozen=True, order=True)
 class Config:
-    """A model at a prompt length with a workload: what the CPU levels and modes are measured for."""
+    """A model at a prompt length with a workload: what the CPU levels and modes are measured for; its
+    own CPU levels where it names them (a call's configurations need not share theirs), else the
+    sweep's. The levels are not part of its identity: the report meets it again in result rows."""
 
     size: str
     context: int
     workload: str = "decode"
+    cpu_work_ms: tuple[float, ...] = field(default=(), compare=False)
 
     @property
     def name(self) -> str:
@@ -61,13 +66,23 @@ class Config:
 
     @classmethod
     def parse(cls, spec: str) -> Config:
-        """`SIZE@CONTEXT[:WORKLOAD]`."""
-        size, _, rest = spec.partition("@")
+        """`SIZE@CONTEXT[:WORKLOAD][=MS+MS...]`."""
+        form = "not SIZE@CONTEXT[:WORKLOAD][=MS+MS...] with a known size and workload and CPU levels of 0 ms or more"
+        named, _, levels = spec.partition("=")
+        size, _, rest = named.partition("@")
         context, _, workload = rest.partition(":")
-        config = cls(size, int(context), workload or "decode")
-        if config.size not in SHAPES or config.workload not in WORKLOADS or config.context < 1:
-            raise ValueError(f"not SIZE@CONTEXT[:WORKLOAD] with a known size and workload: {spec!r}")
+        try:
+            config = cls(size, int(context), workload or "decode",
+                         tuple(float(ms) for ms in levels.split("+")) if levels else ())
+        except ValueError:
+            raise ValueError(f"{form}: {spec!r}") from None
+        if (config.size not in SHAPES or config.workload not in WORKLOADS or config.context < 1
+                or any(not (math.isfinite(ms) and ms >= 0) for ms in config.cpu_work_ms) or ("=" in spec and not config.cpu_work_ms)):
+            raise ValueError(f"{form}: {spec!r}")
         return config
+
+    def levels(self, default: list[float]) -> list[float]:
+        return list(self.cpu_work_ms) or default
 
 
 CONFIGS = (Config("0.5B", 512), Config("1.5B", 1024))
@@ -108,17 +123,18 @@ def repeated(cases: list[Case], repeats: int) -> tuple[tuple[Case, ...], tuple[i
 
 def plan(configs: list[Config], cpu_work_ms: list[float], modes: list[str], repeats: int,
          splits: list[tuple[int, int]], share_configs: list[Config], share_cpu_work_ms: list[float]) -> list[SweepLaunch]:
-    """Each configuration in every mode (a group), then each share configuration's thread splits under
-    MPS (a group each)."""
+    """Each configuration in every mode (a group), at its own CPU levels or `cpu_work_ms`, then each
+    share configuration's thread splits under MPS (a group each)."""
     launches = []
     for config in configs:
-        cases, which = repeated([Case(config.context, config.workload, ms) for ms in cpu_work_ms], repeats)
+        cases, which = repeated([Case(config.context, config.workload, ms) for ms in config.levels(cpu_work_ms)], repeats)
         launches += [SweepLaunch(config.name, Launch(config.name.replace(":", "-"), config.size, mode, cases), which)
                      for mode in modes]
     if "mps" in modes:
         for config in share_configs:
             for split in splits:
-                cases, which = repeated([Case(config.context, config.workload, ms) for ms in share_cpu_work_ms], repeats)
+                cases, which = repeated([Case(config.context, config.workload, ms) for ms in config.levels(share_cpu_work_ms)],
+                                        repeats)
                 group = f"shares-{config.name.replace(':', '-')}-{split[0]}-{split[1]}"
                 launches.append(SweepLaunch(group, Launch(group, config.size, "mps", cases), which, split))
     return launches
@@ -301,7 +317,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--report", type=Path, nargs="+", metavar="RESULTS",
                         help="print the markdown tables of results files (one card's, each file's own rows)")
     parser.add_argument("--configs", type=configs, default=list(CONFIGS),
-                        help="SIZE@CONTEXT[:WORKLOAD],... (0.5B@512,1.5B@1024; workload decode or prefill)")
+                        help="SIZE@CONTEXT[:WORKLOAD][=MS+MS...],... (0.5B@512,1.5B@1024; workload decode or "
+                             "prefill; =MS+MS...: this configuration's CPU levels instead of --cpu-work-ms)")
     parser.add_argument("--cpu-work-ms", type=listed(float), default=list(CPU_WORK_MS))
     parser.add_argument("--modes", type=listed(str), default=list(run.MODES))
     parser.add_argument("--repeats", type=int, default=2)
