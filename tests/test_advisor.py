@@ -129,13 +129,27 @@ def test_no_verdict_and_no_estimate_when_an_input_is_unknown(missing, says):
     assert any(says in r for r in advice.reasons)
 
 
-def test_the_shipped_models_prices_and_splits_are_the_fit_of_the_committed_results_and_score_as_documented():
-    from benchmarks.mps_gain.fit import RESULTS, SWEEPS, configurations, held_out, load_results, proof, shipped
+def test_the_shipped_models_prices_and_splits_are_the_fit_of_the_committed_results_and_score_as_documented(tmp_path):
+    from benchmarks.mps_gain.fit import (
+        ADVISOR,
+        RESULTS,
+        SWEEPS,
+        configurations,
+        held_out,
+        load_results,
+        proof,
+        shipped,
+        write_advisor,
+    )
 
     sweeps = tuple(load_results(path) for path in SWEEPS)
     configs = configurations(load_results(RESULTS), sweeps)
     fitted = shipped(configs, sweeps)
     assert fitted == {name: getattr(advisor, name) for name in fitted}
+    rewritten = tmp_path / "advisor.py"  # and the block is the writer's, not edited by hand
+    rewritten.write_text(ADVISOR.read_text())
+    write_advisor(rewritten, fitted)
+    assert rewritten.read_text() == ADVISOR.read_text()
     held = [r for r in proof(configs, advisor.MODEL, advisor.TIME_SLICED_MODEL) if r["set"] == "held out"]
     assert len(held) == sum(held_out(c) for c in configs) == 24
     assert sum(r["card"] == "H100" and r["cpu_work_ms"] > 0 for r in held) == 9  # the sweeps' CPU-held rows

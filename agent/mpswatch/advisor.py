@@ -132,17 +132,17 @@ def busy_alone(utilization: float | None, engines: int) -> float | None:
     return 1 - float((1 - utilization) ** (1 / engines))
 
 
-# fitted by `python3 -m benchmarks.mps_gain.fit` on the training configurations of the H200 run and
-# the H100 sweeps (docs/mps-gain.md; tests/test_advisor.py checks that these are what the fit gives);
-# idle_per_prefill is 0 until a CPU-held prefill row is trained on (none is yet: round four's plan)
-MODEL = GainModel(intercept=0.1778, per_log2_params=-0.0091, per_log2_context=-0.0113, prefill=-0.0069,
-                  idle_overlap=1.2237, idle_per_log2_params=0.0349, idle_per_log2_context=-0.1274, idle_per_prefill=0.0)
+# mps-gain-fit:start (python3 -m benchmarks.mps_gain.fit --write-advisor writes this block; do not edit)
+# fitted on the training configurations of the H200 run and the H100 sweeps (docs/mps-gain.md;
+# tests/test_advisor.py checks that this block is the fit's); idle_per_prefill is left out (0)
+# until a CPU-held prefill-heavy row is trained on
+MODEL = GainModel(intercept=0.1778, per_log2_params=-0.0091, per_log2_context=-0.0113, prefill=-0.0069, idle_overlap=1.2237,
+                  idle_per_log2_params=0.0349, idle_per_log2_context=-0.1274)
 TIME_SLICED_MODEL = GainModel(intercept=0.0688, per_log2_params=-0.033, per_log2_context=-0.0064, prefill=-0.0362,
-                              idle_overlap=0.845, idle_per_log2_params=-0.288, idle_per_log2_context=-0.0505,
-                              idle_per_prefill=0.0)
-# measured in the sweeps, derived by the fit from their rows (checked likewise): params, prompt length,
-# prefill-heavy, busy share alone, CPU ms a step, ITL p50 and p99 over alone's time-sliced, then under
-# MPS, and where it prefills TTFT p50 and p99 over alone's likewise
+                              idle_overlap=0.845, idle_per_log2_params=-0.288, idle_per_log2_context=-0.0505)
+# measured in the sweeps, derived from their rows: params, prompt length, prefill-heavy, busy share
+# alone, CPU ms a step, ITL p50 and p99 over alone's time-sliced, then under MPS, and where it
+# prefills TTFT p50 and p99 over alone's likewise
 LATENCY_PRICES: tuple[LatencyPrice, ...] = (
     LatencyPrice(0.494, 512, False, 0.94, 0.0, 1.867, 1.803, 1.845, 1.84),
     LatencyPrice(0.494, 512, False, 0.72, 0.5, 1.43, 1.372, 1.467, 1.724),
@@ -169,14 +169,15 @@ LATENCY_PRICES: tuple[LatencyPrice, ...] = (
     LatencyPrice(0.494, 512, True, 0.925, 0.0, 1.829, 1.614, 1.678, 1.893, 2.171, 1.246, 1.798, 0.975),
     LatencyPrice(0.494, 512, True, 0.52, 2.0, 1.019, 1.151, 1.102, 1.917, 1.954, 1.343, 1.677, 1.984),
 )
-# params, prompt length, busy share alone, CPU ms a step, the split that beat 100/100, by how much, its
-# ITL p50 and p99 ratios
+# params, prompt length, busy share alone, CPU ms a step, the split that beat 100/100, by how much,
+# its ITL p50 and p99 ratios
 SPLITS: tuple[SplitResult, ...] = (
     SplitResult(0.494, 512, 0.495, 1.5, None, 0.0, None, None),
     SplitResult(0.494, 512, 0.94, 0.0, "50/50", 0.1047, 0.897, 1.038),
 )
-# the largest absolute error of each mode's estimate over the held-out rows, in points (the fit's)
+# the largest absolute error of each mode's estimate over the held-out rows, in points
 HELD_OUT_ERROR_PP: dict[str, float] = {"mps": 32.1, "time_sliced": 35.4}
+# mps-gain-fit:end
 SPLIT_SIZE_RANGE = 2.0  # a split measured for one model size is applied within this factor of it,
 SPLIT_BUSY_RANGE = 0.1  # and this far from the busy share it was measured at: only in that regime
 

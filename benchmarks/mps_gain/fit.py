@@ -3,7 +3,8 @@ time-sliced, and holds their estimates and the mode they choose against the meas
 rest, through the advisor's own code; derives the latency prices and thread splits it ships from the
 H100 sweeps (rounds two and three).
 
-    python3 -m benchmarks.mps_gain.fit [--results H200.json[.gz]] [--sweeps H100.json[.gz] ...] [--write-doc] [--check]
+    python3 -m benchmarks.mps_gain.fit [--results H200.json[.gz]] [--sweeps H100.json[.gz] ...] [--write-doc]
+        [--write-advisor | --check]
 
 Held out (docs/mps-gain.md states them, committed before this fit was first run): in the H200 run
 every 1.5B configuration, every other one at context 512, and the CPU-bound one at 3 ms a step; in the
@@ -20,7 +21,7 @@ import argparse
 import math
 import statistics
 import sys
-from dataclasses import replace
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
 from mpswatch import advisor
@@ -427,12 +428,83 @@ def shipped(configs: list[dict], sweeps: tuple[dict, ...]) -> dict:
             "HELD_OUT_ERROR_PP": held_out_errors(proof(configs, model, ts_model))}
 
 
+ADVISOR = ROOT / "agent" / "mpswatch" / "advisor.py"
+ADVISOR_START, ADVISOR_END = "# mps-gain-fit:start", "# mps-gain-fit:end"
+WIDTH = 130  # ruff's line length (pyproject.toml)
+
+
+def _call(prefix: str, name: str, args: list[str], suffix: str = "") -> list[str]:
+    """`prefix + name(args) + suffix`, wrapped at WIDTH with continuation lines under the first argument."""
+    lines, line = [], f"{prefix}{name}("
+    indent = " " * len(line)
+    for index, arg in enumerate(args):
+        arg += ", " if index < len(args) - 1 else f"){suffix}"
+        if len(line) + len(arg.rstrip()) > WIDTH and line.strip() != f"{name}(":
+            lines.append(line.rstrip())
+            line = indent
+        line += arg
+    return lines + [line.rstrip()] if args else [f"{prefix}{name}(){suffix}"]
+
+
+def _literal(value: object) -> str:
+    return f'"{value}"' if isinstance(value, str) else repr(value)  # the project's quotes
+
+
+def _keywords(value) -> list[str]:
+    """A dataclass's fields as keywords, those at their default left out."""
+    return [f"{f.name}={_literal(getattr(value, f.name))}" for f in fields(value)
+            if f.default is MISSING or getattr(value, f.name) != f.default]
+
+
+def _positional(value) -> list[str]:
+    """A dataclass's fields in order, trailing ones at their default left out."""
+    values = [getattr(value, f.name) for f in fields(value)]
+    while values and fields(value)[len(values) - 1].default == values[-1]:
+        values.pop()
+    return [_literal(v) for v in values]
+
+
+def advisor_block(fitted: dict) -> str:
+    """The constants advisor.py ships, as Python between its markers."""
+    model, ts_model, errors = fitted["MODEL"], fitted["TIME_SLICED_MODEL"], fitted["HELD_OUT_ERROR_PP"]
+    lines = [f"{ADVISOR_START} (python3 -m benchmarks.mps_gain.fit --write-advisor writes this block; do not edit)",
+             "# fitted on the training configurations of the H200 run and the H100 sweeps (docs/mps-gain.md;",
+             "# tests/test_advisor.py checks that this block is the fit's); idle_per_prefill is left out (0)",
+             "# until a CPU-held prefill-heavy row is trained on",
+             *_call("MODEL = ", "GainModel", _keywords(model)),
+             *_call("TIME_SLICED_MODEL = ", "GainModel", _keywords(ts_model)),
+             "# measured in the sweeps, derived from their rows: params, prompt length, prefill-heavy, busy share",
+             "# alone, CPU ms a step, ITL p50 and p99 over alone's time-sliced, then under MPS, and where it",
+             "# prefills TTFT p50 and p99 over alone's likewise",
+             "LATENCY_PRICES: tuple[LatencyPrice, ...] = (",
+             *(line for price in fitted["LATENCY_PRICES"] for line in _call("    ", "LatencyPrice", _positional(price), ",")),
+             ")",
+             "# params, prompt length, busy share alone, CPU ms a step, the split that beat 100/100, by how much,",
+             "# its ITL p50 and p99 ratios",
+             "SPLITS: tuple[SplitResult, ...] = (",
+             *(line for split in fitted["SPLITS"] for line in _call("    ", "SplitResult", _positional(split), ",")),
+             ")",
+             "# the largest absolute error of each mode's estimate over the held-out rows, in points",
+             f"HELD_OUT_ERROR_PP: dict[str, float] = {{{', '.join(f'{_literal(k)}: {v!r}' for k, v in errors.items())}}}",
+             ADVISOR_END]
+    return "\n".join(lines) + "\n"
+
+
+def write_advisor(path: Path, fitted: dict) -> None:
+    text = path.read_text()
+    before, rest = text.split(ADVISOR_START, 1)
+    _, after = rest.split(ADVISOR_END, 1)
+    path.write_text(before + advisor_block(fitted) + after.removeprefix("\n"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--results", default=str(RESULTS), help="the H200 run (report.py --merged)")
     parser.add_argument("--sweeps", nargs="+", default=[str(path) for path in SWEEPS],
                         help="issue 21's sweeps (sweep.py --out)")
     parser.add_argument("--write-doc", action="store_true", help=f"write the proof table into {DOC.relative_to(ROOT)}")
+    parser.add_argument("--write-advisor", action="store_true",
+                        help=f"write the fitted constants into {ADVISOR.relative_to(ROOT)}")
     parser.add_argument("--check", action="store_true", help="exit 1 unless the advisor ships exactly this fit")
     args = parser.parse_args(argv)
     sweeps = tuple(load_results(path) for path in args.sweeps)
@@ -449,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
         before, rest = doc.split(START, 1)
         _, after = rest.split(END, 1)
         DOC.write_text(f"{before}{START}\n{text}{END}{after}")
+    if args.write_advisor:
+        write_advisor(ADVISOR, fitted)
+        print(f"wrote {ADVISOR.relative_to(ROOT)}; run again with --check in a new interpreter", file=sys.stderr)
+        return 0
     wrong = [name for name, value in fitted.items() if getattr(advisor, name) != value]
     if args.check and wrong:
         print(f"the advisor's {', '.join(wrong)} differ from this fit's", file=sys.stderr)
