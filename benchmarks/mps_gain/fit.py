@@ -523,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
         DOC.write_text(f"{before}{START}\n{text}{END}{after}")
     if args.write_advisor:
         write_advisor(ADVISOR, fitted)
-        print(f"wrote {ADVISOR.relative_to(ROOT)}; run again with --check in a new interpreter", file=sys.stderr)
+        print(f"wrote {ADVISOR.relative_to(ROOT)}; now --write-doc --check (a new process scores what it ships)",
+              file=sys.stderr)
         return 0
     wrong = [name for name, value in fitted.items() if getattr(advisor, name) != value]
     if args.check and wrong:
