@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 from dataclasses import replace
 
@@ -150,6 +151,10 @@ def test_the_shipped_models_prices_and_splits_are_the_fit_of_the_committed_resul
     rewritten.write_text(ADVISOR.read_text())
     write_advisor(rewritten, fitted)
     assert rewritten.read_text() == ADVISOR.read_text()
+    assert max(len(line) for line in rewritten.read_text().splitlines()) <= 130
+    rewritten.write_text(ADVISOR.read_text().replace("# mps-gain-fit:end", ""))
+    with pytest.raises(SystemExit, match="mps-gain-fit:end"):
+        write_advisor(rewritten, fitted)
     held = [r for r in proof(configs, advisor.MODEL, advisor.TIME_SLICED_MODEL) if r["set"] == "held out"]
     assert len(held) == sum(held_out(c) for c in configs) == 24
     assert sum(r["card"] == "H100" and r["cpu_work_ms"] > 0 for r in held) == 9  # the sweeps' CPU-held rows
@@ -196,9 +201,16 @@ def test_the_fit_gives_prefill_its_own_idle_share_only_where_cpu_held_prefill_ro
     for with_prefill, without in zip(with_term, decode_only):
         assert with_prefill.idle_per_prefill == pytest.approx(-0.4, abs=2e-3)
         assert replace(with_prefill, idle_per_prefill=0.0) == without
-    # round four's promise: the held-out score without the term beside the fit's, only where there is one
+    # round four's promise: beside the fit's, round three's form refitted on the same rows, and both
+    # errors on the term's test row (here a stand-in: the held-out 0.5B row relabelled), only where there is a term
     assert without_prefill_term(configs, *decode_only) == ""
-    assert "prefill term set to 0, held out: 24 configurations;" in without_prefill_term(configs + trained, *with_term)
+    assert fit(configs + trained, prefill_term=False) != decode_only  # the prefill rows pull the plain plane
+    stand_in = dict(held, size="1.5B", context=1024)
+    assert held_out(stand_in)
+    said = without_prefill_term(configs + trained + [stand_in], *fit(configs + trained + [stand_in]))
+    assert "Round three's form (no prefill term in the idle share) fitted on the same training rows, held out: " \
+           "25 configurations;" in said
+    assert re.search(r"with the term / without\): H100 [+-]\d+\.\d / [+-]\d+\.\d pp\.", said), said
 
 
 def test_time_slicing_is_chosen_for_a_small_engine_held_back_by_cpu_work_and_mps_for_a_larger_one():

@@ -210,17 +210,31 @@ def test_sweep_plans_prefill_configurations_and_shares_of_other_sizes():
 
 def test_sweep_configurations_with_their_own_cpu_levels_keep_them_and_others_take_the_sweeps():
     args = sweep.parse_args(["--out", "x", "--configs", "3B@512=0+1.5+3,1.5B@1024:prefill", "--cpu-work-ms", "0,2",
-                             "--share-configs", "1.5B@512=2+0"])
+                             "--share-configs", "1.5B@1024:prefill=2+0"])
     own, default = args.configs
     assert own == sweep.Config("3B", 512) and own.cpu_work_ms == (0.0, 1.5, 3.0) and default.cpu_work_ms == ()
     launches = sweep.plan(args.configs, args.cpu_work_ms, ["alone", "mps"], 1, [(70, 30)], args.share_configs,
                           args.share_cpu_work_ms)
     assert [[case.cpu_work_ms for case in s.launch.cases] for s in launches] == [
         [0.0, 1.5, 3.0], [0.0, 1.5, 3.0], [0.0, 2.0], [0.0, 2.0], [2.0, 0.0]]
-    assert launches[0].group == "3B@512" and launches[4].group == "shares-1.5B@512-70-30"
+    assert launches[0].group == "3B@512" and launches[4].group == "shares-1.5B@1024-prefill-70-30"
+    assert launches[4].needs == "1.5B@1024:prefill" and launches[0].needs is None
     for wrong in ("3B@512=", "3B@512=1+x", "3B@512=-1", "3B@512=nan", "3B@512=inf", "3B@512=1,5"):
         with pytest.raises(ValueError, match="SIZE@CONTEXT"):
             sweep.Config.parse(wrong)
+
+
+def test_thread_shares_need_their_configuration_s_default_mps_rows_in_the_same_sweep():
+    for shares in ("1.5B@512", "0.5B@512=3+0", "0.5B@512:prefill"):  # not measured, or not at these levels
+        with pytest.raises(SystemExit):
+            sweep.parse_args(["--out", "x", "--configs", "0.5B@512=0+1.5", "--share-configs", shares])
+    assert sweep.parse_args(["--out", "x", "--configs", "0.5B@512=0+1.5", "--share-configs", "1.5B@512", "--splits="])
+    assert sweep.shares_unmeasured([sweep.Config("0.5B", 512)], [0.0, 1.5], [sweep.Config("0.5B", 512)], [1.5, 0.0]) == []
+    # a split whose configuration the budget skipped is skipped too, whatever time is left
+    assert "1.5B@512, whose default MPS rows" in sweep.skip_reason("1.5B@512", ["1.5B@512"], 10.0, 5.0, 530.0)
+    assert sweep.skip_reason("1.5B@512", ["3B@512"], 10.0, 5.0, 530.0) is None
+    assert "past the 530 s budget" in sweep.skip_reason(None, [], 500.0, 40.0, 530.0)
+    assert sweep.skip_reason(None, [], 500.0, 40.0, 0.0) is None  # no budget
 
 
 def engine_line(case: int, tokens: float, itl: float) -> dict:

@@ -134,8 +134,8 @@ def busy_alone(utilization: float | None, engines: int) -> float | None:
 
 # mps-gain-fit:start (python3 -m benchmarks.mps_gain.fit --write-advisor writes this block; do not edit)
 # fitted on the training configurations of the H200 run and the H100 sweeps (docs/mps-gain.md;
-# tests/test_advisor.py checks that this block is the fit's); idle_per_prefill is left out (0)
-# until a CPU-held prefill-heavy row is trained on
+# tests/test_advisor.py checks that this block is the fit's); idle_per_prefill is left out (0):
+# no CPU-held prefill-heavy row is trained on
 MODEL = GainModel(intercept=0.1778, per_log2_params=-0.0091, per_log2_context=-0.0113, prefill=-0.0069, idle_overlap=1.2237,
                   idle_per_log2_params=0.0349, idle_per_log2_context=-0.1274)
 TIME_SLICED_MODEL = GainModel(intercept=0.0688, per_log2_params=-0.033, per_log2_context=-0.0064, prefill=-0.0362,

@@ -21,7 +21,7 @@ import argparse
 import math
 import statistics
 import sys
-from dataclasses import MISSING, fields, replace
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 from mpswatch import advisor
@@ -63,6 +63,7 @@ ROUND_THREE_HELD_OUT: dict[tuple[str, int, str], tuple[float, ...] | None] = {
     ("1.5B", 1024, "prefill"): (2.0,),
 }
 DEFAULT_SPLIT = "100/100"
+PREFILL_TEST = ("1.5B", 1024, "prefill", 2.0)  # round four's test of the idle share's prefill term (docs/mps-gain.md)
 
 
 def held_out(config: dict) -> bool:
@@ -81,11 +82,11 @@ def _card(name: str) -> str:
     return next((card for card in ("H100", "H200") if card in name), name)
 
 
-def configurations(results: dict, sweeps: tuple[dict, ...] = ()) -> list[dict]:
+def configurations(results: dict, sweeps: tuple[dict, ...] = (), names: tuple[str, ...] = ()) -> list[dict]:
     """One entry per (card, source, size, context, workload, CPU work) with its measured gains under MPS
     and time-sliced (the mean over repeats, and each repeat's) and what the agent saw in each repeat.
     The source is the first round's run or a sweep (each sweep file apart: a configuration measured in
-    two is two entries)."""
+    two is two entries), its origin "run" or the sweep's name (`names`, else its place)."""
     by_key: dict[tuple, dict[str, dict[int, dict]]] = {}
     for case in results["cases"]:
         key = (_card(results["gpu"]), "run", case["size"], case["context"], case["workload"], case["cpu_work_ms"])
@@ -108,6 +109,8 @@ def configurations(results: dict, sweeps: tuple[dict, ...] = ()) -> list[dict]:
                  for mode in ("mps", "timesliced")}
         out.append({
             "card": card, "source": "run" if source == "run" else "sweep", "size": size, "context": context,
+            "origin": "run" if source == "run" else (names or tuple(f"sweep {i + 1}" for i in range(len(sweeps))))[
+                int(source.removeprefix("sweep"))],
             "workload": workload, "cpu_work_ms": cpu_ms,
             "measured": statistics.fmean(gains["mps"]), "measured_ts": statistics.fmean(gains["timesliced"]),
             "gains": gains, "alone": [alone[r].get("signals") for r in repeats],
@@ -192,17 +195,17 @@ def least_squares(rows: list[tuple[float, ...]], targets: list[float]) -> list[f
     return [a[i][n] / a[i][i] for i in range(n)]
 
 
-def fit(configs: list[dict]) -> tuple[GainModel, GainModel]:
+def fit(configs: list[dict], prefill_term: bool = True) -> tuple[GainModel, GainModel]:
     """Both models on the training rows: GPU overlap by least squares on those without CPU work; each
     idle share (gain over the idle-time term's argument) by least squares on those with, in log2(params),
     log2(prompt/128) and, where a CPU-held training row prefills, the prefill share (else that
-    coefficient is 0: nothing measured says how prefill changes it)."""
+    coefficient is 0: nothing measured says how prefill changes it; or without it, round three's form)."""
     train = [c for c in configs if not held_out(c) and c["alone"][0]]
     gpu_bound = [c for c in train if c["cpu_work_ms"] == 0]
     cpu_held = [c for c in train if c["cpu_work_ms"] > 0]
     if not cpu_held:
         raise SystemExit("no CPU-bound configuration to fit the idle-time overlap on")
-    prefills = any(prefill_share(c) for c in cpu_held)
+    prefills = prefill_term and any(prefill_share(c) for c in cpu_held)
     shape = [(1.0, math.log2(params_billion(c)), math.log2(c["context"] / 128))
              + ((prefill_share(c),) if prefills else ()) for c in cpu_held]
     models = []
@@ -218,7 +221,7 @@ def _sweep_groups(sweeps: tuple[dict, ...]) -> dict[tuple, dict[int, dict]]:
     the same key are numbered after an earlier one's."""
     by: dict[tuple, dict[int, dict]] = {}
     for sweep in sweeps:
-        base = {key: len(rows) for key, rows in by.items()}
+        base = {key: max(rows) + 1 for key, rows in by.items()}
         for row in sweep["rows"]:
             key = (row["size"], row["context"], row["workload"], row["cpu_work_ms"], row["mode"], row["split"])
             by.setdefault(key, {})[base.get(key, 0) + row["repeat"]] = row
@@ -309,7 +312,7 @@ def proof(configs: list[dict], model: GainModel, ts_model: GainModel, prices: tu
     the chosen mode is the one the mean estimates make best)."""
     rows = []
     for c in configs:
-        row = {k: c[k] for k in ("card", "size", "context", "workload", "cpu_work_ms", "measured", "measured_ts")}
+        row = {k: c[k] for k in ("card", "origin", "size", "context", "workload", "cpu_work_ms", "measured", "measured_ts")}
         row["set"] = "held out" if held_out(c) else "training"
         row["spread"] = {m: max(g) - min(g) for m, g in c["gains"].items()}
         mean, row["split_offered"] = _mean_estimates(c, c["alone"], model, ts_model)
@@ -370,12 +373,26 @@ def held_out_score(rows: list[dict]) -> str:
 
 
 def without_prefill_term(configs: list[dict], model: GainModel, ts_model: GainModel) -> str:
-    """The held-out score with the idle share's prefill term set to 0, which round four declared it
-    would report beside the fit's (docs/mps-gain.md); nothing where the fit has no such term."""
+    """The held-out score of round three's form (no prefill term) fitted on the same training rows,
+    which round four declared it would report beside the fit's (docs/mps-gain.md); nothing where the
+    fit has no such term."""
     if not (model.idle_per_prefill or ts_model.idle_per_prefill):
         return ""
-    rows = proof(configs, replace(model, idle_per_prefill=0.0), replace(ts_model, idle_per_prefill=0.0))
-    return f"\nThe same models with the idle share's prefill term set to 0, held out: {held_out_score(rows)}.\n"
+    rows = proof(configs, *fit(configs, prefill_term=False))
+    tested = [(w, wo) for w, wo in zip(proof(configs, model, ts_model), rows) if _key(w) == PREFILL_TEST]
+    return (f"\nRound three's form (no prefill term in the idle share) fitted on the same training rows, held out: "
+            f"{held_out_score(rows)}. The prefill term's test, 1.5B prefill-heavy at 1024 with 2 ms (error of the "
+            "chosen mode, with the term / without): "
+            + ("; ".join(f"{w['card']} {_pp(w['error_chosen'])} / {_pp(wo['error_chosen'])} pp" for w, wo in tested)
+               or "not measured") + ".\n")
+
+
+def _key(row: dict) -> tuple:
+    return row["size"], row["context"], row["workload"], row["cpu_work_ms"]
+
+
+def _pp(error: float | None) -> str:
+    return "–" if error is None else f"{error * 100:+.1f}"
 
 
 def table(rows: list[dict], model: GainModel, ts_model: GainModel, splits: tuple[SplitResult, ...]) -> str:
@@ -384,22 +401,19 @@ def table(rows: list[dict], model: GainModel, ts_model: GainModel, splits: tuple
     def pct(x):
         return "–" if x is None else f"{x * 100:+.0f}%"
 
-    def pp(x):
-        return "–" if x is None else f"{x * 100:+.1f}"
-
     names = {MPS: "MPS", TIME_SLICED: "time-sliced", NONE: "none", None: "–"}
     lines = [f"Models fitted on the training rows: `{model}`, `{ts_model}`.", "",
-             "| set | card | model | context | workload | CPU ms/step | measured MPS | measured TS | estimate MPS | estimate TS "
-             "| chosen | measured best | right | error of chosen, pp | chosen from the view under MPS |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|---|---|---:|---|"]
+             "| set | card | source | model | context | workload | CPU ms/step | measured MPS | measured TS | estimate MPS "
+             "| estimate TS | chosen | measured best | right | error of chosen, pp | chosen from the view under MPS |",
+             "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---|---|---|---:|---|"]
     offered = [r for r in rows if r["split_offered"]]
     for r in sorted(rows, key=lambda r: (r["set"] != "held out", r["card"], r["cpu_work_ms"], float(r["size"][:-1]),
-                                         r["workload"], r["context"])):
+                                         r["workload"], r["context"], r["origin"])):
         best = names[r["best"]] + (" (tie)" if r["tie"] else "")
         split = f" + {r['split_offered']} split" if r["split_offered"] and r["chosen"] == MPS else ""
-        lines.append(f"| {r['set']} | {r['card']} | {r['size']} | {r['context']} | {r['workload']} | {r['cpu_work_ms']:g} | "
+        lines.append(f"| {r['set']} | {r['card']} | {r['origin']} | {r['size']} | {r['context']} | {r['workload']} | {r['cpu_work_ms']:g} | "
                      f"{pct(r['measured'])} | {pct(r['measured_ts'])} | {pct(r['estimate_mps'])} | {pct(r['estimate_ts'])} | "
-                     f"{names[r['chosen']]}{split} | {best} | {'yes' if r['right'] else '**no**'} | {pp(r['error_chosen'])} | "
+                     f"{names[r['chosen']]}{split} | {best} | {'yes' if r['right'] else '**no**'} | {_pp(r['error_chosen'])} | "
                      f"{names[r['chosen_under_mps']]} |")
     held = [r for r in rows if r["set"] == "held out" and r["error_chosen"] is not None]
     trained = [max(r["measured"], r["measured_ts"]) for r in rows if r["set"] == "training"]
@@ -439,7 +453,7 @@ def _call(prefix: str, name: str, args: list[str], suffix: str = "") -> list[str
     indent = " " * len(line)
     for index, arg in enumerate(args):
         arg += ", " if index < len(args) - 1 else f"){suffix}"
-        if len(line) + len(arg.rstrip()) > WIDTH and line.strip() != f"{name}(":
+        if len(line) + len(arg.rstrip()) > WIDTH and line != f"{prefix}{name}(":
             lines.append(line.rstrip())
             line = indent
         line += arg
@@ -469,8 +483,9 @@ def advisor_block(fitted: dict) -> str:
     model, ts_model, errors = fitted["MODEL"], fitted["TIME_SLICED_MODEL"], fitted["HELD_OUT_ERROR_PP"]
     lines = [f"{ADVISOR_START} (python3 -m benchmarks.mps_gain.fit --write-advisor writes this block; do not edit)",
              "# fitted on the training configurations of the H200 run and the H100 sweeps (docs/mps-gain.md;",
-             "# tests/test_advisor.py checks that this block is the fit's); idle_per_prefill is left out (0)",
-             "# until a CPU-held prefill-heavy row is trained on",
+             "# tests/test_advisor.py checks that this block is the fit's)"
+             + ("" if model.idle_per_prefill or ts_model.idle_per_prefill else
+                "; idle_per_prefill is left out (0):\n# no CPU-held prefill-heavy row is trained on"),
              *_call("MODEL = ", "GainModel", _keywords(model)),
              *_call("TIME_SLICED_MODEL = ", "GainModel", _keywords(ts_model)),
              "# measured in the sweeps, derived from their rows: params, prompt length, prefill-heavy, busy share",
@@ -492,9 +507,16 @@ def advisor_block(fitted: dict) -> str:
 
 def write_advisor(path: Path, fitted: dict) -> None:
     text = path.read_text()
+    if text.count(ADVISOR_START) != 1 or text.count(ADVISOR_END) != 1:
+        raise SystemExit(f"{path} needs one {ADVISOR_START!r} and one {ADVISOR_END!r} line around the fitted constants")
     before, rest = text.split(ADVISOR_START, 1)
     _, after = rest.split(ADVISOR_END, 1)
     path.write_text(before + advisor_block(fitted) + after.removeprefix("\n"))
+
+
+def sweep_name(path: str) -> str:
+    """A sweep file's name without its date, card and suffix: sweep, sweep-r3-decode, ..."""
+    return Path(path).name.removesuffix(".gz").removesuffix(".json").split("mps-gain-")[-1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -507,8 +529,11 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"write the fitted constants into {ADVISOR.relative_to(ROOT)}")
     parser.add_argument("--check", action="store_true", help="exit 1 unless the advisor ships exactly this fit")
     args = parser.parse_args(argv)
+    if args.write_advisor and (args.write_doc or args.check):
+        parser.error("--write-advisor alone: the doc's proof and --check score what the advisor ships, so they come "
+                     "after it, in a new process")
     sweeps = tuple(load_results(path) for path in args.sweeps)
-    configs = configurations(load_results(args.results), sweeps)
+    configs = configurations(load_results(args.results), sweeps, tuple(sweep_name(path) for path in args.sweeps))
     fitted = shipped(configs, sweeps)
     model, ts_model = fitted["MODEL"], fitted["TIME_SLICED_MODEL"]
     text = (table(proof(configs, model, ts_model), model, ts_model, fitted["SPLITS"])

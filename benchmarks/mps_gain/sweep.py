@@ -100,6 +100,7 @@ class SweepLaunch:
     launch: Launch
     repeats: tuple[int, ...]  # the repeat of each case
     split: tuple[int, int] | None = None  # CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of engine 0 and 1; None: unset
+    needs: str | None = None  # the group whose default MPS rows a split is compared with: skipped with it
 
     @property
     def split_text(self) -> str:
@@ -136,8 +137,17 @@ def plan(configs: list[Config], cpu_work_ms: list[float], modes: list[str], repe
                 cases, which = repeated([Case(config.context, config.workload, ms) for ms in config.levels(share_cpu_work_ms)],
                                         repeats)
                 group = f"shares-{config.name.replace(':', '-')}-{split[0]}-{split[1]}"
-                launches.append(SweepLaunch(group, Launch(group, config.size, "mps", cases), which, split))
+                launches.append(SweepLaunch(group, Launch(group, config.size, "mps", cases), which, split, config.name))
     return launches
+
+
+def shares_unmeasured(configs: list[Config], cpu_work_ms: list[float], share_configs: list[Config],
+                      share_cpu_work_ms: list[float]) -> list[str]:
+    """Share configurations whose default (100/100) MPS rows this sweep would not measure at their levels:
+    a split has nothing in the same run to be compared with."""
+    levels = {config: set(config.levels(cpu_work_ms)) for config in configs}
+    return [config.name for config in share_configs
+            if not set(config.levels(share_cpu_work_ms)) <= levels.get(config, set())]
 
 
 def rows(sweep: SweepLaunch, lines: list[list[dict]], signals: dict[int, dict | None]) -> list[dict]:
@@ -158,6 +168,16 @@ def rows(sweep: SweepLaunch, lines: list[list[dict]], signals: dict[int, dict | 
             **latency[0], "per_engine_latency": latency, "signals": signals.get(index),
         })
     return out
+
+
+def skip_reason(needs: str | None, skipped: list[str], elapsed: float, need: float, budget: float) -> str | None:
+    """Why a group is not run: its time would end past the budget (0: none), or it is a split whose
+    configuration's default MPS rows were skipped; None: run it."""
+    if needs in skipped:
+        return f"{needs}, whose default MPS rows it is compared with, was skipped"
+    if budget and elapsed + need > budget:
+        return f"about {need:.0f} s from {elapsed:.0f} s would end past the {budget:g} s budget"
+    return None
 
 
 def calibrated(estimated: float, done_estimated: float, done_measured: float) -> float:
@@ -343,6 +363,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown: {', '.join(sorted(unknown))}")
     if any(a > 100 or b > 100 or a < 1 or b < 1 for a, b in args.splits):
         parser.error("thread shares are percentages from 1 to 100")
+    unmeasured = shares_unmeasured(args.configs, args.cpu_work_ms, args.share_configs, args.share_cpu_work_ms)
+    if args.splits and "mps" in args.modes and unmeasured:
+        parser.error(f"thread shares of {', '.join(unmeasured)} need that configuration in --configs at the same "
+                     "CPU levels: its default MPS rows are what a split is compared with")
     return args
 
 
@@ -372,8 +396,9 @@ def main(argv: list[str] | None = None) -> None:
             need = calibrated(estimate_seconds([s.launch for s in members], args.seconds, args.warmup),
                               done_estimated, done_measured)
             elapsed = time.monotonic() - run._started
-            if args.budget_s and elapsed + need > args.budget_s:
-                log(f"skipped {group}: about {need:.0f} s from {elapsed:.0f} s would end past the {args.budget_s:g} s budget")
+            why = skip_reason(members[0].needs, results["skipped"], elapsed, need, args.budget_s)
+            if why:
+                log(f"skipped {group}: {why}")
                 results["skipped"].append(group)
                 write_results(args.out, results)
                 continue
