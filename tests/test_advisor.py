@@ -151,7 +151,8 @@ def test_the_shipped_models_prices_and_splits_are_the_fit_of_the_committed_resul
     rewritten.write_text(ADVISOR.read_text())
     write_advisor(rewritten, fitted)
     assert rewritten.read_text() == ADVISOR.read_text()
-    assert max(len(line) for line in rewritten.read_text().splitlines()) <= 130
+    block = rewritten.read_text().split("# mps-gain-fit:start")[1].split("# mps-gain-fit:end")[0]
+    assert max(len(line) for line in block.splitlines()) <= 130  # ruff's line length
     rewritten.write_text(ADVISOR.read_text().replace("# mps-gain-fit:end", ""))
     with pytest.raises(SystemExit, match="mps-gain-fit:end"):
         write_advisor(rewritten, fitted)
