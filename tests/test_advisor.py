@@ -8,8 +8,10 @@ import math
 import re
 import subprocess
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import yaml
 from mpswatch import advisor
 from mpswatch.advisor import (
     LIKELY_SLOWER,
@@ -244,12 +246,62 @@ def test_two_mps_clients_are_told_to_time_slice_only_where_that_is_best():
     assert not any("without MPS" in r for r in busy_pair.recommendations)
 
 
+def test_time_slicing_is_recommended_over_running_mps_only_when_ahead_by_more_than_a_measured_tie():
+    half_idle = replace(GPU, utilization_ratio=0.75)  # one alone busy half the time: idle term 1.0
+    pair = [engine("a", params=0.5e9), engine("b", params=0.5e9)]
+    near = advise(half_idle, pair, model=replace(TOY, idle_overlap=0.98), ts_model=TOY_TS)  # +98 % against TS's +100 %
+    assert near.best_mode == TIME_SLICED  # the point estimate says so, and the text compares both,
+    assert not any("without MPS" in r for r in near.recommendations)  # but 2 points is no reason to switch
+    far = advise(half_idle, pair, model=replace(TOY, idle_overlap=0.9), ts_model=TOY_TS)
+    assert any(r.startswith("run the engines on this GPU without MPS") for r in far.recommendations)
+    rules = yaml.safe_load((Path(__file__).parents[1] / "alerts" / "rules-source.yml").read_text())
+    alert = next(r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "MPSTimeSlicingBetter")
+    assert alert["expr"].endswith(f"mps_gpu_mps_gain_estimate_ratio) > {advisor.SWITCH_MARGIN}")  # the alert asks the same
+
+
+def test_no_mode_is_best_when_the_gpu_s_busy_time_is_unknown_or_the_engines_are_idle():
+    pair = [engine("a", params=0.5e9), engine("b", params=0.5e9)]
+    unknown = advise(replace(GPU, utilization_ratio=None), pair, model=TOY, ts_model=TOY_TS)
+    assert unknown.best_mode is None and unknown.verdict is not None and len(unknown.options) >= 3
+    assert "(GPU-bound estimates)" in unknown.reasons[0]
+    assert "best for throughput: unknown (the GPU's busy time decides" in unknown.reasons[1]
+    assert not any("without MPS" in r or "add a second engine" in r for r in unknown.recommendations)
+    # idle overnight: the GPU idles because nobody asks, not because the engines leave room
+    idle = [replace(e, tokens_per_second=0.0, requests_running=0.0) for e in pair]
+    overnight = advise(replace(GPU, utilization_ratio=0.0), idle, model=TOY, ts_model=TOY_TS)
+    assert overnight.best_mode is None and "the engines serve nothing now (0 tokens/s)" in overnight.reasons[0]
+    assert not any("without MPS" in r for r in overnight.recommendations)
+    one_serving = advise(replace(GPU, utilization_ratio=0.75), [idle[0], replace(idle[1], tokens_per_second=900.0)],
+                         model=TOY, ts_model=TOY_TS)
+    assert one_serving.best_mode == TIME_SLICED
+    unknown_rate = advise(replace(GPU, utilization_ratio=0.75), pair, model=TOY, ts_model=TOY_TS)  # tokens/s not known
+    assert unknown_rate.best_mode == TIME_SLICED
+
+
+def test_overflowing_token_counters_and_a_nan_memory_setting_are_unknown_not_a_crash():
+    huge = engine(prompt_total=1e308, generation_total=1e308)
+    advice = advise(GPU, [huge], model=TOY, ts_model=TOY_TS)
+    assert advice.verdict is None and "unknown: prefill share (no token counters)" in advice.reasons
+    lone = advise(replace(GPU, utilization_ratio=0.3), [engine(params=0.5e9, gpu_memory_utilization=float("nan"))],
+                  model=TOY, ts_model=TOY_TS)
+    assert lone.recommendations and not any("nan" in r for r in lone.recommendations)
+
+
+def test_a_latency_price_says_which_measured_regime_it_comes_from():
+    options = {o.mode: o for o in compare(1.5, 180, 0.75, 0.9, TOY, TOY_TS, PRICES, SPLITS)}
+    assert options[MPS].measured_in == PRICES[3]
+    assert "against one engine alone (measured for 1.5B at 1024-token prompts, prefill-heavy, one engine alone " \
+           "busy 90%)" in advisor.describe(options[MPS])
+
+
 def test_none_is_best_when_every_way_of_sharing_loses():
     huge = [engine("a", params=400e9, prompt=1e6), engine("b", params=400e9, prompt=1e6)]
     advice = advise(GPU, huge, model=TOY, ts_model=replace(TOY_TS, intercept=-0.05))
     assert advice.best_mode == NONE and advice.options[0].gain == 0
     assert any(r.startswith("drop to one engine") for r in advice.recommendations)
     assert "every way of sharing is estimated to lose throughput" in advice.reasons[1]
+    assert "outside what was measured (0.49-7.7B parameters, 128-8192-token prompts): the estimates extrapolate" \
+        in advice.reasons
 
 
 PRICES = (LatencyPrice(0.5, 512, False, 0.9, 0.0, 1.9, 1.8, 1.8, 1.85),
@@ -327,7 +379,9 @@ def test_mpswatch_advise_reports_the_engine_s_gpu_and_exports_the_same_estimate(
         assert {NONE, TIME_SLICED, MPS} <= set(modes) and modes[MPS]["gain_estimate"] == gpu["gain_estimate"]
         assert modes[MPS]["held_out_error_pp"] == advisor.HELD_OUT_ERROR_PP[MPS]
         assert set(modes[TIME_SLICED]) == {"mode", "gain_estimate", "held_out_error_pp", "itl_p50_ratio", "itl_p99_ratio",
-                                           "ttft_p50_ratio", "ttft_p99_ratio", "split"}
+                                           "ttft_p50_ratio", "ttft_p99_ratio", "split", "latency_measured_in"}
+        assert set(modes[TIME_SLICED]["latency_measured_in"]) == {"params_billion", "context", "workload", "busy_alone",
+                                                                 "cpu_work_ms"}
         assert "1.5B parameters, 180-token prompts" in gpu["reasons"][0]
         assert run.returncode == (1 if gpu["verdict"] == LIKELY_SLOWER else 0)
         text = subprocess.run(advise, env=on_the_gpu, capture_output=True, text=True, timeout=60).stdout

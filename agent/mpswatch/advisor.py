@@ -122,6 +122,7 @@ class ModeEstimate:
     error_pp: float | None = None  # the largest held-out error of this mode's estimate, points
     ttft_p50_ratio: float | None = None  # time to first token over one engine alone's, measured in the
     ttft_p99_ratio: float | None = None  # nearest prefill-heavy regime; None: not measured
+    measured_in: LatencyPrice | None = None  # the regime the latency ratios were measured in
 
 
 def busy_alone(utilization: float | None, engines: int) -> float | None:
@@ -195,6 +196,11 @@ class Advice:
 
 
 PREFILL_HEAVY_FROM = 0.5  # a prefill share from which an engine's regime is the prefill-heavy workload's
+# time-slicing is recommended over MPS that engines run under only when estimated ahead by more than the
+# width within which docs/mps-gain.md scores measured gains as a tie (MPSTimeSlicingBetter: the same)
+SWITCH_MARGIN = 0.03
+MEASURED_PARAMS = (0.49, 7.7)  # billions: Qwen2.5 0.5B to 7B, as measured (docs/mps-gain.md)
+MEASURED_PROMPTS = (128, 8192)  # tokens a prompt
 
 
 def nearest_price(params_billion: float, prompt_tokens: float, prefill_share: float, busy: float | None,
@@ -248,15 +254,16 @@ def compare(params_billion: float, prompt_tokens: float, prefill_share: float, b
     alone_ttft = 1.0 if price is not None and price.prefill else None
     options = [ModeEstimate(NONE, 0.0, 1.0, 1.0, ttft_p50_ratio=alone_ttft, ttft_p99_ratio=alone_ttft),
                ModeEstimate(TIME_SLICED, ts_model.estimate(params_billion, prompt_tokens, prefill_share, busy),
-                            *ts_itl, error_pp=errors.get(TIME_SLICED), ttft_p50_ratio=ts_ttft[0], ttft_p99_ratio=ts_ttft[1]),
+                            *ts_itl, error_pp=errors.get(TIME_SLICED), ttft_p50_ratio=ts_ttft[0], ttft_p99_ratio=ts_ttft[1],
+                            measured_in=price),
                ModeEstimate(MPS, mps, *mps_itl, error_pp=errors.get(MPS), ttft_p50_ratio=mps_ttft[0],
-                            ttft_p99_ratio=mps_ttft[1])]
+                            ttft_p99_ratio=mps_ttft[1], measured_in=price)]
     split = measured_split(params_billion, prompt_tokens, busy, splits)
     if split is not None:
         options.append(ModeEstimate(
             MPS_THREAD_SPLIT, min(mps + split.gain_over_default, model.ceiling),
             _times(mps_itl[0], split.itl_p50_ratio), _times(mps_itl[1], split.itl_p99_ratio),
-            split.split, errors.get(MPS)))
+            split.split, errors.get(MPS), measured_in=price))
     return tuple(sorted(options, key=lambda o: -o.gain))  # stable: none, time-sliced, MPS on a tie
 
 
@@ -292,7 +299,12 @@ def workload(engines: list[EngineState]) -> tuple[float | None, float | None, fl
                e.prompt_tokens_total + e.generation_tokens_total)
               for e in engines if _usable(e.prompt_tokens_total) and _usable(e.generation_tokens_total)
               and e.prompt_tokens_total + e.generation_tokens_total > 0]
-    return params, _weighted(prompts), _weighted(shares)
+    return params, _finite(_weighted(prompts)), _finite(_weighted(shares))
+
+
+def _finite(value: float | None) -> float | None:
+    """None for what overflowing counters make of a weighted mean (inf, nan)."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _usable(value: float | None) -> TypeGuard[float]:
@@ -320,44 +332,53 @@ def advise(gpu: GpuState, engines: list[EngineState], imbalance: float | None = 
                                         ("prefill share (no token counters)", share)) if value is None]
     if params is None or prompt is None or share is None:
         return Advice(uuid, len(up), None, None, tuple(f"unknown: {m}" for m in missing), ())
-    busy = busy_alone(gpu.utilization_ratio, len(up))
+    serving = not all(e.tokens_per_second == 0 and not e.requests_running for e in up)
+    busy = busy_alone(gpu.utilization_ratio, len(up)) if serving else None
     options = compare(params, prompt, share, busy, model, ts_model)
-    best = options[0]
+    # the busy share decides between MPS and time-slicing: without it the estimates are a GPU-bound
+    # engine's (the idle-time term can only raise them), and no mode is best
+    best = options[0] if busy is not None else None
     by_mode = {o.mode: o for o in options}
     gain = by_mode[MPS].gain
     verdict = verdict_of(gain)
-    idle = "GPU busy time unknown" if busy is None else f"one engine alone keeps the GPU busy {busy:.0%} of the time"
+    idle = ("the engines serve nothing now (0 tokens/s), so the GPU's busy time says nothing of their workload"
+            if not serving else "GPU busy time unknown" if busy is None
+            else f"one engine alone keeps the GPU busy {busy:.0%} of the time")
     reasons = [f"{params:g}B parameters, {prompt:.0f}-token prompts, {share:.0%} of tokens in prefill, {idle}"
                f": two engines under MPS estimated at {gain:+.0%} over one alone, "
-               f"time-sliced at {by_mode[TIME_SLICED].gain:+.0%}"]
-    reasons.append(f"best for throughput: {describe(best)}")
+               f"time-sliced at {by_mode[TIME_SLICED].gain:+.0%}" + (" (GPU-bound estimates)" if best is None else "")]
+    reasons.append("best for throughput: " + (describe(best) if best is not None else
+                                              "unknown (the GPU's busy time decides between MPS and time-slicing)"))
+    if not (MEASURED_PARAMS[0] <= params <= MEASURED_PARAMS[1] and MEASURED_PROMPTS[0] <= prompt <= MEASURED_PROMPTS[1]):
+        reasons.append(f"outside what was measured ({MEASURED_PARAMS[0]:g}-{MEASURED_PARAMS[1]:g}B parameters, "
+                       f"{MEASURED_PROMPTS[0]:g}-{MEASURED_PROMPTS[1]:g}-token prompts): the estimates extrapolate")
     if gpu.sm_active_ratio is not None:
         reasons.append(f"SM active {gpu.sm_active_ratio:.0%}, DRAM bandwidth {_pct(gpu.dram_bandwidth_ratio)} now")
     attached = [e for e in up if e.mps_attached]
     alone = [e for e in up if e.mps_attached is False]
-    mps_best = best.mode in (MPS, MPS_THREAD_SPLIT)
+    mps_best = verdict == PAYS_OFF if best is None else best.mode in (MPS, MPS_THREAD_SPLIT)
     recommendations = []
     if any(e.cpu_bound for e in up):
         recommendations.append("an engine is CPU-bound: enable vLLM's async scheduling (--async-scheduling), "
                                "which overlaps its CPU work with its own GPU work")
-    if len(up) == 1 and best.gain >= PAYS_OFF_FROM:
+    if len(up) == 1 and best is not None and best.gain >= PAYS_OFF_FROM:
         memory = up[0].gpu_memory_utilization
-        room = "" if memory is None or memory <= 0.5 else (
+        room = "" if memory is None or not math.isfinite(memory) or memory <= 0.5 else (
             f" (its gpu_memory_utilization is {memory:g}: give each engine at most 0.45)")
         how = {MPS: "under MPS", TIME_SLICED: f"without MPS (time-sliced: {best.gain:+.0%} against {gain:+.0%} under MPS)",
                MPS_THREAD_SPLIT: f"under MPS with CUDA_MPS_ACTIVE_THREAD_PERCENTAGE {best.split} "
                                  f"({best.gain:+.0%} against {gain:+.0%} with the default)"}[best.mode]
         recommendations.append(f"add a second engine on this GPU {how}" + room)
-    if len(up) >= 2 and (verdict == LIKELY_SLOWER or best.mode == NONE):
+    if len(up) >= 2 and (verdict == LIKELY_SLOWER or (best is not None and best.mode == NONE)):
         recommendations.append("drop to one engine on this GPU: sharing it costs throughput for this workload")
-    if len(up) >= 2 and attached and best.mode == TIME_SLICED:
+    if len(up) >= 2 and attached and best is not None and best.mode == TIME_SLICED and best.gain - gain > SWITCH_MARGIN:
         recommendations.append(f"run the engines on this GPU without MPS (time-sliced, CUDA_MPS_PIPE_DIRECTORY unset "
                                f"and no daemon on the default pipe dir): {best.gain:+.0%} estimated against "
                                f"{gain:+.0%} under MPS")
     if len(up) >= 2 and alone and mps_best:
         recommendations.append(f"{len(alone)} engine(s) run without MPS: start them with the control daemon's "
                                "CUDA_MPS_PIPE_DIRECTORY so they overlap instead of time-slicing")
-    if len(up) >= 2 and best.mode == MPS_THREAD_SPLIT:
+    if len(up) >= 2 and best is not None and best.mode == MPS_THREAD_SPLIT:
         recommendations.append(f"set CUDA_MPS_ACTIVE_THREAD_PERCENTAGE {best.split} per engine: measured "
                                f"{best.gain - gain:+.0%} of throughput over the default in the nearest regime")
     elif len(attached) >= 2 and imbalance is not None and imbalance > 1.3:
@@ -366,7 +387,8 @@ def advise(gpu: GpuState, engines: list[EngineState], imbalance: float | None = 
                                "so the busiest engine cannot take the SMs from the others"
                                + (": for fairness; in the nearest measured regime no split beat the default's "
                                   "throughput" if measured else ""))
-    return Advice(uuid, len(up), verdict, gain, tuple(reasons), tuple(recommendations), best.mode, options)
+    return Advice(uuid, len(up), verdict, gain, tuple(reasons), tuple(recommendations),
+                  None if best is None else best.mode, options)
 
 
 def describe(option: ModeEstimate) -> str:
@@ -382,8 +404,16 @@ def describe(option: ModeEstimate) -> str:
         ttft = ("" if option.ttft_p50_ratio is None or option.ttft_p99_ratio is None else
                 f", time to first token x{option.ttft_p50_ratio:.2f} p50, x{option.ttft_p99_ratio:.2f} p99")
         price = (f"inter-token latency x{option.itl_p50_ratio:.2f} p50, x{option.itl_p99_ratio:.2f} p99{ttft} "
-                 "against one engine alone (measured in the nearest regime)")
+                 f"against one engine alone ({measured_in(option.measured_in)})")
     return f"{name}, {option.gain:+.0%}{error}; {price}"
+
+
+def measured_in(price: LatencyPrice | None) -> str:
+    """Where a latency price was measured, for the reader to judge how near the engine it lies."""
+    if price is None:
+        return "measured in the nearest regime"
+    return (f"measured for {price.params_billion:g}B at {price.context}-token prompts, "
+            f"{'prefill' if price.prefill else 'decode'}-heavy, one engine alone busy {price.busy_alone:.0%}")
 
 
 def _pct(value: float | None) -> str:

@@ -238,7 +238,10 @@ def _option(option: ModeEstimate) -> dict[str, Any]:
     return {"mode": option.mode, "gain_estimate": rounded(option.gain), "held_out_error_pp": option.error_pp,
             "itl_p50_ratio": rounded(option.itl_p50_ratio), "itl_p99_ratio": rounded(option.itl_p99_ratio),
             "ttft_p50_ratio": rounded(option.ttft_p50_ratio), "ttft_p99_ratio": rounded(option.ttft_p99_ratio),
-            "split": option.split}
+            "split": option.split, "latency_measured_in": None if option.measured_in is None else {
+                "params_billion": option.measured_in.params_billion, "context": option.measured_in.context,
+                "workload": "prefill" if option.measured_in.prefill else "decode",
+                "busy_alone": option.measured_in.busy_alone, "cpu_work_ms": option.measured_in.cpu_work_ms}}
 
 
 def render_advice(report: dict[str, Any]) -> str:
