@@ -345,6 +345,10 @@ def test_a_thread_split_is_offered_only_where_one_was_measured_to_beat_the_defau
     assert MPS_THREAD_SPLIT not in {o.mode for o in compare(0.5, 512, 0.0, 0.55, TOY, TOY_TS, PRICES, SPLITS)}
     assert MPS_THREAD_SPLIT not in {o.mode for o in compare(0.5, 512, 0.0, 0.78, TOY, TOY_TS, PRICES, SPLITS)}  # unmeasured
     assert MPS_THREAD_SPLIT not in {o.mode for o in compare(1.5, 512, 0.0, 0.95, TOY, TOY_TS, PRICES, SPLITS)}
+    # the regime's prompt length and workload kind too: measured for decode at 512 tokens
+    assert MPS_THREAD_SPLIT in {o.mode for o in compare(0.5, 1024, 0.2, 0.95, TOY, TOY_TS, PRICES, SPLITS)}
+    assert MPS_THREAD_SPLIT not in {o.mode for o in compare(0.5, 2048, 0.0, 0.95, TOY, TOY_TS, PRICES, SPLITS)}
+    assert MPS_THREAD_SPLIT not in {o.mode for o in compare(0.5, 512, 0.9, 0.95, TOY, TOY_TS, PRICES, SPLITS)}
 
 
 def test_the_shipped_advice_for_issue_21_s_counter_example_is_time_slicing_and_a_split_when_gpu_bound():

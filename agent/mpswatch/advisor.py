@@ -110,6 +110,7 @@ class SplitResult:
     gain_over_default: float
     itl_p50_ratio: float | None
     itl_p99_ratio: float | None
+    prefill: bool = False  # measured with the prefill-heavy workload; else decode-heavy
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ SPLITS: tuple[SplitResult, ...] = (
 # the largest absolute error of each mode's estimate over the held-out rows, in points
 HELD_OUT_ERROR_PP: dict[str, float] = {"mps": 32.1, "time_sliced": 35.4}
 # mps-gain-fit:end
-SPLIT_SIZE_RANGE = 2.0  # a split measured for one model size is applied within this factor of it,
+SPLIT_SIZE_RANGE = 2.0  # a split measured for one model size and prompt length is applied within this factor of each,
 SPLIT_BUSY_RANGE = 0.1  # and this far from the busy share it was measured at: only in that regime
 
 
@@ -222,22 +223,26 @@ def _distance(regime: LatencyPrice | SplitResult, params_billion: float, prompt_
                  + abs(math.log2(regime.context / max(prompt_tokens, 1.0))), 6)
 
 
-def measured_split(params_billion: float, prompt_tokens: float, busy: float | None,
+def measured_split(params_billion: float, prompt_tokens: float, prefill_share: float, busy: float | None,
                    splits: tuple[SplitResult, ...] = SPLITS) -> SplitResult | None:
-    """The split measured in the nearest regime (busy share within SPLIT_BUSY_RANGE) for a model within
-    SPLIT_SIZE_RANGE of the measured one (nearest in model size and prompt length, then busy share), if
-    it beat the default there; None otherwise: no split is advised where none was measured."""
-    near = [s for s in splits if _in_regime(s, params_billion, busy)]
+    """The split measured in the nearest regime (the engine's workload kind, busy share within
+    SPLIT_BUSY_RANGE, model size and prompt length each within SPLIT_SIZE_RANGE of the measured ones;
+    nearest in size and prompt length, then busy share), if it beat the default there; None otherwise:
+    no split is advised where none was measured."""
+    near = [s for s in splits if _in_regime(s, params_billion, prompt_tokens, prefill_share, busy)]
     if not near:
         return None
     found = min(near, key=lambda s: (_distance(s, params_billion, prompt_tokens), abs(s.busy_alone - busy)))  # type: ignore[operator]
     return found if found.split is not None else None
 
 
-def _in_regime(split: SplitResult, params_billion: float, busy: float | None) -> bool:
+def _in_regime(split: SplitResult, params_billion: float, prompt_tokens: float, prefill_share: float,
+               busy: float | None) -> bool:
     """Whether a split was measured near enough to this workload to speak for it."""
     return (busy is not None and abs(split.busy_alone - busy) <= SPLIT_BUSY_RANGE
-            and abs(math.log2(split.params_billion / params_billion)) <= math.log2(SPLIT_SIZE_RANGE))
+            and split.prefill == (prefill_share >= PREFILL_HEAVY_FROM)
+            and abs(math.log2(split.params_billion / params_billion)) <= math.log2(SPLIT_SIZE_RANGE)
+            and abs(math.log2(split.context / max(prompt_tokens, 1.0))) <= math.log2(SPLIT_SIZE_RANGE))
 
 
 def compare(params_billion: float, prompt_tokens: float, prefill_share: float, busy: float | None,
@@ -258,7 +263,7 @@ def compare(params_billion: float, prompt_tokens: float, prefill_share: float, b
                             measured_in=price),
                ModeEstimate(MPS, mps, *mps_itl, error_pp=errors.get(MPS), ttft_p50_ratio=mps_ttft[0],
                             ttft_p99_ratio=mps_ttft[1], measured_in=price)]
-    split = measured_split(params_billion, prompt_tokens, busy, splits)
+    split = measured_split(params_billion, prompt_tokens, prefill_share, busy, splits)
     if split is not None:
         options.append(ModeEstimate(
             MPS_THREAD_SPLIT, min(mps + split.gain_over_default, model.ceiling),
@@ -382,7 +387,7 @@ def advise(gpu: GpuState, engines: list[EngineState], imbalance: float | None = 
         recommendations.append(f"set CUDA_MPS_ACTIVE_THREAD_PERCENTAGE {best.split} per engine: measured "
                                f"{best.gain - gain:+.0%} of throughput over the default in the nearest regime")
     elif len(attached) >= 2 and imbalance is not None and imbalance > 1.3:
-        measured = any(s.split is None and _in_regime(s, params, busy) for s in SPLITS)
+        measured = any(s.split is None and _in_regime(s, params, prompt, share, busy) for s in SPLITS)
         recommendations.append("set CUDA_MPS_ACTIVE_THREAD_PERCENTAGE per engine (e.g. 100/number of engines) "
                                "so the busiest engine cannot take the SMs from the others"
                                + (": for fairness; in the nearest measured regime no split beat the default's "

@@ -284,6 +284,7 @@ def measured_splits(sweeps: tuple[dict, ...]) -> tuple[SplitResult, ...]:
         shares = [b for row in alone.values() if (b := _sweep_busy(row)) is not None]
         params = next(iter(alone.values()))["params_billion"]
         regime = (params, config[1], round(statistics.fmean(shares), 3), config[3])
+        prefill = config[2] == "prefill"
         tried = {k[5]: rows for k, rows in by.items() if k[:5] == (*config, "mps") and k[5] != DEFAULT_SPLIT}
         best = max(tried, key=lambda split: statistics.fmean(r["tokens_per_second"] for r in tried[split].values()))
         rows = tried[best]
@@ -292,9 +293,9 @@ def measured_splits(sweeps: tuple[dict, ...]) -> tuple[SplitResult, ...]:
                     - statistics.fmean(r["tokens_per_second"] for r in default.values())) / alone_tps
             out.append(SplitResult(*regime, best, round(gain, 4),
                                    round(_worst(rows, "itl_p50_s") / _worst(default, "itl_p50_s"), 3),
-                                   round(_worst(rows, "itl_p99_s") / _worst(default, "itl_p99_s"), 3)))
+                                   round(_worst(rows, "itl_p99_s") / _worst(default, "itl_p99_s"), 3), prefill))
         else:
-            out.append(SplitResult(*regime, None, 0.0, None, None))
+            out.append(SplitResult(*regime, None, 0.0, None, None, prefill))
     return tuple(out)
 
 
