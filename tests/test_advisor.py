@@ -254,28 +254,76 @@ def test_time_slicing_is_recommended_over_running_mps_only_when_ahead_by_more_th
     assert not any("without MPS" in r for r in near.recommendations)  # but 2 points is no reason to switch
     far = advise(half_idle, pair, model=replace(TOY, idle_overlap=0.9), ts_model=TOY_TS)
     assert any(r.startswith("run the engines on this GPU without MPS") for r in far.recommendations)
+    alone = advise(replace(GPU, utilization_ratio=0.5), [pair[0]], model=replace(TOY, idle_overlap=0.98), ts_model=TOY_TS)
+    assert "add a second engine on this GPU without MPS (time-sliced: +100% against +98% under MPS, a tie: either will do)" \
+        in alone.recommendations
     rules = yaml.safe_load((Path(__file__).parents[1] / "alerts" / "rules-source.yml").read_text())
     alert = next(r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "MPSTimeSlicingBetter")
     assert alert["expr"].endswith(f"mps_gpu_mps_gain_estimate_ratio) > {advisor.SWITCH_MARGIN}")  # the alert asks the same
 
 
-def test_no_mode_is_best_when_the_gpu_s_busy_time_is_unknown_or_the_engines_are_idle():
+def test_no_mode_is_best_when_the_gpu_s_busy_time_is_unknown_or_the_engines_have_long_been_idle():
     pair = [engine("a", params=0.5e9), engine("b", params=0.5e9)]
     unknown = advise(replace(GPU, utilization_ratio=None), pair, model=TOY, ts_model=TOY_TS)
     assert unknown.best_mode is None and unknown.verdict is not None and len(unknown.options) >= 3
     assert "(GPU-bound estimates)" in unknown.reasons[0]
     assert "best for throughput: unknown (the GPU's busy time decides" in unknown.reasons[1]
-    assert not any("without MPS" in r or "add a second engine" in r for r in unknown.recommendations)
+    assert not any("without MPS" in r or "add a second engine" in r or "start them" in r
+                   for r in unknown.recommendations)
     # idle overnight: the GPU idles because nobody asks, not because the engines leave room
     idle = [replace(e, tokens_per_second=0.0, requests_running=0.0) for e in pair]
-    overnight = advise(replace(GPU, utilization_ratio=0.0), idle, model=TOY, ts_model=TOY_TS)
-    assert overnight.best_mode is None and "the engines serve nothing now (0 tokens/s)" in overnight.reasons[0]
+    overnight = advise(replace(GPU, utilization_ratio=0.0), idle, model=TOY, ts_model=TOY_TS, quiet=True)
+    assert overnight.best_mode is None and "no engine has served a token for 10 minutes" in overnight.reasons[0]
     assert not any("without MPS" in r for r in overnight.recommendations)
-    one_serving = advise(replace(GPU, utilization_ratio=0.75), [idle[0], replace(idle[1], tokens_per_second=900.0)],
-                         model=TOY, ts_model=TOY_TS)
-    assert one_serving.best_mode == TIME_SLICED
-    unknown_rate = advise(replace(GPU, utilization_ratio=0.75), pair, model=TOY, ts_model=TOY_TS)  # tokens/s not known
-    assert unknown_rate.best_mode == TIME_SLICED
+    paused = advise(replace(GPU, utilization_ratio=0.75), idle, model=TOY, ts_model=TOY_TS)  # one quiet interval
+    assert paused.best_mode == TIME_SLICED and any("may show the demand" in r for r in paused.reasons)
+
+
+def test_only_the_engines_that_serve_count_in_the_busy_time():
+    # utilisation 0.75 with two engines is one alone busy half the time; with one of them idle it is
+    # that one's own: busy 0.75, so less room for a second engine
+    pair = [engine("a", params=0.5e9), engine("b", params=0.5e9)]
+    both = advise(replace(GPU, utilization_ratio=0.75), pair, model=TOY, ts_model=TOY_TS)  # unknown who serves
+    one = advise(replace(GPU, utilization_ratio=0.75), [replace(pair[0], tokens_per_second=900.0),
+                                                       replace(pair[1], tokens_per_second=0.0)], model=TOY, ts_model=TOY_TS)
+    time_sliced = [{o.mode: o.gain for o in advice.options}[TIME_SLICED] for advice in (both, one)]
+    assert time_sliced == [pytest.approx(1.0), pytest.approx(0.25 / 0.75)]
+
+
+def test_a_gpu_is_quiet_after_its_engines_served_nothing_for_ten_minutes_and_not_before():
+    quiet = advisor.QuietGpus()
+    idle = (replace(engine("a"), tokens_per_second=0.0, requests_running=0.0),)
+    assert quiet.update(idle, 0.0) == frozenset() and quiet.update(idle, 599.0) == frozenset()
+    assert quiet.update(idle, 600.0) == {"GPU-a"}
+    assert quiet.update((replace(idle[0], tokens_per_second=None),), 700.0) == {"GPU-a"}  # a restart: unknown, not serving
+    assert quiet.update((replace(idle[0], requests_running=1.0),), 800.0) == frozenset()  # a request: the clock starts again
+    assert quiet.update(idle, 900.0) == frozenset() and quiet.update(idle, 1500.0) == {"GPU-a"}
+    assert quiet.update((), 1600.0) == frozenset() and quiet.update(idle, 1700.0) == frozenset()  # gone: forgotten
+
+
+def test_the_agent_withdraws_the_best_mode_of_a_gpu_whose_engines_served_nothing_for_ten_minutes():
+    from mpswatch.derive import Deriver
+    from mpswatch.snapshot import EnginesData, GpuData, NodeSnapshot, frozen_map
+
+    now = [0.0]
+    derive = Deriver(clock=lambda: now[0])
+    pair = (engine("a", params=0.5e9), engine("b", params=0.5e9))
+
+    def best(tokens_per_second: float) -> str | None:
+        engines = tuple(replace(e, tokens_per_second=tokens_per_second, requests_running=0.0) for e in pair)
+        snapshot = NodeSnapshot(gpu=GpuData("580", (replace(GPU, utilization_ratio=0.2),)),
+                                engines=EnginesData(engines, frozen_map()))
+        [advice] = derive(snapshot).advice
+        return advice.best_mode
+
+    assert best(500.0) is not None
+    assert best(0.0) is not None  # idle for a moment: the best mode stays
+    now[0] = 599.0
+    assert best(0.0) is not None
+    now[0] = 600.0
+    assert best(0.0) is None
+    now[0] = 601.0
+    assert best(500.0) is not None
 
 
 def test_overflowing_token_counters_and_a_nan_memory_setting_are_unknown_not_a_crash():

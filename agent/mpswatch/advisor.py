@@ -172,7 +172,7 @@ LATENCY_PRICES: tuple[LatencyPrice, ...] = (
     LatencyPrice(0.494, 512, True, 0.52, 2.0, 1.019, 1.151, 1.102, 1.917, 1.954, 1.343, 1.677, 1.984),
 )
 # params, prompt length, busy share alone, CPU ms a step, the split that beat 100/100, by how much,
-# its ITL p50 and p99 ratios
+# its ITL p50 and p99 ratios, and whether prefill-heavy (left out: decode-heavy)
 SPLITS: tuple[SplitResult, ...] = (
     SplitResult(0.494, 512, 0.495, 1.5, None, 0.0, None, None),
     SplitResult(0.494, 512, 0.94, 0.0, "50/50", 0.1047, 0.897, 1.038),
@@ -200,6 +200,7 @@ PREFILL_HEAVY_FROM = 0.5  # a prefill share from which an engine's regime is the
 # time-slicing is recommended over MPS that engines run under only when estimated ahead by more than the
 # width within which docs/mps-gain.md scores measured gains as a tie (MPSTimeSlicingBetter: the same)
 SWITCH_MARGIN = 0.03
+QUIET_AFTER_SECONDS = 600.0  # engines that served nothing this long leave the GPU idle for want of requests
 MEASURED_PARAMS = (0.49, 7.7)  # billions: Qwen2.5 0.5B to 7B, as measured (docs/mps-gain.md)
 MEASURED_PROMPTS = (128, 8192)  # tokens a prompt
 
@@ -325,8 +326,17 @@ def _weighted(pairs: list[tuple[float, float]]) -> float | None:
     return sum(v * w for v, w in pairs) / total
 
 
+def serving(engine: EngineState) -> bool | None:
+    """Whether an engine serves now (tokens over its last interval, or a request running); None: unknown."""
+    if (engine.tokens_per_second or 0) > 0 or (engine.requests_running or 0) > 0:
+        return True
+    return None if engine.tokens_per_second is None else False
+
+
 def advise(gpu: GpuState, engines: list[EngineState], imbalance: float | None = None,
-           model: GainModel = MODEL, ts_model: GainModel = TIME_SLICED_MODEL) -> Advice:
+           model: GainModel = MODEL, ts_model: GainModel = TIME_SLICED_MODEL, quiet: bool = False) -> Advice:
+    """`quiet`: every engine on the GPU has served nothing for QUIET_AFTER_SECONDS (derive remembers
+    it): the GPU idles for want of requests, which says nothing of how much room the engines leave."""
     uuid = gpu.uuid or str(gpu.index)
     up = [e for e in engines if e.up]
     if not up:
@@ -337,8 +347,9 @@ def advise(gpu: GpuState, engines: list[EngineState], imbalance: float | None = 
                                         ("prefill share (no token counters)", share)) if value is None]
     if params is None or prompt is None or share is None:
         return Advice(uuid, len(up), None, None, tuple(f"unknown: {m}" for m in missing), ())
-    serving = not all(e.tokens_per_second == 0 and not e.requests_running for e in up)
-    busy = busy_alone(gpu.utilization_ratio, len(up)) if serving else None
+    # the busy time is the serving engines' (an idle one adds none), where it is known which serve
+    working = sum(serving(e) is True for e in up)
+    busy = None if quiet else busy_alone(gpu.utilization_ratio, working or len(up))
     options = compare(params, prompt, share, busy, model, ts_model)
     # the busy share decides between MPS and time-slicing: without it the estimates are a GPU-bound
     # engine's (the idle-time term can only raise them), and no mode is best
@@ -346,8 +357,8 @@ def advise(gpu: GpuState, engines: list[EngineState], imbalance: float | None = 
     by_mode = {o.mode: o for o in options}
     gain = by_mode[MPS].gain
     verdict = verdict_of(gain)
-    idle = ("the engines serve nothing now (0 tokens/s), so the GPU's busy time says nothing of their workload"
-            if not serving else "GPU busy time unknown" if busy is None
+    idle = (f"no engine has served a token for {QUIET_AFTER_SECONDS // 60:.0f} minutes or more, so the GPU's busy "
+            "time says nothing of their workload" if quiet else "GPU busy time unknown" if busy is None
             else f"one engine alone keeps the GPU busy {busy:.0%} of the time")
     reasons = [f"{params:g}B parameters, {prompt:.0f}-token prompts, {share:.0%} of tokens in prefill, {idle}"
                f": two engines under MPS estimated at {gain:+.0%} over one alone, "
@@ -361,7 +372,12 @@ def advise(gpu: GpuState, engines: list[EngineState], imbalance: float | None = 
         reasons.append(f"SM active {gpu.sm_active_ratio:.0%}, DRAM bandwidth {_pct(gpu.dram_bandwidth_ratio)} now")
     attached = [e for e in up if e.mps_attached]
     alone = [e for e in up if e.mps_attached is False]
-    mps_best = verdict == PAYS_OFF if best is None else best.mode in (MPS, MPS_THREAD_SPLIT)
+    if not quiet and up and all(serving(e) is False for e in up):
+        reasons.append("no engine served a token in its last interval: the GPU's busy time may show the demand, "
+                       "not the room the engines leave")
+    mps_best = best is not None and best.mode in (MPS, MPS_THREAD_SPLIT)
+    # time-slicing and MPS estimated within SWITCH_MARGIN of each other: either will do
+    close = best is not None and best.mode == TIME_SLICED and best.gain - gain <= SWITCH_MARGIN
     recommendations = []
     if any(e.cpu_bound for e in up):
         recommendations.append("an engine is CPU-bound: enable vLLM's async scheduling (--async-scheduling), "
@@ -370,13 +386,14 @@ def advise(gpu: GpuState, engines: list[EngineState], imbalance: float | None = 
         memory = up[0].gpu_memory_utilization
         room = "" if memory is None or not math.isfinite(memory) or memory <= 0.5 else (
             f" (its gpu_memory_utilization is {memory:g}: give each engine at most 0.45)")
-        how = {MPS: "under MPS", TIME_SLICED: f"without MPS (time-sliced: {best.gain:+.0%} against {gain:+.0%} under MPS)",
+        how = {MPS: "under MPS", TIME_SLICED: f"without MPS (time-sliced: {best.gain:+.0%} against {gain:+.0%} under MPS"
+                                              + (", a tie: either will do)" if close else ")"),
                MPS_THREAD_SPLIT: f"under MPS with CUDA_MPS_ACTIVE_THREAD_PERCENTAGE {best.split} "
                                  f"({best.gain:+.0%} against {gain:+.0%} with the default)"}[best.mode]
         recommendations.append(f"add a second engine on this GPU {how}" + room)
     if len(up) >= 2 and (verdict == LIKELY_SLOWER or (best is not None and best.mode == NONE)):
         recommendations.append("drop to one engine on this GPU: sharing it costs throughput for this workload")
-    if len(up) >= 2 and attached and best is not None and best.mode == TIME_SLICED and best.gain - gain > SWITCH_MARGIN:
+    if len(up) >= 2 and attached and best is not None and best.mode == TIME_SLICED and not close:
         recommendations.append(f"run the engines on this GPU without MPS (time-sliced, CUDA_MPS_PIPE_DIRECTORY unset "
                                f"and no daemon on the default pipe dir): {best.gain:+.0%} estimated against "
                                f"{gain:+.0%} under MPS")
@@ -426,11 +443,34 @@ def _pct(value: float | None) -> str:
 
 
 def advise_node(gpus: tuple[GpuState, ...], engines: tuple[EngineState, ...],
-                imbalance: dict[str, float]) -> list[Advice]:
-    """One advice per GPU that has engines."""
+                imbalance: dict[str, float], quiet: frozenset[str] = frozenset()) -> list[Advice]:
+    """One advice per GPU that has engines; `quiet`: the GPUs whose engines have long served nothing."""
     out = []
     for gpu in gpus:
         on_gpu = [e for e in engines if gpu.uuid and e.gpu_uuid == gpu.uuid]
         if on_gpu:
-            out.append(advise(gpu, on_gpu, imbalance.get(gpu.uuid or "")))
+            out.append(advise(gpu, on_gpu, imbalance.get(gpu.uuid or ""), quiet=gpu.uuid in quiet))
     return out
+
+
+class QuietGpus:
+    """The GPUs whose engines have all served nothing for QUIET_AFTER_SECONDS: judged over minutes, not
+    one engine scrape, so light traffic with a pause does not make the best mode come and go."""
+
+    def __init__(self) -> None:
+        self._quiet_since: dict[str, float] = {}
+
+    def update(self, engines: tuple[EngineState, ...], now: float) -> frozenset[str]:
+        by_gpu: dict[str, list[bool | None]] = {}
+        for e in engines:
+            if e.up and e.gpu_uuid:
+                by_gpu.setdefault(e.gpu_uuid, []).append(serving(e))
+        for uuid in set(self._quiet_since) - set(by_gpu):
+            del self._quiet_since[uuid]
+        for uuid, states in by_gpu.items():
+            if any(states):
+                self._quiet_since.pop(uuid, None)
+            elif all(state is False for state in states):
+                self._quiet_since.setdefault(uuid, now)
+            # some unknown (an engine's first interval), none serving: the quiet time goes on as it was
+        return frozenset(uuid for uuid, since in self._quiet_since.items() if now - since >= QUIET_AFTER_SECONDS)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from mpswatch.advisor import MODES, TIME_SLICED, VERDICTS, Advice, advise_node
+from mpswatch.advisor import MODES, TIME_SLICED, VERDICTS, Advice, QuietGpus, advise_node
 from mpswatch.collectors.mps_control import ParseError, parse_percentage, parse_pinned_limits_env
 from mpswatch.interference import InterferenceMemory
 from mpswatch.metrics import Families
@@ -56,13 +56,16 @@ class Deriver:
     label, so its series do not churn while it restarts), the names of pods and containers once
     resolved (a pod UID's name and a container ID's name never change), and the clients of each MPS
     server, kept a while after it faulted or died (FaultMemory); and each engine's recent and usual
-    figures for the noisy-neighbour rule (InterferenceMemory)."""
+    figures for the noisy-neighbour rule (InterferenceMemory); and since when each GPU's engines have
+    served nothing, for the advisor (QuietGpus)."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._engine_gpu: dict[str, str] = {}
         self._pod_names = PodNames()
         self._faults = FaultMemory(clock)
         self._interference = InterferenceMemory()
+        self._quiet = QuietGpus()
+        self._clock = clock
 
     def __call__(self, snapshot: NodeSnapshot) -> DerivedFacts:
         engines: tuple[EngineState, ...] = ()
@@ -82,7 +85,8 @@ class Deriver:
         engines = tuple(with_mps_limits(e, servers_of_clients, starts) for e in engines)
         advice: tuple[Advice, ...] = ()
         if snapshot.engines is not None and snapshot.gpu is not None:
-            advice = tuple(advise_node(snapshot.gpu.gpus, engines, imbalance))
+            quiet = self._quiet.update(engines, self._clock())
+            advice = tuple(advise_node(snapshot.gpu.gpus, engines, imbalance, quiet))
         pod_of_pid: dict[int, PodIdentity] = {}
         if snapshot.pods is not None:
             # MPS servers are on the GPU for their clients: their pod (the device plugin's) holds none

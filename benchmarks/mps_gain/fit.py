@@ -49,7 +49,7 @@ SWEEPS = tuple(ROOT / "docs" / "validation" / f"2026-12-05-h100-mps-gain-sweep{p
 DOC = ROOT / "docs" / "mps-gain.md"
 START, END = "<!-- mps-gain-proof:start -->", "<!-- mps-gain-proof:end -->"
 PREFILL_GENERATED = 16  # tokens generated per prompt in the prefill-heavy workload (cases.py)
-TIE = 0.03  # measured time-sliced and MPS gains this close: either mode counts as the right one
+TIE = advisor.SWITCH_MARGIN  # measured time-sliced and MPS gains this close: either mode counts as the right one
 SWEEP_HELD_OUT_MS = (0.5, 1.5, 3.0)  # round two: both configurations at these CPU levels
 # round three (docs/mps-gain.md states them, committed before its run): per configuration, the CPU
 # levels held out; None: every level
@@ -324,8 +324,12 @@ def proof(configs: list[dict], model: GainModel, ts_model: GainModel, prices: tu
         row["right"] = _right(chosen, row["best"], row["tie"])
         measured_of = {MPS: c["measured"], TIME_SLICED: c["measured_ts"], NONE: 0.0}
         row["error_chosen"] = None if chosen is None else mean[chosen] - measured_of[chosen]
-        # the view with two engines under MPS: what MPSTimeSlicingBetter sees
-        row["chosen_under_mps"] = _best_of(_mean_estimates(c, c["mps"], model, ts_model)[0])
+        # the view with two engines under MPS: what MPSTimeSlicingBetter sees, time-slicing only by more
+        # than its margin
+        under_mps = _mean_estimates(c, c["mps"], model, ts_model)[0]
+        row["chosen_under_mps"] = _best_of(under_mps)
+        if row["chosen_under_mps"] == TIME_SLICED and under_mps[TIME_SLICED] - under_mps[MPS] <= advisor.SWITCH_MARGIN:
+            row["chosen_under_mps"] = MPS
         row["right_under_mps"] = _right(row["chosen_under_mps"], row["best"], row["tie"])
         rows.append(row)
     return rows
@@ -496,7 +500,7 @@ def advisor_block(fitted: dict) -> str:
              *(line for price in fitted["LATENCY_PRICES"] for line in _call("    ", "LatencyPrice", _positional(price), ",")),
              ")",
              "# params, prompt length, busy share alone, CPU ms a step, the split that beat 100/100, by how much,",
-             "# its ITL p50 and p99 ratios",
+             "# its ITL p50 and p99 ratios, and whether prefill-heavy (left out: decode-heavy)",
              "SPLITS: tuple[SplitResult, ...] = (",
              *(line for split in fitted["SPLITS"] for line in _call("    ", "SplitResult", _positional(split), ",")),
              ")",
